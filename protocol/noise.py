@@ -1,0 +1,629 @@
+"""The Noise Protocol Framework, revision 34, on PyNaCl: the handshakes under every mesh channel.
+
+`Noise_XX_25519_ChaChaPoly_BLAKE2b` is what the mesh uses (`NoiseXX`). The state objects follow the
+specification's names one for one (CipherState, SymmetricState, HandshakeState) so the code can be read
+side by side with it and checked against other implementations' test vectors; the handshake itself is a
+small interpreter over pattern tables, so NN and IK come for free and SHA256 is a parameter.
+
+Nothing here reads a clock or an entropy source: the ephemeral key comes in as `ephemeral_private`
+(test vectors) or from an `entropy(n) -> bytes` callable the shell passes in (the daemon passes
+`os.urandom`). An ephemeral private key must never be used for two handshakes.
+
+Blame follows h11: errors caused by the bytes a peer sent are `RemoteProtocolError`s, misuse of this
+API is a `LocalProtocolError`. A handshake that fails while processing a message is dead, as the
+specification requires; a transport `CipherState` whose decrypt fails keeps its nonce, so the caller
+decides (the channel kills the session).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from nacl import bindings
+from nacl.exceptions import CryptoError
+
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "BLAKE2B",
+    "DHLEN",
+    "IK",
+    "MAX_MESSAGE_LEN",
+    "MAX_NONCE",
+    "NN",
+    "SHA256",
+    "TAG_LEN",
+    "XX",
+    "CipherState",
+    "DecryptError",
+    "Entropy",
+    "HandshakeFailedError",
+    "HandshakePattern",
+    "HandshakeState",
+    "HashFunction",
+    "LowOrderPointError",
+    "MalformedMessageError",
+    "MessageTooLongError",
+    "NoiseError",
+    "NoiseIK",
+    "NoiseNN",
+    "NoiseXX",
+    "NonceExhaustedError",
+    "OutOfTurnError",
+    "SymmetricState",
+    "hkdf",
+    "x25519_public_key",
+]
+
+MAX_MESSAGE_LEN: Final = 65535
+"""Every Noise message, handshake or transport, is at most this many bytes (spec section 3)."""
+TAG_LEN: Final = 16
+DHLEN: Final = 32
+KEY_LEN: Final = 32
+MAX_NONCE: Final = 2**64 - 1
+"""Reserved: a CipherState refuses to encrypt or decrypt with it (spec section 5.1); Rekey uses it."""
+
+_ZERO_KEY: Final = bytes(KEY_LEN)
+_NONCE_PREFIX: Final = bytes(4)
+_REKEY_NONCE: Final = _NONCE_PREFIX + MAX_NONCE.to_bytes(8, "little")
+
+Entropy = Callable[[int], bytes]
+"""`entropy(n)` returns n uniformly random bytes (the daemon passes os.urandom)."""
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class NoiseError(ProtocolError):
+    """Base of every error raised by the Noise layer."""
+
+
+class DecryptError(NoiseError, RemoteProtocolError):
+    """Authentication failed: the ciphertext was forged, corrupted, replayed or reordered, or the peer
+    used a different prologue (protocol version or cluster)."""
+
+
+class MalformedMessageError(NoiseError, RemoteProtocolError):
+    """A received message is too short for its handshake tokens or longer than 65535 bytes."""
+
+
+class LowOrderPointError(NoiseError, RemoteProtocolError):
+    """A Diffie-Hellman with the peer's key gave the all-zero shared secret (a low-order point)."""
+
+
+class OutOfTurnError(NoiseError, LocalProtocolError):
+    """write_message/read_message called when it is the other party's turn or after completion, or
+    split() before completion."""
+
+
+class HandshakeFailedError(NoiseError, LocalProtocolError):
+    """The handshake already failed; the specification requires it to be discarded."""
+
+
+class MessageTooLongError(NoiseError, LocalProtocolError):
+    """The message to write would exceed 65535 bytes."""
+
+
+class NonceExhaustedError(NoiseError, LocalProtocolError):
+    """The CipherState reached the reserved nonce 2^64-1; the session must be replaced."""
+
+
+# --------------------------------------------------------------------------------------------- primitives
+
+
+@dataclass(frozen=True, slots=True)
+class HashFunction:
+    """A Noise HASH function: name as it appears in protocol names, HASHLEN, and the constructor
+    (hashlib-style) used both for HASH() and for HMAC()."""
+
+    name: str
+    hashlen: int
+    constructor: Callable[..., Any]
+
+    def digest(self, data: bytes) -> bytes:
+        result: bytes = self.constructor(data).digest()
+        return result
+
+
+BLAKE2B: Final = HashFunction("BLAKE2b", 64, hashlib.blake2b)
+SHA256: Final = HashFunction("SHA256", 32, hashlib.sha256)
+
+
+def hkdf(hash_fn: HashFunction, chaining_key: bytes, ikm: bytes, num_outputs: int) -> tuple[bytes, ...]:
+    """HKDF as defined in spec section 4.3: HMAC-HASH with the chaining key, 2 or 3 outputs."""
+    if num_outputs not in (2, 3):
+        raise LocalProtocolError("HKDF produces 2 or 3 outputs")
+    mod = hash_fn.constructor
+    temp_key = hmac.digest(chaining_key, ikm, mod)
+    output1 = hmac.digest(temp_key, b"\x01", mod)
+    output2 = hmac.digest(temp_key, output1 + b"\x02", mod)
+    if num_outputs == 2:
+        return output1, output2
+    return output1, output2, hmac.digest(temp_key, output2 + b"\x03", mod)
+
+
+def x25519_public_key(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (clamping is done by libsodium)."""
+    if len(private) != DHLEN:
+        raise LocalProtocolError(f"X25519 private key must be {DHLEN} bytes, got {len(private)}")
+    return bindings.crypto_scalarmult_base(bytes(private))
+
+
+def _dh(private: bytes, public: bytes) -> bytes:
+    try:
+        shared = bindings.crypto_scalarmult(private, public)
+    except CryptoError as exc:  # libsodium refuses an all-zero result
+        raise LowOrderPointError("X25519 with a low-order point") from exc
+    if hmac.compare_digest(shared, _ZERO_KEY):  # defence in depth, whatever the libsodium version
+        raise LowOrderPointError("X25519 with a low-order point")
+    return shared
+
+
+# --------------------------------------------------------------------------------------------- CipherState
+
+
+class CipherState:
+    """k and n of spec section 5.1 with ChaChaPoly (IETF, 96-bit nonce: 32 zero bits then n in little
+    endian). `encrypt`/`decrypt` are EncryptWithAd/DecryptWithAd; without a key they pass through."""
+
+    __slots__ = ("_k", "_n")
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._k: bytes | None = None
+        self._n = 0
+        if key is not None:
+            self.initialize_key(key)
+
+    def initialize_key(self, key: bytes | None) -> None:
+        if key is not None and len(key) != KEY_LEN:
+            raise LocalProtocolError(f"cipher key must be {KEY_LEN} bytes")
+        self._k = key
+        self._n = 0
+
+    def has_key(self) -> bool:
+        return self._k is not None
+
+    @property
+    def nonce(self) -> int:
+        return self._n
+
+    def set_nonce(self, nonce: int) -> None:
+        if not 0 <= nonce <= MAX_NONCE:
+            raise LocalProtocolError("nonce out of range")
+        self._n = nonce
+
+    def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
+        key = self._k
+        if key is None:
+            return plaintext
+        if len(plaintext) > MAX_MESSAGE_LEN - TAG_LEN:
+            raise MessageTooLongError(
+                f"plaintext of {len(plaintext)} bytes exceeds {MAX_MESSAGE_LEN - TAG_LEN}"
+            )
+        n = self._n
+        if n >= MAX_NONCE:
+            raise NonceExhaustedError("nonce space exhausted")
+        ciphertext = bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+            plaintext, ad, _NONCE_PREFIX + n.to_bytes(8, "little"), key
+        )
+        self._n = n + 1
+        return ciphertext
+
+    def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
+        key = self._k
+        if key is None:
+            return ciphertext
+        if len(ciphertext) > MAX_MESSAGE_LEN:
+            raise MalformedMessageError(f"ciphertext of {len(ciphertext)} bytes exceeds {MAX_MESSAGE_LEN}")
+        if len(ciphertext) < TAG_LEN:
+            raise DecryptError("ciphertext shorter than the authentication tag")
+        n = self._n
+        if n >= MAX_NONCE:
+            raise NonceExhaustedError("nonce space exhausted")
+        try:
+            plaintext = bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+                ciphertext, ad, _NONCE_PREFIX + n.to_bytes(8, "little"), key
+            )
+        except CryptoError as exc:
+            raise DecryptError("authentication failed") from exc  # the nonce is left where it was
+        self._n = n + 1
+        return plaintext
+
+    def rekey(self) -> None:
+        """Rekey(): k = ENCRYPT(k, 2^64-1, zerolen, zeros)[:32]; the nonce is unchanged (spec 4.2)."""
+        key = self._k
+        if key is None:
+            raise LocalProtocolError("cannot rekey a CipherState without a key")
+        self._k = bindings.crypto_aead_chacha20poly1305_ietf_encrypt(_ZERO_KEY, b"", _REKEY_NONCE, key)[
+            :KEY_LEN
+        ]
+
+
+# --------------------------------------------------------------------------------------------- SymmetricState
+
+
+class SymmetricState:
+    """ck, h and a CipherState (spec section 5.2)."""
+
+    __slots__ = ("_hash", "ck", "h", "cipher")
+
+    def __init__(self, protocol_name: bytes, hash_fn: HashFunction) -> None:
+        self._hash = hash_fn
+        if len(protocol_name) <= hash_fn.hashlen:
+            self.h = protocol_name.ljust(hash_fn.hashlen, b"\x00")
+        else:
+            self.h = hash_fn.digest(protocol_name)
+        self.ck = self.h
+        self.cipher = CipherState()
+
+    def mix_key(self, ikm: bytes) -> None:
+        self.ck, temp_k = hkdf(self._hash, self.ck, ikm, 2)
+        self.cipher.initialize_key(temp_k[:KEY_LEN])
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = self._hash.digest(self.h + data)
+
+    def mix_key_and_hash(self, ikm: bytes) -> None:
+        self.ck, temp_h, temp_k = hkdf(self._hash, self.ck, ikm, 3)
+        self.mix_hash(temp_h)
+        self.cipher.initialize_key(temp_k[:KEY_LEN])
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        ciphertext = self.cipher.encrypt(self.h, plaintext)
+        self.mix_hash(ciphertext)
+        return ciphertext
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        plaintext = self.cipher.decrypt(self.h, ciphertext)
+        self.mix_hash(ciphertext)
+        return plaintext
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        temp_k1, temp_k2 = hkdf(self._hash, self.ck, b"", 2)
+        return CipherState(temp_k1[:KEY_LEN]), CipherState(temp_k2[:KEY_LEN])
+
+
+# --------------------------------------------------------------------------------------------- patterns
+
+_E, _S, _EE, _ES, _SE, _SS = "e", "s", "ee", "es", "se", "ss"
+_TOKENS: Final = frozenset({_E, _S, _EE, _ES, _SE, _SS})
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakePattern:
+    """A handshake pattern (spec section 7): pre-messages and message token lists, initiator first."""
+
+    name: str
+    initiator_pre: tuple[str, ...]
+    responder_pre: tuple[str, ...]
+    messages: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        for tokens in (self.initiator_pre, self.responder_pre, *self.messages):
+            unknown = set(tokens) - _TOKENS
+            if unknown:
+                raise LocalProtocolError(f"pattern {self.name}: unknown tokens {sorted(unknown)}")
+
+
+NN: Final = HandshakePattern("NN", (), (), ((_E,), (_E, _EE)))
+XX: Final = HandshakePattern("XX", (), (), ((_E,), (_E, _EE, _S, _ES), (_S, _SE)))
+IK: Final = HandshakePattern("IK", (), (_S,), ((_E, _ES, _S, _SS), (_E, _EE, _SE)))
+
+
+def _needs_local_static(pattern: HandshakePattern, initiator: bool) -> bool:
+    own_pre = pattern.initiator_pre if initiator else pattern.responder_pre
+    if _S in own_pre:
+        return True
+    for index, tokens in enumerate(pattern.messages):
+        mine = (index % 2 == 0) == initiator
+        if mine and _S in tokens:
+            return True
+        # DH tokens name the initiator's key first: "se" uses the initiator's s, "es" the responder's
+        if _SS in tokens or (_SE in tokens and initiator) or (_ES in tokens and not initiator):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------- HandshakeState
+
+
+class HandshakeState:
+    """The spec's HandshakeState (section 5.3) for any pattern built from e, s, ee, es, se, ss.
+
+    `write_message(payload)` / `read_message(message)` alternate, initiator first; after the last
+    message `complete` is true and `split()` returns this side's `(send, recv)` cipher states.
+    """
+
+    def __init__(
+        self,
+        pattern: HandshakePattern,
+        initiator: bool,
+        *,
+        static_private: bytes | None = None,
+        remote_static: bytes | None = None,
+        prologue: bytes = b"",
+        ephemeral_private: bytes | None = None,
+        entropy: Entropy | None = None,
+        hash_fn: HashFunction = BLAKE2B,
+    ) -> None:
+        if ephemeral_private is None and entropy is None:
+            raise LocalProtocolError("an ephemeral key needs ephemeral_private or an entropy source")
+        if ephemeral_private is not None and len(ephemeral_private) != DHLEN:
+            raise LocalProtocolError(f"ephemeral_private must be {DHLEN} bytes")
+        if static_private is None and _needs_local_static(pattern, initiator):
+            raise LocalProtocolError(f"pattern {pattern.name} needs a local static key")
+        remote_pre = pattern.responder_pre if initiator else pattern.initiator_pre
+        if _S in remote_pre and remote_static is None:
+            raise LocalProtocolError(f"pattern {pattern.name} needs the remote static key in advance")
+        if remote_static is not None and len(remote_static) != DHLEN:
+            raise LocalProtocolError(f"remote_static must be {DHLEN} bytes")
+
+        self.pattern = pattern
+        self.initiator = initiator
+        self.protocol_name = f"Noise_{pattern.name}_25519_ChaChaPoly_{hash_fn.name}"
+        self._entropy = entropy
+        self._s: bytes | None = None
+        self._s_pub: bytes | None = None
+        if static_private is not None:
+            self._s = bytes(static_private)
+            self._s_pub = x25519_public_key(self._s)
+        self._e: bytes | None = None
+        self._e_given = None if ephemeral_private is None else bytes(ephemeral_private)
+        self._rs = remote_static
+        self._re: bytes | None = None
+        self._index = 0
+        self._failed = False
+        self._split: tuple[CipherState, CipherState] | None = None
+        self._handshake_hash: bytes | None = None
+
+        ss = SymmetricState(self.protocol_name.encode("ascii"), hash_fn)
+        ss.mix_hash(prologue)
+        for who_pre, is_local in ((pattern.initiator_pre, initiator), (pattern.responder_pre, not initiator)):
+            for token in who_pre:
+                if token != _S:
+                    raise LocalProtocolError("only static keys are supported in pre-messages")
+                key = self._s_pub if is_local else self._rs
+                assert key is not None  # checked above
+                ss.mix_hash(key)
+        self._ss: SymmetricState | None = ss
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def complete(self) -> bool:
+        return self._split is not None
+
+    @property
+    def remote_static(self) -> bytes | None:
+        """The peer's static X25519 public key, once received (or as given for IK's initiator)."""
+        return self._rs
+
+    @property
+    def remote_ephemeral(self) -> bytes | None:
+        return self._re
+
+    @property
+    def local_static_public(self) -> bytes | None:
+        return self._s_pub
+
+    @property
+    def handshake_hash(self) -> bytes:
+        """h: the channel binding. Final once `complete`; before that the running value."""
+        if self._handshake_hash is not None:
+            return self._handshake_hash
+        if self._ss is None:
+            raise HandshakeFailedError("the handshake failed")
+        return self._ss.h
+
+    @property
+    def my_turn(self) -> bool:
+        return not self.complete and not self._failed and (self._index % 2 == 0) == self.initiator
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """This side's transport cipher states as (send, recv)."""
+        if self._split is None:
+            raise OutOfTurnError("split() before the handshake completed")
+        return self._split
+
+    # ------------------------------------------------------------------ messages
+
+    def _check_turn(self, writing: bool) -> SymmetricState:
+        if self._failed:
+            raise HandshakeFailedError("the handshake failed and must be discarded")
+        if self._split is not None or self._ss is None:
+            raise OutOfTurnError("the handshake is already complete")
+        if ((self._index % 2 == 0) == self.initiator) != writing:
+            raise OutOfTurnError(f"not this side's turn to {'write' if writing else 'read'}")
+        return self._ss
+
+    def _dh_keys(self, token: str) -> tuple[bytes | None, bytes | None]:
+        """(local private, remote public) for a DH token; token names list the initiator's key first."""
+        if token == _EE:
+            return self._e, self._re
+        if token == _SS:
+            return self._s, self._rs
+        if token == _ES:
+            return (self._e, self._rs) if self.initiator else (self._s, self._re)
+        return (self._s, self._re) if self.initiator else (self._e, self._rs)  # _SE
+
+    def _mix_dh(self, ss: SymmetricState, token: str) -> None:
+        private, public = self._dh_keys(token)
+        if private is None or public is None:
+            raise LocalProtocolError(f"token {token}: key not available")
+        ss.mix_key(_dh(private, public))
+
+    def _outgoing_length(self, ss: SymmetricState, tokens: tuple[str, ...], payload_len: int) -> int:
+        keyed = ss.cipher.has_key()
+        length = 0
+        for token in tokens:
+            if token == _E:
+                length += DHLEN
+            elif token == _S:
+                length += DHLEN + (TAG_LEN if keyed else 0)
+            else:
+                keyed = True
+        return length + payload_len + (TAG_LEN if keyed else 0)
+
+    def write_message(self, payload: bytes = b"") -> bytes:
+        ss = self._check_turn(writing=True)
+        tokens = self.pattern.messages[self._index]
+        length = self._outgoing_length(ss, tokens, len(payload))
+        if length > MAX_MESSAGE_LEN:
+            raise MessageTooLongError(f"handshake message of {length} bytes exceeds {MAX_MESSAGE_LEN}")
+        try:
+            parts: list[bytes] = []
+            for token in tokens:
+                if token == _E:
+                    self._e = self._new_ephemeral()
+                    e_pub = x25519_public_key(self._e)
+                    parts.append(e_pub)
+                    ss.mix_hash(e_pub)
+                elif token == _S:
+                    assert self._s_pub is not None  # checked at construction
+                    parts.append(ss.encrypt_and_hash(self._s_pub))
+                else:
+                    self._mix_dh(ss, token)
+            parts.append(ss.encrypt_and_hash(bytes(payload)))
+        except BaseException:
+            self._fail()
+            raise
+        self._advance(ss)
+        return b"".join(parts)
+
+    def read_message(self, message: bytes) -> bytes:
+        ss = self._check_turn(writing=False)
+        message = bytes(message)
+        try:
+            if len(message) > MAX_MESSAGE_LEN:
+                raise MalformedMessageError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE_LEN}")
+            offset = 0
+            for token in self.pattern.messages[self._index]:
+                if token == _E:
+                    if len(message) - offset < DHLEN:
+                        raise MalformedMessageError("message too short for an ephemeral key")
+                    self._re = message[offset : offset + DHLEN]
+                    offset += DHLEN
+                    ss.mix_hash(self._re)
+                elif token == _S:
+                    size = DHLEN + (TAG_LEN if ss.cipher.has_key() else 0)
+                    if len(message) - offset < size:
+                        raise MalformedMessageError("message too short for a static key")
+                    self._rs = ss.decrypt_and_hash(message[offset : offset + size])
+                    offset += size
+                else:
+                    self._mix_dh(ss, token)
+            if ss.cipher.has_key() and len(message) - offset < TAG_LEN:
+                raise MalformedMessageError("message too short for the payload tag")
+            payload = ss.decrypt_and_hash(message[offset:])
+        except BaseException:
+            self._fail()
+            raise
+        self._advance(ss)
+        return payload
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_ephemeral(self) -> bytes:
+        if self._e_given is not None:
+            key, self._e_given = self._e_given, None
+            return key
+        if self._entropy is None:
+            raise LocalProtocolError("ephemeral_private was already used and no entropy source was given")
+        key = self._entropy(DHLEN)
+        if not isinstance(key, bytes) or len(key) != DHLEN:
+            raise LocalProtocolError(f"entropy source must return {DHLEN} bytes")
+        return key
+
+    def _advance(self, ss: SymmetricState) -> None:
+        self._index += 1
+        if self._index == len(self.pattern.messages):
+            first, second = ss.split()
+            self._split = (first, second) if self.initiator else (second, first)
+            self._handshake_hash = ss.h
+            self._ss = None  # drop ck and the handshake keys
+            self._e = None
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._ss = None
+        self._e = None
+
+
+# --------------------------------------------------------------------------------------------- façades
+
+
+class NoiseXX(HandshakeState):
+    """Noise_XX_25519_ChaChaPoly_BLAKE2b: mutual authentication, identities hidden from passive
+    observers, forward secrecy. The mesh channel's handshake."""
+
+    def __init__(
+        self,
+        initiator: bool,
+        static_private: bytes,
+        prologue: bytes = b"",
+        ephemeral_private: bytes | None = None,
+        *,
+        entropy: Entropy | None = None,
+        hash_fn: HashFunction = BLAKE2B,
+    ) -> None:
+        super().__init__(
+            XX,
+            initiator,
+            static_private=static_private,
+            prologue=prologue,
+            ephemeral_private=ephemeral_private,
+            entropy=entropy,
+            hash_fn=hash_fn,
+        )
+
+
+class NoiseIK(HandshakeState):
+    """Noise_IK: the initiator knows the responder's static key in advance."""
+
+    def __init__(
+        self,
+        initiator: bool,
+        static_private: bytes,
+        prologue: bytes = b"",
+        ephemeral_private: bytes | None = None,
+        *,
+        remote_static: bytes | None = None,
+        entropy: Entropy | None = None,
+        hash_fn: HashFunction = BLAKE2B,
+    ) -> None:
+        super().__init__(
+            IK,
+            initiator,
+            static_private=static_private,
+            remote_static=remote_static,
+            prologue=prologue,
+            ephemeral_private=ephemeral_private,
+            entropy=entropy,
+            hash_fn=hash_fn,
+        )
+
+
+class NoiseNN(HandshakeState):
+    """Noise_NN: unauthenticated, ephemeral only. For tests and vectors, never for the mesh."""
+
+    def __init__(
+        self,
+        initiator: bool,
+        prologue: bytes = b"",
+        ephemeral_private: bytes | None = None,
+        *,
+        entropy: Entropy | None = None,
+        hash_fn: HashFunction = BLAKE2B,
+    ) -> None:
+        super().__init__(
+            NN,
+            initiator,
+            prologue=prologue,
+            ephemeral_private=ephemeral_private,
+            entropy=entropy,
+            hash_fn=hash_fn,
+        )

@@ -78,7 +78,7 @@ def encode(obj: msgspec.Struct) -> bytes:
 def _decode(data: bytes, typ: type[T], what: str) -> T:
     try:
         return msgspec.msgpack.decode(data, type=typ)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise FormatError(f"malformed {what}: {exc}") from None
 
 

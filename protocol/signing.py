@@ -77,7 +77,7 @@ def decode_envelope(data: bytes, expected_type: str, max_bytes: int = MAX_ENVELO
         raise FormatError(f"{expected_type} envelope is {len(data)} bytes, over the {max_bytes}-byte cap")
     try:
         env = _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise FormatError(f"not a signed {expected_type} envelope: {exc}") from None
     if env.type != expected_type:
         raise FormatError(f"expected a signed {expected_type}, got a signed {env.type!r}")

@@ -104,9 +104,14 @@ class TrustedState:
             known = self.root_bytes(new.version)
             if known is not None and decode_envelope(known, "root").payload == env.payload:
                 return False
-            if known is not None:
-                raise EquivocationError(f"root v{new.version} differs from the trusted root v{new.version}")
-            raise RollbackError(f"root v{new.version} is older than the trusted root v{cur.version}")
+            if new.version < cur.version:
+                raise RollbackError(f"root v{new.version} is older than the trusted root v{cur.version}")
+            # Same version, other content: equivocation only if it carries valid root signatures.
+            require_threshold(env, cur.keys, cur.role_keys("root"), cur.roles["root"].threshold,
+                              f"root v{new.version}")
+            raise EquivocationError(
+                f"root v{new.version} differs from the trusted root v{new.version}: the root keys are compromised"
+            )
         if new.version != cur.version + 1:
             raise RootMismatchError(
                 f"root v{new.version} cannot follow trusted root v{cur.version}: roots step by one",
@@ -159,8 +164,11 @@ class TrustedState:
     def serial(self) -> int:
         return self._policy.policy.serial if self._policy else 0
 
-    def check_policy(self, data: bytes, now: float) -> PolicyCheck:
-        """Verify a policy envelope against the trusted root and the stored policy; no state change."""
+    def check_policy(self, data: bytes, now: float, *, allow_expired: bool = False) -> PolicyCheck:
+        """Verify a policy envelope against the trusted root and the stored policy; no state change.
+
+        ``allow_expired`` is only for re-loading the node's own last-known-good policy at boot
+        (fail-static); new input from anywhere else is always checked for expiry."""
         env = decode_envelope(data, "policy")
         root = self.root
         # Peek at root_version/serial only after signatures verify: decode needs the payload, but we
@@ -200,6 +208,8 @@ class TrustedState:
                 f"policy serial {pv.serial} was signed twice with different content "
                 f"({digest[:12]} vs trusted {self._floor_hash[:12]}): a policy key is compromised or misused"
             )
+        if allow_expired:
+            return PolicyCheck(pv, digest, bytes(data), duplicate=False)
         self.check_root_fresh(now)
         if pv.issued_at > now + self.skew_s:
             raise NotYetValidError(
@@ -213,6 +223,17 @@ class TrustedState:
     def accept_policy(self, data: bytes, now: float) -> PolicyCheck:
         """Check and, unless it is a duplicate, make it the current policy."""
         check = self.check_policy(data, now)
+        if not check.duplicate:
+            self._policy = check
+            self._floor_serial = check.policy.serial
+            self._floor_hash = check.hash
+            self._policy_under_current_keys = True
+        return check
+
+    def restore_expired_policy(self, data: bytes, now: float) -> PolicyCheck:
+        """Boot path: reinstall the stored last-known-good policy even if it has expired (fail-static).
+        Signatures, cluster, root version and serial order are still checked."""
+        check = self.check_policy(data, now, allow_expired=True)
         if not check.duplicate:
             self._policy = check
             self._floor_serial = check.policy.serial

@@ -188,6 +188,11 @@ class TrustedState:
                     f"v{root.version}",
                     needed_version=pv_peek.root_version,
                 ) from None
+            if pv_peek.cluster == root.cluster and pv_peek.root_version < root.version:
+                raise RootMismatchError(
+                    f"policy serial {pv_peek.serial} was signed under root v{pv_peek.root_version} by keys the "
+                    f"trusted root v{root.version} no longer lists"
+                ) from None
             raise
         pv = decode_policy(env.payload)
         digest = payload_hash(env.payload)

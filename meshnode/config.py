@@ -1,0 +1,258 @@
+"""Node configuration (TOML), validated with clear errors. Unknown keys are errors.
+
+Every switch that weakens security lives in ``[overrides]``; ``active_overrides()`` lists those that are
+on, and the daemon logs them at start, shows them in status and exports them as a metric.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from protocol.errors import MeshError
+
+DEFAULT_MESH_PORT = 7946
+DEFAULT_ADMIN_PORT = 9946
+BACKENDS = ("nftables", "iptables", "file")
+
+
+class ConfigError(MeshError):
+    """The node configuration is invalid."""
+
+
+class NodeSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    region: str
+    data_dir: str = "state"
+
+
+class IdentitySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cert: str = "node.cert"
+    identity_key: str = "secrets/identity.key"
+    static_key: str = "secrets/static.key"
+
+
+class TrustSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    root: str = "root.msgpack"
+    clock_skew_s: int = 300
+
+
+class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str = f"0.0.0.0:{DEFAULT_MESH_PORT}"
+    advertise: str = ""
+    seeds: list[str] = []
+    max_message_bytes: int = 16 << 20
+    handshake_timeout_ms: int = 5000
+    handshake_rate_per_s: float = 20.0
+    handshake_burst: int = 40
+    max_peers: int = 512
+
+
+class AdminSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
+    enabled: bool = True
+
+
+class EnforceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: str = "nftables"
+    table: str = "policymesh"
+    icmp: bool = True
+    drift_check_s: float = 30.0
+    file: str = "ruleset.nft"
+    log_rate: str = "5/second"
+
+
+class SourcesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    urls: list[str] = []
+    poll_s: float = 60.0
+    drop_dir: str = ""
+    drop_poll_s: float = 2.0
+
+
+class GossipSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Timer overrides handed to the gossip core (milliseconds); empty means its defaults."""
+
+    fanout: int | None = None
+    probe_interval_ms: int | None = None
+    anti_entropy_ms: int | None = None
+    cross_region_anti_entropy_ms: int | None = None
+
+
+class AlertsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    webhook_urls: list[str] = []
+
+
+class OverridesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    allow_file_backend: bool = False
+    admin_non_loopback: bool = False
+    break_glass_cidrs: list[str] = []
+    allow_plain_http_sources: bool = True  # envelopes are self-authenticating; kept for visibility
+
+
+class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cluster: str
+    node: NodeSection
+    identity: IdentitySection = IdentitySection()
+    trust: TrustSection = TrustSection()
+    mesh: MeshSection = MeshSection()
+    admin: AdminSection = AdminSection()
+    enforce: EnforceSection = EnforceSection()
+    sources: SourcesSection = SourcesSection()
+    gossip: GossipSection = GossipSection()
+    alerts: AlertsSection = AlertsSection()
+    overrides: OverridesSection = OverridesSection()
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    path: Path
+    base: Path
+    cfg: NodeConfig
+
+    def resolve(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.base / p
+
+    def active_overrides(self) -> list[str]:
+        o = self.cfg.overrides
+        out = []
+        if o.allow_file_backend and self.cfg.enforce.backend == "file":
+            out.append("allow_file_backend")
+        if o.admin_non_loopback and not _is_loopback(self.cfg.admin.listen):
+            out.append("admin_non_loopback")
+        if o.break_glass_cidrs:
+            out.append("break_glass_cidrs")
+        return out
+
+
+def split_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _is_loopback(hostport: str) -> bool:
+    host, _ = split_hostport(hostport, "admin.listen")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: Path) -> LoadedConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        cfg = msgspec.convert(raw, NodeConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    loaded = LoadedConfig(path=path, base=path.resolve().parent, cfg=cfg)
+    validate(loaded)
+    return loaded
+
+
+def validate(lc: LoadedConfig) -> None:
+    c = lc.cfg
+    where = str(lc.path)
+    split_hostport(c.mesh.listen, f"{where}: mesh.listen")
+    if c.mesh.advertise:
+        split_hostport(c.mesh.advertise, f"{where}: mesh.advertise")
+    for s in c.mesh.seeds:
+        split_hostport(s, f"{where}: mesh.seeds")
+    split_hostport(c.admin.listen, f"{where}: admin.listen")
+    if c.enforce.backend not in BACKENDS:
+        raise ConfigError(f"{where}: enforce.backend = {c.enforce.backend!r}: one of {', '.join(BACKENDS)}")
+    if c.enforce.backend == "file" and not c.overrides.allow_file_backend:
+        raise ConfigError(
+            f"{where}: enforce.backend = \"file\" enforces nothing; it needs the explicit override "
+            "[overrides] allow_file_backend = true"
+        )
+    if c.admin.enabled and not _is_loopback(c.admin.listen) and not c.overrides.admin_non_loopback:
+        raise ConfigError(
+            f"{where}: admin.listen = {c.admin.listen!r} is not loopback; it needs the explicit override "
+            "[overrides] admin_non_loopback = true"
+        )
+    for cidr in c.overrides.break_glass_cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: overrides.break_glass_cidrs: {exc}") from None
+    if c.trust.clock_skew_s < 0 or c.trust.clock_skew_s > 86400:
+        raise ConfigError(f"{where}: trust.clock_skew_s must be 0..86400")
+    if not 1024 <= c.mesh.max_message_bytes <= 256 << 20:
+        raise ConfigError(f"{where}: mesh.max_message_bytes must be 1 KiB..256 MiB")
+    for url in c.sources.urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: sources.urls: {url!r} is not an http(s) URL")
+
+
+def render_config(
+    *,
+    cluster: str,
+    node_id: str,
+    region: str,
+    listen: str,
+    advertise: str,
+    seeds: list[str],
+    admin_listen: str,
+    backend: str = "nftables",
+    allow_file_backend: bool = False,
+) -> str:
+    """The node.toml that `meshctl node enroll` writes: a working config with secure defaults."""
+    seeds_s = ", ".join(f'"{s}"' for s in seeds)
+    return f"""# policymesh node configuration, written by `meshctl node enroll`.
+# Paths are relative to this file. Unknown keys are errors.
+cluster = "{cluster}"
+
+[node]
+id = "{node_id}"
+region = "{region}"
+data_dir = "state"            # trusted roots and last-known-good policy (exact signed bytes)
+
+[identity]
+cert = "node.cert"
+identity_key = "secrets/identity.key"
+static_key = "secrets/static.key"
+
+[trust]
+root = "root.msgpack"         # the pinned trust anchor (authority root metadata)
+clock_skew_s = 300
+
+[mesh]
+listen = "{listen}"
+advertise = "{advertise}"
+seeds = [{seeds_s}]
+
+[admin]
+listen = "{admin_listen}"     # /healthz /readyz /v1/status /metrics; loopback only unless overridden
+
+[enforce]
+backend = "{backend}"         # nftables | iptables | file (file enforces nothing: needs an override)
+table = "policymesh"
+icmp = true
+drift_check_s = 30
+
+[sources]
+urls = []                     # plain HTTP(S) URLs serving signed policy envelopes
+poll_s = 60
+drop_dir = ""                 # a directory watched for signed policy files (air-gapped hosts)
+
+[overrides]
+# Each switch here weakens a protection; active ones are logged at start, shown in status and metrics.
+allow_file_backend = {"true" if allow_file_backend else "false"}
+admin_non_loopback = false
+break_glass_cidrs = []
+"""

@@ -13,7 +13,14 @@ from typing import TypeVar
 import msgspec
 
 from .errors import FormatError, PolicyError
-from .policy import NAME_RE, PolicyDocument, Revocations, validate_document, validate_revocations
+from .policy import (
+    NAME_RE,
+    PolicyDocument,
+    Revocations,
+    is_canonical,
+    validate_document,
+    validate_revocations,
+)
 from .signing import key_id
 
 ROLE_NAMES = ("root", "policy", "enroll")
@@ -116,6 +123,14 @@ def decode_policy(payload: bytes) -> PolicyVersion:
         raise FormatError(f"policy: serial {pv.serial} out of range")
     if pv.expires_at <= pv.issued_at:
         raise FormatError("policy: expires_at must be after issued_at")
+    rev = pv.revocations
+    if (
+        is_canonical(pv.document)
+        and all(NAME_RE.match(x) for x in (*rev.nodes, *rev.certs))
+        and list(rev.nodes) == sorted(set(rev.nodes))
+        and list(rev.certs) == sorted(set(rev.certs))
+    ):
+        return pv
     try:
         doc = validate_document(pv.document)
         validate_revocations(pv.revocations)

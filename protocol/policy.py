@@ -181,6 +181,42 @@ def validate_revocations(rev: Revocations) -> Revocations:
     return Revocations(nodes=_canonical_list(rev.nodes), certs=_canonical_list(rev.certs))
 
 
+_FAST_SELECTOR = re.compile(r"^(?:role:(?:\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})|node:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
+_FAST_PORT = re.compile(r"^(?:icmp|(?:tcp|udp)/([1-9][0-9]{0,4})(?:-([1-9][0-9]{0,4}))?)$")
+
+
+def _sorted_unique(items: tuple[str, ...]) -> bool:
+    return len(items) < 2 or list(items) == sorted(set(items))
+
+
+def is_canonical(doc: PolicyDocument) -> bool:
+    """Fast check that a decoded document is valid and already canonical (the verifier's hot path).
+    False means "use validate_document to find out": it never accepts what validate_document rejects."""
+    if doc.defaults.inbound not in INBOUND_ACTIONS or doc.defaults.mode not in MODES or len(doc.allow) > MAX_RULES:
+        return False
+    names = set()
+    for r in doc.allow:
+        if not NAME_RE.match(r.name) or r.name in names or (r.mode is not None and r.mode not in MODES):
+            return False
+        names.add(r.name)
+        for items in (r.sources, r.to, r.ports):
+            if not items or len(items) > MAX_SELECTORS or not _sorted_unique(items):
+                return False
+        # cidr selectors take the slow path
+        if not all(map(_FAST_SELECTOR.match, r.sources)) or not all(map(_FAST_SELECTOR.match, r.to)):
+            return False
+        for port in r.ports:
+            m = _FAST_PORT.match(port)
+            if not m:
+                return False
+            if m.group(1):
+                lo = int(m.group(1))
+                hi = int(m.group(2)) if m.group(2) else lo
+                if lo > 65535 or hi > 65535 or lo > hi:
+                    return False
+    return True
+
+
 _KNOWN_TOP = {"defaults", "allow", "revoke"}
 
 

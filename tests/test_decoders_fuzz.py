@@ -90,3 +90,35 @@ def test_msgpack_of_wrong_shape():
         except FormatError:
             continue
         raise AssertionError(f"{obj!r} decoded")
+
+
+_sel = st.one_of(
+    st.sampled_from(["role:app", "role:*", "role:db", "node:n1", "cidr:10.0.0.0/8", "role:", "node:!", "x:y", "role:a b"]),
+    st.text(max_size=12),
+)
+_port = st.one_of(st.sampled_from(["tcp/1", "udp/65535", "tcp/10-20", "tcp/20-10", "icmp", "tcp/0", "tcp/65536",
+                                   "tcp/01", "sctp/5"]), st.text(max_size=10))
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=8), st.lists(_sel, max_size=3), st.lists(_sel, max_size=3), st.lists(_port, max_size=3),
+                  st.sampled_from([None, "log", "enforce", "x"])),
+        max_size=4,
+    ),
+    st.sampled_from(["drop", "reject", "accept"]),
+)
+def test_fast_canonical_check_agrees_with_full_validation(rules, inbound):
+    from protocol.errors import PolicyError
+    from protocol.policy import Defaults, PolicyDocument, Rule, is_canonical, validate_document
+
+    doc = PolicyDocument(
+        defaults=Defaults(inbound=inbound),
+        allow=tuple(Rule(name=n, sources=tuple(sorted(set(f))), to=tuple(sorted(set(t))), ports=tuple(sorted(set(p))), mode=m)
+                    for n, f, t, p, m in rules),
+    )
+    if is_canonical(doc):
+        try:
+            assert validate_document(doc) == doc
+        except PolicyError as exc:  # pragma: no cover - the assertion is the point
+            raise AssertionError(f"fast path accepted an invalid document: {exc}") from None

@@ -1,0 +1,289 @@
+"""The backend-neutral ruleset: named address sets plus one ordered inbound filter chain.
+
+A :class:`Ruleset` is what the renderer produces and what every backend consumes.  It is a plain value
+(frozen dataclasses); ``to_nft()``, ``to_nft_json()`` and ``to_iptables()`` serialise it, ``hash`` is the
+normalised hash the nftables backend compares with the kernel's ruleset, and ``evaluate()`` is the
+reference semantics of the chain (used by the property tests and by anyone who wants to ask "would this
+packet pass?" without a kernel).
+
+Chain semantics, identical in every backend:
+
+* rules are evaluated in order; ``accept``, ``drop`` and ``reject`` end the evaluation, ``log`` logs
+  (rate-limited) and continues;
+* the chain's own policy is always ``drop``: a packet that falls off the end is dropped;
+* ``accept`` only means "policymesh does not object": other firewalls on the host still see the packet
+  (an nftables base chain accept, or an iptables ``RETURN`` from our chain).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from protocol.errors import MeshError
+
+TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+LOG_RATE_RE = re.compile(r"^([1-9][0-9]{0,5})/(second|minute|hour|day)$")
+FAMILIES = ("ip", "ip6")
+VERDICTS = ("accept", "drop", "reject", "log")
+CT_STATES = ("established", "related", "invalid", "new")
+PROTOS = ("tcp", "udp", "icmp")
+INBOUND_ACTIONS = ("drop", "reject")
+# Essential ICMP (RFC 4890 for ICMPv6): path MTU discovery, errors, neighbour discovery, MLD.
+# Echo is not essential; a policy opens it with the "icmp" port.
+ICMP_ESSENTIAL_V4 = ("destination-unreachable", "time-exceeded", "parameter-problem")
+ICMP_ESSENTIAL_V6 = (
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+    "mld-listener-query",
+    "mld-listener-report",
+    "mld-listener-done",
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld2-listener-report",
+)
+MAX_LOG_PREFIX = 29  # iptables' LOG limit; nftables allows more, both backends use the same text
+
+
+class EnforcementError(MeshError):
+    """Rendering or applying a ruleset failed; the previously applied ruleset stays in force."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """Node-local rendering choices (from the node config, not from the signed policy).
+
+    ``default_inbound`` overrides the policy's ``defaults.inbound`` (``drop`` or ``reject``; never
+    accept).  ``admin_port`` is never opened (the admin listener is loopback-only); it is recorded so a
+    clash with the mesh port is caught.  ``break_glass_cidrs`` come from ``[overrides]`` and are accepted
+    on every port.
+    """
+
+    mesh_port: int
+    table: str = "policymesh"
+    admin_port: int | None = None
+    icmp_essential: bool = True
+    break_glass_cidrs: tuple[str, ...] = ()
+    log_rate: str = "5/second"
+    default_inbound: str | None = None
+
+    def __post_init__(self) -> None:
+        if not TABLE_RE.match(self.table):
+            raise EnforcementError(
+                f"table name {self.table!r}: lower-case letters, digits and '_', starting with a letter, at most 16"
+            )
+        if not isinstance(self.mesh_port, int) or not 1 <= self.mesh_port <= 65535:
+            raise EnforcementError(f"mesh port {self.mesh_port!r} is not 1-65535")
+        if self.admin_port is not None:
+            if not 1 <= self.admin_port <= 65535:
+                raise EnforcementError(f"admin port {self.admin_port!r} is not 1-65535")
+            if self.admin_port == self.mesh_port:
+                raise EnforcementError("the admin port must differ from the mesh port (admin stays on loopback)")
+        if not LOG_RATE_RE.match(self.log_rate):
+            raise EnforcementError(f"log rate {self.log_rate!r} is not N/second, N/minute, N/hour or N/day")
+        if self.default_inbound is not None and self.default_inbound not in INBOUND_ACTIONS:
+            raise EnforcementError(
+                f"default inbound action {self.default_inbound!r}: one of {', '.join(INBOUND_ACTIONS)}"
+                " (an allow-all default is never accepted)"
+            )
+        cidrs = []
+        for c in self.break_glass_cidrs:
+            try:
+                cidrs.append(str(ipaddress.ip_network(c, strict=True)))
+            except ValueError as exc:
+                raise EnforcementError(f"break-glass CIDR {c!r}: {exc}") from None
+        object.__setattr__(self, "break_glass_cidrs", tuple(cidrs))
+
+    @property
+    def log_rate_parts(self) -> tuple[int, str]:
+        m = LOG_RATE_RE.match(self.log_rate)
+        assert m is not None
+        return int(m.group(1)), m.group(2)
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSet:
+    """A named set of source addresses of one family.  ``interval`` sets hold prefixes (CIDR sources,
+    break-glass); the others hold host addresses from certificates.  Elements are canonical and sorted."""
+
+    name: str
+    family: str
+    interval: bool
+    elements: tuple[str, ...]
+    purpose: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRule:
+    """One rule of the inbound chain; every field that is set must match (logical AND).
+
+    ``proto`` is tcp, udp or icmp (icmp means ICMP for IPv4 and ICMPv6 for IPv6); ``ports`` are
+    destination port ranges (tcp/udp only); ``icmp_types`` need a ``family``.  A ``source_set`` implies
+    the family of that set.  ``log`` rules log with ``log_prefix`` at most ``limit`` per period and
+    continue; the other verdicts are final.
+    """
+
+    verdict: str
+    comment: str = ""
+    family: str | None = None
+    iif: str | None = None
+    ct_state: tuple[str, ...] = ()
+    source_set: str | None = None
+    proto: str | None = None
+    ports: tuple[tuple[int, int], ...] = ()
+    icmp_types: tuple[str, ...] = ()
+    limit: str | None = None
+    log_prefix: str | None = None
+
+    def is_unconditional(self) -> bool:
+        return not (self.family or self.iif or self.ct_state or self.source_set or self.proto)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """A first packet as the chain sees it (for :meth:`Ruleset.evaluate`)."""
+
+    src: str
+    proto: str = "tcp"
+    dport: int | None = None
+    iif: str = "eth0"
+    ct_state: str = "new"
+    icmp_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """A member certificate that was given but contributes no address, and why."""
+
+    node_id: str
+    cert_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    table: str
+    sets: tuple[AddressSet, ...]
+    rules: tuple[FilterRule, ...]
+    node_id: str = ""
+    policy_serial: int | None = None
+    default_action: str = "drop"
+    excluded: tuple[Exclusion, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sets]
+        if len(names) != len(set(names)):
+            raise EnforcementError("duplicate set name in ruleset")
+        known = {s.name: s for s in self.sets}
+        for r in self.rules:
+            if r.verdict not in VERDICTS:
+                raise EnforcementError(f"unknown verdict {r.verdict!r}")
+            if r.source_set is not None and r.source_set not in known:
+                raise EnforcementError(f"rule refers to unknown set {r.source_set!r}")
+            if r.source_set is not None and r.family is not None and known[r.source_set].family != r.family:
+                raise EnforcementError(f"rule family {r.family} does not match set {r.source_set!r}")
+
+    # -- views --------------------------------------------------------------------------------------
+    def set_by_name(self, name: str) -> AddressSet:
+        for s in self.sets:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def rule_count(self) -> int:
+        return len(self.rules)
+
+    @property
+    def element_count(self) -> int:
+        return sum(len(s.elements) for s in self.sets)
+
+    def rule_family(self, rule: FilterRule) -> str | None:
+        if rule.source_set is not None:
+            return self.set_by_name(rule.source_set).family
+        return rule.family
+
+    # -- serialisation ------------------------------------------------------------------------------
+    def to_nft(self) -> str:
+        """nftables syntax: one idempotent transaction for ``nft -f`` that replaces our table only."""
+        from .nft import to_nft_text
+
+        return to_nft_text(self)
+
+    def to_nft_json(self) -> dict[str, Any]:
+        """nftables JSON (the ``nft -j -f`` input format), the same transaction as :meth:`to_nft`."""
+        from .nft import to_nft_json
+
+        return to_nft_json(self)
+
+    def to_iptables(self, generation: str = "a") -> Any:
+        """ipset + iptables-restore + ip6tables-restore inputs (see :mod:`meshnode.enforce.iptables`)."""
+        from .iptables import to_iptables
+
+        return to_iptables(self, generation)
+
+    @cached_property
+    def normalized(self) -> dict[str, Any]:
+        from .nft import normalize
+
+        return normalize(self.to_nft_json())
+
+    @cached_property
+    def hash(self) -> str:
+        """SHA-256 of the normalised nftables form: equal to the kernel's when it holds this ruleset."""
+        from .nft import normalized_hash
+
+        return normalized_hash(self.normalized)
+
+    @cached_property
+    def structure_hash(self) -> str:
+        """Hash of everything but set elements: equal structure means a set update is enough."""
+        from .nft import normalized_hash, strip_elements
+
+        return normalized_hash(strip_elements(self.normalized))
+
+    # -- reference semantics ------------------------------------------------------------------------
+    def evaluate(self, pkt: Packet) -> str:
+        """Final verdict (accept, drop or reject) of the chain for ``pkt``; ``log`` rules are skipped."""
+        src = ipaddress.ip_address(pkt.src)
+        fam = "ip" if src.version == 4 else "ip6"
+        for r in self.rules:
+            if r.verdict == "log" or not _matches(self, r, pkt, src, fam):
+                continue
+            return r.verdict
+        return "drop"
+
+
+def _matches(rs: Ruleset, r: FilterRule, pkt: Packet, src: Any, fam: str) -> bool:
+    if r.family is not None and r.family != fam:
+        return False
+    if r.iif is not None and r.iif != pkt.iif:
+        return False
+    if r.ct_state and pkt.ct_state not in r.ct_state:
+        return False
+    if r.source_set is not None:
+        s = rs.set_by_name(r.source_set)
+        if s.family != fam or not _in_set(s, src):
+            return False
+    if r.proto is not None and r.proto != pkt.proto:
+        return False
+    if r.ports:
+        if pkt.dport is None or not any(lo <= pkt.dport <= hi for lo, hi in r.ports):
+            return False
+    if r.icmp_types:
+        if r.family != fam or pkt.proto != "icmp" or pkt.icmp_type not in r.icmp_types:
+            return False
+    return True
+
+
+def _in_set(s: AddressSet, addr: Any) -> bool:
+    if s.interval:
+        return any(addr in ipaddress.ip_network(e) for e in s.elements)
+    return str(addr) in s.elements

@@ -1,0 +1,290 @@
+"""Policy + own certificate + member certificates -> this node's :class:`Ruleset`.
+
+The chain, in order:
+
+1. ``ct state established,related`` accept; ``ct state invalid`` drop; ``iif lo`` accept;
+2. break-glass CIDRs from the node's ``[overrides]`` (every port);
+3. the mesh interlock: the mesh port from every valid member (``members_v4`` / ``members_v6``), so no
+   policy can cut the mesh itself;
+4. essential ICMP / ICMPv6 (errors, PMTU, neighbour discovery), unless disabled;
+5. one accept per (policy rule whose ``to`` matches this node, source set, protocol); sources are named
+   sets per role / node / rule-CIDRs and per family, so the rule count depends on the policy only;
+6. per-rule mode exceptions: a ``log`` rule in an enforcing policy logs and accepts other sources on its
+   ports (log-then-drop rollout of that rule); an ``enforce`` rule in a logging policy drops them;
+7. the default: drop or reject (``enforce``), or log (rate-limited) and accept (``mode = "log"``).
+
+No policy renders steps 1-4 and a dropping default.  Defence in depth: certificates revoked by the
+policy (node id or cert id), of another cluster, or (when ``now`` is given) outside their validity are
+left out of every set and listed in ``Ruleset.excluded``; the renderer never checks the policy's own
+expiry (fail-static is the caller's decision).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from protocol.errors import PolicyError, RevokedError
+from protocol.metadata import Certificate, PolicyVersion
+from protocol.policy import (
+    PolicyDocument,
+    Revocations,
+    Rule,
+    parse_port,
+    parse_selector,
+    validate_document,
+    validate_revocations,
+)
+
+from .model import (
+    ICMP_ESSENTIAL_V4,
+    ICMP_ESSENTIAL_V6,
+    MAX_LOG_PREFIX,
+    AddressSet,
+    EnforcementError,
+    Exclusion,
+    FilterRule,
+    RenderOptions,
+    Ruleset,
+)
+
+MEMBERS = "members"
+FAMILY_SUFFIX = {"ip": "v4", "ip6": "v6"}
+
+
+def log_prefix(tag: str) -> str:
+    """``pm-log <tag> `` cut to the iptables limit, so both backends log the same text."""
+    return f"pm-log {tag}"[: MAX_LOG_PREFIX - 1] + " "
+
+
+class _Directory:
+    """Addresses of the valid, unrevoked members, by family, role and node."""
+
+    def __init__(self) -> None:
+        self.all: dict[str, set[str]] = {"ip": set(), "ip6": set()}
+        self.by_role: dict[tuple[str, str], set[str]] = {}
+        self.by_node: dict[tuple[str, str], set[str]] = {}
+        self.sort_key: dict[str, int] = {}
+
+    def add(self, cert: Certificate) -> list[str]:
+        bad = []
+        for raw in cert.addresses:
+            try:
+                addr = ipaddress.ip_address(raw)
+            except ValueError:
+                bad.append(raw)
+                continue
+            if getattr(addr, "scope_id", None):
+                bad.append(raw)  # scoped link-local addresses cannot go into a set
+                continue
+            fam = "ip" if addr.version == 4 else "ip6"
+            text = str(addr)
+            self.sort_key[text] = int(addr)
+            self.all[fam].add(text)
+            for role in cert.roles:
+                self.by_role.setdefault((role, fam), set()).add(text)
+            self.by_node.setdefault((cert.node_id, fam), set()).add(text)
+        return bad
+
+
+def _exclusion_reason(cert: Certificate, own: Certificate, rev: Revocations, now: float | None, skew_s: float) -> str | None:
+    if cert.cluster != own.cluster:
+        return f"cluster {cert.cluster!r} is not {own.cluster!r}"
+    if cert.node_id in rev.nodes:
+        return "node revoked"
+    if cert.cert_id in rev.certs:
+        return "certificate revoked"
+    if now is not None:
+        if cert.not_after < now - skew_s:
+            return "certificate expired"
+        if cert.not_before > now + skew_s:
+            return "certificate not yet valid"
+    return None
+
+
+def _targets_me(rule: Rule, own: Certificate) -> bool:
+    for sel in rule.to:
+        kind, value = parse_selector(sel, allow_cidr=False)
+        if kind == "role" and (value == "*" or value in own.roles):
+            return True
+        if kind == "node" and value == own.node_id:
+            return True
+    return False
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def _port_groups(rule: Rule) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    """[(proto, ranges)] in a fixed order: tcp, udp, icmp (no ranges)."""
+    by_proto: dict[str, list[tuple[int, int]]] = {"tcp": [], "udp": []}
+    icmp = False
+    for p in rule.ports:
+        spec = parse_port(p)
+        if spec.proto == "icmp":
+            icmp = True
+        else:
+            by_proto[spec.proto].append((spec.lo, spec.hi))
+    groups: list[tuple[str, tuple[tuple[int, int], ...]]] = [
+        (proto, _merge_ranges(r)) for proto, r in by_proto.items() if r
+    ]
+    if icmp:
+        groups.append(("icmp", ()))
+    return groups
+
+
+def _check_document(policy: PolicyVersion) -> tuple[PolicyDocument, Revocations]:
+    try:
+        doc = validate_document(policy.document)
+        rev = validate_revocations(policy.revocations)
+    except PolicyError as exc:
+        raise EnforcementError(f"policy serial {policy.serial} is invalid, not rendered: {exc}") from None
+    return doc, rev
+
+
+def render(
+    policy: PolicyVersion | None,
+    own: Certificate,
+    members: Iterable[Certificate],
+    options: RenderOptions,
+    *,
+    now: float | None = None,
+    skew_s: float = 0,
+) -> Ruleset:
+    """Render this node's ruleset.  Raises EnforcementError for an invalid policy document and
+    RevokedError when the policy revokes this node itself (the caller keeps its last ruleset)."""
+    if policy is not None:
+        doc, rev = _check_document(policy)
+    else:
+        doc, rev = PolicyDocument(), Revocations()
+    if own.node_id in rev.nodes or own.cert_id in rev.certs:
+        raise RevokedError(f"this node ({own.node_id}, certificate {own.cert_id}) is revoked by policy serial "
+                           f"{policy.serial if policy else '-'}")
+
+    directory = _Directory()
+    excluded: list[Exclusion] = []
+    seen: set[tuple[str, str]] = set()
+    for cert in [own, *members]:
+        key = (cert.node_id, cert.cert_id)
+        if key in seen:
+            continue
+        seen.add(key)
+        reason = _exclusion_reason(cert, own, rev, now, skew_s)
+        if reason is not None:
+            excluded.append(Exclusion(cert.node_id, cert.cert_id, reason))
+            continue
+        for bad in directory.add(cert):
+            excluded.append(Exclusion(cert.node_id, cert.cert_id, f"address {bad!r} skipped"))
+
+    sets: dict[str, AddressSet] = {}
+
+    def host_set(name: str, fam: str, elements: Iterable[str], purpose: str) -> str:
+        full = f"{name}_{FAMILY_SUFFIX[fam]}"
+        if full not in sets:
+            ordered = tuple(sorted(elements, key=directory.sort_key.__getitem__))
+            sets[full] = AddressSet(full, fam, False, ordered, purpose)
+        return full
+
+    def net_set(name: str, fam: str, cidrs: Iterable[str], purpose: str) -> str:
+        full = f"{name}_{FAMILY_SUFFIX[fam]}"
+        nets = list(ipaddress.collapse_addresses(ipaddress.ip_network(c) for c in cidrs))
+        sets[full] = AddressSet(full, fam, True, tuple(str(n) for n in nets), purpose)
+        return full
+
+    def members_set(fam: str) -> str:
+        return host_set(MEMBERS, fam, directory.all[fam], "every valid member (mesh interlock)")
+
+    def split_families(cidrs: Iterable[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"ip": [], "ip6": []}
+        for c in cidrs:
+            out["ip" if ipaddress.ip_network(c).version == 4 else "ip6"].append(c)
+        return out
+
+    rules: list[FilterRule] = [
+        FilterRule("accept", "established", ct_state=("established", "related")),
+        FilterRule("drop", "invalid", ct_state=("invalid",)),
+        FilterRule("accept", "loopback", iif="lo"),
+    ]
+    for fam, cidrs in split_families(options.break_glass_cidrs).items():
+        if cidrs:
+            name = net_set("breakglass", fam, cidrs, "break-glass override (node config)")
+            rules.append(FilterRule("accept", "break-glass override", source_set=name))
+    for fam in ("ip", "ip6"):
+        rules.append(FilterRule("accept", "mesh interlock", source_set=members_set(fam), proto="tcp",
+                                ports=((options.mesh_port, options.mesh_port),)))
+    if options.icmp_essential:
+        rules.append(FilterRule("accept", "essential icmp", family="ip", proto="icmp", icmp_types=ICMP_ESSENTIAL_V4))
+        rules.append(FilterRule("accept", "essential icmpv6", family="ip6", proto="icmp", icmp_types=ICMP_ESSENTIAL_V6))
+
+    inbound = options.default_inbound or doc.defaults.inbound
+    matched = [r for r in doc.allow if _targets_me(r, own)]
+    for rule in matched:
+        sources: list[str] = []
+        cidrs: list[str] = []
+        for sel in rule.sources:
+            kind, value = parse_selector(sel, allow_cidr=True)
+            if kind == "cidr":
+                cidrs.append(value)
+                continue
+            for fam in ("ip", "ip6"):
+                if kind == "role" and value == "*":
+                    sources.append(members_set(fam))
+                elif kind == "role":
+                    sources.append(host_set(f"role_{value}", fam, directory.by_role.get((value, fam), ()),
+                                            f"members with role {value}"))
+                else:
+                    sources.append(host_set(f"node_{value}", fam, directory.by_node.get((value, fam), ()),
+                                            f"node {value}"))
+        for fam, fam_cidrs in split_families(cidrs).items():
+            if fam_cidrs:
+                sources.append(net_set(f"cidr_{rule.name}", fam, fam_cidrs, f"cidr sources of rule {rule.name}"))
+        for src in sources:
+            for proto, ranges in _port_groups(rule):
+                rules.append(FilterRule("accept", f"allow {rule.name}", source_set=src, proto=proto, ports=ranges))
+
+    for rule in matched:
+        if rule.mode is None or rule.mode == doc.defaults.mode:
+            continue
+        for proto, ranges in _port_groups(rule):
+            if rule.mode == "log":
+                rules.append(FilterRule("log", f"log-only {rule.name}", proto=proto, ports=ranges,
+                                        limit=options.log_rate, log_prefix=log_prefix(rule.name)))
+                rules.append(FilterRule("accept", f"log-only {rule.name}", proto=proto, ports=ranges))
+            else:
+                rules.extend(_default_rules(inbound, f"enforced {rule.name}", proto=proto, ports=ranges))
+
+    if doc.defaults.mode == "log":
+        rules.append(FilterRule("log", "default (log mode)", limit=options.log_rate, log_prefix=log_prefix("default")))
+        rules.append(FilterRule("accept", "default (log mode)"))
+        default_action = "log"
+    else:
+        rules.extend(_default_rules(inbound, "default"))
+        default_action = inbound
+
+    return Ruleset(
+        table=options.table,
+        sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
+        rules=tuple(rules),
+        node_id=own.node_id,
+        policy_serial=policy.serial if policy else None,
+        default_action=default_action,
+        excluded=tuple(excluded),
+    )
+
+
+def _default_rules(action: str, comment: str, proto: str | None = None,
+                   ports: tuple[tuple[int, int], ...] = ()) -> list[FilterRule]:
+    if action == "drop":
+        return [FilterRule("drop", comment, proto=proto, ports=ports)]
+    if action == "reject":
+        if proto is None:
+            return [FilterRule("reject", comment, proto="tcp"), FilterRule("reject", comment)]
+        return [FilterRule("reject", comment, proto=proto, ports=ports)]
+    raise EnforcementError(f"inbound action {action!r} is not drop or reject")

@@ -73,15 +73,6 @@ class SourcesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drop_poll_s: float = 2.0
 
 
-class GossipSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Timer overrides handed to the gossip core (milliseconds); empty means its defaults."""
-
-    fanout: int | None = None
-    probe_interval_ms: int | None = None
-    anti_entropy_ms: int | None = None
-    cross_region_anti_entropy_ms: int | None = None
-
-
 class AlertsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_urls: list[str] = []
 
@@ -102,7 +93,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin: AdminSection = AdminSection()
     enforce: EnforceSection = EnforceSection()
     sources: SourcesSection = SourcesSection()
-    gossip: GossipSection = GossipSection()
+    gossip: dict[str, int] = {}  # overrides of protocol.gossip_config.GossipConfig fields (ms)
     alerts: AlertsSection = AlertsSection()
     overrides: OverridesSection = OverridesSection()
 
@@ -194,6 +185,12 @@ def validate(lc: LoadedConfig) -> None:
         raise ConfigError(f"{where}: trust.clock_skew_s must be 0..86400")
     if not 1024 <= c.mesh.max_message_bytes <= 256 << 20:
         raise ConfigError(f"{where}: mesh.max_message_bytes must be 1 KiB..256 MiB")
+    try:
+        from protocol.gossip_config import GossipConfig
+
+        GossipConfig.from_mapping(dict(c.gossip))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: [gossip]: {exc}") from None
     for url in c.sources.urls:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}: sources.urls: {url!r} is not an http(s) URL")

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from protocol.errors import ExpiredError, MeshError, TrustError
 from protocol.trust import TrustedState
 
@@ -41,6 +43,7 @@ class StateStore:
         self.roots_dir = self.dir / "roots"
         self.policy_dir = self.dir / "policy"
         self.peers_path = self.dir / "peers.msgpack"
+        self.members_path = self.dir / "members.msgpack"
 
     def ensure(self) -> None:
         for d in (self.dir, self.roots_dir, self.policy_dir):
@@ -61,6 +64,18 @@ class StateStore:
     def save_peers(self, data: bytes) -> None:
         self.ensure()
         atomic_write(self.peers_path, data)
+
+    def save_members(self, certs: dict[str, bytes]) -> None:
+        """The member certificate directory (exact signed bytes), so a reboot enforces full sets at once."""
+        self.ensure()
+        atomic_write(self.members_path, msgspec.msgpack.encode(certs))
+
+    def load_members(self) -> dict[str, bytes]:
+        """Stored member certificates, unverified: the caller re-verifies each one."""
+        try:
+            return msgspec.msgpack.decode(self._read(self.members_path), type=dict[str, bytes])
+        except (OSError, MeshError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            return {}
 
     def forget_policies_above(self, serial: int) -> None:
         """Drop stored policies from before a policy-key rotation (fast-forward recovery)."""

@@ -1,0 +1,654 @@
+"""meshnode: the asyncio shell around the sans-IO gossip node.
+
+Lifecycle (hypercorn / aiohttp web_runner style): set up in phases — identity and trust, stored state,
+enforcement of the last-known-good policy (before any peer is reachable), the gossip node, listeners —
+then run every task in one TaskGroup until SIGTERM; clean up in reverse in ``finally``.
+
+One place executes the core's effects (``_execute``) and one timer is re-armed after every input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from protocol.node import Node
+
+from protocol.channel import ConnectionKind, HandshakeRateLimiter, SecureSession
+from protocol.errors import MeshError, TrustError
+from protocol.gossip_config import GossipConfig
+from protocol.gossip_events import (
+    Alert,
+    ApplyPolicy,
+    Disconnect,
+    FrameReceived,
+    LeaveRequested,
+    LivenessChanged,
+    MembersChanged,
+    Now,
+    PeerConnected,
+    PeerDisconnected,
+    Persist,
+    PolicyResult,
+    PolicySubmitted,
+    RootsSubmitted,
+    RulesetApplied,
+    Send,
+    SendFailed,
+    TimerFired,
+)
+from protocol.metadata import Certificate, decode_certificate, decode_root
+from protocol.signing import decode_envelope
+from protocol.trust import TrustedState
+
+from . import transport
+from .config import ConfigError, LoadedConfig, load_config, split_hostport
+from .enforcer import Enforcer
+from .identity import Identity, load_identity
+from .metrics import Metrics
+from .sources import DropDirSource, UrlSource
+from .state import StateStore
+from .transport import MAX_FRAME_BYTES, MESH_PATH, Conn
+
+OPERATOR_REQUEST_BYTES = 4 << 20
+SHUTDOWN_GRACE_S = 2.0
+
+
+class OperatorRequest(msgspec.Struct, forbid_unknown_fields=True):
+    op: str
+    envelope: bytes = b""
+    roots: list[bytes] = []
+
+
+def _now() -> Now:
+    return Now(ms=int(time.monotonic() * 1000), wall=time.time())
+
+
+class MeshDaemon:
+    def __init__(self, lc: LoadedConfig) -> None:
+        self.lc = lc
+        cfg = lc.cfg
+        self.metrics = Metrics()
+        self.log = structlog.get_logger("meshnode").bind(node=cfg.node.id)
+        self.identity: Identity = load_identity(
+            lc.resolve(cfg.identity.cert),
+            lc.resolve(cfg.identity.identity_key),
+            lc.resolve(cfg.identity.static_key),
+            lc.resolve(cfg.trust.root),
+        )
+        if self.identity.node_id != cfg.node.id:
+            raise ConfigError(f"{lc.path}: node.id {cfg.node.id!r} but the certificate is for {self.identity.node_id!r}")
+        self.trust = TrustedState(self.identity.anchor, skew_s=cfg.trust.clock_skew_s)
+        self.store = StateStore(lc.resolve(cfg.node.data_dir))
+        self.listen_host, self.listen_port = split_hostport(cfg.mesh.listen, "mesh.listen")
+        self.advertise = cfg.mesh.advertise or cfg.mesh.listen
+        self.enforcer = Enforcer(lc, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied)
+        self.node: Node | None = None
+        self.conns: dict[str, list[Conn]] = {}
+        self.operator_conns: set[Conn] = set()
+        self.by_addr: dict[str, Conn] = {}
+        self.dialing: dict[str, list[bytes]] = {}
+        self.members: dict[str, bytes] = {}
+        self.limiter = HandshakeRateLimiter(
+            cfg.mesh.handshake_rate_per_s, cfg.mesh.handshake_burst, total_rate_per_s=cfg.mesh.handshake_rate_per_s * 10
+        )
+        self.overrides = lc.active_overrides()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._runners: list[web.AppRunner] = []
+        self._sources: list[DropDirSource | UrlSource] = []
+        self.started_at = time.time()
+        self.bound_mesh_port: int | None = None
+        self.bound_admin_port: int | None = None
+
+    # -- phases ---------------------------------------------------------------------------------------
+    def _boot_state(self) -> None:
+        now = time.time()
+        report = self.store.load_into(self.trust, now)
+        for problem in report.problems:
+            self.metrics.state_problems.inc()
+            self.log.warning("state.problem", problem=problem)
+        self.log.info("state.loaded", root_version=self.trust.root_version, serial=self.trust.serial,
+                      roots_loaded=report.roots_loaded, policy_state=self.trust.policy_state(now))
+        self.members = {}
+        for node_id, cert_bytes in self.store.load_members().items():
+            try:
+                cert = self.trust.verify_certificate(cert_bytes, now)
+            except TrustError as exc:
+                self.log.info("state.member_dropped", member=node_id, reason=str(exc))
+                continue
+            if cert.node_id == node_id:
+                self.members[node_id] = cert_bytes
+        self.members[self.identity.node_id] = self.identity.cert_bytes
+
+    def _member_certs(self) -> list[Certificate]:
+        out = []
+        for data in self.members.values():
+            try:
+                out.append(decode_certificate(decode_envelope(data, "cert").payload))
+            except TrustError:
+                continue
+        return out
+
+    def _make_node(self) -> Node:
+        cfg = self.lc.cfg
+        gossip = GossipConfig.from_mapping(dict(cfg.gossip))
+        known = self.store.load_peers()
+        return Node(
+            config=gossip,
+            trust=self.trust,
+            node_id=self.identity.node_id,
+            cert_bytes=self.identity.cert_bytes,
+            identity_seed=self.identity.identity_seed,
+            advertise=self.advertise,
+            seeds=list(cfg.mesh.seeds),
+            entropy=transport.entropy,
+            known_peers=known,
+        )
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                             (signal.SIGHUP, self._request_reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+        for name in self.overrides:
+            self.metrics.overrides.labels(name).set(1)
+            self.log.warning("config.override_active", override=name)
+        self._boot_state()
+        # Enforce the last-known-good policy before any peer is reachable.
+        await self.enforcer.setup()
+        if self.trust.policy is not None:
+            await self.enforcer.apply_now(self.trust.policy, self._member_certs())
+        self._update_policy_metrics()
+        self.node = self._make_node()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
+        try:
+            await self._start_listeners()
+            self.log.info("meshnode.started", mesh=f"{self.listen_host}:{self.bound_mesh_port}",
+                          admin=self.lc.cfg.admin.listen if self.lc.cfg.admin.enabled else None,
+                          backend=self.enforcer.backend_name, overrides=self.overrides)
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._timer_loop(), name="timer")
+                tg.create_task(self.enforcer.run(), name="enforcer")
+                tg.create_task(self.enforcer.drift_loop(), name="drift")
+                self._start_sources(tg)
+                self._feed(TimerFired())
+                await self._stop.wait()
+                await self._leave()
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            self._tg = None
+            for conns in list(self.conns.values()):
+                for c in conns:
+                    await transport.close(c, "node shutting down")
+            for c in list(self.operator_conns):
+                await transport.close(c, "node shutting down")
+            for runner in reversed(self._runners):
+                await runner.cleanup()
+            if self._http is not None:
+                await self._http.close()
+            self.log.info("meshnode.stopped")
+
+    def request_stop(self) -> None:
+        self.log.info("meshnode.stopping")
+        self._stop.set()
+
+    async def _leave(self) -> None:
+        if self.node is None:
+            return
+        self._feed(LeaveRequested())
+        # Give the leave announcement a moment to reach peers.
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while time.monotonic() < deadline and any(not c.queue.empty() for cs in self.conns.values() for c in cs):
+            await asyncio.sleep(0.05)
+
+    def _request_reload(self) -> None:
+        try:
+            new = load_config(self.lc.path)
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", reason=str(exc), kept="running configuration")
+            return
+        restart_needed = [s for s in ("node", "identity", "trust", "mesh", "admin", "gossip")
+                          if getattr(new.cfg, s) != getattr(self.lc.cfg, s)]
+        self.lc = new
+        self.overrides = new.active_overrides()
+        self.enforcer.reconfigure(new)
+        for src in self._sources:
+            src.reconfigure(new)
+        self.enforcer.want(self.trust.policy, self._member_certs())
+        self.log.info("config.reloaded", needs_restart=restart_needed, overrides=self.overrides)
+
+    async def _start_listeners(self) -> None:
+        cfg = self.lc.cfg
+        mesh_app = web.Application(client_max_size=1024)
+        mesh_app.router.add_get(MESH_PATH, self._mesh_handler)
+        runner = web.AppRunner(mesh_app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.listen_host, self.listen_port, reuse_address=True)
+        await site.start()
+        self.bound_mesh_port = _bound_port(runner) or self.listen_port
+        if cfg.admin.enabled:
+            host, port = split_hostport(cfg.admin.listen, "admin.listen")
+            admin = web.Application()
+            admin.router.add_get("/healthz", self._healthz)
+            admin.router.add_get("/readyz", self._readyz)
+            admin.router.add_get("/v1/status", self._status)
+            admin.router.add_get("/metrics", self._metrics)
+            arunner = web.AppRunner(admin, access_log=None, handle_signals=False)
+            await arunner.setup()
+            self._runners.append(arunner)
+            await web.TCPSite(arunner, host, port, reuse_address=True).start()
+            self.bound_admin_port = _bound_port(arunner) or port
+
+    def _start_sources(self, tg: asyncio.TaskGroup) -> None:
+        cfg = self.lc.cfg
+        if cfg.sources.drop_dir:
+            src = DropDirSource(self.lc, self._submit_policy, self.log)
+            self._sources.append(src)
+            tg.create_task(src.run(), name="drop-dir")
+        if cfg.sources.urls:
+            assert self._http is not None
+            usrc = UrlSource(self.lc, self._http, self._submit_policy, self.log)
+            self._sources.append(usrc)
+            tg.create_task(usrc.run(), name="url-poll")
+
+    # -- the core -------------------------------------------------------------------------------------
+    def _feed(self, inp: Any) -> list[Any]:
+        assert self.node is not None
+        effects = self.node.handle(_now(), inp)
+        self._execute(effects)
+        self._wake.set()
+        return effects
+
+    async def _timer_loop(self) -> None:
+        assert self.node is not None
+        while True:
+            self._wake.clear()
+            deadline = self.node.next_deadline()
+            timeout = None if deadline is None else max(0.0, (deadline - _now().ms) / 1000)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                self._feed(TimerFired())
+
+    def _execute(self, effects: Sequence[Any]) -> None:
+        """The one place effects run. Durable effects come first in the list and run synchronously."""
+        for eff in effects:
+            match eff:
+                case Persist(kind="policy", data=data):
+                    check = self.trust.check_policy(data, time.time(), allow_expired=True)
+                    self.store.save_policy(check.policy.serial, data)
+                case Persist(kind="root", data=data):
+                    root_env = decode_envelope(data, "root")
+                    self.store.save_root(decode_root(root_env.payload).version, data)
+                case Persist(kind="peers", data=data):
+                    self.store.save_peers(data)
+                case Persist(kind=kind):
+                    self.log.warning("effect.unknown_persist", kind=kind)
+                case ApplyPolicy(serial=serial, hash=h):
+                    self.log.info("policy.accepted", serial=serial, hash=h[:16])
+                    self._update_policy_metrics()
+                    self.enforcer.want(self.trust.policy, self._member_certs())
+                    self._revalidate_sessions()
+                case MembersChanged(certs=certs):
+                    self.members = dict(certs)
+                    self.members.setdefault(self.identity.node_id, self.identity.cert_bytes)
+                    self.store.save_members(self.members)
+                    self.enforcer.want(self.trust.policy, self._member_certs())
+                case Send(peer=peer, address=address, data=data):
+                    self._send(peer, address, data)
+                case Disconnect(peer=peer, reason=reason):
+                    self.metrics.frames_refused.labels("peer_misbehaved").inc()
+                    self.log.warning("peer.disconnected", peer=peer, reason=reason)
+                    for c in list(self.conns.get(peer, [])):
+                        self._spawn(transport.close(c, reason))
+                case PolicyResult():
+                    pass  # answered by the caller that submitted it
+                case Alert(event=event, fields=fields):
+                    self._alert(event, fields)
+                case LivenessChanged(node_id=nid, liveness=liveness, incarnation=inc):
+                    self.log.info("member.liveness", member=nid, liveness=liveness, incarnation=inc)
+                case _:
+                    self.log.warning("effect.unknown", effect=type(eff).__name__)
+
+    def _update_policy_metrics(self) -> None:
+        now = time.time()
+        pol = self.trust.policy
+        self.metrics.policy_serial.set(self.trust.serial)
+        if pol is not None:
+            self.metrics.policy_expires.set(pol.expires_at)
+        state = self.trust.policy_state(now)
+        for s in ("none", "fresh", "stale"):
+            self.metrics.policy_state.labels(s).set(1 if s == state else 0)
+
+    def _alert(self, event: str, fields: dict[str, Any]) -> None:
+        self.metrics.alerts.labels(event).inc()
+        self.log.warning(f"alert.{event}" if not event.startswith("alert.") else event, **fields)
+        hooks = self.lc.cfg.alerts.webhook_urls
+        if hooks and self._http is not None:
+            body = {"node": self.identity.node_id, "event": event, "fields": fields, "at": time.time()}
+            for url in hooks:
+                self._spawn(self._post_alert(url, body))
+
+    async def _post_alert(self, url: str, body: dict[str, Any]) -> None:
+        assert self._http is not None
+        try:
+            async with self._http.post(url, json=body, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status >= 300:
+                    self.log.warning("alert.webhook_failed", url=url, status=resp.status)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.log.warning("alert.webhook_failed", url=url, reason=str(exc) or type(exc).__name__)
+
+    def _on_ruleset_applied(self, serial: int, ruleset_hash: str) -> None:
+        self.metrics.applied_serial.set(serial)
+        if self.node is not None:
+            self._feed(RulesetApplied(serial=serial, ruleset_hash=ruleset_hash))
+
+    def _submit_policy(self, envelope: bytes, source: str, roots: Sequence[bytes] = ()) -> PolicyResult:
+        """Feed a policy from a local source; returns the core's verdict (after it was persisted)."""
+        if roots:
+            for eff in self._feed(RootsSubmitted(chain=list(roots), source=source)):
+                if isinstance(eff, PolicyResult) and not eff.accepted:
+                    self.metrics.policies_refused.labels("bad_root").inc()
+                    return eff
+        result = PolicyResult(source=source, accepted=False, serial=0, reason="no verdict from the core")
+        for eff in self._feed(PolicySubmitted(envelope=envelope, source=source)):
+            if isinstance(eff, PolicyResult) and eff.source == source:
+                result = eff
+        if not result.accepted:
+            self.metrics.policies_refused.labels(_reason_label(result.reason)).inc()
+            self.log.warning("policy.refused", source=source, reason=result.reason)
+        return result
+
+    # -- connections ----------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        if self._tg is not None:
+            self._tg.create_task(coro)
+        else:
+            coro.close()
+
+    def _on_bytes(self, direction: str, n: int) -> None:
+        self.metrics.bytes.labels(direction).inc(n)
+
+    def _send(self, peer: str, address: str, data: bytes) -> None:
+        conns = self.conns.get(peer) if peer else None
+        conn = conns[-1] if conns else self.by_addr.get(address)
+        if conn is not None and not conn.closed:
+            if not conn.enqueue(data):
+                self.log.warning("peer.slow", peer=conn.peer, queued=conn.queue.qsize())
+                self.metrics.frames_refused.labels("send_queue_full").inc()
+                self._spawn(transport.close(conn, "send queue full"))
+            return
+        if not address:
+            self._feed_later(SendFailed(peer=peer, address=address))
+            return
+        if address in self.dialing:
+            self.dialing[address].append(data)
+            return
+        self.dialing[address] = [data]
+        self._spawn(self._dial(address, peer))
+
+    def _feed_later(self, inp: Any) -> None:
+        asyncio.get_running_loop().call_soon(self._feed_if_running, inp)
+
+    def _feed_if_running(self, inp: Any) -> None:
+        if self.node is not None and self._tg is not None:
+            self._feed(inp)
+
+    def _new_session(self, *, initiator: bool, expected_peer: str | None = None) -> SecureSession:
+        mesh = self.lc.cfg.mesh
+        return SecureSession(
+            initiator=initiator,
+            trust=self.trust,
+            static_private=self.identity.static_private,
+            certificate=self.identity.cert_bytes,
+            entropy=transport.entropy,
+            now_ms=transport.now_ms(),
+            accept=frozenset({ConnectionKind.GOSSIP}) if initiator
+            else frozenset({ConnectionKind.GOSSIP, ConnectionKind.OPERATOR}),
+            expected_peer=expected_peer,
+            handshake_timeout_ms=mesh.handshake_timeout_ms,
+            max_message_bytes=mesh.max_message_bytes,
+        )
+
+    async def _dial(self, address: str, peer: str) -> None:
+        assert self._http is not None
+        log = self.log.bind(peer=peer or None, address=address)
+        conn: Conn | None = None
+        try:
+            ws = await asyncio.wait_for(
+                self._http.ws_connect(f"http://{address}{MESH_PATH}", max_msg_size=MAX_FRAME_BYTES,
+                                      autoping=True, heartbeat=None),
+                timeout=5,
+            )
+            conn = Conn(ws=ws, session=self._new_session(initiator=True, expected_peer=peer or None),
+                        inbound=False, address=address)
+            await transport.handshake(conn, self._on_bytes)
+        except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
+            self.dialing.pop(address, None)
+            reason = transport.refusal_reason(exc)
+            self.metrics.handshakes.labels("failed", reason).inc()
+            log.info("dial.failed", reason=reason, detail=str(exc)[:200])
+            if conn is not None:
+                await transport.close(conn, reason)
+            self._feed_if_running(SendFailed(peer=peer, address=address))
+            return
+        self.metrics.handshakes.labels("ok", "outbound").inc()
+        pending = self.dialing.pop(address, [])
+        self.by_addr[address] = conn
+        try:
+            self._register(conn)
+            for data in pending:
+                conn.enqueue(data)
+            await self._serve(conn)
+        finally:
+            if self.by_addr.get(address) is conn:
+                del self.by_addr[address]
+
+    async def _mesh_handler(self, request: web.Request) -> web.StreamResponse:
+        source = request.remote or "?"
+        if not self.limiter.allow(source, transport.now_ms()):
+            self.metrics.handshakes.labels("refused", "rate_limited").inc()
+            return web.Response(status=429, text="handshake rate limit\n")
+        if sum(len(v) for v in self.conns.values()) + len(self.operator_conns) >= self.lc.cfg.mesh.max_peers:
+            self.metrics.handshakes.labels("refused", "too_many_peers").inc()
+            return web.Response(status=503, text="too many peers\n")
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, autoping=True)
+        await ws.prepare(request)
+        conn = Conn(ws=ws, session=self._new_session(initiator=False), inbound=True, address=source)
+        try:
+            await transport.handshake(conn, self._on_bytes)
+        except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
+            reason = transport.refusal_reason(exc)
+            self.metrics.handshakes.labels("refused", reason).inc()
+            self.log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200])
+            await transport.close(conn, reason)
+            return ws
+        self.metrics.handshakes.labels("ok", "inbound").inc()
+        if conn.kind is ConnectionKind.OPERATOR:
+            await self._serve_operator(conn)
+        else:
+            self._register(conn)
+            await self._serve(conn)
+        return ws
+
+    def _register(self, conn: Conn) -> None:
+        peer = conn.peer
+        self.conns.setdefault(peer, []).append(conn)
+        self.metrics.connections.labels("gossip").set(sum(len(v) for v in self.conns.values()))
+        self.log.debug("peer.connected", peer=peer, conn=conn.id, inbound=conn.inbound)
+        cert = conn.session.peer_certificate or b""
+        self._feed(PeerConnected(peer=peer, cert_bytes=cert))
+
+    def _unregister(self, conn: Conn) -> None:
+        peer = conn.peer
+        lst = self.conns.get(peer, [])
+        if conn in lst:
+            lst.remove(conn)
+        if not lst:
+            self.conns.pop(peer, None)
+            self._feed_if_running(PeerDisconnected(peer=peer))
+        self.metrics.connections.labels("gossip").set(sum(len(v) for v in self.conns.values()))
+
+    async def _on_gossip(self, conn: Conn, data: bytes) -> None:
+        self._feed(FrameReceived(peer=conn.peer, data=data))
+
+    async def _serve(self, conn: Conn) -> None:
+        """Run one authenticated gossip connection until it ends; its failure costs only itself."""
+        assert self._tg is not None
+        writer = self._tg.create_task(self._write(conn))
+        reason = "closed"
+        try:
+            reason = await transport.reader(conn, self._on_gossip, self._on_bytes)
+        except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
+            reason = transport.refusal_reason(exc)
+            self.metrics.frames_refused.labels(reason).inc()
+            self.log.info("peer.dropped", peer=conn.peer, conn=conn.id, reason=reason, detail=str(exc)[:200])
+        finally:
+            await transport.close(conn, reason)
+            writer.cancel()
+            self._unregister(conn)
+
+    async def _write(self, conn: Conn) -> None:
+        try:
+            await transport.writer(conn, self._on_bytes)
+        except (MeshError, aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as exc:
+            self.log.info("peer.write_failed", peer=conn.peer, reason=transport.refusal_reason(exc))
+            await transport.close(conn, "write failed")
+
+    async def _serve_operator(self, conn: Conn) -> None:
+        op = conn.peer
+        self.operator_conns.add(conn)
+        self.metrics.connections.labels("operator").set(len(self.operator_conns))
+        self.log.info("operator.connected", operator=op, conn=conn.id)
+        assert self._tg is not None
+        writer = self._tg.create_task(self._write(conn))
+        try:
+            await transport.reader(conn, self._on_operator_message, self._on_bytes)
+        except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
+            self.metrics.frames_refused.labels(transport.refusal_reason(exc)).inc()
+            self.log.info("operator.dropped", operator=op, reason=transport.refusal_reason(exc))
+        finally:
+            await transport.close(conn, "done")
+            writer.cancel()
+            self.operator_conns.discard(conn)
+            self.metrics.connections.labels("operator").set(len(self.operator_conns))
+
+    async def _on_operator_message(self, conn: Conn, data: bytes) -> None:
+        try:
+            req = msgspec.msgpack.decode(data, type=OperatorRequest) if len(data) <= OPERATOR_REQUEST_BYTES else None
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            req = None
+        if req is None:
+            self.metrics.frames_refused.labels("bad_operator_request").inc()
+            conn.enqueue(msgspec.msgpack.encode({"ok": False, "reason": "malformed request"}))
+            return
+        if req.op == "publish":
+            source = f"operator:{conn.peer}:{conn.id}"
+            result = self._submit_policy(req.envelope, source, req.roots)
+            self.log.info("operator.publish", operator=conn.peer, accepted=result.accepted, serial=result.serial,
+                          reason=result.reason or None)
+            reply = {"ok": result.accepted, "serial": result.serial, "reason": result.reason}
+        elif req.op == "status":
+            reply = {"ok": True, "status": self.status()}
+        else:
+            reply = {"ok": False, "reason": f"unknown operation {req.op!r}"}
+        conn.enqueue(msgspec.msgpack.encode(reply))
+
+    def _revalidate_sessions(self) -> None:
+        wall = time.time()
+        for conns in list(self.conns.values()):
+            for c in conns:
+                try:
+                    c.session.revalidate(wall)
+                except MeshError as exc:
+                    self.log.warning("peer.revoked", peer=c.peer, reason=str(exc))
+                    self.metrics.handshakes.labels("revoked", transport.refusal_reason(exc)).inc()
+                    self._spawn(transport.close(c, "certificate no longer valid"))
+
+    # -- admin ----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = _now()
+        core = self.node.status(now) if self.node is not None else {}
+        pol = self.trust.policy
+        return {
+            "node": self.identity.node_id,
+            "region": self.identity.cert.region,
+            "cluster": self.trust.cluster,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "root_version": self.trust.root_version,
+            "policy": {
+                "serial": self.trust.serial,
+                "hash": self.trust.policy_hash,
+                "expires_at": pol.expires_at if pol else None,
+                "state": self.trust.policy_state(now.wall),
+            },
+            "enforcement": self.enforcer.status(),
+            "overrides": self.overrides,
+            "connections": {"gossip": sum(len(v) for v in self.conns.values()), "operator": len(self.operator_conns)},
+            "cluster_view": core,
+        }
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        st = self.enforcer.status()
+        if st.get("applied_serial", 0) > 0:
+            return web.Response(text=f"ready: enforcing serial {st['applied_serial']}\n")
+        return web.Response(status=503, text="not ready: no valid policy enforced yet\n")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self.status(), indent=1, default=str), content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._update_policy_metrics()
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel every task on a clean stop."""
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return None
+
+
+def _reason_label(reason: str) -> str:
+    r = reason.lower()
+    for label in ("equivocation", "rollback", "expired", "signature", "revoked", "root", "malformed", "duplicate"):
+        if label in r:
+            return label
+    return "other"
+
+
+def run_daemon(config_path: Path) -> int:
+    import uvloop
+
+    lc = load_config(config_path)
+    daemon = MeshDaemon(lc)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(daemon.run())
+    return 0

@@ -1,0 +1,109 @@
+"""meshnode: run the daemon, or print the ruleset a node would apply."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from protocol.errors import MeshError
+from protocol.trust import TrustedState
+
+from .config import load_config
+from .identity import load_identity
+from .state import StateStore
+
+EXIT_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="meshnode", description="policymesh node daemon: verifies, stores, gossips and enforces "
+                "signed policy versions.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="run the daemon (SIGTERM stops it gracefully, SIGHUP reloads the config)")
+    r.add_argument("--config", required=True, metavar="node.toml")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("check-config", help="validate a node config and its identity files, then exit")
+    c.add_argument("--config", required=True, metavar="node.toml")
+    c.set_defaults(func=cmd_check)
+    d = sub.add_parser("render", help="print the complete ruleset this node would apply (one idempotent transaction)")
+    d.add_argument("--config", required=True, metavar="node.toml")
+    d.add_argument("--policy", metavar="FILE", help="signed policy (default: the node's stored last-known-good)")
+    d.add_argument("--peer-cert", action="append", default=[], metavar="FILE", help="member certificate (repeatable)")
+    d.add_argument("--format", default="nft", choices=["nft", "json"], help="nft syntax (default) or nft JSON")
+    d.set_defaults(func=cmd_render)
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+    from .logsetup import configure
+
+    configure(args.log_level)
+    return run_daemon(Path(args.config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    lc = load_config(Path(args.config))
+    cfg = lc.cfg
+    ident = load_identity(lc.resolve(cfg.identity.cert), lc.resolve(cfg.identity.identity_key),
+                          lc.resolve(cfg.identity.static_key), lc.resolve(cfg.trust.root))
+    TrustedState(ident.anchor).verify_certificate(ident.cert_bytes, time.time())
+    print(f"{args.config}: ok (node {ident.node_id}, region {ident.cert.region}, backend {cfg.enforce.backend}"
+          + (f", overrides: {', '.join(lc.active_overrides())}" if lc.active_overrides() else "") + ")")
+    return 0
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise MeshError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .enforce.render_cli import render_command
+    from .enforcer import render_options
+
+    lc = load_config(Path(args.config))
+    cfg = lc.cfg
+    ident = load_identity(lc.resolve(cfg.identity.cert), lc.resolve(cfg.identity.identity_key),
+                          lc.resolve(cfg.identity.static_key), lc.resolve(cfg.trust.root))
+    now = time.time()
+    trust = TrustedState(ident.anchor, skew_s=cfg.trust.clock_skew_s)
+    StateStore(lc.resolve(cfg.node.data_dir)).load_into(trust, now)
+    text = render_command(
+        policy_bytes=_read(args.policy, "policy") if args.policy else None,
+        own_cert_bytes=ident.cert_bytes,
+        peer_cert_bytes=[_read(p, "certificate") for p in args.peer_cert],
+        trust=trust,
+        now=now,
+        options=render_options(lc),
+        fmt=args.format,
+    )
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (MeshError, OSError, ValueError) as exc:
+        msg = str(exc) or type(exc).__name__
+        print(f"meshnode: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

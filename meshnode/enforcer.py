@@ -1,0 +1,147 @@
+"""The daemon's enforcement worker: render the wanted policy + member directory, apply it off the event
+loop, keep the previous ruleset when anything fails, and repair drift on a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from protocol.errors import MeshError
+from protocol.metadata import Certificate, PolicyVersion
+from protocol.trust import TrustedState
+
+from .config import LoadedConfig, split_hostport
+from .enforce.backends import Backend, make_backend, missing_tools
+from .enforce.model import EnforcementError, RenderOptions
+from .enforce.render import render
+from .identity import Identity
+from .metrics import Metrics
+
+
+def render_options(lc: LoadedConfig) -> RenderOptions:
+    cfg = lc.cfg
+    _, mesh_port = split_hostport(cfg.mesh.listen, "mesh.listen")
+    _, admin_port = split_hostport(cfg.admin.listen, "admin.listen")
+    return RenderOptions(
+        mesh_port=mesh_port,
+        table=cfg.enforce.table,
+        admin_port=admin_port if admin_port not in (0, mesh_port) else None,
+        icmp_essential=cfg.enforce.icmp,
+        break_glass_cidrs=tuple(cfg.overrides.break_glass_cidrs),
+        log_rate=cfg.enforce.log_rate,
+    )
+
+
+class Enforcer:
+    def __init__(
+        self,
+        lc: LoadedConfig,
+        identity: Identity,
+        trust: TrustedState,
+        metrics: Metrics,
+        log: Any,
+        on_applied: Callable[[int, str], None],
+    ) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.metrics = metrics
+        self.log = log.bind(component="enforce")
+        self.on_applied = on_applied
+        self.backend: Backend | None = None
+        self._want: tuple[PolicyVersion | None, list[Certificate]] | None = None
+        self._event = asyncio.Event()
+        self.applied_serial = 0
+        self.applied_hash: str | None = None
+        self.last_error: str | None = None
+        self.applied_at: float | None = None
+        self.reconfigure(lc)
+
+    @property
+    def backend_name(self) -> str:
+        return self.lc.cfg.enforce.backend
+
+    def reconfigure(self, lc: LoadedConfig) -> None:
+        self.lc = lc
+        self.options = render_options(lc)
+        self.drift_interval = lc.cfg.enforce.drift_check_s
+
+    async def setup(self) -> None:
+        cfg = self.lc.cfg
+        missing = missing_tools(cfg.enforce.backend)
+        if missing:
+            raise EnforcementError(
+                f"enforce.backend = {cfg.enforce.backend!r} needs {', '.join(missing)}, which is not installed"
+            )
+        self.backend = make_backend(
+            cfg.enforce.backend,
+            self.options,
+            file_path=self.lc.resolve(cfg.enforce.file),
+            allow_file_backend=cfg.overrides.allow_file_backend,
+        )
+
+    def want(self, policy: PolicyVersion | None, members: list[Certificate]) -> None:
+        if policy is None:
+            return  # before the first verified policy the host's firewall is left as it is
+        self._want = (policy, members)
+        self._event.set()
+
+    async def apply_now(self, policy: PolicyVersion, members: list[Certificate]) -> bool:
+        assert self.backend is not None
+        backend = self.backend
+        t0 = time.perf_counter()
+        try:
+            ruleset = render(policy, self.identity.cert, members, self.options, now=time.time(),
+                             skew_s=self.trust.skew_s)
+            result = await asyncio.to_thread(backend.apply, ruleset)
+        except MeshError as exc:
+            self.last_error = str(exc)
+            self.metrics.apply_failures.inc()
+            self.metrics.alerts.labels("enforce.apply_failed").inc()
+            self.log.error("alert.enforce.apply_failed", serial=policy.serial, reason=str(exc),
+                           kept_serial=self.applied_serial)
+            return False
+        elapsed = time.perf_counter() - t0
+        self.metrics.apply_seconds.observe(elapsed)
+        self.last_error = None
+        changed = (policy.serial, result.hash) != (self.applied_serial, self.applied_hash)
+        self.applied_serial, self.applied_hash = policy.serial, result.hash
+        self.applied_at = time.time()
+        self.metrics.applied_serial.set(policy.serial)
+        if changed:
+            self.log.info("policy.applied", serial=policy.serial, ruleset_hash=result.hash[:16], mode=result.mode,
+                          backend=result.backend, rules=ruleset.rule_count, ms=round(elapsed * 1000, 1))
+            self.on_applied(policy.serial, result.hash)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            want, self._want = self._want, None
+            if want is not None and want[0] is not None:
+                await self.apply_now(want[0], want[1])
+
+    async def drift_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.drift_interval)
+            if self.backend is None or self.backend.applied is None:
+                continue
+            result = await asyncio.to_thread(self.backend.check_drift)
+            for ev in result.events:
+                self.metrics.alerts.labels(ev.name).inc()
+                self.log.warning(f"alert.{ev.name}", **{k: v for k, v in ev.facts.items() if k != "event"})
+            if result.drifted:
+                self.metrics.drift.inc()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend_name,
+            "applied_serial": self.applied_serial,
+            "ruleset_hash": self.applied_hash,
+            "applied_at": self.applied_at,
+            "last_error": self.last_error,
+            "drift_repairs": self.backend.drift_count if self.backend else 0,
+            "enforcing": self.backend_name != "file",
+        }

@@ -1,0 +1,32 @@
+"""Prometheus metrics of one daemon, in its own registry (no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.policy_serial = Gauge("policymesh_policy_serial", "Serial of the trusted policy", registry=r)
+        self.applied_serial = Gauge("policymesh_enforced_serial", "Serial enforced in the kernel", registry=r)
+        self.policy_state = Gauge("policymesh_policy_state", "1 for the current state", ["state"], registry=r)
+        self.policy_expires = Gauge("policymesh_policy_expires_timestamp_seconds", "Policy expiry", registry=r)
+        self.convergence_lag = Gauge(
+            "policymesh_convergence_lag", "Members whose applied serial is below this node's", registry=r
+        )
+        self.peers = Gauge("policymesh_peers", "Members by liveness", ["state"], registry=r)
+        self.connections = Gauge("policymesh_connections", "Open authenticated channels", ["kind"], registry=r)
+        self.handshakes = Counter("policymesh_handshakes", "Handshakes by outcome", ["result", "reason"], registry=r)
+        self.frames_refused = Counter("policymesh_frames_refused", "Frames/messages refused", ["reason"], registry=r)
+        self.policies_refused = Counter("policymesh_policies_refused", "Policy inputs refused", ["reason"], registry=r)
+        self.bytes = Counter("policymesh_bytes", "Mesh bytes on the wire", ["direction"], registry=r)
+        self.apply_seconds = Histogram(
+            "policymesh_apply_seconds", "Render+apply latency", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.apply_failures = Counter("policymesh_apply_failures", "Failed enforcement applies", registry=r)
+        self.drift = Counter("policymesh_drift_repairs", "Kernel ruleset drift detected and repaired", registry=r)
+        self.alerts = Counter("policymesh_alerts", "Alerts raised", ["event"], registry=r)
+        self.overrides = Gauge("policymesh_override_active", "Active security overrides", ["override"], registry=r)
+        self.state_problems = Counter("policymesh_state_problems", "Corrupt or unverifiable state files", registry=r)

@@ -1,0 +1,170 @@
+"""Authenticated peer connections: one WebSocket per connection, one Noise frame per binary message.
+
+The shell side of protocol/channel.py: it moves frames between the socket and a SecureSession, bounds
+what a peer may cost (frame size cap, handshake deadline, bounded send queue), and reports sessions to
+the daemon. A peer's bad input closes that peer's connection, never the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from protocol.channel import (
+    ConnectionKind,
+    HandshakeComplete,
+    MessageReceived,
+    PeerClosed,
+    SecureSession,
+    SessionState,
+)
+from protocol.errors import MeshError, TrustError
+
+MESH_PATH = "/mesh"
+MAX_FRAME_BYTES = 65535
+SEND_QUEUE_MESSAGES = 1024
+_conn_ids = itertools.count(1)
+
+
+class TransportError(MeshError):
+    """The socket failed or the peer broke the framing (shell only)."""
+
+
+def now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """A stable label for metrics: the TrustError reason or the exception class in snake case."""
+    if isinstance(exc, TrustError):
+        return exc.reason
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    name = type(exc).__name__
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_").removesuffix("_error")
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+@dataclass(eq=False)
+class Conn:
+    ws: WebSocket
+    session: SecureSession
+    inbound: bool
+    address: str
+    id: int = field(default_factory=lambda: next(_conn_ids))
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE_MESSAGES))
+    closed: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def peer(self) -> str:
+        cert = self.session.peer
+        return cert.node_id if cert else ""
+
+    @property
+    def kind(self) -> ConnectionKind | None:
+        return self.session.kind
+
+    def enqueue(self, data: bytes) -> bool:
+        """Queue an application message; False when the peer is too slow (the caller drops it)."""
+        if self.closed:
+            return False
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+
+async def send_frames(conn: Conn, frames: list[bytes], on_bytes: Callable[[str, int], None]) -> None:
+    for f in frames:
+        await conn.ws.send_bytes(f)
+        conn.bytes_out += len(f)
+        on_bytes("out", len(f))
+
+
+async def handshake(conn: Conn, on_bytes: Callable[[str, int], None]) -> None:
+    """Run the Noise XX handshake to completion or raise (timeout, trust failure, broken socket)."""
+    session = conn.session
+    await send_frames(conn, session.frames_to_send(), on_bytes)
+    while session.state is SessionState.HANDSHAKE:
+        deadline = session.deadline()
+        remaining = 0.001 if deadline is None else max(0.001, (deadline - now_ms()) / 1000)
+        try:
+            msg = await asyncio.wait_for(conn.ws.receive(), remaining)
+        except TimeoutError:
+            session.handle_timer(now_ms() + 1_000_000)  # raises HandshakeTimeoutError
+            raise
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise TransportError(f"connection closed during the handshake ({msg.type.name.lower()})")
+        conn.bytes_in += len(msg.data)
+        on_bytes("in", len(msg.data))
+        events = session.receive_frame(msg.data, now_ms(), time.time())
+        await send_frames(conn, session.frames_to_send(), on_bytes)
+        if any(isinstance(e, HandshakeComplete) for e in events):
+            break
+
+
+async def writer(conn: Conn, on_bytes: Callable[[str, int], None]) -> None:
+    """Drain the connection's queue: encrypt each message (chunked) and send its frames in order."""
+    while True:
+        data = await conn.queue.get()
+        if data is None or conn.closed:
+            return
+        frames = conn.session.send_message(data)
+        await send_frames(conn, frames, on_bytes)
+
+
+async def reader(
+    conn: Conn,
+    on_message: Callable[[Conn, bytes], Awaitable[None]],
+    on_bytes: Callable[[str, int], None],
+) -> str:
+    """Feed received frames to the session until the peer closes; returns why it ended."""
+    async for msg in conn.ws:
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                raise TransportError("text frame on the mesh channel")
+            break
+        conn.bytes_in += len(msg.data)
+        on_bytes("in", len(msg.data))
+        for ev in conn.session.receive_frame(msg.data, now_ms(), time.time()):
+            if isinstance(ev, MessageReceived):
+                await on_message(conn, ev.data)
+            elif isinstance(ev, PeerClosed):
+                return f"peer closed: {ev.reason}" if getattr(ev, "reason", "") else "peer closed"
+    return "socket closed"
+
+
+async def close(conn: Conn, reason: str) -> None:
+    if conn.closed:
+        return
+    conn.closed = True
+    try:
+        conn.queue.put_nowait(None)
+    except asyncio.QueueFull:
+        pass
+    try:
+        frames = conn.session.close(reason[:200]) if conn.session.state is SessionState.OPEN else []
+        for f in frames:
+            await asyncio.wait_for(conn.ws.send_bytes(f), 1.0)
+    except (TimeoutError, MeshError, ConnectionError, RuntimeError, aiohttp.ClientError):
+        pass
+    try:
+        await asyncio.wait_for(conn.ws.close(), 2.0)
+    except (TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
+        pass
+
+
+def entropy(n: int) -> bytes:
+    return os.urandom(n)

@@ -39,7 +39,7 @@ from typing import Final
 
 from .errors import LocalProtocolError, MeshError, RemoteProtocolError, RoleError, TrustError
 from .metadata import OPERATOR_ROLE, Certificate, decode_certificate
-from .noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX
+from .noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX, x25519_public_key
 from .signing import decode_envelope
 from .trust import TrustedState
 
@@ -57,6 +57,7 @@ __all__ = [
     "HandshakeRateLimiter",
     "HandshakeTimeoutError",
     "KeyMismatchError",
+    "LocalIdentity",
     "MessageReceived",
     "MessageTooLargeError",
     "PeerClosed",
@@ -174,13 +175,38 @@ def _is_operator(cert: Certificate) -> bool:
 # --------------------------------------------------------------------------------------------- session
 
 
+class LocalIdentity:
+    """This process's X25519 static key and the exact signed certificate envelope that names it.
+
+    Built once (at start, and again when the certificate is renewed) and shared by every session:
+    it checks that the certificate is well formed, names this static key and does not mix the
+    operator role with node roles, and caches the public key so a handshake does not recompute it.
+    Raises LocalProtocolError, since a bad identity is a local configuration error.
+    """
+
+    __slots__ = ("static_private", "static_public", "certificate", "cert", "kind")
+
+    def __init__(self, static_private: bytes, certificate: bytes) -> None:
+        try:
+            self.static_public = x25519_public_key(bytes(static_private))
+            self.cert = decode_certificate(decode_envelope(bytes(certificate), "cert").payload)
+            operator = _is_operator(self.cert)
+        except TrustError as exc:
+            raise LocalProtocolError(f"our own certificate is unusable: {exc}") from exc
+        if not hmac.compare_digest(self.cert.static_key, self.static_public):
+            raise LocalProtocolError("our certificate names another static key than static_private")
+        self.static_private = bytes(static_private)
+        self.certificate = bytes(certificate)
+        self.kind = ConnectionKind.OPERATOR if operator else ConnectionKind.GOSSIP  # what it opens
+
+
 class SecureSession:
     """One mutually authenticated, forward-secret connection, from the first handshake frame to close.
 
-    `initiator`: the side that connected. `certificate`: this side's exact signed certificate envelope;
-    `static_private`: the X25519 private key it certifies. `accept`: the connection kinds allowed (the
-    acceptor passes what its listener serves; the initiator passes the kind it is opening, which must
-    match its own certificate). `expected_peer`: the initiator may name the node id it meant to reach.
+    `initiator`: the side that connected. `identity`: this side's static key and certificate.
+    `accept`: the connection kinds allowed - the acceptor passes what its listener serves; the
+    initiator passes the kind it is opening (its identity's kind must be among them).
+    `expected_peer`: the initiator may name the node id it meant to reach.
     """
 
     def __init__(
@@ -188,8 +214,7 @@ class SecureSession:
         *,
         initiator: bool,
         trust: TrustedState,
-        static_private: bytes,
-        certificate: bytes,
+        identity: LocalIdentity,
         entropy: Entropy,
         now_ms: int,
         accept: frozenset[ConnectionKind] = frozenset({ConnectionKind.GOSSIP}),
@@ -204,16 +229,23 @@ class SecureSession:
             raise LocalProtocolError("accept must name at least one connection kind")
         self.initiator = initiator
         self._trust = trust
-        self._certificate = bytes(certificate)
+        self._identity = identity
         self._accept = frozenset(accept)
         self._expected_peer = expected_peer
         self._max_message = max_message_bytes
         self._rekey_interval = rekey_interval
         self._deadline_ms: int | None = now_ms + handshake_timeout_ms
+        if initiator and identity.kind not in self._accept:
+            raise LocalProtocolError(f"our certificate opens {identity.kind.value} connections, not {accept}")
+        if not initiator and identity.kind is ConnectionKind.OPERATOR:
+            raise LocalProtocolError("an operator certificate cannot accept connections")
         self._noise: NoiseXX | None = NoiseXX(
-            initiator, static_private, prologue_for(trust.cluster), entropy=entropy
+            initiator,
+            identity.static_private,
+            prologue_for(trust.cluster),
+            entropy=entropy,
+            static_public=identity.static_public,
         )
-        self._own_kind = self._check_own_certificate(self._noise.local_static_public)
 
         self.state = SessionState.HANDSHAKE
         self.peer: Certificate | None = None
@@ -322,23 +354,6 @@ class SecureSession:
 
     # ------------------------------------------------------------------ handshake
 
-    def _check_own_certificate(self, static_public: bytes | None) -> ConnectionKind:
-        try:
-            cert = decode_certificate(decode_envelope(self._certificate, "cert").payload)
-            own_is_operator = _is_operator(cert)
-        except TrustError as exc:
-            raise LocalProtocolError(f"our own certificate is unusable: {exc}") from exc
-        if static_public is None or not hmac.compare_digest(cert.static_key, static_public):
-            raise LocalProtocolError("our certificate names another static key than static_private")
-        own_kind = ConnectionKind.OPERATOR if own_is_operator else ConnectionKind.GOSSIP
-        if self.initiator and own_kind not in self._accept:
-            raise LocalProtocolError(
-                f"our certificate opens {own_kind.value} connections, not {self._accept}"
-            )
-        if not self.initiator and own_is_operator:
-            raise LocalProtocolError("an operator certificate cannot accept connections")
-        return own_kind
-
     def _receive_handshake(self, frame: bytes, wall_s: float) -> list[Event]:
         noise = self._noise
         assert noise is not None
@@ -352,12 +367,12 @@ class SecureSession:
         if noise.remote_static is None:  # responder, message 1: ephemeral key only
             if payload:
                 raise FrameError("the first handshake message must carry no payload")
-            self._outbox.append(noise.write_message(self._certificate))
+            self._outbox.append(noise.write_message(self._identity.certificate))
             return []
         # initiator reading message 2, or responder reading message 3: the peer's certificate
         peer, kind = self._verify_peer(payload, wall_s, noise.remote_static)
         if not noise.complete:
-            self._outbox.append(noise.write_message(self._certificate))
+            self._outbox.append(noise.write_message(self._identity.certificate))
         assert noise.complete
         self._send, self._recv = noise.split()
         self.handshake_hash = noise.handshake_hash
@@ -383,7 +398,7 @@ class SecureSession:
                 )
             if self._expected_peer is not None and cert.node_id != self._expected_peer:
                 raise UnexpectedPeerError(f"reached {cert.node_id}, expected {self._expected_peer}")
-            kind = self._own_kind
+            kind = self._identity.kind
         else:
             kind = ConnectionKind.OPERATOR if peer_is_operator else ConnectionKind.GOSSIP
             if kind not in self._accept:

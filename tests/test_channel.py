@@ -21,6 +21,7 @@ from protocol.channel import (
     HandshakeRateLimiter,
     HandshakeTimeoutError,
     KeyMismatchError,
+    LocalIdentity,
     MessageReceived,
     MessageTooLargeError,
     PeerClosed,
@@ -61,8 +62,7 @@ def session(ident: NodeIdentity, trust: TrustedState, initiator: bool, **kwargs:
     return SecureSession(
         initiator=initiator,
         trust=trust,
-        static_private=ident.static_private,
-        certificate=ident.cert_bytes,
+        identity=LocalIdentity(ident.static_private, ident.cert_bytes),
         entropy=entropy_for(f"{ident.node_id}/{initiator}"),
         now_ms=NOW_MS,
         **kwargs,  # type: ignore[arg-type]
@@ -201,27 +201,15 @@ def test_mixed_operator_and_node_roles_refused(mesh: Mesh) -> None:
 
 def test_local_misconfiguration_is_local_error(mesh: Mesh) -> None:
     with pytest.raises(LocalProtocolError):  # certificate for another static key
-        SecureSession(
-            initiator=True,
-            trust=mesh.trust,
-            static_private=mesh.b.static_private,
-            certificate=mesh.a.cert_bytes,
-            entropy=entropy_for("x"),
-            now_ms=0,
-        )
+        LocalIdentity(mesh.b.static_private, mesh.a.cert_bytes)
     with pytest.raises(LocalProtocolError):  # operators only connect out
         session(mesh.op, mesh.fresh_trust(), False, accept=ANY_KIND)
     with pytest.raises(LocalProtocolError):  # a node opening an operator connection
         session(mesh.a, mesh.fresh_trust(), True, accept=frozenset({ConnectionKind.OPERATOR}))
     with pytest.raises(LocalProtocolError):  # not a certificate at all
-        SecureSession(
-            initiator=True,
-            trust=mesh.trust,
-            static_private=mesh.a.static_private,
-            certificate=b"junk",
-            entropy=entropy_for("x"),
-            now_ms=0,
-        )
+        LocalIdentity(mesh.a.static_private, b"junk")
+    with pytest.raises(LocalProtocolError):  # a policy envelope is not a certificate
+        LocalIdentity(mesh.a.static_private, sign_sample(mesh.auth, 1))
     a = session(mesh.a, mesh.fresh_trust(), True)
     with pytest.raises(LocalProtocolError):
         a.send_message(b"too early")

@@ -27,6 +27,7 @@ from protocol.noise import (
     DecryptError,
     HandshakeFailedError,
     HandshakeState,
+    HashFunction,
     LowOrderPointError,
     MalformedMessageError,
     MessageTooLongError,
@@ -451,6 +452,13 @@ def test_hkdf_against_independent_hmac() -> None:
     assert hkdf(BLAKE2B, ck, ikm, 3) == (out1, out2, out3)
     with pytest.raises(LocalProtocolError):
         hkdf(BLAKE2B, ck, ikm, 4)
+
+
+@pytest.mark.parametrize("hash_fn", [BLAKE2B, SHA256], ids=lambda h: h.name)
+@pytest.mark.parametrize("key_len", [0, 32, 64, 128, 129, 300])
+def test_inlined_hmac_matches_stdlib(hash_fn: HashFunction, key_len: int) -> None:
+    key, data = (bytes(range(256)) * 2)[:key_len], b"some data" * 7
+    assert hash_fn.hmac(key, data) == hmac.new(key, data, hash_fn.constructor).digest()
 
 
 # ------------------------------------------------------------------------------------------- fuzzing

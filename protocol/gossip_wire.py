@@ -1,0 +1,211 @@
+"""Gossip wire messages: one tagged union of msgspec structs (MessagePack), decoded with a size cap.
+
+Every message a node sends to a peer is one ``Message``; the Noise channel carries it as one
+application message.  Structs are ``array_like`` (positional, compact) with small integer tags.
+Decoding untrusted bytes validates types in one step; any failure is a :class:`RemoteProtocolError`.
+
+Signed member payloads (``MemberRecord``, ``StatusBody``) use the ``member`` envelope domain
+(``protocol.signing``): records travel as full envelopes (they carry the member's certificate),
+status travels as ``Status(payload, sig)``, the same domain-separated signature without the envelope
+framing, because it is small and frequent.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .errors import RemoteProtocolError
+
+MAX_MESSAGE_BYTES = (1 << 20) + (64 << 10)  # one policy envelope (1 MiB cap) plus framing
+MAX_RECORD_BYTES = 8 << 10  # one signed member record (certificate included)
+MAX_GOSSIP_ITEMS = 64
+MAX_BATCH = 4096  # records/entries/ids in one message
+HASH_PREFIX = 8  # bytes of a SHA-256 kept in digests of member state and status
+
+
+class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    pass
+
+
+# -- signed member payloads (inside a "member" signature domain) ------------------------------------
+class MemberRecord(_S, tag=1):
+    """Who a member is and where to reach it, signed by the member's own identity key."""
+
+    node_id: str
+    incarnation: int
+    address: str
+    cert: bytes
+    left: bool = False
+
+
+class StatusBody(_S, tag=2):
+    """What a member enforces: applied serial, policy hash prefix, ruleset hash prefix, state."""
+
+    node_id: str
+    seq: int
+    serial: int
+    policy_hash: bytes
+    ruleset_hash: bytes
+    state: str
+
+
+MemberPayload = MemberRecord | StatusBody
+
+
+# -- piggybacked gossip items ------------------------------------------------------------------------
+class Alive(_S, tag=1):
+    record: bytes  # encoded member envelope of a MemberRecord
+
+
+class Suspect(_S, tag=2):
+    node_id: str
+    incarnation: int
+    source: str
+
+
+class Dead(_S, tag=3):
+    node_id: str
+    incarnation: int
+    source: str
+
+
+class Status(_S, tag=4):
+    payload: bytes  # encoded StatusBody
+    sig: bytes
+
+
+GossipItem = Alive | Suspect | Dead | Status
+
+
+class Digest(_S):
+    """The policy a node holds: serial, SHA-256 of the payload (32 bytes), root version it needs."""
+
+    serial: int
+    hash: bytes
+    root_version: int
+
+
+class View(_S):
+    """How the sender sees the receiver (lets a member refute a suspicion or death it never heard of)."""
+
+    incarnation: int
+    liveness: str
+
+
+# -- messages ----------------------------------------------------------------------------------------
+class Ping(_S, tag=1):
+    seq: int
+    target: str
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class Ack(_S, tag=2):
+    seq: int
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class PingReq(_S, tag=3):
+    seq: int
+    target: str
+    address: str
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class Nack(_S, tag=4):
+    seq: int
+
+
+class Announce(_S, tag=5):
+    digest: Digest
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class PolicyPull(_S, tag=6):
+    serial: int
+    hash: bytes
+
+
+class PolicyPush(_S, tag=7):
+    envelope: bytes
+
+
+class RootPull(_S, tag=8):
+    have_version: int
+
+
+class RootPush(_S, tag=9):
+    chain: tuple[bytes, ...]
+
+
+class Sync(_S, tag=10):
+    """Push-pull anti-entropy.  ``mhash`` summarises the member directory and status; ``buckets``
+    (per-bucket hashes) is sent by the responder only when the summaries differ."""
+
+    reply: bool
+    digest: Digest | None
+    root_version: int
+    mhash: bytes
+    you: View | None = None
+    record: bytes | None = None  # the sender's own signed record (joins, retries)
+    buckets: tuple[bytes, ...] | None = None
+
+
+class SyncEntries(_S, tag=11):
+    """(node_id, incarnation, status_seq) of every member in the listed buckets."""
+
+    buckets: tuple[int, ...]
+    entries: tuple[tuple[str, int, int], ...]
+
+
+class MemberPull(_S, tag=12):
+    records: tuple[str, ...]
+    statuses: tuple[str, ...]
+
+
+class Members(_S, tag=13):
+    records: tuple[bytes, ...]
+    statuses: tuple[Status, ...] = ()
+
+
+Message = (
+    Ping | Ack | PingReq | Nack | Announce | PolicyPull | PolicyPush | RootPull | RootPush | Sync
+    | SyncEntries | MemberPull | Members
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+_payload_decoder = msgspec.msgpack.Decoder(MemberPayload)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode one message from a peer; raise RemoteProtocolError on anything malformed or oversized."""
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(f"gossip message of {len(data)} bytes exceeds the {max_bytes}-byte cap")
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RemoteProtocolError(f"malformed gossip message: {exc}") from None
+    gossip = getattr(msg, "gossip", ())
+    if len(gossip) > MAX_GOSSIP_ITEMS:
+        raise RemoteProtocolError(f"{len(gossip)} piggybacked items, over the cap of {MAX_GOSSIP_ITEMS}")
+    for field in ("records", "statuses", "entries", "chain"):
+        seq = getattr(msg, field, None)
+        if seq is not None and len(seq) > MAX_BATCH:
+            raise RemoteProtocolError(f"{len(seq)} {field} in one message, over the cap of {MAX_BATCH}")
+    return msg
+
+
+def decode_payload(data: bytes) -> MemberRecord | StatusBody:
+    try:
+        return _payload_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RemoteProtocolError(f"malformed member payload: {exc}") from None
+
+
+def digest_size() -> int:
+    """Encoded size of a typical digest (for budgeting)."""
+    return len(encode(Digest(1 << 40, b"\0" * 32, 1)))

@@ -1,0 +1,701 @@
+"""The gossip node façade: ``handle(now, input) -> list[effect]`` and ``next_deadline()``.
+
+Sans-IO and deterministic: time comes in ``now`` (monotonic ms + wall seconds), randomness through the
+injected ``entropy``, bytes in ``FrameReceived``; everything the node wants done comes back as effects.
+The daemon (meshnode/) and the simulator (simulations/) drive this same class.
+
+Bootstrapping by address: at start a node knows seed addresses only.  It sends ``Send(peer="",
+address=seed, data=Sync(record=own signed record))``: "dial this address, whoever it is".  The shell
+learns the peer's node_id from the certificate it authenticated with, reports ``PeerConnected`` and
+delivers replies as ``FrameReceived(peer=node_id)``.  The seed answers with its own record and the
+directory digest, and push-pull anti-entropy fills in the rest.  A seed address that is our own
+advertised address is skipped.
+
+Ordering: within one returned list, ``Persist`` and ``ApplyPolicy`` of a new policy precede every
+``Send`` that announces it, so the shell can execute the list in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .entropy import Entropy
+from .errors import (
+    EquivocationError,
+    ExpiredError,
+    FormatError,
+    LocalProtocolError,
+    NotYetValidError,
+    RemoteProtocolError,
+    RevokedError,
+    RollbackError,
+    RootMismatchError,
+    SignatureError,
+    TrustError,
+)
+from .gossip_config import GossipConfig
+from .gossip_events import (
+    Alert,
+    ApplyPolicy,
+    Disconnect,
+    Effect,
+    FrameReceived,
+    LeaveRequested,
+    LivenessChanged,
+    MembersChanged,
+    Now,
+    PeerConnected,
+    PeerDisconnected,
+    Persist,
+    PolicyResult,
+    PolicySubmitted,
+    RootsSubmitted,
+    RulesetApplied,
+    Send,
+    SendFailed,
+    TimerFired,
+)
+from .gossip_wire import (
+    HASH_PREFIX,
+    Ack,
+    Announce,
+    Digest,
+    MemberPull,
+    Members,
+    Nack,
+    Ping,
+    PingReq,
+    PolicyPull,
+    PolicyPush,
+    RootPull,
+    RootPush,
+    Sync,
+    SyncEntries,
+    View,
+    decode,
+    encode,
+)
+from .membership import ALIVE, DEAD, LEFT, SUSPECT, Membership, VerifyCache
+from .dissemination import Dissemination
+from .metadata import decode_policy, payload_hash
+from .signing import decode_envelope, public_key_of
+from .trust import TrustedState
+
+__all__ = [
+    "Alert", "ApplyPolicy", "Disconnect", "Effect", "FrameReceived", "GossipConfig", "LeaveRequested",
+    "LivenessChanged", "MembersChanged", "Node", "Now", "PeerConnected", "PeerDisconnected", "Persist",
+    "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied", "Send", "SendFailed",
+    "TimerFired", "VerifyCache",
+]
+
+_PIGGYBACK = (Ping, Ack, PingReq, Announce)
+_peers_encoder = msgspec.msgpack.Encoder()
+
+
+class Node:
+    def __init__(
+        self,
+        config: GossipConfig,
+        trust: TrustedState,
+        node_id: str,
+        cert_bytes: bytes,
+        identity_seed: bytes,
+        advertise: str,
+        seeds: list[str],
+        entropy: Callable[[int], bytes] | Any,
+        known_peers: list[dict[str, str]] | None = None,
+        *,
+        verify_cache: VerifyCache | None = None,
+    ) -> None:
+        cert = trust.check_certificate(cert_bytes)
+        if cert.node_id != node_id:
+            raise LocalProtocolError(f"certificate is for {cert.node_id!r}, not {node_id!r}")
+        if public_key_of(identity_seed) != cert.identity_key:
+            raise LocalProtocolError("identity key does not match the certificate")
+        self.cfg = config
+        self.trust = trust
+        self.node_id = node_id
+        self.cert = cert
+        self.advertise = advertise
+        self.seeds = [s for s in dict.fromkeys(seeds) if s and s != advertise]
+        self.known_peers = [p for p in (known_peers or []) if p.get("node_id") != node_id and p.get("address")]
+        self.rng = Entropy(entropy)
+        self.cache = verify_cache if verify_cache is not None else VerifyCache()
+        self._out: list[Effect] = []
+        self.connected: set[str] = set()
+        self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
+                              self.cache, self)
+        self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
+        self.started = False
+        self._now = Now(0, 0.0)
+        self._sync_at = 0
+        self._xsync_at = 0
+        self._retry_at = 0
+        self._seed_at = 0
+        self._house_at = 0
+        self._dir_at: int | None = None
+        self._peers_at: int | None = None
+        self._last_dir: dict[str, bytes] | None = None
+        self._pending_policy: bytes | None = None
+        self._root_pull_at = -10**12
+        self._ruleset_hash = b""
+        self._ruleset_serial = 0
+        self._status_state = ""
+        self._stale_alerted = False
+        self.counters: dict[str, int] = {"remote_errors": 0, "frames": 0, "policies_applied": 0,
+                                         "stale_offers": 0}
+        self._handlers: dict[type, Callable[[str, Any], None]] = {
+            Ping: self._on_ping, Ack: self._on_ack, PingReq: self._on_ping_req, Nack: self._on_nack,
+            Announce: self._on_announce, PolicyPull: self._on_policy_pull, PolicyPush: self._on_policy_push,
+            RootPull: self._on_root_pull, RootPush: self._on_root_push, Sync: self._on_sync,
+            SyncEntries: self._on_sync_entries, MemberPull: self._on_member_pull, Members: self._on_members,
+        }
+
+    # -- Port for membership/dissemination -----------------------------------------------------------
+    def send(self, peer: str, msg: Any) -> None:
+        if isinstance(msg, _PIGGYBACK) and len(self.mem.broadcasts):
+            items = self.mem.broadcasts.take(self.cfg.gossip_budget_bytes,
+                                             self.cfg.retransmit_limit(len(self.mem.members)))
+            if items:
+                msg = msgspec.structs.replace(msg, gossip=items)
+        m = self.mem.members.get(peer)
+        self._out.append(Send(peer, m.address if m is not None else "", encode(msg)))
+
+    def send_addr(self, address: str, msg: Any) -> None:
+        self._out.append(Send("", address, encode(msg)))
+
+    def emit(self, effect: Effect) -> None:
+        self._out.append(effect)
+
+    # -- the façade ----------------------------------------------------------------------------------
+    def handle(self, now: Now, inp: Any) -> list[Effect]:
+        self._now = now
+        if not self.started:
+            self._start(now)
+        if isinstance(inp, FrameReceived):
+            self._on_frame(inp.peer, inp.data)
+        elif isinstance(inp, TimerFired):
+            pass
+        elif isinstance(inp, PeerConnected):
+            self._on_connected(inp.peer, inp.cert_bytes)
+        elif isinstance(inp, PeerDisconnected):
+            self.connected.discard(inp.peer)
+            self.dis.pull_failed(inp.peer, now.ms)
+        elif isinstance(inp, SendFailed):
+            if inp.peer:
+                self.mem.probe_send_failed(inp.peer, now.ms)
+                self.dis.pull_failed(inp.peer, now.ms)
+        elif isinstance(inp, PolicySubmitted):
+            self._accept_policy(inp.envelope, None, inp.source)
+        elif isinstance(inp, RootsSubmitted):
+            self._roots_submitted(inp.chain, inp.source)
+        elif isinstance(inp, RulesetApplied):
+            if inp.serial == self.trust.serial:
+                self._ruleset_serial = inp.serial
+                try:
+                    self._ruleset_hash = bytes.fromhex(inp.ruleset_hash)[:HASH_PREFIX]
+                except ValueError:
+                    raise LocalProtocolError("ruleset_hash must be hex") from None
+                self._publish_status(force=True)
+        elif isinstance(inp, LeaveRequested):
+            item = self.mem.leave(now.ms)
+            for peer in self.mem.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):
+                self.send(peer, Ping(0, peer, (item,)))
+        else:
+            raise LocalProtocolError(f"unknown input {type(inp).__name__}")
+        self._tick(now)
+        out, self._out = self._out, []
+        return out
+
+    def next_deadline(self) -> int | None:
+        if not self.started:
+            return None
+        d = min(self.mem.next_deadline(), self._sync_at, self._xsync_at, self._retry_at, self._seed_at,
+                self._house_at)
+        dd = self.dis.next_deadline()
+        if dd is not None and dd < d:
+            d = dd
+        for extra in (self._dir_at, self._peers_at):
+            if extra is not None and extra < d:
+                d = extra
+        return d
+
+    # -- start and timers ----------------------------------------------------------------------------
+    def _start(self, now: Now) -> None:
+        self.started = True
+        self.mem.start(now.ms, now.wall)
+        self._publish_status(force=True)
+        ms = now.ms
+        self._sync_at = ms + self.rng.below(self.cfg.sync_interval_ms)
+        self._xsync_at = ms + self.rng.below(self.cfg.cross_region_sync_interval_ms)
+        self._retry_at = ms + self.cfg.dead_retry_interval_ms
+        self._seed_at = ms + self.cfg.seed_retry_lonely_ms
+        self._house_at = ms + self.cfg.housekeeping_interval_ms
+        self._dir_at = ms
+        for addr in self.seeds:
+            self._sync_addr(addr)
+        for p in self.rng.sample(self.known_peers, self.cfg.fanout):
+            self._sync_addr(p["address"])
+
+    def _tick(self, now: Now) -> None:
+        ms = now.ms
+        self.mem.tick(ms)
+        self.dis.tick(ms)
+        if ms >= self._sync_at:
+            self._sync_at = ms + self.rng.jitter(self.cfg.sync_interval_ms)
+            peers = self.mem.pick(1, lambda p: False, None, cross=0)
+            for peer in peers:
+                self._sync_peer(peer)
+        if ms >= self._xsync_at:
+            self._xsync_at = ms + self.rng.jitter(self.cfg.cross_region_sync_interval_ms)
+            for peer in self._pick_cross():
+                self._sync_peer(peer)
+        if ms >= self._retry_at:
+            self._retry_at = ms + self.rng.jitter(self.cfg.dead_retry_interval_ms)
+            self._retry_dead()
+        if ms >= self._seed_at:
+            lonely = len(self.mem.alive_all) == 0
+            self._seed_at = ms + self.rng.jitter(
+                self.cfg.seed_retry_lonely_ms if lonely else self.cfg.seed_retry_interval_ms)
+            self._retry_seeds(lonely)
+        if ms >= self._house_at:
+            self._house_at = ms + self.cfg.housekeeping_interval_ms
+            self._housekeeping(now)
+        if self.mem.directory_dirty and self._dir_at is None:
+            self._dir_at = ms + self.cfg.directory_debounce_ms
+        if self._dir_at is not None and ms >= self._dir_at:
+            self._dir_at = None
+            self._emit_directory()
+        if self.mem.peers_dirty and self._peers_at is None:
+            self._peers_at = ms + self.cfg.peers_persist_interval_ms
+        if self._peers_at is not None and ms >= self._peers_at:
+            self._peers_at = None
+            self.mem.peers_dirty = False
+            self._out.append(Persist("peers", _peers_encoder.encode(self.mem.peers())))
+
+    def _pick_cross(self) -> list[str]:
+        others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
+        if not others:
+            return []
+        region = self.rng.choice(sorted(others))
+        return [self.mem.alive[region].choice(self.rng)]
+
+    def _retry_dead(self) -> None:
+        """Partitioned members are retried forever: one random dead member, plus one in every region
+        where nobody is alive."""
+        targets: list[str] = []
+        if len(self.mem.dead):
+            targets.append(self.mem.dead.choice(self.rng))
+        regions_alive = {r for r, s in self.mem.alive.items() if len(s)}
+        silent: dict[str, list[str]] = {}
+        for nid in self.mem.dead:
+            r = self.mem.members[nid].region
+            if r not in regions_alive and r != self.mem.region:
+                silent.setdefault(r, []).append(nid)
+        for r in sorted(silent):
+            targets.append(self.rng.choice(silent[r]))
+        for nid in dict.fromkeys(targets):
+            self._sync_peer(nid, with_record=True)
+
+    def _retry_seeds(self, lonely: bool) -> None:
+        addrs = list(self.seeds)
+        if lonely:
+            addrs += [p["address"] for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
+        for addr in addrs:
+            m = self.mem.by_address(addr)
+            if m is None or m.liveness != ALIVE:
+                if m is not None and m.node_id != self.node_id:
+                    self._sync_peer(m.node_id, with_record=True)
+                elif m is None:
+                    self._sync_addr(addr)
+
+    def _housekeeping(self, now: Now) -> None:
+        self.mem.expel_invalid(now.wall)
+        state = self.trust.policy_state(now.wall)
+        if state != self._status_state:
+            if state == "stale" and not self._stale_alerted:
+                self._stale_alerted = True
+                self._out.append(Alert("policy.stale", {"serial": self.trust.serial}))
+            self._publish_status(force=True)
+        skew = self.trust.skew_s
+        if self.cert.not_after < now.wall + 7 * 86400 - skew:
+            self._out.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
+
+    def _emit_directory(self) -> None:
+        self.mem.directory_dirty = False
+        certs = self.mem.certs()
+        if certs != self._last_dir:
+            self._last_dir = certs
+            self._out.append(MembersChanged(dict(certs)))
+
+    # -- status --------------------------------------------------------------------------------------
+    def _digest(self) -> Digest | None:
+        h = self.trust.policy_hash
+        if h is None:
+            return None
+        pol = self.trust.policy
+        assert pol is not None
+        return Digest(pol.serial, bytes.fromhex(h), pol.root_version)
+
+    def _publish_status(self, force: bool = False) -> None:
+        state = self.trust.policy_state(self._now.wall)
+        h = self.trust.policy_hash
+        rh = self._ruleset_hash if self._ruleset_serial == self.trust.serial else b""
+        self._status_state = state
+        self.mem.sign_status(self.trust.serial, bytes.fromhex(h) if h else b"", rh, state, self._now.wall)
+
+    # -- sync (push-pull anti-entropy) ---------------------------------------------------------------
+    def _sync_msg(self, peer: str | None, with_record: bool) -> Sync:
+        view = self.mem.view_of(peer) if peer else None
+        return Sync(False, self._digest(), self.trust.root_version, self.mem.mhash(),
+                    View(*view) if view else None, self.mem.record if with_record or view is None else None)
+
+    def _sync_peer(self, peer: str, with_record: bool = False) -> None:
+        self.send(peer, self._sync_msg(peer, with_record))
+
+    def _sync_addr(self, address: str) -> None:
+        self.send_addr(address, self._sync_msg(None, True))
+
+    def _on_sync(self, peer: str, msg: Sync) -> None:
+        now = self._now
+        if msg.record is not None:
+            self._learn_record(peer, msg.record)
+        if msg.you is not None and msg.you.incarnation >= self.mem.incarnation and \
+                msg.you.liveness in (SUSPECT, DEAD, LEFT) and self.mem.members[self.node_id].liveness != LEFT:
+            self.mem.refute(now.ms, msg.you.incarnation)
+        self._compare_root(peer, msg.root_version)
+        self._compare_digest(peer, msg.digest, reply=not msg.reply)
+        if not msg.reply:
+            view = self.mem.view_of(peer)
+            mine = self.mem.mhash()
+            self.send(peer, Sync(True, self._digest(), self.trust.root_version, mine,
+                                 View(*view) if view else None,
+                                 self.mem.record if msg.you is None else None,
+                                 self.mem.bucket_hashes() if mine != msg.mhash else None))
+        elif msg.buckets is not None:
+            diff = self.mem.differing_buckets(msg.buckets)
+            if diff:
+                self.send(peer, SyncEntries(tuple(diff), self.mem.entries(diff)))
+
+    def _on_sync_entries(self, peer: str, msg: SyncEntries) -> None:
+        want_rec, want_st, give_rec, give_st = self.mem.compare_entries(msg.buckets, msg.entries)
+        if give_rec or give_st:
+            self._send_members(peer, give_rec, give_st)
+        if want_rec or want_st:
+            self.send(peer, MemberPull(tuple(want_rec), tuple(want_st)))
+
+    def _send_members(self, peer: str, rec_ids: list[str] | tuple[str, ...], st_ids: list[str] | tuple[str, ...]) -> None:
+        members = self.mem.members
+        records = tuple(members[n].record for n in rec_ids if n in members)
+        statuses = tuple(s for s in (members[n].status_item for n in st_ids if n in members) if s is not None)
+        if records or statuses:
+            self.send(peer, Members(records, statuses))
+
+    def _on_member_pull(self, peer: str, msg: MemberPull) -> None:
+        self._send_members(peer, msg.records, msg.statuses)
+
+    def _on_members(self, peer: str, msg: Members) -> None:
+        for rec in msg.records:
+            self._learn_record(peer, rec, rebroadcast=False)
+        for st in msg.statuses:
+            self.mem.learn_status(st)
+
+    def _learn_record(self, peer: str, data: bytes, rebroadcast: bool = True) -> None:
+        try:
+            self.mem.learn_record(data, self._now.ms, self._now.wall, rebroadcast)
+        except (SignatureError, FormatError):
+            raise
+        except TrustError:  # expired or revoked: relayed in good faith, just not for us
+            self.mem.counters["records_rejected"] += 1
+
+    def _compare_root(self, peer: str, version: int) -> None:
+        if version > self.trust.root_version and self._now.ms - self._root_pull_at >= self.cfg.pull_timeout_ms:
+            self._root_pull_at = self._now.ms
+            self.send(peer, RootPull(self.trust.root_version))
+
+    def _compare_digest(self, peer: str, digest: Digest | None, reply: bool) -> None:
+        mine = self.trust.serial
+        if digest is None:
+            if mine and reply:
+                d = self._digest()
+                assert d is not None
+                self.dis.announce_to(peer, d)
+            return
+        if digest.serial > mine:
+            if digest.root_version > self.trust.root_version:
+                self._compare_root(peer, digest.root_version)
+            self.dis.offer(peer, digest, self._now.ms)
+        else:
+            self.dis.note_has(peer, digest.serial)
+            if digest.serial < mine and reply:
+                d = self._digest()
+                assert d is not None
+                self.dis.announce_to(peer, d)
+
+    # -- frames --------------------------------------------------------------------------------------
+    def _on_frame(self, peer: str, data: bytes) -> None:
+        self.counters["frames"] += 1
+        try:
+            msg = decode(data)
+            handler = self._handlers[type(msg)]
+            gossip = getattr(msg, "gossip", ())
+            if gossip:
+                self._on_gossip(peer, gossip)
+            handler(peer, msg)
+        except (RemoteProtocolError, SignatureError, FormatError) as exc:
+            self._blame(peer, exc)
+
+    def _on_gossip(self, peer: str, items: Any) -> None:
+        now = self._now
+        for item in items:
+            try:
+                self.mem.on_gossip((item,), now.ms, now.wall)
+            except (SignatureError, FormatError, RemoteProtocolError):
+                raise
+            except TrustError:
+                self.mem.counters["records_rejected"] += 1
+
+    def _blame(self, peer: str, exc: Exception) -> None:
+        self.counters["remote_errors"] += 1
+        reason = getattr(exc, "reason", "protocol_error") if isinstance(exc, TrustError) else "protocol_error"
+        self._out.append(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
+        if peer:
+            self._out.append(Disconnect(peer, reason))
+            self.connected.discard(peer)
+            self.dis.forget_source(peer)
+            self.dis.pull_failed(peer, self._now.ms)
+
+    def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
+        try:
+            cert = self.trust.verify_certificate(cert_bytes, self._now.wall)
+            if cert.node_id != peer:
+                raise SignatureError(f"channel peer {peer!r} presented the certificate of {cert.node_id!r}")
+        except TrustError as exc:
+            self._blame(peer, exc)
+            return
+        self.connected.add(peer)
+
+    def _on_ping(self, peer: str, msg: Ping) -> None:
+        self.mem.on_ping(peer, msg)
+
+    def _on_ack(self, peer: str, msg: Ack) -> None:
+        self.mem.on_ack(msg, self._now.ms)
+
+    def _on_ping_req(self, peer: str, msg: PingReq) -> None:
+        self.mem.on_ping_req(peer, msg, self._now.ms)
+
+    def _on_nack(self, peer: str, msg: Nack) -> None:
+        self.mem.on_nack(msg)
+
+    def _on_announce(self, peer: str, msg: Announce) -> None:
+        self._compare_digest(peer, msg.digest, reply=True)
+
+    # -- policy --------------------------------------------------------------------------------------
+    def _on_policy_pull(self, peer: str, msg: PolicyPull) -> None:
+        env = self.trust.policy_bytes
+        if env is None or self.trust.serial < msg.serial:
+            return
+        self.dis.note_has(peer, self.trust.serial)
+        self.dis.counters["bodies_served"] += 1
+        self.send(peer, PolicyPush(env))
+
+    def _on_policy_push(self, peer: str, msg: PolicyPush) -> None:
+        self._accept_policy(msg.envelope, peer, peer)
+
+    def _peek_serial(self, envelope: bytes) -> int | None:
+        try:
+            return decode_policy(decode_envelope(envelope, "policy").payload).serial
+        except (FormatError, TrustError):
+            return None
+
+    def _accept_policy(self, envelope: bytes, peer: str | None, source: str) -> None:
+        now = self._now
+        local = peer is None
+        if peer is not None:
+            # Cheap pre-filter: a body that claims a serial we already hold costs no signature check.
+            claimed = self._peek_serial(envelope)
+            if claimed is not None and claimed < self.trust.serial:
+                self.counters["stale_offers"] += 1
+                self._out.append(Alert("policy.stale_offer", {"peer": peer, "serial": claimed,
+                                                              "trusted_serial": self.trust.serial}))
+                self.dis.forget_source(peer)
+                self.dis.pull_failed(peer, now.ms)
+                return
+        try:
+            check = self.trust.accept_policy(envelope, now.wall)
+        except RootMismatchError as exc:
+            if exc.needed_version and exc.needed_version > self.trust.root_version and peer is not None:
+                self._pending_policy = envelope
+                self._root_pull_at = now.ms
+                self.send(peer, RootPull(self.trust.root_version))
+            if local:
+                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, exc.reason))
+            return
+        except (SignatureError, FormatError) as exc:
+            if local:
+                self._out.append(PolicyResult(source, False, 0, exc.reason))
+                self._out.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+            else:
+                assert peer is not None
+                self._blame(peer, exc)
+            return
+        except (RollbackError, EquivocationError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
+            event = {"rollback": "policy.rollback_attempt", "equivocation": "policy.equivocation"}.get(
+                exc.reason, "policy.rejected")
+            self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
+            if local:
+                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, exc.reason))
+            elif peer is not None:
+                self.dis.forget_source(peer)
+                self.dis.pull_failed(peer, now.ms)
+            return
+        pol = check.policy
+        if check.duplicate:
+            if local:
+                self._out.append(PolicyResult(source, True, pol.serial, "duplicate"))
+            if peer is not None:
+                self.dis.note_has(peer, pol.serial)
+            self.dis.done(pol.serial)
+            return
+        self.counters["policies_applied"] += 1
+        self._pending_policy = None
+        self._out.append(Persist("policy", check.envelope_bytes))
+        self._out.append(ApplyPolicy(check.envelope_bytes, pol.serial, check.hash))
+        if local:
+            self._out.append(PolicyResult(source, True, pol.serial, "accepted"))
+        if peer is not None:
+            self.dis.note_has(peer, pol.serial)
+        # Revocations travel with the policy: expel now, and tell enforcement at once.
+        if pol.revocations.nodes or pol.revocations.certs:
+            self.mem.expel_invalid(now.wall)
+            if self.mem.directory_dirty:
+                self._dir_at = None
+                self._emit_directory()
+        self._publish_status()
+        self.dis.on_accepted(Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version), now.ms)
+
+    # -- roots ---------------------------------------------------------------------------------------
+    def _on_root_pull(self, peer: str, msg: RootPull) -> None:
+        cur = self.trust.root_version
+        chain = [self.trust.root_bytes(v) for v in range(max(msg.have_version + 1, 1), cur + 1)]
+        roots = tuple(b for b in chain if b is not None)
+        if roots:
+            self.send(peer, RootPush(roots))
+
+    def _on_root_push(self, peer: str, msg: RootPush) -> None:
+        self._install_roots(list(msg.chain), peer, peer)
+
+    def _roots_submitted(self, chain: list[bytes], source: str) -> None:
+        self._install_roots(chain, None, source)
+
+    def _install_roots(self, chain: list[bytes], peer: str | None, source: str) -> None:
+        before = self.trust.root_version
+        added: list[bytes] = []
+        try:
+            for data in chain:
+                if self.trust.update_root(data):
+                    added.append(data)
+        except RootMismatchError:
+            pass  # a gap: keep what stepped in order
+        except TrustError as exc:
+            if peer is not None and isinstance(exc, (SignatureError, FormatError)):
+                self._blame(peer, exc)
+            else:
+                self._out.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+            if peer is None:
+                self._out.append(PolicyResult(source, False, self.trust.root_version, exc.reason))
+        for data in added:
+            self._out.append(Persist("root", data))
+        if peer is None and added:
+            self._out.append(PolicyResult(source, True, self.trust.root_version, "root_accepted"))
+        if self.trust.root_version != before:
+            self._on_root_changed()
+            if self._pending_policy is not None:
+                pending, self._pending_policy = self._pending_policy, None
+                self._accept_policy(pending, peer, source)
+
+    def _on_root_changed(self) -> None:
+        self.mem.on_root_changed()
+        now = self._now
+        for m in list(self.mem.members.values()):
+            if m.node_id == self.node_id:
+                continue
+            try:
+                self.trust.check_certificate(m.cert_bytes)
+            except TrustError:
+                self.mem.remove(m.node_id, "certificate_untrusted")
+        self.mem.expel_invalid(now.wall)
+        if self.trust.policy_state(now.wall) != self._status_state:
+            self._publish_status()
+
+    # -- status --------------------------------------------------------------------------------------
+    def status(self, now: Now) -> dict[str, Any]:
+        """A JSON-able view: this node, its policy, every member, and cluster convergence."""
+        pol_hash = self.trust.policy_hash
+        mine = self.trust.serial
+        members = []
+        by_region: dict[str, dict[str, int]] = {}
+        known = converged = 0
+        max_serial = mine
+        for m in sorted(self.mem.members.values(), key=lambda m: m.node_id):
+            st = m.status
+            is_me = m.node_id == self.node_id
+            serial = mine if is_me else (st.serial if st else None)
+            members.append({
+                "node_id": m.node_id, "region": m.region, "address": m.address,
+                "liveness": m.liveness, "incarnation": m.incarnation,
+                "serial": serial,
+                "policy_hash": (pol_hash[: 2 * HASH_PREFIX] if is_me and pol_hash else
+                                (st.policy_hash.hex() if st else None)),
+                "ruleset_hash": st.ruleset_hash.hex() if st else None,
+                "state": st.state if st else None,
+            })
+            if m.liveness == LEFT:
+                continue
+            reg = by_region.setdefault(m.region, {"members": 0, "known": 0, "converged": 0})
+            reg["members"] += 1
+            if serial is not None:
+                known += 1
+                reg["known"] += 1
+                max_serial = max(max_serial, serial)
+        for entry in members:
+            if entry["liveness"] != LEFT and entry["serial"] == max_serial and max_serial:
+                converged += 1
+                by_region[entry["region"]]["converged"] += 1
+        total = sum(r["members"] for r in by_region.values())
+        return {
+            "node_id": self.node_id,
+            "region": self.mem.region,
+            "address": self.advertise,
+            "incarnation": self.mem.incarnation,
+            "local_health": self.mem.health,
+            "policy": {
+                "serial": mine, "hash": pol_hash, "state": self.trust.policy_state(now.wall),
+                "root_version": self.trust.root_version,
+            },
+            "members": members,
+            "liveness": {k: sum(1 for m in members if m["liveness"] == k) for k in (ALIVE, SUSPECT, DEAD, LEFT)},
+            "convergence": {
+                "target_serial": max_serial, "members": total, "known": known, "converged": converged,
+                "fraction": (converged / total) if total else 0.0, "by_region": by_region,
+            },
+            "counters": {**self.counters, **self.mem.counters, **self.dis.counters},
+        }
+
+    def digest_hash(self) -> str | None:
+        """Hex payload hash of the applied policy (for tests and the simulator)."""
+        return self.trust.policy_hash
+
+
+def policy_digest(envelope: bytes) -> tuple[int, str]:
+    """(serial, hash) of a policy envelope without verifying it (diagnostics only)."""
+    env = decode_envelope(envelope, "policy")
+    return decode_policy(env.payload).serial, payload_hash(env.payload)
+
+
+def peers_hash(peers: list[dict[str, str]]) -> str:
+    return hashlib.sha256(_peers_encoder.encode(peers)).hexdigest()

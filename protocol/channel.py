@@ -203,7 +203,8 @@ class LocalIdentity:
 class SecureSession:
     """One mutually authenticated, forward-secret connection, from the first handshake frame to close.
 
-    `initiator`: the side that connected. `identity`: this side's static key and certificate.
+    `initiator`: the side that connected. `identity`: this side's static key and certificate (or,
+    equivalently but re-checked per session, `static_private` and `certificate` bytes).
     `accept`: the connection kinds allowed - the acceptor passes what its listener serves; the
     initiator passes the kind it is opening (its identity's kind must be among them).
     `expected_peer`: the initiator may name the node id it meant to reach.
@@ -214,7 +215,9 @@ class SecureSession:
         *,
         initiator: bool,
         trust: TrustedState,
-        identity: LocalIdentity,
+        identity: LocalIdentity | None = None,
+        static_private: bytes | None = None,
+        certificate: bytes | None = None,
         entropy: Entropy,
         now_ms: int,
         accept: frozenset[ConnectionKind] = frozenset({ConnectionKind.GOSSIP}),
@@ -227,6 +230,12 @@ class SecureSession:
             raise LocalProtocolError("timeouts, caps and the rekey interval must be positive")
         if not accept:
             raise LocalProtocolError("accept must name at least one connection kind")
+        if identity is None:
+            if static_private is None or certificate is None:
+                raise LocalProtocolError("pass identity, or static_private and certificate")
+            identity = LocalIdentity(static_private, certificate)
+        elif static_private is not None or certificate is not None:
+            raise LocalProtocolError("pass identity or static_private and certificate, not both")
         self.initiator = initiator
         self._trust = trust
         self._identity = identity

@@ -215,6 +215,31 @@ def test_local_misconfiguration_is_local_error(mesh: Mesh) -> None:
         a.send_message(b"too early")
 
 
+def test_identity_from_raw_parts(mesh: Mesh) -> None:
+    a = SecureSession(
+        initiator=True,
+        trust=mesh.fresh_trust(),
+        static_private=mesh.a.static_private,
+        certificate=mesh.a.cert_bytes,
+        entropy=entropy_for("parts"),
+        now_ms=NOW_MS,
+    )
+    b = session(mesh.b, mesh.fresh_trust(), False)
+    connect(a, b)
+    assert a.state is SessionState.OPEN and b.peer == mesh.a.cert
+    with pytest.raises(LocalProtocolError):
+        SecureSession(initiator=True, trust=mesh.trust, entropy=entropy_for("x"), now_ms=0)
+    with pytest.raises(LocalProtocolError):
+        SecureSession(
+            initiator=True,
+            trust=mesh.trust,
+            identity=LocalIdentity(mesh.a.static_private, mesh.a.cert_bytes),
+            certificate=mesh.b.cert_bytes,
+            entropy=entropy_for("x"),
+            now_ms=0,
+        )
+
+
 @pytest.mark.parametrize("bad_side", ["initiator", "responder"])
 def test_certificate_from_another_authority(mesh: Mesh, bad_side: str) -> None:
     rogue_auth = make_authority(label="rogue")  # same cluster name, other keys

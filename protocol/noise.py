@@ -390,7 +390,7 @@ class HandshakeState:
             self._s_pub = x25519_public_key(self._s) if static_public is None else bytes(static_public)
         self._e: bytes | None = None
         self._e_given = None if ephemeral_private is None else bytes(ephemeral_private)
-        self._rs = remote_static
+        self._rs = None if remote_static is None else bytes(remote_static)
         self._re: bytes | None = None
         self._index = 0
         self._failed = False

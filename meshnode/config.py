@@ -45,6 +45,7 @@ class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = f"0.0.0.0:{DEFAULT_MESH_PORT}"
     advertise: str = ""
     seeds: list[str] = []
+    source_address: str = ""  # local IP to dial peers from (multi-homed hosts); empty = the kernel's choice
     max_message_bytes: int = 16 << 20
     handshake_timeout_ms: int = 5000
     handshake_rate_per_s: float = 20.0

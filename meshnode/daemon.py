@@ -23,7 +23,6 @@ import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from protocol.node import Node
 
 from protocol.channel import ConnectionKind, HandshakeRateLimiter, SecureSession
 from protocol.errors import MeshError, TrustError
@@ -49,6 +48,7 @@ from protocol.gossip_events import (
     TimerFired,
 )
 from protocol.metadata import Certificate, decode_certificate, decode_root
+from protocol.node import Node
 from protocol.signing import decode_envelope
 from protocol.trust import TrustedState
 
@@ -175,7 +175,10 @@ class MeshDaemon:
             await self.enforcer.apply_now(self.trust.policy, self._member_certs())
         self._update_policy_metrics()
         self.node = self._make_node()
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
+        src = self.lc.cfg.mesh.source_address
+        connector = aiohttp.TCPConnector(local_addr=(src, 0) if src else None, limit=0)
+        self._http = aiohttp.ClientSession(connector=connector,
+                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
         try:
             await self._start_listeners()
             self.log.info("meshnode.started", mesh=f"{self.listen_host}:{self.bound_mesh_port}",

@@ -1,0 +1,425 @@
+"""`meshctl demo`: a local mesh of real meshnode processes on loopback addresses.
+
+Every node listens on its own loopback address (127.0.0.x). Between the nodes sits a userspace
+fault-injecting proxy run by the demo: each node's advertised mesh address is a proxy port that
+forwards to the node, and each node dials from its own address, so the proxy knows both ends of every
+connection and can cut a region off (and heal it) without root. Enforcement uses the `file` backend as
+a visible, labelled override unless `--netns` is given (root: one network namespace per node and real
+nftables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.policy import parse_policy_toml
+
+from .authority_store import AuthorityDir, CliError
+from .client import OperatorError, publish, status
+from .config import render_config
+
+POLICY_TEMPLATE = """
+[defaults]
+inbound = "drop"
+mode = "enforce"
+
+[[allow]]
+name = "web-to-app"
+from = ["role:web"]
+to = ["role:app"]
+ports = ["tcp/8080"]
+
+[[allow]]
+name = "app-to-db"
+from = ["role:app"]
+to = ["role:db"]
+ports = ["tcp/5432"]
+{extra}
+"""
+ROLES = ("web", "app", "db")
+CONVERGE_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class DemoNode:
+    index: int
+    node_id: str
+    region: str
+    ip: str
+    mesh_port: int  # the daemon's own listener
+    proxy_port: int  # the advertised address (the demo's proxy)
+    admin_port: int
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    netns: str | None = None
+
+    @property
+    def advertise(self) -> str:
+        return f"{self.ip}:{self.proxy_port}"
+
+    @property
+    def direct(self) -> str:
+        return f"{self.ip}:{self.mesh_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Proxy:
+    """Forwards each node's advertised port to the node; drops connections across a cut."""
+
+    nodes: list[DemoNode]
+    region_of_ip: dict[str, str] = field(default_factory=dict)
+    cut_regions: set[str] = field(default_factory=set)
+    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    pipes: set[tuple[str, str, asyncio.StreamWriter, asyncio.StreamWriter]] = field(default_factory=set)
+
+    def blocked(self, src_ip: str, dst_region: str) -> bool:
+        src_region = self.region_of_ip.get(src_ip)
+        if src_region is None or not self.cut_regions:
+            return False
+        return (src_region in self.cut_regions) != (dst_region in self.cut_regions)
+
+    async def start(self) -> None:
+        for n in self.nodes:
+            self.region_of_ip[n.ip] = n.region
+            server = await asyncio.start_server(lambda r, w, n=n: self._handle(n, r, w), n.ip, n.proxy_port)
+            self.servers.append(server)
+
+    async def _handle(self, node: DemoNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        src_ip = writer.get_extra_info("peername")[0]
+        if self.blocked(src_ip, node.region):
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection(node.ip, node.mesh_port)
+        except OSError:
+            writer.close()
+            return
+        entry = (src_ip, node.region, writer, up_w)
+        self.pipes.add(entry)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            with contextlib.suppress(OSError, RuntimeError):
+                w.close()
+
+        try:
+            await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+        except asyncio.CancelledError:
+            pass  # the demo is shutting down
+        finally:
+            self.pipes.discard(entry)
+
+    def cut(self, regions: set[str]) -> None:
+        self.cut_regions = set(regions)
+        for src_ip, dst_region, w1, w2 in list(self.pipes):
+            if self.blocked(src_ip, dst_region):
+                w1.transport.abort()
+                w2.transport.abort()
+
+    def heal(self) -> None:
+        self.cut_regions = set()
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        for _, _, w1, w2 in list(self.pipes):
+            w1.transport.abort()
+            w2.transport.abort()
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.nodes < 2 or args.nodes > 200:
+            raise CliError("--nodes must be 2..200")
+        if args.regions < 1 or args.regions > args.nodes:
+            raise CliError("--regions must be 1..nodes")
+        if args.netns:
+            raise CliError("--netns is not available in this build yet: run the demo without it "
+                           "(enforcement then uses the labelled file-backend override)")
+        self.args = args
+        self.tmp = None
+        if args.dir:
+            self.dir = Path(args.dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.tmp = tempfile.mkdtemp(prefix="policymesh-demo-")
+            self.dir = Path(self.tmp)
+        self.nodes: list[DemoNode] = []
+        self.auth = AuthorityDir(self.dir / "authority")
+        self.operator = self.dir / "operator"
+        self.serial = 0
+        self.steps: list[dict[str, Any]] = []
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        a = self.args
+        if not self.auth.exists():
+            self.auth.init("demo", {"root": (1, 1), "policy": (1, 1), "enroll": (1, 1)}, int(time.time()), 30 * 86400)
+        regions = [f"region-{chr(ord('a') + i)}" for i in range(a.regions)]
+        for i in range(a.nodes):
+            region = regions[i % a.regions]
+            ip = f"127.0.0.{10 + i}"
+            base = a.base_port + 10 * i
+            node = DemoNode(i, f"node-{i + 1:02d}", region, ip, base + 1, base, base + 2, self.dir / f"node-{i + 1:02d}")
+            self.nodes.append(node)
+        seeds_by_region: dict[str, DemoNode] = {}
+        for n in self.nodes:
+            seeds_by_region.setdefault(n.region, n)
+        for n in self.nodes:
+            seeds = [s.advertise for s in seeds_by_region.values() if s is not n]
+            self._enroll(n, seeds)
+        if not (self.operator / "node.cert").exists():
+            self._enroll_operator()
+
+    def _enroll(self, n: DemoNode, seeds: list[str]) -> None:
+        if (n.dir / "node.cert").exists():
+            return
+        from .cli import main as meshctl
+
+        role = ROLES[n.index % len(ROLES)]
+        rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", n.node_id,
+                      "--region", n.region, "--role", role, "--address", n.ip, "--out", str(n.dir),
+                      "--backend", "file", "--valid", "30d"])
+        if rc != 0:
+            raise CliError(f"enrolling {n.node_id} failed")
+        config = render_config(
+            cluster="demo", node_id=n.node_id, region=n.region, listen=n.direct, advertise=n.advertise,
+            seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}", backend="file", allow_file_backend=True,
+        )
+        # Demo timers: a small LAN, so probe and sync faster than the production defaults.
+        config = config.replace(f'advertise = "{n.advertise}"',
+                                f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
+        config += "\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
+        (n.dir / "node.toml").write_text(config)
+
+    def _enroll_operator(self) -> None:
+        from .cli import main as meshctl
+
+        rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", "operator-1",
+                      "--region", "ops", "--role", "operator", "--out", str(self.operator), "--valid", "30d"])
+        if rc != 0:
+            raise CliError("enrolling the operator failed")
+
+    # -- processes --------------------------------------------------------------------------------
+    def start_node(self, n: DemoNode) -> None:
+        log = open(n.dir / "meshnode.log", "ab")  # noqa: SIM115 - handed to the child process
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        n.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshnode.daemon_cli", "run", "--config", str(n.dir / "node.toml")],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        log.close()
+
+    def stop_node(self, n: DemoNode, sig: int = signal.SIGTERM) -> None:
+        if n.proc is None or n.proc.poll() is not None:
+            return
+        n.proc.send_signal(sig)
+        try:
+            n.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            n.proc.wait(5)
+
+    def admin(self, n: DemoNode, path: str = "/v1/status") -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}{path}", timeout=2) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def wait_up(self, nodes: list[DemoNode], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(nodes)
+        while pending and time.monotonic() < deadline:
+            pending = [n for n in pending if self.admin(n) is None]
+            for n in pending:
+                if n.proc is not None and n.proc.poll() is not None:
+                    tail = (n.dir / "meshnode.log").read_text()[-2000:]
+                    raise CliError(f"{n.node_id} exited at start (code {n.proc.returncode}); log tail:\n{tail}")
+            time.sleep(0.1)
+        if pending:
+            raise CliError(f"nodes not up after {timeout_s:.0f} s: {', '.join(n.node_id for n in pending)}")
+
+    def enforced(self, n: DemoNode) -> int:
+        st = self.admin(n)
+        if st is None:
+            return -1
+        return int(st.get("enforcement", {}).get("applied_serial") or 0)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def sign(self, extra_rule: str = "") -> bytes:
+        self.serial += 1
+        doc, rev = parse_policy_toml(POLICY_TEMPLATE.format(extra=extra_rule))
+        from protocol.authority import build_policy, sign_policy
+
+        root = self.auth.root()
+        meta = self.auth.meta()
+        serial = max(self.serial, int(meta.get("last_serial", 0)) + 1)
+        self.serial = serial
+        now = int(time.time())
+        pv = build_policy(root.cluster, serial, now, now + 7 * 86400, root.version, doc, rev)
+        data = sign_policy(pv, self.auth.role_seeds(root, "policy"))
+        meta["last_serial"] = serial
+        self.auth.save_meta(meta)
+        (self.dir / f"policy-{serial}.msgpack").write_bytes(data)
+        return data
+
+    def publish_and_wait(self, name: str, via: DemoNode, targets: list[DemoNode],
+                         must_hold: dict[DemoNode, int] | None = None) -> dict[str, Any]:
+        data = self.sign(f'\n[[allow]]\nname = "step-{self.serial + 1}"\nfrom = ["role:web"]\nto = ["role:web"]\n'
+                         f'ports = ["tcp/{9000 + self.serial + 1}"]\n')
+        serial = self.serial
+        t0 = time.monotonic()
+        try:
+            reply = publish(via.advertise, self.operator, data, timeout_s=20)
+        except OperatorError as exc:
+            raise CliError(f"publish through {via.node_id} failed: {exc}") from None
+        if not reply.get("ok"):
+            raise CliError(f"{via.node_id} refused serial {serial}: {reply.get('reason')}")
+        self._say(f"[{name}] published serial {serial} through {via.node_id}")
+        done: dict[str, float] = {}
+        deadline = t0 + CONVERGE_TIMEOUT_S
+        last_print = 0.0
+        while time.monotonic() < deadline:
+            for n in targets:
+                if n.node_id not in done and self.enforced(n) >= serial:
+                    done[n.node_id] = (time.monotonic() - t0) * 1000
+            if len(done) == len(targets):
+                break
+            if time.monotonic() - last_print > 1.0:
+                self._say(f"  ... {len(done)}/{len(targets)} nodes enforce serial {serial}")
+                last_print = time.monotonic()
+            time.sleep(0.02)
+        converged = len(done) == len(targets)
+        ms = max(done.values()) if converged else None
+        held_ok = True
+        for n, expect in (must_hold or {}).items():
+            got = self.enforced(n)
+            if got != expect:
+                held_ok = False
+            self._say(f"  {n.node_id} ({n.region}, partitioned) enforces serial {got} (expected {expect})")
+        step = {"name": name, "serial": serial, "converged": converged and held_ok,
+                "ms": round(ms, 1) if ms is not None else None, "nodes": len(targets), "applied": len(done),
+                "via": via.node_id}
+        self.steps.append(step)
+        self._say(f"  {len(done)}/{len(targets)} nodes enforce serial {serial}"
+                  + (f" after {ms:.0f} ms" if ms is not None else " (timed out)"))
+        return step
+
+    def _say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def tour(self) -> None:
+        first = self.nodes[0]
+        self.publish_and_wait("publish-v1", first, self.nodes)
+        # Authority outage: the node the operator published through goes away.
+        self.stop_node(first)
+        self._say(f"[authority-outage] stopped {first.node_id}; publishing through another node")
+        live = [n for n in self.nodes if n.alive]
+        self.publish_and_wait("authority-outage-v2", live[0], live)
+        # Partition the last region.
+        cut_region = self.nodes[-1].region
+        inside = [n for n in live if n.region == cut_region]
+        outside = [n for n in live if n.region != cut_region]
+        self.proxy.cut({cut_region})
+        self._say(f"[partition] {cut_region} cut off from the rest ({len(inside)} nodes)")
+        held = self.serial
+        self.publish_and_wait("partition-v3", outside[0], outside, must_hold=dict.fromkeys(inside, held))
+        self.proxy.heal()
+        self._say(f"[heal] {cut_region} reconnected")
+        t0 = time.monotonic()
+        serial = self.serial
+        deadline = t0 + CONVERGE_TIMEOUT_S
+        while time.monotonic() < deadline and not all(self.enforced(n) >= serial for n in live):
+            time.sleep(0.05)
+        ok = all(self.enforced(n) >= serial for n in live)
+        ms = (time.monotonic() - t0) * 1000
+        self.steps.append({"name": "heal", "serial": serial, "converged": ok, "ms": round(ms, 1) if ok else None,
+                           "nodes": len(live), "applied": sum(1 for n in live if self.enforced(n) >= serial),
+                           "via": None})
+        self._say(f"  {'all' if ok else 'NOT all'} {len(live)} live nodes enforce serial {serial}"
+                  + (f" {ms:.0f} ms after the heal" if ok else ""))
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "nodes": len(self.nodes),
+            "regions": self.args.regions,
+            "all_converged": all(s["converged"] for s in self.steps) and bool(self.steps),
+            "steps": self.steps,
+            "enforcement": "file backend (override allow_file_backend: nothing enforced in the kernel)",
+            "dir": str(self.dir),
+        }
+
+    async def _run_async(self) -> int:
+        self.proxy = Proxy(self.nodes)
+        await self.proxy.start()
+        loop = asyncio.get_running_loop()
+        for n in self.nodes:
+            self.start_node(n)
+        await loop.run_in_executor(None, self.wait_up, self.nodes)
+        self._say(f"{len(self.nodes)} meshnode processes up in {self.args.regions} regions "
+                  f"(work dir {self.dir}); enforcement: file backend override (labelled; use --netns as root "
+                  "for real nftables)")
+        if self.args.once:
+            await loop.run_in_executor(None, self.tour)
+            rep = self.report()
+            if self.args.json:
+                Path(self.args.json).write_text(json.dumps(rep, indent=2) + "\n")
+            self._say(json.dumps({k: rep[k] for k in ("nodes", "regions", "all_converged")}))
+            return 0 if rep["all_converged"] else 1
+        await loop.run_in_executor(None, self.publish_and_wait, "publish-v1", self.nodes[0], self.nodes)
+        st = await loop.run_in_executor(None, lambda: status(self.nodes[0].advertise, self.operator))
+        from .opscli import format_status
+
+        self._say("")
+        self._say(format_status(st))
+        self._say("")
+        self._say("The mesh keeps running. Try, in another shell:")
+        self._say(f"  meshctl status --node {self.nodes[-1].advertise} --identity {self.operator}")
+        self._say(f"  curl -s http://127.0.0.1:{self.nodes[0].admin_port}/metrics | grep policymesh_")
+        self._say(f"  meshctl policy sign POLICY.toml --authority {self.auth.path} --out p.msgpack && "
+                  f"meshctl policy publish p.msgpack --node {self.nodes[1].advertise} --identity {self.operator}")
+        self._say("Press Ctrl-C to stop.")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        return 0
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            return asyncio.run(self._run_async())
+        finally:
+            for n in self.nodes:
+                self.stop_node(n)
+            if getattr(self, "proxy", None) is not None:
+                self.proxy.close()
+            if self.tmp and self.args.once and not self.args.dir:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    return Demo(args).run()

@@ -250,7 +250,7 @@ def render(
                 rules.append(FilterRule("accept", f"allow {rule.name}", source_set=src, proto=proto, ports=ranges))
 
     for rule in matched:
-        if rule.mode is None:
+        if rule.mode is None or rule.mode == doc.defaults.mode:
             continue
         for proto, ranges in _port_groups(rule):
             if rule.mode == "log":

@@ -1,0 +1,64 @@
+"""Node configuration: the shipped examples load; weakening a protection needs its named override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshnode.config import ConfigError, load_config, render_config
+from protocol.policy import parse_policy_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+BASE = render_config(cluster="c", node_id="n1", region="r1", listen="127.0.0.1:7946", advertise="127.0.0.1:7946",
+                     seeds=[], admin_listen="127.0.0.1:9946")
+
+
+def test_examples_are_true_to_the_code():
+    lc = load_config(ROOT / "deploy" / "examples" / "node.toml")
+    assert lc.cfg.enforce.backend == "nftables" and lc.active_overrides() == []
+    doc, _ = parse_policy_toml((ROOT / "deploy" / "examples" / "policy.toml").read_text())
+    assert len(doc.allow) == 4
+
+
+def test_enroll_template_loads(tmp_path):
+    lc = load_config(write(tmp_path, BASE))
+    assert lc.cfg.node.id == "n1" and lc.resolve("state") == tmp_path / "state"
+
+
+def test_unknown_key_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown field `colour`"):
+        load_config(write(tmp_path, BASE.replace("[mesh]", "[mesh]\ncolour = 'blue'")))
+
+
+def test_file_backend_needs_override(tmp_path):
+    with pytest.raises(ConfigError, match="allow_file_backend"):
+        load_config(write(tmp_path, BASE.replace('backend = "nftables"', 'backend = "file"')))
+    text = BASE.replace('backend = "nftables"', 'backend = "file"').replace(
+        "allow_file_backend = false", "allow_file_backend = true")
+    assert load_config(write(tmp_path, text)).active_overrides() == ["allow_file_backend"]
+
+
+def test_admin_off_loopback_needs_override(tmp_path):
+    text = BASE.replace('listen = "127.0.0.1:9946"', 'listen = "0.0.0.0:9946"')
+    with pytest.raises(ConfigError, match="admin_non_loopback"):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        load_config(write(tmp_path, BASE.replace('seeds = []', 'seeds = ["nohost"]')))
+    with pytest.raises(ConfigError, match="gossip"):
+        load_config(write(tmp_path, BASE + "\n[gossip]\nno_such_timer = 5\n"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "cluster = "))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")

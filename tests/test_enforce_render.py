@@ -324,7 +324,9 @@ def test_icmp_essential_can_be_disabled(sample: Sample) -> None:
     assert verdict(on, "203.0.113.9", proto="icmp", icmp_type="packet-too-big") == "drop"  # v4 has no such type
     assert verdict(on, "2001:db8::9", proto="icmp", icmp_type="packet-too-big") == "accept"
     assert verdict(off, "2001:db8::9", proto="icmp", icmp_type="packet-too-big") == "drop"
-    assert "icmp" not in off.to_nft().split("chain input")[1]
+    chain = off.to_nft().split("chain input")[1]
+    assert "icmp type" not in chain and "packet-too-big" not in chain
+    assert verdict(off, "fe80::9", proto="icmp", icmp_type="nd-neighbor-solicit") == "accept"  # IPv6 keeps working
 
 
 def test_policy_log_mode_logs_instead_of_dropping_and_enforced_rules_still_drop(sample: Sample) -> None:

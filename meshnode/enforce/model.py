@@ -32,8 +32,9 @@ VERDICTS = ("accept", "drop", "reject", "log")
 CT_STATES = ("established", "related", "invalid", "new")
 PROTOS = ("tcp", "udp", "icmp")
 INBOUND_ACTIONS = ("drop", "reject")
-# Essential ICMP (RFC 4890 for ICMPv6): path MTU discovery, errors, neighbour discovery, MLD.
-# Echo is not essential; a policy opens it with the "icmp" port.
+# Essential ICMP (RFC 4890 for ICMPv6): errors, path MTU discovery, MLD.  Echo is not essential; a
+# policy opens it with the "icmp" port.  IPv6 neighbour discovery is always accepted: without it IPv6
+# does not work at all (it is link plumbing, like loopback), so turning ICMP off never cuts IPv6.
 ICMP_ESSENTIAL_V4 = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMP_ESSENTIAL_V6 = (
     "destination-unreachable",
@@ -43,12 +44,9 @@ ICMP_ESSENTIAL_V6 = (
     "mld-listener-query",
     "mld-listener-report",
     "mld-listener-done",
-    "nd-router-solicit",
-    "nd-router-advert",
-    "nd-neighbor-solicit",
-    "nd-neighbor-advert",
     "mld2-listener-report",
 )
+ICMP_ND_V6 = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 MAX_LOG_PREFIX = 29  # iptables' LOG limit; nftables allows more, both backends use the same text
 
 

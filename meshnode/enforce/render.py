@@ -6,7 +6,7 @@ The chain, in order:
 2. break-glass CIDRs from the node's ``[overrides]`` (every port);
 3. the mesh interlock: the mesh port from every valid member (``members_v4`` / ``members_v6``), so no
    policy can cut the mesh itself;
-4. essential ICMP / ICMPv6 (errors, PMTU, neighbour discovery), unless disabled;
+4. IPv6 neighbour discovery (always), essential ICMP / ICMPv6 (errors, PMTU, MLD) unless disabled;
 5. one accept per (policy rule whose ``to`` matches this node, source set, protocol); sources are named
    sets per role / node / rule-CIDRs and per family, so the rule count depends on the policy only;
 6. per-rule mode exceptions: a ``log`` rule in an enforcing policy logs and accepts other sources on its
@@ -39,6 +39,7 @@ from protocol.policy import (
 from .model import (
     ICMP_ESSENTIAL_V4,
     ICMP_ESSENTIAL_V6,
+    ICMP_ND_V6,
     MAX_LOG_PREFIX,
     AddressSet,
     EnforcementError,
@@ -219,6 +220,7 @@ def render(
     for fam in ("ip", "ip6"):
         rules.append(FilterRule("accept", "mesh interlock", source_set=members_set(fam), proto="tcp",
                                 ports=((options.mesh_port, options.mesh_port),)))
+    rules.append(FilterRule("accept", "ipv6 neighbour discovery", family="ip6", proto="icmp", icmp_types=ICMP_ND_V6))
     if options.icmp_essential:
         rules.append(FilterRule("accept", "essential icmp", family="ip", proto="icmp", icmp_types=ICMP_ESSENTIAL_V4))
         rules.append(FilterRule("accept", "essential icmpv6", family="ip6", proto="icmp", icmp_types=ICMP_ESSENTIAL_V6))

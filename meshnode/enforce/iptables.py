@@ -135,7 +135,7 @@ def _rule_lines(rs: Ruleset, r: FilterRule, fam: str, chain: str, names: dict[st
     icmp = "icmp" if fam == "ip" else "ipv6-icmp"
     if r.icmp_types:
         for t in r.icmp_types:
-            variants.append(f"-p icmp --icmp-type {t}" if fam == "ip" else f"-p ipv6-icmp --icmpv6-type {ICMP6_NAMES[t]}")
+            variants.append(f"-p icmp --icmp-type {t}" if fam == "ip" else f"-p ipv6-icmp --icmpv6-type {ICMP6_NAMES.get(t, t)}")
     elif r.proto in ("tcp", "udp"):
         if r.ports:
             variants += [f"-p {r.proto} {_port_match(c)}" for c in _port_chunks(r.ports)]

@@ -63,6 +63,7 @@ from .transport import MAX_FRAME_BYTES, MESH_PATH, Conn
 
 OPERATOR_REQUEST_BYTES = 4 << 20
 SHUTDOWN_GRACE_S = 2.0
+REVALIDATE_INTERVAL_S = 30.0
 
 
 class OperatorRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -189,6 +190,7 @@ class MeshDaemon:
                 tg.create_task(self._timer_loop(), name="timer")
                 tg.create_task(self.enforcer.run(), name="enforcer")
                 tg.create_task(self.enforcer.drift_loop(), name="drift")
+                tg.create_task(self._revalidate_loop(), name="revalidate")
                 self._start_sources(tg)
                 self._feed(TimerFired())
                 await self._stop.wait()
@@ -576,16 +578,25 @@ class MeshDaemon:
             reply = {"ok": False, "reason": f"unknown operation {req.op!r}"}
         conn.enqueue(msgspec.msgpack.encode(reply))
 
+    async def _revalidate_loop(self) -> None:
+        """Certificates expire while channels are open: re-check every open channel periodically."""
+        while True:
+            await asyncio.sleep(REVALIDATE_INTERVAL_S)
+            self._revalidate_sessions()
+            self._update_policy_metrics()
+
     def _revalidate_sessions(self) -> None:
         wall = time.time()
-        for conns in list(self.conns.values()):
-            for c in conns:
-                try:
-                    c.session.revalidate(wall)
-                except MeshError as exc:
-                    self.log.warning("peer.revoked", peer=c.peer, reason=str(exc))
-                    self.metrics.handshakes.labels("revoked", transport.refusal_reason(exc)).inc()
-                    self._spawn(transport.close(c, "certificate no longer valid"))
+        open_conns = [c for conns in self.conns.values() for c in conns] + list(self.operator_conns)
+        for c in open_conns:
+            if c.closed:
+                continue
+            try:
+                c.session.revalidate(wall)
+            except MeshError as exc:
+                self.log.warning("peer.revoked", peer=c.peer, reason=str(exc))
+                self.metrics.handshakes.labels("revoked", transport.refusal_reason(exc)).inc()
+                self._spawn(transport.close(c, "certificate no longer valid"))
 
     # -- admin ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -154,10 +154,6 @@ def rule_handles(lab: Lab) -> list[int]:
     return [e["rule"]["handle"] for e in doc["nftables"] if "rule" in e]
 
 
-nft_mark = [pytest.mark.root, pytest.mark.skipif(NFT_SKIP is not None, reason=NFT_SKIP or "")]
-ipt_mark = [pytest.mark.root, pytest.mark.skipif(IPT_SKIP is not None, reason=IPT_SKIP or "")]
-
-
 @pytest.mark.root
 @pytest.mark.skipif(NFT_SKIP is not None, reason=NFT_SKIP or "")
 def test_nft_kernel_readback_equals_the_rendered_hash(lab: Lab, ns: str, sc: Scenario, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from protocol.policy import parse_policy_toml
 from .authority_store import AuthorityDir, CliError
 from .client import OperatorError, publish, status
 from .config import render_config
+from .demo_netns import BRIDGE_IP, NetnsLab
 
 POLICY_TEMPLATE = """
 [defaults]
@@ -155,9 +157,7 @@ class Demo:
             raise CliError("--nodes must be 2..200")
         if args.regions < 1 or args.regions > args.nodes:
             raise CliError("--regions must be 1..nodes")
-        if args.netns:
-            raise CliError("--netns is not available in this build yet: run the demo without it "
-                           "(enforcement then uses the labelled file-backend override)")
+        self.lab: NetnsLab | None = NetnsLab(args.nodes) if args.netns else None
         self.args = args
         self.tmp = None
         if args.dir:
@@ -180,9 +180,12 @@ class Demo:
         regions = [f"region-{chr(ord('a') + i)}" for i in range(a.regions)]
         for i in range(a.nodes):
             region = regions[i % a.regions]
-            ip = f"127.0.0.{10 + i}"
-            base = a.base_port + 10 * i
-            node = DemoNode(i, f"node-{i + 1:02d}", region, ip, base + 1, base, base + 2, self.dir / f"node-{i + 1:02d}")
+            if self.lab is not None:
+                ip, mesh, proxy, admin = self.lab.ip(i), 7946, 7946, 9946
+            else:
+                base = a.base_port + 10 * i
+                ip, mesh, proxy, admin = f"127.0.0.{10 + i}", base + 1, base, base + 2
+            node = DemoNode(i, f"node-{i + 1:02d}", region, ip, mesh, proxy, admin, self.dir / f"node-{i + 1:02d}")
             self.nodes.append(node)
         seeds_by_region: dict[str, DemoNode] = {}
         for n in self.nodes:
@@ -199,26 +202,31 @@ class Demo:
         from .cli import main as meshctl
 
         role = ROLES[n.index % len(ROLES)]
-        rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", n.node_id,
-                      "--region", n.region, "--role", role, "--address", n.ip, "--out", str(n.dir),
-                      "--backend", "file", "--valid", "30d"])
+        backend = "nftables" if self.lab is not None else "file"
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", n.node_id,
+                          "--region", n.region, "--role", role, "--address", n.ip, "--out", str(n.dir),
+                          "--backend", backend, "--valid", "30d"])
         if rc != 0:
             raise CliError(f"enrolling {n.node_id} failed")
         config = render_config(
             cluster="demo", node_id=n.node_id, region=n.region, listen=n.direct, advertise=n.advertise,
-            seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}", backend="file", allow_file_backend=True,
+            seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}", backend=backend,
+            allow_file_backend=self.lab is None,
         )
+        if self.lab is None:
+            config = config.replace(f'advertise = "{n.advertise}"',
+                                    f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
         # Demo timers: a small LAN, so probe and sync faster than the production defaults.
-        config = config.replace(f'advertise = "{n.advertise}"',
-                                f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
         config += "\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
         (n.dir / "node.toml").write_text(config)
 
     def _enroll_operator(self) -> None:
         from .cli import main as meshctl
 
-        rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", "operator-1",
-                      "--region", "ops", "--role", "operator", "--out", str(self.operator), "--valid", "30d"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", "operator-1",
+                          "--region", "ops", "--role", "operator", "--out", str(self.operator), "--valid", "30d"])
         if rc != 0:
             raise CliError("enrolling the operator failed")
 
@@ -226,8 +234,11 @@ class Demo:
     def start_node(self, n: DemoNode) -> None:
         log = open(n.dir / "meshnode.log", "ab")  # noqa: SIM115 - handed to the child process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "meshnode.daemon_cli", "run", "--config", str(n.dir / "node.toml")]
+        if self.lab is not None:
+            argv = self.lab.exec_argv(n.index, argv)
         n.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshnode.daemon_cli", "run", "--config", str(n.dir / "node.toml")],
+            argv,
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         log.close()
@@ -243,6 +254,11 @@ class Demo:
             n.proc.wait(5)
 
     def admin(self, n: DemoNode, path: str = "/v1/status") -> dict[str, Any] | None:
+        if self.lab is not None:  # the admin listener is loopback inside the node's namespace
+            try:
+                return status(n.advertise, self.operator, timeout_s=3)
+            except (OperatorError, CliError):
+                return None
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}{path}", timeout=2) as resp:
                 return json.loads(resp.read())
@@ -270,6 +286,9 @@ class Demo:
 
     # -- steps ------------------------------------------------------------------------------------
     def sign(self, extra_rule: str = "") -> bytes:
+        if self.lab is not None:  # the operator reaches every node's mesh port from the bridge address
+            extra_rule += (f'\n[[allow]]\nname = "operator-to-mesh"\nfrom = ["cidr:{BRIDGE_IP}/32"]\n'
+                           'to = ["role:*"]\nports = ["tcp/7946"]\n')
         self.serial += 1
         doc, rev = parse_policy_toml(POLICY_TEMPLATE.format(extra=extra_rule))
         from protocol.authority import build_policy, sign_policy
@@ -334,6 +353,8 @@ class Demo:
     def tour(self) -> None:
         first = self.nodes[0]
         self.publish_and_wait("publish-v1", first, self.nodes)
+        if self.lab is not None and len(self.nodes) >= 3:
+            self.enforcement_check()
         # Authority outage: the node the operator published through goes away.
         self.stop_node(first)
         self._say(f"[authority-outage] stopped {first.node_id}; publishing through another node")
@@ -343,11 +364,17 @@ class Demo:
         cut_region = self.nodes[-1].region
         inside = [n for n in live if n.region == cut_region]
         outside = [n for n in live if n.region != cut_region]
-        self.proxy.cut({cut_region})
+        if self.lab is not None:
+            self.lab.cut([n.index for n in inside], [n.ip for n in self.nodes if n.region != cut_region])
+        else:
+            self.proxy.cut({cut_region})
         self._say(f"[partition] {cut_region} cut off from the rest ({len(inside)} nodes)")
         held = self.serial
         self.publish_and_wait("partition-v3", outside[0], outside, must_hold=dict.fromkeys(inside, held))
-        self.proxy.heal()
+        if self.lab is not None:
+            self.lab.heal([n.index for n in inside])
+        else:
+            self.proxy.heal()
         self._say(f"[heal] {cut_region} reconnected")
         t0 = time.monotonic()
         serial = self.serial
@@ -362,26 +389,41 @@ class Demo:
         self._say(f"  {'all' if ok else 'NOT all'} {len(live)} live nodes enforce serial {serial}"
                   + (f" {ms:.0f} ms after the heal" if ok else ""))
 
+    def enforcement_check(self) -> None:
+        """Real TCP through real nftables: web -> app:8080 is allowed, web -> db:5432 is not."""
+        assert self.lab is not None
+        web, app, db = self.nodes[0], self.nodes[1], self.nodes[2]
+        allowed = self.lab.tcp_check(web.index, app.index, 8080)
+        refused = not self.lab.tcp_check(web.index, db.index, 5432)
+        self._say(f"[enforcement] {web.node_id}(web) -> {app.node_id}(app):8080 "
+                  f"{'connects' if allowed else 'DOES NOT connect'} (allowed by web-to-app); "
+                  f"{web.node_id}(web) -> {db.node_id}(db):5432 {'refused' if refused else 'CONNECTS'} (no rule)")
+        self.steps.append({"name": "enforcement-check", "serial": self.serial, "converged": allowed and refused,
+                           "ms": None, "nodes": 3, "applied": 3, "via": None})
+
     def report(self) -> dict[str, Any]:
         return {
             "nodes": len(self.nodes),
             "regions": self.args.regions,
             "all_converged": all(s["converged"] for s in self.steps) and bool(self.steps),
             "steps": self.steps,
-            "enforcement": "file backend (override allow_file_backend: nothing enforced in the kernel)",
+            "enforcement": ("nftables in one network namespace per node" if self.lab is not None
+                            else "file backend (override allow_file_backend: nothing enforced in the kernel)"),
             "dir": str(self.dir),
         }
 
     async def _run_async(self) -> int:
         self.proxy = Proxy(self.nodes)
-        await self.proxy.start()
+        if self.lab is None:
+            await self.proxy.start()
         loop = asyncio.get_running_loop()
         for n in self.nodes:
             self.start_node(n)
         await loop.run_in_executor(None, self.wait_up, self.nodes)
+        how = ("real nftables, one network namespace per node" if self.lab is not None else
+               "file backend override (labelled: nothing is enforced; use --netns as root for real nftables)")
         self._say(f"{len(self.nodes)} meshnode processes up in {self.args.regions} regions "
-                  f"(work dir {self.dir}); enforcement: file backend override (labelled; use --netns as root "
-                  "for real nftables)")
+                  f"(work dir {self.dir}); enforcement: {how}")
         if self.args.once:
             await loop.run_in_executor(None, self.tour)
             rep = self.report()
@@ -409,14 +451,18 @@ class Demo:
         return 0
 
     def run(self) -> int:
-        self.setup()
         try:
+            if self.lab is not None:
+                self.lab.setup()
+            self.setup()
             return asyncio.run(self._run_async())
         finally:
             for n in self.nodes:
                 self.stop_node(n)
             if getattr(self, "proxy", None) is not None:
                 self.proxy.close()
+            if self.lab is not None:
+                self.lab.teardown()
             if self.tmp and self.args.once and not self.args.dir:
                 shutil.rmtree(self.tmp, ignore_errors=True)
 

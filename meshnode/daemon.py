@@ -289,8 +289,11 @@ class MeshDaemon:
             self._wake.clear()
             deadline = self.node.next_deadline()
             timeout = None if deadline is None else max(0.0, (deadline - _now().ms) / 1000)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for turns a cancellation that races the
+            # deadline into TimeoutError, and the loop would then feed the core during shutdown.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 self._feed(TimerFired())
 
@@ -386,9 +389,12 @@ class MeshDaemon:
     # -- connections ----------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
         if self._tg is not None:
-            self._tg.create_task(coro)
-        else:
-            coro.close()
+            try:
+                self._tg.create_task(coro)
+                return
+            except RuntimeError:  # the TaskGroup is shutting down: nothing new starts
+                pass
+        coro.close()
 
     def _on_bytes(self, direction: str, n: int) -> None:
         self.metrics.bytes.labels(direction).inc(n)

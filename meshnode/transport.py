@@ -37,6 +37,18 @@ class TransportError(MeshError):
     """The socket failed or the peer broke the framing (shell only)."""
 
 
+class OversizeFrameError(TransportError):
+    """The peer sent a WebSocket message over MAX_FRAME_BYTES (the socket refused it, code 1009)."""
+
+
+def _ws_error(msg: aiohttp.WSMessage) -> TransportError:
+    """The error aiohttp reports for a broken or refused WebSocket message, as a TransportError."""
+    exc = msg.data
+    if getattr(exc, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+        return OversizeFrameError(f"frame over the {MAX_FRAME_BYTES}-byte cap: {exc}")
+    return TransportError(f"websocket error: {exc}")
+
+
 def now_ms() -> int:
     return int(time.monotonic() * 1000)
 
@@ -105,6 +117,8 @@ async def handshake(conn: Conn, on_bytes: Callable[[str, int], None]) -> None:
         except TimeoutError:
             session.handle_timer(now_ms() + 1_000_000)  # raises HandshakeTimeoutError
             raise
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise _ws_error(msg)
         if msg.type != aiohttp.WSMsgType.BINARY:
             raise TransportError(f"connection closed during the handshake ({msg.type.name.lower()})")
         conn.bytes_in += len(msg.data)
@@ -135,6 +149,8 @@ async def reader(
         if msg.type != aiohttp.WSMsgType.BINARY:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 raise TransportError("text frame on the mesh channel")
+            if msg.type == aiohttp.WSMsgType.ERROR:
+                raise _ws_error(msg)  # e.g. an oversize frame: count and log it, not a quiet close
             break
         conn.bytes_in += len(msg.data)
         on_bytes("in", len(msg.data))

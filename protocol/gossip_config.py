@@ -33,6 +33,8 @@ HOUSEKEEPING_INTERVAL_MS = 10000
 DIRECTORY_DEBOUNCE_MS = 1000
 PEERS_PERSIST_INTERVAL_MS = 30000
 SYNC_BUCKETS = 32
+STATUS_SYNC_INTERVAL_MS = 20000
+DIAL_ALLOWANCE_MS = 1500  # added to a probe timeout when no channel is open (TCP SYN RTO is 1 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,8 @@ class GossipConfig:
     directory_debounce_ms: int = DIRECTORY_DEBOUNCE_MS
     peers_persist_interval_ms: int = PEERS_PERSIST_INTERVAL_MS
     sync_buckets: int = SYNC_BUCKETS
+    status_sync_interval_ms: int = STATUS_SYNC_INTERVAL_MS
+    dial_allowance_ms: int = DIAL_ALLOWANCE_MS
 
     def __post_init__(self) -> None:
         for f in fields(self):

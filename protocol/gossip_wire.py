@@ -138,23 +138,28 @@ class RootPush(_S, tag=9):
 
 
 class Sync(_S, tag=10):
-    """Push-pull anti-entropy.  ``mhash`` summarises the member directory and status; ``buckets``
-    (per-bucket hashes) is sent by the responder only when the summaries differ."""
+    """Push-pull anti-entropy.  ``mhash`` summarises the member directory (node_id, incarnation),
+    ``shash`` the members' status (empty: the initiator does not reconcile status this time); the
+    responder adds per-bucket hashes (``buckets`` / ``sbuckets``) only for a summary that differs."""
 
     reply: bool
     digest: Digest | None
     root_version: int
     mhash: bytes
+    shash: bytes = b""
     you: View | None = None
     record: bytes | None = None  # the sender's own signed record (joins, retries)
     buckets: tuple[bytes, ...] | None = None
+    sbuckets: tuple[bytes, ...] | None = None
 
 
 class SyncEntries(_S, tag=11):
-    """(node_id, incarnation, status_seq) of every member in the listed buckets."""
+    """(node_id, version) of every member in the listed buckets: the incarnation of its record
+    (``status`` false) or the sequence number of its status (``status`` true)."""
 
+    status: bool
     buckets: tuple[int, ...]
-    entries: tuple[tuple[str, int, int], ...]
+    entries: tuple[tuple[str, int], ...]
 
 
 class MemberPull(_S, tag=12):

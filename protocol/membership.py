@@ -131,6 +131,7 @@ class Member:
     status: StatusBody | None = None
     status_item: Status | None = None
     token: int = 0
+    stoken: int = 0
     suspect_sources: set[str] = field(default_factory=set)
     suspect_start_ms: int = 0
     suspect_deadline_ms: int = 0
@@ -169,8 +170,8 @@ class Port(Protocol):
     def emit(self, effect: Effect) -> None: ...
 
 
-def _token(node_id: str, incarnation: int, status_seq: int) -> int:
-    h = hashlib.blake2b(f"{node_id}|{incarnation}|{status_seq}".encode(), digest_size=8).digest()
+def _token(node_id: str, version: int) -> int:
+    h = hashlib.blake2b(f"{node_id}|{version}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big")
 
 
@@ -226,6 +227,7 @@ class Membership:
         rng: Entropy,
         cache: VerifyCache,
         port: Port,
+        connected: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.cfg = config
         self.trust = trust
@@ -238,6 +240,7 @@ class Membership:
         self.rng = rng
         self.cache = cache
         self.port = port
+        self.connected = connected
         self.incarnation = 0
         self.record = b""
         self.status_seq = 0
@@ -247,9 +250,11 @@ class Membership:
         self.suspects: dict[str, Member] = {}
         self.dead = IndexedSet()
         self.left = IndexedSet()
-        self._bucket_val = [0] * config.sync_buckets
-        self._bucket_ids: list[set[str]] = [set() for _ in range(config.sync_buckets)]
+        self._bucket_val = [0] * config.sync_buckets  # records: (node_id, incarnation)
+        self._sbucket_val = [0] * config.sync_buckets  # status: (node_id, status seq)
+        self._bucket_ids: list[dict[str, None]] = [{} for _ in range(config.sync_buckets)]
         self._mhash: bytes | None = None
+        self._shash: bytes | None = None
         self.broadcasts = BroadcastQueue()
         self.health = 0
         self._seq = 0
@@ -291,6 +296,7 @@ class Membership:
         item = Status(payload, env.signatures[0].sig)
         m = self.members[self.me]
         self._set_status(m, body, item)
+        self.broadcasts.add(("s", self.me), item)  # first-hand, to the peers we talk to anyway
         return item
 
     def refute(self, now_ms: int, their_incarnation: int) -> None:
@@ -360,7 +366,7 @@ class Membership:
             m = Member(rec.node_id, cert.region, rec.address, rec.incarnation, data, cert, rec.cert, bucket,
                        since_ms=now_ms)
             self.members[rec.node_id] = m
-            self._bucket_ids[bucket].add(rec.node_id)
+            self._bucket_ids[bucket][rec.node_id] = None
             self.directory_dirty = True
             self.peers_dirty = True
             self._set_liveness(m, LEFT if rec.left else ALIVE, now_ms, report=False)
@@ -376,14 +382,17 @@ class Membership:
         return m
 
     def _retoken(self, m: Member) -> None:
-        new = _token(m.node_id, m.incarnation, m.status_seq)
+        new = _token(m.node_id, m.incarnation)
         self._bucket_val[m.bucket] ^= m.token ^ new
         m.token = new
         self._mhash = None
 
     def _set_status(self, m: Member, body: StatusBody, item: Status) -> None:
         m.status, m.status_item = body, item
-        self._retoken(m)
+        new = _token(m.node_id, body.seq)
+        self._sbucket_val[m.bucket] ^= m.stoken ^ new
+        m.stoken = new
+        self._shash = None
 
     def _set_liveness(self, m: Member, liveness: str, now_ms: int, report: bool = True) -> None:
         old = m.liveness
@@ -419,9 +428,10 @@ class Membership:
             if s is not None:
                 s.discard(node_id)
         self.suspects.pop(node_id, None)
-        self._bucket_ids[m.bucket].discard(node_id)
+        self._bucket_ids[m.bucket].pop(node_id, None)
         self._bucket_val[m.bucket] ^= m.token
-        self._mhash = None
+        self._sbucket_val[m.bucket] ^= m.stoken
+        self._mhash = self._shash = None
         self.directory_dirty = True
         self.peers_dirty = True
         self.port.emit(Disconnect(node_id, reason))
@@ -445,6 +455,11 @@ class Membership:
     # -- learning from gossip ------------------------------------------------------------------------
     def learn_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> bool:
         """Verify and merge one signed member record; True if it changed our view."""
+        hit = self.cache.get((hashlib.sha256(data).digest(), self._root_key)) if len(data) <= MAX_RECORD_BYTES else None
+        if hit is not None:
+            known = self.members.get(hit[0].node_id)  # type: ignore[index]
+            if known is not None and known.incarnation >= hit[0].incarnation:  # type: ignore[index]
+                return False
         rec, cert = self.verify_record(data, wall)
         if rec.node_id == self.me:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
@@ -541,7 +556,8 @@ class Membership:
         base = self.cfg.probe_timeout_ms
         if target is not None and target.region != self.region:
             base = self.cfg.cross_region_probe_timeout_ms
-        return base * (1 + self.health)
+        dial = 0 if target is None or self.connected(target.node_id) else self.cfg.dial_allowance_ms
+        return base * (1 + self.health) + dial
 
     def _next_target(self) -> Member | None:
         for _ in range(2):
@@ -715,61 +731,69 @@ class Membership:
         return out
 
     # -- anti-entropy digest -------------------------------------------------------------------------
+    def _summary(self, vals: list[int]) -> bytes:
+        raw = b"".join(v.to_bytes(8, "big") for v in vals)
+        return hashlib.blake2b(raw + len(self.members).to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
+
     def mhash(self) -> bytes:
         if self._mhash is None:
-            raw = b"".join(v.to_bytes(8, "big") for v in self._bucket_val)
-            self._mhash = hashlib.blake2b(raw + len(self.members).to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
+            self._mhash = self._summary(self._bucket_val)
         return self._mhash
 
-    def bucket_hashes(self) -> tuple[bytes, ...]:
-        return tuple(v.to_bytes(8, "big") for v in self._bucket_val)
+    def shash(self) -> bytes:
+        if self._shash is None:
+            self._shash = self._summary(self._sbucket_val)
+        return self._shash
 
-    def differing_buckets(self, theirs: tuple[bytes, ...]) -> list[int]:
-        if len(theirs) != len(self._bucket_val):
-            raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {len(self._bucket_val)}")
-        return [i for i, v in enumerate(self._bucket_val) if v.to_bytes(8, "big") != theirs[i]]
+    def bucket_hashes(self, status: bool = False) -> tuple[bytes, ...]:
+        return tuple(v.to_bytes(8, "big") for v in (self._sbucket_val if status else self._bucket_val))
 
-    def entries(self, buckets: Iterable[int]) -> tuple[tuple[str, int, int], ...]:
+    def differing_buckets(self, theirs: tuple[bytes, ...], status: bool = False) -> list[int]:
+        vals = self._sbucket_val if status else self._bucket_val
+        if len(theirs) != len(vals):
+            raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {len(vals)}")
+        return [i for i, v in enumerate(vals) if v.to_bytes(8, "big") != theirs[i]]
+
+    def _version(self, m: Member, status: bool) -> int:
+        if status:
+            return m.status.seq if m.status is not None else 0
+        return m.incarnation
+
+    def entries(self, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
         out = []
+        members = self.members
         for b in buckets:
             if 0 <= b < len(self._bucket_ids):
                 for nid in self._bucket_ids[b]:
-                    m = self.members[nid]
-                    out.append((nid, m.incarnation, m.status_seq))
+                    out.append((nid, self._version(members[nid], status)))
         return tuple(out)
 
-    def compare_entries(self, buckets: Iterable[int], entries: Iterable[tuple[str, int, int]]
-                        ) -> tuple[list[str], list[str], list[str], list[str]]:
-        """Given a peer's entries for ``buckets``: (records we want, statuses we want, records they
-        lack, statuses they lack)."""
-        want_rec: list[str] = []
-        want_st: list[str] = []
-        theirs: dict[str, tuple[int, int]] = {}
-        for nid, inc, seq in entries:
-            theirs[nid] = (inc, seq)
-            m = self.members.get(nid)
-            if m is None:
-                if nid != self.me:
-                    want_rec.append(nid)
-                    want_st.append(nid)
+    def compare_entries(self, buckets: Iterable[int], entries: Iterable[tuple[str, int]], status: bool
+                        ) -> tuple[list[str], list[str]]:
+        """Given a peer's entries for ``buckets``: (ids whose record/status we want, ids whose
+        record/status they lack)."""
+        want: list[str] = []
+        theirs: dict[str, int] = {}
+        members = self.members
+        for nid, version in entries:
+            theirs[nid] = version
+            if nid == self.me:
                 continue
-            if inc > m.incarnation and nid != self.me:
-                want_rec.append(nid)
-            if seq > m.status_seq and nid != self.me:
-                want_st.append(nid)
-        give_rec: list[str] = []
-        give_st: list[str] = []
+            m = members.get(nid)
+            if m is None:
+                if not status:
+                    want.append(nid)
+            elif version > self._version(m, status):
+                want.append(nid)
+        give: list[str] = []
         for b in buckets:
             if not 0 <= b < len(self._bucket_ids):
                 continue
             for nid in self._bucket_ids[b]:
-                m = self.members[nid]
-                inc, seq = theirs.get(nid, (-1, -1))
-                if m.incarnation > inc:
-                    give_rec.append(nid)
-                if m.status_seq > seq and m.status_item is not None:
-                    give_st.append(nid)
-        return want_rec, want_st, give_rec, give_st
+                m = members[nid]
+                if self._version(m, status) > theirs.get(nid, -1) and (not status or m.status_item is not None):
+                    give.append(nid)
+        return want, give
 
     # -- views ---------------------------------------------------------------------------------------
     def view_of(self, node_id: str) -> tuple[int, str] | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from .dissemination import Dissemination
 from .entropy import Entropy
 from .errors import (
     EquivocationError,
@@ -80,7 +81,6 @@ from .gossip_wire import (
     encode,
 )
 from .membership import ALIVE, DEAD, LEFT, SUSPECT, Membership, VerifyCache
-from .dissemination import Dissemination
 from .metadata import decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
 from .trust import TrustedState
@@ -92,7 +92,7 @@ __all__ = [
     "TimerFired", "VerifyCache",
 ]
 
-_PIGGYBACK = (Ping, Ack, PingReq, Announce)
+_PIGGYBACK = (Ping, Ack, PingReq)
 _peers_encoder = msgspec.msgpack.Encoder()
 
 
@@ -128,7 +128,7 @@ class Node:
         self._out: list[Effect] = []
         self.connected: set[str] = set()
         self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
-                              self.cache, self)
+                              self.cache, self, self.connected.__contains__)
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
         self.started = False
         self._now = Now(0, 0.0)
@@ -142,6 +142,7 @@ class Node:
         self._last_dir: dict[str, bytes] | None = None
         self._pending_policy: bytes | None = None
         self._root_pull_at = -10**12
+        self._status_sync_at = 0
         self._ruleset_hash = b""
         self._ruleset_serial = 0
         self._status_state = ""
@@ -351,7 +352,11 @@ class Node:
     # -- sync (push-pull anti-entropy) ---------------------------------------------------------------
     def _sync_msg(self, peer: str | None, with_record: bool) -> Sync:
         view = self.mem.view_of(peer) if peer else None
-        return Sync(False, self._digest(), self.trust.root_version, self.mem.mhash(),
+        shash = b""
+        if self._now.ms >= self._status_sync_at:  # status reconciliation is rate-limited
+            self._status_sync_at = self._now.ms + self.cfg.status_sync_interval_ms
+            shash = self.mem.shash()
+        return Sync(False, self._digest(), self.trust.root_version, self.mem.mhash(), shash,
                     View(*view) if view else None, self.mem.record if with_record or view is None else None)
 
     def _sync_peer(self, peer: str, with_record: bool = False) -> None:
@@ -372,21 +377,25 @@ class Node:
         if not msg.reply:
             view = self.mem.view_of(peer)
             mine = self.mem.mhash()
-            self.send(peer, Sync(True, self._digest(), self.trust.root_version, mine,
+            smine = self.mem.shash() if msg.shash else b""
+            self.send(peer, Sync(True, self._digest(), self.trust.root_version, mine, smine,
                                  View(*view) if view else None,
                                  self.mem.record if msg.you is None else None,
-                                 self.mem.bucket_hashes() if mine != msg.mhash else None))
-        elif msg.buckets is not None:
-            diff = self.mem.differing_buckets(msg.buckets)
-            if diff:
-                self.send(peer, SyncEntries(tuple(diff), self.mem.entries(diff)))
+                                 self.mem.bucket_hashes() if mine != msg.mhash else None,
+                                 self.mem.bucket_hashes(True) if msg.shash and smine != msg.shash else None))
+            return
+        for status, theirs in ((False, msg.buckets), (True, msg.sbuckets)):
+            if theirs is not None:
+                diff = self.mem.differing_buckets(theirs, status)
+                if diff:
+                    self.send(peer, SyncEntries(status, tuple(diff), self.mem.entries(diff, status)))
 
     def _on_sync_entries(self, peer: str, msg: SyncEntries) -> None:
-        want_rec, want_st, give_rec, give_st = self.mem.compare_entries(msg.buckets, msg.entries)
-        if give_rec or give_st:
-            self._send_members(peer, give_rec, give_st)
-        if want_rec or want_st:
-            self.send(peer, MemberPull(tuple(want_rec), tuple(want_st)))
+        want, give = self.mem.compare_entries(msg.buckets, msg.entries, msg.status)
+        if give:
+            self._send_members(peer, () if msg.status else give, give if msg.status else ())
+        if want:
+            self.send(peer, MemberPull(() if msg.status else tuple(want), tuple(want) if msg.status else ()))
 
     def _send_members(self, peer: str, rec_ids: list[str] | tuple[str, ...], st_ids: list[str] | tuple[str, ...]) -> None:
         members = self.mem.members
@@ -471,7 +480,12 @@ class Node:
 
     def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
         try:
-            cert = self.trust.verify_certificate(cert_bytes, self._now.wall)
+            key = (hashlib.sha256(cert_bytes).digest(), self.trust.root_version, "cert")
+            cert = self.cache.get(key)  # type: ignore[assignment]
+            if cert is None:
+                cert = self.trust.check_certificate(cert_bytes)
+                self.cache.put(key, cert)
+            self.mem.check_cert_valid(cert, self._now.wall)
             if cert.node_id != peer:
                 raise SignatureError(f"channel peer {peer!r} presented the certificate of {cert.node_id!r}")
         except TrustError as exc:

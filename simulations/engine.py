@@ -1,0 +1,665 @@
+"""Deterministic discrete-event simulator driving the real ``protocol.node.Node`` objects.
+
+A heap of ``(at_ms, seq, kind, node, a, b)``; a virtual clock in integer milliseconds; one master seed
+split per subsystem (``random.Random(f"{seed}:{name}")``: topology, network, faults, publisher, and
+one per node); the network decides each message's fate from its own generator.  Invariants are checked
+after every step; a violation is recorded with the seed so the run replays exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from protocol.errors import TrustError
+from protocol.gossip_events import (
+    Alert,
+    ApplyPolicy,
+    Disconnect,
+    FrameReceived,
+    LivenessChanged,
+    MembersChanged,
+    Now,
+    PeerConnected,
+    PeerDisconnected,
+    Persist,
+    PolicySubmitted,
+    Send,
+    SendFailed,
+    TimerFired,
+)
+from protocol.membership import VerifyCache
+from protocol.metadata import decode_policy, payload_hash
+from protocol.node import Node
+from protocol.policy import PolicyDocument, Rule, validate_document
+from protocol.signing import decode_envelope
+from protocol.testing import T0, NodeIdentity, make_authority, make_node
+from protocol.trust import TrustedState
+
+from .baselines import AUTHORITY_ID, AuthorityServer, CentralPullAgent, FloodNode
+from .hostile import HostileNode
+from .invariants import Invariants
+from .network import NEVER, Cut, Network
+from .scenario import Scenario
+
+TIMER, DELIVER, CONNECTED, DISCONNECTED, SEND_FAILED, ACTION = range(6)
+DISSEMINATION_TAGS = frozenset((5, 6, 7, 8, 9, 102))
+KIND_NAMES = {1: "ping", 2: "ack", 3: "ping_req", 4: "nack", 5: "announce", 6: "policy_pull", 7: "policy_push",
+              8: "root_pull", 9: "root_push", 10: "sync", 11: "sync_entries", 12: "member_pull", 13: "members",
+              100: "poll", 101: "not_modified", 102: "body"}
+NKINDS = 103
+SERF_MODEL_MS = 2390  # memberlist/Serf convergence model: fanout 3, 200 ms interval, 10% loss, 99.99% of 1000
+
+
+def frame_kind(data: bytes) -> int:
+    if len(data) > 1 and 0x90 <= data[0] <= 0x9F:
+        k = data[1]
+        return k if k < NKINDS else 0
+    return 0
+
+
+def make_document(rules: int) -> PolicyDocument:
+    """A realistic policy of ``rules`` allow rules (size scales with the count)."""
+    out = []
+    for i in range(rules):
+        out.append(Rule(name=f"svc-{i:04d}-ingress", sources=(f"role:app{i % 17}", f"cidr:10.{i % 250}.0.0/16"),
+                        to=(f"role:svc{i % 29}",), ports=(f"tcp/{10000 + i}", f"udp/{20000 + i}")))
+    return validate_document(PolicyDocument(allow=tuple(out)))
+
+
+@dataclass
+class Version:
+    serial: int
+    envelope: bytes
+    hash: str
+    publish_ms: int
+    published_at: int | None = None
+    applied: dict[int, int] = field(default_factory=dict)  # node index -> first ms with serial >= this
+    snap_publish: list[int] | None = None
+    snap_done: list[int] | None = None
+    done_ms: int | None = None
+
+
+@dataclass
+class Host:
+    idx: int
+    ident: NodeIdentity | None
+    node_id: str
+    address: str
+    region: int
+    proc: Any = None
+    applied: int = 0
+    persisted_policy: bytes | None = None
+    persisted_roots: list[bytes] = field(default_factory=list)
+    persisted_peers: bytes | None = None
+    directory: dict[str, bytes] | None = None
+    hostile: bool = False
+    started_ms: int = 0
+    skew_s: float = 0.0
+
+
+class Simulation:
+    def __init__(self, sc: Scenario, progress: bool = False) -> None:
+        self.sc = sc
+        self.seed = sc.seed
+        self.progress = progress
+        self.rngs: dict[str, random.Random] = {}
+        self.cfg = sc.gossip_config()
+        self.regions = list(sc.nodes.regions)
+        self.n = sc.nodes.count
+        self.auth = make_authority(cluster="sim", label=f"sim-authority-{sc.seed}")
+        self.anchor = self.auth.root_bytes
+        self.cache = VerifyCache()
+        self.heap: list[tuple] = []
+        self._seq = 0
+        self.now = 0
+        self.events = 0
+        self.inv = Invariants(self.anchor)
+        self.alerts: dict[str, int] = {}
+        self.false_detections = 0
+        self.false_suspicions = 0
+        self.deaths = 0
+        self.recv_bytes = [0] * (self.n + 1)
+        self.recv_msgs = [0] * (self.n + 1)
+        self.recv_diss = [0] * (self.n + 1)
+        self.kind_bytes = [0] * NKINDS
+        self.kind_msgs = [0] * NKINDS
+        self.series_t: list[int] = []
+        self.series: dict[str, list[float]] = {r: [] for r in self.regions}
+        self.fault_windows: list[tuple[int, int, str]] = []
+        self.disturb_end: list[int] = [0] * (self.n + 1)
+        self._build()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def rng(self, name: str) -> random.Random:
+        r = self.rngs.get(name)
+        if r is None:
+            r = self.rngs[name] = random.Random(f"{self.seed}:{name}")
+        return r
+
+    def _build(self) -> None:
+        sc = self.sc
+        topo = self.rng("topology")
+        nreg = len(self.regions)
+        region_of = [i % nreg for i in range(self.n)]
+        auth_region = self.regions.index(sc.baselines.authority_region) if sc.baselines.authority_region else 0
+        self.hosts: list[Host] = []
+        for i in range(self.n):
+            r = region_of[i]
+            nid = f"n{i:05d}"
+            ip = f"10.{r}.{(i // 250) % 250}.{i % 250 + 1}"
+            ident = make_node(self.auth, nid, region=self.regions[r], addresses=(ip,), label="sim")
+            h = Host(i, ident, nid, f"{ip}:7946", r)
+            if sc.clock_skew_s:
+                h.skew_s = topo.uniform(-sc.clock_skew_s, sc.clock_skew_s)
+            self.hosts.append(h)
+        self.hosts.append(Host(self.n, None, AUTHORITY_ID, "192.0.2.1:443", auth_region))
+        self.by_id = {h.node_id: h.idx for h in self.hosts}
+        self.by_addr = {h.address: h.idx for h in self.hosts}
+        self.seeds: list[str] = []
+        for r in range(nreg):
+            in_r = [h for h in self.hosts[: self.n] if h.region == r]
+            self.seeds += [h.address for h in in_r[: sc.nodes.seeds_per_region]]
+        self.net = Network(sc.network, sc.tcp, self.regions, [h.region for h in self.hosts], self.rng("network"))
+        self.net.up = [False] * (self.n + 1)
+        self.net.host_up = [True] * (self.n + 1)
+        self.net.epoch = [0] * (self.n + 1)
+        self.timer_at: list[int | None] = [None] * (self.n + 1)
+        # versions: serial 1 is enrolled with every node at boot; each publish_at is one new serial
+        doc = make_document(sc.policy.rules)
+        self.versions: list[Version] = []
+        env1 = self.auth.sign_policy(doc, 1, T0 - 3600, T0 + sc.policy.valid_s)
+        self.v1 = env1
+        self.inv.legit[payload_hash(decode_envelope(env1, "policy").payload)] = 1
+        for k, at in enumerate(sorted(sc.policy.publish_at_ms)):
+            serial = k + 2
+            issued = T0 + at // 1000
+            env = self.auth.sign_policy(doc, serial, issued, issued + sc.policy.valid_s)
+            h = payload_hash(decode_envelope(env, "policy").payload)
+            self.inv.legit[h] = serial
+            self.versions.append(Version(serial, env, h, at))
+        self.policy_bytes = len(self.versions[-1].envelope)
+        # hostile nodes (never seeds, never the publisher's region's first node)
+        hc = sc.hostile.count or int(round(sc.hostile.fraction * self.n))
+        pool = [h.idx for h in self.hosts[: self.n] if h.address not in self.seeds]
+        for i in self.rng("hostile").sample(pool, min(hc, len(pool))):
+            self.hosts[i].hostile = True
+        # joins spread over join_spread_ms; seeds first
+        for h in self.hosts[: self.n]:
+            at = 0 if h.address in self.seeds else topo.randrange(max(1, sc.nodes.join_spread_ms))
+            self._push(at, ACTION, h.idx, self._boot, None)
+        self._boot_authority()
+        for v in self.versions:
+            self._push(v.publish_ms, ACTION, 0, self._publish, v)
+        self._faults()
+        first = self.versions[0].publish_ms
+        self.idle_start = max(0, first - sc.measure.idle_window_ms)
+        self._push(self.idle_start, ACTION, 0, self._snap_idle, None)
+        self.sample_start = max(0, first - 5 * sc.measure.sample_ms)
+        self._push(self.sample_start, ACTION, 0, self._sample, None)
+
+    def _boot_authority(self) -> None:
+        a = self.hosts[self.n]
+        b = self.sc.baselines
+        a.proc = AuthorityServer(b.request_bytes, b.not_modified_bytes, b.response_overhead_bytes)
+        self.net.up[self.n] = True
+
+    def _make_proc(self, h: Host, trust: TrustedState, known_peers: list[dict[str, str]] | None) -> Any:
+        sc = self.sc
+        assert h.ident is not None
+        rng = random.Random(f"{self.seed}:node:{h.idx}:{self.net.epoch[h.idx]}")
+        if sc.protocol == "gossip":
+            node = Node(self.cfg, trust, h.node_id, h.ident.cert_bytes, h.ident.identity_seed, h.address,
+                        self.seeds, rng, known_peers, verify_cache=self.cache)
+            if h.hostile:
+                return HostileNode(node, list(sc.hostile.behaviours), self.v1)
+            return node
+        if sc.protocol == "central-pull":
+            return CentralPullAgent(trust, self.hosts[self.n].address, sc.baselines.pull_interval_ms,
+                                    sc.baselines.request_bytes, rng)
+        peers = [(x.node_id, x.address) for x in self.hosts[: self.n]]
+        return FloodNode(trust, h.node_id, peers, self.cfg.fanout, self.cfg.announce_rounds,
+                         self.cfg.announce_interval_ms, rng)
+
+    def _trust_from_disk(self, h: Host) -> TrustedState:
+        trust = TrustedState(self.anchor)
+        trust.update_root_chain(h.persisted_roots)
+        if h.persisted_policy is not None:
+            trust.accept_policy(h.persisted_policy, self.wall(h.idx, self.now))
+        return trust
+
+    def _boot(self, i: int, _arg: Any) -> None:
+        h = self.hosts[i]
+        if h.persisted_policy is None:
+            # enrolment hands every node the trust anchor and the current policy (serial 1)
+            h.persisted_policy = self.v1
+        trust = self._trust_from_disk(h)
+        h.applied = trust.serial
+        peers = msgspec.msgpack.decode(h.persisted_peers) if h.persisted_peers else None
+        h.proc = self._make_proc(h, trust, peers)
+        h.started_ms = self.now
+        self.net.up[i] = True
+        self.net.host_up[i] = True
+        self._feed(i, TimerFired())
+
+    # -- faults --------------------------------------------------------------------------------------
+    def _faults(self) -> None:
+        frng = self.rng("faults")
+        for f in self.sc.faults:
+            end = f.until_ms if f.until_ms is not None else NEVER
+            label = f.name or f.kind
+            self.fault_windows.append((f.at_ms, min(end, self.sc.duration_ms), label))
+            if f.kind == "partition":
+                side = bytearray(self.n + 1)
+                if f.regions:
+                    for h in self.hosts:
+                        side[h.idx] = 1 if self.regions[h.region] in f.regions else 0
+                else:
+                    k = f.count or int(round(f.fraction * self.n))
+                    for i in frng.sample(range(self.n), k):
+                        side[i] = 1
+                self.net.cuts.append(Cut(f.at_ms, end, side))
+            elif f.kind == "loss":
+                self.net.loss_windows.append((f.at_ms, end, f.loss))
+            elif f.kind in ("region_outage", "crash"):
+                if f.kind == "region_outage":
+                    victims = [h.idx for h in self.hosts[: self.n] if self.regions[h.region] in f.regions]
+                else:
+                    k = f.count or int(round(f.fraction * self.n))
+                    victims = sorted(frng.sample(range(self.n), k))
+                blackhole = f.kind == "region_outage"
+                for i in victims:
+                    self._push(f.at_ms, ACTION, i, self._crash, blackhole)
+                    if end != NEVER:
+                        self._push(end, ACTION, i, self._restart, None)
+            elif f.kind == "authority_outage":
+                self._push(f.at_ms, ACTION, self.n, self._authority_down, None)
+                if end != NEVER:
+                    self._push(end, ACTION, self.n, self._authority_up, None)
+
+    def _crash(self, i: int, blackhole: bool) -> None:
+        h = self.hosts[i]
+        if not self.net.up[i]:
+            return
+        self.net.up[i] = False
+        self.net.host_up[i] = not blackhole
+        self.timer_at[i] = None
+        for j in self.net.drop_node(i):
+            delay = self.sc.tcp.user_timeout_ms if blackhole else int(self.net.one_way(i, j)) + 1
+            self._push(self.now + delay, DISCONNECTED, j, i, self.net.epoch[j])
+        h.proc = None
+        self._crashed_serial = getattr(self, "_crashed_serial", {})
+        self._crashed_serial[i] = h.applied
+
+    def _restart(self, i: int, _arg: Any) -> None:
+        h = self.hosts[i]
+        if self.net.up[i] or h.proc is not None:
+            return
+        self.net.epoch[i] += 1
+        self.disturb_end[i] = self.now
+        before = self._crashed_serial.get(i, 0)
+        self._boot(i, None)
+        if h.applied < before:
+            self.inv.violation(self.seed, self.now, f"{h.node_id} restarted enforcing serial {h.applied}, "
+                                                    f"had {before}")
+
+    def _authority_down(self, i: int, _arg: Any) -> None:
+        self.net.up[i] = False
+        self.net.host_up[i] = False
+
+    def _authority_up(self, i: int, _arg: Any) -> None:
+        self.net.up[i] = True
+        self.net.host_up[i] = True
+        self.net.epoch[i] += 1
+        for v in self.versions:
+            if v.published_at is None and v.publish_ms <= self.now:
+                self._publish(0, v)
+
+    # -- publishing and measurement ------------------------------------------------------------------
+    def _publish(self, _i: int, v: Version) -> None:
+        if not self.net.up[self.n]:
+            return  # the authority is down: publish when it is back (see _authority_up)
+        v.published_at = self.now
+        v.snap_publish = self._snapshot()
+        self.hosts[self.n].proc.publish(v.envelope, v.hash)
+        if self.sc.protocol == "central-pull":
+            return
+        prng = self.rng("publisher")
+        region = self.sc.policy.publisher_region
+        cands = [h.idx for h in self.hosts[: self.n] if self.net.up[h.idx] and not h.hostile
+                 and (region is None or self.regions[h.region] == region)]
+        if not cands:
+            return
+        target = prng.choice(cands)
+        self._feed(target, PolicySubmitted(v.envelope, "operator"))
+
+    def _snapshot(self) -> list[int]:
+        return [sum(self.recv_bytes[: self.n]), sum(self.recv_msgs[: self.n]), sum(self.recv_diss[: self.n])]
+
+    def _snap_idle(self, _i: int, _a: Any) -> None:
+        self.idle_snap = self._snapshot()
+        self.idle_snap_t = self.now
+
+    def _sample(self, _i: int, _a: Any) -> None:
+        v = self._current_version()
+        self.series_t.append(self.now)
+        for r, name in enumerate(self.regions):
+            live = [h for h in self.hosts[: self.n] if h.region == r and self.net.up[h.idx] and not h.hostile]
+            if v is None or not live:
+                self.series[name].append(0.0 if live else float("nan"))
+            else:
+                self.series[name].append(sum(1 for h in live if h.applied >= v.serial) / len(live))
+        nxt = self.now + self.sc.measure.sample_ms
+        if nxt <= self.sc.duration_ms:
+            self._push(nxt, ACTION, 0, self._sample, None)
+
+    def _current_version(self) -> Version | None:
+        cur = None
+        for v in self.versions:
+            if v.published_at is not None:
+                cur = v
+        return cur
+
+    # -- event loop ----------------------------------------------------------------------------------
+    def _push(self, at: int, kind: int, i: int, a: Any = None, b: Any = None) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (at, self._seq, kind, i, a, b))
+
+    def wall(self, i: int, ms: int) -> float:
+        return T0 + ms / 1000.0 + self.hosts[i].skew_s
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        end = self.sc.duration_ms
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end // 1000, unit="vs", desc=f"{self.sc.name} ({self.sc.protocol})",
+                       file=sys.stderr, leave=False)
+        shown = 0
+        heap = self.heap
+        pop = heapq.heappop
+        while heap:
+            at, _seq, kind, i, a, b = pop(heap)
+            if at > end:
+                break
+            self.now = at
+            if kind == TIMER:
+                if self.timer_at[i] != at or not self.net.up[i]:
+                    continue
+                self.timer_at[i] = None
+                self.events += 1
+                self._feed(i, TimerFired())
+            elif kind == DELIVER:
+                data, epoch = b
+                if not self.net.up[i] or self.net.epoch[i] != epoch:
+                    continue
+                self.events += 1
+                n = self.net.wire_bytes(len(data))
+                self.recv_bytes[i] += n
+                self.recv_msgs[i] += 1
+                k = frame_kind(data)
+                self.kind_bytes[k] += n
+                self.kind_msgs[k] += 1
+                if k in DISSEMINATION_TAGS:
+                    self.recv_diss[i] += n
+                self._feed(i, FrameReceived(self.hosts[a].node_id, data))
+            elif kind == CONNECTED:
+                if not self.net.up[i] or self.net.epoch[i] != b[1]:
+                    continue
+                self.events += 1
+                self._feed(i, PeerConnected(self.hosts[a].node_id, b[0]))
+            elif kind == DISCONNECTED:
+                if not self.net.up[i] or self.net.epoch[i] != b:
+                    continue
+                self.events += 1
+                self._feed(i, PeerDisconnected(self.hosts[a].node_id))
+            elif kind == SEND_FAILED:
+                if not self.net.up[i] or self.net.epoch[i] != b[1]:
+                    continue
+                self.events += 1
+                self._feed(i, SendFailed(a, b[0]))
+            else:
+                self.events += 1
+                a(i, b)
+            if bar is not None and at // 1000 > shown:
+                bar.update(at // 1000 - shown)
+                shown = at // 1000
+        self.now = end
+        if bar is not None:
+            bar.close()
+        self.wall_s = time.perf_counter() - t0
+        return self._finish()
+
+    def _feed(self, i: int, inp: Any) -> None:
+        h = self.hosts[i]
+        proc = h.proc
+        if proc is None:
+            return
+        now = self.now
+        effects = proc.handle(Now(now, self.wall(i, now)), inp)
+        if effects:
+            self._effects(h, effects)
+        d = proc.next_deadline()
+        if d is not None:
+            if d < now:
+                d = now
+            if self.timer_at[i] != d:
+                self.timer_at[i] = d
+                self._push(d, TIMER, i)
+
+    def _effects(self, h: Host, effects: list) -> None:
+        i = h.idx
+        now = self.now
+        net = self.net
+        for eff in effects:
+            if type(eff) is ApplyPolicy:
+                if i < self.n:
+                    if not h.hostile:
+                        h.applied = self.inv.check_effects(self.seed, now, h.node_id, h.applied, effects)
+                    else:
+                        h.applied = max(h.applied, eff.serial)
+                    self._converged(h)
+                break
+        for eff in effects:
+            t = type(eff)
+            if t is Send:
+                j = self.by_id.get(eff.peer) if eff.peer else self.by_addr.get(eff.address)
+                if j is None or j == i:
+                    if j is None:
+                        self._push(now + self.sc.tcp.connect_timeout_ms, SEND_FAILED, i, eff.peer,
+                                   (eff.address, net.epoch[i]))
+                    continue
+                deliver, fail = net.transmit(i, j, len(eff.data), now, self._on_connect, self._on_break)
+                if deliver != NEVER:
+                    self._push(deliver, DELIVER, j, i, (eff.data, net.epoch[j]))
+                    dup = net.duplicate_delay(i, j)
+                    if dup is not None:
+                        self._push(deliver + dup, DELIVER, j, i, (eff.data, net.epoch[j]))
+                elif fail != NEVER:
+                    self._push(fail, SEND_FAILED, i, eff.peer, (eff.address, net.epoch[i]))
+            elif t is Persist:
+                if eff.kind == "policy":
+                    h.persisted_policy = eff.data
+                elif eff.kind == "root":
+                    h.persisted_roots.append(eff.data)
+                elif eff.kind == "peers":
+                    h.persisted_peers = eff.data
+            elif t is MembersChanged:
+                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff, set())
+                h.directory = eff.certs
+            elif t is LivenessChanged:
+                if eff.liveness in ("dead", "suspect"):
+                    self._detection(i, eff)
+            elif t is Alert:
+                self.alerts[eff.event] = self.alerts.get(eff.event, 0) + 1
+            elif t is Disconnect:
+                j = self.by_id.get(eff.peer)
+                if j is not None and net.close(i, j):
+                    self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, net.epoch[j])
+                    self._push(now, DISCONNECTED, i, j, net.epoch[i])
+
+    def _on_connect(self, a: int, b: int, at: int) -> None:
+        net = self.net
+        ca = self.hosts[a].ident.cert_bytes if self.hosts[a].ident else b""
+        cb = self.hosts[b].ident.cert_bytes if self.hosts[b].ident else b""
+        self._push(at, CONNECTED, a, b, (cb, net.epoch[a]))
+        self._push(at, CONNECTED, b, a, (ca, net.epoch[b]))
+
+    def _on_break(self, a: int, b: int, at: int) -> None:
+        self._push(at, DISCONNECTED, a, b, self.net.epoch[a])
+        self._push(at, DISCONNECTED, b, a, self.net.epoch[b])
+
+    def _detection(self, i: int, eff: LivenessChanged) -> None:
+        j = self.by_id.get(eff.node_id)
+        if j is None:
+            return
+        dead = eff.liveness == "dead"
+        if dead:
+            self.deaths += 1
+        if not self.net.up[j] or not self.net.reachable(i, j, self.now):
+            return
+        lookback = self.sc.checks.false_detection_lookback_ms
+        last = max(self.disturb_end[j], self.disturb_end[i], self.hosts[j].started_ms, self.hosts[i].started_ms)
+        for c in self.net.cuts:
+            if c.side[i] != c.side[j] and c.start <= self.now:
+                last = max(last, min(c.end, self.now))
+        if self.now - last >= lookback or last == 0 and self.now >= lookback:
+            if dead:
+                self.false_detections += 1
+            else:
+                self.false_suspicions += 1
+
+    def _converged(self, h: Host) -> None:
+        if h.hostile:
+            return
+        for v in self.versions:
+            if v.published_at is not None and h.applied >= v.serial and h.idx not in v.applied:
+                v.applied[h.idx] = self.now
+                if v.done_ms is None:
+                    live = sum(1 for x in self.hosts[: self.n] if self.net.up[x.idx] and not x.hostile)
+                    if len(v.applied) >= live and all(x.idx in v.applied for x in self.hosts[: self.n]
+                                                      if self.net.up[x.idx] and not x.hostile):
+                        v.done_ms = self.now
+                        v.snap_done = self._snapshot()
+
+    # -- report --------------------------------------------------------------------------------------
+    def _finish(self) -> dict[str, Any]:
+        sc = self.sc
+        n = self.n
+        live = [h for h in self.hosts[:n] if self.net.up[h.idx] and not h.hostile]
+        versions = []
+        for v in self.versions:
+            versions.append(self._version_stats(v, live))
+        last = versions[-1]
+        # convergence after faults: every live node holds the last version at the end
+        if sc.checks.require_convergence:
+            missing = [h.node_id for h in live if h.applied < self.versions[-1].serial]
+            if missing:
+                self.inv.violation(self.seed, self.now, f"{len(missing)} live node(s) not converged to serial "
+                                                        f"{self.versions[-1].serial} at the end, e.g. {missing[:3]}")
+        idle_bps = None
+        if hasattr(self, "idle_snap") and self.versions[0].snap_publish is not None:
+            dt = (self.versions[0].published_at or 0) - self.idle_snap_t
+            if dt > 0:
+                idle_bps = round((self.versions[0].snap_publish[0] - self.idle_snap[0]) / n / (dt / 1000), 1)
+        node_hours = len(live) * sc.duration_ms / 3_600_000
+        report: dict[str, Any] = {
+            "scenario": sc.name,
+            "protocol": sc.protocol,
+            "seed": sc.seed,
+            "nodes": n,
+            "regions": self.regions,
+            "loss": sc.network.loss,
+            "transport": sc.network.transport,
+            "policy_bytes": self.policy_bytes,
+            "duration_ms": sc.duration_ms,
+            "live_nodes": len(live),
+            "hostile_nodes": sum(1 for h in self.hosts[:n] if h.hostile),
+            "converged_fraction": last["converged_fraction"],
+            "t50_ms": last["t50_ms"],
+            "t99_ms": last["t99_ms"],
+            "t100_ms": last["t100_ms"],
+            "bytes_per_node": last["bytes_per_node"],
+            "messages_per_node": last["messages_per_node"],
+            "dissemination_bytes_per_node": last["dissemination_bytes_per_node"],
+            "dissemination_bytes_per_node_max": last["dissemination_bytes_per_node_max"],
+            "bytes_budget_per_node": int(1.2 * self.policy_bytes + 2048),
+            "idle_bytes_per_node_s": idle_bps,
+            "run_bytes_per_node": round(sum(self.recv_bytes[:n]) / n, 1),
+            "run_messages_per_node": round(sum(self.recv_msgs[:n]) / n, 1),
+            "bytes_by_kind": {KIND_NAMES[k]: self.kind_bytes[k] for k in sorted(KIND_NAMES) if self.kind_bytes[k]},
+            "serf_model_ms": SERF_MODEL_MS,
+            "ratio_vs_serf_model": (round(last["t100_ms"] / SERF_MODEL_MS, 3)
+                                    if last["t100_ms"] is not None else None),
+            "false_detections": self.false_detections,
+            "false_detections_per_node_hour": round(self.false_detections / node_hours, 4) if node_hours else 0.0,
+            "false_suspicions": self.false_suspicions,
+            "deaths_declared": self.deaths,
+            "alerts": dict(sorted(self.alerts.items())),
+            "faults": [{"name": name, "start_ms": s, "end_ms": e} for s, e, name in self.fault_windows],
+            "versions": versions,
+            "events": self.events,
+            "wall_s": round(self.wall_s, 3),
+            "invariant_violations": self.inv.count,
+            "violations": self.inv.listed,
+        }
+        return report
+
+    def _version_stats(self, v: Version, live: list[Host]) -> dict[str, Any]:
+        n = self.n
+        pub = v.published_at
+        out: dict[str, Any] = {"serial": v.serial, "publish_ms": v.publish_ms, "published_at_ms": pub}
+        if pub is None or not live:
+            out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
+                       messages_per_node=None, dissemination_bytes_per_node=None,
+                       dissemination_bytes_per_node_max=None, by_region={})
+            return out
+        times = sorted(v.applied[h.idx] - pub for h in live if h.idx in v.applied)
+        frac = len(times) / len(live)
+
+        def pct(p: float) -> int | None:
+            need = math.ceil(p * len(live))
+            return times[need - 1] if need <= len(times) and need > 0 else None
+
+        snap_end = v.snap_done if v.snap_done is not None else self._snapshot()
+        sp = v.snap_publish or [0, 0, 0]
+        by_region = {}
+        for r, name in enumerate(self.regions):
+            lr = [h for h in live if h.region == r]
+            tr = sorted(v.applied[h.idx] - pub for h in lr if h.idx in v.applied)
+            by_region[name] = {"live": len(lr), "converged": len(tr),
+                               "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
+        out.update(
+            converged_fraction=round(frac, 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
+            t100_ms=times[-1] if len(times) == len(live) else None,
+            bytes_per_node=round((snap_end[0] - sp[0]) / n, 1),
+            messages_per_node=round((snap_end[1] - sp[1]) / n, 2),
+            dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
+            dissemination_bytes_per_node_max=None,
+            by_region=by_region,
+        )
+        return out
+
+
+def run_scenario(sc: Scenario, progress: bool = False) -> tuple[dict[str, Any], Simulation]:
+    sim = Simulation(sc, progress=progress)
+    report = sim.run()
+    return report, sim
+
+
+def replay_hint(report: dict[str, Any]) -> str:
+    return f"seed={report['seed']} scenario={report['scenario']} protocol={report['protocol']} nodes={report['nodes']}"
+
+
+_unused: tuple[Callable[..., Any], ...] = (decode_policy, hashlib.sha256, TrustError)

@@ -1,0 +1,235 @@
+"""The network model: region latency matrix with jitter, loss, duplication, reordering, partitions,
+host outages, and the transport the daemon really uses.
+
+``tcp`` (default) models one TCP connection (WebSocket + Noise) per peer pair: a lost segment shows up
+as a retransmission delay (RTO = RTT + min RTO, doubling per repeated loss) and head-of-line blocking,
+never as a lost message; a partition or a dead host breaks the connection after the user timeout;
+dialling costs ``connect_rtts`` round trips and fails after the connect timeout (unreachable) or one
+RTT (refused); a failed dial backs off exponentially.  ``datagram`` delivers each message on its own
+(lost, duplicated or reordered), which stresses the protocol beyond what TCP lets through.
+
+All randomness comes from the ``random.Random`` given in; every time is integer milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .scenario import NetworkCfg, TcpCfg
+
+NEVER = 1 << 62
+
+
+@dataclass(slots=True)
+class Cut:
+    start: int
+    end: int
+    side: bytearray  # 1 = side A, 0 = side B, per node index
+    authority_side: int = 0
+
+
+@dataclass(slots=True)
+class Conn:
+    ready_at: int
+    epoch_a: int
+    epoch_b: int
+    last_ab: int = 0
+    last_ba: int = 0
+    fail_at: int = NEVER  # a dial that fails, or a connection that breaks, at this time
+    broken: bool = False
+
+
+class Network:
+    def __init__(self, cfg: NetworkCfg, tcp: TcpCfg, regions: list[str], node_region: list[int],
+                 rng: random.Random) -> None:
+        self.cfg = cfg
+        self.tcp = tcp
+        self.rng = rng
+        self.node_region = node_region
+        nr = len(regions)
+        self.lat = [[cfg.intra_region_ms if i == j else cfg.cross_region_ms for j in range(nr)] for i in range(nr)]
+        index = {r: i for i, r in enumerate(regions)}
+        for key, ms in cfg.latency_ms.items():
+            a, b = key.split(".")
+            self.lat[index[a]][index[b]] = ms
+            self.lat[index[b]][index[a]] = ms
+        self.cuts: list[Cut] = []
+        self.loss_windows: list[tuple[int, int, float]] = []
+        self.up: list[bool] = []  # process running
+        self.host_up: list[bool] = []  # host reachable (False = blackhole: timeouts, not refusals)
+        self.epoch: list[int] = []
+        self.conns: dict[tuple[int, int], Conn] = {}
+        self.backoff: dict[tuple[int, int], tuple[int, int]] = {}  # (src,dst) -> (until, current)
+        self.bits_per_ms = cfg.bandwidth_mbps * 1000.0
+
+    # -- topology ------------------------------------------------------------------------------------
+    def one_way(self, a: int, b: int) -> float:
+        return self.lat[self.node_region[a]][self.node_region[b]]
+
+    def loss_at(self, t: int) -> float:
+        loss = self.cfg.loss
+        for start, end, p in self.loss_windows:
+            if start <= t < end:
+                loss = max(loss, p)
+        return loss
+
+    def reachable(self, a: int, b: int, t: int) -> bool:
+        if not self.host_up[a] or not self.host_up[b]:
+            return False
+        for c in self.cuts:
+            if c.start <= t < c.end and c.side[a] != c.side[b]:
+                return False
+        return True
+
+    def heal_time(self, a: int, b: int, t: int) -> int:
+        """First time >= t when the cuts between a and b are all over (hosts assumed up)."""
+        for _ in range(16):
+            blocking = [c.end for c in self.cuts if c.start <= t < c.end and c.side[a] != c.side[b]]
+            if not blocking:
+                return t
+            t = min(blocking)
+        return NEVER
+
+    def _delay(self, a: int, b: int, nbytes: int, t: int) -> int:
+        """One message over a live connection: latency, jitter, serialisation, retransmissions."""
+        lat = self.one_way(a, b)
+        rng = self.rng
+        d = lat * (1.0 + self.cfg.jitter * rng.random()) + nbytes * 8 / self.bits_per_ms
+        loss = self.loss_at(t)
+        if loss > 0.0:
+            rto = 2 * lat + self.tcp.min_rto_ms
+            worst = 0.0
+            for _ in range(1 + (nbytes - 1) // self.tcp.mss):
+                if rng.random() < loss:
+                    extra = rto
+                    step = rto
+                    while rng.random() < loss and step < self.tcp.max_rto_ms:
+                        step *= 2
+                        extra += step
+                    if extra > worst:
+                        worst = extra
+            # the ack path can lose too: a lost ack of the last segment costs an RTO as well
+            d += worst
+        return int(d) + 1
+
+    def wire_bytes(self, payload: int) -> int:
+        n = payload + self.tcp.frame_overhead_bytes
+        return n + (1 + (n - 1) // self.tcp.mss) * self.tcp.header_bytes
+
+    # -- connection model ----------------------------------------------------------------------------
+    def transmit(self, src: int, dst: int, payload: int, t: int,
+                 on_connect: Callable[[int, int, int], None],
+                 on_break: Callable[[int, int, int], None]) -> tuple[int, int]:
+        """Send one message.  Returns (deliver_at, fail_at): exactly one is NEVER.  ``on_connect(a, b,
+        at)`` / ``on_break(a, b, at)`` are called when a connection opens / breaks."""
+        nbytes = self.wire_bytes(payload)
+        if self.cfg.transport == "datagram":
+            return self._datagram(src, dst, nbytes, t)
+        key = (src, dst) if src < dst else (dst, src)
+        conn = self.conns.get(key)
+        ea, eb = (self.epoch[key[0]], self.epoch[key[1]])
+        if conn is not None and (conn.broken or conn.epoch_a != ea or conn.epoch_b != eb or t >= conn.fail_at):
+            if not conn.broken and conn.ready_at < conn.fail_at <= t:
+                pass
+            del self.conns[key]
+            conn = None
+        if conn is None:
+            bo = self.backoff.get((src, dst))
+            if bo is not None and t < bo[0]:
+                return NEVER, t
+            conn = self._dial(src, dst, key, t, on_connect)
+            if conn.fail_at != NEVER and conn.ready_at == NEVER:
+                return NEVER, conn.fail_at
+        if conn.fail_at != NEVER and conn.ready_at == NEVER:
+            return NEVER, conn.fail_at  # dialling, will fail
+        start = max(t, conn.ready_at)
+        if not self.reachable(src, dst, start) or not self.up[dst]:
+            if self.up[dst] or not self.host_up[dst]:
+                heal = self.heal_time(src, dst, start) if self.host_up[src] and self.host_up[dst] else NEVER
+                rto = 2 * self.one_way(src, dst) + self.tcp.min_rto_ms
+                t_retx, step = start + rto, rto
+                while t_retx < heal and t_retx - start < self.tcp.user_timeout_ms:
+                    step = min(step * 2, self.tcp.max_rto_ms)
+                    t_retx += step
+                if t_retx >= heal and t_retx - start < self.tcp.user_timeout_ms and self.up[dst]:
+                    at = int(t_retx + self.one_way(src, dst)) + 1
+                    return self._order(conn, src, dst, key, at), NEVER
+                brk = start + self.tcp.user_timeout_ms
+            else:
+                brk = start + int(2 * self.one_way(src, dst)) + 1  # process gone: RST
+            conn.fail_at = min(conn.fail_at, brk)
+            conn.broken = True
+            on_break(src, dst, brk)
+            return NEVER, NEVER  # lost with the connection; the break is reported
+        at = start + self._delay(src, dst, nbytes, start)
+        return self._order(conn, src, dst, key, at), NEVER
+
+    def _order(self, conn: Conn, src: int, dst: int, key: tuple[int, int], at: int) -> int:
+        if src == key[0]:
+            if at <= conn.last_ab:
+                at = conn.last_ab
+            conn.last_ab = at
+        else:
+            if at <= conn.last_ba:
+                at = conn.last_ba
+            conn.last_ba = at
+        return at
+
+    def _dial(self, src: int, dst: int, key: tuple[int, int], t: int,
+              on_connect: Callable[[int, int, int], None]) -> Conn:
+        ea, eb = self.epoch[key[0]], self.epoch[key[1]]
+        rtt = 2 * self.one_way(src, dst)
+        if self.reachable(src, dst, t) and self.up[dst]:
+            setup = self.tcp.connect_rtts * rtt
+            loss = self.loss_at(t)
+            if loss > 0.0:
+                for i in range(int(2 * self.tcp.connect_rtts + 0.5)):
+                    if self.rng.random() < loss:
+                        setup += self.tcp.syn_rto_ms if i < 2 else rtt + self.tcp.min_rto_ms
+            ready = t + int(setup) + 1
+            conn = Conn(ready, ea, eb, ready, ready)
+            self.conns[key] = conn
+            self.backoff.pop((src, dst), None)
+            on_connect(src, dst, ready)
+            return conn
+        if self.host_up[dst] and self.reachable(src, dst, t):
+            fail = t + int(rtt) + 1  # refused: the host answers with RST
+        else:
+            fail = t + self.tcp.connect_timeout_ms
+        _, cur = self.backoff.get((src, dst), (0, 0))
+        cur = min(max(self.tcp.reconnect_backoff_ms, cur * 2), self.tcp.reconnect_backoff_max_ms)
+        self.backoff[(src, dst)] = (fail + cur, cur)
+        conn = Conn(NEVER, ea, eb, fail_at=fail)
+        self.conns[key] = conn
+        return conn
+
+    def close(self, a: int, b: int) -> bool:
+        key = (a, b) if a < b else (b, a)
+        return self.conns.pop(key, None) is not None
+
+    def drop_node(self, i: int) -> list[int]:
+        """The process of node i ended: its connections are gone.  Returns the peers it had."""
+        peers = []
+        for key in [k for k in self.conns if i in k]:
+            conn = self.conns.pop(key)
+            if conn.ready_at != NEVER and not conn.broken:
+                peers.append(key[0] if key[1] == i else key[1])
+        return peers
+
+    def _datagram(self, src: int, dst: int, nbytes: int, t: int) -> tuple[int, int]:
+        rng = self.rng
+        if not self.reachable(src, dst, t) or not self.up[dst] or rng.random() < self.loss_at(t):
+            return NEVER, NEVER
+        lat = self.one_way(src, dst)
+        d = lat * (1.0 + self.cfg.jitter * rng.random()) + nbytes * 8 / self.bits_per_ms
+        if self.cfg.reorder and rng.random() < self.cfg.reorder:
+            d += rng.random() * self.cfg.reorder_ms
+        return t + int(d) + 1, NEVER
+
+    def duplicate_delay(self, src: int, dst: int) -> int | None:
+        """Datagram mode: a duplicate copy of the last message, if the dice say so."""
+        if self.cfg.transport != "datagram" or not self.cfg.duplicate or self.rng.random() >= self.cfg.duplicate:
+            return None
+        return int(self.one_way(src, dst) + self.rng.random() * max(self.cfg.reorder_ms, 1)) + 1

@@ -1,0 +1,232 @@
+"""Scenario files (TOML): schema, loading with one-line errors, CLI overrides.
+
+Every table is a msgspec struct with ``forbid_unknown_fields``, so a typo is an error naming the key.
+Times are integer virtual milliseconds; one-way latencies are float milliseconds.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from protocol.gossip_config import GossipConfig
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+PROTOCOLS = ("gossip", "central-pull", "flood")
+
+
+class ScenarioError(Exception):
+    """A scenario file or override is invalid (one line, no traceback)."""
+
+
+class _T(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodesCfg(_T):
+    count: int = 100
+    regions: list[str] = msgspec.field(default_factory=lambda: ["lan"])
+    seeds_per_region: int = 1
+    join_spread_ms: int = 3000
+
+
+class NetworkCfg(_T):
+    transport: Literal["tcp", "datagram"] = "tcp"
+    loss: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_ms: int = 20
+    jitter: float = 0.1  # fraction of the one-way latency, uniform
+    intra_region_ms: float = 0.25
+    cross_region_ms: float = 50.0
+    latency_ms: dict[str, float] = msgspec.field(default_factory=dict)  # "a.b" -> one-way ms
+    bandwidth_mbps: float = 1000.0
+
+
+class TcpCfg(_T):
+    """The transport model's constants (Linux defaults; calibrate against real processes)."""
+
+    min_rto_ms: int = 200
+    max_rto_ms: int = 120_000
+    syn_rto_ms: int = 1000
+    connect_timeout_ms: int = 3000
+    user_timeout_ms: int = 20_000
+    reconnect_backoff_ms: int = 500
+    reconnect_backoff_max_ms: int = 30_000
+    connect_rtts: float = 3.0  # TCP handshake + WebSocket upgrade + Noise XX before the first frame
+    mss: int = 1448
+    header_bytes: int = 52  # IPv4 + TCP with timestamps, per segment
+    frame_overhead_bytes: int = 20  # WebSocket header + Noise AEAD tag, per message
+
+
+class PolicyCfg(_T):
+    rules: int = 20
+    valid_s: int = 7 * 86400
+    publish_at_ms: list[int] = msgspec.field(default_factory=lambda: [20_000])
+    publisher_region: str | None = None
+
+
+class BaselineCfg(_T):
+    pull_interval_ms: int = 30_000
+    authority_region: str | None = None
+    request_bytes: int = 400
+    not_modified_bytes: int = 250
+    response_overhead_bytes: int = 350
+
+
+class Fault(_T):
+    kind: Literal["partition", "region_outage", "crash", "authority_outage", "loss"]
+    at_ms: int
+    until_ms: int | None = None
+    regions: list[str] = msgspec.field(default_factory=list)
+    fraction: float = 0.0
+    count: int = 0
+    loss: float = 0.0
+    name: str = ""
+
+
+class HostileCfg(_T):
+    count: int = 0
+    fraction: float = 0.0
+    behaviours: list[Literal["replay", "withhold", "lure"]] = msgspec.field(
+        default_factory=lambda: ["replay", "withhold", "lure"])
+
+
+class ChecksCfg(_T):
+    require_convergence: bool = True
+    settle_ms: int = 10_000
+    false_detection_lookback_ms: int = 90_000
+
+
+class MeasureCfg(_T):
+    idle_window_ms: int = 10_000
+    sample_ms: int = 50
+
+
+class Scenario(_T):
+    name: str
+    description: str = ""
+    duration_ms: int = 60_000
+    seed: int = 1
+    protocol: Literal["gossip", "central-pull", "flood"] = "gossip"
+    clock_skew_s: float = 0.0
+    nodes: NodesCfg = msgspec.field(default_factory=NodesCfg)
+    network: NetworkCfg = msgspec.field(default_factory=NetworkCfg)
+    tcp: TcpCfg = msgspec.field(default_factory=TcpCfg)
+    gossip: dict[str, int] = msgspec.field(default_factory=dict)
+    policy: PolicyCfg = msgspec.field(default_factory=PolicyCfg)
+    baselines: BaselineCfg = msgspec.field(default_factory=BaselineCfg)
+    faults: list[Fault] = msgspec.field(default_factory=list)
+    hostile: HostileCfg = msgspec.field(default_factory=HostileCfg)
+    checks: ChecksCfg = msgspec.field(default_factory=ChecksCfg)
+    measure: MeasureCfg = msgspec.field(default_factory=MeasureCfg)
+
+    def gossip_config(self) -> GossipConfig:
+        try:
+            return GossipConfig.from_mapping(dict(self.gossip))
+        except (ValueError, TypeError) as exc:
+            raise ScenarioError(f"scenario {self.name}: [gossip]: {exc}") from None
+
+
+def resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (SCENARIO_DIR / name_or_path, SCENARIO_DIR / f"{name_or_path}.toml"):
+        if cand.exists():
+            return cand
+    raise ScenarioError(f"scenario {name_or_path!r} not found (a path, or one of: {', '.join(bundled())})")
+
+
+def bundled() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load(name_or_path: str) -> Scenario:
+    path = resolve_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: invalid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    return from_dict(data, str(path))
+
+
+def from_dict(data: dict, origin: str = "scenario") -> Scenario:
+    try:
+        sc = msgspec.convert(data, Scenario)
+    except msgspec.ValidationError as exc:
+        raise ScenarioError(f"{origin}: {exc}".replace("`$.", "`")) from None
+    validate(sc, origin)
+    return sc
+
+
+def validate(sc: Scenario, origin: str = "scenario") -> None:
+    def bad(msg: str) -> ScenarioError:
+        return ScenarioError(f"{origin}: {msg}")
+
+    if sc.nodes.count < 1:
+        raise bad("nodes.count must be >= 1")
+    if not sc.nodes.regions or len(set(sc.nodes.regions)) != len(sc.nodes.regions):
+        raise bad("nodes.regions must be a non-empty list of distinct names")
+    if sc.duration_ms < 1:
+        raise bad("duration_ms must be positive")
+    for name, value in (("network.loss", sc.network.loss), ("network.duplicate", sc.network.duplicate),
+                        ("network.reorder", sc.network.reorder)):
+        if not 0.0 <= value < 1.0:
+            raise bad(f"{name} must be in [0, 1), got {value}")
+    regions = set(sc.nodes.regions)
+    for key in sc.network.latency_ms:
+        parts = key.split(".")
+        if len(parts) != 2 or not set(parts) <= regions:
+            raise bad(f"network.latency_ms key {key!r} must be 'REGION.REGION' with known regions")
+    for i, f in enumerate(sc.faults):
+        where = f"faults[{i}] ({f.kind})"
+        if f.until_ms is not None and f.until_ms <= f.at_ms:
+            raise bad(f"{where}: until_ms must be after at_ms")
+        if not set(f.regions) <= regions:
+            raise bad(f"{where}: unknown region in {f.regions}")
+        if f.kind == "partition" and not f.regions and not f.fraction and not f.count:
+            raise bad(f"{where}: a partition needs regions, fraction or count")
+        if f.kind == "region_outage" and not f.regions:
+            raise bad(f"{where}: a region outage needs regions")
+        if f.kind == "crash" and not f.fraction and not f.count:
+            raise bad(f"{where}: a crash needs fraction or count")
+        if not 0.0 <= f.fraction <= 1.0 or not 0.0 <= f.loss < 1.0:
+            raise bad(f"{where}: fraction and loss must be within [0, 1]")
+    if sc.policy.publisher_region is not None and sc.policy.publisher_region not in regions:
+        raise bad(f"policy.publisher_region {sc.policy.publisher_region!r} is not a region")
+    if sc.baselines.authority_region is not None and sc.baselines.authority_region not in regions:
+        raise bad(f"baselines.authority_region {sc.baselines.authority_region!r} is not a region")
+    if not sc.policy.publish_at_ms:
+        raise bad("policy.publish_at_ms must list at least one time")
+    if any(t >= sc.duration_ms for t in sc.policy.publish_at_ms):
+        raise bad("policy.publish_at_ms must be before duration_ms")
+    if sc.policy.rules < 1 or sc.policy.rules > 4096:
+        raise bad("policy.rules must be 1..4096")
+    sc.gossip_config()
+
+
+def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None, loss: float | None = None,
+             protocol: str | None = None, duration_ms: int | None = None) -> Scenario:
+    changes: dict = {}
+    if seed is not None:
+        changes["seed"] = seed
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ScenarioError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
+        changes["protocol"] = protocol
+    if duration_ms is not None:
+        changes["duration_ms"] = duration_ms
+    if nodes is not None:
+        changes["nodes"] = msgspec.structs.replace(sc.nodes, count=nodes)
+    if loss is not None:
+        changes["network"] = msgspec.structs.replace(sc.network, loss=loss)
+    new = msgspec.structs.replace(sc, **changes)
+    validate(new, f"scenario {sc.name} (with overrides)")
+    return new

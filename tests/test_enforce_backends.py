@@ -227,6 +227,11 @@ def test_nft_member_changes_update_sets_in_place(lab: Lab, ns: str, sc: Scenario
     shrunk = sc.ruleset(members=[sc.c], serial=3)
     assert be.update_sets(shrunk).mode == "sets"
     assert "10.9.0.2" not in nft_list(lab, "set", "inet", "policymesh", "role_app_v4")
+    # an element slipped in behind our back: the in-place update notices and replaces the whole table
+    lab.exec("k", ["nft", "add element inet policymesh role_app_v4 { 10.66.0.1 }"])
+    res = be.apply(grown)
+    assert res.mode == "full" and be.read_kernel_hash() == grown.hash
+    assert "10.66.0.1" not in nft_list(lab, "set", "inet", "policymesh", "role_app_v4")
     with pytest.raises(EnforcementError, match="rules changed"):
         be.update_sets(sc.ruleset(KITCHEN_SINK, serial=4))
     assert be.apply(sc.ruleset(KITCHEN_SINK, serial=4)).mode == "full"

@@ -168,6 +168,11 @@ def _changed_sets(old: Ruleset, new: Ruleset) -> list[Any]:
     return [s for s in new.sets if before.get(s.name) != s.elements]
 
 
+def _set_pairs(old: Ruleset, new: Ruleset) -> list[tuple[Any, Any]]:
+    before = {s.name: s for s in old.sets}
+    return [(before[s.name], s) for s in new.sets if before[s.name].elements != s.elements]
+
+
 # -- nftables ----------------------------------------------------------------------------------------
 class NftBackend(Backend):
     """``table inet <table>``, replaced atomically with ``nft -j -f -``; sets updated in place."""
@@ -206,14 +211,14 @@ class NftBackend(Backend):
 
     def _sets(self, rs: Ruleset) -> ApplyResult:
         assert self.applied is not None
-        changed = _changed_sets(self.applied, rs)
-        if changed:
-            self._load(set_update_json(self.table, changed))
+        pairs = _set_pairs(self.applied, rs)
+        if pairs:
+            self._load(set_update_json(self.table, pairs))
         kernel = self.read_kernel_hash()
         if kernel != rs.hash:
             raise EnforcementError(f"after the set update the kernel holds {kernel}, not {rs.hash}")
         self.applied, self._baseline = rs, kernel
-        return ApplyResult(self.name, "sets", rs.hash, kernel, True, tuple(s.name for s in changed))
+        return ApplyResult(self.name, "sets", rs.hash, kernel, True, tuple(new.name for _, new in pairs))
 
     def _can_update_sets(self, rs: Ruleset) -> bool:
         return self.applied is not None and self.exact and rs.structure_hash == self.applied.structure_hash

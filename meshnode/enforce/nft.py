@@ -20,6 +20,8 @@ import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
 
+from .model import canonical_address
+
 if TYPE_CHECKING:
     from .model import AddressSet, FilterRule, Ruleset
 
@@ -200,38 +202,51 @@ def to_nft_json(rs: Ruleset) -> dict[str, Any]:
     return {"nftables": cmds}
 
 
-def set_update_json(table: str, changed: list[AddressSet]) -> dict[str, Any]:
-    """One transaction that replaces the elements of ``changed`` sets in place (flush + add)."""
+def set_update_json(table: str, changes: list[tuple[AddressSet, AddressSet]]) -> dict[str, Any]:
+    """One transaction that changes set elements in place: for each (old, new) pair, delete what left
+    and add what arrived.  nft refuses to delete an element that is not there, so a set edited behind
+    our back makes this fail (and the caller replaces the whole table)."""
     cmds: list[dict[str, Any]] = [{"metainfo": {"json_schema_version": 1}}]
-    for s in changed:
-        ref = {"family": FAMILY, "table": table, "name": s.name}
-        cmds.append({"flush": {"set": dict(ref)}})
-        if s.elements:
-            cmds.append({"add": {"element": {**ref, "elem": [_elem_json(e, s.interval) for e in s.elements]}}})
+    for old, new in changes:
+        ref = {"family": FAMILY, "table": table, "name": new.name}
+        before, after = set(old.elements), set(new.elements)
+        gone = [e for e in old.elements if e not in after]
+        came = [e for e in new.elements if e not in before]
+        if gone:
+            cmds.append({"delete": {"element": {**ref, "elem": [_elem_json(e, old.interval) for e in gone]}}})
+        if came:
+            cmds.append({"add": {"element": {**ref, "elem": [_elem_json(e, new.interval) for e in came]}}})
     return {"nftables": cmds}
 
 
 # -- normalisation ---------------------------------------------------------------------------------
+def _canon_prefix(addr: str, plen: int) -> str:
+    parsed = canonical_address(addr)
+    if parsed is None:
+        return f"{addr}/{plen}"
+    fam, text, _ = parsed
+    if plen == (32 if fam == "ip" else 128):
+        return text
+    return str(ipaddress.ip_network(f"{text}/{plen}", strict=False))
+
+
 def _canon_elem(e: Any) -> str:
     if isinstance(e, dict) and "elem" in e:  # element with options (timeout, comment...)
         e = e["elem"].get("val")
+    if isinstance(e, str):
+        if "/" in e:
+            addr, _, plen = e.partition("/")
+            return _canon_prefix(addr, int(plen)) if plen.isdigit() else e
+        parsed = canonical_address(e)
+        return parsed[1] if parsed else e
     if isinstance(e, dict) and "prefix" in e:
-        net = ipaddress.ip_network(f"{e['prefix']['addr']}/{e['prefix']['len']}", strict=False)
-        return str(net) if net.prefixlen != net.max_prefixlen else str(net.network_address)
+        return _canon_prefix(str(e["prefix"]["addr"]), int(e["prefix"]["len"]))
     if isinstance(e, dict) and "range" in e:
         lo, hi = (str(ipaddress.ip_address(x)) for x in e["range"])
         nets = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
         if len(nets) == 1:
             return _canon_elem({"prefix": {"addr": str(nets[0].network_address), "len": nets[0].prefixlen}})
         return f"{lo}-{hi}"
-    if isinstance(e, str):
-        try:
-            if "/" in e:
-                net = ipaddress.ip_network(e, strict=False)
-                return str(net) if net.prefixlen != net.max_prefixlen else str(net.network_address)
-            return str(ipaddress.ip_address(e))
-        except ValueError:
-            return e
     return json.dumps(e, sort_keys=True)
 
 

@@ -22,6 +22,7 @@ expiry (fail-static is the caller's decision).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 from protocol.errors import PolicyError, RevokedError
@@ -59,41 +60,48 @@ def log_prefix(tag: str) -> str:
 
 
 class _Directory:
-    """Addresses of the valid, unrevoked members, by family, role and node."""
+    """Addresses of the valid, unrevoked members, by family, role and node (lists; deduplicated when a
+    set is built).  The hot loop of a 10,000-member render, hence inet_pton/inet_ntop inline."""
 
     def __init__(self) -> None:
-        self.all: dict[str, set[str]] = {"ip": set(), "ip6": set()}
-        self.by_role: dict[tuple[str, str], set[str]] = {}
-        self.by_node: dict[tuple[str, str], set[str]] = {}
-        self.sort_key: dict[str, int] = {}
+        self.all: dict[str, list[str]] = {"ip": [], "ip6": []}
+        self.by_role: dict[tuple[str, str], list[str]] = {}
+        self.by_node: dict[tuple[str, str], list[str]] = {}
+        self.sort_key: dict[str, bytes] = {}
 
     def add(self, cert: Certificate) -> list[str]:
         bad = []
+        pton, ntop, sort_key, by_role = socket.inet_pton, socket.inet_ntop, self.sort_key, self.by_role
         for raw in cert.addresses:
-            try:
-                addr = ipaddress.ip_address(raw)
-            except ValueError:
+            if "%" in raw:  # scoped link-local: cannot go into a set
                 bad.append(raw)
                 continue
-            if getattr(addr, "scope_id", None):
-                bad.append(raw)  # scoped link-local addresses cannot go into a set
+            af, fam = (socket.AF_INET6, "ip6") if ":" in raw else (socket.AF_INET, "ip")
+            try:
+                packed = pton(af, raw)
+            except OSError:
+                bad.append(raw)
                 continue
-            fam = "ip" if addr.version == 4 else "ip6"
-            text = str(addr)
-            self.sort_key[text] = int(addr)
-            self.all[fam].add(text)
+            text = ntop(af, packed)
+            sort_key[text] = packed
+            self.all[fam].append(text)
             for role in cert.roles:
-                self.by_role.setdefault((role, fam), set()).add(text)
-            self.by_node.setdefault((cert.node_id, fam), set()).add(text)
+                key = (role, fam)
+                if key in by_role:
+                    by_role[key].append(text)
+                else:
+                    by_role[key] = [text]
+            self.by_node.setdefault((cert.node_id, fam), []).append(text)
         return bad
 
 
-def _exclusion_reason(cert: Certificate, own: Certificate, rev: Revocations, now: float | None, skew_s: float) -> str | None:
+def _exclusion_reason(cert: Certificate, own: Certificate, revoked_nodes: frozenset[str],
+                      revoked_certs: frozenset[str], now: float | None, skew_s: float) -> str | None:
     if cert.cluster != own.cluster:
         return f"cluster {cert.cluster!r} is not {own.cluster!r}"
-    if cert.node_id in rev.nodes:
+    if cert.node_id in revoked_nodes:
         return "node revoked"
-    if cert.cert_id in rev.certs:
+    if cert.cert_id in revoked_certs:
         return "certificate revoked"
     if now is not None:
         if cert.not_after < now - skew_s:
@@ -172,12 +180,13 @@ def render(
     directory = _Directory()
     excluded: list[Exclusion] = []
     seen: set[tuple[str, str]] = set()
+    revoked_nodes, revoked_certs = frozenset(rev.nodes), frozenset(rev.certs)
     for cert in [own, *members]:
         key = (cert.node_id, cert.cert_id)
         if key in seen:
             continue
         seen.add(key)
-        reason = _exclusion_reason(cert, own, rev, now, skew_s)
+        reason = _exclusion_reason(cert, own, revoked_nodes, revoked_certs, now, skew_s)
         if reason is not None:
             excluded.append(Exclusion(cert.node_id, cert.cert_id, reason))
             continue
@@ -189,7 +198,7 @@ def render(
     def host_set(name: str, fam: str, elements: Iterable[str], purpose: str) -> str:
         full = f"{name}_{FAMILY_SUFFIX[fam]}"
         if full not in sets:
-            ordered = tuple(sorted(elements, key=directory.sort_key.__getitem__))
+            ordered = tuple(sorted(set(elements), key=directory.sort_key.__getitem__))
             sets[full] = AddressSet(full, fam, False, ordered, purpose)
         return full
 

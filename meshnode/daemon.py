@@ -98,6 +98,7 @@ class MeshDaemon:
         self.node: Node | None = None
         self.conns: dict[str, list[Conn]] = {}
         self.operator_conns: set[Conn] = set()
+        self.handshaking: set[Conn] = set()  # inbound channels still in their handshake
         self.by_addr: dict[str, Conn] = {}
         self.dialing: dict[str, list[bytes]] = {}
         self.members: dict[str, bytes] = {}
@@ -200,11 +201,11 @@ class MeshDaemon:
             pass
         finally:
             self._tg = None
-            for conns in list(self.conns.values()):
-                for c in conns:
-                    await transport.close(c, "node shutting down")
-            for c in list(self.operator_conns):
-                await transport.close(c, "node shutting down")
+            # Close every channel at once: one stalled peer must not hold up the others (each close
+            # waits up to a few seconds for the peer's reply).
+            closing = [c for conns in self.conns.values() for c in conns] + list(self.operator_conns)
+            closing += list(self.handshaking)
+            await asyncio.gather(*(transport.close(c, "node shutting down") for c in closing))
             for runner in reversed(self._runners):
                 await runner.cleanup()
             if self._http is not None:
@@ -244,7 +245,8 @@ class MeshDaemon:
         cfg = self.lc.cfg
         mesh_app = web.Application(client_max_size=1024)
         mesh_app.router.add_get(MESH_PATH, self._mesh_handler)
-        runner = web.AppRunner(mesh_app, access_log=None, handle_signals=False)
+        # shutdown_timeout bounds how long a stop waits for handlers (e.g. a peer stalling its handshake).
+        runner = web.AppRunner(mesh_app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.listen_host, self.listen_port, reuse_address=True)
@@ -257,7 +259,7 @@ class MeshDaemon:
             admin.router.add_get("/readyz", self._readyz)
             admin.router.add_get("/v1/status", self._status)
             admin.router.add_get("/metrics", self._metrics)
-            arunner = web.AppRunner(admin, access_log=None, handle_signals=False)
+            arunner = web.AppRunner(admin, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
             await arunner.setup()
             self._runners.append(arunner)
             await web.TCPSite(arunner, host, port, reuse_address=True).start()
@@ -485,6 +487,7 @@ class MeshDaemon:
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, autoping=True)
         await ws.prepare(request)
         conn = Conn(ws=ws, session=self._new_session(initiator=False), inbound=True, address=source)
+        self.handshaking.add(conn)
         try:
             await transport.handshake(conn, self._on_bytes)
         except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
@@ -493,6 +496,8 @@ class MeshDaemon:
             self.log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200])
             await transport.close(conn, reason)
             return ws
+        finally:
+            self.handshaking.discard(conn)
         self.metrics.handshakes.labels("ok", "inbound").inc()
         if conn.kind is ConnectionKind.OPERATOR:
             await self._serve_operator(conn)

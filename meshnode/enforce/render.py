@@ -61,22 +61,26 @@ def log_prefix(tag: str) -> str:
 
 class _Directory:
     """Addresses of the valid, unrevoked members, by family, role and node (lists; deduplicated when a
-    set is built).  The hot loop of a 10,000-member render, hence inet_pton/inet_ntop inline."""
+    set is built).  This is the hot loop of a 10,000-member render: inet_pton/inet_ntop inline, and
+    no per-address tuples (they would only feed the garbage collector)."""
 
     def __init__(self) -> None:
         self.all: dict[str, list[str]] = {"ip": [], "ip6": []}
-        self.by_role: dict[tuple[str, str], list[str]] = {}
-        self.by_node: dict[tuple[str, str], list[str]] = {}
+        self.by_role: dict[str, dict[str, list[str]]] = {"ip": {}, "ip6": {}}
+        self.by_node: dict[str, dict[str, list[str]]] = {"ip": {}, "ip6": {}}
         self.sort_key: dict[str, bytes] = {}
 
     def add(self, cert: Certificate) -> list[str]:
         bad = []
-        pton, ntop, sort_key, by_role = socket.inet_pton, socket.inet_ntop, self.sort_key, self.by_role
+        pton, ntop, sort_key = socket.inet_pton, socket.inet_ntop, self.sort_key
         for raw in cert.addresses:
             if "%" in raw:  # scoped link-local: cannot go into a set
                 bad.append(raw)
                 continue
-            af, fam = (socket.AF_INET6, "ip6") if ":" in raw else (socket.AF_INET, "ip")
+            if ":" in raw:
+                af, fam = socket.AF_INET6, "ip6"
+            else:
+                af, fam = socket.AF_INET, "ip"
             try:
                 packed = pton(af, raw)
             except OSError:
@@ -85,13 +89,13 @@ class _Directory:
             text = ntop(af, packed)
             sort_key[text] = packed
             self.all[fam].append(text)
+            by_role = self.by_role[fam]
             for role in cert.roles:
-                key = (role, fam)
-                if key in by_role:
-                    by_role[key].append(text)
+                if role in by_role:
+                    by_role[role].append(text)
                 else:
-                    by_role[key] = [text]
-            self.by_node.setdefault((cert.node_id, fam), []).append(text)
+                    by_role[role] = [text]
+            self.by_node[fam].setdefault(cert.node_id, []).append(text)
         return bad
 
 
@@ -179,10 +183,10 @@ def render(
 
     directory = _Directory()
     excluded: list[Exclusion] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     revoked_nodes, revoked_certs = frozenset(rev.nodes), frozenset(rev.certs)
     for cert in [own, *members]:
-        key = (cert.node_id, cert.cert_id)
+        key = f"{cert.node_id}\0{cert.cert_id}"
         if key in seen:
             continue
         seen.add(key)
@@ -248,10 +252,10 @@ def render(
                 if kind == "role" and value == "*":
                     sources.append(members_set(fam))
                 elif kind == "role":
-                    sources.append(host_set(f"role_{value}", fam, directory.by_role.get((value, fam), ()),
+                    sources.append(host_set(f"role_{value}", fam, directory.by_role[fam].get(value, ()),
                                             f"members with role {value}"))
                 else:
-                    sources.append(host_set(f"node_{value}", fam, directory.by_node.get((value, fam), ()),
+                    sources.append(host_set(f"node_{value}", fam, directory.by_node[fam].get(value, ()),
                                             f"node {value}"))
         for fam, fam_cidrs in split_families(cidrs).items():
             if fam_cidrs:

@@ -175,7 +175,10 @@ def _set_pairs(old: Ruleset, new: Ruleset) -> list[tuple[Any, Any]]:
 
 # -- nftables ----------------------------------------------------------------------------------------
 class NftBackend(Backend):
-    """``table inet <table>``, replaced atomically with ``nft -j -f -``; sets updated in place."""
+    """``table inet <table>``, replaced atomically with ``nft -j -f -``; sets updated in place.
+
+    With an nft built without JSON support it falls back to the text form (``nft -f -``) and compares
+    the kernel's text listing with the one read right after applying (no in-place set updates then)."""
 
     name = "nftables"
 
@@ -184,26 +187,43 @@ class NftBackend(Backend):
         self.runner = CommandRunner(netns)
         self.nft = nft
         self.exact = True  # False if this nft prints our ruleset differently from how we render it
+        self._json: bool | None = None  # probed on first use
+
+    def json_supported(self) -> bool:
+        if self._json is None:
+            proc = self.runner.run([self.nft, "-j", "list", "tables"], check=False)
+            self._json = not (proc.returncode != 0 and b"JSON" in proc.stderr)
+        return self._json
 
     def _load(self, doc: dict[str, Any]) -> None:
         self.runner.run([self.nft, "-j", "-f", "-"], stdin=json.dumps(doc).encode())
 
-    def read_kernel(self) -> dict[str, Any] | None:
-        """The kernel's JSON listing of our table, or None when the table does not exist."""
-        proc = self.runner.run([self.nft, "-j", "list", "table", FAMILY, self.table], check=False)
+    def _list(self, as_json: bool) -> bytes | None:
+        argv = [self.nft, *(["-j"] if as_json else []), "list", "table", FAMILY, self.table]
+        proc = self.runner.run(argv, check=False)
         if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace")
-            if "No such file or directory" in err:
+            if b"No such file or directory" in proc.stderr:
                 return None
             raise EnforcementError(f"nft list table {FAMILY} {self.table} failed: {_first_lines(proc.stderr)}")
-        return json.loads(proc.stdout)
+        return proc.stdout
+
+    def read_kernel(self) -> dict[str, Any] | None:
+        """The kernel's JSON listing of our table, or None when the table does not exist."""
+        out = self._list(as_json=True)
+        return None if out is None else json.loads(out)
 
     def read_kernel_hash(self) -> str | None:
+        if not self.json_supported():
+            out = self._list(as_json=False)
+            return None if out is None else _sha(out)
         doc = self.read_kernel()
         return None if doc is None else normalized_hash(normalize(doc))
 
     def _full(self, rs: Ruleset) -> ApplyResult:
-        self._load(rs.to_nft_json())
+        if self.json_supported():
+            self._load(rs.to_nft_json())
+        else:
+            self.runner.run([self.nft, "-f", "-"], stdin=rs.to_nft().encode())
         kernel = self.read_kernel_hash()
         self.exact = kernel == rs.hash
         self.applied, self._baseline = rs, kernel

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meshnode.enforce import NftBackend, RenderOptions, Ruleset, render  # noqa: E402
+from meshnode.enforce import IptablesBackend, NftBackend, RenderOptions, Ruleset, render  # noqa: E402
 from meshnode.enforce.nft import normalize, normalized_hash  # noqa: E402
 from meshnode.enforce.render import _port_groups, _targets_me  # noqa: E402
 from protocol.authority import build_policy  # noqa: E402
@@ -163,6 +163,20 @@ def main() -> int:
         print(f"set update:        {update_ms:8.1f} ms   (one member left: {len(upd.changed_sets)} sets updated in place, "
               f"incl. read back)")
         print(f"check_drift():     {drift_ms:8.1f} ms   (drifted={getattr(drift, 'drifted', None)})")
+        if not skip_reason("iptables-restore", "ipset"):
+            lab.reset_firewall("bench")
+            ipt = IptablesBackend(opts.table, netns=ns)
+            t = time.perf_counter()
+            ipt.apply(rs)
+            ipt_ms = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            ipt_upd = ipt.apply(moved)
+            ipt_upd_ms = (time.perf_counter() - t) * 1000
+            rules4 = rs.to_iptables().ipv4.count("\n-A ")
+            print(f"iptables apply:    {ipt_ms:8.1f} ms   (ipset restore + iptables/ip6tables-restore + read back; "
+                  f"{rules4} IPv4 rules)")
+            print(f"iptables sets:     {ipt_upd_ms:8.1f} ms   ({ipt_upd.mode}: ipset swap of {len(ipt_upd.changed_sets)} sets)")
+            lab.reset_firewall("bench")
         runs = [(tenth, naive_small, naive_small_text)]
         if args.naive_full:
             runs.append((args.nodes, naive_rules, naive_text))

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .iptables import IptablesRules, chain_name, ipset_fill, ipset_prefix
+from .iptables import IptablesRules, chain_name, ipset_elements, ipset_fill, ipset_prefix
 from .model import EnforcementError, RenderOptions, Ruleset
-from .nft import FAMILY, normalize, normalized_hash, set_update_json
+from .nft import FAMILY, canonical_element, normalize, normalized_hash, set_update_json
 
 COMMAND_TIMEOUT_S = 60.0
 BACKEND_NAMES = ("nftables", "iptables", "file")
@@ -317,7 +317,10 @@ class IptablesBackend(Backend):
         return {"ip": self._chain_state("ip"), "ip6": self._chain_state("ip6"), "sets": self._our_sets()}
 
     def read_kernel_hash(self) -> str | None:
-        state = self.read_kernel_state()
+        return self._state_hash(self.read_kernel_state())
+
+    @staticmethod
+    def _state_hash(state: dict[str, Any]) -> str | None:
         if not state["ip"]["declared"] and not state["ip6"]["declared"]:
             return None
         return _sha(json.dumps(state, sort_keys=True).encode())
@@ -381,9 +384,10 @@ class IptablesBackend(Backend):
         if old is not None:
             self._destroy_sets([n for n in self._our_sets() if n.startswith(ipset_prefix(self.table, old))])
         self.generation = new
-        kernel = self.read_kernel_hash()
+        state = self.read_kernel_state()
+        kernel = self._state_hash(state)
         self.applied, self._baseline = rs, kernel
-        return ApplyResult(self.name, "full", rs.hash, kernel, self._sets_exact(rs, new))
+        return ApplyResult(self.name, "full", rs.hash, kernel, self._sets_exact(rs, new, state["sets"]))
 
     def _rollback_v4(self, previous: dict[str, Any]) -> None:
         if previous["declared"]:
@@ -393,13 +397,12 @@ class IptablesBackend(Backend):
             self.runner.run([self.tools["ip"], "-F", self.chain], check=False)
             self.runner.run([self.tools["ip"], "-X", self.chain], check=False)
 
-    def _sets_exact(self, rs: Ruleset, generation: str) -> bool:
+    @staticmethod
+    def _sets_exact(rs: Ruleset, generation: str, kernel_sets: dict[str, dict[str, Any]]) -> bool:
         """The kernel's ipsets hold exactly the rendered elements."""
-        rendering = rs.to_iptables(generation)
-        kernel = self._our_sets()
-        for logical, name in rendering.set_names.items():
-            want = sorted(ipset_fill(name, rs.set_by_name(logical))[1:])
-            got = sorted(f"add {name} {e}" for e in kernel.get(name, {}).get("elem", []))
+        for logical, name in rs.to_iptables(generation).set_names.items():
+            want = {canonical_element(e) for e in ipset_elements(rs.set_by_name(logical))}
+            got = {canonical_element(e) for e in kernel_sets.get(name, {}).get("elem", [])}
             if want != got:
                 return False
         return True
@@ -414,22 +417,20 @@ class IptablesBackend(Backend):
         tmp_names = []
         for s in changed:
             name = rendering.set_names[s.name]
-            tmp = f"{name}-t"
+            tmp = f"{name}-t"  # at most 29 characters: ipset allows 31
             tmp_names.append(tmp)
-            fill = ipset_fill(tmp, s)
-            lines += fill
-            lines.append(f"swap {tmp} {name}")
-            lines.append(f"destroy {tmp}")
+            lines += ipset_fill(tmp, s)
+            lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
         if lines:
-            self._destroy_sets(tmp_names)
             try:
                 self.runner.run([self.ipset, "restore"], stdin=("\n".join(lines) + "\n").encode())
-            finally:
-                self._destroy_sets([t for t in tmp_names if t in self._our_sets()])
-        kernel = self.read_kernel_hash()
-        exact = self._sets_exact(rs, self.generation)
-        if not exact:
+            except EnforcementError:
+                self._destroy_sets(tmp_names)  # swaps are atomic per set; the rest stays as it was
+                raise
+        state = self.read_kernel_state()
+        if not self._sets_exact(rs, self.generation, state["sets"]):
             raise EnforcementError("after the set update the kernel's sets differ from the rendered ones")
+        kernel = self._state_hash(state)
         self.applied, self._baseline = rs, kernel
         return ApplyResult(self.name, "sets", rs.hash, kernel, True, tuple(s.name for s in changed))
 

@@ -22,9 +22,12 @@ import re
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import MeshError
+
+if TYPE_CHECKING:
+    from .iptables import IptablesRules
 
 TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 LOG_RATE_RE = re.compile(r"^([1-9][0-9]{0,5})/(second|minute|hour|day)$")
@@ -236,7 +239,7 @@ class Ruleset:
 
         return to_nft_json(self)
 
-    def to_iptables(self, generation: str = "a") -> Any:
+    def to_iptables(self, generation: str = "a") -> IptablesRules:
         """ipset + iptables-restore + ip6tables-restore inputs (see :mod:`meshnode.enforce.iptables`)."""
         from .iptables import to_iptables
 

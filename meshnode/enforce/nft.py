@@ -230,6 +230,11 @@ def _canon_prefix(addr: str, plen: int) -> str:
     return str(ipaddress.ip_network(f"{text}/{plen}", strict=False))
 
 
+def canonical_element(e: Any) -> str:
+    """Canonical text of a set element (address, prefix or range; host prefixes as plain addresses)."""
+    return _canon_elem(e)
+
+
 def _canon_elem(e: Any) -> str:
     if isinstance(e, dict) and "elem" in e:  # element with options (timeout, comment...)
         e = e["elem"].get("val")

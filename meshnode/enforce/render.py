@@ -209,7 +209,8 @@ def render(
     def net_set(name: str, fam: str, cidrs: Iterable[str], purpose: str) -> str:
         full = f"{name}_{FAMILY_SUFFIX[fam]}"
         nets = list(ipaddress.collapse_addresses(ipaddress.ip_network(c) for c in cidrs))
-        sets[full] = AddressSet(full, fam, True, tuple(str(n) for n in nets), purpose)
+        elements = tuple(str(n) if n.prefixlen < n.max_prefixlen else str(n.network_address) for n in nets)
+        sets[full] = AddressSet(full, fam, True, elements, purpose)
         return full
 
     def members_set(fam: str) -> str:

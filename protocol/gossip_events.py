@@ -161,6 +161,7 @@ class LivenessChanged:
     node_id: str
     liveness: str
     incarnation: int
+    source: str = ""  # who suspected / declared it ("" when it came back alive or left)
 
 
 Effect = (

@@ -132,6 +132,7 @@ class Member:
     status_item: Status | None = None
     token: int = 0
     stoken: int = 0
+    heard_ms: int = -(10**12)
     suspect_sources: set[str] = field(default_factory=set)
     suspect_start_ms: int = 0
     suspect_deadline_ms: int = 0
@@ -241,6 +242,7 @@ class Membership:
         self.cache = cache
         self.port = port
         self.connected = connected
+        self.preferred: IndexedSet | None = None  # peers with an open channel (set by the node)
         self.incarnation = 0
         self.record = b""
         self.status_seq = 0
@@ -265,6 +267,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self.directory_dirty = True
         self.peers_dirty = True
+        self._next_expiry = float("-inf")
         self.counters: dict[str, int] = {
             "probes": 0, "probe_failures": 0, "suspicions": 0, "deaths_declared": 0, "refutations": 0,
             "records_rejected": 0,
@@ -281,6 +284,7 @@ class Membership:
         self.incarnation = max(1, int(wall * 1000))
         self.status_seq = self.incarnation
         self._sign_record(now_ms)
+        self.broadcasts.add(("m", self.me), Alive(self.record))
         self._next_probe_ms = now_ms + self.rng.below(self.cfg.probe_interval_ms)
 
     def _sign_record(self, now_ms: int, left: bool = False) -> None:
@@ -369,7 +373,15 @@ class Membership:
             self._bucket_ids[bucket][rec.node_id] = None
             self.directory_dirty = True
             self.peers_dirty = True
-            self._set_liveness(m, LEFT if rec.left else ALIVE, now_ms, report=False)
+            self._next_expiry = min(self._next_expiry, cert.not_after)
+            if rec.left:
+                self._set_liveness(m, LEFT, now_ms, report=False)
+            elif rec.node_id != self.me:
+                rs = self.alive.get(m.region)
+                if rs is None:
+                    rs = self.alive[m.region] = IndexedSet()
+                rs.add(rec.node_id)
+                self.alive_all.add(rec.node_id)
         else:
             if m.cert_bytes != rec.cert:
                 self.directory_dirty = True
@@ -394,7 +406,7 @@ class Membership:
         m.stoken = new
         self._shash = None
 
-    def _set_liveness(self, m: Member, liveness: str, now_ms: int, report: bool = True) -> None:
+    def _set_liveness(self, m: Member, liveness: str, now_ms: int, report: bool = True, source: str = "") -> None:
         old = m.liveness
         if m.node_id == self.me:
             m.liveness = LEFT if liveness == LEFT else ALIVE
@@ -418,7 +430,7 @@ class Membership:
         (self.dead.add if liveness == DEAD else self.dead.discard)(m.node_id)
         (self.left.add if liveness == LEFT else self.left.discard)(m.node_id)
         if report and old != liveness:
-            self.port.emit(LivenessChanged(m.node_id, liveness, m.incarnation))
+            self.port.emit(LivenessChanged(m.node_id, liveness, m.incarnation, source))
 
     def remove(self, node_id: str, reason: str) -> None:
         m = self.members.pop(node_id, None)
@@ -437,11 +449,16 @@ class Membership:
         self.port.emit(Disconnect(node_id, reason))
         self.port.emit(Alert("membership.expelled", {"node": node_id, "reason": reason}))
 
-    def expel_invalid(self, wall: float) -> None:
-        """Remove members whose certificate expired or is revoked by the current policy."""
+    def expel_invalid(self, wall: float, revocations: bool = True) -> None:
+        """Remove members whose certificate expired or is revoked by the current policy.  Without
+        ``revocations`` (periodic housekeeping) the scan only runs once the earliest expiry is near."""
+        if not revocations and wall + self.trust.skew_s < self._next_expiry:
+            return
+        self._next_expiry = float("inf")
         for m in list(self.members.values()):
             if m.node_id == self.me:
                 continue
+            self._next_expiry = min(self._next_expiry, m.cert.not_after)
             try:
                 self.check_cert_valid(m.cert, wall)
             except RevokedError:
@@ -469,7 +486,9 @@ class Membership:
         if m is not None and rec.incarnation <= m.incarnation:
             return False
         self._install(rec, cert, data, now_ms)
-        if rebroadcast:
+        if rebroadcast and m is not None:
+            # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
+            # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).
             self.broadcasts.add(("m", rec.node_id), Alive(data))
         return True
 
@@ -512,7 +531,14 @@ class Membership:
         m = self.members.get(item.node_id)
         if m is None or item.incarnation < m.incarnation or m.liveness in (DEAD, LEFT):
             return
-        self._set_liveness(m, DEAD, now_ms)
+        if now_ms - m.heard_ms < self.cfg.probe_interval_ms * 3:
+            # We heard from it a moment ago (a death declared across a healed partition, say):
+            # suspect it instead, so that it gets the time to refute.
+            if m.liveness == ALIVE:
+                self._suspect(m, item.source, now_ms)
+                self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
+            return
+        self._set_liveness(m, DEAD, now_ms, source=item.source)
         self.broadcasts.add(("m", m.node_id), Dead(m.node_id, m.incarnation, item.source))
 
     def on_gossip(self, items: Iterable[GossipItem], now_ms: int, wall: float) -> None:
@@ -527,15 +553,18 @@ class Membership:
                 self.learn_status(item)
 
     def heard_from(self, peer: str, now_ms: int) -> None:
-        """A frame arrived from ``peer``: it is up.  Only its own refutation clears a suspicion in the
-        cluster, but a live channel is a reason to tell it (see ``you`` in Sync)."""
+        """A frame arrived from ``peer``: it is up right now (only its own refutation clears a
+        suspicion in the cluster, but a fresh death claim about it is downgraded to a suspicion)."""
+        m = self.members.get(peer)
+        if m is not None:
+            m.heard_ms = now_ms
 
     # -- suspicion (Lifeguard) -----------------------------------------------------------------------
     def _suspect(self, m: Member, source: str, now_ms: int) -> None:
         self.counters["suspicions"] += 1
         m.suspect_sources = {source}
         m.suspect_start_ms = now_ms
-        self._set_liveness(m, SUSPECT, now_ms)
+        self._set_liveness(m, SUSPECT, now_ms, source=source)
         self._reset_suspicion_deadline(m)
 
     def _reset_suspicion_deadline(self, m: Member) -> None:
@@ -586,7 +615,7 @@ class Membership:
         if self.suspects:
             for m in [m for m in self.suspects.values() if m.suspect_deadline_ms <= now_ms]:
                 self.counters["deaths_declared"] += 1
-                self._set_liveness(m, DEAD, now_ms)
+                self._set_liveness(m, DEAD, now_ms, source=self.me)
                 self.broadcasts.add(("m", m.node_id), Dead(m.node_id, m.incarnation, self.me))
         # relays: nack when the target stays silent
         if self._relays:
@@ -719,8 +748,24 @@ class Membership:
                     out.append(best)
                     got += 1
 
-        if local is not None and len(local) > 0:
-            draw(lambda: local.choice(self.rng), n_local)
+        pref = self.preferred if prefer is not None else None
+        if pref is not None and len(pref):
+            # An open channel saves a dial (3 round trips, more under loss): draw from those first.
+            members = self.members
+
+            def pref_choice(local_wanted: bool) -> str | None:
+                nid = pref.choice(self.rng)
+                m = members.get(nid)
+                if m is None or m.liveness != ALIVE or (m.region == self.region) != local_wanted:
+                    return None
+                return nid
+
+            draw(lambda: pref_choice(True), n_local)
+            if n_cross:
+                draw(lambda: pref_choice(False), n_cross)
+        have_local = sum(1 for x in out if self.members[x].region == self.region)
+        if local is not None and len(local) > 0 and have_local < n_local:
+            draw(lambda: local.choice(self.rng), n_local - have_local)
         if n_cross:
             def cross_choice() -> str | None:
                 nid = self.alive_all.choice(self.rng)

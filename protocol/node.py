@@ -80,7 +80,7 @@ from .gossip_wire import (
     decode,
     encode,
 )
-from .membership import ALIVE, DEAD, LEFT, SUSPECT, Membership, VerifyCache
+from .membership import ALIVE, DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
 from .metadata import decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
 from .trust import TrustedState
@@ -127,9 +127,11 @@ class Node:
         self.cache = verify_cache if verify_cache is not None else VerifyCache()
         self._out: list[Effect] = []
         self.connected: set[str] = set()
+        self.conn_set = IndexedSet()  # the same peers, for uniform random choice
         self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
                               self.cache, self, self.connected.__contains__)
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
+        self.mem.preferred = self.conn_set
         self.started = False
         self._now = Now(0, 0.0)
         self._sync_at = 0
@@ -185,6 +187,7 @@ class Node:
             self._on_connected(inp.peer, inp.cert_bytes)
         elif isinstance(inp, PeerDisconnected):
             self.connected.discard(inp.peer)
+            self.conn_set.discard(inp.peer)
             self.dis.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
             if inp.peer:
@@ -237,8 +240,10 @@ class Node:
         self._seed_at = ms + self.cfg.seed_retry_lonely_ms
         self._house_at = ms + self.cfg.housekeeping_interval_ms
         self._dir_at = ms
-        for addr in self.seeds:
-            self._sync_addr(addr)
+        # One seed (and a few remembered peers after a restart) is enough to join; the rest are
+        # retried when nobody answers (see _retry_seeds).
+        if self.seeds:
+            self._sync_addr(self.rng.choice(self.seeds))
         for p in self.rng.sample(self.known_peers, self.cfg.fanout):
             self._sync_addr(p["address"])
 
@@ -315,7 +320,7 @@ class Node:
                     self._sync_addr(addr)
 
     def _housekeeping(self, now: Now) -> None:
-        self.mem.expel_invalid(now.wall)
+        self.mem.expel_invalid(now.wall, revocations=False)
         state = self.trust.policy_state(now.wall)
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
@@ -448,6 +453,7 @@ class Node:
     # -- frames --------------------------------------------------------------------------------------
     def _on_frame(self, peer: str, data: bytes) -> None:
         self.counters["frames"] += 1
+        self.mem.heard_from(peer, self._now.ms)
         try:
             msg = decode(data)
             handler = self._handlers[type(msg)]
@@ -475,6 +481,7 @@ class Node:
         if peer:
             self._out.append(Disconnect(peer, reason))
             self.connected.discard(peer)
+            self.conn_set.discard(peer)
             self.dis.forget_source(peer)
             self.dis.pull_failed(peer, self._now.ms)
 
@@ -492,6 +499,7 @@ class Node:
             self._blame(peer, exc)
             return
         self.connected.add(peer)
+        self.conn_set.add(peer)
 
     def _on_ping(self, peer: str, msg: Ping) -> None:
         self.mem.on_ping(peer, msg)

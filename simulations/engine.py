@@ -330,6 +330,10 @@ class Simulation:
             return  # the authority is down: publish when it is back (see _authority_up)
         v.published_at = self.now
         v.snap_publish = self._snapshot()
+        if v is self.versions[0] and hasattr(self, "idle_kinds"):
+            dt = max(1, self.now - self.idle_snap_t) / 1000
+            self.idle_by_kind = {KIND_NAMES[k]: round((self.kind_bytes[k] - self.idle_kinds[k]) / self.n / dt, 1)
+                                 for k in sorted(KIND_NAMES) if self.kind_bytes[k] != self.idle_kinds[k]}
         self.hosts[self.n].proc.publish(v.envelope, v.hash)
         if self.sc.protocol == "central-pull":
             return
@@ -348,6 +352,7 @@ class Simulation:
     def _snap_idle(self, _i: int, _a: Any) -> None:
         self.idle_snap = self._snapshot()
         self.idle_snap_t = self.now
+        self.idle_kinds = list(self.kind_bytes)
 
     def _sample(self, _i: int, _a: Any) -> None:
         v = self._current_version()
@@ -527,6 +532,8 @@ class Simulation:
         dead = eff.liveness == "dead"
         if dead:
             self.deaths += 1
+        if eff.source != self.hosts[i].node_id:
+            return  # learned from gossip: counted where it originated
         if not self.net.up[j] or not self.net.reachable(i, j, self.now):
             return
         lookback = self.sc.checks.false_detection_lookback_ms
@@ -596,6 +603,7 @@ class Simulation:
             "dissemination_bytes_per_node_max": last["dissemination_bytes_per_node_max"],
             "bytes_budget_per_node": int(1.2 * self.policy_bytes + 2048),
             "idle_bytes_per_node_s": idle_bps,
+            "idle_bytes_per_node_s_by_kind": getattr(self, "idle_by_kind", {}),
             "run_bytes_per_node": round(sum(self.recv_bytes[:n]) / n, 1),
             "run_messages_per_node": round(sum(self.recv_msgs[:n]) / n, 1),
             "bytes_by_kind": {KIND_NAMES[k]: self.kind_bytes[k] for k in sorted(KIND_NAMES) if self.kind_bytes[k]},

@@ -99,18 +99,27 @@ class Network:
         d = lat * (1.0 + self.cfg.jitter * rng.random()) + nbytes * 8 / self.bits_per_ms
         loss = self.loss_at(t)
         if loss > 0.0:
-            rto = 2 * lat + self.tcp.min_rto_ms
+            tcp = self.tcp
+            rtt = 2 * lat
+            rto = rtt + tcp.min_rto_ms
+            segs = 1 + (nbytes - 1) // tcp.mss
+            rack = tcp.recovery == "rack-tlp"
             worst = 0.0
-            for _ in range(1 + (nbytes - 1) // self.tcp.mss):
+            for k in range(segs):
                 if rng.random() < loss:
-                    extra = rto
+                    if not rack:
+                        first = rto
+                    elif k < segs - 1:
+                        first = 1.25 * rtt + 1  # RACK: a later segment's ack reveals the loss
+                    else:  # tail loss probe
+                        first = max(2 * rtt, tcp.tlp_min_ms) + (tcp.delayed_ack_ms if segs == 1 else 0)
+                    extra = first
                     step = rto
-                    while rng.random() < loss and step < self.tcp.max_rto_ms:
+                    while rng.random() < loss and step < tcp.max_rto_ms:
+                        extra += step  # the retransmission was lost too: RTO, doubling
                         step *= 2
-                        extra += step
                     if extra > worst:
                         worst = extra
-            # the ack path can lose too: a lost ack of the last segment costs an RTO as well
             d += worst
         return int(d) + 1
 

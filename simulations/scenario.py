@@ -49,7 +49,10 @@ class NetworkCfg(_T):
 class TcpCfg(_T):
     """The transport model's constants (Linux defaults; calibrate against real processes)."""
 
+    recovery: Literal["rack-tlp", "rto"] = "rack-tlp"  # Linux default: RACK + tail loss probe; "rto": RTO only
     min_rto_ms: int = 200
+    tlp_min_ms: int = 10
+    delayed_ack_ms: int = 200  # added to the probe timeout when one segment is in flight (RFC 8985)
     max_rto_ms: int = 120_000
     syn_rto_ms: int = 1000
     connect_timeout_ms: int = 3000

@@ -1,0 +1,157 @@
+"""meshsim: run simulation scenarios.
+
+    meshsim run SCENARIO [--nodes N --seed S --loss P --protocol gossip|central-pull|flood]
+                         [--duration-ms MS] [--json FILE] [--plot FILE.png] [--quiet]
+    meshsim compare SCENARIO [same overrides]      (gossip vs central-pull vs flood, same seed)
+    meshsim list                                     (bundled scenarios)
+
+Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
+
+EXIT_ERROR = 2
+EXIT_VIOLATION = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, no usage dump
+        sys.stderr.write(f"meshsim: error: {message}\n")
+        raise SystemExit(EXIT_ERROR)
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"loss must be in [0, 1), got {v}")
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
+    p.add_argument("scenario", help="scenario file, or the name of a bundled scenario (see `meshsim list`)")
+    p.add_argument("--nodes", type=_positive, help="override the node count")
+    p.add_argument("--seed", type=int, help="override the master seed")
+    p.add_argument("--loss", type=_fraction, help="override the per-segment loss probability (0..1)")
+    p.add_argument("--duration-ms", type=_positive, help="override the virtual duration")
+    if protocol:
+        p.add_argument("--protocol", choices=PROTOCOLS, help="gossip (default), central-pull or flood")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshsim", description="Deterministic simulator of the policymesh gossip protocol.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one scenario and print a summary",
+                         description="Run one scenario; same seed, same report (apart from wall_s).")
+    _overrides(run)
+    run.add_argument("--json", metavar="FILE", help="write the full JSON report here ('-' for stdout)")
+    run.add_argument("--plot", metavar="FILE.png", help="write a PNG of converged fraction over time per region")
+    cmp = sub.add_parser("compare", help="run gossip, central-pull and flood on the same scenario and seed",
+                         description="Baselines side by side on the same scenario and seed.")
+    _overrides(cmp, protocol=False)
+    cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list")
+    sub.add_parser("list", help="list bundled scenarios", description="List bundled scenarios.")
+    return parser
+
+
+def _summary(r: dict[str, Any]) -> str:
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v} ms"
+
+    lines = [
+        f"scenario {r['scenario']}  protocol {r['protocol']}  nodes {r['nodes']}  loss {r['loss']}  seed {r['seed']}",
+        f"  converged {r['converged_fraction']:.4f}  t50 {ms(r['t50_ms'])}  t99 {ms(r['t99_ms'])}  "
+        f"t100 {ms(r['t100_ms'])}  (Serf model {r['serf_model_ms']} ms, ratio {r['ratio_vs_serf_model']})",
+        f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"
+        f" budget {r['bytes_budget_per_node']})  idle {r['idle_bytes_per_node_s']} B/s/node",
+        f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
+        f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
+    ]
+    for v in r["violations"][:5]:
+        lines.append(f"  VIOLATION {v}")
+    return "\n".join(lines)
+
+
+def _run_one(args: argparse.Namespace, protocol: str | None) -> tuple[dict[str, Any], Any]:
+    from .engine import run_scenario
+
+    sc = override(load(args.scenario), nodes=args.nodes, seed=args.seed, loss=args.loss, protocol=protocol,
+                  duration_ms=args.duration_ms)
+    return run_scenario(sc, progress=not args.quiet and sys.stderr.isatty())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            for name in bundled():
+                print(name)
+            return 0
+        if args.command == "run":
+            report, sim = _run_one(args, args.protocol)
+            from .report import plot, to_json, write_json
+
+            if args.json == "-":
+                sys.stdout.write(to_json(report))
+            else:
+                print(_summary(report))
+                if args.json:
+                    write_json(report, args.json)
+            if args.plot:
+                plot(sim, report, args.plot)
+            if report["invariant_violations"]:
+                sys.stderr.write(f"meshsim: {report['invariant_violations']} invariant violation(s); replay with "
+                                 f"--seed {report['seed']}\n")
+                return EXIT_VIOLATION
+            return 0
+        reports = []
+        for proto in PROTOCOLS:
+            report, _ = _run_one(args, proto)
+            reports.append(report)
+        print(f"{'protocol':<13}{'converged':>10}{'t50 ms':>9}{'t99 ms':>9}{'t100 ms':>9}{'B/node':>10}"
+              f"{'diss B/node':>12}{'idle B/s':>10}{'viol':>6}")
+        for r in reports:
+            print(f"{r['protocol']:<13}{r['converged_fraction']:>10.4f}{_n(r['t50_ms']):>9}{_n(r['t99_ms']):>9}"
+                  f"{_n(r['t100_ms']):>9}{_n(r['bytes_per_node']):>10}{_n(r['dissemination_bytes_per_node']):>12}"
+                  f"{_n(r['idle_bytes_per_node_s']):>10}{r['invariant_violations']:>6}")
+        if args.json:
+            from .report import write_json
+
+            write_json(reports, args.json)  # type: ignore[arg-type]
+        return EXIT_VIOLATION if any(r["invariant_violations"] for r in reports) else 0
+    except ScenarioError as exc:
+        sys.stderr.write(f"meshsim: error: {exc}\n")
+        return EXIT_ERROR
+    except OSError as exc:
+        sys.stderr.write(f"meshsim: error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("meshsim: interrupted\n")
+        return 130
+
+
+def _n(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

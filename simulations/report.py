@@ -1,0 +1,47 @@
+"""Report output: the JSON document (byte-identical for the same seed apart from ``wall_s``) and the PNG
+plot of converged fraction over time per region, with fault windows shaded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).write_text(to_json(report))
+
+
+def plot(sim: Any, report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    ts = [t / 1000 for t in sim.series_t]
+    for region, values in sim.series.items():
+        ax.plot(ts, [None if isinstance(v, float) and math.isnan(v) else v for v in values], label=region,
+                linewidth=1.4)
+    for start, end, label in sim.fault_windows:
+        ax.axvspan(start / 1000, end / 1000, color="tab:red", alpha=0.12)
+        ax.text(start / 1000, 1.02, label, fontsize=7, color="tab:red", va="bottom")
+    for v in report["versions"]:
+        if v["published_at_ms"] is not None:
+            ax.axvline(v["published_at_ms"] / 1000, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(-0.02, 1.1)
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("live nodes on the newest published version")
+    t100 = report["t100_ms"]
+    ax.set_title(f"{report['scenario']} · {report['protocol']} · {report['nodes']} nodes · loss {report['loss']:.0%}"
+                 f" · t100 {('%d ms' % t100) if t100 is not None else 'n/a'} · seed {report['seed']}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

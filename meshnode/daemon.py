@@ -148,7 +148,7 @@ class MeshDaemon:
     def _make_node(self) -> Node:
         cfg = self.lc.cfg
         gossip = GossipConfig.from_mapping(dict(cfg.gossip))
-        known = self.store.load_peers()
+        known = self._stored_peers()
         return Node(
             config=gossip,
             trust=self.trust,
@@ -160,6 +160,19 @@ class MeshDaemon:
             entropy=transport.entropy,
             known_peers=known,
         )
+
+    def _stored_peers(self) -> list[dict[str, str]]:
+        """The peer list persisted by the core (msgpack of [{node_id, address, region}]); a corrupt
+        file is reported and ignored, never fatal: seeds still work."""
+        data = self.store.load_peers()
+        if not data:
+            return []
+        try:
+            return msgspec.msgpack.decode(data, type=list[dict[str, str]])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.metrics.state_problems.inc()
+            self.log.warning("state.problem", problem=f"{self.store.peers_path}: unreadable peer list: {exc}")
+            return []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

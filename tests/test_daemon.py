@@ -293,15 +293,19 @@ def test_foreign_revoked_and_expired_peers_are_refused_while_the_mesh_carries_on
 
 @pytest.mark.slow
 def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, subnet=11)
+    # The peer list is persisted quickly here, so that restarts also read it back.
+    cluster = Cluster(tmp_path, subnet=11, gossip={"sync_interval_ms": 1000, "cross_region_sync_interval_ms": 2000,
+                                                   "peers_persist_interval_ms": 200})
     try:
         nodes = [cluster.add_node(f"node-{i + 1}", f"region-{'ab'[i % 2]}") for i in range(3)]
         cluster.start()
+        cluster.wait_members()
         last = 0
         for via in nodes[:2]:
             last, data = cluster.sign()
             assert cluster.publish(via, data)["ok"]
             cluster.wait_serial(last)
+        wait_until(lambda: all((n.dir / "state" / "peers.msgpack").exists() for n in nodes), 20, "peer lists saved")
         for n in nodes:
             assert n.stop() == 0
 
@@ -318,6 +322,14 @@ def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_
         assert not any(n.alive for n in nodes[:2])
         # The ruleset file the (file) backend rendered is there too.
         assert (lone.dir / "ruleset.nft").read_text().strip()
+
+        # A corrupt peer list is reported, not fatal: the node still starts and enforces.
+        broken = nodes[0]
+        (broken.dir / "state" / "peers.msgpack").write_bytes(b"\x93garbage")
+        broken.start()
+        broken.wait_up()
+        wait_until(lambda: broken.applied_serial() == last, 20, "the node with a corrupt peer list enforcing")
+        assert metric_sum(broken.metrics(), "policymesh_state_problems_total") >= 1
 
         # A node with no stored policy is alive but not ready.
         fresh = cluster.add_node("node-new", "region-a", seeds=[nodes[0]])

@@ -227,18 +227,14 @@ class TrustedState:
 
     def accept_policy(self, data: bytes, now: float) -> PolicyCheck:
         """Check and, unless it is a duplicate, make it the current policy."""
-        check = self.check_policy(data, now)
-        if not check.duplicate:
-            self._policy = check
-            self._floor_serial = check.policy.serial
-            self._floor_hash = check.hash
-            self._policy_under_current_keys = True
-        return check
+        return self._install(self.check_policy(data, now))
 
     def restore_expired_policy(self, data: bytes, now: float) -> PolicyCheck:
         """Boot path: reinstall the stored last-known-good policy even if it has expired (fail-static).
         Signatures, cluster, root version and serial order are still checked."""
-        check = self.check_policy(data, now, allow_expired=True)
+        return self._install(self.check_policy(data, now, allow_expired=True))
+
+    def _install(self, check: PolicyCheck) -> PolicyCheck:
         if not check.duplicate:
             self._policy = check
             self._floor_serial = check.policy.serial

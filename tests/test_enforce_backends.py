@@ -367,3 +367,33 @@ def test_nft_without_json_support_uses_text_and_still_detects_drift(lab: Lab, ns
     lab.exec("k", ["nft", "insert rule inet policymesh input tcp dport 22 accept"])
     d = be.check_drift()
     assert d.drifted and d.repaired and be.check_drift().drifted is False
+
+
+@pytest.mark.root
+@pytest.mark.skipif(NFT_SKIP is not None, reason=NFT_SKIP or "")
+def test_apply_and_drift_checks_from_two_threads_never_see_false_drift(lab: Lab, ns: str, sc: Scenario) -> None:
+    """The daemon applies from a worker thread while its drift timer checks from another."""
+    import threading
+
+    be = NftBackend("policymesh", netns=ns)
+    versions = [sc.ruleset(SIMPLE, serial=1), sc.ruleset(KITCHEN_SINK, serial=2),
+                sc.ruleset(KITCHEN_SINK, members=[sc.b, sc.c, sc.d], serial=3)]
+    be.apply(versions[0])
+    errors: list[BaseException] = []
+
+    def applier() -> None:
+        try:
+            for i in range(12):
+                be.apply(versions[i % 3])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=applier)
+    t.start()
+    results = []
+    while t.is_alive():
+        results.append(be.check_drift())
+    t.join()
+    assert not errors
+    assert results and not any(r.drifted for r in results) and be.drift_count == 0
+    assert be.read_kernel_hash() == be.applied_hash == versions[11 % 3].hash

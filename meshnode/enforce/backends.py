@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class Backend:
         self.table = table
         self.applied: Ruleset | None = None
         self.drift_count = 0
+        self._lock = threading.RLock()
         self._baseline: str | None = None  # kernel hash expected by check_drift
 
     @property
@@ -117,24 +119,46 @@ class Backend:
         if rs.table != self.table:
             raise EnforcementError(f"ruleset is for table {rs.table!r}, this backend manages {self.table!r}")
 
-    # -- to implement ---------------------------------------------------------------------------------
+    # -- public: serialised, so the daemon's apply worker and drift timer never interleave -------------
     def apply(self, ruleset: Ruleset) -> ApplyResult:
-        raise NotImplementedError
+        """Make the kernel hold ``ruleset`` (in place when only set elements changed); EnforcementError
+        leaves the previous ruleset in force."""
+        with self._lock:
+            return self._apply(ruleset)
 
     def update_sets(self, ruleset: Ruleset) -> ApplyResult:
+        """Only the in-place path; EnforcementError if the rules themselves changed."""
+        with self._lock:
+            return self._update_sets(ruleset)
+
+    def remove(self) -> None:
+        """Delete everything this backend created (uninstall; the daemon never calls it on shutdown)."""
+        with self._lock:
+            self._remove()
+
+    def check_drift(self, *, repair: bool = True) -> DriftResult:
+        """Read the kernel back; on drift count it, emit events and (by default) re-apply."""
+        with self._lock:
+            return self._check_drift(repair)
+
+    # -- to implement ---------------------------------------------------------------------------------
+    def _apply(self, ruleset: Ruleset) -> ApplyResult:
+        raise NotImplementedError
+
+    def _update_sets(self, ruleset: Ruleset) -> ApplyResult:
         raise NotImplementedError
 
     def read_kernel_hash(self) -> str | None:
         raise NotImplementedError
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         raise NotImplementedError
 
     def _repair(self, ruleset: Ruleset) -> ApplyResult:
         raise NotImplementedError
 
     # -- drift --------------------------------------------------------------------------------------
-    def check_drift(self, *, repair: bool = True) -> DriftResult:
+    def _check_drift(self, repair: bool) -> DriftResult:
         if self.applied is None:
             return DriftResult(checked=False, drifted=False, expected_hash=None, actual_hash=None,
                                drift_count=self.drift_count)
@@ -243,7 +267,7 @@ class NftBackend(Backend):
     def _can_update_sets(self, rs: Ruleset) -> bool:
         return self.applied is not None and self.exact and rs.structure_hash == self.applied.structure_hash
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
+    def _apply(self, ruleset: Ruleset) -> ApplyResult:
         self._check_table(ruleset)
         if self._can_update_sets(ruleset):
             try:
@@ -252,7 +276,7 @@ class NftBackend(Backend):
                 pass  # the table was edited or removed behind our back: replace it whole
         return self._full(ruleset)
 
-    def update_sets(self, ruleset: Ruleset) -> ApplyResult:
+    def _update_sets(self, ruleset: Ruleset) -> ApplyResult:
         self._check_table(ruleset)
         if not self._can_update_sets(ruleset):
             raise EnforcementError("the rules changed (not only set elements): use apply()")
@@ -261,7 +285,7 @@ class NftBackend(Backend):
     def _repair(self, ruleset: Ruleset) -> ApplyResult:
         return self._full(ruleset)
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         self.runner.run([self.nft, "-f", "-"], stdin=f"table {FAMILY} {self.table} {{}}\ndelete table {FAMILY} {self.table}\n".encode())
         self.applied, self._baseline = None, None
 
@@ -438,7 +462,7 @@ class IptablesBackend(Backend):
         return (self.applied is not None and self.generation is not None
                 and rs.structure_hash == self.applied.structure_hash)
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
+    def _apply(self, ruleset: Ruleset) -> ApplyResult:
         self._check_table(ruleset)
         if self._can_update_sets(ruleset):
             try:
@@ -447,7 +471,7 @@ class IptablesBackend(Backend):
                 pass
         return self._full(ruleset)
 
-    def update_sets(self, ruleset: Ruleset) -> ApplyResult:
+    def _update_sets(self, ruleset: Ruleset) -> ApplyResult:
         self._check_table(ruleset)
         if not self._can_update_sets(ruleset):
             raise EnforcementError("the rules changed (not only set elements): use apply()")
@@ -456,7 +480,7 @@ class IptablesBackend(Backend):
     def _repair(self, ruleset: Ruleset) -> ApplyResult:
         return self._full(ruleset)
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         for fam, tool in self.tools.items():
             state = self._chain_state(fam)
             while True:
@@ -502,7 +526,7 @@ class FileBackend(Backend):
             return (json.dumps(rs.to_nft_json(), indent=2) + "\n").encode()
         return rs.to_nft().encode()
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
+    def _apply(self, ruleset: Ruleset) -> ApplyResult:
         self._check_table(ruleset)
         data = self._text(ruleset)
         try:
@@ -512,8 +536,8 @@ class FileBackend(Backend):
         self.applied, self._baseline = ruleset, _sha(data)
         return ApplyResult(self.name, "full", ruleset.hash, self._baseline, True)
 
-    def update_sets(self, ruleset: Ruleset) -> ApplyResult:
-        return self.apply(ruleset)
+    def _update_sets(self, ruleset: Ruleset) -> ApplyResult:
+        return self._apply(ruleset)
 
     def read_kernel_hash(self) -> str | None:
         try:
@@ -524,9 +548,9 @@ class FileBackend(Backend):
             raise EnforcementError(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
     def _repair(self, ruleset: Ruleset) -> ApplyResult:
-        return self.apply(ruleset)
+        return self._apply(ruleset)
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         self.path.unlink(missing_ok=True)
         self.applied, self._baseline = None, None
 

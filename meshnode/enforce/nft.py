@@ -248,7 +248,7 @@ def _canon_elem(e: Any) -> str:
         return _canon_prefix(str(e["prefix"]["addr"]), int(e["prefix"]["len"]))
     if isinstance(e, dict) and "range" in e:
         lo, hi = (str(ipaddress.ip_address(x)) for x in e["range"])
-        nets = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
+        nets: list[Any] = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
         if len(nets) == 1:
             return _canon_elem({"prefix": {"addr": str(nets[0].network_address), "len": nets[0].prefixlen}})
         return f"{lo}-{hi}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 from protocol.errors import PolicyError, RevokedError
 from protocol.metadata import Certificate, PolicyVersion
@@ -208,7 +209,7 @@ def render(
 
     def net_set(name: str, fam: str, cidrs: Iterable[str], purpose: str) -> str:
         full = f"{name}_{FAMILY_SUFFIX[fam]}"
-        nets = list(ipaddress.collapse_addresses(ipaddress.ip_network(c) for c in cidrs))
+        nets: list[Any] = list(ipaddress.collapse_addresses(ipaddress.ip_network(c) for c in cidrs))  # type: ignore[type-var]
         elements = tuple(str(n) if n.prefixlen < n.max_prefixlen else str(n.network_address) for n in nets)
         sets[full] = AddressSet(full, fam, True, elements, purpose)
         return full
@@ -227,9 +228,9 @@ def render(
         FilterRule("drop", "invalid", ct_state=("invalid",)),
         FilterRule("accept", "loopback", iif="lo"),
     ]
-    for fam, cidrs in split_families(options.break_glass_cidrs).items():
-        if cidrs:
-            name = net_set("breakglass", fam, cidrs, "break-glass override (node config)")
+    for fam, glass in split_families(options.break_glass_cidrs).items():
+        if glass:
+            name = net_set("breakglass", fam, glass, "break-glass override (node config)")
             rules.append(FilterRule("accept", "break-glass override", source_set=name))
     for fam in ("ip", "ip6"):
         rules.append(FilterRule("accept", "mesh interlock", source_set=members_set(fam), proto="tcp",

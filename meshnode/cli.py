@@ -148,6 +148,12 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
     need_old, need_new = cur.roles["root"].threshold, new_root.roles["root"].threshold
     if old_ok >= need_old and new_ok >= need_new:
         adir.install_root(new_root.version, data)
+        if "policy" in roles:
+            # New policy keys reset the serial floor on nodes (fast-forward recovery); so does the authority.
+            meta = adir.meta()
+            meta["last_serial"] = 0
+            adir.save_meta(meta)
+            _out("policy keys replaced: serials start again at 1 (nodes that trust the new root accept them)")
         _out(f"root v{new_root.version} installed (signed {old_ok}/{need_old} old, {new_ok}/{need_new} new root keys)")
         _out(f"rotated roles: {', '.join(roles) or 'none (expiry/threshold refresh)'}; publish {adir.path / ROOT_FILE}"
              " to nodes, or let them fetch it over the mesh")

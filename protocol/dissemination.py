@@ -95,7 +95,9 @@ class Dissemination:
             self.want, self.sources, self.tried = digest, [peer], {}
             if self.pull is not None and self.pull.serial < digest.serial:
                 self.pull = None
-        elif digest.serial == w.serial and digest.hash == w.hash:
+        elif digest.serial == w.serial and (digest.hash == w.hash or not digest.hash or not w.hash):
+            if not w.hash and digest.hash:
+                self.want = digest  # a full digest replaces one learned from a probe (serial only)
             if peer not in self.sources:
                 self.sources.append(peer)
         else:

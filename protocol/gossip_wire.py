@@ -97,11 +97,13 @@ class Ping(_S, tag=1):
     seq: int
     target: str
     gossip: tuple[GossipItem, ...] = ()
+    serial: int = 0  # the sender's policy serial: a missed announce is caught at the next probe
 
 
 class Ack(_S, tag=2):
     seq: int
     gossip: tuple[GossipItem, ...] = ()
+    serial: int = 0
 
 
 class PingReq(_S, tag=3):

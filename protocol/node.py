@@ -160,11 +160,14 @@ class Node:
 
     # -- Port for membership/dissemination -----------------------------------------------------------
     def send(self, peer: str, msg: Any) -> None:
-        if isinstance(msg, _PIGGYBACK) and len(self.mem.broadcasts):
+        if isinstance(msg, _PIGGYBACK):
             items = self.mem.broadcasts.take(self.cfg.gossip_budget_bytes,
-                                             self.cfg.retransmit_limit(len(self.mem.members)))
-            if items:
-                msg = msgspec.structs.replace(msg, gossip=items)
+                                             self.cfg.retransmit_limit(len(self.mem.members))) \
+                if len(self.mem.broadcasts) else ()
+            serial = self.trust.serial if isinstance(msg, (Ping, Ack)) else 0
+            if items or serial:
+                msg = msgspec.structs.replace(msg, gossip=items, serial=serial) if serial else \
+                    msgspec.structs.replace(msg, gossip=items)
         m = self.mem.members.get(peer)
         self._out.append(Send(peer, m.address if m is not None else "", encode(msg)))
 
@@ -503,9 +506,18 @@ class Node:
 
     def _on_ping(self, peer: str, msg: Ping) -> None:
         self.mem.on_ping(peer, msg)
+        self._peer_serial(peer, msg.serial)
 
     def _on_ack(self, peer: str, msg: Ack) -> None:
         self.mem.on_ack(msg, self._now.ms)
+        self._peer_serial(peer, msg.serial)
+
+    def _peer_serial(self, peer: str, serial: int) -> None:
+        """Probes carry the sender's serial: a node that missed every announce catches up here."""
+        if serial > self.trust.serial:
+            self.dis.offer(peer, Digest(serial, b"", 0), self._now.ms)
+        elif serial:
+            self.dis.note_has(peer, serial)
 
     def _on_ping_req(self, peer: str, msg: PingReq) -> None:
         self.mem.on_ping_req(peer, msg, self._now.ms)
@@ -540,7 +552,11 @@ class Node:
         if peer is not None:
             # Cheap pre-filter: a body that claims a serial we already hold costs no signature check.
             claimed = self._peek_serial(envelope)
-            if claimed is not None and claimed < self.trust.serial:
+            wanted = self.dis.want.serial if self.dis.want is not None else 0
+            if claimed is not None and claimed == self.trust.serial and claimed >= wanted:
+                self.dis.note_has(peer, claimed)  # a duplicate: nothing to verify
+                return
+            if claimed is not None and (claimed < self.trust.serial or claimed < wanted):
                 self.counters["stale_offers"] += 1
                 self._out.append(Alert("policy.stale_offer", {"peer": peer, "serial": claimed,
                                                               "trusted_serial": self.trust.serial}))

@@ -136,7 +136,7 @@ class FakeLink:
     def crash(self, nid: str) -> None:
         host = self.hosts[nid]
         host.up = False
-        for peer in list(host.channels):
+        for peer in sorted(host.channels):
             self.hosts[peer].channels.discard(nid)
             self._push(self.now_ms + self.latency_ms, peer, PeerDisconnected(nid))
         host.channels.clear()

@@ -39,7 +39,7 @@ def plot(sim: Any, report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("live nodes on the newest published version")
     t100 = report["t100_ms"]
     ax.set_title(f"{report['scenario']} · {report['protocol']} · {report['nodes']} nodes · loss {report['loss']:.0%}"
-                 f" · t100 {('%d ms' % t100) if t100 is not None else 'n/a'} · seed {report['seed']}", fontsize=9)
+                 f" · t100 {f'{t100} ms' if t100 is not None else 'n/a'} · seed {report['seed']}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

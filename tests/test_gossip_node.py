@@ -1,0 +1,284 @@
+"""Membership and dissemination through the Node façade, two to five nodes over a fake link."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.gossip_config import GossipConfig
+from protocol.gossip_events import (
+    Alert,
+    ApplyPolicy,
+    Disconnect,
+    FrameReceived,
+    LivenessChanged,
+    MembersChanged,
+    Now,
+    Persist,
+    PolicyResult,
+    PolicySubmitted,
+    Send,
+    TimerFired,
+)
+from protocol.gossip_wire import Announce, Dead, Digest, Members, MemberRecord, Ping, PolicyPush, Suspect, decode, encode
+from protocol.node import Node
+from protocol.policy import Revocations
+from protocol.signing import encode_envelope, sign
+from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
+from protocol.trust import TrustedState
+from simulations.fakelink import FakeLink
+
+
+def joined(n: int = 3, **kw) -> FakeLink:
+    link = FakeLink(n=n, **kw)
+    link.start()
+    link.run_for(8000)
+    return link
+
+
+def test_nodes_join_through_one_seed_and_see_each_other_alive():
+    link = joined(4, regions=["a", "b"])
+    for h in link.hosts.values():
+        st_ = h.node.status(link.now())
+        assert st_["liveness"] == {"alive": 4, "suspect": 0, "dead": 0, "left": 0}
+        assert {m["node_id"] for m in st_["members"]} == set(link.hosts)
+
+
+def test_bootstrap_dials_a_seed_by_address_with_an_empty_peer():
+    link = FakeLink(n=2)
+    effects = link.hosts["n1"].node.handle(link.now(), TimerFired())
+    dials = [e for e in effects if isinstance(e, Send) and e.peer == ""]
+    assert [d.address for d in dials] == ["10.0.0.1:7946"]
+    assert decode(dials[0].data).record is not None  # the joiner introduces itself
+
+
+def test_policy_spreads_and_durable_effects_precede_announcements():
+    link = joined(5, regions=["a", "b"])
+    env = sign_sample(link.auth, 2)
+    effects = link.feed("n0", PolicySubmitted(env, "operator"))
+    kinds = [type(e).__name__ for e in effects]
+    assert kinds.index("Persist") < kinds.index("ApplyPolicy") < kinds.index("Send")
+    assert any(isinstance(e, PolicyResult) and e.accepted and e.serial == 2 for e in effects)
+    announced = [decode(e.data) for e in effects if isinstance(e, Send)]
+    assert all(isinstance(m, Announce) and m.digest.serial == 2 for m in announced)
+    assert len(announced) == link.cfg.fanout
+    link.run_for(3000)
+    assert set(link.serials().values()) == {2}
+    for h in link.hosts.values():
+        assert [a.serial for a in h.applied] == [2]
+        persisted = [e for e in h.effects if isinstance(e, Persist) and e.kind == "policy"]
+        assert persisted and persisted[-1].data == env
+
+
+def test_each_node_receives_the_body_once():
+    link = joined(5)
+    link.feed("n0", PolicySubmitted(sign_sample(link.auth, 2), "operator"))
+    link.run_for(3000)
+    pushes: dict[str, int] = {}
+    for nid, h in link.hosts.items():
+        for e in h.effects:
+            if isinstance(e, Send) and isinstance(decode(e.data), PolicyPush):
+                pushes[e.peer] = pushes.get(e.peer, 0) + 1
+    assert sorted(pushes) == ["n1", "n2", "n3", "n4"] and set(pushes.values()) == {1}
+
+
+def test_convergence_is_visible_from_any_node():
+    link = joined(4)
+    link.feed("n2", PolicySubmitted(sign_sample(link.auth, 2), "operator"))
+    link.run_for(45_000)  # statuses reconcile by anti-entropy
+    conv = link.hosts["n3"].node.status(link.now())["convergence"]
+    assert conv["target_serial"] == 2 and conv["converged"] == 4 and conv["fraction"] == 1.0
+
+
+def test_local_submission_of_garbage_or_old_policy_is_refused_with_a_reason():
+    link = joined(2)
+    node = link.hosts["n0"].node
+    res = [e for e in link.feed("n0", PolicySubmitted(b"\x00junk", "drop-dir")) if isinstance(e, PolicyResult)]
+    assert res and not res[0].accepted and res[0].reason == "malformed"
+    link.feed("n0", PolicySubmitted(sign_sample(link.auth, 5), "op"))
+    out = link.feed("n0", PolicySubmitted(sign_sample(link.auth, 3), "op"))
+    assert any(isinstance(e, PolicyResult) and not e.accepted and e.reason == "rollback" for e in out)
+    assert any(isinstance(e, Alert) and e.event == "policy.rollback_attempt" for e in out)
+    assert node.trust.serial == 5
+
+
+def test_malformed_frame_costs_the_peer_not_the_node():
+    link = joined(2)
+    out = link.feed("n0", FrameReceived("n1", b"\xc1\xff not msgpack"))
+    assert any(isinstance(e, Disconnect) and e.peer == "n1" for e in out)
+    assert any(isinstance(e, Alert) and e.event == "gossip.remote_error" for e in out)
+    out = link.feed("n0", FrameReceived("n1", encode(Ping(1, "n0"))))
+    assert any(isinstance(e, Send) and e.peer == "n1" for e in out)  # still answers
+
+
+def test_forged_member_record_is_rejected_and_blamed():
+    link = joined(2)
+    n2 = make_node(link.auth, "n9")
+    rec = MemberRecord("n9", 5, "10.0.0.9:7946", n2.cert_bytes)
+    forged = encode_envelope(sign("member", encode(rec), [derive_seed("someone else")]))
+    out = link.feed("n0", FrameReceived("n1", encode(Members((forged,)))))
+    assert any(isinstance(e, Disconnect) for e in out)
+    assert "n9" not in link.hosts["n0"].node.mem.members
+
+
+def test_replayed_old_body_is_not_applied_and_the_next_source_is_used():
+    link = joined(3)
+    old = sign_sample(link.auth, 2)
+    new = sign_sample(link.auth, 3)
+    for nid in ("n0", "n1", "n2"):
+        link.feed(nid, PolicySubmitted(old, "op"))
+    link.run_for(1000)
+    node = link.hosts["n2"].node
+    digest = Digest(3, bytes.fromhex(__import__("protocol.metadata", fromlist=["x"]).payload_hash(
+        __import__("protocol.signing", fromlist=["x"]).decode_envelope(new, "policy").payload)), 1)
+    link.hosts["n0"].node.trust.accept_policy(new, T0)  # n0 and n1 hold serial 3 (n1 is the liar)
+    link.hosts["n1"].node.trust.accept_policy(new, T0)
+    link.feed("n2", FrameReceived("n1", encode(Announce(digest))))
+    link.feed("n2", FrameReceived("n0", encode(Announce(digest))))
+    out = link.feed("n2", FrameReceived(node.dis.pull.peer, encode(PolicyPush(old))))
+    assert any(isinstance(e, Alert) and e.event == "policy.stale_offer" for e in out)
+    assert not any(isinstance(e, ApplyPolicy) for e in out)
+    link.run_for(2000)
+    assert node.trust.serial == 3
+
+
+def test_suspicion_is_refuted_by_a_higher_signed_incarnation():
+    link = joined(3)
+    n1 = link.hosts["n1"].node
+    inc = n1.mem.incarnation
+    link.feed("n1", FrameReceived("n0", encode(Ping(77, "n1", (Suspect("n1", inc, "n0"),)))))
+    assert n1.mem.incarnation > inc
+    link.run_for(3000)
+    for nid in ("n0", "n2"):
+        m = link.hosts[nid].node.mem.members["n1"]
+        assert m.incarnation == n1.mem.incarnation and m.liveness == "alive"
+
+
+def test_crashed_member_goes_suspect_then_dead_but_stays_in_the_directory():
+    cfg = GossipConfig(probe_interval_ms=200, probe_timeout_ms=50, suspicion_mult=2)
+    link = joined(4, config=cfg)
+    link.crash("n3")
+    link.run_for(30_000)
+    h = link.hosts["n0"]
+    changes = [e for e in h.effects if isinstance(e, LivenessChanged) and e.node_id == "n3"]
+    assert [c.liveness for c in changes][-2:] == ["suspect", "dead"]
+    dirs = [e for e in h.effects if isinstance(e, MembersChanged)]
+    assert "n3" in dirs[-1].certs  # liveness never changes enforcement
+    assert h.node.status(link.now())["liveness"]["dead"] == 1
+
+
+def test_dead_member_comes_back_after_a_partition_heals():
+    cfg = GossipConfig(probe_interval_ms=200, probe_timeout_ms=50, suspicion_mult=2, dead_retry_interval_ms=1000)
+    link = joined(4, config=cfg)
+    link.feed("n0", PolicySubmitted(sign_sample(link.auth, 2), "op"))
+    link.run_for(2000)
+    cut = {"n3"}
+    link.drop = lambda src, dst, data: (src in cut) != (dst in cut)
+    link.run_for(30_000)
+    assert link.hosts["n0"].node.mem.members["n3"].liveness == "dead"
+    link.feed("n0", PolicySubmitted(sign_sample(link.auth, 3), "op"))
+    link.run_for(2000)
+    assert link.hosts["n3"].node.trust.serial == 2  # keeps enforcing its last version
+    link.drop = lambda src, dst, data: False
+    link.run_for(20_000)
+    assert link.hosts["n3"].node.trust.serial == 3
+    assert all(h.node.mem.members["n3"].liveness == "alive" for h in link.hosts.values())
+
+
+def test_gossiped_death_of_ourselves_is_refuted():
+    link = joined(2)
+    n0 = link.hosts["n0"].node
+    inc = n0.mem.incarnation
+    link.feed("n0", FrameReceived("n1", encode(Ping(5, "n0", (Dead("n0", inc, "n1"),)))))
+    assert n0.mem.incarnation > inc
+
+
+def test_revocation_expels_the_member_and_updates_the_directory():
+    link = joined(3)
+    doc_rev = Revocations(nodes=("n2",))
+    env = sign_sample(link.auth, 2, revocations=doc_rev)
+    out = link.feed("n0", PolicySubmitted(env, "op"))
+    assert any(isinstance(e, Disconnect) and e.peer == "n2" for e in out)
+    dirs = [e for e in out if isinstance(e, MembersChanged)]
+    assert dirs and "n2" not in dirs[-1].certs and "n1" in dirs[-1].certs
+    link.run_for(5000)
+    assert "n2" not in link.hosts["n1"].node.mem.members
+
+
+def test_newer_root_is_fetched_from_the_peer_before_the_policy():
+    link = joined(3)
+    link.auth.rotate(T0)
+    env = sign_sample(link.auth, 2)
+    out = link.feed("n0", PolicySubmitted(env, "op"))
+    assert any(isinstance(e, PolicyResult) and e.reason == "root_mismatch" for e in out)
+    link.feed("n0", __import__("protocol.gossip_events", fromlist=["x"]).RootsSubmitted(link.auth.roots, "op"))
+    link.feed("n0", PolicySubmitted(env, "op"))
+    link.run_for(3000)
+    for h in link.hosts.values():
+        assert h.node.trust.root_version == 2 and h.node.trust.serial == 2
+        assert any(isinstance(e, Persist) and e.kind == "root" for e in h.effects)
+
+
+def test_identity_must_match_the_certificate():
+    auth = make_authority()
+    a, b = make_node(auth, "a"), make_node(auth, "b")
+    with pytest.raises(LocalProtocolError):
+        Node(GossipConfig(), TrustedState(auth.root_bytes), "a", a.cert_bytes, b.identity_seed, "x:1", [], bytes)
+
+
+def test_node_accepts_a_bytes_entropy_callable():
+    auth = make_authority()
+    a = make_node(auth, "a")
+    counter = iter(range(10**9))
+    node = Node(GossipConfig(), TrustedState(auth.root_bytes), "a", a.cert_bytes, a.identity_seed, "10.0.0.1:1",
+                ["10.0.0.2:1"], lambda n: next(counter).to_bytes(n, "big"))
+    out = node.handle(Now(0, T0), TimerFired())
+    assert any(isinstance(e, Send) and e.address == "10.0.0.2:1" for e in out)
+    assert node.next_deadline() is not None
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=300, deadline=None)
+def test_decode_never_raises_anything_but_remote_protocol_error(data):
+    try:
+        decode(data)
+    except RemoteProtocolError:
+        pass
+
+
+def test_oversized_message_is_refused_before_decoding():
+    with pytest.raises(RemoteProtocolError):
+        decode(b"\x91" + b"\x00" * (3 << 20))
+
+
+@given(drop_mask=st.lists(st.booleans(), min_size=64, max_size=64), latency=st.integers(1, 80),
+       publisher=st.integers(0, 3), seed=st.integers(0, 1000))
+@settings(max_examples=15, deadline=None)
+def test_property_any_temporary_loss_pattern_converges_and_never_goes_back(drop_mask, latency, publisher, seed):
+    link = FakeLink(n=4, regions=["a", "b"], latency_ms=latency, seed=seed)
+    counter = {"i": 0}
+
+    def drop(src, dst, data):
+        counter["i"] += 1
+        return link.now_ms < 12_000 and drop_mask[counter["i"] % 64]
+
+    link.drop = drop
+    link.start()
+    link.run_for(3000)
+    link.feed(f"n{publisher}", PolicySubmitted(sign_sample(link.auth, 2), "op"))
+    link.run_for(6000)
+    link.feed(f"n{(publisher + 1) % 4}", PolicySubmitted(sign_sample(link.auth, 3), "op"))
+    link.run_for(60_000)
+    assert set(link.serials().values()) == {3}, f"seed={seed}"
+    for h in link.hosts.values():
+        serials = [a.serial for a in h.applied]
+        assert serials == sorted(set(serials)), f"seed={seed}: {h.node_id} applied {serials}"
+
+
+def test_wire_messages_round_trip():
+    msg = Ping(3, "n1", (Suspect("n2", 4, "n0"),), 7)
+    assert decode(encode(msg)) == msg
+    assert msgspec.msgpack.decode(encode(msg))[0] == 1  # tagged union: the tag comes first

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -854,6 +854,6 @@ class Membership:
                 return m
         return None
 
-    def peers(self) -> list[dict[str, str]]:
-        return [{"node_id": m.node_id, "address": m.address, "region": m.region}
+    def peers(self) -> list[dict[str, Any]]:
+        return [{"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes}
                 for m in self.members.values() if m.node_id != self.me]

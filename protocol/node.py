@@ -107,7 +107,7 @@ class Node:
         advertise: str,
         seeds: list[str],
         entropy: Callable[[int], bytes] | Any,
-        known_peers: list[dict[str, str]] | None = None,
+        known_peers: list[dict[str, Any]] | None = None,
         *,
         verify_cache: VerifyCache | None = None,
     ) -> None:
@@ -132,6 +132,18 @@ class Node:
                               self.cache, self, self.connected.__contains__)
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
         self.mem.preferred = self.conn_set
+        # Certificates remembered from the last run ("peers" with "cert"): the directory handed to
+        # enforcement after a restart is the one from before it, until members are heard from again.
+        self._known_certs: dict[str, tuple[bytes, Any]] = {}
+        for p in known_peers or []:
+            cb = p.get("cert")
+            if isinstance(cb, (bytes, bytearray)):
+                try:
+                    c = trust.check_certificate(bytes(cb))
+                except (TrustError, RemoteProtocolError):
+                    continue
+                if c.node_id == p.get("node_id"):
+                    self._known_certs[c.node_id] = (bytes(cb), c)
         self.started = False
         self._now = Now(0, 0.0)
         self._sync_at = 0
@@ -283,8 +295,17 @@ class Node:
             self._peers_at = ms + self.cfg.peers_persist_interval_ms
         if self._peers_at is not None and ms >= self._peers_at:
             self._peers_at = None
-            self.mem.peers_dirty = False
-            self._out.append(Persist("peers", _peers_encoder.encode(self.mem.peers())))
+            self._persist_peers()
+
+    def _persist_peers(self) -> None:
+        self.mem.peers_dirty = False
+        self._peers_at = None
+        peers = self.mem.peers()
+        listed = {p["node_id"] for p in peers}
+        for nid, (cb, c) in self._known_certs.items():
+            if nid not in listed:
+                peers.append({"node_id": nid, "address": "", "region": c.region, "cert": cb})
+        self._out.append(Persist("peers", _peers_encoder.encode(peers)))
 
     def _pick_cross(self) -> list[str]:
         others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
@@ -337,8 +358,21 @@ class Node:
     def _emit_directory(self) -> None:
         self.mem.directory_dirty = False
         certs = self.mem.certs()
+        if self._known_certs:
+            wall = self._now.wall
+            for nid, (cb, c) in list(self._known_certs.items()):
+                if nid in certs:
+                    continue
+                try:
+                    self.mem.check_cert_valid(c, wall)
+                except TrustError:
+                    del self._known_certs[nid]
+                    continue
+                certs[nid] = cb
         if certs != self._last_dir:
             self._last_dir = certs
+            # the directory is durable before enforcement acts on it (restart path)
+            self._persist_peers()
             self._out.append(MembersChanged(dict(certs)))
 
     # -- status --------------------------------------------------------------------------------------

@@ -584,8 +584,10 @@ class Simulation:
             versions.append(self._version_stats(v, live))
         last = versions[-1]
         # convergence after faults: every live node holds the last version at the end
-        if sc.checks.require_convergence:
-            missing = [h.node_id for h in live if h.applied < self.versions[-1].serial]
+        missing = [h.node_id for h in live if h.applied < self.versions[-1].serial]
+        # Convergence after the faults end is an invariant of the gossip protocol; the baselines
+        # promise no such thing, their shortfall is reported as converged_fraction.
+        if sc.checks.require_convergence and sc.protocol == "gossip":
             if missing:
                 self.inv.violation(self.seed, self.now, f"{len(missing)} live node(s) not converged to serial "
                                                         f"{self.versions[-1].serial} at the end, e.g. {missing[:3]}")
@@ -606,6 +608,7 @@ class Simulation:
             "policy_bytes": self.policy_bytes,
             "duration_ms": sc.duration_ms,
             "live_nodes": len(live),
+            "not_converged_at_end": len(missing),
             "hostile_nodes": sum(1 for h in self.hosts[:n] if h.hostile),
             "converged_fraction": last["converged_fraction"],
             "t50_ms": last["t50_ms"],

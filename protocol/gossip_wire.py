@@ -28,7 +28,7 @@ class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 
 # -- signed member payloads (inside a "member" signature domain) ------------------------------------
-class MemberRecord(_S, tag=1):
+class MemberRecord(_S, frozen=True, array_like=True, gc=False, tag=1):
     """Who a member is and where to reach it, signed by the member's own identity key."""
 
     node_id: str
@@ -38,7 +38,7 @@ class MemberRecord(_S, tag=1):
     left: bool = False
 
 
-class StatusBody(_S, tag=2):
+class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
     """What a member enforces: applied serial, policy hash prefix, ruleset hash prefix, state."""
 
     node_id: str
@@ -53,23 +53,23 @@ MemberPayload = MemberRecord | StatusBody
 
 
 # -- piggybacked gossip items ------------------------------------------------------------------------
-class Alive(_S, tag=1):
+class Alive(_S, frozen=True, array_like=True, gc=False, tag=1):
     record: bytes  # encoded member envelope of a MemberRecord
 
 
-class Suspect(_S, tag=2):
+class Suspect(_S, frozen=True, array_like=True, gc=False, tag=2):
     node_id: str
     incarnation: int
     source: str
 
 
-class Dead(_S, tag=3):
+class Dead(_S, frozen=True, array_like=True, gc=False, tag=3):
     node_id: str
     incarnation: int
     source: str
 
 
-class Status(_S, tag=4):
+class Status(_S, frozen=True, array_like=True, gc=False, tag=4):
     payload: bytes  # encoded StatusBody
     sig: bytes
 
@@ -77,7 +77,7 @@ class Status(_S, tag=4):
 GossipItem = Alive | Suspect | Dead | Status
 
 
-class Digest(_S):
+class Digest(_S, frozen=True, array_like=True, gc=False):
     """The policy a node holds: serial, SHA-256 of the payload (32 bytes), root version it needs."""
 
     serial: int
@@ -85,7 +85,7 @@ class Digest(_S):
     root_version: int
 
 
-class View(_S):
+class View(_S, frozen=True, array_like=True, gc=False):
     """How the sender sees the receiver (lets a member refute a suspicion or death it never heard of)."""
 
     incarnation: int
@@ -93,53 +93,53 @@ class View(_S):
 
 
 # -- messages ----------------------------------------------------------------------------------------
-class Ping(_S, tag=1):
+class Ping(_S, frozen=True, array_like=True, gc=False, tag=1):
     seq: int
     target: str
     gossip: tuple[GossipItem, ...] = ()
     serial: int = 0  # the sender's policy serial: a missed announce is caught at the next probe
 
 
-class Ack(_S, tag=2):
+class Ack(_S, frozen=True, array_like=True, gc=False, tag=2):
     seq: int
     gossip: tuple[GossipItem, ...] = ()
     serial: int = 0
 
 
-class PingReq(_S, tag=3):
+class PingReq(_S, frozen=True, array_like=True, gc=False, tag=3):
     seq: int
     target: str
     address: str
     gossip: tuple[GossipItem, ...] = ()
 
 
-class Nack(_S, tag=4):
+class Nack(_S, frozen=True, array_like=True, gc=False, tag=4):
     seq: int
 
 
-class Announce(_S, tag=5):
+class Announce(_S, frozen=True, array_like=True, gc=False, tag=5):
     digest: Digest
     gossip: tuple[GossipItem, ...] = ()
 
 
-class PolicyPull(_S, tag=6):
+class PolicyPull(_S, frozen=True, array_like=True, gc=False, tag=6):
     serial: int
     hash: bytes
 
 
-class PolicyPush(_S, tag=7):
+class PolicyPush(_S, frozen=True, array_like=True, gc=False, tag=7):
     envelope: bytes
 
 
-class RootPull(_S, tag=8):
+class RootPull(_S, frozen=True, array_like=True, gc=False, tag=8):
     have_version: int
 
 
-class RootPush(_S, tag=9):
+class RootPush(_S, frozen=True, array_like=True, gc=False, tag=9):
     chain: tuple[bytes, ...]
 
 
-class Sync(_S, tag=10):
+class Sync(_S, frozen=True, array_like=True, gc=False, tag=10):
     """Push-pull anti-entropy.  ``mhash`` summarises the member directory (node_id, incarnation),
     ``shash`` the members' status (empty: the initiator does not reconcile status this time); the
     responder adds per-bucket hashes (``buckets`` / ``sbuckets``) only for a summary that differs."""
@@ -155,7 +155,7 @@ class Sync(_S, tag=10):
     sbuckets: tuple[bytes, ...] | None = None
 
 
-class SyncEntries(_S, tag=11):
+class SyncEntries(_S, frozen=True, array_like=True, gc=False, tag=11):
     """(node_id, version) of every member in the listed buckets: the incarnation of its record
     (``status`` false) or the sequence number of its status (``status`` true)."""
 
@@ -164,12 +164,12 @@ class SyncEntries(_S, tag=11):
     entries: tuple[tuple[str, int], ...]
 
 
-class MemberPull(_S, tag=12):
+class MemberPull(_S, frozen=True, array_like=True, gc=False, tag=12):
     records: tuple[str, ...]
     statuses: tuple[str, ...]
 
 
-class Members(_S, tag=13):
+class Members(_S, frozen=True, array_like=True, gc=False, tag=13):
     records: tuple[bytes, ...]
     statuses: tuple[Status, ...] = ()
 

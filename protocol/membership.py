@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -45,7 +45,7 @@ from .gossip_wire import (
     encode,
 )
 from .metadata import Certificate
-from .signing import decode_envelope, encode_envelope, sign, signing_message, valid_signers
+from .signing import decode_envelope, encode_envelope, key_id, sign, signing_message, valid_signers
 from .trust import TrustedState
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
@@ -332,14 +332,14 @@ class Membership:
             cert = self.trust.check_certificate(rec.cert)
             if cert.node_id != rec.node_id:
                 raise SignatureError(f"member record for {rec.node_id} carries the certificate of {cert.node_id}")
-            kid = next((s.key_id for s in env.signatures), "")
-            if not valid_signers(env, {kid: cert.identity_key}, {kid}) or kid == "":
+            kid = key_id(cert.identity_key)
+            if not valid_signers(env, {kid: cert.identity_key}, {kid}):
                 raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
             hit = (rec, cert)
             self.cache.put(key, hit)
-        rec, cert = hit  # type: ignore[misc]
-        self.check_cert_valid(cert, wall)
-        return rec, cert
+        rec2, cert2 = cast(tuple[MemberRecord, Certificate], hit)
+        self.check_cert_valid(cert2, wall)
+        return rec2, cert2
 
     def check_cert_valid(self, cert: Certificate, wall: float) -> None:
         skew = self.trust.skew_s

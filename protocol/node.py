@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -81,7 +81,7 @@ from .gossip_wire import (
     encode,
 )
 from .membership import ALIVE, DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
-from .metadata import decode_policy, payload_hash
+from .metadata import Certificate, decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
 from .trust import TrustedState
 
@@ -525,10 +525,11 @@ class Node:
     def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
         try:
             key = (hashlib.sha256(cert_bytes).digest(), self.trust.root_version, "cert")
-            cert = self.cache.get(key)  # type: ignore[assignment]
-            if cert is None:
-                cert = self.trust.check_certificate(cert_bytes)
-                self.cache.put(key, cert)
+            hit = self.cache.get(key)
+            if hit is None:
+                hit = self.trust.check_certificate(cert_bytes)
+                self.cache.put(key, hit)
+            cert = cast(Certificate, hit)
             self.mem.check_cert_valid(cert, self._now.wall)
             if cert.node_id != peer:
                 raise SignatureError(f"channel peer {peer!r} presented the certificate of {cert.node_id!r}")
@@ -737,7 +738,7 @@ class Node:
         for entry in members:
             if entry["liveness"] != LEFT and entry["serial"] == max_serial and max_serial:
                 converged += 1
-                by_region[entry["region"]]["converged"] += 1
+                by_region[str(entry["region"])]["converged"] += 1
         total = sum(r["members"] for r in by_region.values())
         return {
             "node_id": self.node_id,

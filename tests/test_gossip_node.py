@@ -23,7 +23,18 @@ from protocol.gossip_events import (
     Send,
     TimerFired,
 )
-from protocol.gossip_wire import Announce, Dead, Digest, Members, MemberRecord, Ping, PolicyPush, Suspect, decode, encode
+from protocol.gossip_wire import (
+    Announce,
+    Dead,
+    Digest,
+    MemberRecord,
+    Members,
+    Ping,
+    PolicyPush,
+    Suspect,
+    decode,
+    encode,
+)
 from protocol.node import Node
 from protocol.policy import Revocations
 from protocol.signing import encode_envelope, sign
@@ -78,7 +89,7 @@ def test_each_node_receives_the_body_once():
     link.feed("n0", PolicySubmitted(sign_sample(link.auth, 2), "operator"))
     link.run_for(3000)
     pushes: dict[str, int] = {}
-    for nid, h in link.hosts.items():
+    for _nid, h in link.hosts.items():
         for e in h.effects:
             if isinstance(e, Send) and isinstance(decode(e.data), PolicyPush):
                 pushes[e.peer] = pushes.get(e.peer, 0) + 1

@@ -133,6 +133,7 @@ class Member:
     token: int = 0
     stoken: int = 0
     heard_ms: int = -(10**12)
+    entry: bytes = b""  # pre-encoded {node_id, address, region, cert} for the persisted peer list
     suspect_sources: set[str] = field(default_factory=set)
     suspect_start_ms: int = 0
     suspect_deadline_ms: int = 0
@@ -387,6 +388,8 @@ class Membership:
                 self.directory_dirty = True
             if m.address != rec.address:
                 self.peers_dirty = True
+            if m.address != rec.address or m.cert_bytes != rec.cert:
+                m.entry = b""
             m.incarnation, m.record, m.cert, m.cert_bytes, m.address = rec.incarnation, data, cert, rec.cert, rec.address
             m.region = cert.region
             self._set_liveness(m, LEFT if rec.left else ALIVE, now_ms)
@@ -857,3 +860,15 @@ class Membership:
     def peers(self) -> list[dict[str, Any]]:
         return [{"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes}
                 for m in self.members.values() if m.node_id != self.me]
+
+    def peer_entries(self) -> list[bytes]:
+        """Pre-encoded peer-list entries (one MessagePack map per member), built once per change."""
+        out = []
+        for m in self.members.values():
+            if m.node_id == self.me:
+                continue
+            if not m.entry:
+                m.entry = msgspec.msgpack.encode(
+                    {"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes})
+            out.append(m.entry)
+        return out

@@ -300,12 +300,15 @@ class Node:
     def _persist_peers(self) -> None:
         self.mem.peers_dirty = False
         self._peers_at = None
-        peers = self.mem.peers()
-        listed = {p["node_id"] for p in peers}
+        entries = self.mem.peer_entries()
+        members = self.mem.members
         for nid, (cb, c) in self._known_certs.items():
-            if nid not in listed:
-                peers.append({"node_id": nid, "address": "", "region": c.region, "cert": cb})
-        self._out.append(Persist("peers", _peers_encoder.encode(peers)))
+            if nid not in members:
+                entries.append(_peers_encoder.encode({"node_id": nid, "address": "", "region": c.region, "cert": cb}))
+        n = len(entries)
+        header = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                                                   else b"\xdd" + n.to_bytes(4, "big"))
+        self._out.append(Persist("peers", header + b"".join(entries)))
 
     def _pick_cross(self) -> list[str]:
         others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]

@@ -512,6 +512,11 @@ class MeshDaemon:
         finally:
             self.handshaking.discard(conn)
         self.metrics.handshakes.labels("ok", "inbound").inc()
+        if self._tg is None:
+            # Listening but not serving (still starting, or stopping): registering the channel now
+            # would leave it in self.conns with no reader or writer, swallowing every send to that peer.
+            await transport.close(conn, "node not serving")
+            return ws
         if conn.kind is ConnectionKind.OPERATOR:
             await self._serve_operator(conn)
         else:

@@ -98,10 +98,14 @@ def run_flood(cluster: Cluster, nodes: list[NodeProc], target: NodeProc, via: No
          ",".join(sources)], stdout=subprocess.PIPE, text=True,
     )
     tf0 = time.monotonic()
-    time.sleep(min(3.0, args.flood_s / 3))
-    during = publish_timed(cluster, via, nodes)
-    print(f"  [{label}] during the flood: publish serial {during['serial']} via {via.node_id}: all {len(nodes)} "
-          f"applied {during['all_ms']:.1f} ms after publish ({target.node_id} is flooded)", flush=True)
+    time.sleep(min(2.0, args.flood_s / 4))
+    during = []
+    while not during or time.monotonic() - tf0 < args.flood_s - 1.5:  # publish while the flood lasts
+        r = publish_timed(cluster, via, nodes)
+        during.append(r["all_ms"])
+        print(f"  [{label}] during the flood: publish serial {r['serial']} via {via.node_id}: all {len(nodes)} "
+              f"applied {r['all_ms']:.1f} ms after publish ({target.node_id} is flooded)", flush=True)
+        time.sleep(0.5)
     out, _ = flood.communicate(timeout=args.flood_s + 60)
     flood_s = time.monotonic() - tf0
     counts = json.loads(out.strip().splitlines()[-1])
@@ -120,7 +124,8 @@ def run_flood(cluster: Cluster, nodes: list[NodeProc], target: NodeProc, via: No
     return {
         "seconds": flood_s, "workers": args.flood_workers, "sources": len(sources), "client": counts,
         "processed_per_s": processed / flood_s, "rate_limited_per_s": limited / flood_s,
-        "publish_during_ms": during["all_ms"], "publish_after_ms": after["all_ms"], "target_alive": target.alive,
+        "publish_during_ms": statistics.median(during), "publish_during_max_ms": max(during),
+        "publish_during_runs": len(during), "publish_after_ms": after["all_ms"], "target_alive": target.alive,
     }
 
 
@@ -302,11 +307,13 @@ def main() -> int:
          mark(rss["max"] <= GOAL_RSS_MIB)),
         ("flood, default limiter: bogus handshakes processed", f"{fl['processed_per_s']:.0f} /s", "", ""),
         ("flood, default limiter: turned away (429)", f"{fl['rate_limited_per_s']:.0f} /s", "", ""),
-        ("flood, default limiter: publish -> all applied", f"{fl['publish_during_ms']:.1f} ms",
-         f"<= {GOAL_PUBLISH_MS:.0f} ms", mark(fl["publish_during_ms"] <= GOAL_PUBLISH_MS)),
+        ("flood, default limiter: publish -> all applied, median / max",
+         f"{fl['publish_during_ms']:.1f} / {fl['publish_during_max_ms']:.1f} ms",
+         f"<= {GOAL_PUBLISH_MS:.0f} ms", mark(fl["publish_during_max_ms"] <= GOAL_PUBLISH_MS)),
         ("flood, limiter lifted: bogus handshakes processed", f"{fu['processed_per_s']:.0f} /s", "", ""),
-        ("flood, limiter lifted: publish -> all applied", f"{fu['publish_during_ms']:.1f} ms",
-         f"<= {GOAL_PUBLISH_MS:.0f} ms", mark(fu["publish_during_ms"] <= GOAL_PUBLISH_MS)),
+        ("flood, limiter lifted: publish -> all applied, median / max",
+         f"{fu['publish_during_ms']:.1f} / {fu['publish_during_max_ms']:.1f} ms",
+         f"<= {GOAL_PUBLISH_MS:.0f} ms", mark(fu["publish_during_max_ms"] <= GOAL_PUBLISH_MS)),
         ("publish -> all applied after the floods", f"{fu['publish_after_ms']:.1f} ms", "", ""),
         ("Serf anchor: median time to last agent", f"{serf_ms:.0f} ms" if serf_ms else "n/a", "", ""),
         ("ours / serf (median publish)", f"{ratio:.2f}" if ratio else "n/a", "", ""),

@@ -305,8 +305,12 @@ class Cluster:
         """Until every node sees every other as alive."""
         nodes = self.nodes if nodes is None else nodes
         ids = {n.node_id for n in nodes}
-        wait_until(lambda: all(ids <= n.alive_members() for n in nodes), timeout_s,
-                   f"membership of {sorted(ids)}", interval_s=0.2)
+        try:
+            wait_until(lambda: all(ids <= n.alive_members() for n in nodes), timeout_s,
+                       f"membership of {sorted(ids)}", interval_s=0.2)
+        except AssertionError:
+            missing = {n.node_id: sorted(ids - n.alive_members()) for n in nodes}
+            raise AssertionError(f"membership incomplete after {timeout_s:.0f} s; each node misses: {missing}") from None
 
     def close(self) -> None:
         for n in self.nodes:

@@ -161,14 +161,15 @@ class MeshDaemon:
             known_peers=known,
         )
 
-    def _stored_peers(self) -> list[dict[str, str]]:
-        """The peer list persisted by the core (msgpack of [{node_id, address, region}]); a corrupt
-        file is reported and ignored, never fatal: seeds still work."""
+    def _stored_peers(self) -> list[dict[str, Any]]:
+        """The peer list persisted by the core (msgpack of [{node_id, address, region, cert}]); a
+        corrupt file is reported and ignored, never fatal: seeds still work. The core re-verifies
+        every certificate in it."""
         data = self.store.load_peers()
         if not data:
             return []
         try:
-            return msgspec.msgpack.decode(data, type=list[dict[str, str]])
+            return msgspec.msgpack.decode(data, type=list[dict[str, Any]])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"{self.store.peers_path}: unreadable peer list: {exc}")

@@ -319,6 +319,7 @@ def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_
         assert st["enforcement"]["applied_serial"] == last
         assert st["policy"]["serial"] == last and st["policy"]["state"] == "fresh"
         assert st["connections"]["gossip"] == 0  # nobody to talk to
+        assert metric_sum(lone.metrics(), "policymesh_state_problems_total") == 0  # its saved state read back
         assert not any(n.alive for n in nodes[:2])
         # The ruleset file the (file) backend rendered is there too.
         assert (lone.dir / "ruleset.nft").read_text().strip()
@@ -332,7 +333,7 @@ def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_
         assert metric_sum(broken.metrics(), "policymesh_state_problems_total") >= 1
 
         # A node with no stored policy is alive but not ready.
-        fresh = cluster.add_node("node-new", "region-a", seeds=[nodes[0]])
+        fresh = cluster.add_node("node-new", "region-a", seeds=[nodes[1]])  # a stopped seed
         fresh.start()
         fresh.wait_up()
         code, _ = fresh.admin("/readyz")

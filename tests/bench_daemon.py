@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.daemon_helpers import Cluster, NodeProc, metric_sum, wait_until  # noqa: E402
 
-SUBNET = 40  # 127.66.40.x, ports 25560..
+SUBNET = 60  # 127.66.60.x, ports 26040.. (test_daemon.py: 1, 11-15, 20-23; test_daemon_rotation.py: 40)
 SERF_SCRIPT = Path("/work/shared/bench/serf_anchor.sh")
 GOAL_PUBLISH_MS = 1000.0
 GOAL_IDLE_CPU_PCT = 1.0

@@ -6,7 +6,8 @@ enrolled nodes, each a real `meshnode run` process with its own loopback address
 is mocked: the only way in is the nodes' mesh and admin ports.
 
 Every cluster takes a distinct `subnet` (the third octet of its addresses) and derives its ports from
-it, so clusters in one run never share an address.
+it, so clusters in one run never share an address. Taken: tests/test_daemon.py 1, 11-15, 20-23;
+tests/test_daemon_rotation.py 40; tests/bench_daemon.py 60.
 """
 
 from __future__ import annotations

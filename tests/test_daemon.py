@@ -399,7 +399,7 @@ def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
                     await ws.send_bytes(os.urandom(32))  # a valid first message; then silence
                     await asyncio.sleep(0.3)
                     a.proc.send_signal(signal.SIGTERM)
-                    return await asyncio.to_thread(a.proc.wait, 20)
+                    return await asyncio.to_thread(a.proc.wait, 10)  # "within a few seconds", generously
 
         rc = asyncio.run(stalled_handshake_then_sigterm())
         assert rc == 0

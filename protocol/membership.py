@@ -318,12 +318,14 @@ class Membership:
         return item
 
     # -- verification --------------------------------------------------------------------------------
-    def verify_record(self, data: bytes, wall: float) -> tuple[MemberRecord, Certificate]:
+    def verify_record(self, data: bytes, wall: float, key: tuple[bytes, bytes] | None = None
+                      ) -> tuple[MemberRecord, Certificate]:
         """Check a signed member record: its certificate (authority-signed, valid now, not revoked)
         and the member's own signature with the certificate's identity key."""
         if len(data) > MAX_RECORD_BYTES:
             raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
-        key = (hashlib.sha256(data).digest(), self._root_key)
+        if key is None:
+            key = (hashlib.sha256(data).digest(), self._root_key)
         hit = self.cache.get(key)
         if hit is None:
             env = decode_envelope(data, "member", MAX_RECORD_BYTES)
@@ -475,12 +477,13 @@ class Membership:
     # -- learning from gossip ------------------------------------------------------------------------
     def learn_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> bool:
         """Verify and merge one signed member record; True if it changed our view."""
-        hit = self.cache.get((hashlib.sha256(data).digest(), self._root_key)) if len(data) <= MAX_RECORD_BYTES else None
+        key = (hashlib.sha256(data).digest(), self._root_key)
+        hit = self.cache.get(key) if len(data) <= MAX_RECORD_BYTES else None
         if hit is not None:
             known = self.members.get(hit[0].node_id)  # type: ignore[index]
             if known is not None and known.incarnation >= hit[0].incarnation:  # type: ignore[index]
                 return False
-        rec, cert = self.verify_record(data, wall)
+        rec, cert = self.verify_record(data, wall, key)
         if rec.node_id == self.me:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
                 self.refute(now_ms, rec.incarnation)
@@ -808,39 +811,34 @@ class Membership:
         return m.incarnation
 
     def entries(self, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
-        out = []
+        out: list[tuple[str, int]] = []
         members = self.members
+        nb = len(self._bucket_ids)
         for b in buckets:
-            if 0 <= b < len(self._bucket_ids):
-                for nid in self._bucket_ids[b]:
-                    out.append((nid, self._version(members[nid], status)))
+            if 0 <= b < nb:
+                ids = self._bucket_ids[b]
+                if status:
+                    out += [(nid, st.seq if (st := members[nid].status) is not None else 0) for nid in ids]
+                else:
+                    out += [(nid, members[nid].incarnation) for nid in ids]
         return tuple(out)
 
     def compare_entries(self, buckets: Iterable[int], entries: Iterable[tuple[str, int]], status: bool
                         ) -> tuple[list[str], list[str]]:
         """Given a peer's entries for ``buckets``: (ids whose record/status we want, ids whose
         record/status they lack)."""
-        want: list[str] = []
-        theirs: dict[str, int] = {}
         members = self.members
-        for nid, version in entries:
-            theirs[nid] = version
-            if nid == self.me:
-                continue
-            m = members.get(nid)
-            if m is None:
-                if not status:
-                    want.append(nid)
-            elif version > self._version(m, status):
-                want.append(nid)
-        give: list[str] = []
-        for b in buckets:
-            if not 0 <= b < len(self._bucket_ids):
-                continue
-            for nid in self._bucket_ids[b]:
-                m = members[nid]
-                if self._version(m, status) > theirs.get(nid, -1) and (not status or m.status_item is not None):
-                    give.append(nid)
+        theirs = dict(entries)
+        theirs.pop(self.me, None)
+        mine = dict(self.entries(buckets, status))
+        get = mine.get
+        if status:
+            want = [nid for nid, v in theirs.items() if nid in mine and v > mine[nid]]
+        else:
+            want = [nid for nid, v in theirs.items() if v > get(nid, -1)]
+        tget = theirs.get
+        give = [nid for nid, v in mine.items() if v > tget(nid, -1)
+                and (not status or members[nid].status_item is not None)]
         return want, give
 
     # -- views ---------------------------------------------------------------------------------------

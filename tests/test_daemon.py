@@ -424,7 +424,6 @@ def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
 # -- configuration ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_bad_configs_are_refused_at_start_with_one_clear_line(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, subnet=14)
     node = cluster.add_node("node-1", "region-a")
@@ -482,7 +481,6 @@ def test_bad_configs_are_refused_at_start_with_one_clear_line(tmp_path: Path) ->
 # -- the drop directory ----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_drop_directory_applies_signed_files_and_rejects_junk_with_a_reason(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, subnet=15)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import resource
 import time
 
 import pytest
@@ -43,6 +44,8 @@ def bench(scenario: str = "lan", nodes: int = 1000, duration_ms: int = 60_000) -
         "events": report["events"], "events_per_s": round(report["events"] / report["wall_s"]),
         "bare_loop_s": round(base, 3), "ratio_vs_bare_loop": round(report["wall_s"] / base, 1),
         "virtual_per_wall": round(duration_ms / 1000 / report["wall_s"], 2),
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "t100_ms": report["t100_ms"],
     }
     for k, v in out.items():
         print(f"{k:>20}: {v}")

@@ -106,6 +106,9 @@ class MeshDaemon:
             cfg.mesh.handshake_rate_per_s, cfg.mesh.handshake_burst, total_rate_per_s=cfg.mesh.handshake_rate_per_s * 10
         )
         self.overrides = lc.active_overrides()
+        # Unauthenticated peers must not be able to flood the log: refusals are counted in metrics always,
+        # logged at most a few times a second per reason (with the number suppressed in between).
+        self._log_budget = LogBudget(per_s=2.0, burst=10)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -135,6 +138,11 @@ class MeshDaemon:
             if cert.node_id == node_id:
                 self.members[node_id] = cert_bytes
         self.members[self.identity.node_id] = self.identity.cert_bytes
+        try:
+            self.trust.verify_certificate(self.identity.cert_bytes, now)
+        except TrustError as exc:
+            # Keep enforcing the last-known-good policy (fail-static), but say loudly that peers will refuse us.
+            self._alert("node.certificate_invalid", {"reason": exc.reason, "error": str(exc)})
 
     def _member_certs(self) -> list[Certificate]:
         out = []
@@ -507,7 +515,9 @@ class MeshDaemon:
         except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
             reason = transport.refusal_reason(exc)
             self.metrics.handshakes.labels("refused", reason).inc()
-            self.log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200])
+            if self._log_budget.allow(f"handshake.refused/{reason}", transport.now_ms()):
+                self.log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200],
+                              suppressed=self._log_budget.take_suppressed(f"handshake.refused/{reason}"))
             await transport.close(conn, reason)
             return ws
         finally:
@@ -671,6 +681,23 @@ class MeshDaemon:
 
 class _Shutdown(Exception):
     """Raised inside the TaskGroup to cancel every task on a clean stop."""
+
+
+class LogBudget:
+    """Token bucket per log key, counting what it suppressed."""
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self._limiter = HandshakeRateLimiter(per_s, burst, max_sources=1024)
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str, now_ms: int) -> bool:
+        if self._limiter.allow(key, now_ms):
+            return True
+        self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        return False
+
+    def take_suppressed(self, key: str) -> int:
+        return self._suppressed.pop(key, 0)
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:

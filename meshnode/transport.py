@@ -113,7 +113,9 @@ async def handshake(conn: Conn, on_bytes: Callable[[str, int], None]) -> None:
         deadline = session.deadline()
         remaining = 0.001 if deadline is None else max(0.001, (deadline - now_ms()) / 1000)
         try:
-            msg = await asyncio.wait_for(conn.ws.receive(), remaining)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can turn a cancellation into a timeout.
+            async with asyncio.timeout(remaining):
+                msg = await conn.ws.receive()
         except TimeoutError:
             session.handle_timer(now_ms() + 1_000_000)  # raises HandshakeTimeoutError
             raise

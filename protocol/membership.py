@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import msgspec
@@ -134,7 +134,7 @@ class Member:
     stoken: int = 0
     heard_ms: int = -(10**12)
     entry: bytes = b""  # pre-encoded {node_id, address, region, cert} for the persisted peer list
-    suspect_sources: set[str] = field(default_factory=set)
+    suspect_sources: set[str] | frozenset[str] = frozenset()  # a real set only while suspect
     suspect_start_ms: int = 0
     suspect_deadline_ms: int = 0
 
@@ -338,11 +338,16 @@ class Membership:
             kid = key_id(cert.identity_key)
             if not valid_signers(env, {kid: cert.identity_key}, {kid}):
                 raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
-            hit = (rec, cert)
+            hit = (rec, cert, bytes(data))
             self.cache.put(key, hit)
-        rec2, cert2 = cast(tuple[MemberRecord, Certificate], hit)
+        rec2, cert2, _data = cast(tuple[MemberRecord, Certificate, bytes], hit)
         self.check_cert_valid(cert2, wall)
         return rec2, cert2
+
+    def canonical(self, data: bytes) -> bytes:
+        """The cached copy of verified record bytes (many views of one record share one object)."""
+        hit = self.cache.get((hashlib.sha256(data).digest(), self._root_key))
+        return cast(tuple[MemberRecord, Certificate, bytes], hit)[2] if hit is not None else data
 
     def check_cert_valid(self, cert: Certificate, wall: float) -> None:
         skew = self.trust.skew_s
@@ -431,7 +436,7 @@ class Membership:
             self.suspects[m.node_id] = m
         else:
             self.suspects.pop(m.node_id, None)
-            m.suspect_sources.clear()
+            m.suspect_sources = frozenset()
         (self.dead.add if liveness == DEAD else self.dead.discard)(m.node_id)
         (self.left.add if liveness == LEFT else self.left.discard)(m.node_id)
         if report and old != liveness:
@@ -484,6 +489,7 @@ class Membership:
             if known is not None and known.incarnation >= hit[0].incarnation:  # type: ignore[index]
                 return False
         rec, cert = self.verify_record(data, wall, key)
+        data = cast(tuple[MemberRecord, Certificate, bytes], self.cache.get(key) or (rec, cert, data))[2]
         if rec.node_id == self.me:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
                 self.refute(now_ms, rec.incarnation)
@@ -525,7 +531,7 @@ class Membership:
             self._suspect(m, item.source, now_ms)
             self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
         elif item.source not in m.suspect_sources and len(m.suspect_sources) <= self.cfg.suspicion_confirmations:
-            m.suspect_sources.add(item.source)
+            m.suspect_sources = {*m.suspect_sources, item.source}
             self._reset_suspicion_deadline(m)
             self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
 
@@ -866,7 +872,12 @@ class Membership:
             if m.node_id == self.me:
                 continue
             if not m.entry:
-                m.entry = msgspec.msgpack.encode(
-                    {"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes})
+                key = (m.node_id, m.address, m.cert.cert_id)
+                entry = self.cache.get(key)
+                if entry is None:
+                    entry = msgspec.msgpack.encode(
+                        {"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes})
+                    self.cache.put(key, entry)
+                m.entry = cast(bytes, entry)
             out.append(m.entry)
         return out

@@ -19,11 +19,13 @@ from .gossip_config import GossipConfig
 from .gossip_wire import Announce, Digest, PolicyPull
 from .membership import Membership
 
+Key = tuple[int, int]  # Digest.key: (root version, serial)
+
 
 @dataclass(slots=True)
 class _Pull:
     peer: str
-    serial: int
+    key: Key
     deadline_ms: int
 
 
@@ -35,8 +37,8 @@ class Dissemination:
         self.mem = membership
         self._send = send
         self._connected = connected
-        self.has: dict[str, int] = {}  # peer -> highest serial it is known to hold
-        self.told: dict[str, int] = {}  # peer -> highest serial we announced to it
+        self.has: dict[str, Key] = {}  # peer -> newest version it is known to hold
+        self.told: dict[str, Key] = {}  # peer -> newest version we announced to it
         self.announcing: Digest | None = None
         self.rounds_left = 0
         self.next_round_ms: int | None = None
@@ -47,21 +49,24 @@ class Dissemination:
         self.counters = {"announces_sent": 0, "pulls_sent": 0, "pull_timeouts": 0, "bodies_served": 0}
 
     # -- what peers hold -----------------------------------------------------------------------------
-    def note_has(self, peer: str, serial: int) -> None:
-        if serial > self.has.get(peer, 0):
-            self.has[peer] = serial
+    def note_has(self, peer: str, key: Key) -> None:
+        if key > self.has.get(peer, (0, 0)):
+            self.has[peer] = key
 
-    def holds(self, peer: str, serial: int) -> bool:
-        if self.has.get(peer, 0) >= serial or self.told.get(peer, 0) >= serial:
+    def holds(self, peer: str, d: Digest) -> bool:
+        key = d.key
+        if self.has.get(peer, (0, 0)) >= key or self.told.get(peer, (0, 0)) >= key:
             return True
         m = self.mem.members.get(peer)
-        return m is not None and m.status is not None and m.status.serial >= serial
+        st = m.status if m is not None else None
+        # A signed status names serial and hash prefix (no root version): only an exact match counts.
+        return st is not None and st.serial == d.serial and bool(st.policy_hash) and d.hash.startswith(st.policy_hash)
 
     # -- announcing ----------------------------------------------------------------------------------
     def on_accepted(self, digest: Digest, now_ms: int) -> None:
         self.announcing = digest
         self.rounds_left = self.cfg.announce_rounds
-        if self.want is not None and self.want.serial <= digest.serial:
+        if self.want is not None and self.want.key <= digest.key:
             self.want, self.sources, self.tried, self.pull = None, [], {}, None
         self._round(now_ms)
 
@@ -71,31 +76,31 @@ class Dissemination:
             self.next_round_ms = None
             return
         self.rounds_left -= 1
-        targets = self.mem.pick(self.cfg.fanout, lambda p: self.holds(p, d.serial), self._connected)
+        targets = self.mem.pick(self.cfg.fanout, lambda p: self.holds(p, d), self._connected)
         for peer in targets:
-            self.told[peer] = d.serial
+            self.told[peer] = d.key
             self.counters["announces_sent"] += 1
             self._send(peer, Announce(d))
         self.next_round_ms = now_ms + self.cfg.announce_interval_ms if self.rounds_left > 0 else None
 
     def announce_to(self, peer: str, digest: Digest) -> None:
         """Tell one peer that is behind (learned from its own announce or sync) what we hold."""
-        if self.told.get(peer, 0) >= digest.serial:
+        if self.told.get(peer, (0, 0)) >= digest.key:
             return
-        self.told[peer] = digest.serial
+        self.told[peer] = digest.key
         self.counters["announces_sent"] += 1
         self._send(peer, Announce(digest))
 
     # -- pulling -------------------------------------------------------------------------------------
     def offer(self, peer: str, digest: Digest, now_ms: int) -> None:
         """``peer`` holds ``digest``, newer than ours: remember it as a source and pull if idle."""
-        self.note_has(peer, digest.serial)
+        self.note_has(peer, digest.key)
         w = self.want
-        if w is None or digest.serial > w.serial:
+        if w is None or digest.key > w.key:
             self.want, self.sources, self.tried = digest, [peer], {}
-            if self.pull is not None and self.pull.serial < digest.serial:
+            if self.pull is not None and self.pull.key < digest.key:
                 self.pull = None
-        elif digest.serial == w.serial and (digest.hash == w.hash or not digest.hash or not w.hash):
+        elif digest.key == w.key and (digest.hash == w.hash or not digest.hash or not w.hash):
             if not w.hash and digest.hash:
                 self.want = digest  # a full digest replaces one learned from a probe (serial only)
             if peer not in self.sources:
@@ -130,7 +135,7 @@ class Dissemination:
         choices = [p for p in fresh if rank(p) == best]
         peer = self.rng.choice(choices)
         self.tried[peer] = now_ms
-        self.pull = _Pull(peer, w.serial, now_ms + self._timeout(peer))
+        self.pull = _Pull(peer, w.key, now_ms + self._timeout(peer))
         self.counters["pulls_sent"] += 1
         self._send(peer, PolicyPull(w.serial, w.hash))
 
@@ -143,8 +148,8 @@ class Dissemination:
         if peer in self.sources:
             self.sources.remove(peer)
 
-    def done(self, serial: int) -> None:
-        if self.want is not None and self.want.serial <= serial:
+    def done(self, key: Key) -> None:
+        if self.want is not None and self.want.key <= key:
             self.want, self.sources, self.tried, self.pull = None, [], {}, None
 
     # -- timers --------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ class Digest(_S, frozen=True, array_like=True, gc=False):
     hash: bytes
     root_version: int
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """Order of policy versions across a root rotation: (root version, serial). A rotation that
+        replaces the policy keys resets the serial floor, so serial alone would not order them."""
+        return (self.root_version, self.serial)
+
 
 class View(_S, frozen=True, array_like=True, gc=False):
     """How the sender sees the receiver (lets a member refute a suspicion or death it never heard of)."""
@@ -98,12 +104,14 @@ class Ping(_S, frozen=True, array_like=True, gc=False, tag=1):
     target: str
     gossip: tuple[GossipItem, ...] = ()
     serial: int = 0  # the sender's policy serial: a missed announce is caught at the next probe
+    root_version: int = 0  # ... and the root version its policy was signed under (see Digest.key)
 
 
 class Ack(_S, frozen=True, array_like=True, gc=False, tag=2):
     seq: int
     gossip: tuple[GossipItem, ...] = ()
     serial: int = 0
+    root_version: int = 0
 
 
 class PingReq(_S, frozen=True, array_like=True, gc=False, tag=3):

@@ -176,10 +176,10 @@ class Node:
             items = self.mem.broadcasts.take(self.cfg.gossip_budget_bytes,
                                              self.cfg.retransmit_limit(len(self.mem.members))) \
                 if len(self.mem.broadcasts) else ()
-            serial = self.trust.serial if isinstance(msg, (Ping, Ack)) else 0
+            root_v, serial = self._my_key() if isinstance(msg, (Ping, Ack)) else (0, 0)
             if items or serial:
-                msg = msgspec.structs.replace(msg, gossip=items, serial=serial) if serial else \
-                    msgspec.structs.replace(msg, gossip=items)
+                msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
+                    else msgspec.structs.replace(msg, gossip=items)
         m = self.mem.members.get(peer)
         self._out.append(Send(peer, m.address if m is not None else "", encode(msg)))
 
@@ -471,21 +471,26 @@ class Node:
             self._root_pull_at = self._now.ms
             self.send(peer, RootPull(self.trust.root_version))
 
+    def _my_key(self) -> tuple[int, int]:
+        """(root version, serial) of the policy this node holds: the order dissemination uses."""
+        pol = self.trust.policy
+        return (pol.root_version, pol.serial) if pol is not None else (0, 0)
+
     def _compare_digest(self, peer: str, digest: Digest | None, reply: bool) -> None:
-        mine = self.trust.serial
+        mine = self._my_key()
         if digest is None:
-            if mine and reply:
+            if mine[1] and reply:
                 d = self._digest()
                 assert d is not None
                 self.dis.announce_to(peer, d)
             return
-        if digest.serial > mine:
+        if digest.key > mine:
             if digest.root_version > self.trust.root_version:
                 self._compare_root(peer, digest.root_version)
             self.dis.offer(peer, digest, self._now.ms)
         else:
-            self.dis.note_has(peer, digest.serial)
-            if digest.serial < mine and reply:
+            self.dis.note_has(peer, digest.key)
+            if digest.key < mine and reply:
                 d = self._digest()
                 assert d is not None
                 self.dis.announce_to(peer, d)
@@ -544,18 +549,24 @@ class Node:
 
     def _on_ping(self, peer: str, msg: Ping) -> None:
         self.mem.on_ping(peer, msg)
-        self._peer_serial(peer, msg.serial)
+        self._peer_serial(peer, msg.serial, msg.root_version)
 
     def _on_ack(self, peer: str, msg: Ack) -> None:
         self.mem.on_ack(msg, self._now.ms)
-        self._peer_serial(peer, msg.serial)
+        self._peer_serial(peer, msg.serial, msg.root_version)
 
-    def _peer_serial(self, peer: str, serial: int) -> None:
-        """Probes carry the sender's serial: a node that missed every announce catches up here."""
-        if serial > self.trust.serial:
-            self.dis.offer(peer, Digest(serial, b"", 0), self._now.ms)
-        elif serial:
-            self.dis.note_has(peer, serial)
+    def _peer_serial(self, peer: str, serial: int, root_version: int) -> None:
+        """Probes carry the sender's (root version, serial): a node that missed every announce catches
+        up here."""
+        if not serial:
+            return
+        hint = Digest(serial, b"", root_version)
+        if hint.key > self._my_key():
+            if root_version > self.trust.root_version:
+                self._compare_root(peer, root_version)
+            self.dis.offer(peer, hint, self._now.ms)
+        else:
+            self.dis.note_has(peer, hint.key)
 
     def _on_ping_req(self, peer: str, msg: PingReq) -> None:
         self.mem.on_ping_req(peer, msg, self._now.ms)
@@ -571,7 +582,7 @@ class Node:
         env = self.trust.policy_bytes
         if env is None or self.trust.serial < msg.serial:
             return
-        self.dis.note_has(peer, self.trust.serial)
+        self.dis.note_has(peer, self._my_key())
         self.dis.counters["bodies_served"] += 1
         self.send(peer, PolicyPush(env))
 
@@ -591,10 +602,11 @@ class Node:
             # Cheap pre-filter: a body that claims a serial we already hold costs no signature check.
             claimed = self._peek_serial(envelope)
             wanted = self.dis.want.serial if self.dis.want is not None else 0
-            if claimed is not None and claimed == self.trust.serial and claimed >= wanted:
-                self.dis.note_has(peer, claimed)  # a duplicate: nothing to verify
+            floor = self.trust.serial_floor  # the serial itself, except after a policy-key rotation
+            if claimed is not None and claimed == self.trust.serial and claimed >= wanted and floor == claimed:
+                self.dis.note_has(peer, self._my_key())  # a duplicate: nothing to verify
                 return
-            if claimed is not None and (claimed < self.trust.serial or claimed < wanted):
+            if claimed is not None and (claimed < floor or claimed < wanted):
                 self.counters["stale_offers"] += 1
                 self._out.append(Alert("policy.stale_offer", {"peer": peer, "serial": claimed,
                                                               "trusted_serial": self.trust.serial}))
@@ -634,8 +646,8 @@ class Node:
             if local:
                 self._out.append(PolicyResult(source, True, pol.serial, "duplicate"))
             if peer is not None:
-                self.dis.note_has(peer, pol.serial)
-            self.dis.done(pol.serial)
+                self.dis.note_has(peer, (pol.root_version, pol.serial))
+            self.dis.done((pol.root_version, pol.serial))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
@@ -644,7 +656,7 @@ class Node:
         if local:
             self._out.append(PolicyResult(source, True, pol.serial, "accepted"))
         if peer is not None:
-            self.dis.note_has(peer, pol.serial)
+            self.dis.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
         if pol.revocations.nodes or pol.revocations.certs:
             self.mem.expel_invalid(now.wall)

@@ -164,6 +164,12 @@ class TrustedState:
     def serial(self) -> int:
         return self._policy.policy.serial if self._policy else 0
 
+    @property
+    def serial_floor(self) -> int:
+        """Policies must carry a serial above this (equal: duplicate or equivocation). It equals
+        ``serial`` except after a rotation of the policy keys, when it is 0 (fast-forward recovery)."""
+        return self._floor_serial
+
     def check_policy(self, data: bytes, now: float, *, allow_expired: bool = False) -> PolicyCheck:
         """Verify a policy envelope against the trusted root and the stored policy; no state change.
 

@@ -111,6 +111,7 @@ class Host:
 class Simulation:
     def __init__(self, sc: Scenario, progress: bool = False) -> None:
         self.sc = sc
+        self.process_ms = int(round(sc.nodes.process_ms))
         self.seed = sc.seed
         self.progress = progress
         self.rngs: dict[str, random.Random] = {}
@@ -501,6 +502,7 @@ class Simulation:
                     continue
                 deliver, fail = net.transmit(i, j, len(eff.data), now, self._on_connect, self._on_break)
                 if deliver != NEVER:
+                    deliver += self.process_ms
                     self._push(deliver, DELIVER, j, i, (eff.data, net.epoch[j]))
                     dup = net.duplicate_delay(i, j)
                     if dup is not None:
@@ -566,12 +568,12 @@ class Simulation:
             return
         for v in self.versions:
             if v.published_at is not None and h.applied >= v.serial and h.idx not in v.applied:
-                v.applied[h.idx] = self.now
+                v.applied[h.idx] = self.now + self.sc.nodes.apply_ms
                 if v.done_ms is None:
                     live = sum(1 for x in self.hosts[: self.n] if self.net.up[x.idx] and not x.hostile)
                     if len(v.applied) >= live and all(x.idx in v.applied for x in self.hosts[: self.n]
                                                       if self.net.up[x.idx] and not x.hostile):
-                        v.done_ms = self.now
+                        v.done_ms = max(v.applied.values())
                         v.snap_done = self._snapshot()
 
     # -- report --------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ class NodesCfg(_T):
     regions: list[str] = msgspec.field(default_factory=lambda: ["lan"])
     seeds_per_region: int = 1
     join_spread_ms: int = 3000
+    # Host costs the network model does not see, calibrated against real meshnode processes
+    # (scenarios/loopback-12.toml vs tests/bench_daemon.py): receive-side processing of one message
+    # (event loop, decrypt, decode, handle, persist) and the enforcement apply after a version is accepted.
+    process_ms: float = 0.0
+    apply_ms: int = 0
 
 
 class NetworkCfg(_T):

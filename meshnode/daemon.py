@@ -708,11 +708,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def _reason_label(reason: str) -> str:
-    r = reason.lower()
-    for label in ("equivocation", "rollback", "expired", "signature", "revoked", "root", "malformed", "duplicate"):
-        if label in r:
-            return label
-    return "other"
+    """The core's refusals read "<label>: <explanation>"; the label is the metric's reason."""
+    label = reason.split(":", 1)[0].strip().lower()
+    return label if label.replace("_", "").isalpha() and len(label) <= 32 else "other"
 
 
 def run_daemon(config_path: Path) -> int:

@@ -621,11 +621,11 @@ class Node:
                 self._root_pull_at = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, exc.reason))
+                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._out.append(PolicyResult(source, False, 0, exc.reason))
+                self._out.append(PolicyResult(source, False, 0, _why(exc)))
                 self._out.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
@@ -636,7 +636,7 @@ class Node:
                 exc.reason, "policy.rejected")
             self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, exc.reason))
+                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
             elif peer is not None:
                 self.dis.forget_source(peer)
                 self.dis.pull_failed(peer, now.ms)
@@ -695,7 +695,7 @@ class Node:
             else:
                 self._out.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._out.append(PolicyResult(source, False, self.trust.root_version, exc.reason))
+                self._out.append(PolicyResult(source, False, self.trust.root_version, _why(exc)))
         for data in added:
             self._out.append(Persist("root", data))
         if peer is None and added:
@@ -787,3 +787,8 @@ def policy_digest(envelope: bytes) -> tuple[int, str]:
 
 def peers_hash(peers: list[dict[str, str]]) -> str:
     return hashlib.sha256(_peers_encoder.encode(peers)).hexdigest()
+
+
+def _why(exc: TrustError) -> str:
+    """A refusal for the operator: the stable label first (metrics, tests), then the explanation."""
+    return f"{exc.reason}: {exc}"

@@ -256,7 +256,11 @@ class MeshDaemon:
         restart_needed = [s for s in ("node", "identity", "trust", "mesh", "admin", "gossip")
                           if getattr(new.cfg, s) != getattr(self.lc.cfg, s)]
         self.lc = new
-        self.overrides = new.active_overrides()
+        old_overrides, self.overrides = self.overrides, new.active_overrides()
+        for name in set(old_overrides) | set(self.overrides):
+            self.metrics.overrides.labels(name).set(1 if name in self.overrides else 0)
+        for name in set(self.overrides) - set(old_overrides):
+            self.log.warning("config.override_active", override=name)
         self.enforcer.reconfigure(new)
         for src in self._sources:
             src.reconfigure(new)

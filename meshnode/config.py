@@ -63,6 +63,9 @@ class EnforceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     table: str = "policymesh"
     icmp: bool = True
     drift_check_s: float = 30.0
+    # Who may open the mesh port besides known members: new members join from here. Every connection is
+    # authenticated by the Noise handshake (and rate limited); narrow it to your node networks if you like.
+    mesh_join_cidrs: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     file: str = "ruleset.nft"
     log_rate: str = "5/second"
 
@@ -177,6 +180,11 @@ def validate(lc: LoadedConfig) -> None:
             f"{where}: admin.listen = {c.admin.listen!r} is not loopback; it needs the explicit override "
             "[overrides] admin_non_loopback = true"
         )
+    for cidr in c.enforce.mesh_join_cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: enforce.mesh_join_cidrs: {exc}") from None
     for cidr in c.overrides.break_glass_cidrs:
         try:
             ipaddress.ip_network(cidr, strict=True)
@@ -242,6 +250,7 @@ backend = "{backend}"         # nftables | iptables | file (file enforces nothin
 table = "policymesh"
 icmp = true
 drift_check_s = 30
+mesh_join_cidrs = ["0.0.0.0/0", "::/0"]  # new members join from here; Noise authenticates every connection
 
 [sources]
 urls = []                     # plain HTTP(S) URLs serving signed policy envelopes

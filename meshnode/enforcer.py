@@ -31,6 +31,7 @@ def render_options(lc: LoadedConfig) -> RenderOptions:
         icmp_essential=cfg.enforce.icmp,
         break_glass_cidrs=tuple(cfg.overrides.break_glass_cidrs),
         log_rate=cfg.enforce.log_rate,
+        mesh_join_cidrs=tuple(cfg.enforce.mesh_join_cidrs),
     )
 
 

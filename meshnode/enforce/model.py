@@ -88,6 +88,9 @@ class RenderOptions:
     icmp_essential: bool = True
     break_glass_cidrs: tuple[str, ...] = ()
     log_rate: str = "5/second"
+    # Sources that may open the mesh port besides the known members (new members join from here; the
+    # Noise handshake authenticates every connection). Empty: known members only.
+    mesh_join_cidrs: tuple[str, ...] = ()
     default_inbound: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +119,13 @@ class RenderOptions:
             except ValueError as exc:
                 raise EnforcementError(f"break-glass CIDR {c!r}: {exc}") from None
         object.__setattr__(self, "break_glass_cidrs", tuple(cidrs))
+        join = []
+        for c in self.mesh_join_cidrs:
+            try:
+                join.append(str(ipaddress.ip_network(c, strict=True)))
+            except ValueError as exc:
+                raise EnforcementError(f"mesh join CIDR {c!r}: {exc}") from None
+        object.__setattr__(self, "mesh_join_cidrs", tuple(join))
 
     @property
     def log_rate_parts(self) -> tuple[int, str]:

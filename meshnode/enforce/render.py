@@ -232,9 +232,20 @@ def render(
         if glass:
             name = net_set("breakglass", fam, glass, "break-glass override (node config)")
             rules.append(FilterRule("accept", "break-glass override", source_set=name))
+    mesh_ports = ((options.mesh_port, options.mesh_port),)
     for fam in ("ip", "ip6"):
         rules.append(FilterRule("accept", "mesh interlock", source_set=members_set(fam), proto="tcp",
-                                ports=((options.mesh_port, options.mesh_port),)))
+                                ports=mesh_ports))
+    join = split_families(options.mesh_join_cidrs)
+    if any(ipaddress.ip_network(c).prefixlen == 0 for c in join["ip"]) and \
+            any(ipaddress.ip_network(c).prefixlen == 0 for c in join["ip6"]):
+        rules.append(FilterRule("accept", "mesh join (authenticated by noise)", proto="tcp", ports=mesh_ports))
+    else:
+        for fam, cidrs in join.items():
+            if cidrs:
+                name = net_set("meshjoin", fam, cidrs, "mesh join sources (node config)")
+                rules.append(FilterRule("accept", "mesh join (authenticated by noise)", source_set=name,
+                                        proto="tcp", ports=mesh_ports))
     rules.append(FilterRule("accept", "ipv6 neighbour discovery", family="ip6", proto="icmp", icmp_types=ICMP_ND_V6))
     if options.icmp_essential:
         rules.append(FilterRule("accept", "essential icmp", family="ip", proto="icmp", icmp_types=ICMP_ESSENTIAL_V4))

@@ -278,6 +278,24 @@ class Demo:
         if pending:
             raise CliError(f"nodes not up after {timeout_s:.0f} s: {', '.join(n.node_id for n in pending)}")
 
+    def wait_formed(self, timeout_s: float = 30.0) -> None:
+        """Until every node knows every other member (their certificates fill each node's sets)."""
+        ids = {n.node_id for n in self.nodes}
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.nodes)
+        while pending and time.monotonic() < deadline:
+            still = []
+            for n in pending:
+                st = self.admin(n)
+                seen = {m.get("node_id") for m in ((st or {}).get("cluster_view") or {}).get("members", [])}
+                if not ids <= seen:
+                    still.append(n)
+            pending = still
+            if pending:
+                time.sleep(max(0.1, self.poll_s))
+        if pending:
+            self._say(f"  (membership still forming on {', '.join(n.node_id for n in pending)}; continuing)")
+
     def enforced(self, n: DemoNode) -> int:
         st = self.admin(n)
         if st is None:
@@ -409,7 +427,13 @@ class Demo:
         """Real TCP through real nftables: web -> app:8080 is allowed, web -> db:5432 is not."""
         assert self.lab is not None
         web, app, db = self.nodes[0], self.nodes[1], self.nodes[2]
-        allowed = self.lab.tcp_check(web.index, app.index, 8080)
+        # The member directory reaches enforcement debounced (about a second): give it a few tries.
+        allowed = False
+        for _ in range(5):
+            allowed = self.lab.tcp_check(web.index, app.index, 8080)
+            if allowed:
+                break
+            time.sleep(1.0)
         refused = not self.lab.tcp_check(web.index, db.index, 5432)
         self._say(f"[enforcement] {web.node_id}(web) -> {app.node_id}(app):8080 "
                   f"{'connects' if allowed else 'DOES NOT connect'} (allowed by web-to-app); "
@@ -436,6 +460,7 @@ class Demo:
         for n in self.nodes:
             self.start_node(n)
         await loop.run_in_executor(None, self.wait_up, self.nodes)
+        await loop.run_in_executor(None, self.wait_formed)
         how = ("real nftables, one network namespace per node" if self.lab is not None else
                "file backend override (labelled: nothing is enforced; use --netns as root for real nftables)")
         self._say(f"{len(self.nodes)} meshnode processes up in {self.args.regions} regions "

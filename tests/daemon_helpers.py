@@ -32,6 +32,7 @@ import aiohttp
 
 from meshnode.cli import main as meshctl_main
 from meshnode.config import render_config
+from meshnode.demo import POLICY_TEMPLATE
 
 VENV_BIN = Path(sys.executable).parent
 MESHNODE = [sys.executable, "-m", "meshnode.daemon_cli"]
@@ -41,23 +42,8 @@ BASE_PORT = 24600  # this module's ports: 24600 + 24 * subnet + 2 * index (mesh)
 START_TIMEOUT_S = 30.0
 CONVERGE_TIMEOUT_S = 40.0
 
-BASE_POLICY = """
-[defaults]
-inbound = "drop"
-mode = "enforce"
-
-[[allow]]
-name = "web-to-app"
-from = ["role:web"]
-to = ["role:app"]
-ports = ["tcp/8080"]
-
-[[allow]]
-name = "app-to-db"
-from = ["role:app"]
-to = ["role:db"]
-ports = ["tcp/5432"]
-"""
+# The demo's policy (web -> app:8080, app -> db:5432): one source of truth for both.
+BASE_POLICY = POLICY_TEMPLATE.format(extra="")
 
 
 def meshctl(*args: str) -> None:

@@ -218,7 +218,8 @@ class Demo:
             config = config.replace(f'advertise = "{n.advertise}"',
                                     f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
         # Demo timers: a small LAN, so probe and sync faster than the production defaults.
-        config += "\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
+        config += ("\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
+                   "status_sync_interval_ms = 2000\n")
         (n.dir / "node.toml").write_text(config)
 
     def _enroll_operator(self) -> None:
@@ -295,6 +296,20 @@ class Demo:
                 time.sleep(max(0.1, self.poll_s))
         if pending:
             self._say(f"  (membership still forming on {', '.join(n.node_id for n in pending)}; continuing)")
+
+    def converged_view(self, n: DemoNode, timeout_s: float = 20.0) -> dict[str, Any]:
+        """The cluster view as `meshctl status` shows it from one node, once member statuses (spread by
+        gossip and anti-entropy) report the newest serial everywhere, or after ``timeout_s``."""
+        self._say(f"  waiting for {n.node_id}'s gossiped view of the whole cluster ...")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = status(n.advertise, self.operator)
+            conv = (st.get("cluster_view") or {}).get("convergence") or {}
+            if conv.get("members") and conv.get("converged") == conv.get("members"):
+                return st
+            if time.monotonic() > deadline:
+                return st
+            time.sleep(0.5)
 
     def enforced(self, n: DemoNode) -> int:
         st = self.admin(n)
@@ -473,13 +488,13 @@ class Demo:
             self._say(json.dumps({k: rep[k] for k in ("nodes", "regions", "all_converged")}))
             return 0 if rep["all_converged"] else 1
         await loop.run_in_executor(None, self.publish_and_wait, "publish-v1", self.nodes[0], self.nodes)
-        st = await loop.run_in_executor(None, lambda: status(self.nodes[0].advertise, self.operator))
+        st = await loop.run_in_executor(None, self.converged_view, self.nodes[-1])
         from .opscli import format_status
 
         self._say("")
         self._say(format_status(st))
         self._say("")
-        self._say("The mesh keeps running. Try, in another shell:")
+        self._say("The mesh keeps running. Try, in another shell (`deploy/dev.sh shell` puts meshctl on the PATH):")
         self._say(f"  meshctl status --node {self.nodes[-1].advertise} --identity {self.operator}")
         self._say(f"  curl -s http://127.0.0.1:{self.nodes[0].admin_port}/metrics | grep policymesh_")
         self._say(f"  meshctl policy sign POLICY.toml --authority {self.auth.path} --out p.msgpack && "

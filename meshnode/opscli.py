@@ -62,9 +62,9 @@ def format_status(status: dict[str, Any]) -> str:
         for m in members:
             serial = int(m.get("serial") or 0)
             lines.append(
-                f"{str(m.get('region', '')):10s} {str(m.get('node_id', '')):16s} {str(m.get('liveness', '')):9s} "
-                f"{serial:7d} {str(m.get('state', '')):6s} {str(m.get('ruleset_hash') or '')[:12]:12s} "
-                f"{'yes' if serial >= newest else 'no'}"
+                f"{m.get('region') or '-':10s} {m.get('node_id') or '-':16s} {m.get('liveness') or '-':9s} "
+                f"{serial if m.get('serial') is not None else '-':>7} {m.get('state') or '-':6s} "
+                f"{(m.get('ruleset_hash') or '-')[:12]:12s} {'yes' if serial >= newest else 'no'}"
             )
         done = sum(1 for m in members if int(m.get("serial") or 0) >= newest)
         lines.append("")

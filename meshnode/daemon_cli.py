@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", required=True, metavar="node.toml")
     d.add_argument("--policy", metavar="FILE", help="signed policy (default: the node's stored last-known-good)")
     d.add_argument("--peer-cert", action="append", default=[], metavar="FILE", help="member certificate (repeatable)")
-    d.add_argument("--format", default="nft", choices=["nft", "json"], help="nft syntax (default) or nft JSON")
+    d.add_argument("--format", default="nft", choices=["nft", "json", "iptables"],
+                   help="nft syntax (default), nft JSON, or the iptables backend's ipset/iptables-restore input")
     d.set_defaults(func=cmd_render)
     return p
 

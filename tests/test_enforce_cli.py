@@ -72,6 +72,13 @@ def test_json_format_is_nft_json(world: World) -> None:
         run(world, None, fmt="yaml")
 
 
+def test_iptables_format_is_the_iptables_backend_input(world: World) -> None:
+    text = run(world, sign_sample(world[0], 1), fmt="iptables")
+    assert "# --- ipset restore" in text and "# --- iptables-restore --noflush" in text
+    assert "10.3.0.2" in text  # node-b (app) may reach node-a (db) on 5432
+    assert "5432" in text
+
+
 def test_no_policy_renders_drop_with_interlock(world: World) -> None:
     text = run(world, None)
     assert "policy serial none" in text

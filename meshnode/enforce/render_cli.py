@@ -15,7 +15,7 @@ from protocol.trust import TrustedState
 from .model import EnforcementError, RenderOptions
 from .render import render
 
-FORMATS = ("nft", "json")
+FORMATS = ("nft", "json", "iptables")
 
 
 def render_command(
@@ -61,6 +61,8 @@ def render_command(
     ruleset = render(policy, own, peers, options, now=now, skew_s=trust.skew_s)
     if fmt == "json":
         return json.dumps(ruleset.to_nft_json(), indent=2) + "\n"
+    if fmt == "iptables":
+        return str(ruleset.to_iptables().text())
     return ruleset.to_nft()
 
 

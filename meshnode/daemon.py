@@ -522,7 +522,7 @@ class MeshDaemon:
             if self._log_budget.allow(f"handshake.refused/{reason}", transport.now_ms()):
                 self.log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200],
                               suppressed=self._log_budget.take_suppressed(f"handshake.refused/{reason}"))
-            await transport.close(conn, reason)
+            await transport.close(conn, reason, refused=True)
             return ws
         finally:
             self.handshaking.discard(conn)
@@ -569,8 +569,16 @@ class MeshDaemon:
             reason = await transport.reader(conn, self._on_gossip, self._on_bytes)
         except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
             reason = transport.refusal_reason(exc)
-            self.metrics.frames_refused.labels(reason).inc()
-            self.log.info("peer.dropped", peer=conn.peer, conn=conn.id, reason=reason, detail=str(exc)[:200])
+            if isinstance(exc, transport.HandshakeRefusedError):
+                # Our own certificate was refused (revoked, expired, another authority): say it loudly,
+                # but not on every redial.
+                self.metrics.handshakes.labels("refused_by_peer", exc.reason).inc()
+                if self._log_budget.allow("peer.refused_us", transport.now_ms()):
+                    self.log.warning("peer.refused_us", peer=conn.peer, reason=exc.reason,
+                                     suppressed=self._log_budget.take_suppressed("peer.refused_us"))
+            else:
+                self.metrics.frames_refused.labels(reason).inc()
+                self.log.info("peer.dropped", peer=conn.peer, conn=conn.id, reason=reason, detail=str(exc)[:200])
         finally:
             await transport.close(conn, reason)
             writer.cancel()

@@ -49,6 +49,14 @@ def _ws_error(msg: aiohttp.WSMessage) -> TransportError:
     return TransportError(f"websocket error: {exc}")
 
 
+class HandshakeRefusedError(TransportError):
+    """The peer refused our handshake and said why (e.g. our certificate is revoked or expired)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def now_ms() -> int:
     return int(time.monotonic() * 1000)
 
@@ -57,6 +65,8 @@ def refusal_reason(exc: BaseException) -> str:
     """A stable label for metrics: the TrustError reason or the exception class in snake case."""
     if isinstance(exc, TrustError):
         return exc.reason
+    if isinstance(exc, HandshakeRefusedError):
+        return "refused_by_peer"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timeout"
     name = type(exc).__name__
@@ -121,6 +131,9 @@ async def handshake(conn: Conn, on_bytes: Callable[[str, int], None]) -> None:
             raise
         if msg.type == aiohttp.WSMsgType.ERROR:
             raise _ws_error(msg)
+        if msg.type == aiohttp.WSMsgType.CLOSE and msg.data == REFUSED_CLOSE_CODE:
+            raise HandshakeRefusedError(f"the peer refused our handshake: {msg.extra or 'no reason given'}",
+                                        str(msg.extra or "refused"))
         if msg.type != aiohttp.WSMsgType.BINARY:
             raise TransportError(f"connection closed during the handshake ({msg.type.name.lower()})")
         conn.bytes_in += len(msg.data)
@@ -147,12 +160,18 @@ async def reader(
     on_bytes: Callable[[str, int], None],
 ) -> str:
     """Feed received frames to the session until the peer closes; returns why it ended."""
-    async for msg in conn.ws:
+    while True:
+        msg = await conn.ws.receive()
         if msg.type != aiohttp.WSMsgType.BINARY:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 raise TransportError("text frame on the mesh channel")
             if msg.type == aiohttp.WSMsgType.ERROR:
                 raise _ws_error(msg)  # e.g. an oversize frame: count and log it, not a quiet close
+            if msg.type == aiohttp.WSMsgType.CLOSE and msg.data == REFUSED_CLOSE_CODE:
+                # The initiator's handshake ends at message 3; the responder's verdict on our
+                # certificate arrives here, as the first thing after it.
+                raise HandshakeRefusedError(f"the peer refused our handshake: {msg.extra or 'no reason given'}",
+                                            str(msg.extra or "refused"))
             break
         conn.bytes_in += len(msg.data)
         on_bytes("in", len(msg.data))
@@ -164,7 +183,12 @@ async def reader(
     return "socket closed"
 
 
-async def close(conn: Conn, reason: str) -> None:
+REFUSED_CLOSE_CODE = 4403  # WebSocket close code: the handshake was refused; the message is the reason label
+
+
+async def close(conn: Conn, reason: str, *, refused: bool = False) -> None:
+    """End a connection. ``refused``: tell a peer whose handshake we refused why, in the WebSocket close
+    (a stable reason label such as ``revoked`` or ``expired``, nothing secret), so its operator can see it."""
     if conn.closed:
         return
     conn.closed = True
@@ -179,7 +203,10 @@ async def close(conn: Conn, reason: str) -> None:
     except (TimeoutError, MeshError, ConnectionError, RuntimeError, aiohttp.ClientError):
         pass
     try:
-        await asyncio.wait_for(conn.ws.close(), 2.0)
+        if refused:
+            await asyncio.wait_for(conn.ws.close(code=REFUSED_CLOSE_CODE, message=reason[:100].encode()), 2.0)
+        else:
+            await asyncio.wait_for(conn.ws.close(), 2.0)
     except (TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
         pass
 

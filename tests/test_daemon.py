@@ -283,6 +283,10 @@ def test_foreign_revoked_and_expired_peers_are_refused_while_the_mesh_carries_on
             assert n.alive
             assert n.applied_serial() == 0, n.node_id
             assert n.status()["connections"]["gossip"] == 0, n.node_id
+        # The refused nodes are told why (a WebSocket close carrying the reason label) and log it.
+        for n, why in ((revoked, "revoked"), (expired, "expired")):
+            wait_until(lambda n=n, why=why: any(e.get("event") == "peer.refused_us" and e.get("reason") == why
+                                                for e in n.log_events()), 20, f"{n.node_id} told it is {why}")
     finally:
         for n in (revoked, expired, rogue):
             n.stop(signal.SIGKILL)

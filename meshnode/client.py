@@ -52,7 +52,10 @@ async def request(node: str, identity_dir: Path, req: dict[str, Any], timeout_s:
                     raise OperatorError(f"{node} closed the connection")
                 for ev in session.receive_frame(msg.data, transport.now_ms(), time.time()):
                     if isinstance(ev, MessageReceived):
-                        reply = msgspec.msgpack.decode(ev.data, type=dict)
+                        try:
+                            reply = msgspec.msgpack.decode(ev.data, type=dict)
+                        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                            raise OperatorError(f"{node} sent a malformed reply") from None
                         await transport.close(conn, "done")
                         return reply
                     if isinstance(ev, PeerClosed):

@@ -178,7 +178,7 @@ class MeshDaemon:
             return []
         try:
             return msgspec.msgpack.decode(data, type=list[dict[str, Any]])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"{self.store.peers_path}: unreadable peer list: {exc}")
             return []
@@ -579,6 +579,11 @@ class MeshDaemon:
             else:
                 self.metrics.frames_refused.labels(reason).inc()
                 self.log.info("peer.dropped", peer=conn.peer, conn=conn.id, reason=reason, detail=str(exc)[:200])
+        except Exception as exc:  # noqa: BLE001 - the bulkhead: a bug hit by one peer's input costs that peer
+            reason = "internal_error"
+            self.metrics.frames_refused.labels(reason).inc()
+            self._alert("node.internal_error", {"peer": conn.peer, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            self.log.error("peer.handler_crashed", peer=conn.peer, conn=conn.id, exc_info=exc)
         finally:
             await transport.close(conn, reason)
             writer.cancel()

@@ -202,7 +202,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise RemoteProtocolError(f"gossip message of {len(data)} bytes exceeds the {max_bytes}-byte cap")
     try:
         msg = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise RemoteProtocolError(f"malformed gossip message: {exc}") from None
     gossip = getattr(msg, "gossip", ())
     if len(gossip) > MAX_GOSSIP_ITEMS:
@@ -217,7 +217,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
 def decode_payload(data: bytes) -> MemberRecord | StatusBody:
     try:
         return _payload_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise RemoteProtocolError(f"malformed member payload: {exc}") from None
 
 

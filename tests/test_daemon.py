@@ -234,6 +234,26 @@ def test_hostile_bytes_on_the_websocket_are_refused_and_counted(mesh: Mesh) -> N
 
     asyncio.run(authenticated_then(os.urandom(100)))
     assert asyncio.run(authenticated_then(os.urandom(70_000))) == 1009
+
+    async def authenticated_message(message: bytes) -> None:
+        ws, session, http = await open_session(target.mesh, peer_dir)
+        try:
+            for frame in session.send_message(message):
+                await ws.send_bytes(frame)
+            await asyncio.wait_for(ws.receive(), 10)  # the node drops this connection
+        finally:
+            await ws.close()
+            await http.close()
+
+    # A well-encrypted gossip frame whose string holds invalid UTF-8 (used to crash the node's task group).
+    from protocol.gossip_wire import Ping, encode
+
+    before_alerts = metric_sum(target.metrics(), "policymesh_alerts_total", event="gossip.remote_error")
+    asyncio.run(authenticated_message(encode(Ping(1, "node-a")).replace(b"node-a", b"node-\x80")))
+    # Refused as the peer's protocol error (alert + disconnect), not an exception escaping the handler.
+    wait_until(lambda: metric_sum(target.metrics(), "policymesh_alerts_total", event="gossip.remote_error")
+               > before_alerts, 10, "the malformed frame blamed on the peer")
+    assert target.alive and "UnicodeDecodeError" not in target.log_text()
     wait_until(lambda: metric_sum(target.metrics(), FRAMES_REFUSED) >= before_frames + 2, 10, "two refused frames")
     assert metric_sum(target.metrics(), FRAMES_REFUSED, reason="oversize_frame") >= 1
     assert metric_sum(target.metrics(), FRAMES_REFUSED, reason="decrypt") >= 1

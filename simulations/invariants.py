@@ -86,6 +86,7 @@ class Invariants:
         return applied_serial
 
     def _check_no_early_announce(self, seed: int, at_ms: int, node_id: str, effects: list, apply: ApplyPolicy) -> None:
+        from protocol.errors import RemoteProtocolError
         from protocol.gossip_wire import Announce, decode
 
         for eff in effects:
@@ -94,7 +95,7 @@ class Invariants:
             if isinstance(eff, Send):
                 try:
                     msg = decode(eff.data)
-                except Exception:  # noqa: BLE001 - baselines send their own frames
+                except RemoteProtocolError:  # baselines send their own (non-gossip) frames
                     continue
                 if isinstance(msg, Announce) and msg.digest.serial >= apply.serial:
                     self.violation(seed, at_ms, f"{node_id} announced serial {apply.serial} before applying it")

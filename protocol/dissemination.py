@@ -57,8 +57,7 @@ class Dissemination:
         key = d.key
         if self.has.get(peer, (0, 0)) >= key or self.told.get(peer, (0, 0)) >= key:
             return True
-        m = self.mem.members.get(peer)
-        st = m.status if m is not None else None
+        st = self.mem.status_of(peer)
         # A signed status names serial and hash prefix (no root version): only an exact match counts.
         return st is not None and st.serial == d.serial and bool(st.policy_hash) and d.hash.startswith(st.policy_hash)
 
@@ -111,8 +110,8 @@ class Dissemination:
             self._start_pull(now_ms)
 
     def _timeout(self, peer: str) -> int:
-        m = self.mem.members.get(peer)
-        if m is not None and m.region != self.mem.region:
+        r = self.mem.rec(peer)
+        if r is not None and r.region != self.mem.region:
             return self.cfg.cross_region_pull_timeout_ms
         return self.cfg.pull_timeout_ms
 
@@ -127,8 +126,8 @@ class Dissemination:
             return
         # Prefer an open channel in our region, then any open channel, then anyone.
         def rank(p: str) -> int:
-            m = self.mem.members.get(p)
-            local = m is not None and m.region == self.mem.region
+            r = self.mem.rec(p)
+            local = r is not None and r.region == self.mem.region
             return (0 if self._connected(p) else 2) + (0 if local else 1)
 
         best = min(rank(p) for p in fresh)

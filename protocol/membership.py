@@ -12,14 +12,22 @@
   certificate removes a member.
 * Anti-entropy digest: members are hashed into buckets by node id; a bucket's value is the XOR of
   per-member tokens over (node_id, incarnation, status seq), so a digest costs O(1) to maintain.
+
+Memory layout.  Every node knows every member, so the table is n entries per node and n^2 in a
+simulator that hosts n nodes.  It is therefore columnar: node ids are interned as small integers by a
+``MemberIndex`` (one per ``VerifyCache``, so the simulator's nodes share one); what a verified record
+or status says is an immutable, shared ``Rec`` / ``StatusInfo``; per node there remain a list slot
+per member for each of them, a liveness byte, and array-backed alive sets (about 40 bytes per member).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import msgspec
 
@@ -50,21 +58,85 @@ from .trust import TrustedState
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
+_UNKNOWN, _ALIVE, _SUSPECT, _DEAD, _LEFT = range(5)
+_NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)
 MAX_BROADCASTS = 256
+_peer_entry_encoder = msgspec.msgpack.Encoder()
+
+
+def _token(node_id: str, version: int) -> int:
+    h = hashlib.blake2b(f"{node_id}|{version}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big")
+
+
+def bucket_of(node_id: str, buckets: int) -> int:
+    return hashlib.blake2b(node_id.encode(), digest_size=2).digest()[0] % buckets
+
+
+class MemberIndex:
+    """Node ids interned as small integers, with per-bucket id lists and the addresses records
+    claimed.  Shared by every node that shares a ``VerifyCache`` (a simulator's nodes): an index
+    entry says only that some verified record named this id, never what a node believes of it."""
+
+    __slots__ = ("ids", "of", "_buckets", "_bucket_lists", "_addr")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.of: dict[str, int] = {}
+        self._buckets: dict[int, bytearray] = {}
+        self._bucket_lists: dict[int, list[list[int]]] = {}
+        self._addr: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def intern(self, node_id: str) -> int:
+        i = self.of.get(node_id)
+        if i is None:
+            i = len(self.ids)
+            self.ids.append(node_id)
+            self.of[node_id] = i
+            for nb, col in self._buckets.items():
+                b = bucket_of(node_id, nb)
+                col.append(b)
+                self._bucket_lists[nb][b].append(i)
+        return i
+
+    def buckets(self, nb: int) -> tuple[bytearray, list[list[int]]]:
+        """(bucket of each id, ids of each bucket) for ``nb`` buckets; both grow with the index."""
+        col = self._buckets.get(nb)
+        if col is None:
+            col = bytearray(bucket_of(nid, nb) for nid in self.ids)
+            lists: list[list[int]] = [[] for _ in range(nb)]
+            for i, b in enumerate(col):
+                lists[b].append(i)
+            self._buckets[nb] = col
+            self._bucket_lists[nb] = lists
+        return col, self._bucket_lists[nb]
+
+    def note_address(self, address: str, i: int) -> None:
+        claimed = self._addr.setdefault(address, [])
+        if i not in claimed:
+            claimed.append(i)
+
+    def claimants(self, address: str) -> list[int]:
+        return self._addr.get(address, [])
 
 
 class VerifyCache:
     """Results of signature checks keyed by a hash of the exact bytes (and the root they were checked
     against).  One cache may be shared by many nodes in one process (the simulator does): a result
-    depends only on the bytes and the trusted root, never on the node."""
+    depends only on the bytes and the trusted root, never on the node.  The cache also carries the
+    ``MemberIndex`` of the node ids its records named."""
 
-    __slots__ = ("_d", "max_entries", "hits", "misses")
+    __slots__ = ("_d", "max_entries", "hits", "misses", "index")
 
     def __init__(self, max_entries: int = 500_000) -> None:
         self._d: dict[object, object] = {}
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
+        self.index = MemberIndex()
 
     def get(self, key: object) -> object | None:
         v = self._d.get(key)
@@ -81,7 +153,7 @@ class VerifyCache:
 
 
 class IndexedSet:
-    """A set with O(1) add, discard and uniform random choice."""
+    """A set of strings with O(1) add, discard and uniform random choice."""
 
     __slots__ = ("_items", "_index")
 
@@ -116,8 +188,94 @@ class IndexedSet:
         return self._items[rng.below(len(self._items))]
 
 
+class IntSet:
+    """A set of member indexes with O(1) add, discard and uniform random choice, in two int arrays
+    (4 bytes per slot, where a dict would take about 40)."""
+
+    __slots__ = ("items", "_pos")
+
+    def __init__(self) -> None:
+        self.items = array("i")
+        self._pos = array("i")
+
+    def add(self, i: int) -> None:
+        pos = self._pos
+        if i >= len(pos):
+            pos.extend(array("i", [-1]) * (i + 1 - len(pos)))
+        if pos[i] < 0:
+            pos[i] = len(self.items)
+            self.items.append(i)
+
+    def discard(self, i: int) -> None:
+        pos = self._pos
+        if i >= len(pos) or pos[i] < 0:
+            return
+        p = pos[i]
+        pos[i] = -1
+        last = self.items.pop()
+        if p < len(self.items):
+            self.items[p] = last
+            pos[last] = p
+
+    def __contains__(self, i: object) -> bool:
+        return isinstance(i, int) and 0 <= i < len(self._pos) and self._pos[i] >= 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.items)
+
+    def choice(self, rng: Entropy) -> int:
+        return self.items[rng.below(len(self.items))]
+
+
+class Rec:
+    """One verified member record: immutable and shared by every node that holds it."""
+
+    __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
+                 "token", "_entry")
+
+    def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
+        self.node_id = rec.node_id
+        self.idx = idx
+        self.region = cert.region
+        self.address = rec.address
+        self.incarnation = rec.incarnation
+        self.left = rec.left
+        self.record = record
+        self.cert = cert
+        self.cert_bytes = rec.cert
+        self.token = _token(rec.node_id, rec.incarnation)
+        self._entry = b""
+
+    @property
+    def entry(self) -> bytes:
+        """The member's entry in the persisted peer list (one MessagePack map), encoded once."""
+        if not self._entry:
+            self._entry = _peer_entry_encoder.encode(
+                {"node_id": self.node_id, "address": self.address, "region": self.region, "cert": self.cert_bytes})
+        return self._entry
+
+
+class StatusInfo:
+    """One decoded status item (shared); ``verified_key`` is the identity key its signature checked
+    out against (a status is only believed for the member whose current key that is)."""
+
+    __slots__ = ("body", "item", "token", "verified_key", "rejected_key")
+
+    def __init__(self, body: StatusBody, item: Status) -> None:
+        self.body = body
+        self.item = item
+        self.token = _token(body.node_id, body.seq)
+        self.verified_key = b""
+        self.rejected_key = b""
+
+
 @dataclass(slots=True, eq=False)
 class Member:
+    """A snapshot of what this node believes of one member (for views and tests, not hot paths)."""
+
     node_id: str
     region: str
     address: str
@@ -125,22 +283,22 @@ class Member:
     record: bytes
     cert: Certificate
     cert_bytes: bytes
-    bucket: int
-    liveness: str = ALIVE
-    since_ms: int = 0
-    status: StatusBody | None = None
-    status_item: Status | None = None
-    token: int = 0
-    stoken: int = 0
-    heard_ms: int = -(10**12)
-    entry: bytes = b""  # pre-encoded {node_id, address, region, cert} for the persisted peer list
-    suspect_sources: set[str] | frozenset[str] = frozenset()  # a real set only while suspect
-    suspect_start_ms: int = 0
-    suspect_deadline_ms: int = 0
+    liveness: str
+    since_ms: int
+    status: StatusBody | None
+    status_item: Status | None
+    heard_ms: int
 
     @property
     def status_seq(self) -> int:
         return self.status.seq if self.status else 0
+
+
+@dataclass(slots=True)
+class _Suspicion:
+    sources: set[str]
+    start_ms: int
+    deadline_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -170,11 +328,6 @@ class Port(Protocol):
     def send(self, peer: str, msg: msgspec.Struct) -> None: ...
 
     def emit(self, effect: Effect) -> None: ...
-
-
-def _token(node_id: str, version: int) -> int:
-    h = hashlib.blake2b(f"{node_id}|{version}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big")
 
 
 class BroadcastQueue:
@@ -241,21 +394,31 @@ class Membership:
         self._seed = identity_seed
         self.rng = rng
         self.cache = cache
+        self.index = cache.index
+        self.ids = self.index.ids  # member index -> node id (shared, append-only)
+        self._me_i = self.index.intern(node_id)
         self.port = port
         self.connected = connected
         self.preferred: IndexedSet | None = None  # peers with an open channel (set by the node)
         self.incarnation = 0
         self.record = b""
         self.status_seq = 0
-        self.members: dict[str, Member] = {}
-        self.alive: dict[str, IndexedSet] = {}  # region -> alive member ids (self excluded)
-        self.alive_all = IndexedSet()
-        self.suspects: dict[str, Member] = {}
-        self.dead = IndexedSet()
-        self.left = IndexedSet()
-        self._bucket_val = [0] * config.sync_buckets  # records: (node_id, incarnation)
-        self._sbucket_val = [0] * config.sync_buckets  # status: (node_id, status seq)
-        self._bucket_ids: list[dict[str, None]] = [{} for _ in range(config.sync_buckets)]
+        # columns, indexed by member index
+        self._rec: list[Rec | None] = []
+        self._st: list[StatusInfo | None] = []
+        self._lv = bytearray()
+        self.count = 0
+        self._since: dict[int, int] = {}  # liveness changes only
+        self._heard: dict[int, int] = {}  # recent frames only (pruned)
+        self._susp: dict[int, _Suspicion] = {}
+        self.alive: dict[str, IntSet] = {}  # region -> alive member indexes (self excluded)
+        self.alive_all = IntSet()
+        self.dead = IntSet()
+        self.left = IntSet()
+        nb = config.sync_buckets
+        self._bucket_col, self._bucket_ids = self.index.buckets(nb)
+        self._bucket_val = [0] * nb  # records: (node_id, incarnation)
+        self._sbucket_val = [0] * nb  # status: (node_id, status seq)
         self._mhash: bytes | None = None
         self._shash: bytes | None = None
         self.broadcasts = BroadcastQueue()
@@ -263,7 +426,7 @@ class Membership:
         self._seq = 0
         self._probe: _Probe | None = None
         self._next_probe_ms = 0
-        self._ring: list[str] = []
+        self._ring = array("i")
         self._ring_pos = 0
         self._relays: dict[int, _Relay] = {}
         self.directory_dirty = True
@@ -275,6 +438,66 @@ class Membership:
         }
         self._root_key = b""
         self._refresh_root_key()
+
+    # -- lookups -------------------------------------------------------------------------------------
+    def _i(self, node_id: str) -> int | None:
+        i = self.index.of.get(node_id)
+        if i is None or i >= len(self._rec) or self._rec[i] is None:
+            return None
+        return i
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, str) and self._i(node_id) is not None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rec(self, node_id: str) -> Rec | None:
+        """The verified record this node holds for ``node_id`` (shared, immutable)."""
+        i = self.index.of.get(node_id)
+        return self._rec[i] if i is not None and i < len(self._rec) else None
+
+    def liveness(self, node_id: str) -> str | None:
+        i = self._i(node_id)
+        return None if i is None else _NAME[self._lv[i]]
+
+    def is_alive(self, node_id: str) -> bool:
+        i = self.index.of.get(node_id)
+        return i is not None and i < len(self._lv) and self._lv[i] == _ALIVE
+
+    def status_of(self, node_id: str) -> StatusBody | None:
+        i = self._i(node_id)
+        st = self._st[i] if i is not None else None
+        return st.body if st is not None else None
+
+    def get(self, node_id: str) -> Member | None:
+        """A snapshot of what we believe of ``node_id`` (None if it is not a member)."""
+        i = self._i(node_id)
+        if i is None:
+            return None
+        r = self._rec[i]
+        assert r is not None
+        st = self._st[i]
+        return Member(r.node_id, r.region, r.address, r.incarnation, r.record, r.cert, r.cert_bytes,
+                      _NAME[self._lv[i]], self._since.get(i, 0), st.body if st else None, st.item if st else None,
+                      self._heard.get(i, -(10**12)))
+
+    def records(self) -> Iterator[Rec]:
+        """Every member's record (ourselves included), in index order."""
+        return (r for r in self._rec if r is not None)
+
+    def id_at(self, i: int) -> str:
+        return self.ids[i]
+
+    def rec_at(self, i: int) -> Rec | None:
+        return self._rec[i] if i < len(self._rec) else None
+
+    def _grow(self, i: int) -> None:
+        if i >= len(self._rec):
+            k = max(i + 1, len(self.ids)) - len(self._rec)
+            self._rec.extend([None] * k)
+            self._st.extend([None] * k)
+            self._lv.extend(bytes(k))
 
     # -- identity ------------------------------------------------------------------------------------
     def _refresh_root_key(self) -> None:
@@ -291,7 +514,7 @@ class Membership:
     def _sign_record(self, now_ms: int, left: bool = False) -> None:
         rec = MemberRecord(self.me, self.incarnation, self.advertise, self.cert_bytes, left)
         self.record = encode_envelope(sign("member", encode(rec), [self._seed]))
-        self._install(rec, self.cert, self.record, now_ms)
+        self._install(Rec(self._me_i, rec, self.cert, self.record), now_ms)
 
     def sign_status(self, serial: int, policy_hash: bytes, ruleset_hash: bytes, state: str, wall: float) -> Status:
         self.status_seq = max(self.status_seq + 1, int(wall * 1000))
@@ -299,8 +522,9 @@ class Membership:
         payload = encode(body)
         env = sign("member", payload, [self._seed])
         item = Status(payload, env.signatures[0].sig)
-        m = self.members[self.me]
-        self._set_status(m, body, item)
+        info = StatusInfo(body, item)
+        info.verified_key = self.cert.identity_key
+        self._set_status(self._me_i, info)
         self.broadcasts.add(("s", self.me), item)  # first-hand, to the peers we talk to anyway
         return item
 
@@ -317,9 +541,12 @@ class Membership:
         self.broadcasts.add(("m", self.me), item)
         return item
 
+    @property
+    def left_cluster(self) -> bool:
+        return self._lv[self._me_i] == _LEFT if self._me_i < len(self._lv) else False
+
     # -- verification --------------------------------------------------------------------------------
-    def verify_record(self, data: bytes, wall: float, key: tuple[bytes, bytes] | None = None
-                      ) -> tuple[MemberRecord, Certificate]:
+    def verify_record(self, data: bytes, wall: float, key: tuple[bytes, bytes] | None = None) -> Rec:
         """Check a signed member record: its certificate (authority-signed, valid now, not revoked)
         and the member's own signature with the certificate's identity key."""
         if len(data) > MAX_RECORD_BYTES:
@@ -327,7 +554,7 @@ class Membership:
         if key is None:
             key = (hashlib.sha256(data).digest(), self._root_key)
         hit = self.cache.get(key)
-        if hit is None:
+        if not isinstance(hit, Rec):
             env = decode_envelope(data, "member", MAX_RECORD_BYTES)
             rec = decode_payload(env.payload)
             if not isinstance(rec, MemberRecord):
@@ -338,16 +565,12 @@ class Membership:
             kid = key_id(cert.identity_key)
             if not valid_signers(env, {kid: cert.identity_key}, {kid}):
                 raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
-            hit = (rec, cert, bytes(data))
+            i = self.index.intern(rec.node_id)
+            self.index.note_address(rec.address, i)
+            hit = Rec(i, rec, cert, bytes(data))
             self.cache.put(key, hit)
-        rec2, cert2, _data = cast(tuple[MemberRecord, Certificate, bytes], hit)
-        self.check_cert_valid(cert2, wall)
-        return rec2, cert2
-
-    def canonical(self, data: bytes) -> bytes:
-        """The cached copy of verified record bytes (many views of one record share one object)."""
-        hit = self.cache.get((hashlib.sha256(data).digest(), self._root_key))
-        return cast(tuple[MemberRecord, Certificate, bytes], hit)[2] if hit is not None else data
+        self.check_cert_valid(hit.cert, wall)
+        return hit
 
     def check_cert_valid(self, cert: Certificate, wall: float) -> None:
         skew = self.trust.skew_s
@@ -355,104 +578,126 @@ class Membership:
             raise TrustError(f"certificate of {cert.node_id} ({cert.cert_id}) is outside its validity window")
         self.trust.check_revoked(cert)
 
-    def _verify_status(self, item: Status, m: Member) -> bool:
-        key = (item.sig, m.cert.identity_key)
-        hit = self.cache.get(key)
-        if hit is None:
-            from nacl.exceptions import BadSignatureError
-            from nacl.signing import VerifyKey
+    def _status_info(self, item: Status) -> StatusInfo:
+        key = ("st", item.sig, item.payload)
+        info = self.cache.get(key)
+        if not isinstance(info, StatusInfo):
+            body = decode_payload(item.payload)
+            if not isinstance(body, StatusBody):
+                raise RemoteProtocolError("status item does not hold a status body")
+            info = StatusInfo(body, item)
+            self.cache.put(key, info)
+        return info
 
-            try:
-                VerifyKey(m.cert.identity_key).verify(signing_message("member", item.payload), item.sig)
-                hit = True
-            except (BadSignatureError, ValueError, TypeError):
-                hit = False
-            self.cache.put(key, hit)
-        return bool(hit)
+    @staticmethod
+    def _verify_status(info: StatusInfo, identity_key: bytes) -> bool:
+        if info.verified_key == identity_key:
+            return True
+        if info.rejected_key == identity_key:
+            return False
+        from nacl.exceptions import BadSignatureError
+        from nacl.signing import VerifyKey
+
+        try:
+            VerifyKey(identity_key).verify(signing_message("member", info.item.payload), info.item.sig)
+        except (BadSignatureError, ValueError, TypeError):
+            info.rejected_key = identity_key
+            return False
+        info.verified_key = identity_key
+        return True
 
     # -- table maintenance ---------------------------------------------------------------------------
-    def _install(self, rec: MemberRecord, cert: Certificate, data: bytes, now_ms: int) -> Member:
-        m = self.members.get(rec.node_id)
-        if m is None:
-            bucket = hashlib.blake2b(rec.node_id.encode(), digest_size=2).digest()[0] % self.cfg.sync_buckets
-            m = Member(rec.node_id, cert.region, rec.address, rec.incarnation, data, cert, rec.cert, bucket,
-                       since_ms=now_ms)
-            self.members[rec.node_id] = m
-            self._bucket_ids[bucket][rec.node_id] = None
+    def _install(self, rec: Rec, now_ms: int) -> None:
+        i = rec.idx
+        self._grow(i)
+        old = self._rec[i]
+        self._rec[i] = rec
+        if old is None:
+            self.count += 1
             self.directory_dirty = True
             self.peers_dirty = True
-            self._next_expiry = min(self._next_expiry, cert.not_after)
+            self._next_expiry = min(self._next_expiry, rec.cert.not_after)
             if rec.left:
-                self._set_liveness(m, LEFT, now_ms, report=False)
-            elif rec.node_id != self.me:
-                rs = self.alive.get(m.region)
+                self._set_liveness(i, _LEFT, now_ms, report=False)
+            elif i == self._me_i:
+                self._lv[i] = _ALIVE
+            else:
+                self._lv[i] = _ALIVE
+                rs = self.alive.get(rec.region)
                 if rs is None:
-                    rs = self.alive[m.region] = IndexedSet()
-                rs.add(rec.node_id)
-                self.alive_all.add(rec.node_id)
+                    rs = self.alive[rec.region] = IntSet()
+                rs.add(i)
+                self.alive_all.add(i)
         else:
-            if m.cert_bytes != rec.cert:
+            if old.cert_bytes != rec.cert_bytes:
                 self.directory_dirty = True
-            if m.address != rec.address:
+            if old.address != rec.address:
                 self.peers_dirty = True
-            if m.address != rec.address or m.cert_bytes != rec.cert:
-                m.entry = b""
-            m.incarnation, m.record, m.cert, m.cert_bytes, m.address = rec.incarnation, data, cert, rec.cert, rec.address
-            m.region = cert.region
-            self._set_liveness(m, LEFT if rec.left else ALIVE, now_ms)
-        self._retoken(m)
-        return m
-
-    def _retoken(self, m: Member) -> None:
-        new = _token(m.node_id, m.incarnation)
-        self._bucket_val[m.bucket] ^= m.token ^ new
-        m.token = new
+            if old.region != rec.region and i != self._me_i:
+                moved = self.alive.get(old.region)
+                if moved is not None and i in moved:
+                    moved.discard(i)
+                    self.alive.setdefault(rec.region, IntSet()).add(i)
+            self._set_liveness(i, _LEFT if rec.left else _ALIVE, now_ms)
+        b = self._bucket_col[i]
+        self._bucket_val[b] ^= (old.token if old is not None else 0) ^ rec.token
         self._mhash = None
 
-    def _set_status(self, m: Member, body: StatusBody, item: Status) -> None:
-        m.status, m.status_item = body, item
-        new = _token(m.node_id, body.seq)
-        self._sbucket_val[m.bucket] ^= m.stoken ^ new
-        m.stoken = new
+    def _set_status(self, i: int, info: StatusInfo) -> None:
+        old = self._st[i]
+        self._st[i] = info
+        b = self._bucket_col[i]
+        self._sbucket_val[b] ^= (old.token if old is not None else 0) ^ info.token
         self._shash = None
 
-    def _set_liveness(self, m: Member, liveness: str, now_ms: int, report: bool = True, source: str = "") -> None:
-        old = m.liveness
-        if m.node_id == self.me:
-            m.liveness = LEFT if liveness == LEFT else ALIVE
+    def _set_liveness(self, i: int, code: int, now_ms: int, report: bool = True, source: str = "") -> None:
+        old = self._lv[i]
+        if i == self._me_i:
+            self._lv[i] = _LEFT if code == _LEFT else _ALIVE
             return
-        if old == liveness and m.node_id in self.members and report:
+        if old == code and report:
             return
-        m.liveness = liveness
-        m.since_ms = now_ms
-        rs = self.alive.setdefault(m.region, IndexedSet())
-        if liveness == ALIVE:
-            rs.add(m.node_id)
-            self.alive_all.add(m.node_id)
+        rec = self._rec[i]
+        assert rec is not None
+        self._lv[i] = code
+        self._since[i] = now_ms
+        rs = self.alive.get(rec.region)
+        if rs is None:
+            rs = self.alive[rec.region] = IntSet()
+        if code == _ALIVE:
+            rs.add(i)
+            self.alive_all.add(i)
         else:
-            rs.discard(m.node_id)
-            self.alive_all.discard(m.node_id)
-        if liveness == SUSPECT:
-            self.suspects[m.node_id] = m
-        else:
-            self.suspects.pop(m.node_id, None)
-            m.suspect_sources = frozenset()
-        (self.dead.add if liveness == DEAD else self.dead.discard)(m.node_id)
-        (self.left.add if liveness == LEFT else self.left.discard)(m.node_id)
-        if report and old != liveness:
-            self.port.emit(LivenessChanged(m.node_id, liveness, m.incarnation, source))
+            rs.discard(i)
+            self.alive_all.discard(i)
+        if code != _SUSPECT:
+            self._susp.pop(i, None)
+        (self.dead.add if code == _DEAD else self.dead.discard)(i)
+        (self.left.add if code == _LEFT else self.left.discard)(i)
+        if report and old != code:
+            self.port.emit(LivenessChanged(rec.node_id, _NAME[code], rec.incarnation, source))
 
     def remove(self, node_id: str, reason: str) -> None:
-        m = self.members.pop(node_id, None)
-        if m is None or node_id == self.me:
+        i = self._i(node_id)
+        if i is None or i == self._me_i:
             return
-        for s in (self.alive.get(m.region), self.alive_all, self.dead, self.left):
+        rec = self._rec[i]
+        assert rec is not None
+        for s in (self.alive.get(rec.region), self.alive_all, self.dead, self.left):
             if s is not None:
-                s.discard(node_id)
-        self.suspects.pop(node_id, None)
-        self._bucket_ids[m.bucket].pop(node_id, None)
-        self._bucket_val[m.bucket] ^= m.token
-        self._sbucket_val[m.bucket] ^= m.stoken
+                s.discard(i)
+        self._susp.pop(i, None)
+        self._since.pop(i, None)
+        self._heard.pop(i, None)
+        b = self._bucket_col[i]
+        self._bucket_val[b] ^= rec.token
+        st = self._st[i]
+        if st is not None:
+            self._sbucket_val[b] ^= st.token
+        self._rec[i] = None
+        self._st[i] = None
+        self._lv[i] = _UNKNOWN
+        self.count -= 1
         self._mhash = self._shash = None
         self.directory_dirty = True
         self.peers_dirty = True
@@ -465,16 +710,16 @@ class Membership:
         if not revocations and wall + self.trust.skew_s < self._next_expiry:
             return
         self._next_expiry = float("inf")
-        for m in list(self.members.values()):
-            if m.node_id == self.me:
+        for rec in [r for r in self._rec if r is not None]:
+            if rec.idx == self._me_i:
                 continue
-            self._next_expiry = min(self._next_expiry, m.cert.not_after)
+            self._next_expiry = min(self._next_expiry, rec.cert.not_after)
             try:
-                self.check_cert_valid(m.cert, wall)
+                self.check_cert_valid(rec.cert, wall)
             except RevokedError:
-                self.remove(m.node_id, "revoked")
+                self.remove(rec.node_id, "revoked")
             except TrustError:
-                self.remove(m.node_id, "certificate_invalid")
+                self.remove(rec.node_id, "certificate_invalid")
 
     def on_root_changed(self) -> None:
         self._refresh_root_key()
@@ -484,39 +729,41 @@ class Membership:
         """Verify and merge one signed member record; True if it changed our view."""
         key = (hashlib.sha256(data).digest(), self._root_key)
         hit = self.cache.get(key) if len(data) <= MAX_RECORD_BYTES else None
-        if hit is not None:
-            known = self.members.get(hit[0].node_id)  # type: ignore[index]
-            if known is not None and known.incarnation >= hit[0].incarnation:  # type: ignore[index]
+        if isinstance(hit, Rec) and hit.idx < len(self._rec):
+            known = self._rec[hit.idx]
+            if known is not None and known.incarnation >= hit.incarnation:
                 return False
-        rec, cert = self.verify_record(data, wall, key)
-        data = cast(tuple[MemberRecord, Certificate, bytes], self.cache.get(key) or (rec, cert, data))[2]
-        if rec.node_id == self.me:
+        rec = self.verify_record(data, wall, key)
+        i = rec.idx
+        if i == self._me_i:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
                 self.refute(now_ms, rec.incarnation)
             return False
-        m = self.members.get(rec.node_id)
-        if m is not None and rec.incarnation <= m.incarnation:
+        self._grow(i)
+        known = self._rec[i]
+        if known is not None and rec.incarnation <= known.incarnation:
             return False
-        self._install(rec, cert, data, now_ms)
-        if rebroadcast and m is not None:
+        self._install(rec, now_ms)
+        if rebroadcast and known is not None:
             # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
             # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).
-            self.broadcasts.add(("m", rec.node_id), Alive(data))
+            self.broadcasts.add(("m", rec.node_id), Alive(rec.record))
         return True
 
     def learn_status(self, item: Status) -> bool:
-        try:
-            body = decode_payload(item.payload)
-        except RemoteProtocolError:
-            raise
-        if not isinstance(body, StatusBody):
-            raise RemoteProtocolError("status item does not hold a status body")
-        m = self.members.get(body.node_id)
-        if m is None or body.node_id == self.me or body.seq <= m.status_seq:
+        info = self._status_info(item)
+        body = info.body
+        i = self._i(body.node_id)
+        if i is None or i == self._me_i:
             return False
-        if not self._verify_status(item, m):
+        cur = self._st[i]
+        if cur is not None and body.seq <= cur.body.seq:
+            return False
+        rec = self._rec[i]
+        assert rec is not None
+        if not self._verify_status(info, rec.cert.identity_key):
             raise SignatureError(f"status of {body.node_id} is not signed by its identity key")
-        self._set_status(m, body, item)
+        self._set_status(i, info)
         return True
 
     def on_suspect(self, item: Suspect, now_ms: int) -> None:
@@ -524,34 +771,46 @@ class Membership:
             if item.incarnation >= self.incarnation:
                 self.refute(now_ms, item.incarnation)
             return
-        m = self.members.get(item.node_id)
-        if m is None or item.incarnation < m.incarnation or m.liveness in (DEAD, LEFT):
+        i = self._i(item.node_id)
+        if i is None:
             return
-        if m.liveness == ALIVE:
-            self._suspect(m, item.source, now_ms)
-            self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
-        elif item.source not in m.suspect_sources and len(m.suspect_sources) <= self.cfg.suspicion_confirmations:
-            m.suspect_sources = {*m.suspect_sources, item.source}
-            self._reset_suspicion_deadline(m)
-            self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
+        rec = self._rec[i]
+        assert rec is not None
+        lv = self._lv[i]
+        if item.incarnation < rec.incarnation or lv in (_DEAD, _LEFT):
+            return
+        if lv == _ALIVE:
+            self._suspect(i, item.source, now_ms)
+            self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
+            return
+        s = self._susp.get(i)
+        if s is not None and item.source not in s.sources and len(s.sources) <= self.cfg.suspicion_confirmations:
+            s.sources.add(item.source)
+            self._reset_suspicion_deadline(s)
+            self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
 
     def on_dead(self, item: Dead, now_ms: int) -> None:
         if item.node_id == self.me:
             if item.incarnation >= self.incarnation:
                 self.refute(now_ms, item.incarnation)
             return
-        m = self.members.get(item.node_id)
-        if m is None or item.incarnation < m.incarnation or m.liveness in (DEAD, LEFT):
+        i = self._i(item.node_id)
+        if i is None:
             return
-        if now_ms - m.heard_ms < self.cfg.probe_interval_ms * 3:
+        rec = self._rec[i]
+        assert rec is not None
+        lv = self._lv[i]
+        if item.incarnation < rec.incarnation or lv in (_DEAD, _LEFT):
+            return
+        if now_ms - self._heard.get(i, -(10**12)) < self.cfg.probe_interval_ms * 3:
             # We heard from it a moment ago (a death declared across a healed partition, say):
             # suspect it instead, so that it gets the time to refute.
-            if m.liveness == ALIVE:
-                self._suspect(m, item.source, now_ms)
-                self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, item.source))
+            if lv == _ALIVE:
+                self._suspect(i, item.source, now_ms)
+                self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
             return
-        self._set_liveness(m, DEAD, now_ms, source=item.source)
-        self.broadcasts.add(("m", m.node_id), Dead(m.node_id, m.incarnation, item.source))
+        self._set_liveness(i, _DEAD, now_ms, source=item.source)
+        self.broadcasts.add(("m", rec.node_id), Dead(rec.node_id, rec.incarnation, item.source))
 
     def on_gossip(self, items: Iterable[GossipItem], now_ms: int, wall: float) -> None:
         for item in items:
@@ -567,51 +826,55 @@ class Membership:
     def heard_from(self, peer: str, now_ms: int) -> None:
         """A frame arrived from ``peer``: it is up right now (only its own refutation clears a
         suspicion in the cluster, but a fresh death claim about it is downgraded to a suspicion)."""
-        m = self.members.get(peer)
-        if m is not None:
-            m.heard_ms = now_ms
+        i = self.index.of.get(peer)
+        if i is not None:
+            heard = self._heard
+            heard[i] = now_ms
+            if len(heard) > 512:  # only the last few probe intervals matter (see on_dead)
+                horizon = now_ms - 3 * self.cfg.probe_interval_ms
+                self._heard = {k: v for k, v in heard.items() if v >= horizon}
 
     # -- suspicion (Lifeguard) -----------------------------------------------------------------------
-    def _suspect(self, m: Member, source: str, now_ms: int) -> None:
+    def _suspect(self, i: int, source: str, now_ms: int) -> None:
         self.counters["suspicions"] += 1
-        m.suspect_sources = {source}
-        m.suspect_start_ms = now_ms
-        self._set_liveness(m, SUSPECT, now_ms, source=source)
-        self._reset_suspicion_deadline(m)
+        s = self._susp[i] = _Suspicion({source}, now_ms)
+        self._set_liveness(i, _SUSPECT, now_ms, source=source)
+        self._reset_suspicion_deadline(s)
 
-    def _reset_suspicion_deadline(self, m: Member) -> None:
-        lo, hi = self.cfg.suspicion_bounds_ms(len(self.members))
+    def _reset_suspicion_deadline(self, s: _Suspicion) -> None:
+        lo, hi = self.cfg.suspicion_bounds_ms(self.count)
         k = self.cfg.suspicion_confirmations
-        confirmations = max(0, len(m.suspect_sources) - 1)
+        confirmations = max(0, len(s.sources) - 1)
         if k <= 0:
             timeout = lo
         else:
-            import math
-
             frac = math.log(confirmations + 1) / math.log(k + 1)
             timeout = max(lo, int(hi - (hi - lo) * frac))
-        m.suspect_deadline_ms = m.suspect_start_ms + timeout
+        s.deadline_ms = s.start_ms + timeout
 
     # -- probing (SWIM) ------------------------------------------------------------------------------
-    def _timeout_for(self, target: Member | None) -> int:
+    def _timeout_for(self, target: Rec | None) -> int:
         base = self.cfg.probe_timeout_ms
         if target is not None and target.region != self.region:
             base = self.cfg.cross_region_probe_timeout_ms
         dial = 0 if target is None or self.connected(target.node_id) else self.cfg.dial_allowance_ms
         return base * (1 + self.health) + dial
 
-    def _next_target(self) -> Member | None:
+    def _next_target(self) -> Rec | None:
+        lv = self._lv
         for _ in range(2):
-            while self._ring_pos < len(self._ring):
-                nid = self._ring[self._ring_pos]
+            ring = self._ring
+            while self._ring_pos < len(ring):
+                i = ring[self._ring_pos]
                 self._ring_pos += 1
-                m = self.members.get(nid)
-                if m is not None and m.liveness in (ALIVE, SUSPECT):
-                    return m
-            self._ring = [nid for nid in self.alive_all] + list(self.suspects)
-            self.rng.shuffle(self._ring)
+                if i < len(lv) and lv[i] in (_ALIVE, _SUSPECT):
+                    return self._rec[i]
+            ring = array("i", self.alive_all.items)
+            ring.extend(self._susp)
+            self.rng.shuffle(ring)
+            self._ring = ring
             self._ring_pos = 0
-            if not self._ring:
+            if not ring:
                 return None
         return None
 
@@ -624,11 +887,13 @@ class Membership:
 
     def tick(self, now_ms: int) -> None:
         # suspicion timeouts
-        if self.suspects:
-            for m in [m for m in self.suspects.values() if m.suspect_deadline_ms <= now_ms]:
+        if self._susp:
+            for i in [i for i, s in self._susp.items() if s.deadline_ms <= now_ms]:
+                rec = self._rec[i]
+                assert rec is not None
                 self.counters["deaths_declared"] += 1
-                self._set_liveness(m, DEAD, now_ms, source=self.me)
-                self.broadcasts.add(("m", m.node_id), Dead(m.node_id, m.incarnation, self.me))
+                self._set_liveness(i, _DEAD, now_ms, source=self.me)
+                self.broadcasts.add(("m", rec.node_id), Dead(rec.node_id, rec.incarnation, self.me))
         # relays: nack when the target stays silent
         if self._relays:
             for seq, r in list(self._relays.items()):
@@ -660,32 +925,36 @@ class Membership:
 
     def _send_indirect(self, p: _Probe, now_ms: int) -> None:
         p.indirect_sent = True
-        target = self.members.get(p.target)
-        if target is None:
+        target = self.rec(p.target)
+        if target is None or self._i(p.target) is None:
             return
-        relays: list[str] = []
+        ti = target.idx
+        relays: list[int] = []
         pool = self.alive.get(target.region)
+        want = self.cfg.indirect_probes
         for source in (pool, self.alive_all):
-            if source is None or len(relays) >= self.cfg.indirect_probes:
+            if source is None or len(relays) >= want:
                 continue
-            for nid in self.rng.sample(list(source) if len(source) < 64 else source._items, 2 * self.cfg.indirect_probes):
-                if nid not in (p.target, self.me) and nid not in relays:
-                    relays.append(nid)
-                if len(relays) >= self.cfg.indirect_probes:
+            for i in self.rng.sample(source.items, 2 * want):
+                if i not in (ti, self._me_i) and i not in relays:
+                    relays.append(i)
+                if len(relays) >= want:
                     break
         p.expected_nacks = len(relays)
-        for nid in relays:
-            self.port.send(nid, PingReq(p.seq, target.node_id, target.address))
+        for i in relays:
+            self.port.send(self.ids[i], PingReq(p.seq, target.node_id, target.address))
 
     def _probe_failed(self, p: _Probe, now_ms: int) -> None:
         self._probe = None
         self.counters["probe_failures"] += 1
         missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
         self._health(max(missing, 0))
-        m = self.members.get(p.target)
-        if m is not None and m.liveness == ALIVE:
-            self._suspect(m, self.me, now_ms)
-            self.broadcasts.add(("m", m.node_id), Suspect(m.node_id, m.incarnation, self.me))
+        i = self._i(p.target)
+        if i is not None and self._lv[i] == _ALIVE:
+            rec = self._rec[i]
+            assert rec is not None
+            self._suspect(i, self.me, now_ms)
+            self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, self.me))
 
     def probe_send_failed(self, peer: str, now_ms: int) -> None:
         p = self._probe
@@ -700,7 +969,7 @@ class Membership:
         if msg.target == self.me:
             self.port.send(peer, Ack(msg.seq))
             return
-        target = self.members.get(msg.target)
+        target = self.rec(msg.target)
         seq = self._next_seq()
         timeout = self._timeout_for(target)
         self._relays[seq] = _Relay(peer, msg.seq, now_ms + timeout * 8 // 10, now_ms + 3 * timeout)
@@ -726,8 +995,8 @@ class Membership:
             self._probe.final_deadline_ms,
             self._probe.final_deadline_ms if self._probe.indirect_sent else self._probe.direct_deadline_ms,
         )
-        for m in self.suspects.values():
-            d = min(d, m.suspect_deadline_ms)
+        for s in self._susp.values():
+            d = min(d, s.deadline_ms)
         for r in self._relays.values():
             d = min(d, r.expire_ms if r.nacked else r.nack_at_ms)
         return d
@@ -738,6 +1007,7 @@ class Membership:
         """Up to ``k`` alive peers: ``k - cross`` from our region, ``cross`` from others (falling back
         to whatever exists).  ``prefer`` (e.g. "has an open channel") wins ties among a few draws."""
         out: list[str] = []
+        ids = self.ids
         local = self.alive.get(self.region)
         others = len(self.alive_all) - (len(local) if local else 0)
         n_cross = min(cross, k) if others > 0 else 0
@@ -763,34 +1033,34 @@ class Membership:
         pref = self.preferred if prefer is not None else None
         if pref is not None and len(pref):
             # An open channel saves a dial (3 round trips, more under loss): draw from those first.
-            members = self.members
-
             def pref_choice(local_wanted: bool) -> str | None:
                 nid = pref.choice(self.rng)
-                m = members.get(nid)
-                if m is None or m.liveness != ALIVE or (m.region == self.region) != local_wanted:
+                r = self.rec(nid)
+                if r is None or not self.is_alive(nid) or (r.region == self.region) != local_wanted:
                     return None
                 return nid
 
             draw(lambda: pref_choice(True), n_local)
             if n_cross:
                 draw(lambda: pref_choice(False), n_cross)
-        have_local = sum(1 for x in out if self.members[x].region == self.region)
+        have_local = sum(1 for x in out if (r := self.rec(x)) is not None and r.region == self.region)
         if local is not None and len(local) > 0 and have_local < n_local:
-            draw(lambda: local.choice(self.rng), n_local - have_local)
+            draw(lambda: ids[local.choice(self.rng)], n_local - have_local)
+        alive_all = self.alive_all
         if n_cross:
             def cross_choice() -> str | None:
-                nid = self.alive_all.choice(self.rng)
-                return nid if self.members[nid].region != self.region else None
+                i = alive_all.choice(self.rng)
+                r = self._rec[i]
+                return ids[i] if r is not None and r.region != self.region else None
             draw(cross_choice, k - len(out))
-        if len(out) < k and len(self.alive_all) > 0:
-            draw(lambda: self.alive_all.choice(self.rng), k - len(out))
+        if len(out) < k and len(alive_all) > 0:
+            draw(lambda: ids[alive_all.choice(self.rng)], k - len(out))
         return out
 
     # -- anti-entropy digest -------------------------------------------------------------------------
     def _summary(self, vals: list[int]) -> bytes:
         raw = b"".join(v.to_bytes(8, "big") for v in vals)
-        return hashlib.blake2b(raw + len(self.members).to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
+        return hashlib.blake2b(raw + self.count.to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
 
     def mhash(self) -> bytes:
         if self._mhash is None:
@@ -811,29 +1081,26 @@ class Membership:
             raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {len(vals)}")
         return [i for i, v in enumerate(vals) if v.to_bytes(8, "big") != theirs[i]]
 
-    def _version(self, m: Member, status: bool) -> int:
-        if status:
-            return m.status.seq if m.status is not None else 0
-        return m.incarnation
-
     def entries(self, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
         out: list[tuple[str, int]] = []
-        members = self.members
+        recs = self._rec
+        n = len(recs)
         nb = len(self._bucket_ids)
         for b in buckets:
             if 0 <= b < nb:
                 ids = self._bucket_ids[b]
                 if status:
-                    out += [(nid, st.seq if (st := members[nid].status) is not None else 0) for nid in ids]
+                    sts = self._st
+                    out += [(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                            for i in ids if i < n and (r := recs[i]) is not None]
                 else:
-                    out += [(nid, members[nid].incarnation) for nid in ids]
+                    out += [(r.node_id, r.incarnation) for i in ids if i < n and (r := recs[i]) is not None]
         return tuple(out)
 
     def compare_entries(self, buckets: Iterable[int], entries: Iterable[tuple[str, int]], status: bool
                         ) -> tuple[list[str], list[str]]:
         """Given a peer's entries for ``buckets``: (ids whose record/status we want, ids whose
         record/status they lack)."""
-        members = self.members
         theirs = dict(entries)
         theirs.pop(self.me, None)
         mine = dict(self.entries(buckets, status))
@@ -844,40 +1111,41 @@ class Membership:
             want = [nid for nid, v in theirs.items() if v > get(nid, -1)]
         tget = theirs.get
         give = [nid for nid, v in mine.items() if v > tget(nid, -1)
-                and (not status or members[nid].status_item is not None)]
+                and (not status or self.status_item_of(nid) is not None)]
         return want, give
+
+    def record_of(self, node_id: str) -> bytes | None:
+        i = self._i(node_id)
+        r = self._rec[i] if i is not None else None
+        return r.record if r is not None else None
+
+    def status_item_of(self, node_id: str) -> Status | None:
+        i = self._i(node_id)
+        st = self._st[i] if i is not None else None
+        return st.item if st is not None else None
 
     # -- views ---------------------------------------------------------------------------------------
     def view_of(self, node_id: str) -> tuple[int, str] | None:
-        m = self.members.get(node_id)
-        return None if m is None else (m.incarnation, m.liveness)
+        i = self._i(node_id)
+        if i is None:
+            return None
+        r = self._rec[i]
+        assert r is not None
+        return r.incarnation, _NAME[self._lv[i]]
 
     def certs(self) -> dict[str, bytes]:
-        return {nid: m.cert_bytes for nid, m in self.members.items()}
+        return {r.node_id: r.cert_bytes for r in self._rec if r is not None}
 
-    def by_address(self, address: str) -> Member | None:
-        for m in self.members.values():
-            if m.address == address:
-                return m
+    def by_address(self, address: str) -> str | None:
+        """The member (node id) advertising ``address``, if any."""
+        recs = self._rec
+        for i in self.index.claimants(address):
+            r = recs[i] if i < len(recs) else None
+            if r is not None and r.address == address:
+                return r.node_id
         return None
 
-    def peers(self) -> list[dict[str, Any]]:
-        return [{"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes}
-                for m in self.members.values() if m.node_id != self.me]
-
     def peer_entries(self) -> list[bytes]:
-        """Pre-encoded peer-list entries (one MessagePack map per member), built once per change."""
-        out = []
-        for m in self.members.values():
-            if m.node_id == self.me:
-                continue
-            if not m.entry:
-                key = (m.node_id, m.address, m.cert.cert_id)
-                entry = self.cache.get(key)
-                if entry is None:
-                    entry = msgspec.msgpack.encode(
-                        {"node_id": m.node_id, "address": m.address, "region": m.region, "cert": m.cert_bytes})
-                    self.cache.put(key, entry)
-                m.entry = cast(bytes, entry)
-            out.append(m.entry)
-        return out
+        """Pre-encoded peer-list entries (one MessagePack map per member, encoded once per record)."""
+        me = self._me_i
+        return [r.entry for r in self._rec if r is not None and r.idx != me]

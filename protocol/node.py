@@ -174,14 +174,14 @@ class Node:
     def send(self, peer: str, msg: Any) -> None:
         if isinstance(msg, _PIGGYBACK):
             items = self.mem.broadcasts.take(self.cfg.gossip_budget_bytes,
-                                             self.cfg.retransmit_limit(len(self.mem.members))) \
+                                             self.cfg.retransmit_limit(len(self.mem))) \
                 if len(self.mem.broadcasts) else ()
             root_v, serial = self._my_key() if isinstance(msg, (Ping, Ack)) else (0, 0)
             if items or serial:
                 msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
                     else msgspec.structs.replace(msg, gossip=items)
-        m = self.mem.members.get(peer)
-        self._out.append(Send(peer, m.address if m is not None else "", encode(msg)))
+        r = self.mem.rec(peer)
+        self._out.append(Send(peer, r.address if r is not None else "", encode(msg)))
 
     def send_addr(self, address: str, msg: Any) -> None:
         self._out.append(Send("", address, encode(msg)))
@@ -301,9 +301,8 @@ class Node:
         self.mem.peers_dirty = False
         self._peers_at = None
         entries = self.mem.peer_entries()
-        members = self.mem.members
         for nid, (cb, c) in self._known_certs.items():
-            if nid not in members:
+            if nid not in self.mem:
                 entries.append(_peers_encoder.encode({"node_id": nid, "address": "", "region": c.region, "cert": cb}))
         n = len(entries)
         header = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
@@ -315,20 +314,21 @@ class Node:
         if not others:
             return []
         region = self.rng.choice(sorted(others))
-        return [self.mem.alive[region].choice(self.rng)]
+        return [self.mem.id_at(self.mem.alive[region].choice(self.rng))]
 
     def _retry_dead(self) -> None:
         """Partitioned members are retried forever: one random dead member, plus one in every region
         where nobody is alive."""
         targets: list[str] = []
-        if len(self.mem.dead):
-            targets.append(self.mem.dead.choice(self.rng))
+        dead = self.mem.dead
+        if len(dead):
+            targets.append(self.mem.id_at(dead.choice(self.rng)))
         regions_alive = {r for r, s in self.mem.alive.items() if len(s)}
         silent: dict[str, list[str]] = {}
-        for nid in self.mem.dead:
-            r = self.mem.members[nid].region
-            if r not in regions_alive and r != self.mem.region:
-                silent.setdefault(r, []).append(nid)
+        for i in dead:
+            rec = self.mem.rec_at(i)
+            if rec is not None and rec.region not in regions_alive and rec.region != self.mem.region:
+                silent.setdefault(rec.region, []).append(rec.node_id)
         for r in sorted(silent):
             targets.append(self.rng.choice(silent[r]))
         for nid in dict.fromkeys(targets):
@@ -339,12 +339,11 @@ class Node:
         if lonely:
             addrs += [p["address"] for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
         for addr in addrs:
-            m = self.mem.by_address(addr)
-            if m is None or m.liveness != ALIVE:
-                if m is not None and m.node_id != self.node_id:
-                    self._sync_peer(m.node_id, with_record=True)
-                elif m is None:
-                    self._sync_addr(addr)
+            nid = self.mem.by_address(addr)
+            if nid is None:
+                self._sync_addr(addr)
+            elif nid != self.node_id and not self.mem.is_alive(nid):
+                self._sync_peer(nid, with_record=True)
 
     def _housekeeping(self, now: Now) -> None:
         self.mem.expel_invalid(now.wall, revocations=False)
@@ -376,7 +375,7 @@ class Node:
             self._last_dir = certs
             # the directory is durable before enforcement acts on it (restart path)
             self._persist_peers()
-            self._out.append(MembersChanged(dict(certs)))
+            self._out.append(MembersChanged(certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -415,7 +414,7 @@ class Node:
         if msg.record is not None:
             self._learn_record(peer, msg.record)
         if msg.you is not None and msg.you.incarnation >= self.mem.incarnation and \
-                msg.you.liveness in (SUSPECT, DEAD, LEFT) and self.mem.members[self.node_id].liveness != LEFT:
+                msg.you.liveness in (SUSPECT, DEAD, LEFT) and not self.mem.left_cluster:
             self.mem.refute(now.ms, msg.you.incarnation)
         self._compare_root(peer, msg.root_version)
         self._compare_digest(peer, msg.digest, reply=not msg.reply)
@@ -443,9 +442,9 @@ class Node:
             self.send(peer, MemberPull(() if msg.status else tuple(want), tuple(want) if msg.status else ()))
 
     def _send_members(self, peer: str, rec_ids: list[str] | tuple[str, ...], st_ids: list[str] | tuple[str, ...]) -> None:
-        members = self.mem.members
-        records = tuple(members[n].record for n in rec_ids if n in members)
-        statuses = tuple(s for s in (members[n].status_item for n in st_ids if n in members) if s is not None)
+        mem = self.mem
+        records = tuple(r for r in (mem.record_of(n) for n in rec_ids) if r is not None)
+        statuses = tuple(s for s in (mem.status_item_of(n) for n in st_ids) if s is not None)
         if records or statuses:
             self.send(peer, Members(records, statuses))
 
@@ -709,13 +708,13 @@ class Node:
     def _on_root_changed(self) -> None:
         self.mem.on_root_changed()
         now = self._now
-        for m in list(self.mem.members.values()):
-            if m.node_id == self.node_id:
+        for rec in list(self.mem.records()):
+            if rec.node_id == self.node_id:
                 continue
             try:
-                self.trust.check_certificate(m.cert_bytes)
+                self.trust.check_certificate(rec.cert_bytes)
             except TrustError:
-                self.mem.remove(m.node_id, "certificate_untrusted")
+                self.mem.remove(rec.node_id, "certificate_untrusted")
         self.mem.expel_invalid(now.wall)
         if self.trust.policy_state(now.wall) != self._status_state:
             self._publish_status()
@@ -729,7 +728,9 @@ class Node:
         by_region: dict[str, dict[str, int]] = {}
         known = converged = 0
         max_serial = mine
-        for m in sorted(self.mem.members.values(), key=lambda m: m.node_id):
+        for rec in sorted(self.mem.records(), key=lambda r: r.node_id):
+            m = self.mem.get(rec.node_id)
+            assert m is not None
             st = m.status
             is_me = m.node_id == self.node_id
             serial = mine if is_me else (st.serial if st else None)

@@ -50,7 +50,9 @@ def test_leaked_policy_key_fast_forward_is_recovered_by_rotation(tmp_path: Path)
             got = {n.node_id: (n.status()["root_version"], n.status()["policy"]["serial"]) for n in nodes}
             raise AssertionError(f"(root version, serial) per node: {got}") from None
         assert all(n.status()["root_version"] == 2 for n in nodes)
-        assert all(n.applied_serial() == 1 for n in nodes)
+        # Enforcement follows the accepted policy asynchronously (a render and an apply later).
+        wait_until(lambda: all(n.applied_serial() == 1 for n in nodes), 20, "serial 1 enforced everywhere",
+                   interval_s=0.1)
         # The leaked key's signatures no longer count: another fast-forward attempt is refused.
         evil2 = (tmp_path / "probe.msgpack").read_bytes()
         assert not cluster.publish(nodes[2], evil2)["ok"]

@@ -31,6 +31,7 @@ SEED_RETRY_INTERVAL_MS = 30000
 SEED_RETRY_LONELY_MS = 2000
 HOUSEKEEPING_INTERVAL_MS = 10000
 DIRECTORY_DEBOUNCE_MS = 1000
+DIRECTORY_DEBOUNCE_MAX_MS = 10000  # see directory_debounce_for
 PEERS_PERSIST_INTERVAL_MS = 30000
 SYNC_BUCKETS = 32
 STATUS_SYNC_INTERVAL_MS = 20000
@@ -61,6 +62,7 @@ class GossipConfig:
     seed_retry_lonely_ms: int = SEED_RETRY_LONELY_MS
     housekeeping_interval_ms: int = HOUSEKEEPING_INTERVAL_MS
     directory_debounce_ms: int = DIRECTORY_DEBOUNCE_MS
+    directory_debounce_max_ms: int = DIRECTORY_DEBOUNCE_MAX_MS
     peers_persist_interval_ms: int = PEERS_PERSIST_INTERVAL_MS
     sync_buckets: int = SYNC_BUCKETS
     status_sync_interval_ms: int = STATUS_SYNC_INTERVAL_MS
@@ -87,6 +89,13 @@ class GossipConfig:
 
     def retransmit_limit(self, members: int) -> int:
         return self.retransmit_mult * max(1, math.ceil(math.log10(members + 1)))
+
+    def directory_debounce_for(self, members: int) -> int:
+        """How long directory changes (joins, address changes) are gathered before enforcement hears
+        of them: ``directory_debounce_ms``, plus 1 ms per member up to ``directory_debounce_max_ms``.
+        Each change costs a render over the whole directory, so a 10,000-member node re-renders at
+        most every 10 s during a mass join, not every second.  Revocations never wait."""
+        return max(self.directory_debounce_ms, min(self.directory_debounce_max_ms, members))
 
     def suspicion_bounds_ms(self, members: int) -> tuple[int, int]:
         base = self.suspicion_mult * max(1.0, math.log10(max(members, 1))) * self.probe_interval_ms

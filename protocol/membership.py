@@ -552,7 +552,7 @@ class Membership:
         if len(data) > MAX_RECORD_BYTES:
             raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
         if key is None:
-            key = (hashlib.sha256(data).digest(), self._root_key)
+            key = (bytes(data), self._root_key)
         hit = self.cache.get(key)
         if not isinstance(hit, Rec):
             env = decode_envelope(data, "member", MAX_RECORD_BYTES)
@@ -567,7 +567,7 @@ class Membership:
                 raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
             i = self.index.intern(rec.node_id)
             self.index.note_address(rec.address, i)
-            hit = Rec(i, rec, cert, bytes(data))
+            hit = Rec(i, rec, cert, key[0])
             self.cache.put(key, hit)
         self.check_cert_valid(hit.cert, wall)
         return hit
@@ -727,13 +727,17 @@ class Membership:
     # -- learning from gossip ------------------------------------------------------------------------
     def learn_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> bool:
         """Verify and merge one signed member record; True if it changed our view."""
-        key = (hashlib.sha256(data).digest(), self._root_key)
+        key = (data, self._root_key)  # the exact bytes: a hit is the same record, checked before
         hit = self.cache.get(key) if len(data) <= MAX_RECORD_BYTES else None
-        if isinstance(hit, Rec) and hit.idx < len(self._rec):
-            known = self._rec[hit.idx]
-            if known is not None and known.incarnation >= hit.incarnation:
-                return False
-        rec = self.verify_record(data, wall, key)
+        if isinstance(hit, Rec):
+            if hit.idx < len(self._rec):
+                known = self._rec[hit.idx]
+                if known is not None and known.incarnation >= hit.incarnation:
+                    return False
+            self.check_cert_valid(hit.cert, wall)
+            rec = hit
+        else:
+            rec = self.verify_record(data, wall, key)
         i = rec.idx
         if i == self._me_i:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
@@ -1096,6 +1100,26 @@ class Membership:
                 else:
                     out += [(r.node_id, r.incarnation) for i in ids if i < n and (r := recs[i]) is not None]
         return tuple(out)
+
+    def entry_batches(self, buckets: Iterable[int], status: bool, cap: int
+                      ) -> Iterator[tuple[tuple[int, ...], tuple[tuple[str, int], ...]]]:
+        """``entries`` of ``buckets`` grouped into messages of at most ``cap`` entries (whole buckets
+        per message; a bucket larger than ``cap`` on its own is split)."""
+        group: list[int] = []
+        acc: list[tuple[str, int]] = []
+        for b in buckets:
+            mine = self.entries((b,), status)
+            if group and len(acc) + len(mine) > cap:
+                yield tuple(group), tuple(acc)
+                group, acc = [], []
+            if len(mine) > cap:
+                for k in range(0, len(mine), cap):
+                    yield (b,), mine[k:k + cap]
+                continue
+            group.append(b)
+            acc += mine
+        if group:
+            yield tuple(group), tuple(acc)
 
     def compare_entries(self, buckets: Iterable[int], entries: Iterable[tuple[str, int]], status: bool
                         ) -> tuple[list[str], list[str]]:

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import msgspec
 
+from . import gossip_wire as wire
 from .dissemination import Dissemination
 from .entropy import Entropy
 from .errors import (
@@ -93,6 +94,7 @@ __all__ = [
 ]
 
 _PIGGYBACK = (Ping, Ack, PingReq)
+MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 _peers_encoder = msgspec.msgpack.Encoder()
 
 
@@ -287,7 +289,7 @@ class Node:
             self._house_at = ms + self.cfg.housekeeping_interval_ms
             self._housekeeping(now)
         if self.mem.directory_dirty and self._dir_at is None:
-            self._dir_at = ms + self.cfg.directory_debounce_ms
+            self._dir_at = ms + self.cfg.directory_debounce_for(len(self.mem))
         if self._dir_at is not None and ms >= self._dir_at:
             self._dir_at = None
             self._emit_directory()
@@ -431,22 +433,47 @@ class Node:
         for status, theirs in ((False, msg.buckets), (True, msg.sbuckets)):
             if theirs is not None:
                 diff = self.mem.differing_buckets(theirs, status)
-                if diff:
-                    self.send(peer, SyncEntries(status, tuple(diff), self.mem.entries(diff, status)))
+                for buckets, entries in self.mem.entry_batches(diff, status, wire.MAX_BATCH):
+                    self.send(peer, SyncEntries(status, buckets, entries))
 
     def _on_sync_entries(self, peer: str, msg: SyncEntries) -> None:
         want, give = self.mem.compare_entries(msg.buckets, msg.entries, msg.status)
         if give:
             self._send_members(peer, () if msg.status else give, give if msg.status else ())
-        if want:
-            self.send(peer, MemberPull(() if msg.status else tuple(want), tuple(want) if msg.status else ()))
+        cap = wire.MAX_BATCH
+        for k in range(0, len(want), cap):
+            chunk = tuple(want[k:k + cap])
+            self.send(peer, MemberPull(() if msg.status else chunk, chunk if msg.status else ()))
 
     def _send_members(self, peer: str, rec_ids: list[str] | tuple[str, ...], st_ids: list[str] | tuple[str, ...]) -> None:
+        """Records and statuses in as many messages as the caps on items and bytes require."""
         mem = self.mem
-        records = tuple(r for r in (mem.record_of(n) for n in rec_ids) if r is not None)
-        statuses = tuple(s for s in (mem.status_item_of(n) for n in st_ids) if s is not None)
-        if records or statuses:
-            self.send(peer, Members(records, statuses))
+        cap = wire.MAX_BATCH
+        records: list[bytes] = []
+        statuses: list[Any] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal records, statuses, size
+            if records or statuses:
+                self.send(peer, Members(tuple(records), tuple(statuses)))
+            records, statuses, size = [], [], 0
+
+        for n in rec_ids:
+            r = mem.record_of(n)
+            if r is not None:
+                if len(records) >= cap or size + len(r) > MEMBERS_CHUNK_BYTES:
+                    flush()
+                records.append(r)
+                size += len(r)
+        for n in st_ids:
+            st = mem.status_item_of(n)
+            if st is not None:
+                if len(statuses) >= cap or size + len(st.payload) + 72 > MEMBERS_CHUNK_BYTES:
+                    flush()
+                statuses.append(st)
+                size += len(st.payload) + 72
+        flush()
 
     def _on_member_pull(self, peer: str, msg: MemberPull) -> None:
         self._send_members(peer, msg.records, msg.statuses)

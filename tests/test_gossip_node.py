@@ -331,3 +331,19 @@ def test_wire_messages_round_trip():
     msg = Ping(3, "n1", (Suspect("n2", 4, "n0"),), 7)
     assert decode(encode(msg)) == msg
     assert msgspec.msgpack.decode(encode(msg))[0] == 1  # tagged union: the tag comes first
+
+
+def test_anti_entropy_splits_batches_to_stay_under_the_receivers_caps(monkeypatch):
+    # A fresh node syncing with a big cluster must not send (or ask for) more entries or records in
+    # one message than a peer accepts: scaled down here to caps of 3 items and about 2 records.
+    import protocol.gossip_wire as wire
+    import protocol.node as node_mod
+
+    monkeypatch.setattr(wire, "MAX_BATCH", 3)
+    monkeypatch.setattr(node_mod, "MEMBERS_CHUNK_BYTES", 1500)
+    link = joined(14)
+    link.run_for(30_000)
+    for h in link.hosts.values():
+        errors = [e for e in h.effects if isinstance(e, Alert) and e.event == "gossip.remote_error"]
+        assert not errors, errors[:2]
+        assert len(h.node.mem) == 14

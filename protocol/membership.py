@@ -234,7 +234,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "_entry")
+                 "token", "entry")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -247,15 +247,9 @@ class Rec:
         self.cert = cert
         self.cert_bytes = rec.cert
         self.token = _token(rec.node_id, rec.incarnation)
-        self._entry = b""
-
-    @property
-    def entry(self) -> bytes:
-        """The member's entry in the persisted peer list (one MessagePack map), encoded once."""
-        if not self._entry:
-            self._entry = _peer_entry_encoder.encode(
-                {"node_id": self.node_id, "address": self.address, "region": self.region, "cert": self.cert_bytes})
-        return self._entry
+        # the member's entry in the persisted peer list (one MessagePack map)
+        self.entry = _peer_entry_encoder.encode(
+            {"node_id": rec.node_id, "address": rec.address, "region": cert.region, "cert": rec.cert})
 
 
 class StatusInfo:
@@ -1139,13 +1133,13 @@ class Membership:
         return want, give
 
     def record_of(self, node_id: str) -> bytes | None:
-        i = self._i(node_id)
-        r = self._rec[i] if i is not None else None
+        i = self.index.of.get(node_id)
+        r = self._rec[i] if i is not None and i < len(self._rec) else None
         return r.record if r is not None else None
 
     def status_item_of(self, node_id: str) -> Status | None:
-        i = self._i(node_id)
-        st = self._st[i] if i is not None else None
+        i = self.index.of.get(node_id)
+        st = self._st[i] if i is not None and i < len(self._st) else None
         return st.item if st is not None else None
 
     # -- views ---------------------------------------------------------------------------------------

@@ -101,8 +101,9 @@ class Host:
     applied: int = 0
     persisted_policy: bytes | None = None
     persisted_roots: list[bytes] = field(default_factory=list)
-    persisted_peers: bytes | None = None
-    directory: dict[str, bytes] | None = None
+    persisted_peers: bytes | None = None  # kept only for hosts that can restart (see _faults)
+    peers_bytes: int = 0  # size of the last persisted peer list (kept or not)
+    directory: dict[str, bytes] | None = None  # the node's own last MembersChanged dict: never mutated
     hostile: bool = False
     started_ms: int = 0
     skew_s: float = 0.0
@@ -139,6 +140,12 @@ class Simulation:
         self.series: dict[str, list[float]] = {r: [] for r in self.regions}
         self.fault_windows: list[tuple[int, int, str]] = []
         self.disturb_end: list[int] = [0] * (self.n + 1)
+        # Hosts that restart during the run: only these keep their persisted peer list (n entries of
+        # a few hundred bytes each, n^2 overall); the others only count its bytes.
+        self.restartable: set[int] = set()
+        self.persisted_peer_bytes = 0
+        self._crashed_serial: dict[int, int] = {}
+        self.live_honest = 0  # hosts i < n with net.up[i] and not hostile
         self._build()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -228,9 +235,11 @@ class Simulation:
         if sc.protocol == "central-pull":
             return CentralPullAgent(trust, self.hosts[self.n].address, sc.baselines.pull_interval_ms,
                                     sc.baselines.request_bytes, rng)
-        peers = [(x.node_id, x.address) for x in self.hosts[: self.n]]
+        peers = getattr(self, "_flood_peers", None)
+        if peers is None:
+            peers = self._flood_peers = [(x.node_id, x.address) for x in self.hosts[: self.n]]
         return FloodNode(trust, h.node_id, peers, self.cfg.fanout, self.cfg.announce_rounds,
-                         self.cfg.announce_interval_ms, rng)
+                         self.cfg.announce_interval_ms, rng, self_index=h.idx)
 
     def _trust_from_disk(self, h: Host) -> TrustedState:
         trust = TrustedState(self.anchor)
@@ -249,6 +258,8 @@ class Simulation:
         peers = msgspec.msgpack.decode(h.persisted_peers) if h.persisted_peers else None
         h.proc = self._make_proc(h, trust, peers)
         h.started_ms = self.now
+        if not self.net.up[i] and not h.hostile:
+            self.live_honest += 1
         self.net.up[i] = True
         self.net.host_up[i] = True
         self._feed(i, TimerFired())
@@ -283,6 +294,8 @@ class Simulation:
                     self._push(f.at_ms, ACTION, i, self._crash, blackhole)
                     if end != NEVER:
                         self._push(end, ACTION, i, self._restart, None)
+                        if end <= self.sc.duration_ms:
+                            self.restartable.add(i)
             elif f.kind == "authority_outage":
                 self._push(f.at_ms, ACTION, self.n, self._authority_down, None)
                 if end != NEVER:
@@ -292,6 +305,8 @@ class Simulation:
         h = self.hosts[i]
         if not self.net.up[i]:
             return
+        if not h.hostile:
+            self.live_honest -= 1
         self.net.up[i] = False
         self.net.host_up[i] = not blackhole
         self.timer_at[i] = None
@@ -299,7 +314,6 @@ class Simulation:
             delay = self.sc.tcp.user_timeout_ms if blackhole else int(self.net.one_way(i, j)) + 1
             self._push(self.now + delay, DISCONNECTED, j, i, self.net.epoch[j])
         h.proc = None
-        self._crashed_serial = getattr(self, "_crashed_serial", {})
         self._crashed_serial[i] = h.applied
 
     def _restart(self, i: int, _arg: Any) -> None:
@@ -515,9 +529,13 @@ class Simulation:
                 elif eff.kind == "root":
                     h.persisted_roots.append(eff.data)
                 elif eff.kind == "peers":
-                    h.persisted_peers = eff.data
+                    h.peers_bytes = len(eff.data)
+                    self.persisted_peer_bytes += h.peers_bytes
+                    if i in self.restartable:
+                        h.persisted_peers = eff.data
             elif t is MembersChanged:
-                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff, set())
+                # eff.certs may be the node's own dict (not a copy): read it, never mutate it
+                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff.certs)
                 h.directory = eff.certs
             elif t is LivenessChanged:
                 if eff.liveness in ("dead", "suspect"):
@@ -569,10 +587,9 @@ class Simulation:
         for v in self.versions:
             if v.published_at is not None and h.applied >= v.serial and h.idx not in v.applied:
                 v.applied[h.idx] = self.now + self.sc.nodes.apply_ms
-                if v.done_ms is None:
-                    live = sum(1 for x in self.hosts[: self.n] if self.net.up[x.idx] and not x.hostile)
-                    if len(v.applied) >= live and all(x.idx in v.applied for x in self.hosts[: self.n]
-                                                      if self.net.up[x.idx] and not x.hostile):
+                if v.done_ms is None and len(v.applied) >= self.live_honest:
+                    up = self.net.up
+                    if all(x.idx in v.applied for x in self.hosts[: self.n] if up[x.idx] and not x.hostile):
                         v.done_ms = max(v.applied.values())
                         v.snap_done = self._snapshot()
 

@@ -1,6 +1,7 @@
 """Deterministic discrete-event simulator driving the real ``protocol.node.Node`` objects.
 
-A heap of ``(at_ms, seq, kind, node, a, b)``; a virtual clock in integer milliseconds; one master seed
+A heap of ``(at_ms << SEQ_BITS | seq, kind, node, a, b, c)`` (one int key: ordered by time, then
+by push order); a virtual clock in integer milliseconds; one master seed
 split per subsystem (``random.Random(f"{seed}:{name}")``: topology, network, faults, publisher, and
 one per node); the network decides each message's fate from its own generator.  Invariants are checked
 after every step; a violation is recorded with the seed so the run replays exactly.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
+import itertools
 import math
 import random
 import sys
@@ -53,6 +55,8 @@ from .network import NEVER, Cut, Network
 from .scenario import Scenario
 
 TIMER, DELIVER, CONNECTED, DISCONNECTED, SEND_FAILED, ACTION = range(6)
+SEQ_BITS = 40  # heap key = at_ms << SEQ_BITS | seq: one int compare per heap step, not a tuple compare
+TIMER_FIRED = TimerFired()  # frozen, no fields: one instance serves every timer
 DISSEMINATION_TAGS = frozenset((5, 6, 7, 8, 9, 102))
 KIND_NAMES = {1: "ping", 2: "ack", 3: "ping_req", 4: "nack", 5: "announce", 6: "policy_pull", 7: "policy_push",
               8: "root_pull", 9: "root_push", 10: "sync", 11: "sync_entries", 12: "member_pull", 13: "members",
@@ -123,8 +127,10 @@ class Simulation:
         self.anchor = self.auth.root_bytes
         self.cache = VerifyCache()
         self.heap: list[tuple] = []
-        self._seq = 0
+        self._next_seq = itertools.count(1).__next__
         self.now = 0
+        self._now_obj = Now(-(1 << 62), 0.0)  # the last Now handed out, reused for the same ms and skew
+        self._now_skew = 0.0
         self.events = 0
         self.inv = Invariants(self.anchor)
         self.alerts: dict[str, int] = {}
@@ -173,6 +179,8 @@ class Simulation:
             self.hosts.append(h)
         self.hosts.append(Host(self.n, None, AUTHORITY_ID, "192.0.2.1:443", auth_region))
         self.by_id = {h.node_id: h.idx for h in self.hosts}
+        self.ids = [h.node_id for h in self.hosts]
+        self.cert_of = [h.ident.cert_bytes if h.ident else b"" for h in self.hosts]
         self.by_addr = {h.address: h.idx for h in self.hosts}
         self.seeds: list[str] = []
         for r in range(nreg):
@@ -312,7 +320,7 @@ class Simulation:
         self.timer_at[i] = None
         for j in self.net.drop_node(i):
             delay = self.sc.tcp.user_timeout_ms if blackhole else int(self.net.one_way(i, j)) + 1
-            self._push(self.now + delay, DISCONNECTED, j, i, self.net.epoch[j])
+            self._push(self.now + delay, DISCONNECTED, j, i, None, self.net.epoch[j])
         h.proc = None
         self._crashed_serial[i] = h.applied
 
@@ -391,9 +399,8 @@ class Simulation:
         return cur
 
     # -- event loop ----------------------------------------------------------------------------------
-    def _push(self, at: int, kind: int, i: int, a: Any = None, b: Any = None) -> None:
-        self._seq += 1
-        heapq.heappush(self.heap, (at, self._seq, kind, i, a, b))
+    def _push(self, at: int, kind: int, i: int, a: Any = None, b: Any = None, c: Any = None) -> None:
+        heapq.heappush(self.heap, ((at << SEQ_BITS) | self._next_seq(), kind, i, a, b, c))
 
     def wall(self, i: int, ms: int) -> float:
         return T0 + ms / 1000.0 + self.hosts[i].skew_s
@@ -423,52 +430,61 @@ class Simulation:
         shown = 0
         heap = self.heap
         pop = heapq.heappop
+        net = self.net
+        up, epoch, timer_at, ids = net.up, net.epoch, self.timer_at, self.ids
+        recv_bytes, recv_msgs, recv_diss = self.recv_bytes, self.recv_msgs, self.recv_diss
+        kind_bytes, kind_msgs = self.kind_bytes, self.kind_msgs
+        overhead, mss, header = net._overhead, net._mss, net._header
+        feed = self._feed
+        events = self.events
         while heap:
-            at, _seq, kind, i, a, b = pop(heap)
+            key, kind, i, a, b, c = pop(heap)
+            at = key >> SEQ_BITS
             if at > end:
                 break
             self.now = at
-            if kind == TIMER:
-                if self.timer_at[i] != at or not self.net.up[i]:
-                    continue
-                self.timer_at[i] = None
-                self.events += 1
-                self._feed(i, TimerFired())
-            elif kind == DELIVER:
-                data, epoch = b
-                if not self.net.up[i] or self.net.epoch[i] != epoch:
-                    continue
-                self.events += 1
-                n = self.net.wire_bytes(len(data))
-                self.recv_bytes[i] += n
-                self.recv_msgs[i] += 1
-                k = frame_kind(data)
-                self.kind_bytes[k] += n
-                self.kind_msgs[k] += 1
-                if k in DISSEMINATION_TAGS:
-                    self.recv_diss[i] += n
-                self._feed(i, FrameReceived(self.hosts[a].node_id, data))
-            elif kind == CONNECTED:
-                if not self.net.up[i] or self.net.epoch[i] != b[1]:
-                    continue
-                self.events += 1
-                self._feed(i, PeerConnected(self.hosts[a].node_id, b[0]))
-            elif kind == DISCONNECTED:
-                if not self.net.up[i] or self.net.epoch[i] != b:
-                    continue
-                self.events += 1
-                self._feed(i, PeerDisconnected(self.hosts[a].node_id))
-            elif kind == SEND_FAILED:
-                if not self.net.up[i] or self.net.epoch[i] != b[1]:
-                    continue
-                self.events += 1
-                self._feed(i, SendFailed(a, b[0]))
-            else:
-                self.events += 1
-                a(i, b)
             if bar is not None and at // 1000 > shown:
                 bar.update(at // 1000 - shown)
                 shown = at // 1000
+            if kind == DELIVER:  # a: sender, b: frame, c: receiver's epoch when sent
+                if not up[i] or epoch[i] != c:
+                    continue
+                n = len(b) + overhead  # == net.wire_bytes(len(b))
+                n += (1 + (n - 1) // mss) * header
+                recv_bytes[i] += n
+                recv_msgs[i] += 1
+                k = b[1] if len(b) > 1 and 0x90 <= b[0] <= 0x9F else 0  # == frame_kind(b)
+                if k >= NKINDS:
+                    k = 0
+                kind_bytes[k] += n
+                kind_msgs[k] += 1
+                if k in DISSEMINATION_TAGS:
+                    recv_diss[i] += n
+                inp: Any = FrameReceived(ids[a], b)
+            elif kind == TIMER:
+                if timer_at[i] != at or not up[i]:
+                    continue
+                timer_at[i] = None
+                inp = TIMER_FIRED
+            elif kind == CONNECTED:  # a: peer, b: its cert, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = PeerConnected(ids[a], b)
+            elif kind == DISCONNECTED:  # a: peer, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = PeerDisconnected(ids[a])
+            elif kind == SEND_FAILED:  # a: peer id, b: address, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = SendFailed(a, b)
+            else:  # ACTION: a(i, b)
+                events += 1
+                a(i, b)
+                continue
+            events += 1
+            feed(i, inp)
+        self.events = events
         self.now = end
         if bar is not None:
             bar.close()
@@ -481,7 +497,12 @@ class Simulation:
         if proc is None:
             return
         now = self.now
-        effects = proc.handle(Now(now, self.wall(i, now)), inp)
+        nw = self._now_obj
+        skew = h.skew_s
+        if nw.ms != now or self._now_skew != skew:  # Now is frozen: nodes may share one
+            nw = self._now_obj = Now(now, T0 + now / 1000.0 + skew)  # == Now(now, self.wall(i, now))
+            self._now_skew = skew
+        effects = proc.handle(nw, inp)
         if effects:
             self._effects(h, effects)
         d = proc.next_deadline()
@@ -490,7 +511,7 @@ class Simulation:
                 d = now
             if self.timer_at[i] != d:
                 self.timer_at[i] = d
-                self._push(d, TIMER, i)
+                heapq.heappush(self.heap, ((d << SEQ_BITS) | self._next_seq(), TIMER, i, None, None, None))
 
     def _effects(self, h: Host, effects: list) -> None:
         i = h.idx
@@ -505,24 +526,31 @@ class Simulation:
                         h.applied = max(h.applied, eff.serial)
                     self._converged(h)
                 break
+        epoch = net.epoch
         for eff in effects:
             t = type(eff)
             if t is Send:
-                j = self.by_id.get(eff.peer) if eff.peer else self.by_addr.get(eff.address)
+                peer = eff.peer
+                j = self.by_id.get(peer) if peer else self.by_addr.get(eff.address)
                 if j is None or j == i:
                     if j is None:
-                        self._push(now + self.sc.tcp.connect_timeout_ms, SEND_FAILED, i, eff.peer,
-                                   (eff.address, net.epoch[i]))
+                        self._push(now + self.sc.tcp.connect_timeout_ms, SEND_FAILED, i, peer, eff.address,
+                                   epoch[i])
                     continue
-                deliver, fail = net.transmit(i, j, len(eff.data), now, self._on_connect, self._on_break)
+                data = eff.data
+                n = len(data) + net._overhead  # == net.wire_bytes(len(data))
+                n += (1 + (n - 1) // net._mss) * net._header
+                deliver, fail = net.transmit(i, j, n, now, self._on_connect, self._on_break)
                 if deliver != NEVER:
                     deliver += self.process_ms
-                    self._push(deliver, DELIVER, j, i, (eff.data, net.epoch[j]))
-                    dup = net.duplicate_delay(i, j)
-                    if dup is not None:
-                        self._push(deliver + dup, DELIVER, j, i, (eff.data, net.epoch[j]))
+                    heapq.heappush(self.heap, ((deliver << SEQ_BITS) | self._next_seq(), DELIVER, j, i, data,
+                                               epoch[j]))
+                    if net.datagram:
+                        dup = net.duplicate_delay(i, j)
+                        if dup is not None:
+                            self._push(deliver + dup, DELIVER, j, i, data, epoch[j])
                 elif fail != NEVER:
-                    self._push(fail, SEND_FAILED, i, eff.peer, (eff.address, net.epoch[i]))
+                    self._push(fail, SEND_FAILED, i, peer, eff.address, epoch[i])
             elif t is Persist:
                 if eff.kind == "policy":
                     h.persisted_policy = eff.data
@@ -545,19 +573,18 @@ class Simulation:
             elif t is Disconnect:
                 j = self.by_id.get(eff.peer)
                 if j is not None and net.close(i, j):
-                    self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, net.epoch[j])
-                    self._push(now, DISCONNECTED, i, j, net.epoch[i])
+                    self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, None, epoch[j])
+                    self._push(now, DISCONNECTED, i, j, None, epoch[i])
 
     def _on_connect(self, a: int, b: int, at: int) -> None:
-        net = self.net
-        ca = self.hosts[a].ident.cert_bytes if self.hosts[a].ident else b""
-        cb = self.hosts[b].ident.cert_bytes if self.hosts[b].ident else b""
-        self._push(at, CONNECTED, a, b, (cb, net.epoch[a]))
-        self._push(at, CONNECTED, b, a, (ca, net.epoch[b]))
+        epoch = self.net.epoch
+        self._push(at, CONNECTED, a, b, self.cert_of[b], epoch[a])
+        self._push(at, CONNECTED, b, a, self.cert_of[a], epoch[b])
 
     def _on_break(self, a: int, b: int, at: int) -> None:
-        self._push(at, DISCONNECTED, a, b, self.net.epoch[a])
-        self._push(at, DISCONNECTED, b, a, self.net.epoch[b])
+        epoch = self.net.epoch
+        self._push(at, DISCONNECTED, a, b, None, epoch[a])
+        self._push(at, DISCONNECTED, b, a, None, epoch[b])
 
     def _detection(self, i: int, eff: LivenessChanged) -> None:
         j = self.by_id.get(eff.node_id)

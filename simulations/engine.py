@@ -381,8 +381,13 @@ class Simulation:
     def _sample(self, _i: int, _a: Any) -> None:
         v = self._current_version()
         self.series_t.append(self.now)
+        honest = getattr(self, "_honest_by_region", None)
+        if honest is None:  # hostility is fixed before the run
+            honest = self._honest_by_region = [[h for h in self.hosts[: self.n] if h.region == r and not h.hostile]
+                                               for r in range(len(self.regions))]
+        up = self.net.up
         for r, name in enumerate(self.regions):
-            live = [h for h in self.hosts[: self.n] if h.region == r and self.net.up[h.idx] and not h.hostile]
+            live = [h for h in honest[r] if up[h.idx]]
             if v is None or not live:
                 self.series[name].append(0.0 if live else float("nan"))
             else:

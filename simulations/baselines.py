@@ -102,13 +102,22 @@ class CentralPullAgent:
 
 class FloodNode:
     """Naive flooding: on first receipt, push the whole envelope to ``fanout`` random peers, and again
-    for ``rounds`` rounds; no digests, no pulls, no anti-entropy (membership is handed in, static)."""
+    for ``rounds`` rounds; no digests, no pulls, no anti-entropy (membership is handed in, static).
+
+    ``peers`` may be one list shared by every node (all nodes, this one included at ``self_index``):
+    the node then samples positions in it, skipping its own, instead of holding an O(n) copy."""
 
     def __init__(self, trust: TrustedState, node_id: str, peers: list[tuple[str, str]], fanout: int,
-                 rounds: int, interval_ms: int, rng: random.Random) -> None:
+                 rounds: int, interval_ms: int, rng: random.Random, self_index: int | None = None) -> None:
         self.trust = trust
         self.node_id = node_id
-        self.peers = [p for p in peers if p[0] != node_id]
+        if self_index is None:
+            peers = [p for p in peers if p[0] != node_id]
+        else:
+            assert peers[self_index][0] == node_id
+        self.peers = peers
+        self.skip = len(peers) if self_index is None else self_index
+        self.npeers = len(peers) if self_index is None else len(peers) - 1
         self.fanout = fanout
         self.rounds = rounds
         self.interval_ms = interval_ms
@@ -124,7 +133,14 @@ class FloodNode:
         self._left -= 1
         self._next = now.ms + self.interval_ms if self._left > 0 else None
         data = _enc.encode([TAG_BODY, env])
-        return [Send(pid, addr, data) for pid, addr in self.rng.sample(self.peers, min(self.fanout, len(self.peers)))]
+        # sample() picks by position only, so sampling positions of the list without this node
+        # draws exactly what sampling that list would
+        peers, skip = self.peers, self.skip
+        out: list[Any] = []
+        for k in self.rng.sample(range(self.npeers), min(self.fanout, self.npeers)):
+            pid, addr = peers[k if k < skip else k + 1]
+            out.append(Send(pid, addr, data))
+        return out
 
     def handle(self, now: Now, inp: Any) -> list[Any]:
         out: list[Any] = []

@@ -1,6 +1,7 @@
 """Deterministic discrete-event simulator driving the real ``protocol.node.Node`` objects.
 
-A heap of ``(at_ms, seq, kind, node, a, b)``; a virtual clock in integer milliseconds; one master seed
+A heap of ``(at_ms << SEQ_BITS | seq, kind, node, a, b, c)`` (one int key: ordered by time, then
+by push order); a virtual clock in integer milliseconds; one master seed
 split per subsystem (``random.Random(f"{seed}:{name}")``: topology, network, faults, publisher, and
 one per node); the network decides each message's fate from its own generator.  Invariants are checked
 after every step; a violation is recorded with the seed so the run replays exactly.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
+import itertools
 import math
 import random
 import sys
@@ -53,6 +55,8 @@ from .network import NEVER, Cut, Network
 from .scenario import Scenario
 
 TIMER, DELIVER, CONNECTED, DISCONNECTED, SEND_FAILED, ACTION = range(6)
+SEQ_BITS = 40  # heap key = at_ms << SEQ_BITS | seq: one int compare per heap step, not a tuple compare
+TIMER_FIRED = TimerFired()  # frozen, no fields: one instance serves every timer
 DISSEMINATION_TAGS = frozenset((5, 6, 7, 8, 9, 102))
 KIND_NAMES = {1: "ping", 2: "ack", 3: "ping_req", 4: "nack", 5: "announce", 6: "policy_pull", 7: "policy_push",
               8: "root_pull", 9: "root_push", 10: "sync", 11: "sync_entries", 12: "member_pull", 13: "members",
@@ -101,8 +105,9 @@ class Host:
     applied: int = 0
     persisted_policy: bytes | None = None
     persisted_roots: list[bytes] = field(default_factory=list)
-    persisted_peers: bytes | None = None
-    directory: dict[str, bytes] | None = None
+    persisted_peers: bytes | None = None  # kept only for hosts that can restart (see _faults)
+    peers_bytes: int = 0  # size of the last persisted peer list (kept or not)
+    directory: dict[str, bytes] | None = None  # the node's own last MembersChanged dict: never mutated
     hostile: bool = False
     started_ms: int = 0
     skew_s: float = 0.0
@@ -122,8 +127,10 @@ class Simulation:
         self.anchor = self.auth.root_bytes
         self.cache = VerifyCache()
         self.heap: list[tuple] = []
-        self._seq = 0
+        self._next_seq = itertools.count(1).__next__
         self.now = 0
+        self._now_obj = Now(-(1 << 62), 0.0)  # the last Now handed out, reused for the same ms and skew
+        self._now_skew = 0.0
         self.events = 0
         self.inv = Invariants(self.anchor)
         self.alerts: dict[str, int] = {}
@@ -139,6 +146,12 @@ class Simulation:
         self.series: dict[str, list[float]] = {r: [] for r in self.regions}
         self.fault_windows: list[tuple[int, int, str]] = []
         self.disturb_end: list[int] = [0] * (self.n + 1)
+        # Hosts that restart during the run: only these keep their persisted peer list (n entries of
+        # a few hundred bytes each, n^2 overall); the others only count its bytes.
+        self.restartable: set[int] = set()
+        self.persisted_peer_bytes = 0
+        self._crashed_serial: dict[int, int] = {}
+        self.live_honest = 0  # hosts i < n with net.up[i] and not hostile
         self._build()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -166,6 +179,8 @@ class Simulation:
             self.hosts.append(h)
         self.hosts.append(Host(self.n, None, AUTHORITY_ID, "192.0.2.1:443", auth_region))
         self.by_id = {h.node_id: h.idx for h in self.hosts}
+        self.ids = [h.node_id for h in self.hosts]
+        self.cert_of = [h.ident.cert_bytes if h.ident else b"" for h in self.hosts]
         self.by_addr = {h.address: h.idx for h in self.hosts}
         self.seeds: list[str] = []
         for r in range(nreg):
@@ -228,9 +243,11 @@ class Simulation:
         if sc.protocol == "central-pull":
             return CentralPullAgent(trust, self.hosts[self.n].address, sc.baselines.pull_interval_ms,
                                     sc.baselines.request_bytes, rng)
-        peers = [(x.node_id, x.address) for x in self.hosts[: self.n]]
+        peers = getattr(self, "_flood_peers", None)
+        if peers is None:
+            peers = self._flood_peers = [(x.node_id, x.address) for x in self.hosts[: self.n]]
         return FloodNode(trust, h.node_id, peers, self.cfg.fanout, self.cfg.announce_rounds,
-                         self.cfg.announce_interval_ms, rng)
+                         self.cfg.announce_interval_ms, rng, self_index=h.idx)
 
     def _trust_from_disk(self, h: Host) -> TrustedState:
         trust = TrustedState(self.anchor)
@@ -249,6 +266,8 @@ class Simulation:
         peers = msgspec.msgpack.decode(h.persisted_peers) if h.persisted_peers else None
         h.proc = self._make_proc(h, trust, peers)
         h.started_ms = self.now
+        if not self.net.up[i] and not h.hostile:
+            self.live_honest += 1
         self.net.up[i] = True
         self.net.host_up[i] = True
         self._feed(i, TimerFired())
@@ -283,6 +302,8 @@ class Simulation:
                     self._push(f.at_ms, ACTION, i, self._crash, blackhole)
                     if end != NEVER:
                         self._push(end, ACTION, i, self._restart, None)
+                        if end <= self.sc.duration_ms:
+                            self.restartable.add(i)
             elif f.kind == "authority_outage":
                 self._push(f.at_ms, ACTION, self.n, self._authority_down, None)
                 if end != NEVER:
@@ -292,14 +313,15 @@ class Simulation:
         h = self.hosts[i]
         if not self.net.up[i]:
             return
+        if not h.hostile:
+            self.live_honest -= 1
         self.net.up[i] = False
         self.net.host_up[i] = not blackhole
         self.timer_at[i] = None
         for j in self.net.drop_node(i):
             delay = self.sc.tcp.user_timeout_ms if blackhole else int(self.net.one_way(i, j)) + 1
-            self._push(self.now + delay, DISCONNECTED, j, i, self.net.epoch[j])
+            self._push(self.now + delay, DISCONNECTED, j, i, None, self.net.epoch[j])
         h.proc = None
-        self._crashed_serial = getattr(self, "_crashed_serial", {})
         self._crashed_serial[i] = h.applied
 
     def _restart(self, i: int, _arg: Any) -> None:
@@ -359,8 +381,13 @@ class Simulation:
     def _sample(self, _i: int, _a: Any) -> None:
         v = self._current_version()
         self.series_t.append(self.now)
+        honest = getattr(self, "_honest_by_region", None)
+        if honest is None:  # hostility is fixed before the run
+            honest = self._honest_by_region = [[h for h in self.hosts[: self.n] if h.region == r and not h.hostile]
+                                               for r in range(len(self.regions))]
+        up = self.net.up
         for r, name in enumerate(self.regions):
-            live = [h for h in self.hosts[: self.n] if h.region == r and self.net.up[h.idx] and not h.hostile]
+            live = [h for h in honest[r] if up[h.idx]]
             if v is None or not live:
                 self.series[name].append(0.0 if live else float("nan"))
             else:
@@ -377,9 +404,8 @@ class Simulation:
         return cur
 
     # -- event loop ----------------------------------------------------------------------------------
-    def _push(self, at: int, kind: int, i: int, a: Any = None, b: Any = None) -> None:
-        self._seq += 1
-        heapq.heappush(self.heap, (at, self._seq, kind, i, a, b))
+    def _push(self, at: int, kind: int, i: int, a: Any = None, b: Any = None, c: Any = None) -> None:
+        heapq.heappush(self.heap, ((at << SEQ_BITS) | self._next_seq(), kind, i, a, b, c))
 
     def wall(self, i: int, ms: int) -> float:
         return T0 + ms / 1000.0 + self.hosts[i].skew_s
@@ -409,52 +435,61 @@ class Simulation:
         shown = 0
         heap = self.heap
         pop = heapq.heappop
+        net = self.net
+        up, epoch, timer_at, ids = net.up, net.epoch, self.timer_at, self.ids
+        recv_bytes, recv_msgs, recv_diss = self.recv_bytes, self.recv_msgs, self.recv_diss
+        kind_bytes, kind_msgs = self.kind_bytes, self.kind_msgs
+        overhead, mss, header = net._overhead, net._mss, net._header
+        feed = self._feed
+        events = self.events
         while heap:
-            at, _seq, kind, i, a, b = pop(heap)
+            key, kind, i, a, b, c = pop(heap)
+            at = key >> SEQ_BITS
             if at > end:
                 break
             self.now = at
-            if kind == TIMER:
-                if self.timer_at[i] != at or not self.net.up[i]:
-                    continue
-                self.timer_at[i] = None
-                self.events += 1
-                self._feed(i, TimerFired())
-            elif kind == DELIVER:
-                data, epoch = b
-                if not self.net.up[i] or self.net.epoch[i] != epoch:
-                    continue
-                self.events += 1
-                n = self.net.wire_bytes(len(data))
-                self.recv_bytes[i] += n
-                self.recv_msgs[i] += 1
-                k = frame_kind(data)
-                self.kind_bytes[k] += n
-                self.kind_msgs[k] += 1
-                if k in DISSEMINATION_TAGS:
-                    self.recv_diss[i] += n
-                self._feed(i, FrameReceived(self.hosts[a].node_id, data))
-            elif kind == CONNECTED:
-                if not self.net.up[i] or self.net.epoch[i] != b[1]:
-                    continue
-                self.events += 1
-                self._feed(i, PeerConnected(self.hosts[a].node_id, b[0]))
-            elif kind == DISCONNECTED:
-                if not self.net.up[i] or self.net.epoch[i] != b:
-                    continue
-                self.events += 1
-                self._feed(i, PeerDisconnected(self.hosts[a].node_id))
-            elif kind == SEND_FAILED:
-                if not self.net.up[i] or self.net.epoch[i] != b[1]:
-                    continue
-                self.events += 1
-                self._feed(i, SendFailed(a, b[0]))
-            else:
-                self.events += 1
-                a(i, b)
             if bar is not None and at // 1000 > shown:
                 bar.update(at // 1000 - shown)
                 shown = at // 1000
+            if kind == DELIVER:  # a: sender, b: frame, c: receiver's epoch when sent
+                if not up[i] or epoch[i] != c:
+                    continue
+                n = len(b) + overhead  # == net.wire_bytes(len(b))
+                n += (1 + (n - 1) // mss) * header
+                recv_bytes[i] += n
+                recv_msgs[i] += 1
+                k = b[1] if len(b) > 1 and 0x90 <= b[0] <= 0x9F else 0  # == frame_kind(b)
+                if k >= NKINDS:
+                    k = 0
+                kind_bytes[k] += n
+                kind_msgs[k] += 1
+                if k in DISSEMINATION_TAGS:
+                    recv_diss[i] += n
+                inp: Any = FrameReceived(ids[a], b)
+            elif kind == TIMER:
+                if timer_at[i] != at or not up[i]:
+                    continue
+                timer_at[i] = None
+                inp = TIMER_FIRED
+            elif kind == CONNECTED:  # a: peer, b: its cert, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = PeerConnected(ids[a], b)
+            elif kind == DISCONNECTED:  # a: peer, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = PeerDisconnected(ids[a])
+            elif kind == SEND_FAILED:  # a: peer id, b: address, c: epoch
+                if not up[i] or epoch[i] != c:
+                    continue
+                inp = SendFailed(a, b)
+            else:  # ACTION: a(i, b)
+                events += 1
+                a(i, b)
+                continue
+            events += 1
+            feed(i, inp)
+        self.events = events
         self.now = end
         if bar is not None:
             bar.close()
@@ -467,7 +502,12 @@ class Simulation:
         if proc is None:
             return
         now = self.now
-        effects = proc.handle(Now(now, self.wall(i, now)), inp)
+        nw = self._now_obj
+        skew = h.skew_s
+        if nw.ms != now or self._now_skew != skew:  # Now is frozen: nodes may share one
+            nw = self._now_obj = Now(now, T0 + now / 1000.0 + skew)  # == Now(now, self.wall(i, now))
+            self._now_skew = skew
+        effects = proc.handle(nw, inp)
         if effects:
             self._effects(h, effects)
         d = proc.next_deadline()
@@ -476,7 +516,7 @@ class Simulation:
                 d = now
             if self.timer_at[i] != d:
                 self.timer_at[i] = d
-                self._push(d, TIMER, i)
+                heapq.heappush(self.heap, ((d << SEQ_BITS) | self._next_seq(), TIMER, i, None, None, None))
 
     def _effects(self, h: Host, effects: list) -> None:
         i = h.idx
@@ -491,33 +531,44 @@ class Simulation:
                         h.applied = max(h.applied, eff.serial)
                     self._converged(h)
                 break
+        epoch = net.epoch
         for eff in effects:
             t = type(eff)
             if t is Send:
-                j = self.by_id.get(eff.peer) if eff.peer else self.by_addr.get(eff.address)
+                peer = eff.peer
+                j = self.by_id.get(peer) if peer else self.by_addr.get(eff.address)
                 if j is None or j == i:
                     if j is None:
-                        self._push(now + self.sc.tcp.connect_timeout_ms, SEND_FAILED, i, eff.peer,
-                                   (eff.address, net.epoch[i]))
+                        self._push(now + self.sc.tcp.connect_timeout_ms, SEND_FAILED, i, peer, eff.address,
+                                   epoch[i])
                     continue
-                deliver, fail = net.transmit(i, j, len(eff.data), now, self._on_connect, self._on_break)
+                data = eff.data
+                n = len(data) + net._overhead  # == net.wire_bytes(len(data))
+                n += (1 + (n - 1) // net._mss) * net._header
+                deliver, fail = net.transmit(i, j, n, now, self._on_connect, self._on_break)
                 if deliver != NEVER:
                     deliver += self.process_ms
-                    self._push(deliver, DELIVER, j, i, (eff.data, net.epoch[j]))
-                    dup = net.duplicate_delay(i, j)
-                    if dup is not None:
-                        self._push(deliver + dup, DELIVER, j, i, (eff.data, net.epoch[j]))
+                    heapq.heappush(self.heap, ((deliver << SEQ_BITS) | self._next_seq(), DELIVER, j, i, data,
+                                               epoch[j]))
+                    if net.datagram:
+                        dup = net.duplicate_delay(i, j)
+                        if dup is not None:
+                            self._push(deliver + dup, DELIVER, j, i, data, epoch[j])
                 elif fail != NEVER:
-                    self._push(fail, SEND_FAILED, i, eff.peer, (eff.address, net.epoch[i]))
+                    self._push(fail, SEND_FAILED, i, peer, eff.address, epoch[i])
             elif t is Persist:
                 if eff.kind == "policy":
                     h.persisted_policy = eff.data
                 elif eff.kind == "root":
                     h.persisted_roots.append(eff.data)
                 elif eff.kind == "peers":
-                    h.persisted_peers = eff.data
+                    h.peers_bytes = len(eff.data)
+                    self.persisted_peer_bytes += h.peers_bytes
+                    if i in self.restartable:
+                        h.persisted_peers = eff.data
             elif t is MembersChanged:
-                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff, set())
+                # eff.certs may be the node's own dict (not a copy): read it, never mutate it
+                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff.certs)
                 h.directory = eff.certs
             elif t is LivenessChanged:
                 if eff.liveness in ("dead", "suspect"):
@@ -527,19 +578,18 @@ class Simulation:
             elif t is Disconnect:
                 j = self.by_id.get(eff.peer)
                 if j is not None and net.close(i, j):
-                    self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, net.epoch[j])
-                    self._push(now, DISCONNECTED, i, j, net.epoch[i])
+                    self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, None, epoch[j])
+                    self._push(now, DISCONNECTED, i, j, None, epoch[i])
 
     def _on_connect(self, a: int, b: int, at: int) -> None:
-        net = self.net
-        ca = self.hosts[a].ident.cert_bytes if self.hosts[a].ident else b""
-        cb = self.hosts[b].ident.cert_bytes if self.hosts[b].ident else b""
-        self._push(at, CONNECTED, a, b, (cb, net.epoch[a]))
-        self._push(at, CONNECTED, b, a, (ca, net.epoch[b]))
+        epoch = self.net.epoch
+        self._push(at, CONNECTED, a, b, self.cert_of[b], epoch[a])
+        self._push(at, CONNECTED, b, a, self.cert_of[a], epoch[b])
 
     def _on_break(self, a: int, b: int, at: int) -> None:
-        self._push(at, DISCONNECTED, a, b, self.net.epoch[a])
-        self._push(at, DISCONNECTED, b, a, self.net.epoch[b])
+        epoch = self.net.epoch
+        self._push(at, DISCONNECTED, a, b, None, epoch[a])
+        self._push(at, DISCONNECTED, b, a, None, epoch[b])
 
     def _detection(self, i: int, eff: LivenessChanged) -> None:
         j = self.by_id.get(eff.node_id)
@@ -569,10 +619,9 @@ class Simulation:
         for v in self.versions:
             if v.published_at is not None and h.applied >= v.serial and h.idx not in v.applied:
                 v.applied[h.idx] = self.now + self.sc.nodes.apply_ms
-                if v.done_ms is None:
-                    live = sum(1 for x in self.hosts[: self.n] if self.net.up[x.idx] and not x.hostile)
-                    if len(v.applied) >= live and all(x.idx in v.applied for x in self.hosts[: self.n]
-                                                      if self.net.up[x.idx] and not x.hostile):
+                if v.done_ms is None and len(v.applied) >= self.live_honest:
+                    up = self.net.up
+                    if all(x.idx in v.applied for x in self.hosts[: self.n] if up[x.idx] and not x.hostile):
                         v.done_ms = max(v.applied.values())
                         v.snap_done = self._snapshot()
 

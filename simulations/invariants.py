@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from protocol.errors import TrustError
-from protocol.gossip_events import ApplyPolicy, MembersChanged, Persist, Send
+from protocol.gossip_events import ApplyPolicy, Persist, Send
 from protocol.trust import TrustedState
 
 MAX_LISTED = 20
@@ -101,9 +101,14 @@ class Invariants:
                     self.violation(seed, at_ms, f"{node_id} announced serial {apply.serial} before applying it")
 
     def check_directory(self, seed: int, at_ms: int, node_id: str, before: dict[str, bytes] | None,
-                        eff: MembersChanged, expired: set[str]) -> None:
-        if before is None:
+                        after: dict[str, bytes], expired: frozenset[str] | set[str] = frozenset()) -> None:
+        """``after`` may be the node's own directory dict: it is only read."""
+        if before is None or before is after:
             return
-        for nid in before:
-            if nid not in eff.certs and nid not in self.revoked_nodes and nid not in expired:
-                self.violation(seed, at_ms, f"{node_id} dropped {nid} from enforcement without revocation")
+        gone = before.keys() - after.keys()  # C-level; empty unless something was dropped
+        if gone:
+            gone -= self.revoked_nodes
+            gone -= expired
+            for nid in before:  # in directory order, for a deterministic listing
+                if nid in gone:
+                    self.violation(seed, at_ms, f"{node_id} dropped {nid} from enforcement without revocation")

@@ -60,9 +60,17 @@ class Network:
         self.up: list[bool] = []  # process running
         self.host_up: list[bool] = []  # host reachable (False = blackhole: timeouts, not refusals)
         self.epoch: list[int] = []
-        self.conns: dict[tuple[int, int], Conn] = {}
+        # one connection per unordered pair, keyed lo * stride + hi (an int hashes faster than a tuple)
+        self.stride = len(node_region) + 1
+        self.conns: dict[int, Conn] = {}
+        # per node, its peers in self.conns (a dict, insertion-ordered like self.conns itself)
+        self.adj: list[dict[int, None]] = [{} for _ in node_region]
         self.backoff: dict[tuple[int, int], tuple[int, int]] = {}  # (src,dst) -> (until, current)
         self.bits_per_ms = cfg.bandwidth_mbps * 1000.0
+        self.datagram = cfg.transport == "datagram"
+        self._overhead = tcp.frame_overhead_bytes
+        self._mss = tcp.mss
+        self._header = tcp.header_bytes
 
     # -- topology ------------------------------------------------------------------------------------
     def one_way(self, a: int, b: int) -> float:
@@ -94,10 +102,11 @@ class Network:
 
     def _delay(self, a: int, b: int, nbytes: int, t: int) -> int:
         """One message over a live connection: latency, jitter, serialisation, retransmissions."""
-        lat = self.one_way(a, b)
+        nr = self.node_region
+        lat = self.lat[nr[a]][nr[b]]
         rng = self.rng
         d = lat * (1.0 + self.cfg.jitter * rng.random()) + nbytes * 8 / self.bits_per_ms
-        loss = self.loss_at(t)
+        loss = self.loss_at(t) if self.loss_windows else self.cfg.loss
         if loss > 0.0:
             tcp = self.tcp
             rtt = 2 * lat
@@ -124,59 +133,81 @@ class Network:
         return int(d) + 1
 
     def wire_bytes(self, payload: int) -> int:
-        n = payload + self.tcp.frame_overhead_bytes
-        return n + (1 + (n - 1) // self.tcp.mss) * self.tcp.header_bytes
+        n = payload + self._overhead
+        return n + (1 + (n - 1) // self._mss) * self._header
 
     # -- connection model ----------------------------------------------------------------------------
-    def transmit(self, src: int, dst: int, payload: int, t: int,
+    def transmit(self, src: int, dst: int, nbytes: int, t: int,
                  on_connect: Callable[[int, int, int], None],
                  on_break: Callable[[int, int, int], None]) -> tuple[int, int]:
-        """Send one message.  Returns (deliver_at, fail_at): exactly one is NEVER.  ``on_connect(a, b,
-        at)`` / ``on_break(a, b, at)`` are called when a connection opens / breaks."""
-        nbytes = self.wire_bytes(payload)
-        if self.cfg.transport == "datagram":
+        """Send one message of ``nbytes`` on the wire (see ``wire_bytes``).  Returns (deliver_at,
+        fail_at): exactly one is NEVER.  ``on_connect(a, b, at)`` / ``on_break(a, b, at)`` are called
+        when a connection opens / breaks."""
+        if self.datagram:
             return self._datagram(src, dst, nbytes, t)
-        key = (src, dst) if src < dst else (dst, src)
+        if src < dst:
+            lo, hi = src, dst
+        else:
+            lo, hi = dst, src
+        key = lo * self.stride + hi
         conn = self.conns.get(key)
-        ea, eb = (self.epoch[key[0]], self.epoch[key[1]])
-        if conn is not None and (conn.broken or conn.epoch_a != ea or conn.epoch_b != eb or t >= conn.fail_at):
-            if not conn.broken and conn.ready_at < conn.fail_at <= t:
-                pass
-            del self.conns[key]
-            conn = None
+        if conn is not None:
+            epoch = self.epoch
+            if conn.broken or t >= conn.fail_at or conn.epoch_a != epoch[lo] or conn.epoch_b != epoch[hi]:
+                self._forget(key, lo, hi)
+                conn = None
         if conn is None:
             bo = self.backoff.get((src, dst))
             if bo is not None and t < bo[0]:
                 return NEVER, t
-            conn = self._dial(src, dst, key, t, on_connect)
-            if conn.fail_at != NEVER and conn.ready_at == NEVER:
-                return NEVER, conn.fail_at
-        if conn.fail_at != NEVER and conn.ready_at == NEVER:
+            conn = self._dial(src, dst, lo, hi, key, t, on_connect)
+        if conn.ready_at == NEVER and conn.fail_at != NEVER:
             return NEVER, conn.fail_at  # dialling, will fail
-        start = max(t, conn.ready_at)
-        if not self.reachable(src, dst, start) or not self.up[dst]:
-            if self.up[dst] or not self.host_up[dst]:
-                heal = self.heal_time(src, dst, start) if self.host_up[src] and self.host_up[dst] else NEVER
-                rto = 2 * self.one_way(src, dst) + self.tcp.min_rto_ms
-                t_retx, step = start + rto, rto
-                while t_retx < heal and t_retx - start < self.tcp.user_timeout_ms:
-                    step = min(step * 2, self.tcp.max_rto_ms)
-                    t_retx += step
-                if t_retx >= heal and t_retx - start < self.tcp.user_timeout_ms and self.up[dst]:
-                    at = int(t_retx + self.one_way(src, dst)) + 1
-                    return self._order(conn, src, dst, key, at), NEVER
-                brk = start + self.tcp.user_timeout_ms
-            else:
-                brk = start + int(2 * self.one_way(src, dst)) + 1  # process gone: RST
-            conn.fail_at = min(conn.fail_at, brk)
-            conn.broken = True
-            on_break(src, dst, brk)
-            return NEVER, NEVER  # lost with the connection; the break is reported
+        start = conn.ready_at if conn.ready_at > t else t
+        if (not self.up[dst] or not self.host_up[src] or not self.host_up[dst]
+                or (self.cuts and not self._uncut(src, dst, start))):
+            return self._broken(conn, src, dst, start, on_break)
         at = start + self._delay(src, dst, nbytes, start)
-        return self._order(conn, src, dst, key, at), NEVER
+        if src == lo:
+            if at <= conn.last_ab:
+                at = conn.last_ab
+            conn.last_ab = at
+        else:
+            if at <= conn.last_ba:
+                at = conn.last_ba
+            conn.last_ba = at
+        return at, NEVER
 
-    def _order(self, conn: Conn, src: int, dst: int, key: tuple[int, int], at: int) -> int:
-        if src == key[0]:
+    def _uncut(self, a: int, b: int, t: int) -> bool:
+        for c in self.cuts:
+            if c.start <= t < c.end and c.side[a] != c.side[b]:
+                return False
+        return True
+
+    def _broken(self, conn: Conn, src: int, dst: int, start: int,
+                on_break: Callable[[int, int, int], None]) -> tuple[int, int]:
+        """The peer is unreachable or gone when the message would leave: it is retransmitted until
+        the path heals (then delivered) or the connection breaks."""
+        if self.up[dst] or not self.host_up[dst]:
+            heal = self.heal_time(src, dst, start) if self.host_up[src] and self.host_up[dst] else NEVER
+            rto = 2 * self.one_way(src, dst) + self.tcp.min_rto_ms
+            t_retx, step = start + rto, rto
+            while t_retx < heal and t_retx - start < self.tcp.user_timeout_ms:
+                step = min(step * 2, self.tcp.max_rto_ms)
+                t_retx += step
+            if t_retx >= heal and t_retx - start < self.tcp.user_timeout_ms and self.up[dst]:
+                at = int(t_retx + self.one_way(src, dst)) + 1
+                return self._order(conn, src, dst, at), NEVER
+            brk = start + self.tcp.user_timeout_ms
+        else:
+            brk = start + int(2 * self.one_way(src, dst)) + 1  # process gone: RST
+        conn.fail_at = min(conn.fail_at, brk)
+        conn.broken = True
+        on_break(src, dst, brk)
+        return NEVER, NEVER  # lost with the connection; the break is reported
+
+    def _order(self, conn: Conn, src: int, dst: int, at: int) -> int:
+        if src < dst:
             if at <= conn.last_ab:
                 at = conn.last_ab
             conn.last_ab = at
@@ -186,9 +217,21 @@ class Network:
             conn.last_ba = at
         return at
 
-    def _dial(self, src: int, dst: int, key: tuple[int, int], t: int,
+    def _remember(self, key: int, lo: int, hi: int, conn: Conn) -> None:
+        self.conns[key] = conn
+        self.adj[lo][hi] = None
+        self.adj[hi][lo] = None
+
+    def _forget(self, key: int, lo: int, hi: int) -> Conn | None:
+        conn = self.conns.pop(key, None)
+        if conn is not None:
+            del self.adj[lo][hi]
+            del self.adj[hi][lo]
+        return conn
+
+    def _dial(self, src: int, dst: int, lo: int, hi: int, key: int, t: int,
               on_connect: Callable[[int, int, int], None]) -> Conn:
-        ea, eb = self.epoch[key[0]], self.epoch[key[1]]
+        ea, eb = self.epoch[lo], self.epoch[hi]
         rtt = 2 * self.one_way(src, dst)
         if self.reachable(src, dst, t) and self.up[dst]:
             setup = self.tcp.connect_rtts * rtt
@@ -199,7 +242,7 @@ class Network:
                         setup += self.tcp.syn_rto_ms if i < 2 else rtt + self.tcp.min_rto_ms
             ready = t + int(setup) + 1
             conn = Conn(ready, ea, eb, ready, ready)
-            self.conns[key] = conn
+            self._remember(key, lo, hi, conn)
             self.backoff.pop((src, dst), None)
             on_connect(src, dst, ready)
             return conn
@@ -211,20 +254,23 @@ class Network:
         cur = min(max(self.tcp.reconnect_backoff_ms, cur * 2), self.tcp.reconnect_backoff_max_ms)
         self.backoff[(src, dst)] = (fail + cur, cur)
         conn = Conn(NEVER, ea, eb, fail_at=fail)
-        self.conns[key] = conn
+        self._remember(key, lo, hi, conn)
         return conn
 
     def close(self, a: int, b: int) -> bool:
-        key = (a, b) if a < b else (b, a)
-        return self.conns.pop(key, None) is not None
+        lo, hi = (a, b) if a < b else (b, a)
+        return self._forget(lo * self.stride + hi, lo, hi) is not None
 
     def drop_node(self, i: int) -> list[int]:
-        """The process of node i ended: its connections are gone.  Returns the peers it had."""
+        """The process of node i ended: its connections are gone.  Returns the peers it had (in the
+        order their connections were made), O(its connections), not O(all connections)."""
         peers = []
-        for key in [k for k in self.conns if i in k]:
-            conn = self.conns.pop(key)
+        for j in list(self.adj[i]):
+            lo, hi = (i, j) if i < j else (j, i)
+            conn = self._forget(lo * self.stride + hi, lo, hi)
+            assert conn is not None
             if conn.ready_at != NEVER and not conn.broken:
-                peers.append(key[0] if key[1] == i else key[1])
+                peers.append(j)
         return peers
 
     def _datagram(self, src: int, dst: int, nbytes: int, t: int) -> tuple[int, int]:

@@ -124,31 +124,25 @@ class MemberIndex:
 
 
 class VerifyCache:
-    """Results of signature checks keyed by a hash of the exact bytes (and the root they were checked
+    """Results of signature checks keyed by the exact bytes (and the root they were checked
     against).  One cache may be shared by many nodes in one process (the simulator does): a result
     depends only on the bytes and the trusted root, never on the node.  The cache also carries the
-    ``MemberIndex`` of the node ids its records named."""
+    ``MemberIndex`` of the node ids its records named.  ``get`` is the dict's own (a hot path)."""
 
-    __slots__ = ("_d", "max_entries", "hits", "misses", "index")
+    __slots__ = ("_d", "max_entries", "index", "get")
 
     def __init__(self, max_entries: int = 500_000) -> None:
         self._d: dict[object, object] = {}
         self.max_entries = max_entries
-        self.hits = 0
-        self.misses = 0
         self.index = MemberIndex()
+        self.get: Callable[[object], object | None] = self._d.get
 
-    def get(self, key: object) -> object | None:
-        v = self._d.get(key)
-        if v is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return v
+    def __len__(self) -> int:
+        return len(self._d)
 
     def put(self, key: object, value: object) -> None:
         if len(self._d) >= self.max_entries:
-            self._d.clear()
+            self._d.clear()  # the same dict: ``get`` stays bound to it
         self._d[key] = value
 
 

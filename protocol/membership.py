@@ -74,18 +74,17 @@ def bucket_of(node_id: str, buckets: int) -> int:
 
 
 class MemberIndex:
-    """Node ids interned as small integers, with per-bucket id lists and the addresses records
-    claimed.  Shared by every node that shares a ``VerifyCache`` (a simulator's nodes): an index
-    entry says only that some verified record named this id, never what a node believes of it."""
+    """Node ids interned as small integers, with per-bucket id lists.  Shared by every node that
+    shares a ``VerifyCache`` (a simulator's nodes): an index entry says only that some verified
+    record named this id, never what a node believes of it."""
 
-    __slots__ = ("ids", "of", "_buckets", "_bucket_lists", "_addr")
+    __slots__ = ("ids", "of", "_buckets", "_bucket_lists")
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.of: dict[str, int] = {}
         self._buckets: dict[int, bytearray] = {}
         self._bucket_lists: dict[int, list[list[int]]] = {}
-        self._addr: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,14 +112,6 @@ class MemberIndex:
             self._buckets[nb] = col
             self._bucket_lists[nb] = lists
         return col, self._bucket_lists[nb]
-
-    def note_address(self, address: str, i: int) -> None:
-        claimed = self._addr.setdefault(address, [])
-        if i not in claimed:
-            claimed.append(i)
-
-    def claimants(self, address: str) -> list[int]:
-        return self._addr.get(address, [])
 
 
 class VerifyCache:
@@ -399,6 +390,7 @@ class Membership:
         self._since: dict[int, int] = {}  # liveness changes only
         self._heard: dict[int, int] = {}  # recent frames only (pruned)
         self._susp: dict[int, _Suspicion] = {}
+        self._watched: dict[str, int] = {}  # address -> member index advertising it (-1: nobody yet)
         self.alive: dict[str, IntSet] = {}  # region -> alive member indexes (self excluded)
         self.alive_all = IntSet()
         self.dead = IntSet()
@@ -554,7 +546,6 @@ class Membership:
             if not valid_signers(env, {kid: cert.identity_key}, {kid}):
                 raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
             i = self.index.intern(rec.node_id)
-            self.index.note_address(rec.address, i)
             hit = Rec(i, rec, cert, key[0])
             self.cache.put(key, hit)
         self.check_cert_valid(hit.cert, wall)
@@ -600,6 +591,8 @@ class Membership:
         self._grow(i)
         old = self._rec[i]
         self._rec[i] = rec
+        if self._watched:
+            self._watch(old, rec)
         if old is None:
             self.count += 1
             self.directory_dirty = True
@@ -685,6 +678,8 @@ class Membership:
         self._rec[i] = None
         self._st[i] = None
         self._lv[i] = _UNKNOWN
+        if self._watched:
+            self._watch(rec, None)
         self.count -= 1
         self._mhash = self._shash = None
         self.directory_dirty = True
@@ -1148,12 +1143,29 @@ class Membership:
     def certs(self) -> dict[str, bytes]:
         return {r.node_id: r.cert_bytes for r in self._rec if r is not None}
 
+    def watch_addresses(self, addresses: Iterable[str]) -> None:
+        """Keep ``by_address`` O(1) for these addresses (the seeds, looked up on every retry)."""
+        for a in addresses:
+            self._watched.setdefault(a, -1)
+        for r in self.records():
+            if r.address in self._watched:
+                self._watched[r.address] = r.idx
+
+    def _watch(self, old: Rec | None, new: Rec | None) -> None:
+        w = self._watched
+        if old is not None and old.address in w and w[old.address] == old.idx and (new is None or new.address != old.address):
+            w[old.address] = -1
+        if new is not None and new.address in w:
+            w[new.address] = new.idx
+
     def by_address(self, address: str) -> str | None:
         """The member (node id) advertising ``address``, if any."""
-        recs = self._rec
-        for i in self.index.claimants(address):
-            r = recs[i] if i < len(recs) else None
-            if r is not None and r.address == address:
+        i = self._watched.get(address)
+        if i is not None:
+            r = self._rec[i] if i >= 0 else None
+            return r.node_id if r is not None and r.address == address else None
+        for r in self.records():
+            if r.address == address:
                 return r.node_id
         return None
 

@@ -134,6 +134,7 @@ class Node:
                               self.cache, self, self.connected.__contains__)
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
         self.mem.preferred = self.conn_set
+        self.mem.watch_addresses(self.seeds)
         # Certificates remembered from the last run ("peers" with "cert"): the directory handed to
         # enforcement after a restart is the one from before it, until members are heard from again.
         self._known_certs: dict[str, tuple[bytes, Any]] = {}

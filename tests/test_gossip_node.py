@@ -347,3 +347,13 @@ def test_anti_entropy_splits_batches_to_stay_under_the_receivers_caps(monkeypatc
         errors = [e for e in h.effects if isinstance(e, Alert) and e.event == "gossip.remote_error"]
         assert not errors, errors[:2]
         assert len(h.node.mem) == 14
+
+
+def test_seed_addresses_resolve_to_members_and_unknown_addresses_to_none():
+    link = joined(3)
+    n1 = link.hosts["n1"].node
+    assert n1.mem.by_address("10.0.0.1:7946") == "n0"  # the seed, watched
+    assert n1.mem.by_address("10.0.0.3:7946") == "n2"  # any other address, by a scan
+    assert n1.mem.by_address("10.9.9.9:7946") is None
+    link.hosts["n1"].node.mem.remove("n0", "revoked")
+    assert n1.mem.by_address("10.0.0.1:7946") is None

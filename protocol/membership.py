@@ -389,6 +389,7 @@ class Membership:
         self.count = 0
         self._since: dict[int, int] = {}  # liveness changes only
         self._heard: dict[int, int] = {}  # recent frames only (pruned)
+        self._heard_cap = 512
         self._susp: dict[int, _Suspicion] = {}
         self._watched: dict[str, int] = {}  # address -> member index advertising it (-1: nobody yet)
         self.alive: dict[str, IntSet] = {}  # region -> alive member indexes (self excluded)
@@ -817,9 +818,10 @@ class Membership:
         if i is not None:
             heard = self._heard
             heard[i] = now_ms
-            if len(heard) > 512:  # only the last few probe intervals matter (see on_dead)
+            if len(heard) > self._heard_cap:  # only the last few probe intervals matter (see on_dead)
                 horizon = now_ms - 3 * self.cfg.probe_interval_ms
                 self._heard = {k: v for k, v in heard.items() if v >= horizon}
+                self._heard_cap = max(512, 2 * len(self._heard))  # amortised O(1) per frame
 
     # -- suspicion (Lifeguard) -----------------------------------------------------------------------
     def _suspect(self, i: int, source: str, now_ms: int) -> None:

@@ -37,6 +37,7 @@ from .gossip_config import GossipConfig
 from .gossip_events import Alert, Disconnect, Effect, LivenessChanged
 from .gossip_wire import (
     HASH_PREFIX,
+    MAX_GOSSIP_ITEMS,
     MAX_RECORD_BYTES,
     Ack,
     Alive,
@@ -343,7 +344,7 @@ class BroadcastQueue:
             entry[2] += 1
             if entry[2] >= limit:
                 del self._items[key]
-            if used >= budget - 16:
+            if used >= budget - 16 or len(out) >= MAX_GOSSIP_ITEMS - 1:  # one slot stays free (buddy)
                 break
         return tuple(out)
 
@@ -944,6 +945,15 @@ class Membership:
             assert rec is not None
             self._suspect(i, self.me, now_ms)
             self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, self.me))
+
+    def buddy_item(self, node_id: str) -> Suspect | None:
+        """The suspicion we hold of ``node_id``, to piggyback on a ping to it (None if we hold none)."""
+        i = self.index.of.get(node_id)
+        if i is None or i >= len(self._lv) or self._lv[i] != _SUSPECT:
+            return None
+        rec = self._rec[i]
+        assert rec is not None
+        return Suspect(rec.node_id, rec.incarnation, self.me)
 
     def probe_send_failed(self, peer: str, now_ms: int) -> None:
         p = self._probe

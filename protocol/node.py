@@ -75,6 +75,7 @@ from .gossip_wire import (
     PolicyPush,
     RootPull,
     RootPush,
+    Suspect,
     Sync,
     SyncEntries,
     View,
@@ -94,7 +95,8 @@ __all__ = [
 ]
 
 _PIGGYBACK = (Ping, Ack, PingReq)
-MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
+MEMBERS_CHUNK_BYTES = 256 << 10
+BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare  # records per Members message: well under the message cap
 _peers_encoder = msgspec.msgpack.Encoder()
 
 
@@ -176,9 +178,14 @@ class Node:
     # -- Port for membership/dissemination -----------------------------------------------------------
     def send(self, peer: str, msg: Any) -> None:
         if isinstance(msg, _PIGGYBACK):
-            items = self.mem.broadcasts.take(self.cfg.gossip_budget_bytes,
-                                             self.cfg.retransmit_limit(len(self.mem))) \
+            # Lifeguard's buddy system: a ping to a member we suspect carries that suspicion first,
+            # so the member hears of it (and refutes) even when the queue is crowded after a heal.
+            buddy = self.mem.buddy_item(peer) if isinstance(msg, Ping) else None
+            budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
+            items = self.mem.broadcasts.take(budget, self.cfg.retransmit_limit(len(self.mem))) \
                 if len(self.mem.broadcasts) else ()
+            if buddy is not None:
+                items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
             root_v, serial = self._my_key() if isinstance(msg, (Ping, Ack)) else (0, 0)
             if items or serial:
                 msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \

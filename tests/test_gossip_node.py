@@ -40,7 +40,7 @@ from protocol.gossip_wire import (
     decode,
     encode,
 )
-from protocol.membership import IntSet
+from protocol.membership import BroadcastQueue, IntSet
 from protocol.node import Node
 from protocol.policy import Revocations
 from protocol.signing import encode_envelope, sign
@@ -357,3 +357,25 @@ def test_seed_addresses_resolve_to_members_and_unknown_addresses_to_none():
     assert n1.mem.by_address("10.9.9.9:7946") is None
     link.hosts["n1"].node.mem.remove("n0", "revoked")
     assert n1.mem.by_address("10.0.0.1:7946") is None
+
+
+def test_ping_to_a_suspected_member_carries_the_suspicion_first():
+    # Lifeguard's buddy system: the suspect hears of the suspicion from whoever probes it, however
+    # crowded the gossip queue is, and can refute at once.
+    from protocol.gossip_wire import PingReq
+
+    link = joined(3)
+    n0 = link.hosts["n0"].node
+    inc = link.hosts["n1"].node.mem.incarnation
+    link.feed("n0", FrameReceived("n2", encode(Ping(7, "n0", (Suspect("n1", inc, "n2"),)))))
+    assert n0.mem.liveness("n1") == "suspect"
+    n0.mem.broadcasts = BroadcastQueue()  # as after a storm that evicted the queued suspicion
+    out = link.feed("n0", FrameReceived("n2", encode(PingReq(8, "n1", "10.0.0.2:7946"))))
+    sends = [e for e in out if isinstance(e, Send) and e.peer == "n1"]
+    ping = decode(sends[0].data) if sends else None
+    assert isinstance(ping, Ping) and ping.gossip
+    first = ping.gossip[0]
+    assert isinstance(first, Suspect) and first.node_id == "n1" and first.incarnation == inc
+    assert sum(1 for g in ping.gossip if isinstance(g, Suspect) and g.node_id == "n1") == 1
+    link.feed("n1", FrameReceived("n0", sends[0].data))
+    assert link.hosts["n1"].node.mem.incarnation > inc  # refuted on the spot

@@ -95,8 +95,8 @@ __all__ = [
 ]
 
 _PIGGYBACK = (Ping, Ack, PingReq)
-MEMBERS_CHUNK_BYTES = 256 << 10
-BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare  # records per Members message: well under the message cap
+MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
+BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 _peers_encoder = msgspec.msgpack.Encoder()
 
 

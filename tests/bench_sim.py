@@ -2,6 +2,7 @@
 measured in the same run.
 
     .venv/bin/python tests/bench_sim.py [--nodes 1000] [--duration-ms 60000] [--scenario lan]
+    .venv/bin/python tests/bench_sim.py --nodes 10000     (the 10k-node run: about an hour, ~12 GB)
     .venv/bin/pytest -m bench tests/bench_sim.py -s
 
 The baseline is the bare event loop of the same engine (heap push/pop of the same number of events,
@@ -45,6 +46,8 @@ def bench(scenario: str = "lan", nodes: int = 1000, duration_ms: int = 60_000) -
         "bare_loop_s": round(base, 3), "ratio_vs_bare_loop": round(report["wall_s"] / base, 1),
         "virtual_per_wall": round(duration_ms / 1000 / report["wall_s"], 2),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # every node holds every member: the n^2 part of the memory, per (node, member) pair
+        "rss_bytes_per_pair": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / nodes ** 2),
         "t100_ms": report["t100_ms"],
     }
     for k, v in out.items():

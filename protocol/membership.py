@@ -554,10 +554,13 @@ class Membership:
         return hit
 
     def check_cert_valid(self, cert: Certificate, wall: float) -> None:
-        skew = self.trust.skew_s
+        trust = self.trust
+        skew = trust.skew_s
         if cert.not_before > wall + skew or cert.not_after < wall - skew:
             raise TrustError(f"certificate of {cert.node_id} ({cert.cert_id}) is outside its validity window")
-        self.trust.check_revoked(cert)
+        pol = trust.policy
+        if pol is not None and (pol.revocations.nodes or pol.revocations.certs):
+            trust.check_revoked(cert)
 
     def _status_info(self, item: Status) -> StatusInfo:
         key = ("st", item.sig, item.payload)
@@ -590,10 +593,12 @@ class Membership:
     # -- table maintenance ---------------------------------------------------------------------------
     def _install(self, rec: Rec, now_ms: int) -> None:
         i = rec.idx
-        self._grow(i)
+        if i >= len(self._rec):
+            self._grow(i)
         old = self._rec[i]
         self._rec[i] = rec
-        if self._watched:
+        w = self._watched
+        if w and (rec.address in w or (old is not None and old.address in w)):
             self._watch(old, rec)
         if old is None:
             self.count += 1
@@ -680,7 +685,7 @@ class Membership:
         self._rec[i] = None
         self._st[i] = None
         self._lv[i] = _UNKNOWN
-        if self._watched:
+        if rec.address in self._watched:
             self._watch(rec, None)
         self.count -= 1
         self._mhash = self._shash = None
@@ -728,7 +733,8 @@ class Membership:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
                 self.refute(now_ms, rec.incarnation)
             return False
-        self._grow(i)
+        if i >= len(self._rec):
+            self._grow(i)
         known = self._rec[i]
         if known is not None and rec.incarnation <= known.incarnation:
             return False

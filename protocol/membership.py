@@ -413,7 +413,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self.directory_dirty = True
         self.peers_dirty = True
-        self._next_expiry = float("-inf")
+        self._next_expiry = float("inf")  # earliest not_after in the table (kept by _install)
         self.counters: dict[str, int] = {
             "probes": 0, "probe_failures": 0, "suspicions": 0, "deaths_declared": 0, "refutations": 0,
             "records_rejected": 0,
@@ -604,7 +604,6 @@ class Membership:
             self.count += 1
             self.directory_dirty = True
             self.peers_dirty = True
-            self._next_expiry = min(self._next_expiry, rec.cert.not_after)
             if rec.left:
                 self._set_liveness(i, _LEFT, now_ms, report=False)
             elif i == self._me_i:
@@ -627,6 +626,8 @@ class Membership:
                     moved.discard(i)
                     self.alive.setdefault(rec.region, IntSet()).add(i)
             self._set_liveness(i, _LEFT if rec.left else _ALIVE, now_ms)
+        if rec.cert.not_after < self._next_expiry:
+            self._next_expiry = rec.cert.not_after
         b = self._bucket_col[i]
         self._bucket_val[b] ^= (old.token if old is not None else 0) ^ rec.token
         self._mhash = None

@@ -379,3 +379,26 @@ def test_ping_to_a_suspected_member_carries_the_suspicion_first():
     assert sum(1 for g in ping.gossip if isinstance(g, Suspect) and g.node_id == "n1") == 1
     link.feed("n1", FrameReceived("n0", sends[0].data))
     assert link.hosts["n1"].node.mem.incarnation > inc  # refuted on the spot
+
+
+def test_member_whose_certificate_expires_is_expelled_by_housekeeping():
+    from simulations.fakelink import Host
+
+    link = FakeLink(3)
+    ident = make_node(link.auth, "nx", addresses=("10.0.0.9",), valid_s=30)
+    node = Node(link.cfg, TrustedState(link.auth.root_bytes, skew_s=5), "nx", ident.cert_bytes,
+                ident.identity_seed, "10.0.0.9:7946", ["10.0.0.1:7946"], random.Random(5),
+                verify_cache=link.cache)
+    link.hosts["nx"] = Host("nx", node, "10.0.0.9:7946", ident.cert_bytes)
+    link.by_addr["10.0.0.9:7946"] = "nx"
+    link.start()
+    link.run_for(8000)
+    n0 = link.hosts["n0"].node
+    assert "nx" in n0.mem
+    link.hosts["nx"].up = False
+    skew = n0.trust.skew_s
+    link.run_for((30 + skew) * 1000 + 2 * link.cfg.housekeeping_interval_ms)
+    assert "nx" not in n0.mem
+    assert any(isinstance(e, Alert) and e.event == "membership.expelled" and e.fields["node"] == "nx"
+               and e.fields["reason"] == "certificate_invalid" for e in link.hosts["n0"].effects)
+    assert "nx" not in [e for e in link.hosts["n0"].effects if isinstance(e, MembersChanged)][-1].certs

@@ -264,7 +264,6 @@ class Member:
     cert: Certificate
     cert_bytes: bytes
     liveness: str
-    since_ms: int
     status: StatusBody | None
     status_item: Status | None
     heard_ms: int
@@ -388,7 +387,6 @@ class Membership:
         self._st: list[StatusInfo | None] = []
         self._lv = bytearray()
         self.count = 0
-        self._since: dict[int, int] = {}  # liveness changes only
         self._heard: dict[int, int] = {}  # recent frames only (pruned)
         self._heard_cap = 512
         self._susp: dict[int, _Suspicion] = {}
@@ -461,7 +459,7 @@ class Membership:
         assert r is not None
         st = self._st[i]
         return Member(r.node_id, r.region, r.address, r.incarnation, r.record, r.cert, r.cert_bytes,
-                      _NAME[self._lv[i]], self._since.get(i, 0), st.body if st else None, st.item if st else None,
+                      _NAME[self._lv[i]], st.body if st else None, st.item if st else None,
                       self._heard.get(i, -(10**12)))
 
     def records(self) -> Iterator[Rec]:
@@ -649,7 +647,6 @@ class Membership:
         rec = self._rec[i]
         assert rec is not None
         self._lv[i] = code
-        self._since[i] = now_ms
         rs = self.alive.get(rec.region)
         if rs is None:
             rs = self.alive[rec.region] = IntSet()
@@ -676,7 +673,6 @@ class Membership:
             if s is not None:
                 s.discard(i)
         self._susp.pop(i, None)
-        self._since.pop(i, None)
         self._heard.pop(i, None)
         b = self._bucket_col[i]
         self._bucket_val[b] ^= rec.token

@@ -2,7 +2,7 @@
 measured in the same run.
 
     .venv/bin/python tests/bench_sim.py [--nodes 1000] [--duration-ms 60000] [--scenario lan]
-    .venv/bin/python tests/bench_sim.py --nodes 10000     (the 10k-node run: about an hour, ~12 GB)
+    .venv/bin/python tests/bench_sim.py --nodes 10000     (10k nodes: about 50 minutes, 13 GB)
     .venv/bin/pytest -m bench tests/bench_sim.py -s
 
 The baseline is the bare event loop of the same engine (heap push/pop of the same number of events,

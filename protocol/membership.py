@@ -758,22 +758,30 @@ class Membership:
         self._set_status(i, info)
         return True
 
-    def on_suspect(self, item: Suspect, now_ms: int) -> None:
+    def _rumour_target(self, item: Suspect | Dead, now_ms: int) -> tuple[int, Rec, int] | None:
+        """(index, record, liveness) of the member a suspect/dead rumour is about, if it still
+        applies: a rumour about ourselves is refuted here, a stale or moot one is dropped."""
         if item.node_id == self.me:
             if item.incarnation >= self.incarnation:
                 self.refute(now_ms, item.incarnation)
-            return
+            return None
         i = self._i(item.node_id)
         if i is None:
-            return
+            return None
         rec = self._rec[i]
         assert rec is not None
         lv = self._lv[i]
         if item.incarnation < rec.incarnation or lv in (_DEAD, _LEFT):
+            return None
+        return i, rec, lv
+
+    def on_suspect(self, item: Suspect, now_ms: int) -> None:
+        target = self._rumour_target(item, now_ms)
+        if target is None:
             return
+        i, rec, lv = target
         if lv == _ALIVE:
-            self._suspect(i, item.source, now_ms)
-            self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
+            self._suspect(i, rec, item.source, now_ms)
             return
         s = self._susp.get(i)
         if s is not None and item.source not in s.sources and len(s.sources) <= self.cfg.suspicion_confirmations:
@@ -782,24 +790,15 @@ class Membership:
             self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
 
     def on_dead(self, item: Dead, now_ms: int) -> None:
-        if item.node_id == self.me:
-            if item.incarnation >= self.incarnation:
-                self.refute(now_ms, item.incarnation)
+        target = self._rumour_target(item, now_ms)
+        if target is None:
             return
-        i = self._i(item.node_id)
-        if i is None:
-            return
-        rec = self._rec[i]
-        assert rec is not None
-        lv = self._lv[i]
-        if item.incarnation < rec.incarnation or lv in (_DEAD, _LEFT):
-            return
+        i, rec, lv = target
         if now_ms - self._heard.get(i, -(10**12)) < self.cfg.probe_interval_ms * 3:
             # We heard from it a moment ago (a death declared across a healed partition, say):
             # suspect it instead, so that it gets the time to refute.
             if lv == _ALIVE:
-                self._suspect(i, item.source, now_ms)
-                self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
+                self._suspect(i, rec, item.source, now_ms)
             return
         self._set_liveness(i, _DEAD, now_ms, source=item.source)
         self.broadcasts.add(("m", rec.node_id), Dead(rec.node_id, rec.incarnation, item.source))
@@ -828,11 +827,13 @@ class Membership:
                 self._heard_cap = max(512, 2 * len(self._heard))  # amortised O(1) per frame
 
     # -- suspicion (Lifeguard) -----------------------------------------------------------------------
-    def _suspect(self, i: int, source: str, now_ms: int) -> None:
+    def _suspect(self, i: int, rec: Rec, source: str, now_ms: int) -> None:
+        """Start suspecting an alive member, and spread the suspicion."""
         self.counters["suspicions"] += 1
         s = self._susp[i] = _Suspicion({source}, now_ms)
         self._set_liveness(i, _SUSPECT, now_ms, source=source)
         self._reset_suspicion_deadline(s)
+        self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, source))
 
     def _reset_suspicion_deadline(self, s: _Suspicion) -> None:
         lo, hi = self.cfg.suspicion_bounds_ms(self.count)
@@ -946,8 +947,7 @@ class Membership:
         if i is not None and self._lv[i] == _ALIVE:
             rec = self._rec[i]
             assert rec is not None
-            self._suspect(i, self.me, now_ms)
-            self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, self.me))
+            self._suspect(i, rec, self.me, now_ms)
 
     def buddy_item(self, node_id: str) -> Suspect | None:
         """The suspicion we hold of ``node_id``, to piggyback on a ping to it (None if we hold none)."""

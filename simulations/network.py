@@ -167,16 +167,7 @@ class Network:
         if (not self.up[dst] or not self.host_up[src] or not self.host_up[dst]
                 or (self.cuts and not self._uncut(src, dst, start))):
             return self._broken(conn, src, dst, start, on_break)
-        at = start + self._delay(src, dst, nbytes, start)
-        if src == lo:
-            if at <= conn.last_ab:
-                at = conn.last_ab
-            conn.last_ab = at
-        else:
-            if at <= conn.last_ba:
-                at = conn.last_ba
-            conn.last_ba = at
-        return at, NEVER
+        return self._order(conn, src, dst, start + self._delay(src, dst, nbytes, start)), NEVER
 
     def _uncut(self, a: int, b: int, t: int) -> bool:
         for c in self.cuts:

@@ -14,7 +14,7 @@ Measures, with the production gossip timers (no [gossip] overrides):
     garbage as message 3): handshakes the node processed (refused after the crypto work) and turned
     away (rate limited) per second, from its /metrics; a publish through another node during the flood
     and its time to reach every node, the flooded one included;
-  * the Serf anchor (`/work/shared/bench/serf_anchor.sh 12 5`, median time to the last agent) in the
+  * the Serf anchor (`tests/serf_anchor.sh 12 5`, median time to the last agent) in the
     same run, and our/serf ratio.
 
 Not collected by pytest (the name does not start with test_).
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.daemon_helpers import Cluster, NodeProc, metric_sum, wait_until  # noqa: E402
 
 SUBNET = 60  # 127.66.60.x, ports 26040.. (test_daemon.py: 1, 11-15, 20-23; test_daemon_rotation.py: 40)
-SERF_SCRIPT = Path("/work/shared/bench/serf_anchor.sh")
+SERF_SCRIPT = Path(__file__).resolve().parent / "serf_anchor.sh"
 GOAL_PUBLISH_MS = 1000.0
 GOAL_IDLE_CPU_PCT = 1.0
 GOAL_RSS_MIB = 60.0

@@ -41,7 +41,7 @@ from protocol.noise import (
     x25519_public_key,
 )
 
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"  # vendored: see vectors/README.md
 PATTERNS = {"XX": XX, "IK": IK, "NN": NN}
 HASHES = {"BLAKE2b": BLAKE2B, "SHA256": SHA256}
 

@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,sim]"
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any
 
+from .report import PlotUnavailableError
 from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
 
 EXIT_ERROR = 2
@@ -107,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(name)
             return 0
         if args.command == "run":
+            from .report import plot, require_plotting, to_json, write_json
+
+            if args.plot:
+                require_plotting()
             report, sim = _run_one(args, args.protocol)
-            from .report import plot, to_json, write_json
 
             if args.json == "-":
                 sys.stdout.write(to_json(report))
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json(reports, args.json)  # type: ignore[arg-type]
         return EXIT_VIOLATION if any(r["invariant_violations"] for r in reports) else 0
-    except ScenarioError as exc:
+    except (ScenarioError, PlotUnavailableError) as exc:
         sys.stderr.write(f"meshsim: error: {exc}\n")
         return EXIT_ERROR
     except OSError as exc:

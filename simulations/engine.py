@@ -428,8 +428,11 @@ class Simulation:
         end = self.sc.duration_ms
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the [sim] extra is not installed: no progress bar
+                tqdm = None
+        if self.progress and tqdm is not None:
             bar = tqdm(total=end // 1000, unit="vs", desc=f"{self.sc.name} ({self.sc.protocol})",
                        file=sys.stderr, leave=False)
         shown = 0

@@ -3,6 +3,7 @@ plot of converged fraction over time per region, with fault windows shaded."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,19 @@ def write_json(report: dict[str, Any], path: str) -> None:
     Path(path).write_text(to_json(report))
 
 
+class PlotUnavailableError(RuntimeError):
+    """matplotlib is not installed (it comes with the ``[sim]`` extra)."""
+
+
+def require_plotting() -> None:
+    """Fail before a long run, not after it, when ``--plot`` cannot be honoured."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PlotUnavailableError(
+            "--plot needs matplotlib: install the simulator extra (pip install -e '.[sim]')")
+
+
 def plot(sim: Any, report: dict[str, Any], path: str) -> None:
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,55 @@
+"""What ships: the daemon's dependencies, and the container image and DaemonSet that must agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from meshnode.daemon_cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTTING = ("matplotlib", "tqdm", "numpy", "PIL")
+
+
+def _entrypoint() -> list[str]:
+    text = (ROOT / "deploy" / "Containerfile").read_text()
+    m = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.M)
+    assert m, "Containerfile has no exec-form ENTRYPOINT"
+    argv: list[str] = json.loads(m.group(1))
+    return argv
+
+
+def _daemonset_argv() -> list[str]:
+    """The command line Kubernetes runs: `command` replaces the ENTRYPOINT, `args` are appended."""
+    doc = yaml.safe_load((ROOT / "deploy" / "daemonset.yaml").read_text())
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    argv = list(container.get("command") or _entrypoint())
+    return argv + list(container.get("args") or [])
+
+
+def test_daemonset_runs_the_image_entrypoint_as_a_valid_meshnode_command_line() -> None:
+    argv = _daemonset_argv()
+    assert argv[0] == "meshnode", argv
+    args = build_parser().parse_args(argv[1:])  # exits 2 (a crash loop) on a bad command line
+    assert args.cmd == "run" and args.config == "/etc/policymesh/node.toml"
+
+
+def test_the_daemon_and_meshctl_import_no_plotting_stack() -> None:
+    code = ("import sys, meshnode.daemon, meshnode.cli, meshnode.daemon_cli, meshnode.enforcer\n"
+            f"print([m for m in {PLOTTING!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_plotting_is_an_extra_not_a_dependency() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = " ".join(meta["dependencies"]).lower()
+    assert not any(p.lower() in deps for p in PLOTTING), meta["dependencies"]
+    sim = " ".join(meta["optional-dependencies"]["sim"]).lower()
+    assert "matplotlib" in sim and "tqdm" in sim

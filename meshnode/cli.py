@@ -29,6 +29,7 @@ from protocol.policy import NAME_RE, parse_policy_toml, to_toml
 from protocol.signing import add_signature, decode_envelope, encode_envelope, public_key_of, valid_signers
 from protocol.trust import TrustedState
 
+from . import version_string
 from .authority_store import (
     ROOT_FILE,
     AuthorityDir,
@@ -411,6 +412,7 @@ def _add_role_counts(p: argparse.ArgumentParser, default_text: str) -> None:
 def build_parser(extra: Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="meshctl", description="policymesh operator tool: authority, enrollment, signed policy, "
                      "and the running mesh.")
+    parser.add_argument("--version", action="version", version=version_string("meshctl"))
     sub = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
 
     auth = sub.add_parser("authority", help="create and manage the signing authority")

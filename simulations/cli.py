@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Any
 
+from meshnode import version_string
+
 from .report import PlotUnavailableError
 from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
 
@@ -60,6 +62,7 @@ def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshsim", description="Deterministic simulator of the policymesh gossip protocol.")
+    parser.add_argument("--version", action="version", version=version_string("meshsim"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one scenario and print a summary",
                          description="Run one scenario; same seed, same report (apart from wall_s).")

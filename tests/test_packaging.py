@@ -53,3 +53,10 @@ def test_plotting_is_an_extra_not_a_dependency() -> None:
     assert not any(p.lower() in deps for p in PLOTTING), meta["dependencies"]
     sim = " ".join(meta["optional-dependencies"]["sim"]).lower()
     assert "matplotlib" in sim and "tqdm" in sim
+
+
+def test_every_command_has_version() -> None:
+    for mod, prog in (("meshnode.cli", "meshctl"), ("meshnode.daemon_cli", "meshnode"), ("simulations.cli", "meshsim")):
+        out = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert re.fullmatch(rf"{prog} \(policymesh\) \S+\n", out.stdout), out.stdout

@@ -263,7 +263,7 @@ def _trust_for(root_path: str, state_dir: str | None, now: float, skew_s: int = 
     if state_dir:
         sd = Path(state_dir)
         store = StateStore(sd / "state" if (sd / "state").is_dir() else sd)
-        store.load_into(trust, now)
+        store.load_into(trust, now, clean_temps=False)  # read-only: a running daemon owns the directory
     return trust
 
 

@@ -26,7 +26,7 @@ MODES = ("enforce", "log")
 PROTOCOLS = ("tcp", "udp")
 MAX_RULES = 4096
 MAX_SELECTORS = 1024
-_PORT_DIGITS = re.compile(r"[0-9]{1,5}", re.ASCII)
+_PORT_DIGITS = re.compile(r"\A[0-9]{1,5}\Z", re.ASCII)
 
 
 class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

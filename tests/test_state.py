@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -241,7 +242,7 @@ def test_an_oversize_directory_file_is_a_problem_not_a_silent_empty(tmp_path, mo
     assert (report.members_loaded, report.peers_loaded) == ((0, 1) if which == "members" else (1, 0))
 
 
-def test_the_directory_problem_reaches_the_daemon_log_and_metric(tmp_path, monkeypatch):
+def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     """The daemon logs and counts LoadReport.problems (state.problem, policymesh_state_problems_total)."""
     from meshnode.cli import main as meshctl
     from meshnode.config import load_config
@@ -255,11 +256,15 @@ def test_the_directory_problem_reaches_the_daemon_log_and_metric(tmp_path, monke
     daemon = MeshDaemon(lc)
     daemon.store.ensure()
     (daemon.store.members_path).write_bytes(b"\x93garbage")
+    stale_ruleset = tmp_path / "n1" / f".ruleset.nft.tmp.{_dead_pid()}"
+    stale_ruleset.write_bytes(b"partial")
     with structlog.testing.capture_logs() as logs:
         daemon._boot_state()
-    assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 1
-    [event] = [e for e in logs if e["event"] == "state.problem"]
-    assert "members.msgpack" in event["problem"] and "no usable copy" in event["problem"]
+        asyncio.run(daemon.enforcer.setup())
+    assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 2
+    members, ruleset = [e["problem"] for e in logs if e["event"] == "state.problem"]
+    assert "members.msgpack" in members and "no usable copy" in members
+    assert str(stale_ruleset) in ruleset and not stale_ruleset.exists()
 
 
 # -- temp files of interrupted writes ----------------------------------------------------------------

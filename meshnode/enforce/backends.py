@@ -110,6 +110,7 @@ class Backend:
         self.drift_count = 0
         self._lock = threading.RLock()
         self._baseline: str | None = None  # kernel hash expected by check_drift
+        self.temps_removed: list[Path] = []  # stale temp files removed at setup (backends that write files)
 
     @property
     def applied_hash(self) -> str | None:

@@ -26,8 +26,9 @@ from protocol.signing import decode_envelope, encode_envelope, key_id, public_ke
 from .fsutil import atomic_write, write_secret
 
 ROOT_FILE = "root.msgpack"
-KEY_RE = re.compile(r"^(root|policy|enroll)-(\d+)-(\d+)\.key$")
-_DUR_RE = re.compile(r"^(\d+)([smhdw])$")
+KEY_RE = re.compile(r"\A(root|policy|enroll)-([0-9]+)-([0-9]+)\.key\Z", re.ASCII)
+ROOT_NAME_RE = re.compile(r"\Aroot\.([0-9]{1,20})\.msgpack\Z", re.ASCII)
+_DUR_RE = re.compile(r"\A([0-9]{1,12})([smhdw])\Z", re.ASCII)
 _DUR_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -36,7 +37,7 @@ class CliError(MeshError):
 
 
 def parse_duration(text: str) -> int:
-    m = _DUR_RE.match(text.strip())
+    m = _DUR_RE.fullmatch(text.strip())
     if not m:
         raise CliError(f"{text!r} is not a duration like 30s, 15m, 12h, 7d or 2w")
     value = int(m.group(1)) * _DUR_UNITS[m.group(2)]
@@ -112,7 +113,7 @@ class AuthorityDir:
 
     def chain(self) -> list[bytes]:
         files = sorted(
-            (int(p.name.split(".")[1]), p) for p in self.roots.glob("root.*.msgpack") if p.name.split(".")[1].isdigit()
+            (int(m.group(1)), p) for p in self.roots.glob("root.*.msgpack") if (m := ROOT_NAME_RE.fullmatch(p.name))
         )
         return [p.read_bytes() for _, p in files]
 
@@ -120,7 +121,7 @@ class AuthorityDir:
         out = []
         if self.secrets.is_dir():
             for p in sorted(self.secrets.iterdir()):
-                if KEY_RE.match(p.name):
+                if KEY_RE.fullmatch(p.name):
                     k = read_key(p)
                     if role is None or k.role == role:
                         out.append(k)

@@ -9,8 +9,10 @@ import argparse
 import json
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -25,13 +27,15 @@ from protocol.metadata import (
     encode,
     payload_hash,
 )
-from protocol.policy import NAME_RE, parse_policy_toml, to_toml
+from protocol.names import NAME_RULE, is_name
+from protocol.policy import parse_policy_toml, to_toml
 from protocol.signing import add_signature, decode_envelope, encode_envelope, public_key_of, valid_signers
 from protocol.trust import TrustedState
 
 from . import version_string
 from .authority_store import (
     ROOT_FILE,
+    ROOT_NAME_RE,
     AuthorityDir,
     CliError,
     new_cert_id,
@@ -40,7 +44,15 @@ from .authority_store import (
     read_key,
     write_key,
 )
-from .config import DEFAULT_ADMIN_PORT, DEFAULT_MESH_PORT, render_config
+from .config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_MESH_PORT,
+    ConfigError,
+    LoadedConfig,
+    NodeConfig,
+    render_config,
+    validate,
+)
 from .fsutil import atomic_write, write_secret
 from .state import StateStore
 
@@ -89,8 +101,8 @@ def _counts(args: argparse.Namespace, roles: Sequence[str], only_given: bool = F
 
 
 def cmd_authority_init(args: argparse.Namespace) -> int:
-    if not NAME_RE.match(args.cluster):
-        raise CliError(f"--cluster {args.cluster!r}: letters, digits, '_', '.', '-' (max 64)")
+    if not is_name(args.cluster):
+        raise CliError(f"--cluster {args.cluster!r}: {NAME_RULE}")
     adir = AuthorityDir(args.dir)
     root = adir.init(args.cluster, _counts(args, ROLE_NAMES), _now(), parse_duration(args.expires))
     _out(f"authority for cluster {root.cluster!r} created in {adir.path}")
@@ -180,18 +192,40 @@ def _install_pending_root(adir: AuthorityDir, data: bytes) -> int:
 # -- enrollment -------------------------------------------------------------------------------------
 
 
+def _node_config(out: Path, **fields: Any) -> str:
+    """The node.toml for ``fields``, read back the way the daemon reads it: a value that does not survive
+    the round trip as given (a quote, a newline, a bad HOST:PORT) is refused instead of written."""
+    text = render_config(**fields)
+    try:
+        cfg = msgspec.convert(tomllib.loads(text), NodeConfig)
+        validate(LoadedConfig(path=out / "node.toml", base=out, cfg=cfg))
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise CliError(f"these values cannot be written into node.toml: {exc}") from None
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    got = {
+        "cluster": cfg.cluster, "node_id": cfg.node.id, "region": cfg.node.region, "listen": cfg.mesh.listen,
+        "advertise": cfg.mesh.advertise, "seeds": list(cfg.mesh.seeds), "admin_listen": cfg.admin.listen,
+        "backend": cfg.enforce.backend, "allow_file_backend": cfg.overrides.allow_file_backend,
+    }
+    for key, value in fields.items():
+        if got[key] != value:
+            raise CliError(f"{key} {value!r} cannot be written into node.toml as given")
+    return text
+
+
 def cmd_node_enroll(args: argparse.Namespace) -> int:
     adir = AuthorityDir(args.authority)
     adir.require()
     root = adir.root()
-    if not NAME_RE.match(args.node_id):
-        raise CliError(f"--node-id {args.node_id!r}: letters, digits, '_', '.', '-' (max 64)")
-    if not NAME_RE.match(args.region):
-        raise CliError(f"--region {args.region!r}: letters, digits, '_', '.', '-' (max 64)")
+    if not is_name(args.node_id):
+        raise CliError(f"--node-id {args.node_id!r}: {NAME_RULE}")
+    if not is_name(args.region):
+        raise CliError(f"--region {args.region!r}: {NAME_RULE}")
     roles = list(dict.fromkeys(args.role))
     for r in roles:
-        if not NAME_RE.match(r):
-            raise CliError(f"--role {r!r}: letters, digits, '_', '.', '-' (max 64)")
+        if not is_name(r):
+            raise CliError(f"--role {r!r}: {NAME_RULE}")
     out = Path(args.out)
     if (out / "node.cert").exists() or (out / "secrets").exists():
         raise CliError(f"{out}: already holds an identity; refusing to overwrite it")
@@ -217,32 +251,31 @@ def cmd_node_enroll(args: argparse.Namespace) -> int:
         decode_certificate(encode(cert))  # validates addresses, names
     except TrustError as exc:
         raise CliError(str(exc)) from None
+    port = args.port
+    addr = args.address[0] if args.address else "127.0.0.1"
+    host = f"[{addr}]" if ":" in addr else addr
+    operator = "operator" in roles
+    # Checked before anything is signed: never a certificate whose node.toml check-config refuses.
+    config = None if operator else _node_config(
+        out,
+        cluster=root.cluster,
+        node_id=args.node_id,
+        region=args.region,
+        listen=args.listen or f"{host}:{port}",
+        advertise=f"{host}:{port}",
+        seeds=list(args.seed or []),
+        admin_listen=args.admin_listen or f"127.0.0.1:{DEFAULT_ADMIN_PORT}",
+        backend=args.backend,
+        allow_file_backend=args.backend == "file",
+    )
     cert_bytes = sign_certificate(cert, seeds[:threshold])
     out.mkdir(parents=True, exist_ok=True)
     write_key(out / "secrets" / "identity.key", "identity", identity)
     write_secret(out / "secrets" / "static.key", static.hex().encode() + b"\n")
     atomic_write(out / "node.cert", cert_bytes)
     atomic_write(out / ROOT_FILE, adir.root_bytes())
-    port = args.port
-    addr = args.address[0] if args.address else "127.0.0.1"
-    host = f"[{addr}]" if ":" in addr else addr
-    listen = args.listen or f"{host}:{port}"
-    operator = "operator" in roles
-    if not operator:
-        atomic_write(
-            out / "node.toml",
-            render_config(
-                cluster=root.cluster,
-                node_id=args.node_id,
-                region=args.region,
-                listen=listen,
-                advertise=f"{host}:{port}",
-                seeds=list(args.seed or []),
-                admin_listen=args.admin_listen or f"127.0.0.1:{DEFAULT_ADMIN_PORT}",
-                backend=args.backend,
-                allow_file_backend=args.backend == "file",
-            ).encode(),
-        )
+    if config is not None:
+        atomic_write(out / "node.toml", config.encode())
     _out(f"enrolled {args.node_id} (region {args.region}, roles {', '.join(roles)}) in {out}")
     _out(f"  cert_id {cert.cert_id}, valid until {_fmt_time(cert.not_after)}")
     if not operator:
@@ -258,13 +291,14 @@ def _trust_for(root_path: str, state_dir: str | None, now: float, skew_s: int = 
     rp = Path(root_path)
     chain_dir = rp.parent / "roots"
     if chain_dir.is_dir():  # an authority directory: follow its root chain
-        for p in sorted(chain_dir.glob("root.*.msgpack"), key=lambda p: int(p.name.split(".")[1])):
-            if int(p.name.split(".")[1]) > trust.root_version:
+        chain = [(int(m.group(1)), p) for p in chain_dir.glob("root.*.msgpack") if (m := ROOT_NAME_RE.fullmatch(p.name))]
+        for version, p in sorted(chain):
+            if version > trust.root_version:
                 trust.update_root(p.read_bytes())
     if state_dir:
         sd = Path(state_dir)
         store = StateStore(sd / "state" if (sd / "state").is_dir() else sd)
-        store.load_into(trust, now)
+        store.load_into(trust, now, clean_temps=False)  # read-only: a running daemon owns the directory
     return trust
 
 

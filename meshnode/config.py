@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from protocol.errors import MeshError
+from protocol.names import parse_network, parse_port_number
 
 DEFAULT_MESH_PORT = 7946
 DEFAULT_ADMIN_PORT = 9946
@@ -127,9 +128,13 @@ class LoadedConfig:
 def split_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    try:
+        number = parse_port_number(port)
+    except ValueError:
+        number = -1
+    if not sep or not host or number < 0 or not host.isascii() or not host.isprintable():
         raise ConfigError(f"{what}: {value!r} is not HOST:PORT")
-    return host, int(port)
+    return host, number
 
 
 def _is_loopback(hostport: str) -> bool:
@@ -182,12 +187,12 @@ def validate(lc: LoadedConfig) -> None:
         )
     for cidr in c.enforce.mesh_join_cidrs:
         try:
-            ipaddress.ip_network(cidr, strict=True)
+            parse_network(cidr, strict=True)
         except ValueError as exc:
             raise ConfigError(f"{where}: enforce.mesh_join_cidrs: {exc}") from None
     for cidr in c.overrides.break_glass_cidrs:
         try:
-            ipaddress.ip_network(cidr, strict=True)
+            parse_network(cidr, strict=True)
         except ValueError as exc:
             raise ConfigError(f"{where}: overrides.break_glass_cidrs: {exc}") from None
     if c.trust.clock_skew_s < 0 or c.trust.clock_skew_s > 86400:

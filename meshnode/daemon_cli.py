@@ -82,7 +82,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                           lc.resolve(cfg.identity.static_key), lc.resolve(cfg.trust.root))
     now = time.time()
     trust = TrustedState(ident.anchor, skew_s=cfg.trust.clock_skew_s)
-    StateStore(lc.resolve(cfg.node.data_dir)).load_into(trust, now)
+    StateStore(lc.resolve(cfg.node.data_dir)).load_into(trust, now, clean_temps=False)
     text = render_command(
         policy_bytes=_read(args.policy, "policy") if args.policy else None,
         own_cert_bytes=ident.cert_bytes,

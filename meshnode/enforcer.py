@@ -81,6 +81,9 @@ class Enforcer:
             file_path=self.lc.resolve(cfg.enforce.file),
             allow_file_backend=cfg.overrides.allow_file_backend,
         )
+        for path in self.backend.temps_removed:  # left by a write killed mid-way (file backend)
+            self.metrics.state_problems.inc()
+            self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")
 
     def want(self, policy: PolicyVersion | None, members: list[Certificate]) -> None:
         if policy is None:

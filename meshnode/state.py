@@ -4,11 +4,15 @@ Layout under ``data_dir``::
 
     roots/root.<version>.msgpack   every trusted root after the pinned anchor
     policy/<serial>.msgpack        the newest accepted policies (the last KEEP_POLICIES)
-    peers.msgpack                  known peers, for restarts without seeds
+    peers.msgpack (+ .bak)         known peers, for restarts without seeds (the core's peer list)
+    members.msgpack (+ .bak)       the member certificate directory, so a reboot enforces full sets
 
-Every file is written atomically.  On load everything is re-verified through TrustedState; a corrupt,
-truncated or unverifiable file is reported (returned in ``LoadReport.problems``) and skipped: it never
-replaces good state, and the newest policy that verifies wins.
+Every file is written atomically; the two directory files also keep the copy they replaced (``.bak``).
+On load everything is re-verified through TrustedState; a corrupt, truncated, over-size or
+unverifiable file is reported (returned in ``LoadReport.problems``, which the daemon logs as
+``state.problem`` and counts) and skipped: it never replaces good state, the newest policy that
+verifies wins, and a damaged directory file falls back to its previous copy.  Temp files that a killed
+write left behind are removed when the state is loaded.
 """
 
 from __future__ import annotations
@@ -16,25 +20,55 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from protocol.errors import ExpiredError, MeshError, TrustError
+from protocol.signing import MAX_ENVELOPE_BYTES
 from protocol.trust import TrustedState
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, backup_path, remove_stale_temps
 
 KEEP_POLICIES = 3
-MAX_STATE_FILE_BYTES = 1 << 20
-_ROOT_RE = re.compile(r"^root\.(\d+)\.msgpack$")
-_POLICY_RE = re.compile(r"^(\d+)\.msgpack$")
+# roots/ and policy/ hold one signed envelope each.
+MAX_STATE_FILE_BYTES = MAX_ENVELOPE_BYTES
+# The member directory is persisted twice: members.msgpack (node id -> certificate) and the core's
+# peers.msgpack (node id, address, region, certificate).  Measured bytes per member (members / peers):
+# 397 / 450 with a typical certificate (2 roles, 2 addresses); 1,199 / 1,308 with the largest we call
+# legitimate (64-character id and region, 8 roles of 64 characters, 4 IPv6 addresses).
+DIRECTORY_MEMBERS = 100_000  # what must survive a reboot
+DIRECTORY_BYTES_PER_MEMBER = 2 << 10  # 1.5x the largest entry measured, 4.5x a typical one
+MAX_DIRECTORY_FILE_BYTES = DIRECTORY_MEMBERS * DIRECTORY_BYTES_PER_MEMBER  # 204,800,000 B (~195 MiB)
+_ROOT_RE = re.compile(r"\Aroot\.([0-9]{1,20})\.msgpack\Z")
+_POLICY_RE = re.compile(r"\A([0-9]{1,20})\.msgpack\Z")
+
+
+class StateFileError(MeshError):
+    """A state file that cannot be used: over its size limit, or not what we wrote."""
 
 
 @dataclass
 class LoadReport:
     roots_loaded: int = 0
     policy_serial: int = 0
+    members_loaded: int = 0
+    peers_loaded: int = 0
+    temps_removed: int = 0
     problems: list[str] = field(default_factory=list)
+
+
+def _owned_temp(name: str) -> bool:
+    """Targets of our own writes: the only temp files the store removes."""
+    return name.endswith((".msgpack", ".msgpack.bak"))
+
+
+def _decode_members(data: bytes) -> dict[str, bytes]:
+    return msgspec.msgpack.decode(data, type=dict[str, bytes])
+
+
+def _decode_peers(data: bytes) -> list[dict[str, Any]]:
+    return msgspec.msgpack.decode(data, type=list[dict[str, Any]])
 
 
 class StateStore:
@@ -44,6 +78,8 @@ class StateStore:
         self.policy_dir = self.dir / "policy"
         self.peers_path = self.dir / "peers.msgpack"
         self.members_path = self.dir / "members.msgpack"
+        # What load_into read of the directory files, handed over once by load_members/load_peers.
+        self._handover: dict[str, Any] = {}
 
     def ensure(self) -> None:
         for d in (self.dir, self.roots_dir, self.policy_dir):
@@ -63,19 +99,12 @@ class StateStore:
 
     def save_peers(self, data: bytes) -> None:
         self.ensure()
-        atomic_write(self.peers_path, data)
+        atomic_write(self.peers_path, data, keep_previous=True)
 
     def save_members(self, certs: dict[str, bytes]) -> None:
         """The member certificate directory (exact signed bytes), so a reboot enforces full sets at once."""
         self.ensure()
-        atomic_write(self.members_path, msgspec.msgpack.encode(certs))
-
-    def load_members(self) -> dict[str, bytes]:
-        """Stored member certificates, unverified: the caller re-verifies each one."""
-        try:
-            return msgspec.msgpack.decode(self._read(self.members_path), type=dict[str, bytes])
-        except (OSError, MeshError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return {}
+        atomic_write(self.members_path, msgspec.msgpack.encode(certs), keep_previous=True)
 
     def forget_policies_above(self, serial: int) -> None:
         """Drop stored policies from before a policy-key rotation (fast-forward recovery)."""
@@ -83,26 +112,86 @@ class StateStore:
             if s > serial:
                 (self.policy_dir / f"{s}.msgpack").unlink(missing_ok=True)
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Temp files of writes that a kill interrupted (see fsutil.remove_stale_temps)."""
+        removed: list[Path] = []
+        for d in (self.dir, self.roots_dir, self.policy_dir):
+            removed += remove_stale_temps(d, _owned_temp)
+        return removed
+
     # -- reads --------------------------------------------------------------------------------------
     def _policy_serials(self) -> list[int]:
         if not self.policy_dir.is_dir():
             return []
         return [int(m.group(1)) for p in self.policy_dir.iterdir() if (m := _POLICY_RE.match(p.name))]
 
-    def _read(self, path: Path) -> bytes:
-        if path.stat().st_size > MAX_STATE_FILE_BYTES:
-            raise MeshError(f"{path}: larger than {MAX_STATE_FILE_BYTES} bytes")
-        return path.read_bytes()
+    def _read(self, path: Path, limit: int = MAX_STATE_FILE_BYTES) -> bytes:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise StateFileError(f"{path}: larger than its limit of {limit} bytes")
+        return data
+
+    def _load_directory_file(self, path: Path, decode: Any, report: LoadReport) -> tuple[bytes, Any] | None:
+        """The newest good copy of a directory file (``path``, else its ``.bak``), as (bytes, decoded).
+        Anything unusable is one problem in ``report``: never a silent empty."""
+        trouble: list[str] = []
+        for candidate in (path, backup_path(path)):
+            try:
+                data = self._read(candidate, MAX_DIRECTORY_FILE_BYTES)
+                value = decode(data)
+            except FileNotFoundError:
+                if candidate == path and backup_path(path).exists():
+                    trouble.append(f"{path}: missing")
+                continue
+            except StateFileError as exc:
+                trouble.append(str(exc))
+                continue
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                trouble.append(f"{candidate}: unreadable: {exc}")
+                continue
+            if trouble:
+                report.problems.append(f"{'; '.join(trouble)}; loaded the previous copy {candidate} "
+                                       f"({len(value)} entries)")
+            return data, value
+        if trouble:
+            report.problems.append(f"{'; '.join(trouble)}; no usable copy: starting without it")
+        return None
+
+    def _read_members(self, report: LoadReport) -> dict[str, bytes]:
+        got = self._load_directory_file(self.members_path, _decode_members, report)
+        return got[1] if got else {}
+
+    def _read_peers(self, report: LoadReport) -> tuple[bytes | None, int]:
+        got = self._load_directory_file(self.peers_path, _decode_peers, report)
+        return (got[0], len(got[1])) if got else (None, 0)
+
+    def load_members(self) -> dict[str, bytes]:
+        """Stored member certificates, unverified: the caller re-verifies each one.  Right after
+        load_into, what it read (with its problems in that report); otherwise a fresh read."""
+        if "members" in self._handover:
+            return self._handover.pop("members")  # type: ignore[no-any-return]
+        return self._read_members(LoadReport())
 
     def load_peers(self) -> bytes | None:
-        try:
-            return self._read(self.peers_path)
-        except (OSError, MeshError):
-            return None
+        """The stored peer list (MessagePack of [{node_id, address, region, cert}]), checked to decode;
+        handed over like load_members."""
+        if "peers" in self._handover:
+            return self._handover.pop("peers")  # type: ignore[no-any-return]
+        return self._read_peers(LoadReport())[0]
 
-    def load_into(self, trust: TrustedState, now: float) -> LoadReport:
-        """Re-verify stored roots (in version order) and the newest stored policy that verifies."""
+    def load_into(self, trust: TrustedState, now: float, *, clean_temps: bool = True) -> LoadReport:
+        """Re-verify stored roots (in version order) and the newest stored policy that verifies; read
+        the member directory and peer list (see load_members/load_peers).  ``clean_temps`` first
+        removes the temp files of interrupted writes (read-only tools pass False)."""
         report = LoadReport()
+        if clean_temps:
+            removed = self.remove_stale_temps()
+            report.temps_removed = len(removed)
+            if removed:
+                report.problems.append(
+                    f"removed {len(removed)} temp file(s) left by interrupted writes: "
+                    + ", ".join(str(p) for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
         roots: list[tuple[int, Path]] = []
         if self.roots_dir.is_dir():
             roots = sorted(
@@ -143,4 +232,8 @@ class StateStore:
             trust.accept_policy(check.envelope_bytes, now)
             report.policy_serial = serial
             break
+        members = self._read_members(report)
+        peers, report.peers_loaded = self._read_peers(report)
+        report.members_loaded = len(members)
+        self._handover = {"members": members, "peers": peers}
         return report

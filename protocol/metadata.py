@@ -7,14 +7,13 @@ were verified.  ``decode_*`` raise :class:`FormatError` and nothing else on malf
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from typing import TypeVar
 
 import msgspec
 
 from .errors import FormatError, PolicyError
+from .names import is_name, parse_address
 from .policy import (
-    NAME_RE,
     PolicyDocument,
     Revocations,
     is_canonical,
@@ -90,7 +89,7 @@ def _decode(data: bytes, typ: type[T], what: str) -> T:
 
 
 def validate_root(root: Root) -> Root:
-    if not NAME_RE.match(root.cluster):
+    if not is_name(root.cluster):
         raise FormatError(f"root: invalid cluster name {root.cluster!r}")
     if root.version < 1:
         raise FormatError("root: version must be >= 1")
@@ -126,7 +125,7 @@ def decode_policy(payload: bytes) -> PolicyVersion:
     rev = pv.revocations
     if (
         is_canonical(pv.document)
-        and all(NAME_RE.match(x) for x in (*rev.nodes, *rev.certs))
+        and all(map(is_name, (*rev.nodes, *rev.certs)))
         and list(rev.nodes) == sorted(set(rev.nodes))
         and list(rev.certs) == sorted(set(rev.certs))
     ):
@@ -143,15 +142,17 @@ def decode_policy(payload: bytes) -> PolicyVersion:
 
 def decode_certificate(payload: bytes) -> Certificate:
     cert = _decode(payload, Certificate, "certificate")
-    if not NAME_RE.match(cert.node_id) or not NAME_RE.match(cert.region):
-        raise FormatError("certificate: invalid node id or region")
+    if not is_name(cert.node_id) or not is_name(cert.region):
+        raise FormatError(f"certificate: invalid node id or region ({cert.node_id!r}, {cert.region!r})")
+    if not is_name(cert.cluster) or not is_name(cert.cert_id):
+        raise FormatError(f"certificate {cert.node_id}: invalid cluster or cert id")
     if len(cert.identity_key) != 32 or len(cert.static_key) != 32:
         raise FormatError(f"certificate {cert.node_id}: keys must be 32 bytes")
-    if not cert.roles or not all(NAME_RE.match(r) for r in cert.roles):
+    if not cert.roles or not all(map(is_name, cert.roles)):
         raise FormatError(f"certificate {cert.node_id}: invalid roles")
     for addr in cert.addresses:
         try:
-            ipaddress.ip_address(addr)
+            parse_address(addr)
         except ValueError:
             raise FormatError(f"certificate {cert.node_id}: invalid address {addr!r}") from None
     if cert.not_after <= cert.not_before:

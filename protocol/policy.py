@@ -11,7 +11,6 @@ Errors name the rule and the field, so an operator can fix the file without read
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import tomllib
 from typing import Any
@@ -19,13 +18,15 @@ from typing import Any
 import msgspec
 
 from .errors import PolicyError
+from .names import NAME_RE as NAME_RE  # re-exported: the name rule lives in protocol.names
+from .names import NAME_RULE, is_name, parse_network
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 INBOUND_ACTIONS = ("drop", "reject")
 MODES = ("enforce", "log")
 PROTOCOLS = ("tcp", "udp")
 MAX_RULES = 4096
 MAX_SELECTORS = 1024
+_PORT_DIGITS = re.compile(r"\A[0-9]{1,5}\Z", re.ASCII)
 
 
 class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,8 +68,8 @@ def parse_port(spec: str) -> PortSpec:
     if not sep or proto not in PROTOCOLS:
         raise ValueError(f"{spec!r} is not tcp/N, udp/N, tcp/N-M, udp/N-M or icmp")
     lo_s, dash, hi_s = rng.partition("-")
-    if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
-        raise ValueError(f"{spec!r}: port must be a number or a range N-M")
+    if not _PORT_DIGITS.fullmatch(lo_s) or (dash and not _PORT_DIGITS.fullmatch(hi_s)):
+        raise ValueError(f"{spec!r}: port must be a number or a range N-M (ASCII digits)")
     lo = int(lo_s)
     hi = int(hi_s) if dash else lo
     if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
@@ -84,16 +85,16 @@ def parse_selector(sel: str, *, allow_cidr: bool) -> tuple[str, str]:
     if not sep or not value:
         raise ValueError(f"{sel!r} is not role:NAME, role:*, node:ID or cidr:PREFIX")
     if kind == "role":
-        if value != "*" and not NAME_RE.match(value):
-            raise ValueError(f"{sel!r}: role names are letters, digits, '_', '.', '-' (max 64)")
+        if value != "*" and not is_name(value):
+            raise ValueError(f"{sel!r}: role names are {NAME_RULE}")
     elif kind == "node":
-        if not NAME_RE.match(value):
-            raise ValueError(f"{sel!r}: node ids are letters, digits, '_', '.', '-' (max 64)")
+        if not is_name(value):
+            raise ValueError(f"{sel!r}: node ids are {NAME_RULE}")
     elif kind == "cidr":
         if not allow_cidr:
             raise ValueError(f"{sel!r}: cidr selectors are only allowed in 'from'")
         try:
-            net = ipaddress.ip_network(value, strict=True)
+            net = parse_network(value, strict=True)
         except ValueError as exc:
             raise ValueError(f"{sel!r}: {exc}") from None
         value = str(net)
@@ -132,8 +133,8 @@ def validate_document(doc: PolicyDocument) -> PolicyDocument:
     rules: list[Rule] = []
     for i, rule in enumerate(doc.allow):
         label = f"allow[{i}]" + (f" ({rule.name!r})" if isinstance(rule.name, str) else "")
-        if not isinstance(rule.name, str) or not NAME_RE.match(rule.name):
-            raise PolicyError(f"{label}: 'name' must be letters, digits, '_', '.', '-' (max 64)")
+        if not is_name(rule.name):
+            raise PolicyError(f"{label}: 'name' must be {NAME_RULE}")
         if rule.name in seen:
             raise PolicyError(f"{label}: duplicate rule name {rule.name!r}")
         seen.add(rule.name)
@@ -176,13 +177,14 @@ def validate_document(doc: PolicyDocument) -> PolicyDocument:
 def validate_revocations(rev: Revocations) -> Revocations:
     for field, items in (("nodes", rev.nodes), ("certs", rev.certs)):
         for item in items:
-            if not NAME_RE.match(item):
+            if not is_name(item):
                 raise PolicyError(f"revoke.{field}: {item!r} is not a valid id")
     return Revocations(nodes=_canonical_list(rev.nodes), certs=_canonical_list(rev.certs))
 
 
-_FAST_SELECTOR = re.compile(r"^(?:role:(?:\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})|node:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
-_FAST_PORT = re.compile(r"^(?:icmp|(?:tcp|udp)/([1-9][0-9]{0,4})(?:-([1-9][0-9]{0,4}))?)$")
+_FAST_SELECTOR = re.compile(
+    r"\A(?:role:(?:\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})|node:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})\Z", re.ASCII)
+_FAST_PORT = re.compile(r"\A(?:icmp|(?:tcp|udp)/([1-9][0-9]{0,4})(?:-([1-9][0-9]{0,4}))?)\Z", re.ASCII)
 
 
 def _sorted_unique(items: tuple[str, ...]) -> bool:
@@ -196,17 +198,17 @@ def is_canonical(doc: PolicyDocument) -> bool:
         return False
     names = set()
     for r in doc.allow:
-        if not NAME_RE.match(r.name) or r.name in names or (r.mode is not None and r.mode not in MODES):
+        if not is_name(r.name) or r.name in names or (r.mode is not None and r.mode not in MODES):
             return False
         names.add(r.name)
         for items in (r.sources, r.to, r.ports):
             if not items or len(items) > MAX_SELECTORS or not _sorted_unique(items):
                 return False
         # cidr selectors take the slow path
-        if not all(map(_FAST_SELECTOR.match, r.sources)) or not all(map(_FAST_SELECTOR.match, r.to)):
+        if not all(map(_FAST_SELECTOR.fullmatch, r.sources)) or not all(map(_FAST_SELECTOR.fullmatch, r.to)):
             return False
         for port in r.ports:
-            m = _FAST_PORT.match(port)
+            m = _FAST_PORT.fullmatch(port)
             if not m:
                 return False
             if m.group(1):

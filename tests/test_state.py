@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import msgspec
 import pytest
+import structlog.testing
 
 import meshnode.fsutil as fsutil
-from meshnode.state import StateStore
-from protocol.testing import T0, derive_seed, make_authority, sign_sample
+import meshnode.state as state_mod
+from meshnode.state import DIRECTORY_MEMBERS, MAX_DIRECTORY_FILE_BYTES, MAX_STATE_FILE_BYTES, StateStore
+from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
 
 DAY = 86400
@@ -140,3 +148,233 @@ def test_secret_files_are_private(tmp_path):
     assert (path.stat().st_mode & 0o777) == 0o600
     with pytest.raises(FileExistsError):
         fsutil.write_secret(path, b"other")
+
+
+# -- the member directory at scale (issue 10, item 7) ----------------------------------------------
+
+
+def _peer_entry(node_id: str, cert: bytes) -> dict[str, object]:
+    return {"node_id": node_id, "address": "10.1.2.3:7946", "region": "eu-west-1", "cert": cert}
+
+
+def _directory(cert: bytes, n: int) -> tuple[dict[str, bytes], bytes]:
+    """``n`` members with a real certificate's size: the store checks sizes and shapes, not signatures."""
+    ids = [f"node-{i:06d}" for i in range(n)]
+    return {i: cert for i in ids}, msgspec.msgpack.encode([_peer_entry(i, cert) for i in ids])
+
+
+def test_100k_members_survive_a_reboot(tmp_path):
+    auth = make_authority()
+    cert = make_node(auth, "node-000000", region="eu-west-1", roles=("app", "web"),
+                     addresses=("10.1.2.3", "2001:db8::1:2")).cert_bytes
+    members, peers = _directory(cert, DIRECTORY_MEMBERS)
+    store = StateStore(tmp_path)
+    store.save_members(members)
+    store.save_peers(peers)
+    assert (tmp_path / "members.msgpack").stat().st_size > 1 << 20  # the old limit loaded this as empty
+    again = StateStore(tmp_path)
+    report = again.load_into(TrustedState(auth.root_bytes), T0)
+    assert report.problems == []
+    assert report.members_loaded == report.peers_loaded == DIRECTORY_MEMBERS
+    assert again.load_members() == members
+    assert again.load_peers() == peers
+
+
+def test_directory_limit_fits_100k_of_the_largest_legitimate_certificates():
+    auth = make_authority()
+    big = make_node(auth, "n" * 64, region="r" * 64, roles=tuple(f"role{j}-" + "q" * 57 for j in range(8)),
+                    addresses=tuple(f"2001:db8:ffff:ffff:ffff:ffff:ffff:{j:04x}" for j in range(4)))
+    member_bytes = len(msgspec.msgpack.encode({big.node_id: big.cert_bytes}))
+    peer_bytes = len(msgspec.msgpack.encode([_peer_entry(big.node_id, big.cert_bytes)]))
+    assert DIRECTORY_MEMBERS * max(member_bytes, peer_bytes) < MAX_DIRECTORY_FILE_BYTES
+    assert MAX_STATE_FILE_BYTES < MAX_DIRECTORY_FILE_BYTES
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x93garbage")
+    elif how == "wrong-shape":
+        path.write_bytes(msgspec.msgpack.encode({"not": "a directory"} if "peers" in path.name else [1, 2]))
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "wrong-shape", "empty"])
+@pytest.mark.parametrize("which", ["members", "peers"])
+def test_a_damaged_directory_file_loads_its_previous_copy_and_says_so(tmp_path, which, how):
+    auth = make_authority()
+    cert = make_node(auth, "node-000000").cert_bytes
+    store = StateStore(tmp_path)
+    old_members, old_peers = _directory(cert, 3)
+    new_members, new_peers = _directory(cert, 5)
+    store.save_members(old_members)
+    store.save_peers(old_peers)
+    store.save_members(new_members)
+    store.save_peers(new_peers)
+    _damage(tmp_path / f"{which}.msgpack", how)
+    again = StateStore(tmp_path)
+    report = again.load_into(TrustedState(auth.root_bytes), T0)
+    assert len(report.problems) == 1
+    assert f"{which}.msgpack" in report.problems[0] and "previous copy" in report.problems[0]
+    if which == "members":
+        assert again.load_members() == old_members and again.load_peers() == new_peers
+    else:
+        assert again.load_members() == new_members and again.load_peers() == old_peers
+
+
+@pytest.mark.parametrize("which", ["members", "peers"])
+def test_an_oversize_directory_file_is_a_problem_not_a_silent_empty(tmp_path, monkeypatch, which):
+    auth = make_authority()
+    cert = make_node(auth, "node-000000").cert_bytes
+    store = StateStore(tmp_path)
+    small, big = _directory(cert, 1), _directory(cert, 50)
+    store.save_members((big if which == "members" else small)[0])
+    store.save_peers((big if which == "peers" else small)[1])
+    monkeypatch.setattr(state_mod, "MAX_DIRECTORY_FILE_BYTES", 1000)
+    again = StateStore(tmp_path)
+    report = again.load_into(TrustedState(auth.root_bytes), T0)
+    assert len(report.problems) == 1, report.problems
+    assert f"{which}.msgpack" in report.problems[0] and "limit of 1000 bytes" in report.problems[0]
+    assert "no usable copy" in report.problems[0]
+    assert (report.members_loaded, report.peers_loaded) == ((0, 1) if which == "members" else (1, 0))
+
+
+def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
+    """The daemon logs and counts LoadReport.problems (state.problem, policymesh_state_problems_total)."""
+    from meshnode.cli import main as meshctl
+    from meshnode.config import load_config
+    from meshnode.daemon import MeshDaemon
+
+    assert meshctl(["authority", "init", str(tmp_path / "auth"), "--cluster", "t1"]) == 0
+    assert meshctl(["node", "enroll", "--authority", str(tmp_path / "auth"), "--node-id", "n1", "--region", "r1",
+                    "--role", "app", "--address", "127.0.0.1", "--backend", "file",
+                    "--out", str(tmp_path / "n1")]) == 0
+    lc = load_config(tmp_path / "n1" / "node.toml")
+    daemon = MeshDaemon(lc)
+    daemon.store.ensure()
+    (daemon.store.members_path).write_bytes(b"\x93garbage")
+    stale_ruleset = tmp_path / "n1" / f".ruleset.nft.tmp.{_dead_pid()}"
+    stale_ruleset.write_bytes(b"partial")
+    with structlog.testing.capture_logs() as logs:
+        daemon._boot_state()
+        asyncio.run(daemon.enforcer.setup())
+    assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 2
+    members, ruleset = [e["problem"] for e in logs if e["event"] == "state.problem"]
+    assert "members.msgpack" in members and "no usable copy" in members
+    assert str(stale_ruleset) in ruleset and not stale_ruleset.exists()
+
+
+# -- temp files of interrupted writes ----------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_files_are_removed_when_the_state_is_opened(tmp_path):
+    auth = make_authority()
+    store = StateStore(tmp_path)
+    store.save_policy(1, sign_sample(auth, 1))
+    store.save_members({"a": b"x"})
+    dead = _dead_pid()
+    stale = [
+        tmp_path / f".members.msgpack.tmp.{dead}",
+        tmp_path / f".peers.msgpack.tmp.{os.getpid()}",  # our pid, before our first write: a past life's
+        tmp_path / f".members.msgpack.bak.tmp.{dead}",
+        tmp_path / "policy" / f".2.msgpack.tmp.{dead}",
+        tmp_path / "roots" / f".root.2.msgpack.tmp.{dead}",
+    ]
+    old_live = tmp_path / f".peers.msgpack.tmp.{os.getppid()}"
+    kept = [
+        tmp_path / f".members.msgpack.tmp.{os.getppid()}",  # a live process may be writing it
+        tmp_path / "notes.txt",
+        tmp_path / f".notes.txt.tmp.{dead}",  # not one of our files
+        tmp_path / ".members.msgpack.tmp.abc",  # not our pattern
+        tmp_path / f"members.msgpack.tmp.{dead}",
+    ]
+    for p in [*stale, *kept, old_live]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    an_hour_ago = time.time() - fsutil.STALE_TEMP_AGE_S - 1
+    os.utime(old_live, (an_hour_ago, an_hour_ago))  # whatever its pid, nobody writes for an hour
+    report = StateStore(tmp_path).load_into(TrustedState(auth.root_bytes), T0)
+    assert report.temps_removed == len(stale) + 1
+    assert not any(p.exists() for p in [*stale, old_live])
+    assert all(p.exists() for p in kept)
+    assert len(report.problems) == 1 and "removed 6 temp file(s)" in report.problems[0]
+    assert report.policy_serial == 1 and report.members_loaded == 1
+
+
+def test_read_only_tools_leave_temp_files_alone(tmp_path):
+    auth = make_authority()
+    temp = tmp_path / f".members.msgpack.tmp.{_dead_pid()}"
+    tmp_path.mkdir(exist_ok=True)
+    temp.write_bytes(b"partial")
+    report = StateStore(tmp_path).load_into(TrustedState(auth.root_bytes), T0, clean_temps=False)
+    assert temp.exists() and report.temps_removed == 0
+
+
+def test_a_failed_write_removes_its_own_temp_file(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("simulated I/O error before rename")
+
+    monkeypatch.setattr(fsutil.os, "replace", crash)
+    with pytest.raises(OSError):
+        StateStore(tmp_path).save_members({"a": b"x"})
+    assert not any(".tmp." in p.name for p in tmp_path.iterdir())
+
+
+_WRITER = """
+import sys
+from meshnode.state import StateStore
+store = StateStore(sys.argv[1])
+members = {f"node-{i:06d}": bytes(380) for i in range(20000)}
+store.save_members(members)
+print("written", flush=True)
+while True:
+    store.save_members(members)
+    store.save_peers(b"\\x90")
+"""
+
+
+def test_kill9_mid_write_then_open_leaves_no_temp_and_a_whole_directory(tmp_path):
+    auth = make_authority()
+    members = {f"node-{i:06d}": bytes(380) for i in range(20000)}
+    left = 0
+    for _ in range(20):  # until a kill lands mid-write (most land mid-write: the writes are 8 MB)
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert proc.stdout is not None and proc.stdout.readline() == b"written\n"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not list(tmp_path.glob(".*.tmp.*")):
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        left = len(list(tmp_path.glob(".*.tmp.*")))
+        if left:
+            break
+    assert left, "no kill landed mid-write"
+    store = StateStore(tmp_path)
+    report = store.load_into(TrustedState(auth.root_bytes), T0)
+    assert report.temps_removed == left
+    assert not list(tmp_path.glob(".*.tmp.*"))
+    assert store.load_members() == members  # the last complete write, never a torn one
+
+
+def test_file_backend_removes_stale_temps_of_its_ruleset_file(tmp_path):
+    from meshnode.enforce.backends import FileBackend
+
+    dead = _dead_pid()
+    stale = tmp_path / f".ruleset.nft.tmp.{dead}"
+    other = tmp_path / f".other.nft.tmp.{dead}"
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    backend = FileBackend("policymesh", tmp_path / "ruleset.nft")
+    assert backend.temps_removed == [stale]
+    assert not stale.exists() and other.exists()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import atomic_write, remove_stale_temps
 from .iptables import IptablesRules, chain_name, ipset_elements, ipset_fill, ipset_prefix
 from .model import EnforcementError, RenderOptions, Ruleset
 from .nft import FAMILY, canonical_element, normalize, normalized_hash, set_update_json
@@ -110,6 +110,7 @@ class Backend:
         self.drift_count = 0
         self._lock = threading.RLock()
         self._baseline: str | None = None  # kernel hash expected by check_drift
+        self.temps_removed: list[Path] = []  # stale temp files removed at setup (backends that write files)
 
     @property
     def applied_hash(self) -> str | None:
@@ -494,21 +495,6 @@ class IptablesBackend(Backend):
 
 
 # -- file --------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class FileBackend(Backend):
     """Writes the rendered ruleset to a file and enforces nothing (override ``allow_file_backend``)."""
 
@@ -520,6 +506,8 @@ class FileBackend(Backend):
             raise EnforcementError(f"file backend format {fmt!r}: nft or json")
         self.path = Path(path)
         self.fmt = fmt
+        # A write killed mid-way leaves `.<file>.tmp.<pid>`: remove those of our file before writing.
+        self.temps_removed = remove_stale_temps(self.path.parent, lambda name: name == self.path.name)
 
     def _text(self, rs: Ruleset) -> bytes:
         if self.fmt == "json":
@@ -530,7 +518,7 @@ class FileBackend(Backend):
         self._check_table(ruleset)
         data = self._text(ruleset)
         try:
-            _atomic_write(self.path, data)
+            atomic_write(self.path, data)
         except OSError as exc:
             raise EnforcementError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.applied, self._baseline = ruleset, _sha(data)

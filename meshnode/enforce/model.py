@@ -25,12 +25,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import MeshError
+from protocol.names import parse_network
 
 if TYPE_CHECKING:
     from .iptables import IptablesRules
 
-TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
-LOG_RATE_RE = re.compile(r"^([1-9][0-9]{0,5})/(second|minute|hour|day)$")
+TABLE_RE = re.compile(r"\A[a-z][a-z0-9_]{0,15}\Z", re.ASCII)
+LOG_RATE_RE = re.compile(r"\A([1-9][0-9]{0,5})/(second|minute|hour|day)\Z", re.ASCII)
 FAMILIES = ("ip", "ip6")
 VERDICTS = ("accept", "drop", "reject", "log")
 CT_STATES = ("established", "related", "invalid", "new")
@@ -94,7 +95,7 @@ class RenderOptions:
     default_inbound: str | None = None
 
     def __post_init__(self) -> None:
-        if not TABLE_RE.match(self.table):
+        if not TABLE_RE.fullmatch(self.table):
             raise EnforcementError(
                 f"table name {self.table!r}: lower-case letters, digits and '_', starting with a letter, at most 16"
             )
@@ -105,7 +106,7 @@ class RenderOptions:
                 raise EnforcementError(f"admin port {self.admin_port!r} is not 1-65535")
             if self.admin_port == self.mesh_port:
                 raise EnforcementError("the admin port must differ from the mesh port (admin stays on loopback)")
-        if not LOG_RATE_RE.match(self.log_rate):
+        if not LOG_RATE_RE.fullmatch(self.log_rate):
             raise EnforcementError(f"log rate {self.log_rate!r} is not N/second, N/minute, N/hour or N/day")
         if self.default_inbound is not None and self.default_inbound not in INBOUND_ACTIONS:
             raise EnforcementError(
@@ -115,21 +116,21 @@ class RenderOptions:
         cidrs = []
         for c in self.break_glass_cidrs:
             try:
-                cidrs.append(str(ipaddress.ip_network(c, strict=True)))
+                cidrs.append(str(parse_network(c, strict=True)))
             except ValueError as exc:
                 raise EnforcementError(f"break-glass CIDR {c!r}: {exc}") from None
         object.__setattr__(self, "break_glass_cidrs", tuple(cidrs))
         join = []
         for c in self.mesh_join_cidrs:
             try:
-                join.append(str(ipaddress.ip_network(c, strict=True)))
+                join.append(str(parse_network(c, strict=True)))
             except ValueError as exc:
                 raise EnforcementError(f"mesh join CIDR {c!r}: {exc}") from None
         object.__setattr__(self, "mesh_join_cidrs", tuple(join))
 
     @property
     def log_rate_parts(self) -> tuple[int, str]:
-        m = LOG_RATE_RE.match(self.log_rate)
+        m = LOG_RATE_RE.fullmatch(self.log_rate)
         assert m is not None
         return int(m.group(1)), m.group(2)
 

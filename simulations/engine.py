@@ -36,6 +36,7 @@ from protocol.gossip_events import (
     PeerDisconnected,
     Persist,
     PolicySubmitted,
+    RulesetApplied,
     Send,
     SendFailed,
     TimerFired,
@@ -236,7 +237,8 @@ class Simulation:
         rng = random.Random(f"{self.seed}:node:{h.idx}:{self.net.epoch[h.idx]}")
         if sc.protocol == "gossip":
             node = Node(self.cfg, trust, h.node_id, h.ident.cert_bytes, h.ident.identity_seed, h.address,
-                        self.seeds, rng, known_peers, verify_cache=self.cache)
+                        self.seeds, rng, known_peers, verify_cache=self.cache,
+                        enforced=(trust.serial, ""))  # the boot apply of the persisted policy
             if h.hostile:
                 return HostileNode(node, list(sc.hostile.behaviours), self.v1)
             return node
@@ -524,6 +526,10 @@ class Simulation:
         net = self.net
         for eff in effects:
             if type(eff) is ApplyPolicy:
+                if i < self.n and self.sc.protocol == "gossip":
+                    # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
+                    self._push(now + self.sc.nodes.apply_ms, ACTION, i, self._confirm,
+                               (self.net.epoch[i], eff.serial, eff.hash))
                 if i < self.n:
                     if not h.hostile:
                         h.applied = self.inv.check_effects(self.seed, now, h.node_id, h.applied, effects)
@@ -580,6 +586,11 @@ class Simulation:
                 if j is not None and net.close(i, j):
                     self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, None, epoch[j])
                     self._push(now, DISCONNECTED, i, j, None, epoch[i])
+
+    def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
+        epoch, serial, h = arg
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self._feed(i, RulesetApplied(serial, "", h))
 
     def _on_connect(self, a: int, b: int, at: int) -> None:
         epoch = self.net.epoch

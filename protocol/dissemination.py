@@ -252,13 +252,18 @@ class Dissemination:
             if claim.pull is not None and claim.pull.peer == peer:
                 self._pull_over(cid, claim, now_ms, unserved)
 
-    def body_from(self, peer: str, key: Key, now_ms: int) -> None:
+    def body_from(self, peer: str, key: Key, digest_hash: bytes, now_ms: int) -> None:
         """A body of version ``key`` arrived from ``peer``: it answers our pulls from that peer of
-        versions up to ``key``; a pull of anything newer was not served (the claim was a lie)."""
+        versions up to ``key``; a pull of anything newer was not served (the claim was a lie).  The
+        same version with another hash means the peer moved on (an equivocation it resolved): it is
+        no longer a source of that hash, without blame."""
         for cid, claim in list(self.claims.items()):
             if claim.pull is not None and claim.pull.peer == peer:
-                if key >= cid[0]:
+                if key > cid[0] or (key == cid[0] and cid[1] in (digest_hash, b"")):
                     claim.pull = None  # answered: the node accepts or refuses the body itself
+                elif key == cid[0]:
+                    claim.pull = None
+                    self._drop_source(peer, cid)
                 else:
                     self._pull_over(cid, claim, now_ms, unserved=True)
 

@@ -37,7 +37,8 @@ SYNC_BUCKETS = 32
 STATUS_SYNC_INTERVAL_MS = 20000
 DIAL_ALLOWANCE_MS = 1500  # added to a probe timeout when no channel is open (TCP SYN RTO is 1 s)
 ENFORCE_GRACE_MS = 30000  # trusted but not yet confirmed by the enforcer for this long: alert
-PULL_ANSWER_WINDOW_MS = 10000  # a body goes to one peer at most once per version in this window
+PULL_ANSWER_WINDOW_MS = 60000  # a body goes to one peer at most once per version in this window
+# (again sooner only after the channel broke, unless we closed it for misbehaviour)
 
 
 @dataclass(frozen=True, slots=True)

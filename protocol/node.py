@@ -98,6 +98,7 @@ __all__ = [
 _PIGGYBACK = (Ping, Ack, PingReq)
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
+PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
 MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
 # what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
 CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
@@ -179,7 +180,9 @@ class Node:
         self._lag_since: int | None = None
         self._lag_alerted = False
         self._equivocation_alerted: Equivocation | None = None
-        self._served: dict[str, tuple[tuple[int, int, str], int]] = {}  # peer -> (version, when) last served
+        # peer -> [version, when, repeats refused] of the last body served to it (lost with the channel)
+        self._served: dict[str, list[Any]] = {}
+        self._expelled: set[str] = set()  # peers we disconnected for misbehaviour (until it is reported)
         if enforced is not None and enforced[0]:
             h = trust.policy_hash if enforced[0] == trust.serial and trust.policy_hash else ""
             self._enforced = (enforced[0], h, _prefix(enforced[1]))
@@ -233,7 +236,10 @@ class Node:
         elif isinstance(inp, PeerDisconnected):
             self.connected.discard(inp.peer)
             self.conn_set.discard(inp.peer)
-            self._served.pop(inp.peer, None)  # what we sent it may have been lost with the channel
+            if inp.peer in self._expelled:  # we closed it for misbehaviour: no fresh answers
+                self._expelled.discard(inp.peer)
+            else:
+                self._served.pop(inp.peer, None)  # what we sent may have been lost with the channel
             self.dis.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
             if inp.peer:
@@ -713,11 +719,13 @@ class Node:
         last = self._served.get(peer)
         if last is not None and last[0] == version and now_ms - last[1] < self.cfg.pull_answer_window_ms:
             self.counters["pull_answers_refused"] += 1
-            self._misbehaved(peer, "pull_flood", {"serial": serial})
+            last[2] += 1
+            if last[2] > PULL_REPEATS_TOLERATED:  # an honest puller asks again only when it lost track
+                self._misbehaved(peer, "pull_flood", {"serial": serial})
             return
         if last is None and len(self._served) >= MAX_PULL_ANSWERS_TRACKED:
             self._served.clear()
-        self._served[peer] = (version, now_ms)
+        self._served[peer] = [version, now_ms, 0]
         self.dis.note_has(peer, (rv, serial))
         self.dis.counters["bodies_served"] += 1
         self.send(peer, PolicyPush(env))
@@ -751,7 +759,7 @@ class Node:
             self._out.append(Disconnect(peer, kind))
             self.connected.discard(peer)
             self.conn_set.discard(peer)
-            self._served.pop(peer, None)
+            self._expelled.add(peer)
             self.dis.forget_source(peer)
 
     def _note_equivocation(self) -> None:
@@ -774,7 +782,7 @@ class Node:
             # already hold, or one below the floor, costs no signature check.
             peek = self._peek(envelope)
             if peek is not None:  # a pull of something newer answered with something older is unserved
-                self.dis.body_from(peer, (peek[2], peek[0]), now.ms)
+                self.dis.body_from(peer, (peek[2], peek[0]), bytes.fromhex(peek[1]), now.ms)
             floor = self.trust.serial_floor  # the serial itself, except after a policy-key rotation
             if peek is not None and peek[0] == floor == self.trust.serial:
                 if peek[1] == self.trust.policy_hash:

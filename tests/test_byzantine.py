@@ -11,6 +11,7 @@ import hashlib
 import msgspec
 import pytest
 
+from meshnode.opscli import format_status
 from protocol.conduct import EPISODE_QUIET_MS, PeerConduct
 from protocol.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
 from protocol.gossip_events import (
@@ -164,6 +165,8 @@ def test_equivocation_converges_every_node_on_the_lower_hash_and_shows_in_status
         assert conv["state"] == "equivocation", (nid, conv)
         assert conv["equivocation"]["hashes"] == sorted([h_of(low)[:16], h_of(high)[:16]])
         assert conv["equivocation"]["kept"] == h_of(low)[:16]
+        text = format_status({"node": nid, "policy": view["policy"], "enforcement": {}, "cluster_view": view})
+        assert "EQUIVOCATION at serial 2" in text and h_of(high)[:16] in text, text
     # the nodes that verified both bodies alerted, once each
     alerted = {nid for nid, h in link.hosts.items() if alerts(h.effects, "policy.equivocation")}
     assert alerted and all(len(alerts(link.hosts[n].effects, "policy.equivocation")) == 1 for n in alerted)

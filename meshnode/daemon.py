@@ -167,6 +167,8 @@ class MeshDaemon:
             seeds=list(cfg.mesh.seeds),
             entropy=transport.entropy,
             known_peers=known,
+            # what the boot apply already enforces (its RulesetApplied came before the node existed)
+            enforced=(self.enforcer.applied_serial, self.enforcer.applied_hash or ""),
         )
 
     def _stored_peers(self) -> list[dict[str, Any]]:

@@ -36,6 +36,9 @@ PEERS_PERSIST_INTERVAL_MS = 30000
 SYNC_BUCKETS = 32
 STATUS_SYNC_INTERVAL_MS = 20000
 DIAL_ALLOWANCE_MS = 1500  # added to a probe timeout when no channel is open (TCP SYN RTO is 1 s)
+ENFORCE_GRACE_MS = 30000  # trusted but not yet confirmed by the enforcer for this long: alert
+PULL_ANSWER_WINDOW_MS = 60000  # a body goes to one peer at most once per version in this window
+# (again sooner only after the channel broke, unless we closed it for misbehaviour)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,8 @@ class GossipConfig:
     sync_buckets: int = SYNC_BUCKETS
     status_sync_interval_ms: int = STATUS_SYNC_INTERVAL_MS
     dial_allowance_ms: int = DIAL_ALLOWANCE_MS
+    enforce_grace_ms: int = ENFORCE_GRACE_MS
+    pull_answer_window_ms: int = PULL_ANSWER_WINDOW_MS
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -74,11 +74,14 @@ class RootsSubmitted:
 
 @dataclass(frozen=True, slots=True)
 class RulesetApplied:
-    """The shell rendered and loaded the ruleset for ``serial``; ``ruleset_hash`` is its hex digest.
-    Travels with this node's status so any node can report cluster-wide convergence."""
+    """The enforcer rendered and loaded the ruleset for ``serial``; ``ruleset_hash`` is its hex digest
+    and ``policy_hash`` the hex payload hash of the policy it enforced ("": the one of the latest
+    ``ApplyPolicy`` of that serial).  This confirmation, not what the node trusts, is what its signed
+    status reports as enforced, so the cluster view counts only enforced versions as converged."""
 
     serial: int
     ruleset_hash: str
+    policy_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,10 @@ class MemberRecord(_S, frozen=True, array_like=True, gc=False, tag=1):
 
 
 class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
-    """What a member enforces: applied serial, policy hash prefix, ruleset hash prefix, state."""
+    """What a member *enforces* (``serial``, ``policy_hash`` prefix, ``ruleset_hash`` prefix: from
+    its enforcer's confirmation), its ``state``, and separately what it merely trusts
+    (``trusted_serial``, ``trusted_hash`` prefix).  ``equivocation`` lists the hash prefixes of the
+    validly signed payloads it saw for ``equivocation_serial`` (lowest first; empty: none)."""
 
     node_id: str
     seq: int
@@ -47,6 +50,10 @@ class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
     policy_hash: bytes
     ruleset_hash: bytes
     state: str
+    trusted_serial: int = 0
+    trusted_hash: bytes = b""
+    equivocation_serial: int = 0
+    equivocation: tuple[bytes, ...] = ()
 
 
 MemberPayload = MemberRecord | StatusBody

@@ -496,9 +496,15 @@ class Membership:
         self.record = encode_envelope(sign("member", encode(rec), [self._seed]))
         self._install(Rec(self._me_i, rec, self.cert, self.record), now_ms)
 
-    def sign_status(self, serial: int, policy_hash: bytes, ruleset_hash: bytes, state: str, wall: float) -> Status:
+    def sign_status(self, serial: int, policy_hash: bytes, ruleset_hash: bytes, state: str, wall: float,
+                    trusted: tuple[int, bytes] = (0, b""), equivocation: tuple[int, tuple[bytes, ...]] = (0, ())
+                    ) -> Status:
+        """``serial``/``policy_hash``/``ruleset_hash``: what the enforcer confirmed; ``trusted``:
+        (serial, hash) the node verified; ``equivocation``: (serial, hashes) it saw signed twice."""
         self.status_seq = max(self.status_seq + 1, int(wall * 1000))
-        body = StatusBody(self.me, self.status_seq, serial, policy_hash[:HASH_PREFIX], ruleset_hash[:HASH_PREFIX], state)
+        body = StatusBody(self.me, self.status_seq, serial, policy_hash[:HASH_PREFIX], ruleset_hash[:HASH_PREFIX], state,
+                          trusted[0], trusted[1][:HASH_PREFIX], equivocation[0],
+                          tuple(h[:HASH_PREFIX] for h in equivocation[1][:4]))
         payload = encode(body)
         env = sign("member", payload, [self._seed])
         item = Status(payload, env.signatures[0].sig)

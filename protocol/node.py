@@ -24,6 +24,7 @@ from typing import Any, cast
 import msgspec
 
 from . import gossip_wire as wire
+from .conduct import PeerConduct
 from .dissemination import Dissemination
 from .entropy import Entropy
 from .errors import (
@@ -85,7 +86,7 @@ from .gossip_wire import (
 from .membership import ALIVE, DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
 from .metadata import Certificate, decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
-from .trust import TrustedState
+from .trust import Equivocation, TrustedState
 
 __all__ = [
     "Alert", "ApplyPolicy", "Disconnect", "Effect", "FrameReceived", "GossipConfig", "LeaveRequested",
@@ -97,6 +98,11 @@ __all__ = [
 _PIGGYBACK = (Ping, Ack, PingReq)
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
+PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
+MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
+# what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
+CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
+                  "pull_flood": "gossip.pull_flood"}
 _peers_encoder = msgspec.msgpack.Encoder()
 
 
@@ -114,7 +120,10 @@ class Node:
         known_peers: list[dict[str, Any]] | None = None,
         *,
         verify_cache: VerifyCache | None = None,
+        enforced: tuple[int, str] | None = None,
     ) -> None:
+        """``enforced``: (serial, ruleset hash hex) the shell's enforcer already confirmed before the
+        node was built (the boot apply of the last-known-good policy), as if by ``RulesetApplied``."""
         cert = trust.check_certificate(cert_bytes)
         if cert.node_id != node_id:
             raise LocalProtocolError(f"certificate is for {cert.node_id!r}, not {node_id!r}")
@@ -134,7 +143,9 @@ class Node:
         self.conn_set = IndexedSet()  # the same peers, for uniform random choice
         self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
                               self.cache, self, self.connected.__contains__)
-        self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__)
+        self.conduct = PeerConduct()
+        self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__,
+                                 self._misbehaved)
         self.mem.preferred = self.conn_set
         self.mem.watch_addresses(self.seeds)
         # Certificates remembered from the last run ("peers" with "cert"): the directory handed to
@@ -160,14 +171,26 @@ class Node:
         self._peers_at: int | None = None
         self._last_dir: dict[str, bytes] | None = None
         self._pending_policy: bytes | None = None
-        self._root_pull_at = -10**12
         self._status_sync_at = 0
-        self._ruleset_hash = b""
-        self._ruleset_serial = 0
+        self._root_pull_from: dict[str, int] = {}  # peer -> when we last asked it for roots
+        # What the enforcer confirmed: (serial, policy hash hex, ruleset hash prefix).  Status reports
+        # this, not what we trust; trusted != enforced for longer than enforce_grace_ms is an alert.
+        self._enforced: tuple[int, str, bytes] = (0, "", b"")
+        self._applying: tuple[int, str] = (0, "")  # the latest ApplyPolicy we emitted (serial, hash)
+        self._lag_since: int | None = None
+        self._lag_alerted = False
+        self._equivocation_alerted: Equivocation | None = None
+        # peer -> [version, when, repeats refused] of the last body served to it (lost with the channel)
+        self._served: dict[str, list[Any]] = {}
+        self._expelled: set[str] = set()  # peers we disconnected for misbehaviour (until it is reported)
+        if enforced is not None and enforced[0]:
+            h = trust.policy_hash if enforced[0] == trust.serial and trust.policy_hash else ""
+            self._enforced = (enforced[0], h, _prefix(enforced[1]))
         self._status_state = ""
         self._stale_alerted = False
         self.counters: dict[str, int] = {"remote_errors": 0, "frames": 0, "policies_applied": 0,
-                                         "stale_offers": 0}
+                                         "stale_offers": 0, "pull_answers_refused": 0,
+                                         "equivocations_seen": 0, "misbehaviour_disconnects": 0}
         self._handlers: dict[type, Callable[[str, Any], None]] = {
             Ping: self._on_ping, Ack: self._on_ack, PingReq: self._on_ping_req, Nack: self._on_nack,
             Announce: self._on_announce, PolicyPull: self._on_policy_pull, PolicyPush: self._on_policy_push,
@@ -213,6 +236,10 @@ class Node:
         elif isinstance(inp, PeerDisconnected):
             self.connected.discard(inp.peer)
             self.conn_set.discard(inp.peer)
+            if inp.peer in self._expelled:  # we closed it for misbehaviour: no fresh answers
+                self._expelled.discard(inp.peer)
+            else:
+                self._served.pop(inp.peer, None)  # what we sent may have been lost with the channel
             self.dis.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
             if inp.peer:
@@ -223,13 +250,7 @@ class Node:
         elif isinstance(inp, RootsSubmitted):
             self._roots_submitted(inp.chain, inp.source)
         elif isinstance(inp, RulesetApplied):
-            if inp.serial == self.trust.serial:
-                self._ruleset_serial = inp.serial
-                try:
-                    self._ruleset_hash = bytes.fromhex(inp.ruleset_hash)[:HASH_PREFIX]
-                except ValueError:
-                    raise LocalProtocolError("ruleset_hash must be hex") from None
-                self._publish_status(force=True)
+            self._on_ruleset_applied(inp)
         elif isinstance(inp, LeaveRequested):
             item = self.mem.leave(now.ms)
             for peer in self.mem.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):
@@ -248,7 +269,9 @@ class Node:
         dd = self.dis.next_deadline()
         if dd is not None and dd < d:
             d = dd
-        for extra in (self._dir_at, self._peers_at):
+        lag = self._lag_since + self.cfg.enforce_grace_ms if self._lag_since is not None and \
+            not self._lag_alerted else None
+        for extra in (self._dir_at, self._peers_at, lag):
             if extra is not None and extra < d:
                 d = extra
         return d
@@ -306,6 +329,7 @@ class Node:
         if self._peers_at is not None and ms >= self._peers_at:
             self._peers_at = None
             self._persist_peers()
+        self._check_enforced(ms)
 
     def _persist_peers(self) -> None:
         self.mem.peers_dirty = False
@@ -357,7 +381,7 @@ class Node:
 
     def _housekeeping(self, now: Now) -> None:
         self.mem.expel_invalid(now.wall, revocations=False)
-        state = self.trust.policy_state(now.wall)
+        state = self._state_now()
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
                 self._stale_alerted = True
@@ -396,12 +420,58 @@ class Node:
         assert pol is not None
         return Digest(pol.serial, bytes.fromhex(h), pol.root_version)
 
+    def _state_now(self) -> str:
+        """``none``/``fresh``/``stale`` (trust.policy_state), or ``not_enforced``: trusted but not
+        confirmed by the enforcer for longer than the grace period."""
+        return "not_enforced" if self._lag_alerted else self.trust.policy_state(self._now.wall)
+
     def _publish_status(self, force: bool = False) -> None:
-        state = self.trust.policy_state(self._now.wall)
+        state = self._state_now()
         h = self.trust.policy_hash
-        rh = self._ruleset_hash if self._ruleset_serial == self.trust.serial else b""
+        e_serial, e_hash, e_rules = self._enforced
         self._status_state = state
-        self.mem.sign_status(self.trust.serial, bytes.fromhex(h) if h else b"", rh, state, self._now.wall)
+        eq = self.trust.equivocation
+        self.mem.sign_status(e_serial, bytes.fromhex(e_hash) if e_hash else b"", e_rules, state, self._now.wall,
+                             trusted=(self.trust.serial, bytes.fromhex(h) if h else b""),
+                             equivocation=(eq.serial, tuple(bytes.fromhex(x) for x in eq.hashes)) if eq else (0, ()))
+
+    def _on_ruleset_applied(self, inp: RulesetApplied) -> None:
+        """The enforcer confirmed what the kernel now enforces (whatever we trust meanwhile)."""
+        ph = inp.policy_hash
+        if not ph:
+            if self._applying[0] == inp.serial:
+                ph = self._applying[1]
+            elif inp.serial == self.trust.serial:
+                ph = self.trust.policy_hash or ""
+        try:
+            rh = bytes.fromhex(inp.ruleset_hash)[:HASH_PREFIX]
+            bytes.fromhex(ph)
+        except ValueError:
+            raise LocalProtocolError("ruleset_hash and policy_hash must be hex") from None
+        self._enforced = (inp.serial, ph, rh)
+        self._check_enforced(self._now.ms)
+        self._publish_status(force=True)
+
+    def _check_enforced(self, ms: int) -> None:
+        """Trusted-but-not-enforced is its own state: alert after the grace period, resolve when the
+        enforcer catches up."""
+        serial, h = self.trust.serial, self.trust.policy_hash or ""
+        if not serial or (self._enforced[0] == serial and self._enforced[1] == h):
+            self._lag_since = None
+            if self._lag_alerted:
+                self._lag_alerted = False
+                self._out.append(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
+                self._publish_status(force=True)
+            return
+        if self._lag_since is None:
+            self._lag_since = ms
+        elif not self._lag_alerted and ms - self._lag_since >= self.cfg.enforce_grace_ms:
+            self._lag_alerted = True
+            e_serial, e_hash, _ = self._enforced
+            self._out.append(Alert("policy.not_enforced", {
+                "trusted_serial": serial, "trusted_hash": h, "enforced_serial": e_serial,
+                "enforced_hash": e_hash, "for_ms": ms - self._lag_since}))
+            self._publish_status(force=True)
 
     # -- sync (push-pull anti-entropy) ---------------------------------------------------------------
     def _sync_msg(self, peer: str | None, with_record: bool) -> Sync:
@@ -501,9 +571,17 @@ class Node:
             self.mem.counters["records_rejected"] += 1
 
     def _compare_root(self, peer: str, version: int) -> None:
-        if version > self.trust.root_version and self._now.ms - self._root_pull_at >= self.cfg.pull_timeout_ms:
-            self._root_pull_at = self._now.ms
-            self.send(peer, RootPull(self.trust.root_version))
+        """A peer claims a newer root: ask it (rate-limited per peer, so one peer inflating its root
+        version cannot use up the asks meant for the others)."""
+        if version <= self.trust.root_version:
+            return
+        last = self._root_pull_from.get(peer)
+        if last is not None and self._now.ms - last < self.cfg.pull_timeout_ms:
+            return
+        if len(self._root_pull_from) >= MAX_PULL_ANSWERS_TRACKED:
+            self._root_pull_from.clear()
+        self._root_pull_from[peer] = self._now.ms
+        self.send(peer, RootPull(self.trust.root_version))
 
     def _my_key(self) -> tuple[int, int]:
         """(root version, serial) of the policy this node holds: the order dissemination uses."""
@@ -522,6 +600,9 @@ class Node:
             if digest.root_version > self.trust.root_version:
                 self._compare_root(peer, digest.root_version)
             self.dis.offer(peer, digest, self._now.ms)
+        elif digest.key == mine and digest.hash and self.trust.policy_hash and \
+                digest.hash.hex() != self.trust.policy_hash:
+            self._other_hash(peer, digest, reply)
         else:
             self.dis.note_has(peer, digest.key)
             if digest.key < mine and reply:
@@ -589,6 +670,20 @@ class Node:
         self.mem.on_ack(msg, self._now.ms)
         self._peer_serial(peer, msg.serial, msg.root_version)
 
+    def _other_hash(self, peer: str, digest: Digest, reply: bool) -> None:
+        """The peer holds our version with another payload hash: a possible equivocation.  Fetch what
+        we have not verified yet; a lower hash would replace ours (every node converges on the lowest),
+        a higher one is refused after verification (and we tell the peer about ours)."""
+        mine = self.trust.policy_hash or ""
+        theirs = digest.hash.hex()
+        known = self.trust.knows_equivocating(digest.serial, theirs)
+        if theirs < mine or not known:
+            self.dis.offer(peer, digest, self._now.ms)
+        if theirs > mine and known and reply:
+            d = self._digest()
+            assert d is not None
+            self.dis.announce_to(peer, d, force=True)
+
     def _peer_serial(self, peer: str, serial: int, root_version: int) -> None:
         """Probes carry the sender's (root version, serial): a node that missed every announce catches
         up here."""
@@ -613,10 +708,25 @@ class Node:
 
     # -- policy --------------------------------------------------------------------------------------
     def _on_policy_pull(self, peer: str, msg: PolicyPull) -> None:
+        """Serve our body at most once per (peer, version) within ``pull_answer_window_ms`` (again
+        after the channel broke): a body crosses a link once per version, however often it is asked."""
         env = self.trust.policy_bytes
         if env is None or self.trust.serial < msg.serial:
             return
-        self.dis.note_has(peer, self._my_key())
+        rv, serial = self._my_key()
+        version = (rv, serial, self.trust.policy_hash or "")
+        now_ms = self._now.ms
+        last = self._served.get(peer)
+        if last is not None and last[0] == version and now_ms - last[1] < self.cfg.pull_answer_window_ms:
+            self.counters["pull_answers_refused"] += 1
+            last[2] += 1
+            if last[2] > PULL_REPEATS_TOLERATED:  # an honest puller asks again only when it lost track
+                self._misbehaved(peer, "pull_flood", {"serial": serial})
+            return
+        if last is None and len(self._served) >= MAX_PULL_ANSWERS_TRACKED:
+            self._served.clear()
+        self._served[peer] = [version, now_ms, 0]
+        self.dis.note_has(peer, (rv, serial))
         self.dis.counters["bodies_served"] += 1
         self.send(peer, PolicyPush(env))
 
@@ -624,35 +734,76 @@ class Node:
         self._accept_policy(msg.envelope, peer, peer)
 
     def _peek_serial(self, envelope: bytes) -> int | None:
+        peek = self._peek(envelope)
+        return peek[0] if peek is not None else None
+
+    @staticmethod
+    def _peek(envelope: bytes) -> tuple[int, str, int] | None:
+        """(serial, payload hash, root version) a body claims, unverified: only to skip work and to
+        tell whether it answers a pull, never to trust."""
         try:
-            return decode_policy(decode_envelope(envelope, "policy").payload).serial
+            payload = decode_envelope(envelope, "policy").payload
+            pv = decode_policy(payload)
+            return pv.serial, payload_hash(payload), pv.root_version
         except (FormatError, TrustError):
             return None
+
+    def _misbehaved(self, peer: str, kind: str, facts: dict[str, Any]) -> None:
+        """Charge one offence to ``peer``: one alert per (peer, kind) episode, and the channel is
+        closed when it repeats (see protocol.conduct)."""
+        verdict = self.conduct.note(peer, kind, self._now.ms)
+        if verdict.alert:
+            self._out.append(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
+        if verdict.disconnect and peer in self.connected:
+            self.counters["misbehaviour_disconnects"] += 1
+            self._out.append(Disconnect(peer, kind))
+            self.connected.discard(peer)
+            self.conn_set.discard(peer)
+            self._expelled.add(peer)
+            self.dis.forget_source(peer)
+
+    def _note_equivocation(self) -> None:
+        """Alert once per equivocation (serial and set of hashes) and put it in our signed status."""
+        eq = self.trust.equivocation
+        if eq is None or eq == self._equivocation_alerted:
+            return
+        self._equivocation_alerted = eq
+        self.counters["equivocations_seen"] += 1
+        self._out.append(Alert("policy.equivocation", {
+            "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
+            "kept": eq.hashes[0]}))
+        self._publish_status(force=True)
 
     def _accept_policy(self, envelope: bytes, peer: str | None, source: str) -> None:
         now = self._now
         local = peer is None
         if peer is not None:
-            # Cheap pre-filter: a body that claims a serial we already hold costs no signature check.
-            claimed = self._peek_serial(envelope)
-            wanted = self.dis.want.serial if self.dis.want is not None else 0
+            # Cheap pre-filter against the trusted floor only (never against a claim): a body we
+            # already hold, or one below the floor, costs no signature check.
+            peek = self._peek(envelope)
+            if peek is not None:  # a pull of something newer answered with something older is unserved
+                self.dis.body_from(peer, (peek[2], peek[0]), bytes.fromhex(peek[1]), now.ms)
             floor = self.trust.serial_floor  # the serial itself, except after a policy-key rotation
-            if claimed is not None and claimed == self.trust.serial and claimed >= wanted and floor == claimed:
-                self.dis.note_has(peer, self._my_key())  # a duplicate: nothing to verify
-                return
-            if claimed is not None and (claimed < floor or claimed < wanted):
+            if peek is not None and peek[0] == floor == self.trust.serial:
+                if peek[1] == self.trust.policy_hash:
+                    self.dis.note_has(peer, self._my_key())  # a duplicate: nothing to verify
+                    return
+                if self.trust.knows_equivocating(peek[0], peek[1]):
+                    # verified and refused before: not again
+                    self.dis.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
+                    return
+            if peek is not None and peek[0] < floor:
                 self.counters["stale_offers"] += 1
-                self._out.append(Alert("policy.stale_offer", {"peer": peer, "serial": claimed,
-                                                              "trusted_serial": self.trust.serial}))
                 self.dis.forget_source(peer)
-                self.dis.pull_failed(peer, now.ms)
+                self.dis.pull_failed(peer, now.ms, unserved=True)
+                self._misbehaved(peer, "stale_offer", {"serial": peek[0], "trusted_serial": self.trust.serial})
                 return
         try:
             check = self.trust.accept_policy(envelope, now.wall)
         except RootMismatchError as exc:
             if exc.needed_version and exc.needed_version > self.trust.root_version and peer is not None:
                 self._pending_policy = envelope
-                self._root_pull_at = now.ms
+                self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
                 self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
@@ -665,15 +816,24 @@ class Node:
                 assert peer is not None
                 self._blame(peer, exc)
             return
-        except (RollbackError, EquivocationError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
-            event = {"rollback": "policy.rollback_attempt", "equivocation": "policy.equivocation"}.get(
-                exc.reason, "policy.rejected")
+        except EquivocationError as exc:
+            # A validly signed second payload at our serial with a higher hash: refused, remembered.
+            self._note_equivocation()
+            if local:
+                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+            elif peer is not None:
+                peek = self._peek(envelope)
+                if peek is not None:
+                    self.dis.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
+            return
+        except (RollbackError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
+            event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
             self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
                 self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
             elif peer is not None:
                 self.dis.forget_source(peer)
-                self.dis.pull_failed(peer, now.ms)
+                self.dis.pull_failed(peer, now.ms, unserved=True)
             return
         pol = check.policy
         if check.duplicate:
@@ -681,12 +841,15 @@ class Node:
                 self._out.append(PolicyResult(source, True, pol.serial, "duplicate"))
             if peer is not None:
                 self.dis.note_has(peer, (pol.root_version, pol.serial))
-            self.dis.done((pol.root_version, pol.serial))
+            self.dis.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
         self._out.append(Persist("policy", check.envelope_bytes))
         self._out.append(ApplyPolicy(check.envelope_bytes, pol.serial, check.hash))
+        self._applying = (pol.serial, check.hash)
+        if check.replaces is not None:
+            self._note_equivocation()
         if local:
             self._out.append(PolicyResult(source, True, pol.serial, "accepted"))
         if peer is not None:
@@ -697,7 +860,7 @@ class Node:
             if self.mem.directory_dirty:
                 self._dir_at = None
                 self._emit_directory()
-        self._publish_status()
+        self._check_enforced(now.ms)
         self.dis.on_accepted(Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version), now.ms)
 
     # -- roots ---------------------------------------------------------------------------------------
@@ -751,32 +914,54 @@ class Node:
             except TrustError:
                 self.mem.remove(rec.node_id, "certificate_untrusted")
         self.mem.expel_invalid(now.wall)
-        if self.trust.policy_state(now.wall) != self._status_state:
+        if self._state_now() != self._status_state:
             self._publish_status()
 
     # -- status --------------------------------------------------------------------------------------
     def status(self, now: Now) -> dict[str, Any]:
-        """A JSON-able view: this node, its policy, every member, and cluster convergence."""
+        """A JSON-able view: this node, its policy, every member, and cluster convergence.
+
+        Convergence is judged against the version this node *verified* (serial and hash), and a
+        member counts as converged only on what it *enforces* (its enforcer's confirmation, from its
+        signed status; for this node, from ``RulesetApplied``), never on what it merely trusts or
+        claims.  A known equivocation at that serial makes the state ``equivocation``, naming the
+        hashes, never plain ``converged``."""
         pol_hash = self.trust.policy_hash
         mine = self.trust.serial
+        target_hash = pol_hash[: 2 * HASH_PREFIX] if pol_hash else ""
+        e_serial, e_hash, e_rules = self._enforced
+        eq = self.trust.equivocation
+        reported: list[str] = []
+        reported_hashes: set[str] = set()
         members = []
         by_region: dict[str, dict[str, int]] = {}
-        known = converged = 0
-        max_serial = mine
+        known = converged = ahead = 0
         for rec in sorted(self.mem.records(), key=lambda r: r.node_id):
             m = self.mem.get(rec.node_id)
             assert m is not None
             st = m.status
             is_me = m.node_id == self.node_id
-            serial = mine if is_me else (st.serial if st else None)
+            if is_me:
+                serial: int | None = e_serial
+                phash: str | None = e_hash[: 2 * HASH_PREFIX] if e_hash else ""
+                rhash: str | None = e_rules.hex()
+                trusted: int | None = mine
+                eq_hashes = [h[: 2 * HASH_PREFIX] for h in eq.hashes] if eq is not None and eq.serial == mine else []
+            else:
+                serial = st.serial if st else None
+                phash = st.policy_hash.hex() if st else None
+                rhash = st.ruleset_hash.hex() if st else None
+                trusted = (st.trusted_serial or None) if st else None
+                eq_hashes = [h.hex() for h in st.equivocation] if st and st.equivocation_serial == mine else []
+            ok = bool(mine) and serial == mine and bool(phash) and phash == target_hash
             members.append({
                 "node_id": m.node_id, "region": m.region, "address": m.address,
                 "liveness": m.liveness, "incarnation": m.incarnation,
-                "serial": serial,
-                "policy_hash": (pol_hash[: 2 * HASH_PREFIX] if is_me and pol_hash else
-                                (st.policy_hash.hex() if st else None)),
-                "ruleset_hash": st.ruleset_hash.hex() if st else None,
-                "state": st.state if st else None,
+                "serial": serial, "policy_hash": phash, "ruleset_hash": rhash,
+                "trusted_serial": trusted,
+                "state": self._state_now() if is_me else (st.state if st else None),
+                "converged": ok,
+                "equivocation": eq_hashes or None,
             })
             if m.liveness == LEFT:
                 continue
@@ -785,12 +970,21 @@ class Node:
             if serial is not None:
                 known += 1
                 reg["known"] += 1
-                max_serial = max(max_serial, serial)
-        for entry in members:
-            if entry["liveness"] != LEFT and entry["serial"] == max_serial and max_serial:
+            if serial is not None and serial > mine:
+                ahead += 1  # a claim we could not verify (yet): never "converged"
+            if eq_hashes and not is_me:
+                reported.append(m.node_id)
+                reported_hashes.update(eq_hashes)
+            if ok:
                 converged += 1
-                by_region[str(entry["region"])]["converged"] += 1
+                reg["converged"] += 1
         total = sum(r["members"] for r in by_region.values())
+        equivocation = None
+        if (eq is not None and eq.serial == mine) or reported:
+            own = eq.hashes if eq is not None and eq.serial == mine else ()
+            hashes = sorted({h[: 2 * HASH_PREFIX] for h in own} | reported_hashes)
+            equivocation = {"serial": mine, "hashes": hashes, "kept": target_hash, "reported_by": reported}
+        state = ("equivocation" if equivocation else "converged" if total and converged == total else "converging")
         return {
             "node_id": self.node_id,
             "region": self.mem.region,
@@ -800,14 +994,22 @@ class Node:
             "policy": {
                 "serial": mine, "hash": pol_hash, "state": self.trust.policy_state(now.wall),
                 "root_version": self.trust.root_version,
+                "enforced": {"serial": e_serial, "hash": e_hash or None, "ruleset_hash": e_rules.hex() or None,
+                             "state": "enforced" if (e_serial, e_hash) == (mine, pol_hash or "") else
+                             ("not_enforced" if self._lag_alerted else "pending")},
+                "equivocation": ({"serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
+                                  "kept": eq.hashes[0]} if eq is not None else None),
             },
             "members": members,
             "liveness": {k: sum(1 for m in members if m["liveness"] == k) for k in (ALIVE, SUSPECT, DEAD, LEFT)},
             "convergence": {
-                "target_serial": max_serial, "members": total, "known": known, "converged": converged,
+                "state": state, "target_serial": mine, "target_hash": target_hash or None,
+                "members": total, "known": known, "converged": converged, "claims_ahead": ahead,
                 "fraction": (converged / total) if total else 0.0, "by_region": by_region,
+                "equivocation": equivocation,
             },
-            "counters": {**self.counters, **self.mem.counters, **self.dis.counters},
+            "counters": {**self.counters, **self.mem.counters, **self.dis.counters,
+                         **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}},
         }
 
     def digest_hash(self) -> str | None:
@@ -823,6 +1025,13 @@ def policy_digest(envelope: bytes) -> tuple[int, str]:
 
 def peers_hash(peers: list[dict[str, str]]) -> str:
     return hashlib.sha256(_peers_encoder.encode(peers)).hexdigest()
+
+
+def _prefix(hex_digest: str) -> bytes:
+    try:
+        return bytes.fromhex(hex_digest)[:HASH_PREFIX]
+    except ValueError:
+        raise LocalProtocolError("hashes must be hex") from None
 
 
 def _why(exc: TrustError) -> str:

@@ -7,8 +7,13 @@ Takes bytes only; time (wall-clock seconds) is a parameter.  Load order and roll
   Expiry is checked on the final root only (``check_root_fresh``), so an offline node catches up
   through any number of expired intermediate roots.
 * A policy needs a threshold of the ``policy`` role, the trusted root's version and cluster, a serial
-  above the stored one (equal serial + same payload = duplicate; equal serial + other payload =
-  equivocation), and must be within its validity (``skew_s`` tolerance both ways).
+  above the stored one (equal serial + same payload = duplicate), and must be within its validity
+  (``skew_s`` tolerance both ways).
+* Equal serial + other payload, both validly signed, is an **equivocation**.  Every node converges on
+  one deterministic choice, the lower content hash: a lower hash at the trusted serial replaces the
+  trusted policy (a new version for persistence, enforcement and gossip), a higher one is refused with
+  :class:`EquivocationError`.  Either way the equivocation (serial and both hashes) is remembered until
+  a higher serial supersedes it, so a node changes at most once per serial and never flip-flops.
 * When a new root changes the ``policy`` role's keys, the serial floor resets (fast-forward recovery).
 * An applied policy that expires keeps being enforced (fail-static); ``policy_state`` says ``stale``.
 """
@@ -40,6 +45,7 @@ from .signing import decode_envelope, require_threshold
 
 DEFAULT_SKEW_S = 300
 MAX_ROOT_STEPS = 1024
+MAX_EQUIVOCATION_HASHES = 4  # distinct validly signed payloads remembered for one equivocated serial
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,17 @@ class PolicyCheck:
     hash: str
     envelope_bytes: bytes
     duplicate: bool
+    replaces: str | None = None  # equivocation: the higher hash this lower-hash policy replaces
+
+
+@dataclass(frozen=True, slots=True)
+class Equivocation:
+    """Validly signed, different payloads seen for one serial; ``hashes`` sorted, the lowest (the
+    one every node converges on) first."""
+
+    root_version: int
+    serial: int
+    hashes: tuple[str, ...]
 
 
 def _role_signature(root: Root, role: str) -> tuple[frozenset[str], int, tuple[bytes, ...]]:
@@ -70,6 +87,7 @@ class TrustedState:
         self._floor_serial = 0
         self._floor_hash: str | None = None
         self._policy_under_current_keys = False
+        self.equivocation: Equivocation | None = None
 
     # -- roots --------------------------------------------------------------------------------------
     @property
@@ -212,15 +230,19 @@ class TrustedState:
             )
         if pv.serial < self._floor_serial:
             raise RollbackError(f"policy serial {pv.serial} is older than the trusted serial {self._floor_serial}")
+        replaces = None
         if pv.serial == self._floor_serial and self._floor_hash is not None:
             if digest == self._floor_hash:
                 return PolicyCheck(pv, digest, bytes(data), duplicate=True)
-            raise EquivocationError(
-                f"policy serial {pv.serial} was signed twice with different content "
-                f"({digest[:12]} vs trusted {self._floor_hash[:12]}): a policy key is compromised or misused"
-            )
+            if digest > self._floor_hash:
+                raise EquivocationError(
+                    f"policy serial {pv.serial} was signed twice with different content "
+                    f"({digest[:12]} vs trusted {self._floor_hash[:12]}): a policy key is compromised or "
+                    "misused; the lower content hash is kept"
+                )
+            replaces = self._floor_hash  # the lower hash wins; still checked for validity below
         if allow_expired:
-            return PolicyCheck(pv, digest, bytes(data), duplicate=False)
+            return PolicyCheck(pv, digest, bytes(data), duplicate=False, replaces=replaces)
         self.check_root_fresh(now)
         if pv.issued_at > now + self.skew_s:
             raise NotYetValidError(
@@ -229,11 +251,35 @@ class TrustedState:
             )
         if pv.expires_at < now - self.skew_s:
             raise ExpiredError(f"policy serial {pv.serial} expired {int(now - pv.expires_at)} s ago")
-        return PolicyCheck(pv, digest, bytes(data), duplicate=False)
+        return PolicyCheck(pv, digest, bytes(data), duplicate=False, replaces=replaces)
 
     def accept_policy(self, data: bytes, now: float) -> PolicyCheck:
-        """Check and, unless it is a duplicate, make it the current policy."""
-        return self._install(self.check_policy(data, now))
+        """Check and, unless it is a duplicate, make it the current policy.  A validly signed policy
+        with the trusted serial and a different payload is remembered as an equivocation (see the
+        module docstring) whether it replaces the trusted one (lower hash) or is refused."""
+        try:
+            check = self.check_policy(data, now)
+        except EquivocationError:
+            pv = self._policy.policy if self._policy else None
+            if pv is not None and self._floor_hash is not None:
+                self._note_equivocation(pv.root_version, pv.serial, self._floor_hash,
+                                        payload_hash(decode_envelope(data, "policy").payload))
+            raise
+        if check.replaces is not None:
+            self._note_equivocation(check.policy.root_version, check.policy.serial, check.replaces, check.hash)
+        return self._install(check)
+
+    def knows_equivocating(self, serial: int, digest: str) -> bool:
+        """``digest`` is a validly signed payload of ``serial`` already seen and refused (or replaced)."""
+        e = self.equivocation
+        return e is not None and e.serial == serial and digest in e.hashes and digest != self.policy_hash
+
+    def _note_equivocation(self, root_version: int, serial: int, a: str, b: str) -> None:
+        e = self.equivocation
+        same = e is not None and e.serial == serial and e.root_version == root_version
+        seen = set(e.hashes) if e is not None and same else set()
+        seen.update((a, b))
+        self.equivocation = Equivocation(root_version, serial, tuple(sorted(seen)[:MAX_EQUIVOCATION_HASHES]))
 
     def restore_expired_policy(self, data: bytes, now: float) -> PolicyCheck:
         """Boot path: reinstall the stored last-known-good policy even if it has expired (fail-static).
@@ -242,6 +288,9 @@ class TrustedState:
 
     def _install(self, check: PolicyCheck) -> PolicyCheck:
         if not check.duplicate:
+            e = self.equivocation
+            if e is not None and (check.policy.root_version, check.policy.serial) > (e.root_version, e.serial):
+                self.equivocation = None  # superseded by a higher version
             self._policy = check
             self._floor_serial = check.policy.serial
             self._floor_hash = check.hash

@@ -36,6 +36,7 @@ from protocol.gossip_events import (
     PeerDisconnected,
     Persist,
     PolicySubmitted,
+    RulesetApplied,
     Send,
     SendFailed,
     TimerFired,
@@ -92,6 +93,8 @@ class Version:
     snap_publish: list[int] | None = None
     snap_done: list[int] | None = None
     done_ms: int | None = None
+    twin: bytes | None = None  # policy.equivocate: another policy signed with the same serial
+    twin_hash: str | None = None
 
 
 @dataclass
@@ -204,12 +207,19 @@ class Simulation:
             h = payload_hash(decode_envelope(env, "policy").payload)
             self.inv.legit[h] = serial
             self.versions.append(Version(serial, env, h, at))
+            if sc.policy.equivocate:
+                twin = self.auth.sign_policy(doc, serial, issued + 1, issued + sc.policy.valid_s)
+                th = payload_hash(decode_envelope(twin, "policy").payload)
+                self.inv.legit[th] = serial
+                self.versions[-1].twin, self.versions[-1].twin_hash = twin, th
         self.policy_bytes = len(self.versions[-1].envelope)
         # hostile nodes (never seeds, never the publisher's region's first node)
         hc = sc.hostile.count or int(round(sc.hostile.fraction * self.n))
         pool = [h.idx for h in self.hosts[: self.n] if h.address not in self.seeds]
         for i in self.rng("hostile").sample(pool, min(hc, len(pool))):
             self.hosts[i].hostile = True
+        self.hostile_idx = frozenset(h.idx for h in self.hosts if h.hostile)
+        self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
         # joins spread over join_spread_ms; seeds first
         for h in self.hosts[: self.n]:
             at = 0 if h.address in self.seeds else topo.randrange(max(1, sc.nodes.join_spread_ms))
@@ -236,7 +246,8 @@ class Simulation:
         rng = random.Random(f"{self.seed}:node:{h.idx}:{self.net.epoch[h.idx]}")
         if sc.protocol == "gossip":
             node = Node(self.cfg, trust, h.node_id, h.ident.cert_bytes, h.ident.identity_seed, h.address,
-                        self.seeds, rng, known_peers, verify_cache=self.cache)
+                        self.seeds, rng, known_peers, verify_cache=self.cache,
+                        enforced=(trust.serial, ""))  # the boot apply of the persisted policy
             if h.hostile:
                 return HostileNode(node, list(sc.hostile.behaviours), self.v1)
             return node
@@ -368,7 +379,29 @@ class Simulation:
         if not cands:
             return
         target = prng.choice(cands)
+        if self.sc.checks.convergence_bound_ms:
+            self._push(self.now + self.sc.checks.convergence_bound_ms, ACTION, 0, self._check_bound, v)
+        if v.twin is not None:
+            # the same serial signed twice, published at the same moment through another node
+            # (another region when there is one)
+            others = [c for c in cands if self.hosts[c].region != self.hosts[target].region] or \
+                [c for c in cands if c != target]
+            if others:
+                twin_target = prng.choice(others)
+                self._feed(twin_target, PolicySubmitted(v.twin, "operator"))
         self._feed(target, PolicySubmitted(v.envelope, "operator"))
+
+    def _check_bound(self, _i: int, v: Version) -> None:
+        """The Byzantine guarantee: every honest node up since the publish applied it in the bound."""
+        pub = v.published_at
+        assert pub is not None
+        up = self.net.up
+        late = [h.node_id for h in self.hosts[: self.n]
+                if up[h.idx] and not h.hostile and h.started_ms <= pub and h.idx not in v.applied]
+        if late:
+            self.inv.violation(self.seed, self.now, f"{len(late)} honest node(s) had not applied serial {v.serial} "
+                                                    f"{self.sc.checks.convergence_bound_ms} ms after its publish "
+                                                    f"(Byzantine bound), e.g. {late[:3]}")
 
     def _snapshot(self) -> list[int]:
         return [sum(self.recv_bytes[: self.n]), sum(self.recv_msgs[: self.n]), sum(self.recv_diss[: self.n])]
@@ -527,6 +560,10 @@ class Simulation:
         net = self.net
         for eff in effects:
             if type(eff) is ApplyPolicy:
+                if i < self.n and self.sc.protocol == "gossip":
+                    # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
+                    self._push(now + self.sc.nodes.apply_ms, ACTION, i, self._confirm,
+                               (self.net.epoch[i], eff.serial, eff.hash))
                 if i < self.n:
                     if not h.hostile:
                         h.applied = self.inv.check_effects(self.seed, now, h.node_id, h.applied, effects)
@@ -546,6 +583,8 @@ class Simulation:
                                    epoch[i])
                     continue
                 data = eff.data
+                if j in self.hostile_idx and not h.hostile and len(data) > 1 and data[1] == 7:
+                    self.bodies_to_hostile += 1
                 n = len(data) + net._overhead  # == net.wire_bytes(len(data))
                 n += (1 + (n - 1) // net._mss) * net._header
                 deliver, fail = net.transmit(i, j, n, now, self._on_connect, self._on_break)
@@ -583,6 +622,11 @@ class Simulation:
                 if j is not None and net.close(i, j):
                     self._push(now + int(net.one_way(i, j)) + 1, DISCONNECTED, j, i, None, epoch[j])
                     self._push(now, DISCONNECTED, i, j, None, epoch[i])
+
+    def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
+        epoch, serial, h = arg
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self._feed(i, RulesetApplied(serial, "", h))
 
     def _on_connect(self, a: int, b: int, at: int) -> None:
         epoch = self.net.epoch
@@ -645,6 +689,18 @@ class Simulation:
             if missing:
                 self.inv.violation(self.seed, self.now, f"{len(missing)} live node(s) not converged to serial "
                                                         f"{self.versions[-1].serial} at the end, e.g. {missing[:3]}")
+        equivocation = None
+        lastv = self.versions[-1]
+        if lastv.twin_hash is not None and sc.protocol == "gossip":
+            keep = min(lastv.hash, lastv.twin_hash)
+            other = [h.node_id for h in live if h.proc.trust.policy_hash != keep]
+            if other and sc.checks.require_convergence:
+                self.inv.violation(self.seed, self.now, f"{len(other)} live node(s) not on the lower hash of the "
+                                                        f"equivocated serial {lastv.serial}, e.g. {other[:3]}")
+            now = Now(self.now, self.wall(0, self.now))
+            shown = sum(1 for h in live if h.proc.status(now)["convergence"]["state"] == "equivocation")
+            equivocation = {"serial": lastv.serial, "kept": keep, "on_kept": len(live) - len(other),
+                            "status_shows_equivocation": shown, "alerts": self.alerts.get("policy.equivocation", 0)}
         idle_bps = None
         if hasattr(self, "idle_snap") and self.versions[0].snap_publish is not None:
             dt = (self.versions[0].published_at or 0) - self.idle_snap_t
@@ -664,6 +720,10 @@ class Simulation:
             "live_nodes": len(live),
             "not_converged_at_end": len(missing),
             "hostile_nodes": sum(1 for h in self.hosts[:n] if h.hostile),
+            "hostile_behaviours": sorted(sc.hostile.behaviours) if self.hostile_idx else [],
+            "bodies_to_hostile": self.bodies_to_hostile,
+            "convergence_bound_ms": sc.checks.convergence_bound_ms or None,
+            "equivocation": equivocation,
             "converged_fraction": last["converged_fraction"],
             "t50_ms": last["t50_ms"],
             "t99_ms": last["t99_ms"],

@@ -21,6 +21,7 @@ from protocol.gossip_events import (
     Now,
     PeerConnected,
     PeerDisconnected,
+    RulesetApplied,
     Send,
     SendFailed,
     TimerFired,
@@ -41,6 +42,7 @@ class Host:
     applied: list[ApplyPolicy] = field(default_factory=list)
     up: bool = True
     channels: set[str] = field(default_factory=set)
+    enforces: bool = True  # its enforcer confirms every ApplyPolicy (RulesetApplied) 1 ms later
 
 
 class FakeLink:
@@ -92,6 +94,8 @@ class FakeLink:
                 self._route(nid, eff)
             elif isinstance(eff, ApplyPolicy):
                 host.applied.append(eff)
+                if host.enforces:
+                    self._push(self.now_ms + 1, nid, RulesetApplied(eff.serial, eff.hash[:16], eff.hash))
             elif isinstance(eff, Disconnect):
                 if eff.peer in host.channels:
                     host.channels.discard(eff.peer)

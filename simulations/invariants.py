@@ -3,7 +3,11 @@
 * No node ever applies an unverified, forged or older policy: every ``ApplyPolicy`` must carry an
   envelope the authority signed (checked with real signature verification, cached by hash), a serial
   above what that node applied before, and must follow the ``Persist`` of the same bytes in the same
-  effect list, before any ``Send`` of that list.
+  effect list, before any ``Send`` of that list.  The one exception is an equivocation (the authority
+  signed two payloads with one serial): a node may re-apply that serial once, with a lower hash, and
+  never go back (no flip-flop).
+* The Byzantine guarantee (``checks.convergence_bound_ms``, see ``simulations/hostile.py``): every
+  honest node applies every published version within the bound, whatever the hostile nodes do.
 * The certificate directory given to enforcement only shrinks by revocation or expiry, never by
   liveness.
 * A restarted node comes back enforcing what it enforced before the crash.
@@ -30,6 +34,7 @@ class Invariants:
     count: int = 0
     listed: list[str] = field(default_factory=list)
     _verified: dict[bytes, tuple[int, str] | None] = field(default_factory=dict)
+    _applied_hash: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # node -> (serial, hash, changes)
 
     def violation(self, seed: int, at_ms: int, text: str) -> None:
         self.count += 1
@@ -75,8 +80,16 @@ class Invariants:
                     self.violation(seed, at_ms, f"{node_id} applied a policy the authority never signed")
                 elif ok[0] != eff.serial or ok[1] != eff.hash:
                     self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} with a mismatched digest")
-                if eff.serial <= applied_serial:
+                prev = self._applied_hash.get(node_id)
+                if eff.serial == applied_serial and prev is not None and prev[0] == eff.serial:
+                    if eff.hash >= prev[1] or prev[2] >= 1:
+                        self.violation(seed, at_ms, f"{node_id} re-applied serial {eff.serial} with hash "
+                                                    f"{eff.hash[:12]} after {prev[1][:12]} (flip-flop)")
+                    self._applied_hash[node_id] = (eff.serial, eff.hash, prev[2] + 1)
+                elif eff.serial <= applied_serial:
                     self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} after {applied_serial}")
+                else:
+                    self._applied_hash[node_id] = (eff.serial, eff.hash, 0)
                 if eff.envelope not in persisted:
                     self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} before persisting it")
                 if sent_before_apply:

@@ -75,6 +75,10 @@ class PolicyCfg(_T):
     valid_s: int = 7 * 86400
     publish_at_ms: list[int] = msgspec.field(default_factory=lambda: [20_000])
     publisher_region: str | None = None
+    # a leaked or misused policy key: every publish also signs a second, different policy with the
+    # same serial, submitted at the same moment through another node (every node must end on the
+    # lower content hash, changing at most once)
+    equivocate: bool = False
 
 
 class BaselineCfg(_T):
@@ -99,13 +103,16 @@ class Fault(_T):
 class HostileCfg(_T):
     count: int = 0
     fraction: float = 0.0
-    behaviours: list[Literal["replay", "withhold", "lure"]] = msgspec.field(
+    behaviours: list[Literal["replay", "withhold", "lure", "lie", "flood"]] = msgspec.field(
         default_factory=lambda: ["replay", "withhold", "lure"])
 
 
 class ChecksCfg(_T):
     require_convergence: bool = True
     settle_ms: int = 10_000
+    # The Byzantine guarantee as an invariant: every live honest node applies every published version
+    # within this many ms of its publish (0: not checked).  See simulations/hostile.py.
+    convergence_bound_ms: int = 0
     false_detection_lookback_ms: int = 90_000
 
 

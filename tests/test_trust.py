@@ -16,7 +16,7 @@ from protocol.errors import (
     RootMismatchError,
     SignatureError,
 )
-from protocol.metadata import decode_policy, encode
+from protocol.metadata import decode_policy, encode, payload_hash
 from protocol.policy import Revocations
 from protocol.signing import (
     MAX_ENVELOPE_BYTES,
@@ -153,9 +153,14 @@ def test_duplicate_vs_equivocation(auth, trust):
     trust.accept_policy(first, T0)
     assert trust.accept_policy(first, T0 + 10).duplicate
     other = sign_sample(auth, 3, revocations=Revocations(nodes=("n9",)))
+    # Equivocation: the lower content hash wins everywhere; the higher one is refused and remembered.
+    low, high = sorted((first, other), key=lambda e: payload_hash(decode_envelope(e, "policy").payload))
+    fresh = TrustedState(auth.root_bytes)
+    fresh.accept_policy(low, T0)
     with pytest.raises(EquivocationError, match="signed twice with different content"):
-        trust.accept_policy(other, T0)
-    assert trust.policy.revocations.nodes == ()
+        fresh.accept_policy(high, T0)
+    assert fresh.policy_hash == payload_hash(decode_envelope(low, "policy").payload)
+    assert fresh.equivocation is not None and len(fresh.equivocation.hashes) == 2
 
 
 def test_expired_policy_rejected_as_new_input(auth, trust):

@@ -46,7 +46,9 @@ class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     advertise: str = ""
     seeds: list[str] = []
     source_address: str = ""  # local IP to dial peers from (multi-homed hosts); empty = the kernel's choice
-    max_message_bytes: int = 16 << 20
+    # The largest operator request (publish: one policy envelope of up to 1 MiB plus a root chain).
+    # Gossip channels always reassemble at most the gossip message cap (protocol.gossip_wire).
+    max_message_bytes: int = 4 << 20
     handshake_timeout_ms: int = 5000
     handshake_rate_per_s: float = 20.0
     handshake_burst: int = 40
@@ -192,8 +194,8 @@ def validate(lc: LoadedConfig) -> None:
             raise ConfigError(f"{where}: overrides.break_glass_cidrs: {exc}") from None
     if c.trust.clock_skew_s < 0 or c.trust.clock_skew_s > 86400:
         raise ConfigError(f"{where}: trust.clock_skew_s must be 0..86400")
-    if not 1024 <= c.mesh.max_message_bytes <= 256 << 20:
-        raise ConfigError(f"{where}: mesh.max_message_bytes must be 1 KiB..256 MiB")
+    if not 2 << 20 <= c.mesh.max_message_bytes <= 64 << 20:
+        raise ConfigError(f"{where}: mesh.max_message_bytes must be 2 MiB..64 MiB (it must fit a 1 MiB policy)")
     try:
         from protocol.gossip_config import GossipConfig
 

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from protocol import gossip_wire
 from protocol.channel import ConnectionKind, HandshakeRateLimiter, SecureSession
 from protocol.errors import MeshError, TrustError
 from protocol.gossip_config import GossipConfig
@@ -59,9 +60,17 @@ from .identity import Identity, load_identity
 from .metrics import Metrics
 from .sources import DropDirSource, UrlSource
 from .state import StateStore
-from .transport import MAX_FRAME_BYTES, MESH_PATH, Conn
+from .transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
 
 OPERATOR_REQUEST_BYTES = 4 << 20
+"""An operator request: a policy envelope at its cap (1 MiB, e.g. 4,096 rules) plus a root chain."""
+
+
+def channel_message_caps(operator_bytes: int = OPERATOR_REQUEST_BYTES) -> dict[ConnectionKind, int]:
+    """What one channel may reassemble, per connection kind: exactly the largest gossip message a peer
+    may legitimately send (a bigger one would be refused by the decoder anyway, after costing the
+    memory), and an operator request."""
+    return {ConnectionKind.GOSSIP: gossip_wire.MAX_MESSAGE_BYTES, ConnectionKind.OPERATOR: operator_bytes}
 SHUTDOWN_GRACE_S = 2.0
 REVALIDATE_INTERVAL_S = 30.0
 
@@ -465,7 +474,7 @@ class MeshDaemon:
             else frozenset({ConnectionKind.GOSSIP, ConnectionKind.OPERATOR}),
             expected_peer=expected_peer,
             handshake_timeout_ms=mesh.handshake_timeout_ms,
-            max_message_bytes=mesh.max_message_bytes,
+            max_message_bytes=channel_message_caps(mesh.max_message_bytes),
         )
 
     async def _dial(self, address: str, peer: str) -> None:
@@ -474,7 +483,7 @@ class MeshDaemon:
         conn: Conn | None = None
         try:
             ws = await asyncio.wait_for(
-                self._http.ws_connect(f"http://{address}{MESH_PATH}", max_msg_size=MAX_FRAME_BYTES,
+                self._http.ws_connect(f"http://{address}{MESH_PATH}", max_msg_size=WS_MAX_MSG_BYTES,
                                       autoping=True, heartbeat=None),
                 timeout=5,
             )
@@ -510,7 +519,7 @@ class MeshDaemon:
         if sum(len(v) for v in self.conns.values()) + len(self.operator_conns) >= self.lc.cfg.mesh.max_peers:
             self.metrics.handshakes.labels("refused", "too_many_peers").inc()
             return web.Response(status=503, text="too many peers\n")
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=WS_MAX_MSG_BYTES, autoping=True)
         await ws.prepare(request)
         conn = Conn(ws=ws, session=self._new_session(initiator=False), inbound=True, address=source)
         self.handshaking.add(conn)
@@ -616,7 +625,7 @@ class MeshDaemon:
 
     async def _on_operator_message(self, conn: Conn, data: bytes) -> None:
         try:
-            req = msgspec.msgpack.decode(data, type=OperatorRequest) if len(data) <= OPERATOR_REQUEST_BYTES else None
+            req = msgspec.msgpack.decode(data, type=OperatorRequest) if len(data) <= conn.session.max_message_bytes else None
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             req = None
         if req is None:

@@ -26,9 +26,15 @@ from protocol.channel import (
     SessionState,
 )
 from protocol.errors import MeshError, TrustError
+from protocol.noise import MAX_MESSAGE_LEN
 
 MESH_PATH = "/mesh"
-MAX_FRAME_BYTES = 65535
+MAX_FRAME_BYTES = MAX_MESSAGE_LEN
+"""The largest frame on the wire: one Noise message (the channel fills frames exactly up to it)."""
+WS_MAX_MSG_BYTES = MAX_FRAME_BYTES + 1
+"""aiohttp's ``max_msg_size`` for every mesh WebSocket. aiohttp refuses a message whose length is
+*at least* ``max_msg_size`` (3.9-3.14: ``payload >= max_msg_size - partial``), so the cap is one above
+the largest Noise frame; tests/test_transport_caps.py pins this against the installed aiohttp."""
 SEND_QUEUE_MESSAGES = 1024
 _conn_ids = itertools.count(1)
 
@@ -38,7 +44,7 @@ class TransportError(MeshError):
 
 
 class OversizeFrameError(TransportError):
-    """The peer sent a WebSocket message over MAX_FRAME_BYTES (the socket refused it, code 1009)."""
+    """The peer sent a WebSocket message larger than any Noise frame (the socket refused it, code 1009)."""
 
 
 def _ws_error(msg: aiohttp.WSMessage) -> TransportError:

@@ -75,6 +75,7 @@ def channel_message_caps(operator_bytes: int = OPERATOR_REQUEST_BYTES) -> dict[C
 SHUTDOWN_GRACE_S = 2.0
 PERSIST_RETRY_MIN_S = 1.0
 PERSIST_RETRY_MAX_S = 30.0
+REAPPLY_RETRY_MAX_S = 10.0
 REVALIDATE_INTERVAL_S = 30.0
 
 
@@ -246,6 +247,7 @@ class MeshDaemon:
                 tg.create_task(self._supervised("enforcer", self.enforcer.run), name="enforcer")
                 tg.create_task(self._supervised("drift", self.enforcer.drift_loop), name="drift")
                 tg.create_task(self._revalidate_loop(), name="revalidate")
+                tg.create_task(self._reapply_loop(), name="reapply")
                 self._start_sources(tg)
                 self._feed(TimerFired())
                 await self._stop.wait()
@@ -808,6 +810,20 @@ class MeshDaemon:
         else:
             reply = {"ok": False, "reason": f"unknown operation {req.op!r}"}
         conn.enqueue(msgspec.msgpack.encode(reply))
+
+    async def _reapply_loop(self) -> None:
+        """A failed apply (EMFILE, ENOSPC, a busy kernel) keeps the previous ruleset; retry it with backoff
+        until the kernel enforces what the node trusts, so trusted and enforced do not stay apart."""
+        backoff_s = PERSIST_RETRY_MIN_S
+        while True:
+            await asyncio.sleep(backoff_s)
+            policy = self.trust.policy
+            if policy is None or self.enforcer.last_error is None:
+                backoff_s = PERSIST_RETRY_MIN_S
+                continue
+            self.log.info("enforce.retry", serial=policy.serial, last_error=self.enforcer.last_error[:200])
+            self.enforcer.want(policy, self._member_certs())
+            backoff_s = min(REAPPLY_RETRY_MAX_S, backoff_s * 2)
 
     async def _revalidate_loop(self) -> None:
         """Certificates expire while channels are open: re-check every open channel periodically."""

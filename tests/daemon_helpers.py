@@ -104,6 +104,7 @@ class NodeProc:
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    nofile: int | None = None  # start with this soft RLIMIT_NOFILE (descriptor pressure tests)
 
     @property
     def mesh(self) -> str:
@@ -130,9 +131,19 @@ class NodeProc:
         assert not self.alive, f"{self.node_id} is already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        nofile = self.nofile
+
+        def limit_fds() -> None:
+            if nofile is not None:
+                import resource
+
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
         self.proc = subprocess.Popen(
             [*MESHNODE, "run", "--config", str(self.config)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=limit_fds if nofile is not None else None,
         )
         log.close()
 

@@ -16,7 +16,7 @@ from protocol.trust import TrustedState
 
 from . import transport
 from .identity import load_identity_dir
-from .transport import MAX_FRAME_BYTES, MESH_PATH, Conn
+from .transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
 
 
 class OperatorError(MeshError):
@@ -33,7 +33,7 @@ async def request(node: str, identity_dir: Path, req: dict[str, Any], timeout_s:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as http:
         try:
             ws = await asyncio.wait_for(
-                http.ws_connect(f"http://{node}{MESH_PATH}", max_msg_size=MAX_FRAME_BYTES), timeout_s
+                http.ws_connect(f"http://{node}{MESH_PATH}", max_msg_size=WS_MAX_MSG_BYTES), timeout_s
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise OperatorError(f"cannot reach {node}: {str(exc) or type(exc).__name__}") from None

@@ -47,11 +47,19 @@ class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     advertise: str = ""
     seeds: list[str] = []
     source_address: str = ""  # local IP to dial peers from (multi-homed hosts); empty = the kernel's choice
-    max_message_bytes: int = 16 << 20
+    # The largest operator request (publish: one policy envelope of up to 1 MiB plus a root chain).
+    # Gossip channels always reassemble at most the gossip message cap (protocol.gossip_wire).
+    max_message_bytes: int = 4 << 20
     handshake_timeout_ms: int = 5000
     handshake_rate_per_s: float = 20.0
     handshake_burst: int = 40
     max_peers: int = 512
+    # Before authentication (accept -> HTTP upgrade -> Noise handshake, all within handshake_timeout_ms
+    # of the accept): at most this many pending connections per remote address, and overall.
+    preauth_per_source: int = 16
+    preauth_max: int = 256
+    # Authenticated channels one identity may hold at once (a new one closes its oldest).
+    max_channels_per_peer: int = 2
 
 
 class AdminSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -197,8 +205,14 @@ def validate(lc: LoadedConfig) -> None:
             raise ConfigError(f"{where}: overrides.break_glass_cidrs: {exc}") from None
     if c.trust.clock_skew_s < 0 or c.trust.clock_skew_s > 86400:
         raise ConfigError(f"{where}: trust.clock_skew_s must be 0..86400")
-    if not 1024 <= c.mesh.max_message_bytes <= 256 << 20:
-        raise ConfigError(f"{where}: mesh.max_message_bytes must be 1 KiB..256 MiB")
+    if not 1 <= c.mesh.preauth_per_source <= c.mesh.preauth_max <= 65536:
+        raise ConfigError(f"{where}: mesh.preauth_per_source must be 1..preauth_max, preauth_max at most 65536")
+    if not 1 <= c.mesh.max_channels_per_peer <= 16:
+        raise ConfigError(f"{where}: mesh.max_channels_per_peer must be 1..16")
+    if not 100 <= c.mesh.handshake_timeout_ms <= 120_000:
+        raise ConfigError(f"{where}: mesh.handshake_timeout_ms must be 100..120000")
+    if not 2 << 20 <= c.mesh.max_message_bytes <= 64 << 20:
+        raise ConfigError(f"{where}: mesh.max_message_bytes must be 2 MiB..64 MiB (it must fit a 1 MiB policy)")
     try:
         from protocol.gossip_config import GossipConfig
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from protocol import gossip_wire
 from protocol.channel import ConnectionKind, HandshakeRateLimiter, SecureSession
 from protocol.errors import MeshError, TrustError
 from protocol.gossip_config import GossipConfig
@@ -59,10 +61,21 @@ from .identity import Identity, load_identity
 from .metrics import Metrics
 from .sources import DropDirSource, UrlSource
 from .state import StateStore
-from .transport import MAX_FRAME_BYTES, MESH_PATH, Conn
+from .transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
 
 OPERATOR_REQUEST_BYTES = 4 << 20
+"""An operator request: a policy envelope at its cap (1 MiB, e.g. 4,096 rules) plus a root chain."""
+
+
+def channel_message_caps(operator_bytes: int = OPERATOR_REQUEST_BYTES) -> dict[ConnectionKind, int]:
+    """What one channel may reassemble, per connection kind: exactly the largest gossip message a peer
+    may legitimately send (a bigger one would be refused by the decoder anyway, after costing the
+    memory), and an operator request."""
+    return {ConnectionKind.GOSSIP: gossip_wire.MAX_MESSAGE_BYTES, ConnectionKind.OPERATOR: operator_bytes}
 SHUTDOWN_GRACE_S = 2.0
+PERSIST_RETRY_MIN_S = 1.0
+PERSIST_RETRY_MAX_S = 30.0
+REAPPLY_RETRY_MAX_S = 10.0
 REVALIDATE_INTERVAL_S = 30.0
 
 
@@ -106,9 +119,19 @@ class MeshDaemon:
             cfg.mesh.handshake_rate_per_s, cfg.mesh.handshake_burst, total_rate_per_s=cfg.mesh.handshake_rate_per_s * 10
         )
         self.overrides = lc.active_overrides()
+        self.preauth = transport.PreauthGuard(
+            deadline_s=cfg.mesh.handshake_timeout_ms / 1000, per_source=cfg.mesh.preauth_per_source,
+            total=cfg.mesh.preauth_max, on_refuse=self._preauth_refused,
+        )
         # Unauthenticated peers must not be able to flood the log: refusals are counted in metrics always,
         # logged at most a few times a second per reason (with the number suppressed in between).
         self._log_budget = LogBudget(per_s=2.0, burst=10)
+        # State writes that failed, latest per key ("policy", "root.<v>", "peers", "members"), retried
+        # with backoff from the timer loop; one alert per episode.
+        self._unsaved: dict[str, tuple[str, Callable[[], None]]] = {}
+        self._persist_retry_at: float | None = None
+        self._persist_backoff_s = PERSIST_RETRY_MIN_S
+        self._persist_alerted = False
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -194,6 +217,16 @@ class MeshDaemon:
         for name in self.overrides:
             self.metrics.overrides.labels(name).set(1)
             self.log.warning("config.override_active", override=name)
+        library_logs = _LibraryLogCounter(self.metrics)
+        for name in _LIBRARY_LOGGERS:
+            logging.getLogger(name).addHandler(library_logs)
+        try:
+            await self._run()
+        finally:
+            for name in _LIBRARY_LOGGERS:
+                logging.getLogger(name).removeHandler(library_logs)
+
+    async def _run(self) -> None:
         self._boot_state()
         # Enforce the last-known-good policy before any peer is reachable.
         await self.enforcer.setup()
@@ -213,9 +246,10 @@ class MeshDaemon:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self._timer_loop(), name="timer")
-                tg.create_task(self.enforcer.run(), name="enforcer")
-                tg.create_task(self.enforcer.drift_loop(), name="drift")
+                tg.create_task(self._supervised("enforcer", self.enforcer.run), name="enforcer")
+                tg.create_task(self._supervised("drift", self.enforcer.drift_loop), name="drift")
                 tg.create_task(self._revalidate_loop(), name="revalidate")
+                tg.create_task(self._reapply_loop(), name="reapply")
                 self._start_sources(tg)
                 self._feed(TimerFired())
                 await self._stop.wait()
@@ -235,6 +269,25 @@ class MeshDaemon:
             if self._http is not None:
                 await self._http.close()
             self.log.info("meshnode.stopped")
+
+    async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a long-lived task; an OS-level failure (EMFILE, ENOSPC, no thread for to_thread) restarts it
+        after a backoff instead of ending the TaskGroup and the daemon. The enforcer re-applies the
+        trusted policy when it comes back, so trusted and enforced do not stay apart."""
+        backoff_s = PERSIST_RETRY_MIN_S
+        while True:
+            try:
+                await run()
+                return
+            except (OSError, RuntimeError, MeshError) as exc:
+                self.metrics.internal_errors.labels(f"task.{name}").inc()
+                self.log.error("task.failed", task=name, error=f"{type(exc).__name__}: {exc}"[:300],
+                               restart_in_s=backoff_s)
+                self._alert("node.task_failed", {"task": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(PERSIST_RETRY_MAX_S, backoff_s * 2)
+                if name == "enforcer":
+                    self.enforcer.want(self.trust.policy, self._member_certs())
 
     def request_stop(self) -> None:
         self.log.info("meshnode.stopping")
@@ -271,10 +324,14 @@ class MeshDaemon:
 
     async def _start_listeners(self) -> None:
         cfg = self.lc.cfg
-        mesh_app = web.Application(client_max_size=1024)
-        mesh_app.router.add_get(MESH_PATH, self._mesh_handler)
+        deadline_s = self.preauth.deadline_s
+        # aiohttp's low-level server (one route): every accepted socket is reported to the guard, which
+        # aborts it unless it authenticates within the handshake deadline, measured from the accept.
+        server = transport.GuardedServer(self._mesh_request, guard=self.preauth, access_log=None,
+                                         keepalive_timeout=deadline_s, max_line_size=1024, max_field_size=1024,
+                                         max_headers=32)
         # shutdown_timeout bounds how long a stop waits for handlers (e.g. a peer stalling its handshake).
-        runner = web.AppRunner(mesh_app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.listen_host, self.listen_port, reuse_address=True)
@@ -317,55 +374,125 @@ class MeshDaemon:
         assert self.node is not None
         while True:
             self._wake.clear()
-            deadline = self.node.next_deadline()
-            timeout = None if deadline is None else max(0.0, (deadline - _now().ms) / 1000)
+            timeout = self._next_wakeup_s()
             # asyncio.timeout, not wait_for: on 3.11 wait_for turns a cancellation that races the
             # deadline into TimeoutError, and the loop would then feed the core during shutdown.
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
             except TimeoutError:
+                self._retry_persist()
                 self._feed(TimerFired())
 
     def _execute(self, effects: Sequence[Any]) -> None:
-        """The one place effects run. Durable effects come first in the list and run synchronously."""
+        """The one place effects run. Durable effects come first in the list and run synchronously.
+
+        No effect can stop the daemon or the effects after it: a failed state write is kept pending and
+        retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
+        state is not durable), and anything else is logged, counted and alerted."""
         for eff in effects:
-            match eff:
-                case Persist(kind="policy", data=data):
-                    # The core verified it a moment ago; the serial only names the file (boot re-verifies).
-                    self.store.save_policy(policy_digest(data)[0], data)
-                case Persist(kind="root", data=data):
-                    root_env = decode_envelope(data, "root")
-                    self.store.save_root(decode_root(root_env.payload).version, data)
-                case Persist(kind="peers", data=data):
-                    self.store.save_peers(data)
-                case Persist(kind=kind):
-                    self.log.warning("effect.unknown_persist", kind=kind)
-                case ApplyPolicy(serial=serial, hash=h):
-                    self.log.info("policy.accepted", serial=serial, hash=h[:16])
-                    self._update_policy_metrics()
-                    self.enforcer.want(self.trust.policy, self._member_certs())
-                    self._revalidate_sessions()
-                case MembersChanged(certs=certs):
-                    self.members = dict(certs)
-                    self.members.setdefault(self.identity.node_id, self.identity.cert_bytes)
-                    self.store.save_members(self.members)
-                    self.enforcer.want(self.trust.policy, self._member_certs())
-                case Send(peer=peer, address=address, data=data):
-                    self._send(peer, address, data)
-                case Disconnect(peer=peer, reason=reason):
-                    self.metrics.frames_refused.labels("peer_misbehaved").inc()
-                    self.log.warning("peer.disconnected", peer=peer, reason=reason)
-                    for c in list(self.conns.get(peer, [])):
-                        self._spawn(transport.close(c, reason))
-                case PolicyResult():
-                    pass  # answered by the caller that submitted it
-                case Alert(event=event, fields=fields):
-                    self._alert(event, fields)
-                case LivenessChanged(node_id=nid, liveness=liveness, incarnation=inc):
-                    self.log.info("member.liveness", member=nid, liveness=liveness, incarnation=inc)
-                case _:
-                    self.log.warning("effect.unknown", effect=type(eff).__name__)
+            try:
+                self._execute_one(eff)
+            except Exception as exc:  # noqa: BLE001 - the bulkhead: one failed effect must not stop the node
+                self.metrics.internal_errors.labels(f"effect.{type(eff).__name__}").inc()
+                self._alert("node.internal_error", {"effect": type(eff).__name__,
+                                                    "error": f"{type(exc).__name__}: {exc}"[:300]})
+                self.log.error("effect.failed", effect=type(eff).__name__, exc_info=exc)
+
+    def _execute_one(self, eff: Any) -> None:
+        match eff:
+            case Persist(kind="policy", data=data):
+                # The core verified it a moment ago; the serial only names the file (boot re-verifies).
+                serial = policy_digest(data)[0]
+                self._persist("policy", "policy", lambda: self.store.save_policy(serial, data))
+            case Persist(kind="root", data=data):
+                version = decode_root(decode_envelope(data, "root").payload).version
+                self._persist(f"root.{version}", "root", lambda: self.store.save_root(version, data))
+            case Persist(kind="peers", data=data):
+                self._persist("peers", "peers", lambda: self.store.save_peers(data))
+            case Persist(kind=kind):
+                self.log.warning("effect.unknown_persist", kind=kind)
+            case ApplyPolicy(serial=serial, hash=h):
+                self.log.info("policy.accepted", serial=serial, hash=h[:16])
+                self._update_policy_metrics()
+                self.enforcer.want(self.trust.policy, self._member_certs())
+                self._revalidate_sessions()
+            case MembersChanged(certs=certs):
+                self.members = dict(certs)
+                self.members.setdefault(self.identity.node_id, self.identity.cert_bytes)
+                members = dict(self.members)
+                self._persist("members", "members", lambda: self.store.save_members(members))
+                self.enforcer.want(self.trust.policy, self._member_certs())
+            case Send(peer=peer, address=address, data=data):
+                self._send(peer, address, data)
+            case Disconnect(peer=peer, reason=reason):
+                self.metrics.frames_refused.labels("peer_misbehaved").inc()
+                self.log.warning("peer.disconnected", peer=peer, reason=reason)
+                for c in list(self.conns.get(peer, [])):
+                    self._spawn(transport.close(c, reason))
+            case PolicyResult():
+                pass  # answered by the caller that submitted it
+            case Alert(event=event, fields=fields):
+                self._alert(event, fields)
+            case LivenessChanged(node_id=nid, liveness=liveness, incarnation=inc):
+                self.log.info("member.liveness", member=nid, liveness=liveness, incarnation=inc)
+            case _:
+                self.log.warning("effect.unknown", effect=type(eff).__name__)
+
+    # -- durable state -------------------------------------------------------------------------------
+    def _persist(self, key: str, kind: str, write: Callable[[], None]) -> None:
+        """Write one piece of state now; when the write fails (EMFILE, ENOSPC, EIO, a read-only disk),
+        keep it as the latest pending write for `key` and retry it from the timer loop with backoff."""
+        self._unsaved.pop(key, None)
+        try:
+            write()
+        except OSError as exc:
+            self._unsaved[key] = (kind, write)
+            self._persist_failed(kind, exc)
+        self.metrics.state_unsaved.set(len(self._unsaved))
+
+    def _persist_failed(self, kind: str, exc: OSError) -> None:
+        self.metrics.state_write_failures.labels(kind).inc()
+        error = f"{type(exc).__name__}: {exc.strerror or exc}"[:200]
+        if self._log_budget.allow("state.write_failed", transport.now_ms()):
+            self.log.error("state.write_failed", kind=kind, error=error, retry_in_s=self._persist_backoff_s,
+                           suppressed=self._log_budget.take_suppressed("state.write_failed"))
+        if not self._persist_alerted:  # one alert per episode, until every pending write succeeded
+            self._persist_alerted = True
+            self._alert("state.write_failed", {"kind": kind, "error": error, "durable": False,
+                                               "note": "enforcing, but a restart would lose this state; retrying"})
+        if self._persist_retry_at is None:
+            self._persist_retry_at = time.monotonic() + self._persist_backoff_s
+
+    def _retry_persist(self) -> None:
+        """Retry every pending write once its backoff has passed (called from the timer loop)."""
+        if self._persist_retry_at is None or time.monotonic() < self._persist_retry_at:
+            return
+        self._persist_retry_at = None
+        for key, (kind, write) in list(self._unsaved.items()):
+            try:
+                write()
+            except OSError as exc:
+                self._persist_backoff_s = min(PERSIST_RETRY_MAX_S, self._persist_backoff_s * 2)
+                self._persist_failed(kind, exc)
+                break
+            if self._unsaved.get(key, (None, None))[1] is write:
+                del self._unsaved[key]
+        self.metrics.state_unsaved.set(len(self._unsaved))
+        if not self._unsaved:
+            self._persist_backoff_s = PERSIST_RETRY_MIN_S
+            if self._persist_alerted:
+                self._persist_alerted = False
+                self.log.warning("state.write_recovered", serial=self.trust.serial)
+
+    def _next_wakeup_s(self) -> float | None:
+        assert self.node is not None
+        deadline = self.node.next_deadline()
+        timeout = None if deadline is None else max(0.0, (deadline - _now().ms) / 1000)
+        if self._persist_retry_at is not None:
+            retry = max(0.0, self._persist_retry_at - time.monotonic())
+            timeout = retry if timeout is None else min(timeout, retry)
+        return timeout
 
     def _update_policy_metrics(self) -> None:
         now = time.time()
@@ -467,7 +594,7 @@ class MeshDaemon:
             else frozenset({ConnectionKind.GOSSIP, ConnectionKind.OPERATOR}),
             expected_peer=expected_peer,
             handshake_timeout_ms=mesh.handshake_timeout_ms,
-            max_message_bytes=mesh.max_message_bytes,
+            max_message_bytes=channel_message_caps(mesh.max_message_bytes),
         )
 
     async def _dial(self, address: str, peer: str) -> None:
@@ -476,7 +603,7 @@ class MeshDaemon:
         conn: Conn | None = None
         try:
             ws = await asyncio.wait_for(
-                self._http.ws_connect(f"http://{address}{MESH_PATH}", max_msg_size=MAX_FRAME_BYTES,
+                self._http.ws_connect(f"http://{address}{MESH_PATH}", max_msg_size=WS_MAX_MSG_BYTES,
                                       autoping=True, heartbeat=None),
                 timeout=5,
             )
@@ -504,7 +631,32 @@ class MeshDaemon:
             if self.by_addr.get(address) is conn:
                 del self.by_addr[address]
 
-    async def _mesh_handler(self, request: web.Request) -> web.StreamResponse:
+    def _preauth_refused(self, source: str, reason: str) -> None:
+        self.metrics.handshakes.labels("refused", reason).inc()
+        if self._log_budget.allow(f"handshake.refused/{reason}", transport.now_ms()):
+            self.log.info("handshake.refused", remote=source, reason=reason,
+                          suppressed=self._log_budget.take_suppressed(f"handshake.refused/{reason}"))
+
+    async def _mesh_request(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every HTTP request on the mesh port. Whatever goes wrong in one lands in the JSON log and
+        the metrics and costs only that connection."""
+        if request.path != MESH_PATH or request.method != "GET":
+            self.metrics.handshakes.labels("refused", "not_found").inc()
+            return web.Response(status=404, text="not found\n")
+        try:
+            return await self._mesh_handler(request)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the bulkhead: a bug hit by one request costs that request
+            self.metrics.handshakes.labels("failed", "internal_error").inc()
+            self._alert("node.internal_error", {"remote": request.remote or "?",
+                                                "error": f"{type(exc).__name__}: {exc}"[:300]})
+            self.log.error("request.failed", remote=request.remote or "?", exc_info=exc)
+            raise web.HTTPInternalServerError() from None
+
+    async def _mesh_handler(self, request: web.BaseRequest) -> web.StreamResponse:
         source = request.remote or "?"
         if not self.limiter.allow(source, transport.now_ms()):
             self.metrics.handshakes.labels("refused", "rate_limited").inc()
@@ -512,8 +664,15 @@ class MeshDaemon:
         if sum(len(v) for v in self.conns.values()) + len(self.operator_conns) >= self.lc.cfg.mesh.max_peers:
             self.metrics.handshakes.labels("refused", "too_many_peers").inc()
             return web.Response(status=503, text="too many peers\n")
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, autoping=True)
-        await ws.prepare(request)
+        ws = web.WebSocketResponse(max_msg_size=WS_MAX_MSG_BYTES, autoping=True)
+        try:
+            await ws.prepare(request)
+        except (ConnectionError, RuntimeError) as exc:  # aiohttp's ClientConnectionResetError is a ConnectionResetError
+            # The peer reset during the upgrade ("Cannot write to closing transport"): a refusal, counted
+            # and logged like any other, not an aiohttp traceback.
+            self._preauth_refused(source, "reset_during_upgrade")
+            self.log.debug("handshake.reset", remote=source, detail=str(exc)[:200])
+            return ws
         conn = Conn(ws=ws, session=self._new_session(initiator=False), inbound=True, address=source)
         self.handshaking.add(conn)
         try:
@@ -528,6 +687,7 @@ class MeshDaemon:
             return ws
         finally:
             self.handshaking.discard(conn)
+        self.preauth.authenticated(request.protocol)
         self.metrics.handshakes.labels("ok", "inbound").inc()
         if self._tg is None:
             # Listening but not serving (still starting, or stopping): registering the channel now
@@ -543,7 +703,9 @@ class MeshDaemon:
 
     def _register(self, conn: Conn) -> None:
         peer = conn.peer
-        self.conns.setdefault(peer, []).append(conn)
+        lst = self.conns.setdefault(peer, [])
+        self._limit_channels(lst, "gossip")
+        lst.append(conn)
         self.metrics.connections.labels("gossip").set(sum(len(v) for v in self.conns.values()))
         self.log.debug("peer.connected", peer=peer, conn=conn.id, inbound=conn.inbound)
         cert = conn.session.peer_certificate or b""
@@ -598,8 +760,22 @@ class MeshDaemon:
             self.log.info("peer.write_failed", peer=conn.peer, reason=transport.refusal_reason(exc))
             await transport.close(conn, "write failed")
 
+    def _limit_channels(self, existing: Sequence[Conn], kind: str) -> None:
+        """One identity holds at most `max_channels_per_peer` channels: a new one closes the oldest
+        (a redial after a silent loss must win, and a rogue's extra channels cost it its old ones)."""
+        live = [c for c in existing if not c.closed and not c.retired]
+        for old in live[: max(0, len(live) - self.lc.cfg.mesh.max_channels_per_peer + 1)]:
+            self.metrics.frames_refused.labels("too_many_channels").inc()
+            if self._log_budget.allow(f"peer.channel_limit/{kind}", transport.now_ms()):
+                self.log.info("peer.channel_limit", peer=old.peer, kind=kind, closed=old.id,
+                              suppressed=self._log_budget.take_suppressed(f"peer.channel_limit/{kind}"))
+            old.retired = True
+            self._spawn(transport.close(old, "too many channels for this identity"))
+
     async def _serve_operator(self, conn: Conn) -> None:
         op = conn.peer
+        self._limit_channels(sorted((c for c in self.operator_conns if c.peer == op), key=lambda c: c.id),
+                             "operator")
         self.operator_conns.add(conn)
         self.metrics.connections.labels("operator").set(len(self.operator_conns))
         self.log.info("operator.connected", operator=op, conn=conn.id)
@@ -618,7 +794,7 @@ class MeshDaemon:
 
     async def _on_operator_message(self, conn: Conn, data: bytes) -> None:
         try:
-            req = msgspec.msgpack.decode(data, type=OperatorRequest) if len(data) <= OPERATOR_REQUEST_BYTES else None
+            req = msgspec.msgpack.decode(data, type=OperatorRequest) if len(data) <= conn.session.max_message_bytes else None
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             req = None
         if req is None:
@@ -636,6 +812,20 @@ class MeshDaemon:
         else:
             reply = {"ok": False, "reason": f"unknown operation {req.op!r}"}
         conn.enqueue(msgspec.msgpack.encode(reply))
+
+    async def _reapply_loop(self) -> None:
+        """A failed apply (EMFILE, ENOSPC, a busy kernel) keeps the previous ruleset; retry it with backoff
+        until the kernel enforces what the node trusts, so trusted and enforced do not stay apart."""
+        backoff_s = PERSIST_RETRY_MIN_S
+        while True:
+            await asyncio.sleep(backoff_s)
+            policy = self.trust.policy
+            if policy is None or self.enforcer.last_error is None:
+                backoff_s = PERSIST_RETRY_MIN_S
+                continue
+            self.log.info("enforce.retry", serial=policy.serial, last_error=self.enforcer.last_error[:200])
+            self.enforcer.want(policy, self._member_certs())
+            backoff_s = min(REAPPLY_RETRY_MAX_S, backoff_s * 2)
 
     async def _revalidate_loop(self) -> None:
         """Certificates expire while channels are open: re-check every open channel periodically."""
@@ -696,6 +886,20 @@ class MeshDaemon:
         self._update_policy_metrics()
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_LIBRARY_LOGGERS = ("aiohttp", "asyncio")
+
+
+class _LibraryLogCounter(logging.Handler):
+    """Counts the warnings and errors aiohttp and asyncio log (the root handler renders them as JSON)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(logging.WARNING)
+        self._metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._metrics.library_log_records.labels(record.name, record.levelname.lower()).inc()
 
 
 class _Shutdown(Exception):

@@ -30,3 +30,18 @@ class Metrics:
         self.alerts = Counter("policymesh_alerts", "Alerts raised", ["event"], registry=r)
         self.overrides = Gauge("policymesh_override_active", "Active security overrides", ["override"], registry=r)
         self.state_problems = Counter("policymesh_state_problems", "Corrupt or unverifiable state files", registry=r)
+        self.state_write_failures = Counter(
+            "policymesh_state_write_failures", "State writes that failed (kept pending and retried)", ["kind"],
+            registry=r,
+        )
+        self.state_unsaved = Gauge(
+            "policymesh_state_unsaved", "Accepted state not yet durable (pending writes)", registry=r
+        )
+        self.internal_errors = Counter(
+            "policymesh_internal_errors", "Failures handled without stopping the daemon, by where", ["where"],
+            registry=r,
+        )
+        self.library_log_records = Counter(
+            "policymesh_library_log_records", "Warnings and errors logged by aiohttp and asyncio", ["logger", "level"],
+            registry=r,
+        )

@@ -26,9 +26,15 @@ from protocol.channel import (
     SessionState,
 )
 from protocol.errors import MeshError, TrustError
+from protocol.noise import MAX_MESSAGE_LEN
 
 MESH_PATH = "/mesh"
-MAX_FRAME_BYTES = 65535
+MAX_FRAME_BYTES = MAX_MESSAGE_LEN
+"""The largest frame on the wire: one Noise message (the channel fills frames exactly up to it)."""
+WS_MAX_MSG_BYTES = MAX_FRAME_BYTES + 1
+"""aiohttp's ``max_msg_size`` for every mesh WebSocket. aiohttp refuses a message whose length is
+*at least* ``max_msg_size`` (3.9-3.14: ``payload >= max_msg_size - partial``), so the cap is one above
+the largest Noise frame; tests/test_transport_caps.py pins this against the installed aiohttp."""
 SEND_QUEUE_MESSAGES = 1024
 _conn_ids = itertools.count(1)
 
@@ -38,7 +44,7 @@ class TransportError(MeshError):
 
 
 class OversizeFrameError(TransportError):
-    """The peer sent a WebSocket message over MAX_FRAME_BYTES (the socket refused it, code 1009)."""
+    """The peer sent a WebSocket message larger than any Noise frame (the socket refused it, code 1009)."""
 
 
 def _ws_error(msg: aiohttp.WSMessage) -> TransportError:
@@ -85,6 +91,7 @@ class Conn:
     id: int = field(default_factory=lambda: next(_conn_ids))
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE_MESSAGES))
     closed: bool = False
+    retired: bool = False  # being closed to make room (channel limit per identity)
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -213,3 +220,101 @@ async def close(conn: Conn, reason: str, *, refused: bool = False) -> None:
 
 def entropy(n: int) -> bytes:
     return os.urandom(n)
+
+
+# -- before authentication ----------------------------------------------------------------------------
+
+
+class PreauthGuard:
+    """Bounds what an unauthenticated connection may cost: every accepted TCP connection must finish its
+    HTTP upgrade and Noise handshake within `deadline_s` of the accept (an idle socket, a slowloris
+    header, an open WebSocket with no handshake all end there), and at most `per_source` of them per
+    remote address and `total` overall may be pending at once; the next one is aborted at accept.
+
+    The shell reports each connection's accept and loss (`accepted` / `lost`, from `GuardedServer`) and
+    its successful handshake (`authenticated`); `on_refuse(source, reason)` counts and logs each refusal
+    (reason ``preauth_limit`` or ``preauth_timeout``). Memory: one entry per pending connection, at most
+    `total`.
+    """
+
+    def __init__(self, *, deadline_s: float, per_source: int, total: int,
+                 on_refuse: Callable[[str, str], None]) -> None:
+        if deadline_s <= 0 or per_source < 1 or total < 1:
+            raise ValueError("deadline_s, per_source and total must be positive")
+        self.deadline_s = deadline_s
+        self.per_source = per_source
+        self.total = total
+        self._on_refuse = on_refuse
+        self._pending: dict[object, tuple[str, asyncio.BaseTransport, asyncio.TimerHandle]] = {}
+        self._per_source: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def count(self, source: str) -> int:
+        return self._per_source.get(source, 0)
+
+    def accepted(self, conn: object, tr: asyncio.BaseTransport) -> bool:
+        """A TCP connection was accepted; False (and the socket is aborted) when over a cap."""
+        peer = tr.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if len(self._pending) >= self.total or self._per_source.get(source, 0) >= self.per_source:
+            self._on_refuse(source, "preauth_limit")
+            _abort(tr)
+            return False
+        handle = asyncio.get_running_loop().call_later(self.deadline_s, self._expire, conn)
+        self._pending[conn] = (source, tr, handle)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        return True
+
+    def authenticated(self, conn: object) -> None:
+        """The connection completed its handshake: no deadline and no pre-auth slot any more."""
+        self._release(conn)
+
+    def lost(self, conn: object) -> None:
+        self._release(conn)
+
+    def _expire(self, conn: object) -> None:
+        entry = self._release(conn)
+        if entry is not None:
+            self._on_refuse(entry[0], "preauth_timeout")
+            _abort(entry[1])
+
+    def _release(self, conn: object) -> tuple[str, asyncio.BaseTransport, asyncio.TimerHandle] | None:
+        entry = self._pending.pop(conn, None)
+        if entry is None:
+            return None
+        source, _, handle = entry
+        handle.cancel()
+        left = self._per_source[source] - 1
+        if left:
+            self._per_source[source] = left
+        else:
+            del self._per_source[source]
+        return entry
+
+
+def _abort(tr: asyncio.BaseTransport) -> None:
+    abort = getattr(tr, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        tr.close()
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, reporting every accepted and lost connection to a PreauthGuard
+    (``connection_made`` / ``connection_lost`` are the hooks each RequestHandler calls on its server)."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
+                 guard: PreauthGuard, **kwargs: object) -> None:
+        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self.guard = guard
+
+    def connection_made(self, handler: object, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(handler, transport)  # type: ignore[arg-type]
+        self.guard.accepted(handler, transport)
+
+    def connection_lost(self, handler: object, exc: BaseException | None = None) -> None:  # type: ignore[override]
+        self.guard.lost(handler)
+        super().connection_lost(handler, exc)  # type: ignore[arg-type]

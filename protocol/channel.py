@@ -20,7 +20,9 @@ certificate decides between `ConnectionKind.GOSSIP` (node to node) and `Connecti
 
 Transport: each frame decrypts (in strict nonce order: a replayed, reordered, truncated or altered frame
 kills the session) to one type byte and a body. An application message is sent as zero or more
-`_CHUNK_MORE` frames and one `_CHUNK_END` frame, reassembled under `max_message_bytes`. `_CLOSE` carries
+`_CHUNK_MORE` frames and one `_CHUNK_END` frame, reassembled under `max_message_bytes` (one cap, or
+one per connection kind: a node reassembles gossip messages under the gossip message cap and operator
+requests under the operator request cap). `_CLOSE` carries
 a reason. Every `rekey_interval` frames in a direction both ends Rekey() that direction's key.
 
 Errors (all `MeshError`): `RemoteProtocolError` or `TrustError` - the peer is to blame, drop it;
@@ -33,7 +35,7 @@ from __future__ import annotations
 import enum
 import hmac
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -223,11 +225,18 @@ class SecureSession:
         accept: frozenset[ConnectionKind] = frozenset({ConnectionKind.GOSSIP}),
         expected_peer: str | None = None,
         handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int | Mapping[ConnectionKind, int] = MAX_MESSAGE_BYTES,
         rekey_interval: int = REKEY_INTERVAL_FRAMES,
     ) -> None:
-        if handshake_timeout_ms <= 0 or max_message_bytes <= 0 or rekey_interval <= 0:
+        caps = (
+            {k: max_message_bytes for k in ConnectionKind}
+            if isinstance(max_message_bytes, int)
+            else dict(max_message_bytes)
+        )
+        if handshake_timeout_ms <= 0 or rekey_interval <= 0 or any(v <= 0 for v in caps.values()):
             raise LocalProtocolError("timeouts, caps and the rekey interval must be positive")
+        if not set(accept) <= caps.keys():
+            raise LocalProtocolError("max_message_bytes must name a cap for every accepted connection kind")
         if not accept:
             raise LocalProtocolError("accept must name at least one connection kind")
         if identity is None:
@@ -241,7 +250,10 @@ class SecureSession:
         self._identity = identity
         self._accept = frozenset(accept)
         self._expected_peer = expected_peer
-        self._max_message = max_message_bytes
+        self._caps = caps
+        # Until the handshake decides the connection kind, the smallest cap applies (nothing is
+        # reassembled during the handshake anyway).
+        self._max_message = min(caps[k] for k in accept)
         self._rekey_interval = rekey_interval
         self._deadline_ms: int | None = now_ms + handshake_timeout_ms
         if initiator and identity.kind not in self._accept:
@@ -273,6 +285,11 @@ class SecureSession:
             self._outbox.append(self._noise.write_message(b""))
 
     # ------------------------------------------------------------------ shell-facing API
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The cap on one application message in either direction (per kind once the handshake is done)."""
+        return self._max_message
 
     def frames_to_send(self) -> list[bytes]:
         """Drain the frames waiting to go out, in order (handshake replies, the initiator's first)."""
@@ -387,6 +404,7 @@ class SecureSession:
         self.handshake_hash = noise.handshake_hash
         self._remote_static = noise.remote_static
         self.peer, self.peer_certificate, self.kind = peer, payload, kind
+        self._max_message = self._caps[kind]
         self.state = SessionState.OPEN
         self._noise = None
         return [HandshakeComplete(peer, kind, self.handshake_hash)]

@@ -7,7 +7,8 @@ is mocked: the only way in is the nodes' mesh and admin ports.
 
 Every cluster takes a distinct `subnet` (the third octet of its addresses) and derives its ports from
 it, so clusters in one run never share an address. Taken: tests/test_daemon.py 1, 11-15, 20-23;
-tests/test_daemon_rotation.py 40; tests/bench_daemon.py 60.
+tests/test_daemon_rotation.py 40; tests/bench_daemon.py 60; tests/test_large_policy.py 70;
+tests/test_daemon_resilience.py 71-72; tests/test_rogue_peer.py 73-74.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class NodeProc:
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    nofile: int | None = None  # start with this soft RLIMIT_NOFILE (descriptor pressure tests)
 
     @property
     def mesh(self) -> str:
@@ -129,9 +131,19 @@ class NodeProc:
         assert not self.alive, f"{self.node_id} is already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        nofile = self.nofile
+
+        def limit_fds() -> None:
+            if nofile is not None:
+                import resource
+
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
         self.proc = subprocess.Popen(
             [*MESHNODE, "run", "--config", str(self.config)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=limit_fds if nofile is not None else None,
         )
         log.close()
 
@@ -321,6 +333,19 @@ class Cluster:
         serial, _ = policy_digest(data)
         return serial, data
 
+    def sign_toml(self, toml_text: str, name: str, *, expires: str = "1d") -> tuple[int, Path]:
+        """Sign a complete policy document with `meshctl policy sign`; returns (serial, envelope file)."""
+        d = self.root / "policies"
+        d.mkdir(exist_ok=True)
+        toml = d / f"{name}.toml"
+        toml.write_text(toml_text)
+        out = toml.with_suffix(".msgpack")
+        meshctl("policy", "sign", toml, "--authority", self.authority, "--expires", expires, "--out", out)
+        from protocol.node import policy_digest
+
+        serial, _ = policy_digest(out.read_bytes())
+        return serial, out
+
     def publish(self, via: NodeProc, data: bytes, timeout_s: float = 20.0) -> dict[str, Any]:
         from meshnode.client import publish
 
@@ -338,6 +363,23 @@ class Cluster:
         except AssertionError:
             got = {n.node_id: n.applied_serial() for n in nodes}
             raise AssertionError(f"serial {serial} not applied everywhere: {got}") from None
+
+
+def bulk_rules(n: int, *, prefix: str = "bulk") -> str:
+    """`n` distinct allow rules in policy TOML (each with a role and a CIDR source and its own port)."""
+    return "".join(
+        f'\n[[allow]]\nname = "{prefix}-{i:04d}"\nfrom = ["role:app", "cidr:10.{i // 256}.{i % 256}.0/24"]\n'
+        f'to = ["role:db"]\nports = ["tcp/{10000 + i}"]\n'
+        for i in range(n)
+    )
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (VmRSS in /proc/PID/status), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def run_cli(args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -513,6 +513,27 @@ def test_oversize_message_refused_by_sender(mesh: Mesh) -> None:
     assert deliver(a.send_message(bytes(1000)), b) == [MessageReceived(bytes(1000))]  # still usable
 
 
+def test_cap_per_connection_kind(mesh: Mesh) -> None:
+    """A node reassembles gossip under the gossip cap and operator requests under the operator cap."""
+    caps = {ConnectionKind.GOSSIP: 5000, ConnectionKind.OPERATOR: 50_000}
+    op = session(mesh.op, mesh.fresh_trust(), True, accept=frozenset({ConnectionKind.OPERATOR}))
+    node = session(mesh.b, mesh.fresh_trust(), False, accept=ANY_KIND, max_message_bytes=caps)
+    connect(op, node)
+    assert node.max_message_bytes == 50_000
+    assert deliver(op.send_message(bytes(50_000)), node) == [MessageReceived(bytes(50_000))]
+
+    a = session(mesh.a, mesh.fresh_trust(), True)
+    b = session(mesh.b, mesh.fresh_trust(), False, accept=ANY_KIND, max_message_bytes=caps)
+    connect(a, b)
+    assert b.max_message_bytes == 5000
+    assert deliver(a.send_message(bytes(5000)), b) == [MessageReceived(bytes(5000))]
+    with pytest.raises(PeerMessageTooLargeError):
+        deliver(a.send_message(bytes(CHUNK_BYTES + 1)), b)
+    with pytest.raises(LocalProtocolError):
+        session(mesh.b, mesh.fresh_trust(), False, accept=ANY_KIND,
+                max_message_bytes={ConnectionKind.GOSSIP: 5000})
+
+
 def test_default_cap_is_16_mib(mesh: Mesh) -> None:
     a, b = open_pair(mesh)
     big = bytes(16 * 1024 * 1024)

@@ -522,10 +522,10 @@ class MeshDaemon:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self.log.warning("alert.webhook_failed", url=url, reason=str(exc) or type(exc).__name__)
 
-    def _on_ruleset_applied(self, serial: int, ruleset_hash: str) -> None:
+    def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)
         if self.node is not None:
-            self._feed(RulesetApplied(serial=serial, ruleset_hash=ruleset_hash))
+            self._feed(RulesetApplied(serial=serial, ruleset_hash=ruleset_hash, policy_hash=policy_hash))
 
     def _submit_policy(self, envelope: bytes, source: str, roots: Sequence[bytes] = ()) -> PolicyResult:
         """Feed a policy from a local source; returns the core's verdict (after it was persisted)."""

@@ -43,7 +43,7 @@ class Enforcer:
         trust: TrustedState,
         metrics: Metrics,
         log: Any,
-        on_applied: Callable[[int, str], None],
+        on_applied: Callable[[int, str, str], None],
     ) -> None:
         self.identity = identity
         self.trust = trust
@@ -51,10 +51,11 @@ class Enforcer:
         self.log = log.bind(component="enforce")
         self.on_applied = on_applied
         self.backend: Backend | None = None
-        self._want: tuple[PolicyVersion | None, list[Certificate]] | None = None
+        self._want: tuple[PolicyVersion, list[Certificate], str] | None = None
         self._event = asyncio.Event()
         self.applied_serial = 0
-        self.applied_hash: str | None = None
+        self.applied_hash: str | None = None  # of the ruleset
+        self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
         self.last_error: str | None = None
         self.applied_at: float | None = None
         self.reconfigure(lc)
@@ -85,13 +86,23 @@ class Enforcer:
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")
 
+    def _hash_of(self, policy: PolicyVersion) -> str:
+        """The payload hash of ``policy``, known when it is the policy the node trusts (the only one the
+        daemon ever asks for); taken when asked, since trust may move on before the apply runs."""
+        return (self.trust.policy_hash or "") if policy is self.trust.policy else ""
+
     def want(self, policy: PolicyVersion | None, members: list[Certificate]) -> None:
         if policy is None:
             return  # before the first verified policy the host's firewall is left as it is
-        self._want = (policy, members)
+        self._want = (policy, members, self._hash_of(policy))
         self._event.set()
 
-    async def apply_now(self, policy: PolicyVersion, members: list[Certificate]) -> bool:
+    async def apply_now(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str | None = None) -> bool:
+        """Render and load; True when the kernel now enforces ``policy``. Confirms (``on_applied``) the
+        serial, ruleset hash and policy hash whenever one of them changed: an equivocation resolved to
+        the lower hash may render the very same ruleset, and is still a change of what is enforced."""
+        if policy_hash is None:
+            policy_hash = self._hash_of(policy)
         assert self.backend is not None
         backend = self.backend
         t0 = time.perf_counter()
@@ -109,14 +120,15 @@ class Enforcer:
         elapsed = time.perf_counter() - t0
         self.metrics.apply_seconds.observe(elapsed)
         self.last_error = None
-        changed = (policy.serial, result.hash) != (self.applied_serial, self.applied_hash)
-        self.applied_serial, self.applied_hash = policy.serial, result.hash
+        changed = (policy.serial, result.hash, policy_hash) != (
+            self.applied_serial, self.applied_hash, self.applied_policy_hash)
+        self.applied_serial, self.applied_hash, self.applied_policy_hash = policy.serial, result.hash, policy_hash
         self.applied_at = time.time()
         self.metrics.applied_serial.set(policy.serial)
         if changed:
             self.log.info("policy.applied", serial=policy.serial, ruleset_hash=result.hash[:16], mode=result.mode,
                           backend=result.backend, rules=ruleset.rule_count, ms=round(elapsed * 1000, 1))
-            self.on_applied(policy.serial, result.hash)
+            self.on_applied(policy.serial, result.hash, policy_hash)
         return True
 
     async def run(self) -> None:
@@ -124,8 +136,8 @@ class Enforcer:
             await self._event.wait()
             self._event.clear()
             want, self._want = self._want, None
-            if want is not None and want[0] is not None:
-                await self.apply_now(want[0], want[1])
+            if want is not None:
+                await self.apply_now(*want)
 
     async def drift_loop(self) -> None:
         while True:
@@ -144,6 +156,7 @@ class Enforcer:
             "backend": self.backend_name,
             "applied_serial": self.applied_serial,
             "ruleset_hash": self.applied_hash,
+            "policy_hash": self.applied_policy_hash or None,
             "applied_at": self.applied_at,
             "last_error": self.last_error,
             "drift_repairs": self.backend.drift_count if self.backend else 0,

@@ -185,21 +185,26 @@ def test_replay_of_an_old_signed_policy(mesh: Mesh) -> None:
     assert mesh.cluster.publish(mesh.nodes[1], old)["ok"]
     mesh.cluster.wait_serial(old_serial, mesh.nodes)
     mesh.converge_new_version()  # `old` is now superseded
-    alerts_before = sum(1 for e in mesh.victim.log_events() if str(e.get("event", "")).startswith("alert."))
+    events_before = len(mesh.victim.log_events())
 
-    async def attack() -> int:
+    async def attack() -> tuple[int, bool]:
         sent = 0
         ch = await mesh.rogue.connect(mesh.victim)
         for _ in range(2000):
             if not await ch.send(gossip_wire.encode(gossip_wire.PolicyPush(old))):
                 break
             sent += 1
-        await ch.wait_closed(2)
+        closed = await ch.wait_closed(10)
         await ch.close()
-        return sent
+        return sent, closed
 
-    watch, sent = asyncio.run(_with_rss(mesh.victim.pid, attack()))
+    watch, (sent, closed) = asyncio.run(_with_rss(mesh.victim.pid, attack()))
     time.sleep(1.0)
-    alerts = sum(1 for e in mesh.victim.log_events() if str(e.get("event", "")).startswith("alert.")) - alerts_before
-    print(f"\nreplay: {alerts} alert lines for {sent} replays")
+    events = [str(e.get("event", "")) for e in mesh.victim.log_events()][events_before:]
+    alerts = sum(1 for e in events if e.startswith("alert."))
+    stale = sum(1 for e in events if e == "alert.policy.stale_offer")
+    print(f"\nreplay: {alerts} alert lines ({stale} stale_offer) for {sent} replays; channel closed: {closed}")
+    # one alert per (peer, kind) episode, and repeated replays cost the rogue its channel
+    assert stale == 1, events
+    assert closed, "the victim kept the replaying channel open"
     mesh.after_attack("replay", watch.before, watch.peak)

@@ -62,3 +62,13 @@ def test_bad_values(tmp_path):
         load_config(write(tmp_path, "cluster = "))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_the_shipped_example_config_loads_as_written() -> None:
+    """deploy/examples/node.toml stays true to the code: every key it sets exists and validates."""
+    from pathlib import Path
+
+    from meshnode.config import load_config
+
+    lc = load_config(Path(__file__).resolve().parents[1] / "deploy" / "examples" / "node.toml")
+    assert lc.cfg.mesh.max_channels_per_peer == 2 and lc.cfg.mesh.preauth_max == 256

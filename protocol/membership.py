@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -135,36 +136,48 @@ class VerifyCache:
     depends only on the bytes and the trusted root, never on the node.  The cache also carries the
     ``MemberIndex`` of the node ids its records named.  ``get`` is the dict's own (a hot path).
 
-    Only verified objects enter it, and it is bounded in bytes, not entries: at most one record and
-    one status per member (``put_member``: a newer one evicts the one it supersedes, an older one is
-    not kept), and everything is dropped at once (a generation clear) when the estimated size passes
-    ``max_bytes``.  A clear costs re-verification, never correctness: the member tables hold what
-    they installed."""
+    Only verified objects enter it, and what it holds itself is bounded in bytes, not entries: at
+    most one record and one status per member (``put_member``: a newer one supersedes the one held,
+    an older one is not held), and everything is let go at once (a generation clear) when the
+    estimated size passes ``max_bytes``.  What is let go stays findable through ``weak_get`` for as
+    long as some member table still holds it (the simulator's lagging nodes share it instead of
+    decoding their own copy); a node's own table holds one version per member, so in the daemon a
+    superseded record is freed as soon as it is replaced.  A clear costs re-verification, never
+    correctness."""
 
-    __slots__ = ("_d", "_latest", "max_bytes", "nbytes", "clears", "index", "get")
+    __slots__ = ("_d", "_weak", "_latest", "max_bytes", "nbytes", "clears", "index", "get", "weak_get")
 
     def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self._d: dict[object, object] = {}
-        # (kind, member index) -> (version, key, estimated bytes) of the one entry kept per member
+        self._weak: weakref.WeakValueDictionary[object, object] = weakref.WeakValueDictionary()
+        # (kind, member index) -> (version, key, estimated bytes) of the one entry held per member
         self._latest: dict[tuple[str, int], tuple[int, object, int]] = {}
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.clears = 0
         self.index = MemberIndex()
         self.get: Callable[[object], object | None] = self._d.get
+        self.weak_get: Callable[[object], object | None] = self._weak.get
 
     def __len__(self) -> int:
         return len(self._d)
 
+    def _let_go(self, key: object) -> None:
+        v = self._d.pop(key, None)
+        if v is not None:
+            self._weak[key] = v
+
     def _room(self, nbytes: int) -> None:
         if self.nbytes + nbytes > self.max_bytes:
+            for _version, key, _n in self._latest.values():
+                self._let_go(key)
             self._d.clear()  # the same dict: ``get`` stays bound to it
             self._latest.clear()
             self.nbytes = 0
             self.clears += 1
 
     def put(self, key: object, value: object, nbytes: int = CACHE_ENTRY_BYTES) -> None:
-        """Keep a verified ``value`` (e.g. a decoded certificate) under ``key``."""
+        """Hold a verified ``value`` (e.g. a decoded certificate) under ``key``."""
         if key in self._d:
             return
         self._room(nbytes)
@@ -172,15 +185,19 @@ class VerifyCache:
         self.nbytes += nbytes
 
     def put_member(self, kind: str, idx: int, version: int, key: object, value: object, nbytes: int) -> bool:
-        """Keep the verified record (``kind`` "r") or status ("s") of member ``idx`` at ``version``,
-        evicting the one it supersedes; an older version than the one kept is not kept (False)."""
+        """Hold the verified record (``kind`` "r") or status ("s") of member ``idx`` at ``version``,
+        letting go of the one it supersedes; an older version than the one held is not held (False).
+        ``value`` must be weak-referenceable."""
         slot = (kind, idx)
         cur = self._latest.get(slot)
         if cur is not None:
-            if cur[0] > version or cur[1] == key:
+            if cur[1] == key:
                 return False
-            if self._d.pop(cur[1], None) is not None:
-                self.nbytes -= cur[2]
+            if cur[0] > version:
+                self._weak[key] = value
+                return False
+            self._let_go(cur[1])
+            self.nbytes -= cur[2]
         self._room(nbytes)
         self._d[key] = value
         self._latest[slot] = (version, key, nbytes)
@@ -188,10 +205,11 @@ class VerifyCache:
         return True
 
     def forget_member(self, idx: int) -> None:
-        """Drop what is kept for member ``idx`` (expelled)."""
+        """Let go of what is held for member ``idx`` (expelled)."""
         for kind in ("r", "s"):
             cur = self._latest.pop((kind, idx), None)
-            if cur is not None and self._d.pop(cur[1], None) is not None:
+            if cur is not None:
+                self._let_go(cur[1])
                 self.nbytes -= cur[2]
 
 
@@ -277,7 +295,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry")
+                 "token", "entry", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -299,7 +317,7 @@ class StatusInfo:
     """One decoded status item (shared); ``verified_key`` is the identity key its signature checked
     out against (a status is only believed for the member whose current key that is)."""
 
-    __slots__ = ("body", "item", "token", "verified_key", "rejected_key")
+    __slots__ = ("body", "item", "token", "verified_key", "rejected_key", "__weakref__")
 
     def __init__(self, body: StatusBody, item: Status) -> None:
         self.body = body
@@ -617,7 +635,7 @@ class Membership:
             raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
         if key is None:
             key = (bytes(data), self._root_key)
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) or self.cache.weak_get(key)
         if not isinstance(hit, Rec):
             hit = self._verify_decoded(key, *self._decode_record(data), wall)
         self.check_cert_valid(hit.cert, wall)
@@ -806,7 +824,7 @@ class Membership:
         if len(data) > MAX_RECORD_BYTES:
             raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
         key = (data, self._root_key)  # the exact bytes: a hit is the same record, checked before
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) or self.cache.weak_get(key)
         if isinstance(hit, Rec):
             if hit.idx < len(self._rec):
                 known = self._rec[hit.idx]
@@ -846,7 +864,7 @@ class Membership:
         non-member, and nothing unverified, is kept: a status is checked against the identity key of
         the member's current record before it is cached or installed."""
         key = ("st", item.sig, item.payload)
-        info = self.cache.get(key)
+        info = self.cache.get(key) or self.cache.weak_get(key)
         if isinstance(info, StatusInfo):
             body = info.body
         else:
@@ -867,14 +885,11 @@ class Membership:
             return False
         rec = self._rec[i]
         assert rec is not None
-        fresh = info is None
         if info is None:
             info = StatusInfo(body, item)
         if not self._verify_status(info, rec.cert.identity_key):
             raise SignatureError(f"status of {body.node_id} is not signed by its identity key")
-        if fresh:
-            self.cache.put_member("s", i, body.seq, key, info,
-                                  len(item.payload) + len(item.sig) + _STATUS_OVERHEAD_BYTES)
+        self.cache.put_member("s", i, body.seq, key, info, len(item.payload) + len(item.sig) + _STATUS_OVERHEAD_BYTES)
         self._set_status(i, info)
         return True
 

@@ -193,11 +193,20 @@ def test_verify_cache_is_bounded_in_bytes():
         cache.put(("cert", k), object(), 1024)
         assert cache.nbytes <= cache.max_bytes
     assert cache.clears > 0 and len(cache) <= 64
-    # one entry per member and kind: a newer version replaces, an older one is not kept
-    assert cache.put_member("r", 1, 5, "a", 1, 100)
-    assert cache.put_member("r", 1, 6, "b", 2, 100)
-    assert not cache.put_member("r", 1, 4, "c", 3, 100)
-    assert cache.get("a") is None and cache.get("b") == 2 and cache.get("c") is None
+    # one entry per member and kind: a newer version supersedes, an older one is not held; what is
+    # let go stays findable only while something else (a member table) still holds it
+    class V:
+        pass
+
+    a, b, c = V(), V(), V()
+    assert cache.put_member("r", 1, 5, "a", a, 100)
+    assert cache.put_member("r", 1, 6, "b", b, 100)
+    assert not cache.put_member("r", 1, 4, "c", c, 100)
+    assert cache.get("a") is None and cache.get("b") is b and cache.get("c") is None
+    assert cache.weak_get("a") is a and cache.weak_get("c") is c
+    del a, c
+    gc.collect()
+    assert cache.weak_get("a") is None and cache.weak_get("c") is None
     cache.forget_member(1)
     assert cache.get("b") is None
 

@@ -312,3 +312,17 @@ def test_a_member_record_with_an_absurd_incarnation_is_refused():
     assert blamed(out, "n1")
     assert n0.mem.rec("n1").incarnation == inc
     assert n0.mem.counters["absurd_incarnations"] == 1
+
+
+def test_claims_cannot_ratchet_past_the_ceiling_in_leaps():
+    # A liar may move us up to the ceiling once (a previous life could be there), then only one
+    # step per claim at our own incarnation: 2^64 stays out of reach.
+    link = joined()
+    n0 = link.hosts["n0"].node
+    ceiling = n0.mem._claim_ceiling
+    n0.handle(link.now(), FrameReceived("n1", encode(Ping(5, "n0", (Suspect("n0", ceiling, "n1"),)))))
+    assert n0.mem.incarnation == ceiling + 1
+    out = n0.handle(link.now(), FrameReceived("n1", encode(Ping(6, "n0", (Suspect("n0", ceiling + 1000, "n1"),)))))
+    assert n0.mem.incarnation == ceiling + 1 and blamed(out, "n1")
+    n0.handle(link.now(), FrameReceived("n2", encode(Ping(7, "n0", (Suspect("n0", ceiling + 1, "n2"),)))))
+    assert n0.mem.incarnation == ceiling + 2

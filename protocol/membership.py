@@ -18,6 +18,13 @@ simulator that hosts n nodes.  It is therefore columnar: node ids are interned a
 ``MemberIndex`` (one per ``VerifyCache``, so the simulator's nodes share one); what a verified record
 or status says is an immutable, shared ``Rec`` / ``StatusInfo``; per node there remain a list slot
 per member for each of them, a liveness byte, and array-backed alive sets (about 40 bytes per member).
+
+Peer-controlled memory.  Nothing from a peer is kept before it is verified: a status about a
+non-member is counted and dropped, a record no newer than the one held is dropped unchecked.  A
+member holds one record (<= MAX_RECORD_BYTES) and one status (<= MAX_STATUS_BYTES); a newer one
+releases the older from the table and the ``VerifyCache``.  Suspicion sources, relayed probes and the
+broadcast queue are capped per member / per requester and in bytes.  Incarnations never exceed
+MAX_INCARNATION, and an unsigned claim about ours far beyond what we ever signed is refused.
 """
 
 from __future__ import annotations

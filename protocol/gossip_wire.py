@@ -12,15 +12,22 @@ framing, because it is small and frequent.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from .errors import RemoteProtocolError
 
 MAX_MESSAGE_BYTES = (1 << 20) + (64 << 10)  # one policy envelope (1 MiB cap) plus framing
 MAX_RECORD_BYTES = 8 << 10  # one signed member record (certificate included)
+MAX_STATUS_BYTES = 8 << 10  # one status item (payload and signature)
+MAX_INCARNATION = (1 << 64) - 1  # the largest integer MessagePack carries: incarnations saturate here
 MAX_GOSSIP_ITEMS = 64
 MAX_BATCH = 4096  # records/entries/ids in one message
 HASH_PREFIX = 8  # bytes of a SHA-256 kept in digests of member state and status
+MAX_NODE_ID_CHARS = 64  # a node id (NAME_RE): the names a rumour carries are kept and relayed
+
+NodeId = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID_CHARS)]
 
 
 class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -65,15 +72,15 @@ class Alive(_S, frozen=True, array_like=True, gc=False, tag=1):
 
 
 class Suspect(_S, frozen=True, array_like=True, gc=False, tag=2):
-    node_id: str
+    node_id: NodeId
     incarnation: int
-    source: str
+    source: NodeId
 
 
 class Dead(_S, frozen=True, array_like=True, gc=False, tag=3):
-    node_id: str
+    node_id: NodeId
     incarnation: int
-    source: str
+    source: NodeId
 
 
 class Status(_S, frozen=True, array_like=True, gc=False, tag=4):

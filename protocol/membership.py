@@ -18,12 +18,20 @@ simulator that hosts n nodes.  It is therefore columnar: node ids are interned a
 ``MemberIndex`` (one per ``VerifyCache``, so the simulator's nodes share one); what a verified record
 or status says is an immutable, shared ``Rec`` / ``StatusInfo``; per node there remain a list slot
 per member for each of them, a liveness byte, and array-backed alive sets (about 40 bytes per member).
+
+Peer-controlled memory.  Nothing from a peer is kept before it is verified: a status about a
+non-member is counted and dropped, a record no newer than the one held is dropped unchecked.  A
+member holds one record (<= MAX_RECORD_BYTES) and one status (<= MAX_STATUS_BYTES); a newer one
+releases the older from the table and the ``VerifyCache``.  Suspicion sources, relayed probes and the
+broadcast queue are capped per member / per requester and in bytes.  Incarnations never exceed
+MAX_INCARNATION, and an unsigned claim about ours far beyond what we ever signed is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -38,7 +46,9 @@ from .gossip_events import Alert, Disconnect, Effect, LivenessChanged
 from .gossip_wire import (
     HASH_PREFIX,
     MAX_GOSSIP_ITEMS,
+    MAX_INCARNATION,
     MAX_RECORD_BYTES,
+    MAX_STATUS_BYTES,
     Ack,
     Alive,
     Dead,
@@ -54,7 +64,7 @@ from .gossip_wire import (
     encode,
 )
 from .metadata import Certificate
-from .signing import decode_envelope, encode_envelope, key_id, sign, signing_message, valid_signers
+from .signing import Envelope, decode_envelope, encode_envelope, key_id, sign, signing_message, valid_signers
 from .trust import TrustedState
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
@@ -62,6 +72,18 @@ LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
 _UNKNOWN, _ALIVE, _SUSPECT, _DEAD, _LEFT = range(5)
 _NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)
 MAX_BROADCASTS = 256
+MAX_BROADCAST_BYTES = 512 << 10  # queued piggyback items, in encoded bytes
+MAX_RELAYS = 256  # indirect probes relayed at once, in all
+MAX_RELAYS_PER_PEER = 16  # ... and on behalf of one requester
+CACHE_MAX_BYTES = 64 << 20  # VerifyCache: estimated bytes before a generation clear
+CACHE_ENTRY_BYTES = 1024  # estimate for a cached object of unknown size (a decoded certificate)
+_REC_OVERHEAD_BYTES = 1024  # a Rec's decoded certificate, slots and cache key beyond its byte strings
+_STATUS_OVERHEAD_BYTES = 512  # a StatusInfo's decoded body, slots and cache key beyond its byte strings
+# An unsigned claim about our own incarnation (a suspicion, a death, a peer's view of us) above ours is
+# honest only when a record from our previous life carries it: incarnations start at the wall clock in
+# ms, so one further than this above where we started is a lie.  A record signed with an incarnation
+# this far ahead of the wall clock is refused the same way.
+INCARNATION_SLACK = 1 << 40  # ms, about 35 years
 _peer_entry_encoder = msgspec.msgpack.Encoder()
 
 
@@ -119,23 +141,83 @@ class VerifyCache:
     """Results of signature checks keyed by the exact bytes (and the root they were checked
     against).  One cache may be shared by many nodes in one process (the simulator does): a result
     depends only on the bytes and the trusted root, never on the node.  The cache also carries the
-    ``MemberIndex`` of the node ids its records named.  ``get`` is the dict's own (a hot path)."""
+    ``MemberIndex`` of the node ids its records named.  ``get`` is the dict's own (a hot path).
 
-    __slots__ = ("_d", "max_entries", "index", "get")
+    Only verified objects enter it, and what it holds itself is bounded in bytes, not entries: at
+    most one record and one status per member (``put_member``: a newer one supersedes the one held,
+    an older one is not held), and everything is let go at once (a generation clear) when the
+    estimated size passes ``max_bytes``.  What is let go stays findable through ``weak_get`` for as
+    long as some member table still holds it (the simulator's lagging nodes share it instead of
+    decoding their own copy); a node's own table holds one version per member, so in the daemon a
+    superseded record is freed as soon as it is replaced.  A clear costs re-verification, never
+    correctness."""
 
-    def __init__(self, max_entries: int = 500_000) -> None:
+    __slots__ = ("_d", "_weak", "_latest", "max_bytes", "nbytes", "clears", "index", "get", "weak_get")
+
+    def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self._d: dict[object, object] = {}
-        self.max_entries = max_entries
+        self._weak: weakref.WeakValueDictionary[object, object] = weakref.WeakValueDictionary()
+        # (kind, member index) -> (version, key, estimated bytes) of the one entry held per member
+        self._latest: dict[tuple[str, int], tuple[int, object, int]] = {}
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.clears = 0
         self.index = MemberIndex()
         self.get: Callable[[object], object | None] = self._d.get
+        self.weak_get: Callable[[object], object | None] = self._weak.get
 
     def __len__(self) -> int:
         return len(self._d)
 
-    def put(self, key: object, value: object) -> None:
-        if len(self._d) >= self.max_entries:
+    def _let_go(self, key: object) -> None:
+        v = self._d.pop(key, None)
+        if v is not None:
+            self._weak[key] = v
+
+    def _room(self, nbytes: int) -> None:
+        if self.nbytes + nbytes > self.max_bytes:
+            for _version, key, _n in self._latest.values():
+                self._let_go(key)
             self._d.clear()  # the same dict: ``get`` stays bound to it
+            self._latest.clear()
+            self.nbytes = 0
+            self.clears += 1
+
+    def put(self, key: object, value: object, nbytes: int = CACHE_ENTRY_BYTES) -> None:
+        """Hold a verified ``value`` (e.g. a decoded certificate) under ``key``."""
+        if key in self._d:
+            return
+        self._room(nbytes)
         self._d[key] = value
+        self.nbytes += nbytes
+
+    def put_member(self, kind: str, idx: int, version: int, key: object, value: object, nbytes: int) -> bool:
+        """Hold the verified record (``kind`` "r") or status ("s") of member ``idx`` at ``version``,
+        letting go of the one it supersedes; an older version than the one held is not held (False).
+        ``value`` must be weak-referenceable."""
+        slot = (kind, idx)
+        cur = self._latest.get(slot)
+        if cur is not None:
+            if cur[1] == key:
+                return False
+            if cur[0] > version:
+                self._weak[key] = value
+                return False
+            self._let_go(cur[1])
+            self.nbytes -= cur[2]
+        self._room(nbytes)
+        self._d[key] = value
+        self._latest[slot] = (version, key, nbytes)
+        self.nbytes += nbytes
+        return True
+
+    def forget_member(self, idx: int) -> None:
+        """Let go of what is held for member ``idx`` (expelled)."""
+        for kind in ("r", "s"):
+            cur = self._latest.pop((kind, idx), None)
+            if cur is not None:
+                self._let_go(cur[1])
+                self.nbytes -= cur[2]
 
 
 class IndexedSet:
@@ -220,7 +302,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry")
+                 "token", "entry", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -242,7 +324,7 @@ class StatusInfo:
     """One decoded status item (shared); ``verified_key`` is the identity key its signature checked
     out against (a status is only believed for the member whose current key that is)."""
 
-    __slots__ = ("body", "item", "token", "verified_key", "rejected_key")
+    __slots__ = ("body", "item", "token", "verified_key", "rejected_key", "__weakref__")
 
     def __init__(self, body: StatusBody, item: Status) -> None:
         self.body = body
@@ -313,18 +395,24 @@ class BroadcastQueue:
     """Piggybacked gossip with a transmit limit (memberlist's TransmitLimitedQueue): a newer item about
     the same member replaces the older one; the least-transmitted items go first."""
 
-    __slots__ = ("_items", "_order")
+    __slots__ = ("_items", "_order", "nbytes")
 
     def __init__(self) -> None:
         self._items: dict[object, list] = {}  # key -> [item, size, transmits, order]
         self._order = 0
+        self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
 
     def add(self, key: object, item: GossipItem) -> None:
         self._order += 1
-        self._items[key] = [item, len(encode(item)), 0, self._order]
-        if len(self._items) > MAX_BROADCASTS:
+        size = len(encode(item))
+        old = self._items.get(key)
+        if old is not None:
+            self.nbytes -= old[1]
+        self._items[key] = [item, size, 0, self._order]
+        self.nbytes += size
+        while len(self._items) > MAX_BROADCASTS or self.nbytes > MAX_BROADCAST_BYTES:
             worst = max(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))[0]
-            del self._items[worst]
+            self.nbytes -= self._items.pop(worst)[1]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -343,6 +431,7 @@ class BroadcastQueue:
             entry[2] += 1
             if entry[2] >= limit:
                 del self._items[key]
+                self.nbytes -= entry[1]
             if used >= budget - 16 or len(out) >= MAX_GOSSIP_ITEMS - 1:  # one slot stays free (buddy)
                 break
         return tuple(out)
@@ -409,13 +498,16 @@ class Membership:
         self._ring = array("i")
         self._ring_pos = 0
         self._relays: dict[int, _Relay] = {}
+        self._relays_of: dict[str, int] = {}  # requester -> relays open on its behalf
         self.directory_dirty = True
         self.peers_dirty = True
         self._next_expiry = float("inf")  # earliest not_after in the table (kept by _install)
         self.counters: dict[str, int] = {
             "probes": 0, "probe_failures": 0, "suspicions": 0, "deaths_declared": 0, "refutations": 0,
-            "records_rejected": 0,
+            "records_rejected": 0, "absurd_incarnations": 0, "incarnation_saturated": 0,
+            "status_unknown_member": 0, "relays_refused": 0,
         }
+        self._claim_ceiling = INCARNATION_SLACK  # see refute (set again by start)
         self._root_key = b""
         self._refresh_root_key()
 
@@ -485,7 +577,8 @@ class Membership:
         self._root_key = hashlib.sha256(root).digest()[:16]
 
     def start(self, now_ms: int, wall: float) -> None:
-        self.incarnation = max(1, int(wall * 1000))
+        self.incarnation = min(max(1, int(wall * 1000)), MAX_INCARNATION)
+        self._claim_ceiling = self.incarnation + INCARNATION_SLACK
         self.status_seq = self.incarnation
         self._sign_record(now_ms)
         self.broadcasts.add(("m", self.me), Alive(self.record))
@@ -515,13 +608,29 @@ class Membership:
         return item
 
     def refute(self, now_ms: int, their_incarnation: int) -> None:
-        self.incarnation = max(self.incarnation, their_incarnation) + 1
+        """Answer an unsigned claim (a suspicion, a death, a peer's view) that we are at
+        ``their_incarnation``: sign a record above it.  A claim above our incarnation and beyond
+        anything a previous life of ours can have signed is a lie by the peer that sent it: it is
+        counted, not adopted, and raised as a RemoteProtocolError (it costs that peer its channel)."""
+        if their_incarnation > self.incarnation and their_incarnation > self._claim_ceiling:
+            self.counters["absurd_incarnations"] += 1
+            raise RemoteProtocolError(
+                f"claim that {self.me} is at incarnation {their_incarnation}, far above its own {self.incarnation}")
+        self._move_past(now_ms, their_incarnation)
+
+    def _move_past(self, now_ms: int, incarnation: int) -> None:
+        """Sign a record with an incarnation above ``incarnation`` (and ours), saturating at the
+        largest one the wire carries: there, a further refutation is impossible and is counted."""
+        nxt = min(max(self.incarnation, incarnation) + 1, MAX_INCARNATION)
+        if nxt == self.incarnation:
+            self.counters["incarnation_saturated"] += 1
+        self.incarnation = nxt
         self.counters["refutations"] += 1
         self._sign_record(now_ms)
         self.broadcasts.add(("m", self.me), Alive(self.record))
 
     def leave(self, now_ms: int) -> Alive:
-        self.incarnation += 1
+        self.incarnation = min(self.incarnation + 1, MAX_INCARNATION)
         self._sign_record(now_ms, left=True)
         item = Alive(self.record)
         self.broadcasts.add(("m", self.me), item)
@@ -539,22 +648,36 @@ class Membership:
             raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
         if key is None:
             key = (bytes(data), self._root_key)
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) or self.cache.weak_get(key)
         if not isinstance(hit, Rec):
-            env = decode_envelope(data, "member", MAX_RECORD_BYTES)
-            rec = decode_payload(env.payload)
-            if not isinstance(rec, MemberRecord):
-                raise RemoteProtocolError("member envelope does not hold a member record")
-            cert = self.trust.check_certificate(rec.cert)
-            if cert.node_id != rec.node_id:
-                raise SignatureError(f"member record for {rec.node_id} carries the certificate of {cert.node_id}")
-            kid = key_id(cert.identity_key)
-            if not valid_signers(env, {kid: cert.identity_key}, {kid}):
-                raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
-            i = self.index.intern(rec.node_id)
-            hit = Rec(i, rec, cert, key[0])
-            self.cache.put(key, hit)
+            hit = self._verify_decoded(key, *self._decode_record(data), wall)
         self.check_cert_valid(hit.cert, wall)
+        return hit
+
+    @staticmethod
+    def _decode_record(data: bytes) -> tuple[Envelope, MemberRecord]:
+        env = decode_envelope(data, "member", MAX_RECORD_BYTES)
+        rec = decode_payload(env.payload)
+        if not isinstance(rec, MemberRecord):
+            raise RemoteProtocolError("member envelope does not hold a member record")
+        return env, rec
+
+    def _verify_decoded(self, key: tuple[bytes, bytes], env: Envelope, rec: MemberRecord, wall: float) -> Rec:
+        """The signature and certificate checks of ``verify_record``; only what passes is cached (one
+        record per member: a newer one evicts the one it supersedes)."""
+        if not 0 <= rec.incarnation <= int(wall * 1000) + INCARNATION_SLACK:
+            self.counters["absurd_incarnations"] += 1
+            raise RemoteProtocolError(f"member record of {rec.node_id} claims incarnation {rec.incarnation}")
+        cert = self.trust.check_certificate(rec.cert)
+        if cert.node_id != rec.node_id:
+            raise SignatureError(f"member record for {rec.node_id} carries the certificate of {cert.node_id}")
+        kid = key_id(cert.identity_key)
+        if not valid_signers(env, {kid: cert.identity_key}, {kid}):
+            raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
+        i = self.index.intern(rec.node_id)
+        hit = Rec(i, rec, cert, key[0])
+        nbytes = len(hit.record) + len(hit.cert_bytes) + len(hit.entry) + _REC_OVERHEAD_BYTES
+        self.cache.put_member("r", i, rec.incarnation, key, hit, nbytes)
         return hit
 
     def check_cert_valid(self, cert: Certificate, wall: float) -> None:
@@ -565,17 +688,6 @@ class Membership:
         pol = trust.policy
         if pol is not None and (pol.revocations.nodes or pol.revocations.certs):
             trust.check_revoked(cert)
-
-    def _status_info(self, item: Status) -> StatusInfo:
-        key = ("st", item.sig, item.payload)
-        info = self.cache.get(key)
-        if not isinstance(info, StatusInfo):
-            body = decode_payload(item.payload)
-            if not isinstance(body, StatusBody):
-                raise RemoteProtocolError("status item does not hold a status body")
-            info = StatusInfo(body, item)
-            self.cache.put(key, info)
-        return info
 
     @staticmethod
     def _verify_status(info: StatusInfo, identity_key: bytes) -> bool:
@@ -688,6 +800,7 @@ class Membership:
         self._rec[i] = None
         self._st[i] = None
         self._lv[i] = _UNKNOWN
+        self.cache.forget_member(i)
         if rec.address in self._watched:
             self._watch(rec, None)
         self.count -= 1
@@ -719,9 +832,12 @@ class Membership:
 
     # -- learning from gossip ------------------------------------------------------------------------
     def learn_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> bool:
-        """Verify and merge one signed member record; True if it changed our view."""
+        """Verify and merge one signed member record; True if it changed our view.  A record that is
+        not newer than the one we hold changes nothing: it is dropped before any signature check."""
+        if len(data) > MAX_RECORD_BYTES:
+            raise RemoteProtocolError(f"member record of {len(data)} bytes exceeds the cap")
         key = (data, self._root_key)  # the exact bytes: a hit is the same record, checked before
-        hit = self.cache.get(key) if len(data) <= MAX_RECORD_BYTES else None
+        hit = self.cache.get(key) or self.cache.weak_get(key)
         if isinstance(hit, Rec):
             if hit.idx < len(self._rec):
                 known = self._rec[hit.idx]
@@ -730,11 +846,19 @@ class Membership:
             self.check_cert_valid(hit.cert, wall)
             rec = hit
         else:
-            rec = self.verify_record(data, wall, key)
+            env, claim = self._decode_record(data)
+            j = self.index.of.get(claim.node_id)
+            if j is not None:
+                held = self.incarnation if j == self._me_i else (
+                    r.incarnation if j < len(self._rec) and (r := self._rec[j]) is not None else -1)
+                if claim.incarnation <= held:
+                    return False
+            rec = self._verify_decoded(key, env, claim, wall)
+            self.check_cert_valid(rec.cert, wall)
         i = rec.idx
         if i == self._me_i:
             if rec.incarnation > self.incarnation:  # a record from our previous life: move past it
-                self.refute(now_ms, rec.incarnation)
+                self._move_past(now_ms, rec.incarnation)
             return False
         if i >= len(self._rec):
             self._grow(i)
@@ -749,18 +873,36 @@ class Membership:
         return True
 
     def learn_status(self, item: Status) -> bool:
-        info = self._status_info(item)
-        body = info.body
+        """Verify and merge one member's signed status; True if it changed our view.  Nothing about a
+        non-member, and nothing unverified, is kept: a status is checked against the identity key of
+        the member's current record before it is cached or installed."""
+        key = ("st", item.sig, item.payload)
+        info = self.cache.get(key) or self.cache.weak_get(key)
+        if isinstance(info, StatusInfo):
+            body = info.body
+        else:
+            if len(item.payload) + len(item.sig) > MAX_STATUS_BYTES:
+                raise RemoteProtocolError(f"status item of {len(item.payload) + len(item.sig)} bytes exceeds the cap")
+            decoded = decode_payload(item.payload)
+            if not isinstance(decoded, StatusBody):
+                raise RemoteProtocolError("status item does not hold a status body")
+            body, info = decoded, None
         i = self._i(body.node_id)
-        if i is None or i == self._me_i:
+        if i is None:
+            self.counters["status_unknown_member"] += 1
+            return False
+        if i == self._me_i:
             return False
         cur = self._st[i]
         if cur is not None and body.seq <= cur.body.seq:
             return False
         rec = self._rec[i]
         assert rec is not None
+        if info is None:
+            info = StatusInfo(body, item)
         if not self._verify_status(info, rec.cert.identity_key):
             raise SignatureError(f"status of {body.node_id} is not signed by its identity key")
+        self.cache.put_member("s", i, body.seq, key, info, len(item.payload) + len(item.sig) + _STATUS_OVERHEAD_BYTES)
         self._set_status(i, info)
         return True
 
@@ -790,7 +932,9 @@ class Membership:
             self._suspect(i, rec, item.source, now_ms)
             return
         s = self._susp.get(i)
-        if s is not None and item.source not in s.sources and len(s.sources) <= self.cfg.suspicion_confirmations:
+        # only a member counts as an independent confirmation (and only k of them are kept)
+        if s is not None and item.source not in s.sources and len(s.sources) <= self.cfg.suspicion_confirmations \
+                and self._i(item.source) is not None:
             s.sources.add(item.source)
             self._reset_suspicion_deadline(s)
             self.broadcasts.add(("m", rec.node_id), Suspect(rec.node_id, rec.incarnation, item.source))
@@ -901,7 +1045,7 @@ class Membership:
                     r.nacked = True
                     self.port.send(r.requester, Nack(r.orig_seq))
                 if now_ms >= r.expire_ms:
-                    del self._relays[seq]
+                    self._drop_relay(seq)
         p = self._probe
         if p is not None:
             if not p.indirect_sent and now_ms >= p.direct_deadline_ms:
@@ -977,11 +1121,24 @@ class Membership:
         if msg.target == self.me:
             self.port.send(peer, Ack(msg.seq))
             return
+        n = self._relays_of.get(peer, 0)
+        if len(self._relays) >= MAX_RELAYS or n >= MAX_RELAYS_PER_PEER:
+            self.counters["relays_refused"] += 1  # the requester's probe fails, as over a lossy link
+            return
         target = self.rec(msg.target)
         seq = self._next_seq()
         timeout = self._timeout_for(target)
         self._relays[seq] = _Relay(peer, msg.seq, now_ms + timeout * 8 // 10, now_ms + 3 * timeout)
+        self._relays_of[peer] = n + 1
         self.port.send(msg.target, Ping(seq, msg.target))
+
+    def _drop_relay(self, seq: int) -> _Relay | None:
+        r = self._relays.pop(seq, None)
+        if r is not None:
+            n = self._relays_of.pop(r.requester) - 1
+            if n:
+                self._relays_of[r.requester] = n
+        return r
 
     def on_ack(self, msg: Ack, now_ms: int) -> None:
         p = self._probe
@@ -989,7 +1146,7 @@ class Membership:
             self._probe = None
             self._health(-1)
             return
-        r = self._relays.pop(msg.seq, None)
+        r = self._drop_relay(msg.seq)
         if r is not None:
             self.port.send(r.requester, Ack(r.orig_seq))
 

@@ -2,7 +2,8 @@
 every T) and naive flooding of bodies.  Both verify signatures for real (``TrustedState``) and speak
 the same ``handle(now, input) -> effects`` / ``next_deadline()`` shape as ``protocol.node.Node``.
 
-Frames are MessagePack arrays whose first element is a tag >= 100 so the engine can classify bytes.
+Frames are MessagePack arrays whose first element is a tag >= 100 (above the gossip tags) so the
+simulator can classify bytes (``simulations.wire``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from protocol.gossip_events import (
 from protocol.trust import TrustedState
 
 TAG_POLL, TAG_NOT_MODIFIED, TAG_BODY = 100, 101, 102
+TAG_NAMES = {TAG_POLL: "poll", TAG_NOT_MODIFIED: "not_modified", TAG_BODY: "body"}
 AUTHORITY_ID = "authority"
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()

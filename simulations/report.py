@@ -1,5 +1,6 @@
-"""Report output: the JSON document (byte-identical for the same seed apart from ``wall_s``) and the PNG
-plot of converged fraction over time per region, with fault windows shaded."""
+"""The report of a run: the JSON document (byte-identical for the same seed apart from ``wall_s``),
+built from the measurement at the end of the run, and the PNG plot of converged fraction over time per
+region, with fault windows shaded."""
 
 from __future__ import annotations
 
@@ -7,7 +8,111 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .wire import KIND_NAMES
+
+if TYPE_CHECKING:
+    from .engine import Simulation
+    from .hosts import Host, Version
+
+SERF_MODEL_MS = 2390  # memberlist/Serf convergence model: fanout 3, 200 ms interval, 10% loss, 99.99% of 1000
+
+
+def build_report(sim: Simulation) -> dict[str, Any]:
+    """The report at the end of a run (after the end-of-run invariants)."""
+    sc, n, m = sim.sc, sim.n, sim.measure
+    live = sim.live_hosts()
+    versions = [_version_stats(sim, v, live) for v in sim.versions]
+    last = versions[-1]
+    missing, equivocation = sim.end_checks(live)
+    idle_bps = None
+    if m.idle_snap is not None and sim.versions[0].snap_publish is not None:
+        dt = (sim.versions[0].published_at or 0) - m.idle_snap_t
+        if dt > 0:
+            idle_bps = round((sim.versions[0].snap_publish[0] - m.idle_snap[0]) / n / (dt / 1000), 1)
+    node_hours = len(live) * sc.duration_ms / 3_600_000
+    return {
+        "scenario": sc.name,
+        "protocol": sc.protocol,
+        "seed": sc.seed,
+        "nodes": n,
+        "regions": sim.regions,
+        "loss": sc.network.loss,
+        "transport": sc.network.transport,
+        "policy_bytes": sim.policy_bytes,
+        "duration_ms": sc.duration_ms,
+        "live_nodes": len(live),
+        "not_converged_at_end": len(missing),
+        "hostile_nodes": sum(1 for h in sim.hosts[:n] if h.hostile),
+        "hostile_behaviours": sorted(sc.hostile.behaviours) if sim.hostile_idx else [],
+        "bodies_to_hostile": sim.bodies_to_hostile,
+        "convergence_bound_ms": sc.checks.convergence_bound_ms or None,
+        "equivocation": equivocation,
+        "converged_fraction": last["converged_fraction"],
+        "t50_ms": last["t50_ms"],
+        "t99_ms": last["t99_ms"],
+        "t100_ms": last["t100_ms"],
+        "bytes_per_node": last["bytes_per_node"],
+        "messages_per_node": last["messages_per_node"],
+        "dissemination_bytes_per_node": last["dissemination_bytes_per_node"],
+        "dissemination_bytes_per_node_max": None,  # never measured; kept so reports stay comparable
+        "bytes_budget_per_node": int(1.2 * sim.policy_bytes + 2048),
+        "idle_bytes_per_node_s": idle_bps,
+        "idle_bytes_per_node_s_by_kind": m.idle_by_kind,
+        "run_bytes_per_node": round(sum(m.recv_bytes[:n]) / n, 1),
+        "run_messages_per_node": round(sum(m.recv_msgs[:n]) / n, 1),
+        "bytes_by_kind": {name: m.kind_bytes[k] for k, name in KIND_NAMES.items() if m.kind_bytes[k]},
+        "serf_model_ms": SERF_MODEL_MS,
+        "ratio_vs_serf_model": (round(last["t100_ms"] / SERF_MODEL_MS, 3) if last["t100_ms"] is not None else None),
+        "false_detections": m.false_detections,
+        "false_detections_per_node_hour": round(m.false_detections / node_hours, 4) if node_hours else 0.0,
+        "false_suspicions": m.false_suspicions,
+        "deaths_declared": m.deaths,
+        "alerts": dict(sorted(m.alerts.items())),
+        "faults": [{"name": name, "start_ms": s, "end_ms": e} for s, e, name in sim.faults.windows],
+        "versions": versions,
+        "events": sim.kernel.events,
+        "wall_s": round(sim.wall_s, 3),
+        "invariant_violations": sim.inv.count,
+        "violations": sim.inv.listed,
+    }
+
+
+def _version_stats(sim: Simulation, v: Version, live: list[Host]) -> dict[str, Any]:
+    n = sim.n
+    pub = v.published_at
+    out: dict[str, Any] = {"serial": v.serial, "publish_ms": v.publish_ms, "published_at_ms": pub}
+    if pub is None or not live:
+        out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
+                   messages_per_node=None, dissemination_bytes_per_node=None,
+                   dissemination_bytes_per_node_max=None, by_region={})
+        return out
+    times = sorted(v.applied[h.idx] - pub for h in live if h.idx in v.applied)
+    frac = len(times) / len(live)
+
+    def pct(p: float) -> int | None:
+        need = math.ceil(p * len(live))
+        return times[need - 1] if need <= len(times) and need > 0 else None
+
+    snap_end = v.snap_done if v.snap_done is not None else sim.measure.snapshot()
+    sp = v.snap_publish or [0, 0, 0]
+    by_region = {}
+    for r, name in enumerate(sim.regions):
+        lr = [h for h in live if h.region == r]
+        tr = sorted(v.applied[h.idx] - pub for h in lr if h.idx in v.applied)
+        by_region[name] = {"live": len(lr), "converged": len(tr),
+                           "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
+    out.update(
+        converged_fraction=round(frac, 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
+        t100_ms=times[-1] if len(times) == len(live) else None,
+        bytes_per_node=round((snap_end[0] - sp[0]) / n, 1),
+        messages_per_node=round((snap_end[1] - sp[1]) / n, 2),
+        dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
+        dissemination_bytes_per_node_max=None,
+        by_region=by_region,
+    )
+    return out
 
 
 def to_json(report: dict[str, Any]) -> str:
@@ -29,7 +134,7 @@ def require_plotting() -> None:
             "--plot needs matplotlib: install the simulator extra (pip install -e '.[sim]')")
 
 
-def plot(sim: Any, report: dict[str, Any], path: str) -> None:
+def plot(sim: Simulation, report: dict[str, Any], path: str) -> None:
     require_plotting()
     import matplotlib
 
@@ -37,12 +142,12 @@ def plot(sim: Any, report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-    ts = [t / 1000 for t in sim.series_t]
+    ts = [t / 1000 for t in sim.measure.series_t]
     series = {region: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
-              for region, values in sim.series.items()}
+              for region, values in sim.measure.series.items()}
     for region, values in series.items():
         ax.plot(ts, values, label=region, linewidth=1.4)
-    for start, end, label in sim.fault_windows:
+    for start, end, label in sim.faults.windows:
         ax.axvspan(start / 1000, end / 1000, color="tab:red", alpha=0.12)
         ax.text(start / 1000, 1.02, label, fontsize=7, color="tab:red", va="bottom")
     for v in report["versions"]:
@@ -58,15 +163,15 @@ def plot(sim: Any, report: dict[str, Any], path: str) -> None:
     ax.grid(alpha=0.3)
     # Zoom on the last published version: milliseconds from its publication.
     published = [v for v in report["versions"] if v["published_at_ms"] is not None]
-    if published and sim.series_t:
+    if published and sim.measure.series_t:
         v = published[-1]
         t0 = v["published_at_ms"]
         span = max(1000, int(1.3 * (v.get("t100_ms") or 3000)))
-        idx = [i for i, t in enumerate(sim.series_t) if t0 - 200 <= t <= t0 + span]
+        idx = [i for i, t in enumerate(sim.measure.series_t) if t0 - 200 <= t <= t0 + span]
         for region, values in series.items():
-            zoom.plot([sim.series_t[i] - t0 for i in idx], [values[i] for i in idx], label=region,
+            zoom.plot([sim.measure.series_t[i] - t0 for i in idx], [values[i] for i in idx], label=region,
                       linewidth=1.4, drawstyle="steps-post")
-        for start, end, _label in sim.fault_windows:
+        for start, end, _label in sim.faults.windows:
             if start < t0 + span and end > t0 - 200:
                 zoom.axvspan(max(start, t0 - 200) - t0, min(end, t0 + span) - t0, color="tab:red", alpha=0.12)
         zoom.axvline(0, color="grey", linestyle=":", linewidth=1)

@@ -18,11 +18,11 @@ def test_persisted_peer_lists_are_kept_only_for_hosts_that_restart() -> None:
     assert sim.restartable  # wave 1 restarts within the run; wave 2 (until 90 s) does not
     for h in sim.hosts[: sim.n]:
         if h.idx in sim.restartable:
-            assert h.persisted_peers is not None
+            assert h.disk.peers is not None
         else:
-            assert h.persisted_peers is None
-        assert h.peers_bytes > 0
-    assert sim.persisted_peer_bytes >= sum(h.peers_bytes for h in sim.hosts[: sim.n])
+            assert h.disk.peers is None
+        assert h.disk.peers_bytes > 0
+    assert sim.persisted_peer_bytes >= sum(h.disk.peers_bytes for h in sim.hosts[: sim.n])
 
 
 def test_directory_check_reads_only_and_lists_drops_in_order() -> None:

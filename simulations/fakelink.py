@@ -1,23 +1,26 @@
-"""A minimal lock-step harness: a few real ``protocol.node.Node`` objects over a fake link.
+"""A few real ``protocol.node.Node`` objects over a perfect link, for unit and property tests of the
+core through its façade (h11's ``tests/helpers.py`` shape).
 
-For unit and property tests of membership and dissemination through the façade (h11's
-``tests/helpers.py`` shape).  Messages take a fixed latency, may be dropped by a predicate, and every
-effect is recorded.  The full simulator (``simulations.engine``) adds the network model.
+It is the simulator's kernel (``simulations.kernel``) and effect executor (``simulations.effects``)
+with the simplest world around them: every message takes ``latency_ms``, unless the ``drop``
+predicate refuses it (the sender gets ``SendFailed``); the first message between two nodes opens a
+channel (both get ``PeerConnected``); each node's enforcer confirms every applied policy 1 ms later
+(``RulesetApplied``) unless ``enforces`` is off.  What a node persists lands on its host's ``Disk``;
+every effect is also recorded on its host (``effects``, ``applied``) for the tests to read.
 """
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.gossip_config import GossipConfig
 from protocol.gossip_events import (
+    Alert,
     ApplyPolicy,
-    Disconnect,
     FrameReceived,
+    LivenessChanged,
     Now,
     PeerConnected,
     PeerDisconnected,
@@ -31,18 +34,36 @@ from protocol.node import Node
 from protocol.testing import T0, make_authority, make_node
 from protocol.trust import TrustedState
 
+from .effects import Disk, execute
+from .kernel import Kernel
 
-@dataclass
+ENFORCE_MS = 1  # the enforcer's confirmation delay
+
+
 class Host:
-    node_id: str
-    node: Node
-    address: str
-    cert_bytes: bytes
-    effects: list[Any] = field(default_factory=list)
-    applied: list[ApplyPolicy] = field(default_factory=list)
-    up: bool = True
-    channels: set[str] = field(default_factory=set)
-    enforces: bool = True  # its enforcer confirms every ApplyPolicy (RulesetApplied) 1 ms later
+    """One node on the link, with what it persisted and every effect it returned."""
+
+    def __init__(self, link: FakeLink, idx: int, node_id: str, node: Node, address: str, cert_bytes: bytes) -> None:
+        self._kernel = link.kernel
+        self.idx = idx
+        self.node_id = node_id
+        self.node = node
+        self.address = address
+        self.cert_bytes = cert_bytes
+        self.disk = Disk()
+        self.effects: list[Any] = []
+        self.applied: list[ApplyPolicy] = []
+        self.channels: set[str] = set()
+        self.enforces = True  # its enforcer confirms every ApplyPolicy (RulesetApplied) 1 ms later
+
+    @property
+    def up(self) -> bool:
+        """Down: the node gets nothing and messages to it fail (nobody is told)."""
+        return self._kernel.up[self.idx]
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self._kernel.up[self.idx] = value
 
 
 class FakeLink:
@@ -51,99 +72,104 @@ class FakeLink:
         self.auth = authority or make_authority()
         self.cfg = config or GossipConfig()
         self.latency_ms = latency_ms
-        self.rng = random.Random(seed)
-        self.now_ms = 0
-        self.queue: list[tuple[int, int, str, Any]] = []
-        self._seq = 0
+        self.kernel = Kernel(0, self._execute)
         self.cache = VerifyCache()
         self.drop: Callable[[str, str, bytes], bool] = lambda src, dst, data: False
         self.hosts: dict[str, Host] = {}
         self.by_addr: dict[str, str] = {}
+        self._by_index: list[Host] = []
         regions = regions or ["r1"]
-        idents = []
-        for i in range(n):
-            nid = f"n{i}"
-            region = regions[i % len(regions)]
-            ident = make_node(self.auth, nid, region=region, addresses=(f"10.0.0.{i + 1}",))
-            idents.append((ident, region))
         seed_addrs = [f"10.0.0.{i + 1}:7946" for i in range(min(seeds, n))]
-        for i, (ident, _region) in enumerate(idents):
+        for i in range(n):
+            ident = make_node(self.auth, f"n{i}", region=regions[i % len(regions)], addresses=(f"10.0.0.{i + 1}",))
             addr = f"10.0.0.{i + 1}:7946"
-            trust = TrustedState(self.auth.root_bytes)
-            node = Node(self.cfg, trust, ident.node_id, ident.cert_bytes, ident.identity_seed, addr, seed_addrs,
-                        random.Random(seed * 1000 + i), verify_cache=self.cache)
-            self.hosts[ident.node_id] = Host(ident.node_id, node, addr, ident.cert_bytes)
-            self.by_addr[addr] = ident.node_id
+            node = Node(self.cfg, TrustedState(self.auth.root_bytes), ident.node_id, ident.cert_bytes,
+                        ident.identity_seed, addr, seed_addrs, random.Random(seed * 1000 + i), verify_cache=self.cache)
+            self.add(ident.node_id, node, addr, ident.cert_bytes)
+
+    def add(self, node_id: str, node: Node, address: str, cert_bytes: bytes) -> Host:
+        """Put one more node on the link (up; ``start`` or a first input sets its timer)."""
+        i = self.kernel.add_node()
+        host = Host(self, i, node_id, node, address, cert_bytes)
+        self.kernel.procs[i] = node
+        self.kernel.up[i] = True
+        self.hosts[node_id] = host
+        self.by_addr[address] = node_id
+        self._by_index.append(host)
+        return host
 
     # -- driving -------------------------------------------------------------------------------------
-    def now(self) -> Now:
-        return Now(self.now_ms, T0 + self.now_ms / 1000)
+    @property
+    def now_ms(self) -> int:
+        return self.kernel.now
 
-    def _push(self, at: int, dst: str, inp: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self.queue, (at, self._seq, dst, inp))
+    def now(self) -> Now:
+        return Now(self.kernel.now, T0 + self.kernel.now / 1000)
 
     def feed(self, nid: str, inp: Any) -> list[Any]:
-        host = self.hosts[nid]
-        if not host.up:
-            return []
-        effects = host.node.handle(self.now(), inp)
-        host.effects.extend(effects)
-        for eff in effects:
-            if isinstance(eff, Send):
-                self._route(nid, eff)
-            elif isinstance(eff, ApplyPolicy):
-                host.applied.append(eff)
-                if host.enforces:
-                    self._push(self.now_ms + 1, nid, RulesetApplied(eff.serial, eff.hash[:16], eff.hash))
-            elif isinstance(eff, Disconnect):
-                if eff.peer in host.channels:
-                    host.channels.discard(eff.peer)
-                    self._push(self.now_ms, nid, PeerDisconnected(eff.peer))
-        d = host.node.next_deadline()
-        if d is not None:
-            self._push(max(d, self.now_ms), nid, TimerFired())
-        return effects
-
-    def _route(self, src: str, eff: Send) -> None:
-        dst = eff.peer or self.by_addr.get(eff.address.rsplit(":", 1)[0] + ":7946") or self.by_addr.get(eff.address)
-        if not dst or dst not in self.hosts or not self.hosts[dst].up or self.drop(src, dst, eff.data):
-            self._push(self.now_ms + self.latency_ms, src, SendFailed(eff.peer, eff.address))
-            return
-        at = self.now_ms + self.latency_ms
-        s, d = self.hosts[src], self.hosts[dst]
-        if dst not in s.channels:
-            s.channels.add(dst)
-            d.channels.add(src)
-            self._push(at, src, PeerConnected(dst, d.cert_bytes))
-            self._push(at, dst, PeerConnected(src, s.cert_bytes))
-        self._push(at, dst, FrameReceived(src, eff.data))
+        """Hand ``inp`` to node ``nid`` now; returns its effects (already executed)."""
+        return self.kernel.feed(self.hosts[nid].idx, inp)
 
     def start(self) -> None:
-        for nid in self.hosts:
-            self.feed(nid, TimerFired())
+        for host in self._by_index:
+            self.kernel.feed(host.idx, TimerFired())
 
     def run_until(self, t_ms: int) -> None:
-        while self.queue and self.queue[0][0] <= t_ms:
-            at, _, dst, inp = heapq.heappop(self.queue)
-            self.now_ms = max(self.now_ms, at)
-            if isinstance(inp, TimerFired):
-                d = self.hosts[dst].node.next_deadline()
-                if d is None or d > self.now_ms:
-                    continue
-            self.feed(dst, inp)
-        self.now_ms = max(self.now_ms, t_ms)
+        self.kernel.run_until(t_ms)
 
     def run_for(self, ms: int) -> None:
-        self.run_until(self.now_ms + ms)
+        self.run_until(self.kernel.now + ms)
 
     def crash(self, nid: str) -> None:
+        """Node ``nid`` stops; its channels close and its peers are told after the latency."""
         host = self.hosts[nid]
         host.up = False
         for peer in sorted(host.channels):
             self.hosts[peer].channels.discard(nid)
-            self._push(self.now_ms + self.latency_ms, peer, PeerDisconnected(nid))
+            self.kernel.push(self.kernel.now + self.latency_ms, self.hosts[peer].idx, PeerDisconnected(nid))
         host.channels.clear()
 
     def serials(self) -> dict[str, int]:
         return {nid: h.node.trust.serial for nid, h in self.hosts.items()}
+
+    # -- the World of simulations.effects ------------------------------------------------------------
+    def _execute(self, i: int, effects: list[Any]) -> None:
+        host = self._by_index[i]
+        host.effects.extend(effects)
+        execute(i, host.disk, effects, self)
+
+    def apply_policy(self, i: int, eff: ApplyPolicy, effects: list[Any]) -> None:
+        host = self._by_index[i]
+        host.applied.extend(e for e in effects if type(e) is ApplyPolicy)
+        if host.enforces:
+            self.kernel.push(self.kernel.now + ENFORCE_MS, i, RulesetApplied(eff.serial, eff.hash[:16], eff.hash))
+
+    def send(self, i: int, eff: Send) -> None:
+        src = self._by_index[i]
+        dst = eff.peer or self.by_addr.get(eff.address.rsplit(":", 1)[0] + ":7946") or self.by_addr.get(eff.address)
+        at = self.kernel.now + self.latency_ms
+        d = self.hosts.get(dst) if dst else None
+        if d is None or not d.up or self.drop(src.node_id, d.node_id, eff.data):
+            self.kernel.push(at, i, SendFailed(eff.peer, eff.address))
+            return
+        if d.node_id not in src.channels:
+            src.channels.add(d.node_id)
+            d.channels.add(src.node_id)
+            self.kernel.push(at, i, PeerConnected(d.node_id, d.cert_bytes))
+            self.kernel.push(at, d.idx, PeerConnected(src.node_id, src.cert_bytes))
+        self.kernel.push(at, d.idx, FrameReceived(src.node_id, eff.data))
+
+    def disconnect(self, i: int, peer: str) -> None:
+        host = self._by_index[i]
+        if peer in host.channels:
+            host.channels.discard(peer)
+            self.kernel.push(self.kernel.now, i, PeerDisconnected(peer))
+
+    def directory_changed(self, i: int, before: dict[str, bytes] | None, after: dict[str, bytes]) -> None:
+        pass  # kept on the host's Disk; tests read MembersChanged from host.effects
+
+    def liveness_changed(self, i: int, eff: LivenessChanged) -> None:
+        pass  # recorded in host.effects
+
+    def alert(self, i: int, eff: Alert) -> None:
+        pass  # recorded in host.effects

@@ -66,6 +66,15 @@ class Kernel:
         self._now_obj = Now(-(1 << 62), 0.0)  # the last Now handed out, reused for the same ms and skew
         self._now_skew = 0.0
 
+    def add_node(self) -> int:
+        """One more node slot (down, no process yet); returns its index."""
+        self.procs.append(None)
+        self.up.append(False)
+        self.epoch.append(0)
+        self.skew_s.append(0.0)
+        self.timer_at.append(None)
+        return len(self.procs) - 1
+
     def push(self, at: int, node: int, inp: Any, epoch: int = 0) -> None:
         """Feed ``inp`` to ``node`` at ``at`` if the node is still up in the same ``epoch``."""
         heapq.heappush(self.heap, ((at << SEQ_BITS) | self._next_seq(), node, epoch, inp))

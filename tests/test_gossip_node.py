@@ -383,15 +383,12 @@ def test_ping_to_a_suspected_member_carries_the_suspicion_first():
 
 
 def test_member_whose_certificate_expires_is_expelled_by_housekeeping():
-    from simulations.fakelink import Host
-
     link = FakeLink(3)
     ident = make_node(link.auth, "nx", addresses=("10.0.0.9",), valid_s=30)
     node = Node(link.cfg, TrustedState(link.auth.root_bytes, skew_s=5), "nx", ident.cert_bytes,
                 ident.identity_seed, "10.0.0.9:7946", ["10.0.0.1:7946"], random.Random(5),
                 verify_cache=link.cache)
-    link.hosts["nx"] = Host("nx", node, "10.0.0.9:7946", ident.cert_bytes)
-    link.by_addr["10.0.0.9:7946"] = "nx"
+    link.add("nx", node, "10.0.0.9:7946", ident.cert_bytes)
     link.start()
     link.run_for(8000)
     n0 = link.hosts["n0"].node

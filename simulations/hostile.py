@@ -11,8 +11,8 @@ outgoing traffic is rewritten.
 * ``flood``: with every message it sends, asks the peer for the current body again (``FLOOD_PULLS``
   pulls) and re-announces its digest.
 
-**The Byzantine guarantee** (checked by ``checks.convergence_bound_ms`` in the engine, an invariant
-evaluated for every published version, and by ``tests/test_byzantine.py``): *with any f enrolled
+**The Byzantine guarantee** (checked by ``checks.convergence_bound_ms`` in ``simulations.measure``, an
+invariant evaluated for every published version, and by ``tests/test_byzantine.py``): *with any f enrolled
 Byzantine peers that do not partition the honest nodes, every honest node applies every valid
 version within the normal convergence bound* — the bound measured for the same scenario without
 hostile nodes, with a margin for the sources the hostile nodes do not provide.  Why it holds: a

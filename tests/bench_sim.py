@@ -5,7 +5,7 @@ measured in the same run.
     .venv/bin/python tests/bench_sim.py --nodes 10000     (10k nodes: about 50 minutes, 13 GB)
     .venv/bin/pytest -m bench tests/bench_sim.py -s
 
-The baseline is the bare event loop of the same engine (heap push/pop of the same number of events,
+The baseline is the bare event loop of the same kernel (heap push/pop of the same number of events,
 no protocol work), so the ratio says how much of the wall time the protocol and network model cost.
 """
 
@@ -19,14 +19,15 @@ import time
 import pytest
 
 from simulations.engine import run_scenario
+from simulations.kernel import SEQ_BITS
 from simulations.scenario import load, override
 
 
 def bare_loop(events: int) -> float:
     t0 = time.perf_counter()
-    heap: list[tuple[int, int, int, int, None, None]] = []
+    heap: list[tuple[int, int, int, None]] = []
     for i in range(events):
-        heapq.heappush(heap, (i * 7 % 1000, i, 0, i % 1000, None, None))
+        heapq.heappush(heap, ((i * 7 % 1000) << SEQ_BITS | i, i % 1000, 0, None))  # the kernel's entry shape
         if len(heap) > 5000:
             heapq.heappop(heap)
     while heap:

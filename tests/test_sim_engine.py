@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import random
 
+from protocol.gossip_events import PolicySubmitted
+from protocol.testing import sign_sample
+from protocol.trust import TrustedState
 from simulations.baselines import FloodNode
 from simulations.engine import Simulation
+from simulations.fakelink import FakeLink
 from simulations.invariants import Invariants
 from simulations.network import Network
 from simulations.scenario import load, override
@@ -64,3 +68,18 @@ def test_drop_node_returns_peers_in_connection_order() -> None:
     assert net.drop_node(3) == [1, 5, 6]
     assert all(3 not in (k // net.stride, k % net.stride) for k in net.conns)
     assert net.adj[1] == {} and net.adj[2] == {4: None}
+
+
+def test_fake_link_executes_every_effect_onto_the_host_like_the_engine() -> None:
+    link = FakeLink(3)
+    link.start()
+    link.run_for(5000)
+    envelope = sign_sample(link.auth, 2)
+    link.feed("n1", PolicySubmitted(envelope, "op"))
+    link.run_for(link.cfg.peers_persist_interval_ms + 5000)
+    for h in link.hosts.values():
+        assert h.node.trust.serial == 2
+        assert h.disk.policy is not None and TrustedState(link.auth.root_bytes).accept_policy(
+            h.disk.policy, link.now().wall).policy.serial == 2
+        assert h.disk.directory is not None and set(h.disk.directory) == set(link.hosts)
+        assert h.disk.peers is not None and h.disk.peers_bytes == len(h.disk.peers)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from protocol.gossip_events import Alert, LivenessChanged
 
 from .hosts import Host, Version
-from .wire import DISSEMINATION_KINDS, KIND_NAMES, NKINDS
+from .wire import DISSEMINATION_KINDS, KIND_NAMES, NKINDS, frame_kind
 
 if TYPE_CHECKING:
     from .engine import Simulation
@@ -43,9 +43,7 @@ class Measurement:
         n = self.wire_bytes(len(data))
         self.recv_bytes[i] += n
         self.recv_msgs[i] += 1
-        k = data[1] if len(data) > 1 and 0x90 <= data[0] <= 0x9F else 0  # == wire.frame_kind(data), inlined
-        if k >= NKINDS:
-            k = 0
+        k = frame_kind(data)
         self.kind_bytes[k] += n
         self.kind_msgs[k] += 1
         if k in DISSEMINATION_KINDS:

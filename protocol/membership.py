@@ -42,7 +42,7 @@ import msgspec
 from .entropy import Entropy
 from .errors import RemoteProtocolError, RevokedError, SignatureError, TrustError
 from .gossip_config import GossipConfig
-from .gossip_events import Alert, Disconnect, Effect, LivenessChanged
+from .gossip_events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
 from .gossip_wire import (
     HASH_PREFIX,
     MAX_GOSSIP_ITEMS,
@@ -84,7 +84,6 @@ _STATUS_OVERHEAD_BYTES = 512  # a StatusInfo's decoded body, slots and cache key
 # ms, so one further than this above where we started is a lie.  A record signed with an incarnation
 # this far ahead of the wall clock is refused the same way.
 INCARNATION_SLACK = 1 << 40  # ms, about 35 years
-_peer_entry_encoder = msgspec.msgpack.Encoder()
 
 
 def _token(node_id: str, version: int) -> int:
@@ -315,9 +314,8 @@ class Rec:
         self.cert = cert
         self.cert_bytes = rec.cert
         self.token = _token(rec.node_id, rec.incarnation)
-        # the member's entry in the persisted peer list (one MessagePack map)
-        self.entry = _peer_entry_encoder.encode(
-            {"node_id": rec.node_id, "address": rec.address, "region": cert.region, "cert": rec.cert})
+        # the member's entry in the persisted member file
+        self.entry = MemberEntry(rec.node_id, rec.address, cert.region, rec.cert)
 
 
 class StatusInfo:
@@ -676,7 +674,7 @@ class Membership:
             raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
         i = self.index.intern(rec.node_id)
         hit = Rec(i, rec, cert, key[0])
-        nbytes = len(hit.record) + len(hit.cert_bytes) + len(hit.entry) + _REC_OVERHEAD_BYTES
+        nbytes = 2 * len(hit.record) + len(hit.cert_bytes) + _REC_OVERHEAD_BYTES  # record, cert, entry
         self.cache.put_member("r", i, rec.incarnation, key, hit, nbytes)
         return hit
 
@@ -1318,8 +1316,11 @@ class Membership:
         assert r is not None
         return r.incarnation, _NAME[self._lv[i]]
 
-    def certs(self) -> dict[str, bytes]:
-        return {r.node_id: r.cert_bytes for r in self._rec if r is not None}
+    def certs(self) -> tuple[dict[str, Certificate], int]:
+        """Every member's certificate (ourselves included), and a digest of their exact bytes (a
+        re-signed certificate with the same content is a change too)."""
+        recs = [r for r in self._rec if r is not None]
+        return {r.node_id: r.cert for r in recs}, sum(hash(r.cert_bytes) for r in recs)
 
     def watch_addresses(self, addresses: Iterable[str]) -> None:
         """Keep ``by_address`` O(1) for these addresses (the seeds, looked up on every retry)."""
@@ -1347,7 +1348,7 @@ class Membership:
                 return r.node_id
         return None
 
-    def peer_entries(self) -> list[bytes]:
-        """Pre-encoded peer-list entries (one MessagePack map per member, encoded once per record)."""
+    def member_entries(self) -> list[MemberEntry]:
+        """The member file's entries, ourselves excluded (built once per record)."""
         me = self._me_i
         return [r.entry for r in self._rec if r is not None and r.idx != me]

@@ -11,14 +11,14 @@ delivers replies as ``FrameReceived(peer=node_id)``.  The seed answers with its 
 directory digest, and push-pull anti-entropy fills in the rest.  A seed address that is our own
 advertised address is skipped.
 
-Ordering: within one returned list, ``Persist`` and ``ApplyPolicy`` of a new policy precede every
+Ordering: within one returned list, ``PersistPolicy`` and ``Enforce`` of a new policy precede every
 ``Send`` that announces it, so the shell can execute the list in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -43,17 +43,19 @@ from .errors import (
 from .gossip_config import GossipConfig
 from .gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
     Effect,
+    Enforce,
     FrameReceived,
     LeaveRequested,
     LivenessChanged,
-    MembersChanged,
+    MemberEntry,
     Now,
     PeerConnected,
     PeerDisconnected,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicyResult,
     PolicySubmitted,
     RootsSubmitted,
@@ -61,6 +63,7 @@ from .gossip_events import (
     Send,
     SendFailed,
     TimerFired,
+    Verdict,
 )
 from .gossip_wire import (
     HASH_PREFIX,
@@ -89,10 +92,10 @@ from .signing import decode_envelope, public_key_of
 from .trust import Equivocation, TrustedState
 
 __all__ = [
-    "Alert", "ApplyPolicy", "Disconnect", "Effect", "FrameReceived", "GossipConfig", "LeaveRequested",
-    "LivenessChanged", "MembersChanged", "Node", "Now", "PeerConnected", "PeerDisconnected", "Persist",
-    "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied", "Send", "SendFailed",
-    "TimerFired", "VerifyCache",
+    "Alert", "Disconnect", "Effect", "Enforce", "FrameReceived", "GossipConfig", "LeaveRequested",
+    "LivenessChanged", "MemberEntry", "Node", "Now", "PeerConnected", "PeerDisconnected", "PersistMembers",
+    "PersistPolicy", "PersistRoot", "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied",
+    "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
 ]
 
 _PIGGYBACK = (Ping, Ack, PingReq)
@@ -103,7 +106,6 @@ MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channe
 # what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
 CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
                   "pull_flood": "gossip.pull_flood"}
-_peers_encoder = msgspec.msgpack.Encoder()
 
 
 class Node:
@@ -117,7 +119,7 @@ class Node:
         advertise: str,
         seeds: list[str],
         entropy: Callable[[int], bytes] | Any,
-        known_peers: list[dict[str, Any]] | None = None,
+        known_members: Sequence[MemberEntry] = (),
         *,
         verify_cache: VerifyCache | None = None,
         enforced: tuple[int, str] | None = None,
@@ -135,7 +137,8 @@ class Node:
         self.cert = cert
         self.advertise = advertise
         self.seeds = [s for s in dict.fromkeys(seeds) if s and s != advertise]
-        self.known_peers = [p for p in (known_peers or []) if p.get("node_id") != node_id and p.get("address")]
+        # members remembered from the last run that can be dialled (a few are tried at start)
+        self.known_peers = [p for p in known_members if p.node_id != node_id and p.address]
         self.rng = Entropy(entropy)
         self.cache = verify_cache if verify_cache is not None else VerifyCache()
         self._out: list[Effect] = []
@@ -148,18 +151,16 @@ class Node:
                                  self._misbehaved)
         self.mem.preferred = self.conn_set
         self.mem.watch_addresses(self.seeds)
-        # Certificates remembered from the last run ("peers" with "cert"): the directory handed to
-        # enforcement after a restart is the one from before it, until members are heard from again.
-        self._known_certs: dict[str, tuple[bytes, Any]] = {}
-        for p in known_peers or []:
-            cb = p.get("cert")
-            if isinstance(cb, (bytes, bytearray)):
-                try:
-                    c = trust.check_certificate(bytes(cb))
-                except (TrustError, RemoteProtocolError):
-                    continue
-                if c.node_id == p.get("node_id"):
-                    self._known_certs[c.node_id] = (bytes(cb), c)
+        # Certificates remembered from the last run: the directory handed to enforcement after a
+        # restart is the one from before it, until members are heard from again.
+        self._known_certs: dict[str, tuple[bytes, Certificate]] = {}
+        for p in known_members:
+            try:
+                c = trust.check_certificate(p.cert)
+            except (TrustError, RemoteProtocolError):
+                continue
+            if c.node_id == p.node_id:
+                self._known_certs[c.node_id] = (p.cert, c)
         self.started = False
         self._now = Now(0, 0.0)
         self._sync_at = 0
@@ -169,14 +170,15 @@ class Node:
         self._house_at = 0
         self._dir_at: int | None = None
         self._peers_at: int | None = None
-        self._last_dir: dict[str, bytes] | None = None
+        self._last_dir: dict[str, Certificate] | None = None  # the directory last handed to Enforce
+        self._last_dir_fingerprint = 0  # ... and a digest of its certificates' exact bytes
         self._pending_policy: bytes | None = None
         self._status_sync_at = 0
         self._root_pull_from: dict[str, int] = {}  # peer -> when we last asked it for roots
         # What the enforcer confirmed: (serial, policy hash hex, ruleset hash prefix).  Status reports
         # this, not what we trust; trusted != enforced for longer than enforce_grace_ms is an alert.
         self._enforced: tuple[int, str, bytes] = (0, "", b"")
-        self._applying: tuple[int, str] = (0, "")  # the latest ApplyPolicy we emitted (serial, hash)
+        self._applying: tuple[int, str] = (0, "")  # the policy of our latest Enforce (serial, hash)
         self._lag_since: int | None = None
         self._lag_alerted = False
         self._equivocation_alerted: Equivocation | None = None
@@ -293,7 +295,7 @@ class Node:
         if self.seeds:
             self._sync_addr(self.rng.choice(self.seeds))
         for p in self.rng.sample(self.known_peers, self.cfg.fanout):
-            self._sync_addr(p["address"])
+            self._sync_addr(p.address)
 
     def _tick(self, now: Now) -> None:
         ms = now.ms
@@ -328,20 +330,17 @@ class Node:
             self._peers_at = ms + self.cfg.peers_persist_interval_ms
         if self._peers_at is not None and ms >= self._peers_at:
             self._peers_at = None
-            self._persist_peers()
+            self._persist_members()
         self._check_enforced(ms)
 
-    def _persist_peers(self) -> None:
+    def _persist_members(self) -> None:
         self.mem.peers_dirty = False
         self._peers_at = None
-        entries = self.mem.peer_entries()
+        entries = self.mem.member_entries()
         for nid, (cb, c) in self._known_certs.items():
             if nid not in self.mem:
-                entries.append(_peers_encoder.encode({"node_id": nid, "address": "", "region": c.region, "cert": cb}))
-        n = len(entries)
-        header = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                                   else b"\xdd" + n.to_bytes(4, "big"))
-        self._out.append(Persist("peers", header + b"".join(entries)))
+                entries.append(MemberEntry(nid, "", c.region, cb))
+        self._out.append(PersistMembers(tuple(entries)))
 
     def _pick_cross(self) -> list[str]:
         others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
@@ -371,7 +370,7 @@ class Node:
     def _retry_seeds(self, lonely: bool) -> None:
         addrs = list(self.seeds)
         if lonely:
-            addrs += [p["address"] for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
+            addrs += [p.address for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
         for addr in addrs:
             nid = self.mem.by_address(addr)
             if nid is None:
@@ -391,9 +390,10 @@ class Node:
         if self.cert.not_after < now.wall + 7 * 86400 - skew:
             self._out.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
 
-    def _emit_directory(self) -> None:
-        self.mem.directory_dirty = False
-        certs = self.mem.certs()
+    def _current_directory(self) -> tuple[dict[str, Certificate], int]:
+        """The valid certificate directory (members, then certificates remembered from the last run
+        that are still valid), and a digest of the certificates' exact bytes."""
+        certs, fingerprint = self.mem.certs()
         if self._known_certs:
             wall = self._now.wall
             for nid, (cb, c) in list(self._known_certs.items()):
@@ -404,12 +404,20 @@ class Node:
                 except TrustError:
                     del self._known_certs[nid]
                     continue
-                certs[nid] = cb
-        if certs != self._last_dir:
-            self._last_dir = certs
+                certs[nid] = c
+                fingerprint += hash(cb)
+        return certs, fingerprint
+
+    def _emit_directory(self) -> None:
+        self.mem.directory_dirty = False
+        certs, fingerprint = self._current_directory()
+        if certs != self._last_dir or fingerprint != self._last_dir_fingerprint:
+            self._last_dir, self._last_dir_fingerprint = certs, fingerprint
             # the directory is durable before enforcement acts on it (restart path)
-            self._persist_peers()
-            self._out.append(MembersChanged(certs))  # shared with _last_dir: nobody mutates it
+            self._persist_members()
+            pol, h = self.trust.policy, self.trust.policy_hash
+            if pol is not None and h is not None:
+                self._out.append(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -806,11 +814,11 @@ class Node:
                 self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._out.append(PolicyResult(source, False, 0, _why(exc)))
+                self._out.append(_refused(source, 0, exc))
                 self._out.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
@@ -820,7 +828,7 @@ class Node:
             # A validly signed second payload at our serial with a higher hash: refused, remembered.
             self._note_equivocation()
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 peek = self._peek(envelope)
                 if peek is not None:
@@ -830,7 +838,7 @@ class Node:
             event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
             self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 self.dis.forget_source(peer)
                 self.dis.pull_failed(peer, now.ms, unserved=True)
@@ -838,20 +846,21 @@ class Node:
         pol = check.policy
         if check.duplicate:
             if local:
-                self._out.append(PolicyResult(source, True, pol.serial, "duplicate"))
+                self._out.append(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
             if peer is not None:
                 self.dis.note_has(peer, (pol.root_version, pol.serial))
             self.dis.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
-        self._out.append(Persist("policy", check.envelope_bytes))
-        self._out.append(ApplyPolicy(check.envelope_bytes, pol.serial, check.hash))
+        self._out.append(PersistPolicy(pol.serial, check.envelope_bytes))
+        members = self._last_dir if self._last_dir is not None else self._current_directory()[0]
+        self._out.append(Enforce(pol, check.hash, members))
         self._applying = (pol.serial, check.hash)
         if check.replaces is not None:
             self._note_equivocation()
         if local:
-            self._out.append(PolicyResult(source, True, pol.serial, "accepted"))
+            self._out.append(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
         if peer is not None:
             self.dis.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
@@ -879,11 +888,11 @@ class Node:
 
     def _install_roots(self, chain: list[bytes], peer: str | None, source: str) -> None:
         before = self.trust.root_version
-        added: list[bytes] = []
+        added: list[tuple[int, bytes]] = []
         try:
             for data in chain:
                 if self.trust.update_root(data):
-                    added.append(data)
+                    added.append((self.trust.root_version, data))
         except RootMismatchError:
             pass  # a gap: keep what stepped in order
         except TrustError as exc:
@@ -892,11 +901,11 @@ class Node:
             else:
                 self._out.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._out.append(PolicyResult(source, False, self.trust.root_version, _why(exc)))
-        for data in added:
-            self._out.append(Persist("root", data))
+                self._out.append(_refused(source, self.trust.root_version, exc))
+        for version, data in added:
+            self._out.append(PersistRoot(version, data))
         if peer is None and added:
-            self._out.append(PolicyResult(source, True, self.trust.root_version, "root_accepted"))
+            self._out.append(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
         if self.trust.root_version != before:
             self._on_root_changed()
             if self._pending_policy is not None:
@@ -1012,19 +1021,6 @@ class Node:
                          **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}},
         }
 
-    def digest_hash(self) -> str | None:
-        """Hex payload hash of the applied policy (for tests and the simulator)."""
-        return self.trust.policy_hash
-
-
-def policy_digest(envelope: bytes) -> tuple[int, str]:
-    """(serial, hash) of a policy envelope without verifying it (diagnostics only)."""
-    env = decode_envelope(envelope, "policy")
-    return decode_policy(env.payload).serial, payload_hash(env.payload)
-
-
-def peers_hash(peers: list[dict[str, str]]) -> str:
-    return hashlib.sha256(_peers_encoder.encode(peers)).hexdigest()
 
 
 def _prefix(hex_digest: str) -> bytes:
@@ -1034,6 +1030,6 @@ def _prefix(hex_digest: str) -> bytes:
         raise LocalProtocolError("hashes must be hex") from None
 
 
-def _why(exc: TrustError) -> str:
-    """A refusal for the operator: the stable label first (metrics, tests), then the explanation."""
-    return f"{exc.reason}: {exc}"
+def _refused(source: str, serial: int, exc: TrustError) -> PolicyResult:
+    """A refusal for the operator: the stable label (metrics, tests) and the explanation."""
+    return PolicyResult(source, False, serial, Verdict.of(exc.reason), str(exc))

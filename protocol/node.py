@@ -21,8 +21,6 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import msgspec
-
 from . import gossip_wire as wire
 from .conduct import PeerConduct
 from .dissemination import Dissemination
@@ -79,7 +77,6 @@ from .gossip_wire import (
     PolicyPush,
     RootPull,
     RootPush,
-    Suspect,
     Sync,
     SyncEntries,
     View,
@@ -98,9 +95,7 @@ __all__ = [
     "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
 ]
 
-_PIGGYBACK = (Ping, Ack, PingReq)
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
-BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
 MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
 # what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
@@ -145,7 +140,7 @@ class Node:
         self.connected: set[str] = set()
         self.conn_set = IndexedSet()  # the same peers, for uniform random choice
         self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
-                              self.cache, self, self.connected.__contains__)
+                              self.cache, self.connected.__contains__)
         self.conduct = PeerConduct()
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__,
                                  self._misbehaved)
@@ -200,29 +195,19 @@ class Node:
             SyncEntries: self._on_sync_entries, MemberPull: self._on_member_pull, Members: self._on_members,
         }
 
-    # -- Port for membership/dissemination -----------------------------------------------------------
+    # -- output --------------------------------------------------------------------------------------
+    def _push(self, effect: Effect) -> None:
+        """Add one effect, after whatever membership has queued so far (their order is kept)."""
+        if self.mem.outbox:
+            self._out += self.mem.outbox
+            self.mem.outbox.clear()
+        self._out.append(effect)
+
     def send(self, peer: str, msg: Any) -> None:
-        if isinstance(msg, _PIGGYBACK):
-            # Lifeguard's buddy system: a ping to a member we suspect carries that suspicion first,
-            # so the member hears of it (and refutes) even when the queue is crowded after a heal.
-            buddy = self.mem.buddy_item(peer) if isinstance(msg, Ping) else None
-            budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
-            items = self.mem.broadcasts.take(budget, self.cfg.retransmit_limit(len(self.mem))) \
-                if len(self.mem.broadcasts) else ()
-            if buddy is not None:
-                items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
-            root_v, serial = self._my_key() if isinstance(msg, (Ping, Ack)) else (0, 0)
-            if items or serial:
-                msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
-                    else msgspec.structs.replace(msg, gossip=items)
-        r = self.mem.rec(peer)
-        self._out.append(Send(peer, r.address if r is not None else "", encode(msg)))
+        self._push(self.mem.outgoing(peer, msg))
 
     def send_addr(self, address: str, msg: Any) -> None:
-        self._out.append(Send("", address, encode(msg)))
-
-    def emit(self, effect: Effect) -> None:
-        self._out.append(effect)
+        self._push(Send("", address, encode(msg)))
 
     # -- the façade ----------------------------------------------------------------------------------
     def handle(self, now: Now, inp: Any) -> list[Effect]:
@@ -260,6 +245,9 @@ class Node:
         else:
             raise LocalProtocolError(f"unknown input {type(inp).__name__}")
         self._tick(now)
+        if self.mem.outbox:
+            self._out += self.mem.outbox
+            self.mem.outbox.clear()
         out, self._out = self._out, []
         return out
 
@@ -340,7 +328,7 @@ class Node:
         for nid, (cb, c) in self._known_certs.items():
             if nid not in self.mem:
                 entries.append(MemberEntry(nid, "", c.region, cb))
-        self._out.append(PersistMembers(tuple(entries)))
+        self._push(PersistMembers(tuple(entries)))
 
     def _pick_cross(self) -> list[str]:
         others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
@@ -384,11 +372,11 @@ class Node:
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
                 self._stale_alerted = True
-                self._out.append(Alert("policy.stale", {"serial": self.trust.serial}))
+                self._push(Alert("policy.stale", {"serial": self.trust.serial}))
             self._publish_status(force=True)
         skew = self.trust.skew_s
         if self.cert.not_after < now.wall + 7 * 86400 - skew:
-            self._out.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
+            self._push(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
 
     def _current_directory(self) -> tuple[dict[str, Certificate], int]:
         """The valid certificate directory (members, then certificates remembered from the last run
@@ -417,7 +405,7 @@ class Node:
             self._persist_members()
             pol, h = self.trust.policy, self.trust.policy_hash
             if pol is not None and h is not None:
-                self._out.append(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
+                self._push(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -468,7 +456,7 @@ class Node:
             self._lag_since = None
             if self._lag_alerted:
                 self._lag_alerted = False
-                self._out.append(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
+                self._push(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
                 self._publish_status(force=True)
             return
         if self._lag_since is None:
@@ -476,7 +464,7 @@ class Node:
         elif not self._lag_alerted and ms - self._lag_since >= self.cfg.enforce_grace_ms:
             self._lag_alerted = True
             e_serial, e_hash, _ = self._enforced
-            self._out.append(Alert("policy.not_enforced", {
+            self._push(Alert("policy.not_enforced", {
                 "trusted_serial": serial, "trusted_hash": h, "enforced_serial": e_serial,
                 "enforced_hash": e_hash, "for_ms": ms - self._lag_since}))
             self._publish_status(force=True)
@@ -645,9 +633,9 @@ class Node:
     def _blame(self, peer: str, exc: Exception) -> None:
         self.counters["remote_errors"] += 1
         reason = getattr(exc, "reason", "protocol_error") if isinstance(exc, TrustError) else "protocol_error"
-        self._out.append(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
+        self._push(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
         if peer:
-            self._out.append(Disconnect(peer, reason))
+            self._push(Disconnect(peer, reason))
             self.connected.discard(peer)
             self.conn_set.discard(peer)
             self.dis.forget_source(peer)
@@ -761,10 +749,10 @@ class Node:
         closed when it repeats (see protocol.conduct)."""
         verdict = self.conduct.note(peer, kind, self._now.ms)
         if verdict.alert:
-            self._out.append(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
+            self._push(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
         if verdict.disconnect and peer in self.connected:
             self.counters["misbehaviour_disconnects"] += 1
-            self._out.append(Disconnect(peer, kind))
+            self._push(Disconnect(peer, kind))
             self.connected.discard(peer)
             self.conn_set.discard(peer)
             self._expelled.add(peer)
@@ -777,7 +765,7 @@ class Node:
             return
         self._equivocation_alerted = eq
         self.counters["equivocations_seen"] += 1
-        self._out.append(Alert("policy.equivocation", {
+        self._push(Alert("policy.equivocation", {
             "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
             "kept": eq.hashes[0]}))
         self._publish_status(force=True)
@@ -814,12 +802,12 @@ class Node:
                 self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._out.append(_refused(source, 0, exc))
-                self._out.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self._push(_refused(source, 0, exc))
+                self._push(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
                 self._blame(peer, exc)
@@ -828,7 +816,7 @@ class Node:
             # A validly signed second payload at our serial with a higher hash: refused, remembered.
             self._note_equivocation()
             if local:
-                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 peek = self._peek(envelope)
                 if peek is not None:
@@ -836,9 +824,9 @@ class Node:
             return
         except (RollbackError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
             event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
-            self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
+            self._push(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._out.append(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 self.dis.forget_source(peer)
                 self.dis.pull_failed(peer, now.ms, unserved=True)
@@ -846,21 +834,21 @@ class Node:
         pol = check.policy
         if check.duplicate:
             if local:
-                self._out.append(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
+                self._push(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
             if peer is not None:
                 self.dis.note_has(peer, (pol.root_version, pol.serial))
             self.dis.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
-        self._out.append(PersistPolicy(pol.serial, check.envelope_bytes))
+        self._push(PersistPolicy(pol.serial, check.envelope_bytes))
         members = self._last_dir if self._last_dir is not None else self._current_directory()[0]
-        self._out.append(Enforce(pol, check.hash, members))
+        self._push(Enforce(pol, check.hash, members))
         self._applying = (pol.serial, check.hash)
         if check.replaces is not None:
             self._note_equivocation()
         if local:
-            self._out.append(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
+            self._push(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
         if peer is not None:
             self.dis.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
@@ -899,13 +887,13 @@ class Node:
             if peer is not None and isinstance(exc, (SignatureError, FormatError)):
                 self._blame(peer, exc)
             else:
-                self._out.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self._push(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._out.append(_refused(source, self.trust.root_version, exc))
+                self._push(_refused(source, self.trust.root_version, exc))
         for version, data in added:
-            self._out.append(PersistRoot(version, data))
+            self._push(PersistRoot(version, data))
         if peer is None and added:
-            self._out.append(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
+            self._push(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
         if self.trust.root_version != before:
             self._on_root_changed()
             if self._pending_policy is not None:

@@ -51,7 +51,9 @@ class Enforcer:
         self.log = log.bind(component="enforce")
         self.on_applied = on_applied
         self.backend: Backend | None = None
-        self._want: tuple[PolicyVersion, list[Certificate], str] | None = None
+        self._want: tuple[PolicyVersion, list[Certificate], str] | None = None  # queued for run()
+        # the latest (policy, member certificates, policy hash) the core asked for (its Enforce effect)
+        self.wanted: tuple[PolicyVersion, list[Certificate], str] | None = None
         self._event = asyncio.Event()
         self.applied_serial = 0
         self.applied_hash: str | None = None  # of the ruleset
@@ -86,23 +88,27 @@ class Enforcer:
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")
 
-    def _hash_of(self, policy: PolicyVersion) -> str:
-        """The payload hash of ``policy``, known when it is the policy the node trusts (the only one the
-        daemon ever asks for); taken when asked, since trust may move on before the apply runs."""
-        return (self.trust.policy_hash or "") if policy is self.trust.policy else ""
+    @property
+    def wanted_hash(self) -> str:
+        return self.wanted[2] if self.wanted is not None else ""
 
-    def want(self, policy: PolicyVersion | None, members: list[Certificate]) -> None:
-        if policy is None:
-            return  # before the first verified policy the host's firewall is left as it is
-        self._want = (policy, members, self._hash_of(policy))
+    def want(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str) -> None:
+        """Enforce ``policy`` (``policy_hash``: hex hash of its signed payload) for ``members`` as soon as
+        the worker gets to it (the latest wish wins)."""
+        self.wanted = self._want = (policy, members, policy_hash)
         self._event.set()
 
-    async def apply_now(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str | None = None) -> bool:
+    def want_again(self) -> None:
+        """Queue the latest wish once more (after a failed apply, a restarted worker, a reload).  Before
+        the first verified policy there is none: the host's firewall is left as it is."""
+        if self.wanted is not None:
+            self._want = self.wanted
+            self._event.set()
+
+    async def apply_now(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str) -> bool:
         """Render and load; True when the kernel now enforces ``policy``. Confirms (``on_applied``) the
         serial, ruleset hash and policy hash whenever one of them changed: an equivocation resolved to
         the lower hash may render the very same ruleset, and is still a change of what is enforced."""
-        if policy_hash is None:
-            policy_hash = self._hash_of(policy)
         assert self.backend is not None
         backend = self.backend
         t0 = time.perf_counter()

@@ -368,7 +368,7 @@ def test_kill9_mid_write_then_open_leaves_no_temp_and_a_whole_directory(tmp_path
 
 
 def test_file_backend_removes_stale_temps_of_its_ruleset_file(tmp_path):
-    from meshnode.enforce.backends import FileBackend
+    from meshnode.enforce import FileBackend
 
     dead = _dead_pid()
     stale = tmp_path / f".ruleset.nft.tmp.{dead}"

@@ -28,8 +28,9 @@ from protocol.gossip_events import (
 )
 from protocol.membership import VerifyCache
 from protocol.node import Node
-from protocol.testing import T0, make_authority, make_node
 from protocol.trust import TrustedState
+
+from .identities import T0, make_authority, make_node
 
 
 @dataclass

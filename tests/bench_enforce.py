@@ -37,7 +37,7 @@ from meshnode.enforce.render import _port_groups, _targets_me  # noqa: E402
 from protocol.authority import build_policy  # noqa: E402
 from protocol.metadata import Certificate, PolicyVersion  # noqa: E402
 from protocol.policy import PolicyDocument, Rule, validate_document  # noqa: E402
-from protocol.testing import T0  # noqa: E402
+from simulations.identities import T0  # noqa: E402
 from tests.netns import Lab, skip_reason  # noqa: E402
 
 MESH = 7946

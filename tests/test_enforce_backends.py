@@ -30,7 +30,7 @@ from meshnode.enforce.iptables import chain_name
 from protocol.authority import build_policy
 from protocol.metadata import Certificate
 from protocol.policy import parse_policy_toml
-from protocol.testing import T0, make_authority, make_node
+from simulations.identities import T0, make_authority, make_node
 from tests.netns import Lab, skip_reason
 
 OPTS = RenderOptions(mesh_port=7946, break_glass_cidrs=("198.51.100.0/24", "203.0.113.7/32", "2001:db8:7::1/128"))

@@ -8,7 +8,8 @@ import pytest
 from meshnode.enforce import EnforcementError, Packet, RenderOptions, render, to_nft_text
 from protocol.metadata import decode_policy
 from protocol.signing import decode_envelope
-from protocol.testing import make_authority, make_node, sample_document, sign_sample
+from simulations.identities import make_authority, make_node
+from tests.fixtures import sample_document, sign_sample
 
 MESH = 7946
 AUTH = make_authority()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from meshnode.enforce import Packet, RenderOptions, render, to_nft_json, to_nft_text
 from protocol.metadata import Certificate
 from protocol.policy import Defaults, PolicyDocument, Revocations, Rule, parse_port, validate_document
-from protocol.testing import T0
+from simulations.identities import T0
 
 MESH = 7946
 ROLES = ["app", "db", "web", "monitor"]

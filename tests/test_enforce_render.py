@@ -29,7 +29,7 @@ from protocol.authority import build_policy
 from protocol.errors import RevokedError
 from protocol.metadata import Certificate, PolicyVersion
 from protocol.policy import Defaults, PolicyDocument, Revocations, parse_policy_toml
-from protocol.testing import T0, make_authority, make_node
+from simulations.identities import T0, make_authority, make_node
 
 GOLDEN = Path(__file__).parent / "golden"
 MESH = 7946

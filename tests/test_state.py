@@ -17,8 +17,9 @@ import structlog.testing
 import meshnode.fsutil as fsutil
 import meshnode.state as state_mod
 from meshnode.state import DIRECTORY_MEMBERS, MAX_DIRECTORY_FILE_BYTES, MAX_STATE_FILE_BYTES, StateStore
-from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sign_sample
 
 DAY = 86400
 

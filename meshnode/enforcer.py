@@ -1,5 +1,8 @@
 """The daemon's enforcement worker: render the wanted policy + member directory, apply it off the event
-loop, keep the previous ruleset when anything fails, and repair drift on a timer."""
+loop, keep the previous ruleset when anything fails, and repair drift on a timer.
+
+The latest wish wins: ``want()`` replaces any wish not yet applied, and one task (``run()``) applies
+them in turn, so a burst of member changes costs one apply, never a queue of them."""
 
 from __future__ import annotations
 
@@ -13,15 +16,14 @@ from protocol.metadata import Certificate, PolicyVersion
 from protocol.trust import TrustedState
 
 from .config import LoadedConfig, split_hostport
-from .enforce.backends import Backend, make_backend, missing_tools
-from .enforce.model import EnforcementError, RenderOptions
-from .enforce.render import render
+from .enforce import Backend, EnforcementError, RenderOptions, make_backend, missing_tools, render
 from .identity import Identity
 from .metrics import Metrics
 
 
-def render_options(lc: LoadedConfig) -> RenderOptions:
-    cfg = lc.cfg
+def render_options(config: LoadedConfig) -> RenderOptions:
+    """The node-local rendering choices of a node config (ports, table, ICMP, overrides, join CIDRs)."""
+    cfg = config.cfg
     _, mesh_port = split_hostport(cfg.mesh.listen, "mesh.listen")
     _, admin_port = split_hostport(cfg.admin.listen, "admin.listen")
     return RenderOptions(
@@ -36,9 +38,12 @@ def render_options(lc: LoadedConfig) -> RenderOptions:
 
 
 class Enforcer:
+    """Renders and applies what the daemon wants enforced, confirms what the kernel holds
+    (``on_applied(serial, ruleset_hash, policy_hash)``) and reports it in ``status()``."""
+
     def __init__(
         self,
-        lc: LoadedConfig,
+        config: LoadedConfig,
         identity: Identity,
         trust: TrustedState,
         metrics: Metrics,
@@ -60,19 +65,21 @@ class Enforcer:
         self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
         self.last_error: str | None = None
         self.applied_at: float | None = None
-        self.reconfigure(lc)
+        self.reconfigure(config)
 
     @property
     def backend_name(self) -> str:
-        return self.lc.cfg.enforce.backend
+        return self.config.cfg.enforce.backend
 
-    def reconfigure(self, lc: LoadedConfig) -> None:
-        self.lc = lc
-        self.options = render_options(lc)
-        self.drift_interval = lc.cfg.enforce.drift_check_s
+    def reconfigure(self, config: LoadedConfig) -> None:
+        """Take a reloaded node config: rendering options and drift interval (the backend stays)."""
+        self.config = config
+        self.options = render_options(config)
+        self.drift_interval = config.cfg.enforce.drift_check_s
 
     async def setup(self) -> None:
-        cfg = self.lc.cfg
+        """Build the configured backend (EnforcementError when its tools are missing)."""
+        cfg = self.config.cfg
         missing = missing_tools(cfg.enforce.backend)
         if missing:
             raise EnforcementError(
@@ -81,7 +88,7 @@ class Enforcer:
         self.backend = make_backend(
             cfg.enforce.backend,
             self.options,
-            file_path=self.lc.resolve(cfg.enforce.file),
+            file_path=self.config.resolve(cfg.enforce.file),
             allow_file_backend=cfg.overrides.allow_file_backend,
         )
         for path in self.backend.temps_removed:  # left by a write killed mid-way (file backend)
@@ -138,6 +145,7 @@ class Enforcer:
         return True
 
     async def run(self) -> None:
+        """Apply the latest wish whenever there is one (runs for the daemon's lifetime)."""
         while True:
             await self._event.wait()
             self._event.clear()
@@ -146,6 +154,7 @@ class Enforcer:
                 await self.apply_now(*want)
 
     async def drift_loop(self) -> None:
+        """Every ``drift_interval`` seconds, read the kernel back and repair drift (alerting on it)."""
         while True:
             await asyncio.sleep(self.drift_interval)
             if self.backend is None or self.backend.applied is None:
@@ -153,11 +162,12 @@ class Enforcer:
             result = await asyncio.to_thread(self.backend.check_drift)
             for ev in result.events:
                 self.metrics.alerts.labels(ev.name).inc()
-                self.log.warning(f"alert.{ev.name}", **{k: v for k, v in ev.facts.items() if k != "event"})
+                self.log.warning(f"alert.{ev.name}", **ev.facts)
             if result.drifted:
                 self.metrics.drift.inc()
 
     def status(self) -> dict[str, Any]:
+        """The ``enforcement`` section of ``/v1/status``."""
         return {
             "backend": self.backend_name,
             "applied_serial": self.applied_serial,

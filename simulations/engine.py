@@ -46,11 +46,11 @@ from protocol.metadata import decode_policy, payload_hash
 from protocol.node import Node
 from protocol.policy import PolicyDocument, Rule, validate_document
 from protocol.signing import decode_envelope
-from protocol.testing import T0, NodeIdentity, make_authority, make_node
 from protocol.trust import TrustedState
 
 from .baselines import AUTHORITY_ID, AuthorityServer, CentralPullAgent, FloodNode
 from .hostile import HostileNode
+from .identities import T0, NodeIdentity, make_authority, make_node
 from .invariants import Invariants
 from .network import NEVER, Cut, Network
 from .scenario import Scenario

@@ -29,8 +29,9 @@ from protocol.gossip_events import (
 )
 from protocol.membership import VerifyCache
 from protocol.node import Node
-from protocol.testing import T0, make_authority, make_node
 from protocol.trust import TrustedState
+
+from .identities import T0, make_authority, make_node
 
 
 def applied_policies(effects: list[Any]) -> list[Enforce]:

@@ -34,7 +34,7 @@ import aiohttp
 
 from meshnode.cli import main as meshctl_main
 from meshnode.config import render_config
-from meshnode.demo import POLICY_TEMPLATE
+from meshnode.examples import sample_policy_toml
 
 VENV_BIN = Path(sys.executable).parent
 MESHNODE = [sys.executable, "-m", "meshnode.daemon_cli"]
@@ -44,8 +44,8 @@ BASE_PORT = 24600  # this module's ports: 24600 + 24 * subnet + 2 * index (mesh)
 START_TIMEOUT_S = 30.0
 CONVERGE_TIMEOUT_S = 40.0
 
-# The demo's policy (web -> app:8080, app -> db:5432): one source of truth for both.
-BASE_POLICY = POLICY_TEMPLATE.format(extra="")
+# The sample policy (web -> app:8080, app -> db:5432), which the demo publishes too.
+BASE_POLICY = sample_policy_toml()
 
 
 def meshctl(*args: str) -> None:

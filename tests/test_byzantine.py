@@ -38,10 +38,11 @@ from protocol.gossip_wire import (
 )
 from protocol.metadata import payload_hash
 from protocol.signing import decode_envelope, sign
-from protocol.testing import T0, derive_seed, sign_sample
 from simulations.engine import replay_hint, run_scenario
 from simulations.fakelink import FakeLink, applied_policies
+from simulations.identities import T0, derive_seed
 from simulations.scenario import load, override
+from tests.fixtures import sign_sample
 
 LIE = 1 << 62
 

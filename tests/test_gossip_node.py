@@ -46,9 +46,10 @@ from protocol.membership import BroadcastQueue, IntSet
 from protocol.node import Node
 from protocol.policy import Revocations
 from protocol.signing import encode_envelope, sign
-from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
 from simulations.fakelink import FakeLink, applied_policies
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sign_sample
 
 
 def joined(n: int = 3, **kw) -> FakeLink:

@@ -12,8 +12,9 @@ from aiohttp import web
 from meshnode.config import load_config, render_config
 from meshnode.sources import DropDirSource, UrlSource, drop_file
 from protocol.gossip_events import PolicyResult, Verdict
-from protocol.testing import make_authority, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import make_authority
+from tests.fixtures import sign_sample
 
 
 def make_lc(tmp_path: Path, urls: list[str] | None = None, drop_dir: str = "incoming"):

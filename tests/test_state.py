@@ -18,8 +18,9 @@ import meshnode.fsutil as fsutil
 import meshnode.state as state_mod
 from meshnode.state import DIRECTORY_MEMBERS, MAX_DIRECTORY_FILE_BYTES, MAX_STATE_FILE_BYTES, StateStore
 from protocol.gossip_events import MemberEntry
-from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sign_sample
 
 DAY = 86400
 
@@ -374,7 +375,7 @@ def test_kill9_mid_write_then_open_leaves_no_temp_and_a_whole_directory(tmp_path
 
 
 def test_file_backend_removes_stale_temps_of_its_ruleset_file(tmp_path):
-    from meshnode.enforce.backends import FileBackend
+    from meshnode.enforce import FileBackend
 
     dead = _dead_pid()
     stale = tmp_path / f".ruleset.nft.tmp.{dead}"

@@ -31,16 +31,18 @@ from protocol.errors import MeshError, TrustError
 from protocol.gossip_config import GossipConfig
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
+    Enforce,
     FrameReceived,
     LeaveRequested,
     LivenessChanged,
-    MembersChanged,
+    MemberEntry,
     Now,
     PeerConnected,
     PeerDisconnected,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicyResult,
     PolicySubmitted,
     RootsSubmitted,
@@ -48,10 +50,10 @@ from protocol.gossip_events import (
     Send,
     SendFailed,
     TimerFired,
+    Verdict,
 )
-from protocol.metadata import Certificate, decode_certificate, decode_root
-from protocol.node import Node, policy_digest
-from protocol.signing import decode_envelope
+from protocol.metadata import Certificate
+from protocol.node import Node
 from protocol.trust import TrustedState
 
 from . import transport
@@ -114,7 +116,8 @@ class MeshDaemon:
         self.handshaking: set[Conn] = set()  # inbound channels still in their handshake
         self.by_addr: dict[str, Conn] = {}
         self.dialing: dict[str, list[bytes]] = {}
-        self.members: dict[str, bytes] = {}
+        self.boot_members: dict[str, Certificate] = {}  # the stored directory, verified at boot
+        self.stored_members: list[MemberEntry] = []  # ... and the member file it came from, for the core
         self.limiter = HandshakeRateLimiter(
             cfg.mesh.handshake_rate_per_s, cfg.mesh.handshake_burst, total_rate_per_s=cfg.mesh.handshake_rate_per_s * 10
         )
@@ -151,35 +154,26 @@ class MeshDaemon:
             self.log.warning("state.problem", problem=problem)
         self.log.info("state.loaded", root_version=self.trust.root_version, serial=self.trust.serial,
                       roots_loaded=report.roots_loaded, policy_state=self.trust.policy_state(now))
-        self.members = {}
-        for node_id, cert_bytes in self.store.load_members().items():
+        self.stored_members = self.store.load_members()
+        self.boot_members = {}
+        for entry in self.stored_members:
             try:
-                cert = self.trust.verify_certificate(cert_bytes, now)
+                cert = self.trust.verify_certificate(entry.cert, now)
             except TrustError as exc:
-                self.log.info("state.member_dropped", member=node_id, reason=str(exc))
+                self.log.info("state.member_dropped", member=entry.node_id, reason=str(exc))
                 continue
-            if cert.node_id == node_id:
-                self.members[node_id] = cert_bytes
-        self.members[self.identity.node_id] = self.identity.cert_bytes
+            if cert.node_id == entry.node_id:
+                self.boot_members[entry.node_id] = cert
+        self.boot_members[self.identity.node_id] = self.identity.cert
         try:
             self.trust.verify_certificate(self.identity.cert_bytes, now)
         except TrustError as exc:
             # Keep enforcing the last-known-good policy (fail-static), but say loudly that peers will refuse us.
             self._alert("node.certificate_invalid", {"reason": exc.reason, "error": str(exc)})
 
-    def _member_certs(self) -> list[Certificate]:
-        out = []
-        for data in self.members.values():
-            try:
-                out.append(decode_certificate(decode_envelope(data, "cert").payload))
-            except TrustError:
-                continue
-        return out
-
     def _make_node(self) -> Node:
         cfg = self.lc.cfg
         gossip = GossipConfig.from_mapping(dict(cfg.gossip))
-        known = self._stored_peers()
         return Node(
             config=gossip,
             trust=self.trust,
@@ -189,24 +183,10 @@ class MeshDaemon:
             advertise=self.advertise,
             seeds=list(cfg.mesh.seeds),
             entropy=transport.entropy,
-            known_peers=known,
+            known_members=self.stored_members,
             # what the boot apply already enforces (its RulesetApplied came before the node existed)
             enforced=(self.enforcer.applied_serial, self.enforcer.applied_hash or ""),
         )
-
-    def _stored_peers(self) -> list[dict[str, Any]]:
-        """The peer list persisted by the core (msgpack of [{node_id, address, region, cert}]); a
-        corrupt file is reported and ignored, never fatal: seeds still work. The core re-verifies
-        every certificate in it."""
-        data = self.store.load_peers()
-        if not data:
-            return []
-        try:
-            return msgspec.msgpack.decode(data, type=list[dict[str, Any]])
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            self.metrics.state_problems.inc()
-            self.log.warning("state.problem", problem=f"{self.store.peers_path}: unreadable peer list: {exc}")
-            return []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,7 +211,8 @@ class MeshDaemon:
         # Enforce the last-known-good policy before any peer is reachable.
         await self.enforcer.setup()
         if self.trust.policy is not None:
-            await self.enforcer.apply_now(self.trust.policy, self._member_certs())
+            await self.enforcer.apply_now(self.trust.policy, list(self.boot_members.values()),
+                                          self.trust.policy_hash or "")
         self._update_policy_metrics()
         self.node = self._make_node()
         src = self.lc.cfg.mesh.source_address
@@ -287,7 +268,7 @@ class MeshDaemon:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(PERSIST_RETRY_MAX_S, backoff_s * 2)
                 if name == "enforcer":
-                    self.enforcer.want(self.trust.policy, self._member_certs())
+                    self.enforcer.want_again()
 
     def request_stop(self) -> None:
         self.log.info("meshnode.stopping")
@@ -319,7 +300,7 @@ class MeshDaemon:
         self.enforcer.reconfigure(new)
         for src in self._sources:
             src.reconfigure(new)
-        self.enforcer.want(self.trust.policy, self._member_certs())
+        self.enforcer.want_again()
         self.log.info("config.reloaded", needs_restart=restart_needed, overrides=self.overrides)
 
     async def _start_listeners(self) -> None:
@@ -401,28 +382,19 @@ class MeshDaemon:
 
     def _execute_one(self, eff: Any) -> None:
         match eff:
-            case Persist(kind="policy", data=data):
-                # The core verified it a moment ago; the serial only names the file (boot re-verifies).
-                serial = policy_digest(data)[0]
-                self._persist("policy", "policy", lambda: self.store.save_policy(serial, data))
-            case Persist(kind="root", data=data):
-                version = decode_root(decode_envelope(data, "root").payload).version
-                self._persist(f"root.{version}", "root", lambda: self.store.save_root(version, data))
-            case Persist(kind="peers", data=data):
-                self._persist("peers", "peers", lambda: self.store.save_peers(data))
-            case Persist(kind=kind):
-                self.log.warning("effect.unknown_persist", kind=kind)
-            case ApplyPolicy(serial=serial, hash=h):
-                self.log.info("policy.accepted", serial=serial, hash=h[:16])
-                self._update_policy_metrics()
-                self.enforcer.want(self.trust.policy, self._member_certs())
-                self._revalidate_sessions()
-            case MembersChanged(certs=certs):
-                self.members = dict(certs)
-                self.members.setdefault(self.identity.node_id, self.identity.cert_bytes)
-                members = dict(self.members)
-                self._persist("members", "members", lambda: self.store.save_members(members))
-                self.enforcer.want(self.trust.policy, self._member_certs())
+            case PersistPolicy(serial=serial, envelope=envelope):
+                self._persist("policy", "policy", lambda: self.store.save_policy(serial, envelope))
+            case PersistRoot(version=version, envelope=envelope):
+                self._persist(f"root.{version}", "root", lambda: self.store.save_root(version, envelope))
+            case PersistMembers(entries=entries):
+                self._persist("members", "members", lambda: self.store.save_members(entries))
+            case Enforce(policy=policy, policy_hash=policy_hash, members=members):
+                new_policy = policy_hash != self.enforcer.wanted_hash
+                self.enforcer.want(policy, list(members.values()), policy_hash)
+                if new_policy:
+                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16])
+                    self._update_policy_metrics()
+                    self._revalidate_sessions()
             case Send(peer=peer, address=address, data=data):
                 self._send(peer, address, data)
             case Disconnect(peer=peer, reason=reason):
@@ -534,13 +506,13 @@ class MeshDaemon:
                 if isinstance(eff, PolicyResult) and not eff.accepted:
                     self.metrics.policies_refused.labels("bad_root").inc()
                     return eff
-        result = PolicyResult(source=source, accepted=False, serial=0, reason="no verdict from the core")
+        result = PolicyResult(source, False, 0, Verdict.NO_VERDICT, "no verdict from the core")
         for eff in self._feed(PolicySubmitted(envelope=envelope, source=source)):
             if isinstance(eff, PolicyResult) and eff.source == source:
                 result = eff
         if not result.accepted:
-            self.metrics.policies_refused.labels(_reason_label(result.reason)).inc()
-            self.log.warning("policy.refused", source=source, reason=result.reason)
+            self.metrics.policies_refused.labels(result.reason.value).inc()
+            self.log.warning("policy.refused", source=source, reason=result.text)
         return result
 
     # -- connections ----------------------------------------------------------------------------------
@@ -805,8 +777,8 @@ class MeshDaemon:
             source = f"operator:{conn.peer}:{conn.id}"
             result = self._submit_policy(req.envelope, source, req.roots)
             self.log.info("operator.publish", operator=conn.peer, accepted=result.accepted, serial=result.serial,
-                          reason=result.reason or None)
-            reply = {"ok": result.accepted, "serial": result.serial, "reason": result.reason}
+                          reason=result.text)
+            reply = {"ok": result.accepted, "serial": result.serial, "reason": result.text}
         elif req.op == "status":
             reply = {"ok": True, "status": self.status()}
         else:
@@ -819,12 +791,12 @@ class MeshDaemon:
         backoff_s = PERSIST_RETRY_MIN_S
         while True:
             await asyncio.sleep(backoff_s)
-            policy = self.trust.policy
-            if policy is None or self.enforcer.last_error is None:
+            wanted = self.enforcer.wanted
+            if wanted is None or self.enforcer.last_error is None:
                 backoff_s = PERSIST_RETRY_MIN_S
                 continue
-            self.log.info("enforce.retry", serial=policy.serial, last_error=self.enforcer.last_error[:200])
-            self.enforcer.want(policy, self._member_certs())
+            self.log.info("enforce.retry", serial=wanted[0].serial, last_error=self.enforcer.last_error[:200])
+            self.enforcer.want_again()
             backoff_s = min(REAPPLY_RETRY_MAX_S, backoff_s * 2)
 
     async def _revalidate_loop(self) -> None:
@@ -928,12 +900,6 @@ def _bound_port(runner: web.AppRunner) -> int | None:
         if isinstance(addr, tuple) and len(addr) >= 2:
             return int(addr[1])
     return None
-
-
-def _reason_label(reason: str) -> str:
-    """The core's refusals read "<label>: <explanation>"; the label is the metric's reason."""
-    label = reason.split(":", 1)[0].strip().lower()
-    return label if label.replace("_", "").isalpha() and len(label) <= 32 else "other"
 
 
 def run_daemon(config_path: Path) -> int:

@@ -17,11 +17,12 @@ import gc
 import random
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
+    Enforce,
     FrameReceived,
     LivenessChanged,
     Now,
@@ -32,12 +33,13 @@ from protocol.gossip_events import (
     Send,
     SendFailed,
 )
-from protocol.testing import make_authority
+from protocol.metadata import Certificate
 
 from .baselines import AuthorityServer
 from .effects import execute
 from .faults import Faults, draw_skews
 from .hosts import ProcessFactory, Version, build_hosts, build_versions, pick_hostile, seed_addresses
+from .identities import make_authority
 from .invariants import Invariants
 from .kernel import Kernel
 from .measure import Measurement
@@ -107,7 +109,7 @@ class Simulation:
         self.faults = Faults(self, self.rng("faults"))
         self.faults.schedule()
         for h in self.hosts:
-            h.disk.keep_peers = h.idx in self.faults.restartable
+            h.disk.keep_members = h.idx in self.faults.restartable
         first = self.versions[0].publish_ms
         self.idle_start = max(0, first - sc.measure.idle_window_ms)
         kernel.schedule(self.idle_start, self.measure.snap_idle)
@@ -166,19 +168,20 @@ class Simulation:
         kernel.feed(target, PolicySubmitted(v.envelope, "operator"))
 
     # -- the World of simulations.effects ------------------------------------------------------------
-    def apply_policy(self, i: int, eff: ApplyPolicy, effects: list[Any]) -> None:
+    def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
         if i >= self.n:
             return
         h = self.hosts[i]
         kernel = self.kernel
+        serial = eff.policy.serial
         if self.sc.protocol == "gossip":
             # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
             kernel.schedule(kernel.now + self.sc.nodes.apply_ms, self._confirm, i,
-                            (kernel.epoch[i], eff.serial, eff.hash))
+                            (kernel.epoch[i], serial, eff.policy_hash))
         if not h.hostile:
             h.applied = self.inv.check_effects(self.seed, kernel.now, h.node_id, h.applied, effects)
         else:
-            h.applied = max(h.applied, eff.serial)
+            h.applied = max(h.applied, serial)
         self.measure.converged(h)
 
     def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
@@ -219,7 +222,8 @@ class Simulation:
             self.kernel.push(now + int(net.one_way(i, j)) + 1, j, PeerDisconnected(self.ids[i]), net.epoch[j])
             self.kernel.push(now, i, PeerDisconnected(self.ids[j]), net.epoch[i])
 
-    def directory_changed(self, i: int, before: dict[str, bytes] | None, after: dict[str, bytes]) -> None:
+    def directory_changed(self, i: int, before: Mapping[str, Certificate] | None,
+                          after: Mapping[str, Certificate]) -> None:
         self.inv.check_directory(self.seed, self.kernel.now, self.ids[i], before, after)
 
     def liveness_changed(self, i: int, eff: LivenessChanged) -> None:
@@ -311,8 +315,9 @@ class Simulation:
         return self.faults.restartable
 
     @property
-    def persisted_peer_bytes(self) -> int:
-        return sum(h.disk.peers_bytes_written for h in self.hosts)
+    def persisted_member_entries(self) -> int:
+        """Entries of every member file any host persisted (kept or not)."""
+        return sum(h.disk.member_entries_written for h in self.hosts)
 
 
 def run_scenario(sc: Scenario, progress: bool = False) -> tuple[dict[str, Any], Simulation]:

@@ -6,19 +6,20 @@ with the simplest world around them: every message takes ``latency_ms``, unless 
 predicate refuses it (the sender gets ``SendFailed``); the first message between two nodes opens a
 channel (both get ``PeerConnected``); each node's enforcer confirms every applied policy 1 ms later
 (``RulesetApplied``) unless ``enforces`` is off.  What a node persists lands on its host's ``Disk``;
-every effect is also recorded on its host (``effects``, ``applied``) for the tests to read.
+every effect is also recorded on its host (``effects``; ``applied``: the ``Enforce`` of each new policy,
+as ``applied_policies`` picks them out of an effect list) for the tests to read.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from protocol.gossip_config import GossipConfig
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
+    Enforce,
     FrameReceived,
     LivenessChanged,
     Now,
@@ -30,11 +31,12 @@ from protocol.gossip_events import (
     TimerFired,
 )
 from protocol.membership import VerifyCache
+from protocol.metadata import Certificate
 from protocol.node import Node
-from protocol.testing import T0, make_authority, make_node
 from protocol.trust import TrustedState
 
-from .effects import Disk, execute
+from .effects import Disk, applied_policies, execute
+from .identities import T0, make_authority, make_node
 from .kernel import Kernel
 
 ENFORCE_MS = 1  # the enforcer's confirmation delay
@@ -52,9 +54,9 @@ class Host:
         self.cert_bytes = cert_bytes
         self.disk = Disk()
         self.effects: list[Any] = []
-        self.applied: list[ApplyPolicy] = []
+        self.applied: list[Enforce] = []  # the Enforce of each newly accepted policy
         self.channels: set[str] = set()
-        self.enforces = True  # its enforcer confirms every ApplyPolicy (RulesetApplied) 1 ms later
+        self.enforces = True  # its enforcer confirms every new policy (RulesetApplied) 1 ms later
 
     @property
     def up(self) -> bool:
@@ -138,11 +140,13 @@ class FakeLink:
         host.effects.extend(effects)
         execute(i, host.disk, effects, self)
 
-    def apply_policy(self, i: int, eff: ApplyPolicy, effects: list[Any]) -> None:
+    def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
         host = self._by_index[i]
-        host.applied.extend(e for e in effects if type(e) is ApplyPolicy)
-        if host.enforces:
-            self.kernel.push(self.kernel.now + ENFORCE_MS, i, RulesetApplied(eff.serial, eff.hash[:16], eff.hash))
+        for new in applied_policies(effects):
+            host.applied.append(new)
+            if host.enforces:
+                h = new.policy_hash
+                self.kernel.push(self.kernel.now + ENFORCE_MS, i, RulesetApplied(new.policy.serial, h[:16], h))
 
     def send(self, i: int, eff: Send) -> None:
         src = self._by_index[i]
@@ -165,8 +169,9 @@ class FakeLink:
             host.channels.discard(peer)
             self.kernel.push(self.kernel.now, i, PeerDisconnected(peer))
 
-    def directory_changed(self, i: int, before: dict[str, bytes] | None, after: dict[str, bytes]) -> None:
-        pass  # kept on the host's Disk; tests read MembersChanged from host.effects
+    def directory_changed(self, i: int, before: Mapping[str, Certificate] | None,
+                          after: Mapping[str, Certificate]) -> None:
+        pass  # kept on the host's Disk; tests read each Enforce from host.effects
 
     def liveness_changed(self, i: int, eff: LivenessChanged) -> None:
         pass  # recorded in host.effects

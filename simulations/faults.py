@@ -32,8 +32,8 @@ class Faults:
         self.sim = sim
         self.rng = rng
         self.windows: list[tuple[int, int, str]] = []  # (start, end, label) for the report and the plot
-        # Hosts that restart during the run: only these keep their persisted peer list (n entries of
-        # a few hundred bytes each, n^2 overall); the others only count its bytes.
+        # Hosts that restart during the run: only these keep their persisted member file (n entries of
+        # a few hundred bytes each, n^2 overall); the others only count its entries.
         self.restartable: set[int] = set()
         self.disturb_end: list[int] = [0] * (sim.n + 1)  # last restart per node
         self._crashed_serial: dict[int, int] = {}

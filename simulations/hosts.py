@@ -11,8 +11,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import msgspec
-
 from protocol.authority import Authority
 from protocol.gossip_config import GossipConfig
 from protocol.membership import VerifyCache
@@ -20,12 +18,12 @@ from protocol.metadata import payload_hash
 from protocol.node import Node
 from protocol.policy import PolicyDocument, Rule, validate_document
 from protocol.signing import decode_envelope
-from protocol.testing import T0, NodeIdentity, make_node
 from protocol.trust import TrustedState
 
 from .baselines import AUTHORITY_ID, CentralPullAgent, FloodNode
 from .effects import Disk
 from .hostile import HostileNode
+from .identities import T0, NodeIdentity, make_node
 from .kernel import Process
 from .scenario import Scenario
 
@@ -145,9 +143,8 @@ class ProcessFactory:
         assert h.ident is not None
         rng = random.Random(f"{sc.seed}:node:{h.idx}:{epoch}")
         if sc.protocol == "gossip":
-            known_peers = msgspec.msgpack.decode(h.disk.peers) if h.disk.peers else None
             node = Node(cfg, trust, h.node_id, h.ident.cert_bytes, h.ident.identity_seed, h.address,
-                        self.seeds, rng, known_peers, verify_cache=self.cache,
+                        self.seeds, rng, h.disk.members or (), verify_cache=self.cache,
                         enforced=(trust.serial, ""))  # the boot apply of the persisted policy
             if h.hostile:
                 return HostileNode(node, list(sc.hostile.behaviours), self.enrolled_policy)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol.gossip_events import FrameReceived, Now, TimerFired
-from protocol.testing import T0
+
+from .identities import T0
 
 SEQ_BITS = 40  # heap key = at_ms << SEQ_BITS | seq: one int compare per heap step, not a tuple compare
 TIMER_FIRED = TimerFired()  # frozen, no fields: one instance serves every timer

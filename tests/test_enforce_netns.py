@@ -18,8 +18,8 @@ from meshnode.enforce.iptables import chain_name
 from meshnode.enforce.render_cli import render_command
 from protocol.authority import Authority
 from protocol.policy import parse_policy_toml
-from protocol.testing import T0, NodeIdentity, make_authority, make_node
 from protocol.trust import TrustedState
+from simulations.identities import T0, NodeIdentity, make_authority, make_node
 from tests.netns import Lab, skip_reason
 
 pytestmark = pytest.mark.root

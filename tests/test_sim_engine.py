@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 from protocol.gossip_events import PolicySubmitted
-from protocol.testing import sign_sample
 from protocol.trust import TrustedState
 from simulations.baselines import FloodNode
 from simulations.engine import Simulation
@@ -13,20 +12,21 @@ from simulations.fakelink import FakeLink
 from simulations.invariants import Invariants
 from simulations.network import Network
 from simulations.scenario import load, override
+from tests.fixtures import sign_sample
 
 
-def test_persisted_peer_lists_are_kept_only_for_hosts_that_restart() -> None:
+def test_persisted_member_files_are_kept_only_for_hosts_that_restart() -> None:
     sim = Simulation(override(load("churn"), nodes=60, duration_ms=75_000))
     report = sim.run()
     assert report["invariant_violations"] == 0, report["violations"]
     assert sim.restartable  # wave 1 restarts within the run; wave 2 (until 90 s) does not
     for h in sim.hosts[: sim.n]:
         if h.idx in sim.restartable:
-            assert h.disk.peers is not None
+            assert h.disk.members is not None
         else:
-            assert h.disk.peers is None
-        assert h.disk.peers_bytes > 0
-    assert sim.persisted_peer_bytes >= sum(h.disk.peers_bytes for h in sim.hosts[: sim.n])
+            assert h.disk.members is None
+        assert h.disk.members_persisted > 0
+    assert sim.persisted_member_entries >= sum(h.disk.members_persisted for h in sim.hosts[: sim.n])
 
 
 def test_directory_check_reads_only_and_lists_drops_in_order() -> None:
@@ -82,4 +82,5 @@ def test_fake_link_executes_every_effect_onto_the_host_like_the_engine() -> None
         assert h.disk.policy is not None and TrustedState(link.auth.root_bytes).accept_policy(
             h.disk.policy, link.now().wall).policy.serial == 2
         assert h.disk.directory is not None and set(h.disk.directory) == set(link.hosts)
-        assert h.disk.peers is not None and h.disk.peers_bytes == len(h.disk.peers)
+        assert h.disk.members is not None and h.disk.members_persisted == len(h.disk.members)
+        assert {m.node_id for m in h.disk.members} == set(link.hosts) - {h.node_id}

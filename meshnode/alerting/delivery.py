@@ -157,6 +157,7 @@ class AlertDelivery:
             event.set()
 
     async def run(self) -> None:
+        self.outbox.flush()
         async with asyncio.TaskGroup() as tg:
             for dest in self.destinations:
                 tg.create_task(self._serve(dest), name=f"alerts:{dest.id}")
@@ -164,6 +165,7 @@ class AlertDelivery:
     async def _serve(self, dest: Destination) -> None:
         wake = self._wake[dest.id]
         while True:
+            self.outbox.flush()  # what was appended since the last wake-up becomes durable, oldest first
             stored = self.outbox.next_event(dest.id)
             if stored is None:
                 wake.clear()

@@ -59,6 +59,7 @@ class AlertBook:
         self.max_open = max_open
         self.refused = 0
         self._open: dict[str, OpenAlert] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # open alerts by (check, severity), kept as they change
 
     def key(self, check: str, subject: str = "") -> str:
         return dedup_key(self.cluster, self.node, check, subject)
@@ -78,7 +79,9 @@ class AlertBook:
             alert.occurrences += 1
             if SEVERITY_RANK[severity] <= SEVERITY_RANK[alert.severity]:
                 return []
+            self._count(alert, -1)
             alert.severity, alert.summary, alert.details = severity, clip_summary(summary), clip_details(details)
+            self._count(alert, +1)
             return [self._event("trigger", alert, now, opens_episode=False)]
         if check != OVERFLOW_CHECK and self._tracked() >= self.max_open:
             self.refused += 1
@@ -86,6 +89,7 @@ class AlertBook:
         alert = OpenAlert(check=check, subject=subject, dedup_key=key, severity=severity,
                           summary=clip_summary(summary), details=clip_details(details), since=now, last_seen=now)
         self._open[key] = alert
+        self._count(alert, +1)
         return [self._event("trigger", alert, now, opens_episode=True)]
 
     def resolve(self, check: str, subject: str, now: float) -> list[AlertEvent]:
@@ -93,6 +97,7 @@ class AlertBook:
         alert = self._open.pop(self.key(check, subject), None)
         if alert is None:
             return []
+        self._count(alert, -1)
         events = [self._event("resolve", alert, now, opens_episode=False)]
         if check != OVERFLOW_CHECK and self._tracked() < self.max_open:
             events += self.resolve(OVERFLOW_CHECK, "", now)
@@ -117,13 +122,18 @@ class AlertBook:
 
     def open_counts(self) -> dict[tuple[str, str], int]:
         """Open alerts by (check, severity): the ``policymesh_alerts_open`` gauge."""
-        counts: dict[tuple[str, str], int] = {}
-        for a in self._open.values():
-            counts[(a.check, a.severity)] = counts.get((a.check, a.severity), 0) + 1
-        return counts
+        return dict(self._counts)
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def _count(self, alert: OpenAlert, delta: int) -> None:
+        key = (alert.check, alert.severity)
+        n = self._counts.get(key, 0) + delta
+        if n:
+            self._counts[key] = n
+        else:
+            del self._counts[key]
 
     def _tracked(self) -> int:
         return len(self._open) - (self.key(OVERFLOW_CHECK) in self._open)

@@ -1,7 +1,8 @@
 """A durable, bounded outbox of alert events in a directory of the node's state.
 
 Each event is its own file ``<seq>.json`` (16 digits, a monotonic sequence), written atomically (temp,
-fsync, rename, fsync directory). ``cursors.json`` records, per destination, the last sequence number it
+fsync, rename, fsync directory) by :meth:`Outbox.flush`, which the delivery worker calls as soon as it
+wakes (the next loop iteration after an append) and the daemon calls at shutdown. ``cursors.json`` records, per destination, the last sequence number it
 has taken (delivered, or refused for good); a file is deleted once every destination is past it. On
 start the pending events are loaded in order, so what was raised while a receiver or the network was
 down is delivered after it returns, also across a restart (at least once: a crash between a delivery and
@@ -72,6 +73,7 @@ class Outbox:
         self._opens: set[int] = set()
         self._droppable: tuple[deque[int], deque[int]] = (deque(), deque())  # info/warning, error/critical
         self._bytes = 0
+        self._unwritten: dict[int, bytes] = {}  # appended, not yet on disk (see flush)
         self._cursor: dict[str, int] = {}
         self._claimed: dict[str, int] = {}
         self._load()
@@ -102,8 +104,8 @@ class Outbox:
 
     # -- writing -----------------------------------------------------------------------------------------
     def append(self, event: AlertEvent) -> int | None:
-        """Store ``event`` for every destination; its sequence number, or None when it was dropped (bounds)
-        or there is no destination to deliver it to."""
+        """Queue ``event`` for every destination (in memory: :meth:`flush` makes it durable); its sequence
+        number, or None when it was dropped (bounds) or there is no destination to deliver it to."""
         if not self.destinations:
             return None
         data = msgspec.json.encode(event)
@@ -117,14 +119,31 @@ class Outbox:
             self._drop(victim)
         seq = self._next_seq
         self._next_seq += 1
-        try:
-            atomic_write(self._path(seq), data, 0o600)
-        except OSError as exc:
-            self.write_failures += 1
-            self.log.error("alert.outbox_write_failed", seq=seq, error=f"{type(exc).__name__}: {exc.strerror or exc}",
-                           note="kept in memory: delivered unless the process stops first")
         self._insert(StoredEvent(seq, event, len(data)))
+        self._unwritten[seq] = data
         return seq
+
+    def flush(self) -> int:
+        """Write every queued event to its own file, oldest first; returns how many were written. A storm
+        appended within one loop iteration costs one write per event that survived the bounds, not one per
+        event raised. A write that fails is logged and counted; the event stays queued in memory."""
+        written = 0
+        for seq, data in list(self._unwritten.items()):
+            try:
+                atomic_write(self._path(seq), data, 0o600)
+            except OSError as exc:
+                self.write_failures += 1
+                self.log.error("alert.outbox_write_failed", seq=seq,
+                               error=f"{type(exc).__name__}: {exc.strerror or exc}",
+                               note="kept in memory: delivered unless the process stops first")
+                break
+            del self._unwritten[seq]
+            written += 1
+        return written
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._unwritten)
 
     def ack(self, destination: str, seq: int) -> None:
         """``destination`` has taken every event up to ``seq`` (delivered it, or refused it for good)."""
@@ -193,6 +212,8 @@ class Outbox:
             del self._by_key[stored.event.dedup_key]
         self._opens.discard(seq)
         self._bytes -= stored.size
+        if self._unwritten.pop(seq, None) is not None:
+            return  # never reached the disk
         try:
             self._path(seq).unlink(missing_ok=True)
         except OSError as exc:

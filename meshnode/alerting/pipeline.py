@@ -52,7 +52,7 @@ class AlertPipeline:
         self.destinations = tuple(destinations)
         self.log = log
         self.metrics = metrics
-        self._delivery: AlertDelivery | None = None
+        self.delivery: AlertDelivery | None = None
         self._dropped_reported = outbox.dropped
         self._sync_metrics()
 
@@ -99,21 +99,28 @@ class AlertPipeline:
                 summary=event.summary, dedup_key=event.dedup_key, details=event.details)
             self.outbox.append(event)
         if events:
-            if self._delivery is not None:
-                self._delivery.notify()
+            if self.delivery is not None:
+                self.delivery.notify()  # it flushes on waking: a burst of events costs one flush
+            else:
+                self.outbox.flush()
             self._sync_metrics()
         return events
+
+    def flush(self) -> None:
+        """Make every recorded event durable now. While delivery runs, recorded events are written when the
+        worker wakes (the next loop iteration); call this at shutdown, after the last alert."""
+        self.outbox.flush()
 
     async def deliver(self, session: aiohttp.ClientSession, **options: Any) -> None:
         """Deliver until cancelled (``options``: see :class:`AlertDelivery`). Without destinations it returns
         at once (nothing is stored for delivery then)."""
         delivery = AlertDelivery(self.outbox, self.destinations, session, log=self.log, metrics=self.metrics,
                                  **options)
-        self._delivery = delivery
+        self.delivery = delivery
         try:
             await delivery.run()
         finally:
-            self._delivery = None
+            self.delivery = None
 
     def _sync_metrics(self) -> None:
         if self.metrics is None:

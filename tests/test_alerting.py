@@ -26,7 +26,7 @@ from meshnode.alerting import (
     dedup_key,
     expiry_severity,
     pagerduty_body,
-    route_core_alert,
+    route_alert,
     webhook_body,
 )
 from meshnode.alerting.delivery import Backoff
@@ -183,15 +183,26 @@ def test_core_alerts_are_routed_onto_the_lifecycle(tmp_path: Path) -> None:
     pipe = make_pipeline(tmp_path, [])
     events = []
     for i in range(8640):  # the core's certificate_expiring repeats every 10 s for a day
-        events += route_core_alert(pipe, "node.certificate_expiring", {"not_after": T0 + 86400}, T0 + 10 * i)
+        events += route_alert(pipe, "node.certificate_expiring", {"not_after": T0 + 86400}, T0 + 10 * i)
     assert [e.action for e in events] == ["trigger"], "one page per day, not 8,640"
-    events = route_core_alert(pipe, "policy.not_enforced", {"trusted_serial": 5}, T0)
-    events += route_core_alert(pipe, "policy.not_enforced.resolved", {"serial": 5}, T0 + 30)
+    events = route_alert(pipe, "policy.not_enforced", {"trusted_serial": 5}, T0)
+    events += route_alert(pipe, "policy.not_enforced.resolved", {"serial": 5}, T0 + 30)
     assert [(e.check, e.action, e.severity) for e in events] == [
         ("policy.not_enforced", "trigger", "critical"), ("policy.not_enforced", "resolve", "critical")]
-    events = route_core_alert(pipe, "policy.rejected", {"source": "peer:n2", "reason": "signature"}, T0)
+    events = route_alert(pipe, "policy.rejected", {"source": "peer:n2", "reason": "signature"}, T0)
     assert events[0].subject == "peer:n2" and "reason=signature" in events[0].summary
-    assert route_core_alert(pipe, "some.new_core_event", {}, T0)[0].severity == "warning", "unknown: never lost"
+    assert route_alert(pipe, "some.new_core_event", {}, T0)[0].severity == "warning", "unknown: never lost"
+    drift = {"backend": "file", "table": "policymesh", "expected": "a", "actual": "b"}
+    events = route_alert(pipe, "enforce.drift_detected", drift, T0)
+    events += route_alert(pipe, "enforce.drift_detected", drift, T0 + 30)  # the timer sees it again
+    events += route_alert(pipe, "enforce.drift_repaired", drift, T0 + 31)
+    assert [(e.dedup_key, e.action) for e in events] == [
+        ("policymesh/prod/node-1/enforce.drift/policymesh", "trigger"),
+        ("policymesh/prod/node-1/enforce.drift/policymesh", "resolve")], "drift: resolved when repaired"
+    events = route_alert(pipe, "state.write_failed", {"kind": "policy"}, T0)
+    events += route_alert(pipe, "state.write_recovered", {}, T0 + 5)
+    assert [(e.check, e.action) for e in events] == [("state.write_failed", "trigger"),
+                                                     ("state.write_failed", "resolve")]
 
 
 # -- request bodies --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ worker), ``catalog`` (severities and kinds of the core's alerts, expiry lead tim
 object the daemon holds).
 """
 
-from .catalog import CORE_ALERTS, expiry_severity, route_core_alert
+from .catalog import ALERT_RULES, expiry_severity, route_alert
 from .delivery import AlertDelivery, Backoff, Destination, RateBudget
 from .lifecycle import AlertBook, OpenAlert, TransientAlerts
 from .model import AlertEvent, Severity, dedup_key
@@ -17,7 +17,7 @@ from .pipeline import AlertPipeline, destinations_from_config
 from .webhook import webhook_body
 
 __all__ = [
-    "CORE_ALERTS", "DEFAULT_PAGERDUTY_URL", "AlertBook", "AlertDelivery", "AlertEvent", "AlertPipeline", "Backoff",
+    "ALERT_RULES", "DEFAULT_PAGERDUTY_URL", "AlertBook", "AlertDelivery", "AlertEvent", "AlertPipeline", "Backoff",
     "Destination", "OpenAlert", "Outbox", "RateBudget", "Severity", "TransientAlerts", "dedup_key",
-    "destinations_from_config", "expiry_severity", "pagerduty_body", "route_core_alert", "webhook_body",
+    "destinations_from_config", "expiry_severity", "pagerduty_body", "route_alert", "webhook_body",
 ]

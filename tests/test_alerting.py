@@ -205,6 +205,26 @@ def test_core_alerts_are_routed_onto_the_lifecycle(tmp_path: Path) -> None:
                                                      ("state.write_failed", "resolve")]
 
 
+def test_open_alerts_survive_a_restart_so_what_cleared_meanwhile_is_resolved(tmp_path: Path) -> None:
+    dests = [Destination.pagerduty("http://127.0.0.1:9/v2/enqueue", ROUTING_KEY)]
+    first = make_pipeline(tmp_path, dests)
+    first.raise_("enforce.drift", "policymesh", "critical", "drift", {"n": 1}, T0)
+    first.raise_("policy.stale", "", "warning", "stale", None, T0)
+    first.note("policy.rejected", "peer:n2", "warning", "bad", None, T0, quiet_s=100)
+    assert (tmp_path / "open.json").stat().st_mode & 0o777 == 0o600
+    second = make_pipeline(tmp_path, dests)  # restarted
+    assert [a.check for a in second.open_alerts()] == ["enforce.drift", "policy.rejected", "policy.stale"]
+    assert second.raise_("enforce.drift", "policymesh", "critical", "still", None, T0 + 50) == [], \
+        "a condition that still holds after the restart stays silent"
+    assert [e.action for e in second.resolve("policy.stale", "", T0 + 60)] == ["resolve"], \
+        "a condition that cleared while the daemon was down is resolved"
+    assert second.next_deadline() == T0 + 100
+    assert [(e.check, e.action) for e in second.handle_timer(T0 + 100)] == [("policy.rejected", "resolve")]
+    assert [a.check for a in make_pipeline(tmp_path, dests).open_alerts()] == ["enforce.drift"]
+    (tmp_path / "open.json").write_bytes(b"[{")
+    assert make_pipeline(tmp_path, dests).open_alerts() == [], "a damaged file starts empty, never crashes"
+
+
 # -- request bodies --------------------------------------------------------------------------------------
 def _event(action: str = "trigger", **kw: Any) -> AlertEvent:
     fields: dict[str, Any] = dict(action=action, dedup_key=dedup_key("prod", "node-1", "enforce.drift", "t"),
@@ -400,7 +420,8 @@ def test_trigger_then_silence_while_it_holds_then_one_resolve_reach_the_receiver
             ("trigger", "policymesh/prod/node-1/enforce.drift/policymesh"),
             ("resolve", "policymesh/prod/node-1/enforce.drift/policymesh")]
         assert [w["action"] for w in receiver.webhooks] == ["trigger", "resolve"]
-        assert len(pipe.outbox) == 0 and list(tmp_path.glob("*.json")) == [tmp_path / "cursors.json"]
+        assert len(pipe.outbox) == 0 and sorted(p.name for p in tmp_path.glob("*.json")) == ["cursors.json", "open.json"]
+        assert json.loads((tmp_path / "open.json").read_bytes()) == [], "nothing open after the resolve"
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for m in metrics.registry.collect() for s in m.samples}
         assert samples[("policymesh_alert_deliveries_total",

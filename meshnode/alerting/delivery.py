@@ -133,6 +133,7 @@ class AlertDelivery:
         rng: random.Random | None = None,
         backoff_base_s: float = BACKOFF_BASE_S,
         backoff_max_s: float = BACKOFF_MAX_S,
+        on_wake: Callable[[], None] | None = None,
     ) -> None:
         ids = [d.id for d in destinations]
         if sorted(ids) != sorted(outbox.destinations):
@@ -149,6 +150,7 @@ class AlertDelivery:
         rng = rng or random.Random()
         self._backoff = {d.id: Backoff(rng, backoff_base_s, backoff_max_s) for d in destinations}
         self._wake = {d.id: asyncio.Event() for d in destinations}
+        self.on_wake = on_wake  # called with the outbox flush (the pipeline saves its open alerts there)
         self.counts: Counter[tuple[str, str]] = Counter()  # (destination id, result): what the metric counts
 
     def notify(self) -> None:
@@ -156,8 +158,14 @@ class AlertDelivery:
         for event in self._wake.values():
             event.set()
 
-    async def run(self) -> None:
+    def _flush(self) -> None:
+        """What was appended since the last wake-up becomes durable, oldest first."""
         self.outbox.flush()
+        if self.on_wake is not None:
+            self.on_wake()
+
+    async def run(self) -> None:
+        self._flush()
         async with asyncio.TaskGroup() as tg:
             for dest in self.destinations:
                 tg.create_task(self._serve(dest), name=f"alerts:{dest.id}")
@@ -165,7 +173,7 @@ class AlertDelivery:
     async def _serve(self, dest: Destination) -> None:
         wake = self._wake[dest.id]
         while True:
-            self.outbox.flush()  # what was appended since the last wake-up becomes durable, oldest first
+            self._flush()
             stored = self.outbox.next_event(dest.id)
             if stored is None:
                 wake.clear()

@@ -116,6 +116,9 @@ class AlertBook:
     def get(self, check: str, subject: str = "") -> OpenAlert | None:
         return self._open.get(self.key(check, subject))
 
+    def by_key(self, dedup_key: str) -> OpenAlert | None:
+        return self._open.get(dedup_key)
+
     def open_alerts(self) -> list[OpenAlert]:
         """Open alerts, most severe first, then oldest first."""
         return sorted(self._open.values(), key=lambda a: (-SEVERITY_RANK[a.severity], a.since, a.dedup_key))
@@ -126,6 +129,17 @@ class AlertBook:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def restore(self, alerts: list[OpenAlert]) -> None:
+        """Reopen alerts saved by a previous run (their triggers were sent): a condition that still holds is
+        then silent, one that cleared meanwhile gets its resolve. Only into an empty book."""
+        if self._open:
+            raise ValueError("restore into an empty book only")
+        for alert in alerts:
+            alert.dedup_key = self.key(alert.check, alert.subject)  # the cluster or node name may have changed
+            if alert.severity in SEVERITY_RANK and alert.dedup_key not in self._open:
+                self._open[alert.dedup_key] = alert
+                self._count(alert, +1)
 
     def _count(self, alert: OpenAlert, delta: int) -> None:
         key = (alert.check, alert.severity)
@@ -174,6 +188,18 @@ class TransientAlerts:
                 self._quiet_until[key] = until
                 heapq.heappush(self._heap, (until, key, check, subject))
         return events
+
+    def quiet_until(self) -> dict[str, float]:
+        """When each open one-shot episode ends, by dedup key (saved with the open alerts)."""
+        return dict(self._quiet_until)
+
+    def restore(self, quiet_until: dict[str, float]) -> None:
+        """Re-arm the episodes of restored one-shot alerts (keys not open in the book are ignored)."""
+        for key, until in quiet_until.items():
+            alert = self.book.by_key(key)
+            if alert is not None:
+                self._quiet_until[key] = until
+                heapq.heappush(self._heap, (until, key, alert.check, alert.subject))
 
     def next_deadline(self) -> float | None:
         """Wall-clock second at which an episode may end, or None."""

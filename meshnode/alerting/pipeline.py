@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import msgspec
 
+from ..fsutil import atomic_write, remove_stale_temps
 from .delivery import AlertDelivery, Destination
 from .lifecycle import AlertBook, OpenAlert, TransientAlerts
 from .model import AlertEvent, Severity
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 OUTBOX_DIR = "alerts-outbox"  # under the node's data_dir
+OPEN_ALERTS_FILE = "open.json"  # in the outbox directory: the open alerts, so a restart resolves what cleared
 DEFAULT_QUIET_S = 600.0  # a one-shot finding's episode ends after this long without a repeat
 
 
@@ -43,7 +46,23 @@ def destinations_from_config(lc: LoadedConfig) -> list[Destination]:
     return out
 
 
+class _SavedAlert(msgspec.Struct):
+    check: str
+    subject: str
+    severity: Severity
+    summary: str
+    details: dict[str, Any]
+    since: float
+    last_seen: float
+    occurrences: int
+    quiet_until: float | None = None
+
+
 class AlertPipeline:
+    """Book, outbox and delivery of one node. The open alerts are saved (``open.json`` beside the
+    outbox, written with the outbox) and restored at start, so a condition that cleared while the daemon
+    was down is resolved by the next run's check instead of staying open at PagerDuty forever."""
+
     def __init__(self, book: AlertBook, outbox: Outbox, destinations: Sequence[Destination], *, log: Any,
                  metrics: Metrics | None = None, quiet_s: float = DEFAULT_QUIET_S) -> None:
         self.book = book
@@ -54,6 +73,9 @@ class AlertPipeline:
         self.metrics = metrics
         self.delivery: AlertDelivery | None = None
         self._dropped_reported = outbox.dropped
+        self._open_dirty = False
+        remove_stale_temps(outbox.directory, lambda name: name == OPEN_ALERTS_FILE)
+        self._load_open()
         self._sync_metrics()
 
     @classmethod
@@ -99,10 +121,11 @@ class AlertPipeline:
                 summary=event.summary, dedup_key=event.dedup_key, details=event.details)
             self.outbox.append(event)
         if events:
+            self._open_dirty = True
             if self.delivery is not None:
                 self.delivery.notify()  # it flushes on waking: a burst of events costs one flush
             else:
-                self.outbox.flush()
+                self.flush()
             self._sync_metrics()
         return events
 
@@ -110,17 +133,53 @@ class AlertPipeline:
         """Make every recorded event durable now. While delivery runs, recorded events are written when the
         worker wakes (the next loop iteration); call this at shutdown, after the last alert."""
         self.outbox.flush()
+        self._save_open()
 
     async def deliver(self, session: aiohttp.ClientSession, **options: Any) -> None:
         """Deliver until cancelled (``options``: see :class:`AlertDelivery`). Without destinations it returns
         at once (nothing is stored for delivery then)."""
         delivery = AlertDelivery(self.outbox, self.destinations, session, log=self.log, metrics=self.metrics,
-                                 **options)
+                                 on_wake=self._save_open, **options)
         self.delivery = delivery
         try:
             await delivery.run()
         finally:
             self.delivery = None
+
+    def _open_path(self) -> Path:
+        return self.outbox.directory / OPEN_ALERTS_FILE
+
+    def _save_open(self) -> None:
+        if not self._open_dirty:
+            return
+        quiet = self.transient.quiet_until()
+        saved = [_SavedAlert(a.check, a.subject, a.severity, a.summary, a.details, a.since, a.last_seen,
+                             a.occurrences, quiet.get(a.dedup_key)) for a in self.book.open_alerts()]
+        try:
+            atomic_write(self._open_path(), msgspec.json.encode(saved), 0o600)
+        except OSError as exc:
+            self.log.error("alert.open_save_failed", error=exc.strerror or str(exc),
+                           note="a restart would not resolve alerts that clear meanwhile")
+            return
+        self._open_dirty = False
+
+    def _load_open(self) -> None:
+        try:
+            data = self._open_path().read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.log.error("alert.open_unreadable", error=exc.strerror or str(exc))
+            return
+        try:
+            saved = msgspec.json.decode(data, type=list[_SavedAlert])
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.log.warning("alert.open_corrupt", error=str(exc)[:200], note="open alerts start empty")
+            return
+        self.book.restore([OpenAlert(s.check, s.subject, "", s.severity, s.summary, s.details, s.since,
+                                     s.last_seen, s.occurrences) for s in saved])
+        self.transient.restore({self.book.key(s.check, s.subject): s.quiet_until
+                                for s in saved if s.quiet_until is not None})
 
     def _sync_metrics(self) -> None:
         if self.metrics is None:

@@ -7,6 +7,9 @@ on, and the daemon logs them at start, shows them in status and exports them as 
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,9 @@ from protocol.names import parse_network, parse_port_number
 DEFAULT_MESH_PORT = 7946
 DEFAULT_ADMIN_PORT = 9946
 BACKENDS = ("nftables", "iptables", "file")
+# A PagerDuty integration (routing) key: 32 letters and digits.
+_ROUTING_KEY_RE = re.compile(r"\A[A-Za-z0-9]{32}\Z")
+_ROUTING_KEY_FILE_MAX_BYTES = 4096
 
 
 class ConfigError(MeshError):
@@ -88,6 +94,9 @@ class SourcesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class AlertsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_urls: list[str] = []
+    # A file (mode 0600) holding the PagerDuty Events v2 integration key; empty: PagerDuty off.
+    pagerduty_routing_key_file: str = ""
+    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
 
 
 class OverridesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -121,6 +130,11 @@ class LoadedConfig:
         p = Path(rel)
         return p if p.is_absolute() else self.base / p
 
+    def pagerduty_routing_key(self) -> str | None:
+        """The PagerDuty integration key, or None when PagerDuty is off (ConfigError if the file is unsafe)."""
+        name = self.cfg.alerts.pagerduty_routing_key_file
+        return read_routing_key(self.resolve(name), f"{self.path}: alerts.pagerduty_routing_key_file") if name else None
+
     def active_overrides(self) -> list[str]:
         o = self.cfg.overrides
         out = []
@@ -153,6 +167,34 @@ def _is_loopback(hostport: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def read_routing_key(path: Path, what: str) -> str:
+    """Read a PagerDuty routing key from a private file: it must exist, be a regular file that neither
+    group nor others can read or write (0600 or stricter), and hold one 32-character key."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what}: {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{what}: {path} has mode {stat.S_IMODE(st.st_mode):04o}: group or others can reach "
+                              f"the PagerDuty key; make it private (chmod 600 {path})")
+        data = os.read(fd, _ROUTING_KEY_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    text = data.decode("ascii", errors="replace").strip()
+    if not text:
+        raise ConfigError(f"{what}: {path} is empty; it must hold the PagerDuty Events v2 integration key")
+    if len(data) > _ROUTING_KEY_FILE_MAX_BYTES or not _ROUTING_KEY_RE.match(text):
+        raise ConfigError(f"{what}: {path} does not hold a PagerDuty integration key (32 letters and digits, "
+                          "the \"Integration Key\" of an Events API v2 integration)")
+    return text
 
 
 def load_config(path: Path) -> LoadedConfig:
@@ -222,6 +264,14 @@ def validate(lc: LoadedConfig) -> None:
     for url in c.sources.urls:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}: sources.urls: {url!r} is not an http(s) URL")
+    for url in c.alerts.webhook_urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: alerts.webhook_urls: {url!r} is not an http(s) URL")
+    if len(set(c.alerts.webhook_urls)) != len(c.alerts.webhook_urls):
+        raise ConfigError(f"{where}: alerts.webhook_urls: a URL is listed twice")
+    if not c.alerts.pagerduty_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: alerts.pagerduty_url: {c.alerts.pagerduty_url!r} is not an http(s) URL")
+    lc.pagerduty_routing_key()  # a missing, unsafe or empty key file is an error at load, not at the first page
 
 
 def render_config(

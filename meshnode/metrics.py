@@ -45,3 +45,23 @@ class Metrics:
             "policymesh_library_log_records", "Warnings and errors logged by aiohttp and asyncio", ["logger", "level"],
             registry=r,
         )
+        self.alerts_open = Gauge(
+            "policymesh_alerts_open", "Open alerts (condition holds) by check and severity", ["check", "severity"],
+            registry=r,
+        )
+        self.alert_deliveries = Counter(
+            "policymesh_alert_deliveries", "Alert event posts by destination and result (delivered, failed: "
+            "retried later, rejected: dropped after a 4xx)", ["destination", "result"], registry=r,
+        )
+        self.alert_outbox_events = Gauge(
+            "policymesh_alert_outbox_events", "Alert events not yet taken by every destination", registry=r
+        )
+        self.alert_outbox_dropped = Counter(
+            "policymesh_alert_outbox_dropped", "Alert events dropped because the outbox was full", registry=r
+        )
+
+    def set_open_alerts(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace every ``policymesh_alerts_open`` sample (closed alerts leave no stale series)."""
+        self.alerts_open.clear()
+        for (check, severity), n in counts.items():
+            self.alerts_open.labels(check, severity).set(n)

@@ -410,7 +410,9 @@ def test_trigger_then_silence_while_it_holds_then_one_resolve_reach_the_receiver
                 await asyncio.sleep(0.2)
                 assert len(receiver.events) == 1, f"no event while the condition holds: {receiver.events}"
                 pipe.resolve("enforce.drift", "policymesh", T0 + 61)
-                await until(lambda: len(receiver.events) == 2 and len(receiver.webhooks) == 2, "the resolve")
+                # the receiver counts a post before the sender has its answer: wait for the cursor too
+                await until(lambda: len(receiver.events) == 2 and len(receiver.webhooks) == 2
+                            and len(pipe.outbox) == 0, "the resolve, acknowledged")
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -530,7 +532,7 @@ def test_a_refused_event_is_dropped_and_counted_and_transient_failures_are_retri
                 await until(lambda: len(receiver.events) == 1, "delivery after three transient failures")
                 bad.raise_("c", "", "error", "invalid routing key", None, T0 + 2)
                 await until(lambda: len(receiver.rejected) == 1, "the strict receiver's 400")
-                await asyncio.sleep(0.2)
+                await until(lambda: len(pipe.outbox) == 0 and len(bad.outbox) == 0, "both outboxes settled")
             finally:
                 for t in tasks:
                     t.cancel()

@@ -259,7 +259,7 @@ def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     stale_ruleset = tmp_path / "n1" / f".ruleset.nft.tmp.{_dead_pid()}"
     stale_ruleset.write_bytes(b"partial")
     with structlog.testing.capture_logs() as logs:
-        daemon._boot_state()
+        daemon.load_state()
         asyncio.run(daemon.enforcer.setup())
     assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 2
     members, ruleset = [e["problem"] for e in logs if e["event"] == "state.problem"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -32,8 +31,9 @@ from protocol.policy import parse_policy_toml
 
 from .authority_store import AuthorityDir, CliError
 from .client import OperatorError, publish, status
-from .config import render_config
 from .demo_netns import BRIDGE_IP, NetnsLab
+from .issuing import NodeSettings, enroll, init_authority, sign_next_policy
+from .status_view import format_status
 
 POLICY_TEMPLATE = """
 [defaults]
@@ -55,6 +55,11 @@ ports = ["tcp/5432"]
 """
 ROLES = ("web", "app", "db")
 CONVERGE_TIMEOUT_S = 60.0
+VALID_S = 30 * 86400
+"""The demo authority's root and every demo certificate are valid for 30 days."""
+POLICY_VALID_S = 7 * 86400
+DEMO_GOSSIP_MS = {"sync_interval_ms": 1000, "cross_region_sync_interval_ms": 2000, "status_sync_interval_ms": 2000}
+"""Demo timers: a small LAN, so probe and sync faster than the production defaults."""
 
 
 @dataclass(eq=False)
@@ -176,7 +181,8 @@ class Demo:
     def setup(self) -> None:
         a = self.args
         if not self.auth.exists():
-            self.auth.init("demo", {"root": (1, 1), "policy": (1, 1), "enroll": (1, 1)}, int(time.time()), 30 * 86400)
+            init_authority(self.auth.path, "demo", {"root": (1, 1), "policy": (1, 1), "enroll": (1, 1)},
+                           int(time.time()), VALID_S)
         regions = [f"region-{chr(ord('a') + i)}" for i in range(a.regions)]
         for i in range(a.nodes):
             region = regions[i % a.regions]
@@ -199,43 +205,26 @@ class Demo:
     def _enroll(self, n: DemoNode, seeds: list[str]) -> None:
         if (n.dir / "node.cert").exists():
             return
-        from .cli import main as meshctl
-
-        role = ROLES[n.index % len(ROLES)]
         backend = "nftables" if self.lab is not None else "file"
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", n.node_id,
-                          "--region", n.region, "--role", role, "--address", n.ip, "--out", str(n.dir),
-                          "--backend", backend, "--valid", "30d"])
-        if rc != 0:
-            raise CliError(f"enrolling {n.node_id} failed")
-        config = render_config(
-            cluster="demo", node_id=n.node_id, region=n.region, listen=n.direct, advertise=n.advertise,
-            seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}", backend=backend,
-            allow_file_backend=self.lab is None,
+        settings = NodeSettings(
+            listen=n.direct, advertise=n.advertise, seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}",
+            backend=backend, allow_file_backend=self.lab is None,
+            # Behind the demo's proxy a node dials from its own address, so the proxy can tell who is where.
+            source_address=n.ip if self.lab is None else "",
+            gossip=DEMO_GOSSIP_MS,
         )
-        if self.lab is None:
-            config = config.replace(f'advertise = "{n.advertise}"',
-                                    f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
-        # Demo timers: a small LAN, so probe and sync faster than the production defaults.
-        config += ("\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
-                   "status_sync_interval_ms = 2000\n")
-        (n.dir / "node.toml").write_text(config)
+        enroll(self.auth, node_id=n.node_id, region=n.region, roles=[ROLES[n.index % len(ROLES)]],
+               addresses=[n.ip], out=n.dir, valid_s=VALID_S, now=int(time.time()), settings=settings)
 
     def _enroll_operator(self) -> None:
-        from .cli import main as meshctl
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", "operator-1",
-                          "--region", "ops", "--role", "operator", "--out", str(self.operator), "--valid", "30d"])
-        if rc != 0:
-            raise CliError("enrolling the operator failed")
+        enroll(self.auth, node_id="operator-1", region="ops", roles=["operator"], addresses=[], out=self.operator,
+               valid_s=VALID_S, now=int(time.time()), settings=None)
 
     # -- processes --------------------------------------------------------------------------------
     def start_node(self, n: DemoNode) -> None:
         log = open(n.dir / "meshnode.log", "ab")  # noqa: SIM115 - handed to the child process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "meshnode.daemon_cli", "run", "--config", str(n.dir / "node.toml")]
+        argv = [sys.executable, "-m", "meshnode.cli.meshnode", "run", "--config", str(n.dir / "node.toml")]
         if self.lab is not None:
             argv = self.lab.exec_argv(n.index, argv)
         n.proc = subprocess.Popen(
@@ -322,19 +311,10 @@ class Demo:
         if self.lab is not None:  # the operator reaches every node's mesh port from the bridge address
             extra_rule += (f'\n[[allow]]\nname = "operator-to-mesh"\nfrom = ["cidr:{BRIDGE_IP}/32"]\n'
                            'to = ["role:*"]\nports = ["tcp/7946"]\n')
-        self.serial += 1
         doc, rev = parse_policy_toml(POLICY_TEMPLATE.format(extra=extra_rule))
-        from protocol.authority import build_policy, sign_policy
-
-        root = self.auth.root()
-        meta = self.auth.meta()
-        serial = max(self.serial, int(meta.get("last_serial", 0)) + 1)
-        self.serial = serial
-        now = int(time.time())
-        pv = build_policy(root.cluster, serial, now, now + 7 * 86400, root.version, doc, rev)
-        data = sign_policy(pv, self.auth.role_seeds(root, "policy"))
-        meta["last_serial"] = serial
-        self.auth.save_meta(meta)
+        signed = sign_next_policy(self.auth, doc, rev, now=int(time.time()), expires_s=POLICY_VALID_S)
+        serial = self.serial = signed.version.serial
+        data = signed.envelope
         (self.dir / f"policy-{serial}.msgpack").write_bytes(data)
         return data
 
@@ -489,8 +469,6 @@ class Demo:
             return 0 if rep["all_converged"] else 1
         await loop.run_in_executor(None, self.publish_and_wait, "publish-v1", self.nodes[0], self.nodes)
         st = await loop.run_in_executor(None, self.converged_view, self.nodes[-1])
-        from .opscli import format_status
-
         self._say("")
         self._say(format_status(st))
         self._say("")

@@ -32,12 +32,12 @@ from typing import Any
 
 import aiohttp
 
-from meshnode.cli import main as meshctl_main
+from meshnode.cli.meshctl import main as meshctl_main
 from meshnode.config import render_config
 from meshnode.demo import POLICY_TEMPLATE
 
 VENV_BIN = Path(sys.executable).parent
-MESHNODE = [sys.executable, "-m", "meshnode.daemon_cli"]
+MESHNODE = [sys.executable, "-m", "meshnode.cli.meshnode"]
 MESHCTL = [sys.executable, "-m", "meshnode.cli"]
 ROLES = ("web", "app", "db")
 BASE_PORT = 24600  # this module's ports: 24600 + 24 * subnet + 2 * index (mesh), +1 (admin)

@@ -244,7 +244,7 @@ def test_an_oversize_directory_file_is_a_problem_not_a_silent_empty(tmp_path, mo
 
 def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     """The daemon logs and counts LoadReport.problems (state.problem, policymesh_state_problems_total)."""
-    from meshnode.cli import main as meshctl
+    from meshnode.cli.meshctl import main as meshctl
     from meshnode.config import load_config
     from meshnode.daemon import MeshDaemon
 

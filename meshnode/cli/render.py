@@ -1,7 +1,7 @@
 """``meshnode render``: verify the inputs with the node's trust state and print what it would apply.
 
-The lead's CLI (``meshnode/daemon_cli.py``) reads the files named on the command line and the node
-config, builds the :class:`TrustedState` and :class:`RenderOptions`, and calls :func:`render_command`.
+``meshnode render`` (``meshnode/cli/meshnode.py``) reads the files named on the command line and the
+node config, builds the :class:`TrustedState` and :class:`RenderOptions`, and calls :func:`render_command`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from protocol.errors import ExpiredError, NotYetValidError, TrustError
 from protocol.metadata import Certificate, PolicyVersion
 from protocol.trust import TrustedState
 
-from .model import EnforcementError, RenderOptions
-from .render import render
+from ..enforce.model import EnforcementError, RenderOptions
+from ..enforce.render import render
 
 FORMATS = ("nft", "json", "iptables")
 

@@ -9,7 +9,7 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 
 need_pkgs=()
-for pair in nft:nftables iptables:iptables ipset:ipset ip:iproute2 ps:procps; do
+for pair in nft:nftables iptables:iptables ipset:ipset ip:iproute2 ps:procps systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -25,9 +25,9 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.installed-$(cat pyproject.toml deploy/constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,sim]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -c deploy/constraints.txt -e ".[test,sim]"
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

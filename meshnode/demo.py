@@ -31,27 +31,10 @@ from .authority_store import AuthorityDir, CliError
 from .client import OperatorError, publish, status
 from .demo_netns import BRIDGE_IP, NetnsLab
 from .demo_proxy import DemoNode, Proxy
+from .examples import sample_policy_toml
 from .issuing import NodeSettings, enroll, init_authority, sign_next_policy
 from .status_view import format_status
 
-POLICY_TEMPLATE = """
-[defaults]
-inbound = "drop"
-mode = "enforce"
-
-[[allow]]
-name = "web-to-app"
-from = ["role:web"]
-to = ["role:app"]
-ports = ["tcp/8080"]
-
-[[allow]]
-name = "app-to-db"
-from = ["role:app"]
-to = ["role:db"]
-ports = ["tcp/5432"]
-{extra}
-"""
 ROLES = ("web", "app", "db")
 CONVERGE_TIMEOUT_S = 60.0
 VALID_S = 30 * 86400
@@ -216,7 +199,7 @@ class Demo:
         if self.lab is not None:  # the operator reaches every node's mesh port from the bridge address
             extra_rule += (f'\n[[allow]]\nname = "operator-to-mesh"\nfrom = ["cidr:{BRIDGE_IP}/32"]\n'
                            'to = ["role:*"]\nports = ["tcp/7946"]\n')
-        doc, rev = parse_policy_toml(POLICY_TEMPLATE.format(extra=extra_rule))
+        doc, rev = parse_policy_toml(sample_policy_toml() + extra_rule)
         signed = sign_next_policy(self.auth, doc, rev, now=int(time.time()), expires_s=POLICY_VALID_S)
         serial = self.serial = signed.version.serial
         data = signed.envelope

@@ -1,5 +1,8 @@
 """The daemon's enforcement worker: render the wanted policy + member directory, apply it off the event
-loop, keep the previous ruleset when anything fails, and repair drift on a timer."""
+loop, keep the previous ruleset when anything fails, and repair drift on a timer.
+
+The latest wish wins: ``want()`` replaces any wish not yet applied, and one task (``run()``) applies
+them in turn, so a burst of member changes costs one apply, never a queue of them."""
 
 from __future__ import annotations
 
@@ -13,15 +16,14 @@ from protocol.metadata import Certificate, PolicyVersion
 from protocol.trust import TrustedState
 
 from .config import LoadedConfig, split_hostport
-from .enforce.backends import Backend, make_backend, missing_tools
-from .enforce.model import EnforcementError, RenderOptions
-from .enforce.render import render
+from .enforce import Backend, EnforcementError, RenderOptions, make_backend, missing_tools, render
 from .identity import Identity
 from .metrics import Metrics
 
 
-def render_options(lc: LoadedConfig) -> RenderOptions:
-    cfg = lc.cfg
+def render_options(config: LoadedConfig) -> RenderOptions:
+    """The node-local rendering choices of a node config (ports, table, ICMP, overrides, join CIDRs)."""
+    cfg = config.cfg
     _, mesh_port = split_hostport(cfg.mesh.listen, "mesh.listen")
     _, admin_port = split_hostport(cfg.admin.listen, "admin.listen")
     return RenderOptions(
@@ -36,9 +38,12 @@ def render_options(lc: LoadedConfig) -> RenderOptions:
 
 
 class Enforcer:
+    """Renders and applies what the daemon wants enforced, confirms what the kernel holds
+    (``on_applied(serial, ruleset_hash, policy_hash)``) and reports it in ``status()``."""
+
     def __init__(
         self,
-        lc: LoadedConfig,
+        config: LoadedConfig,
         identity: Identity,
         trust: TrustedState,
         metrics: Metrics,
@@ -51,26 +56,30 @@ class Enforcer:
         self.log = log.bind(component="enforce")
         self.on_applied = on_applied
         self.backend: Backend | None = None
-        self._want: tuple[PolicyVersion, list[Certificate], str] | None = None
+        self._want: tuple[PolicyVersion, list[Certificate], str] | None = None  # queued for run()
+        # the latest (policy, member certificates, policy hash) the core asked for (its Enforce effect)
+        self.wanted: tuple[PolicyVersion, list[Certificate], str] | None = None
         self._event = asyncio.Event()
         self.applied_serial = 0
         self.applied_hash: str | None = None  # of the ruleset
         self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
         self.last_error: str | None = None
         self.applied_at: float | None = None
-        self.reconfigure(lc)
+        self.reconfigure(config)
 
     @property
     def backend_name(self) -> str:
-        return self.lc.cfg.enforce.backend
+        return self.config.cfg.enforce.backend
 
-    def reconfigure(self, lc: LoadedConfig) -> None:
-        self.lc = lc
-        self.options = render_options(lc)
-        self.drift_interval = lc.cfg.enforce.drift_check_s
+    def reconfigure(self, config: LoadedConfig) -> None:
+        """Take a reloaded node config: rendering options and drift interval (the backend stays)."""
+        self.config = config
+        self.options = render_options(config)
+        self.drift_interval = config.cfg.enforce.drift_check_s
 
     async def setup(self) -> None:
-        cfg = self.lc.cfg
+        """Build the configured backend (EnforcementError when its tools are missing)."""
+        cfg = self.config.cfg
         missing = missing_tools(cfg.enforce.backend)
         if missing:
             raise EnforcementError(
@@ -79,30 +88,34 @@ class Enforcer:
         self.backend = make_backend(
             cfg.enforce.backend,
             self.options,
-            file_path=self.lc.resolve(cfg.enforce.file),
+            file_path=self.config.resolve(cfg.enforce.file),
             allow_file_backend=cfg.overrides.allow_file_backend,
         )
         for path in self.backend.temps_removed:  # left by a write killed mid-way (file backend)
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")
 
-    def _hash_of(self, policy: PolicyVersion) -> str:
-        """The payload hash of ``policy``, known when it is the policy the node trusts (the only one the
-        daemon ever asks for); taken when asked, since trust may move on before the apply runs."""
-        return (self.trust.policy_hash or "") if policy is self.trust.policy else ""
+    @property
+    def wanted_hash(self) -> str:
+        return self.wanted[2] if self.wanted is not None else ""
 
-    def want(self, policy: PolicyVersion | None, members: list[Certificate]) -> None:
-        if policy is None:
-            return  # before the first verified policy the host's firewall is left as it is
-        self._want = (policy, members, self._hash_of(policy))
+    def want(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str) -> None:
+        """Enforce ``policy`` (``policy_hash``: hex hash of its signed payload) for ``members`` as soon as
+        the worker gets to it (the latest wish wins)."""
+        self.wanted = self._want = (policy, members, policy_hash)
         self._event.set()
 
-    async def apply_now(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str | None = None) -> bool:
+    def want_again(self) -> None:
+        """Queue the latest wish once more (after a failed apply, a restarted worker, a reload).  Before
+        the first verified policy there is none: the host's firewall is left as it is."""
+        if self.wanted is not None:
+            self._want = self.wanted
+            self._event.set()
+
+    async def apply_now(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str) -> bool:
         """Render and load; True when the kernel now enforces ``policy``. Confirms (``on_applied``) the
         serial, ruleset hash and policy hash whenever one of them changed: an equivocation resolved to
         the lower hash may render the very same ruleset, and is still a change of what is enforced."""
-        if policy_hash is None:
-            policy_hash = self._hash_of(policy)
         assert self.backend is not None
         backend = self.backend
         t0 = time.perf_counter()
@@ -132,6 +145,7 @@ class Enforcer:
         return True
 
     async def run(self) -> None:
+        """Apply the latest wish whenever there is one (runs for the daemon's lifetime)."""
         while True:
             await self._event.wait()
             self._event.clear()
@@ -140,6 +154,7 @@ class Enforcer:
                 await self.apply_now(*want)
 
     async def drift_loop(self) -> None:
+        """Every ``drift_interval`` seconds, read the kernel back and repair drift (alerting on it)."""
         while True:
             await asyncio.sleep(self.drift_interval)
             if self.backend is None or self.backend.applied is None:
@@ -147,11 +162,12 @@ class Enforcer:
             result = await asyncio.to_thread(self.backend.check_drift)
             for ev in result.events:
                 self.metrics.alerts.labels(ev.name).inc()
-                self.log.warning(f"alert.{ev.name}", **{k: v for k, v in ev.facts.items() if k != "event"})
+                self.log.warning(f"alert.{ev.name}", **ev.facts)
             if result.drifted:
                 self.metrics.drift.inc()
 
     def status(self) -> dict[str, Any]:
+        """The ``enforcement`` section of ``/v1/status``."""
         return {
             "backend": self.backend_name,
             "applied_serial": self.applied_serial,

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from protocol.gossip_events import PolicyResult
+from protocol.gossip_events import PolicyResult, Verdict
 from protocol.signing import MAX_ENVELOPE_BYTES
 
 from .config import LoadedConfig
@@ -51,7 +51,7 @@ class DropDirSource:
                 self.log.warning("source.unreadable", file=str(path), reason=exc.strerror or str(exc))
                 continue
             if data is None:
-                result = PolicyResult(f"drop:{path.name}", False, 0, f"file is {size} bytes, over the cap")
+                result = PolicyResult(f"drop:{path.name}", False, 0, Verdict.TOO_LARGE, f"file is {size} bytes, over the cap")
             else:
                 result = self.submit(data, f"drop:{path.name}", ())
             dest = self.dir / ("accepted" if result.accepted else "rejected")
@@ -59,9 +59,9 @@ class DropDirSource:
             target = dest / path.name
             path.replace(target)
             if not result.accepted:
-                atomic_write(dest / (path.name + ".reason"), (result.reason + "\n").encode())
+                atomic_write(dest / (path.name + ".reason"), (result.text + "\n").encode())
             self.log.info("source.drop_processed", file=path.name, accepted=result.accepted,
-                          serial=result.serial, reason=result.reason or None)
+                          serial=result.serial, reason=result.text)
         return n
 
     async def run(self) -> None:
@@ -108,8 +108,8 @@ class UrlSource:
         result = self.submit(data, f"url:{url}", ())
         if etag:
             self.etags[url] = etag
-        if not result.accepted and "duplicate" not in result.reason:
-            self.log.warning("source.url_refused", url=url, reason=result.reason)
+        if not result.accepted and result.reason is not Verdict.DUPLICATE:
+            self.log.warning("source.url_refused", url=url, reason=result.text)
 
     async def run(self) -> None:
         while True:

@@ -4,10 +4,14 @@ Layout under ``data_dir``::
 
     roots/root.<version>.msgpack   every trusted root after the pinned anchor
     policy/<serial>.msgpack        the newest accepted policies (the last KEEP_POLICIES)
-    peers.msgpack (+ .bak)         known peers, for restarts without seeds (the core's peer list)
-    members.msgpack (+ .bak)       the member certificate directory, so a reboot enforces full sets
+    directory.msgpack (+ .bak)     the member file: [{node_id, address, region, cert}] (the core's
+                                   ``PersistMembers``), for restarts without seeds, and so a reboot
+                                   enforces full sets
 
-Every file is written atomically; the two directory files also keep the copy they replaced (``.bak``).
+Earlier versions kept the directory in two files, ``peers.msgpack`` and ``members.msgpack``: they are
+read (once) when ``directory.msgpack`` does not exist yet, and removed once it is written.
+
+Every file is written atomically; the member file also keeps the copy it replaced (``.bak``).
 On load everything is re-verified through TrustedState; a corrupt, truncated, over-size or
 unverifiable file is reported (returned in ``LoadReport.problems``, which the daemon logs as
 ``state.problem`` and counts) and skipped: it never replaces good state, the newest policy that
@@ -18,6 +22,7 @@ write left behind are removed when the state is loaded.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 import msgspec
 
 from protocol.errors import ExpiredError, MeshError, TrustError
+from protocol.gossip_events import MemberEntry
 from protocol.signing import MAX_ENVELOPE_BYTES
 from protocol.trust import TrustedState
 
@@ -33,10 +39,9 @@ from .fsutil import atomic_write, backup_path, remove_stale_temps
 KEEP_POLICIES = 3
 # roots/ and policy/ hold one signed envelope each.
 MAX_STATE_FILE_BYTES = MAX_ENVELOPE_BYTES
-# The member directory is persisted twice: members.msgpack (node id -> certificate) and the core's
-# peers.msgpack (node id, address, region, certificate).  Measured bytes per member (members / peers):
-# 397 / 450 with a typical certificate (2 roles, 2 addresses); 1,199 / 1,308 with the largest we call
-# legitimate (64-character id and region, 8 roles of 64 characters, 4 IPv6 addresses).
+# The member file holds (node id, address, region, certificate) per member.  Measured bytes per member:
+# 450 with a typical certificate (2 roles, 2 addresses); 1,308 with the largest we call legitimate
+# (64-character id and region, 8 roles of 64 characters, 4 IPv6 addresses).
 DIRECTORY_MEMBERS = 100_000  # what must survive a reboot
 DIRECTORY_BYTES_PER_MEMBER = 2 << 10  # 1.5x the largest entry measured, 4.5x a typical one
 MAX_DIRECTORY_FILE_BYTES = DIRECTORY_MEMBERS * DIRECTORY_BYTES_PER_MEMBER  # 204,800,000 B (~195 MiB)
@@ -53,7 +58,6 @@ class LoadReport:
     roots_loaded: int = 0
     policy_serial: int = 0
     members_loaded: int = 0
-    peers_loaded: int = 0
     temps_removed: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -63,11 +67,15 @@ def _owned_temp(name: str) -> bool:
     return name.endswith((".msgpack", ".msgpack.bak"))
 
 
-def _decode_members(data: bytes) -> dict[str, bytes]:
+def _decode_members(data: bytes) -> list[MemberEntry]:
+    return msgspec.msgpack.decode(data, type=list[MemberEntry])
+
+
+def _decode_legacy_members(data: bytes) -> dict[str, bytes]:
     return msgspec.msgpack.decode(data, type=dict[str, bytes])
 
 
-def _decode_peers(data: bytes) -> list[dict[str, Any]]:
+def _decode_legacy_peers(data: bytes) -> list[dict[str, Any]]:
     return msgspec.msgpack.decode(data, type=list[dict[str, Any]])
 
 
@@ -76,10 +84,10 @@ class StateStore:
         self.dir = Path(data_dir)
         self.roots_dir = self.dir / "roots"
         self.policy_dir = self.dir / "policy"
-        self.peers_path = self.dir / "peers.msgpack"
-        self.members_path = self.dir / "members.msgpack"
-        # What load_into read of the directory files, handed over once by load_members/load_peers.
-        self._handover: dict[str, Any] = {}
+        self.members_path = self.dir / "directory.msgpack"
+        self.legacy_paths = (self.dir / "peers.msgpack", self.dir / "members.msgpack")  # read for upgrade
+        # What load_into read of the member file, handed over once by load_members.
+        self._handover: list[MemberEntry] | None = None
 
     def ensure(self) -> None:
         for d in (self.dir, self.roots_dir, self.policy_dir):
@@ -97,20 +105,13 @@ class StateStore:
         for old in serials[KEEP_POLICIES:]:
             (self.policy_dir / f"{old}.msgpack").unlink(missing_ok=True)
 
-    def save_peers(self, data: bytes) -> None:
+    def save_members(self, entries: Sequence[MemberEntry]) -> None:
+        """The member file (certificates as exact signed bytes); the two files it replaces go."""
         self.ensure()
-        atomic_write(self.peers_path, data, keep_previous=True)
-
-    def save_members(self, certs: dict[str, bytes]) -> None:
-        """The member certificate directory (exact signed bytes), so a reboot enforces full sets at once."""
-        self.ensure()
-        atomic_write(self.members_path, msgspec.msgpack.encode(certs), keep_previous=True)
-
-    def forget_policies_above(self, serial: int) -> None:
-        """Drop stored policies from before a policy-key rotation (fast-forward recovery)."""
-        for s in self._policy_serials():
-            if s > serial:
-                (self.policy_dir / f"{s}.msgpack").unlink(missing_ok=True)
+        atomic_write(self.members_path, msgspec.msgpack.encode(list(entries)), keep_previous=True)
+        for legacy in self.legacy_paths:
+            legacy.unlink(missing_ok=True)
+            backup_path(legacy).unlink(missing_ok=True)
 
     def remove_stale_temps(self) -> list[Path]:
         """Temp files of writes that a kill interrupted (see fsutil.remove_stale_temps)."""
@@ -158,31 +159,41 @@ class StateStore:
             report.problems.append(f"{'; '.join(trouble)}; no usable copy: starting without it")
         return None
 
-    def _read_members(self, report: LoadReport) -> dict[str, bytes]:
+    def _read_members(self, report: LoadReport) -> list[MemberEntry]:
+        if not self.members_path.exists() and not backup_path(self.members_path).exists():
+            return self._read_legacy_members(report)
         got = self._load_directory_file(self.members_path, _decode_members, report)
-        return got[1] if got else {}
+        return got[1] if got else []
 
-    def _read_peers(self, report: LoadReport) -> tuple[bytes | None, int]:
-        got = self._load_directory_file(self.peers_path, _decode_peers, report)
-        return (got[0], len(got[1])) if got else (None, 0)
+    def _read_legacy_members(self, report: LoadReport) -> list[MemberEntry]:
+        """The directory as earlier versions kept it: the peer list (node id, address, region, maybe
+        a certificate) and the certificate directory (node id -> certificate), merged."""
+        peers_path, certs_path = self.legacy_paths
+        got = self._load_directory_file(peers_path, _decode_legacy_peers, report)
+        entries: dict[str, MemberEntry] = {}
+        for p in got[1] if got else []:
+            nid, address, region, cert = p.get("node_id"), p.get("address"), p.get("region"), p.get("cert")
+            if isinstance(nid, str) and isinstance(address, str):
+                entries[nid] = MemberEntry(nid, address, region if isinstance(region, str) else "",
+                                           bytes(cert) if isinstance(cert, (bytes, bytearray)) else b"")
+        got_certs = self._load_directory_file(certs_path, _decode_legacy_members, report)
+        for nid, cert in (got_certs[1] if got_certs else {}).items():
+            e = entries.get(nid)
+            if e is None or not e.cert:
+                entries[nid] = MemberEntry(nid, e.address if e else "", e.region if e else "", cert)
+        return list(entries.values())
 
-    def load_members(self) -> dict[str, bytes]:
-        """Stored member certificates, unverified: the caller re-verifies each one.  Right after
+    def load_members(self) -> list[MemberEntry]:
+        """The stored member file, unverified: the caller re-verifies every certificate.  Right after
         load_into, what it read (with its problems in that report); otherwise a fresh read."""
-        if "members" in self._handover:
-            return self._handover.pop("members")  # type: ignore[no-any-return]
+        if self._handover is not None:
+            members, self._handover = self._handover, None
+            return members
         return self._read_members(LoadReport())
-
-    def load_peers(self) -> bytes | None:
-        """The stored peer list (MessagePack of [{node_id, address, region, cert}]), checked to decode;
-        handed over like load_members."""
-        if "peers" in self._handover:
-            return self._handover.pop("peers")  # type: ignore[no-any-return]
-        return self._read_peers(LoadReport())[0]
 
     def load_into(self, trust: TrustedState, now: float, *, clean_temps: bool = True) -> LoadReport:
         """Re-verify stored roots (in version order) and the newest stored policy that verifies; read
-        the member directory and peer list (see load_members/load_peers).  ``clean_temps`` first
+        the member file (see load_members).  ``clean_temps`` first
         removes the temp files of interrupted writes (read-only tools pass False)."""
         report = LoadReport()
         if clean_temps:
@@ -233,7 +244,6 @@ class StateStore:
             report.policy_serial = serial
             break
         members = self._read_members(report)
-        peers, report.peers_loaded = self._read_peers(report)
         report.members_loaded = len(members)
-        self._handover = {"members": members, "peers": peers}
+        self._handover = members
         return report

@@ -1,14 +1,19 @@
 """Inputs (past tense) and effects (imperative) of the gossip node, and the clock it is given.
 
 All are frozen slotted dataclasses.  The shell feeds inputs to ``Node.handle(now, input)`` and executes
-the returned effects in order: durable effects (``Persist``, ``ApplyPolicy``) always come before the
-``Send`` effects that announce what they made durable.
+the returned effects in order: durable effects (``PersistPolicy``, ``Enforce``) always come before the
+``Send`` effects that announce what they made durable.  Effects carry everything the shell needs, already
+verified and decoded by the core: the shell never decodes them again nor reads the core's trust state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+from .metadata import Certificate, PolicyVersion
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,7 @@ class RootsSubmitted:
 class RulesetApplied:
     """The enforcer rendered and loaded the ruleset for ``serial``; ``ruleset_hash`` is its hex digest
     and ``policy_hash`` the hex payload hash of the policy it enforced ("": the one of the latest
-    ``ApplyPolicy`` of that serial).  This confirmation, not what the node trusts, is what its signed
+    ``Enforce`` of that serial).  This confirmation, not what the node trusts, is what its signed
     status reports as enforced, so the cluster view counts only enforced versions as converged."""
 
     serial: int
@@ -113,39 +118,96 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
-class ApplyPolicy:
-    """Enforce this verified policy (``hash`` = hex SHA-256 of the signed payload)."""
+class Enforce:
+    """Enforce ``policy`` (verified; ``policy_hash`` = hex SHA-256 of its signed payload) for the valid,
+    unrevoked ``members`` (node_id -> decoded certificate, self included).  Emitted when the trusted
+    policy or the member directory changes; liveness never changes the directory, only certificate
+    validity and revocation do.  ``members`` may be shared with the core: read it, never mutate it."""
 
-    envelope: bytes
+    policy: PolicyVersion
+    policy_hash: str
+    members: Mapping[str, Certificate]
+
+
+@dataclass(frozen=True, slots=True)
+class PersistPolicy:
+    """Write the accepted policy envelope (exact signed bytes) atomically, named by its serial."""
+
     serial: int
-    hash: str
+    envelope: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Persist:
-    """Write atomically. kinds: "policy" (envelope bytes), "root" (one root's bytes, each new one in
-    order), "peers" (msgpack list of {node_id, address, region})."""
+class PersistRoot:
+    """Write a newly trusted root (exact signed bytes) atomically; each new one comes in version order."""
 
-    kind: str
-    data: bytes
+    version: int
+    envelope: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class MembersChanged:
-    """The valid, unrevoked certificate directory (node_id -> exact cert envelope bytes), self
-    included.  Liveness never changes it; only certificate validity and revocation do."""
+class MemberEntry:
+    """One member in the persisted member file: where to reach it, and the certificate enforcement
+    uses for it (exact signed bytes; re-verified on load).  ``address`` is "" for a member remembered
+    from the previous run and not heard from since."""
 
-    certs: dict[str, bytes]
+    node_id: str
+    address: str
+    region: str
+    cert: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PersistMembers:
+    """Write the member file atomically: for restarts without seeds, and so a reboot enforces full sets."""
+
+    entries: tuple[MemberEntry, ...]
+
+
+class Verdict(StrEnum):
+    """Why a locally submitted policy or root chain was accepted or refused (a stable metric label)."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    ROOT_ACCEPTED = "root_accepted"
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    BAD_SIGNATURE = "bad_signature"
+    ROLLBACK = "rollback"
+    EQUIVOCATION = "equivocation"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REVOKED = "revoked"
+    ROOT_MISMATCH = "root_mismatch"
+    ROLE = "role"
+    UNTRUSTED = "untrusted"
+    NO_VERDICT = "no_verdict"
+
+    @classmethod
+    def of(cls, reason: str) -> Verdict:
+        """The verdict for a ``TrustError.reason`` label."""
+        try:
+            return cls(reason)
+        except ValueError:
+            return cls.UNTRUSTED
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
-    """Answer to a PolicySubmitted / RootsSubmitted: accepted or not, and why."""
+    """Answer to a PolicySubmitted / RootsSubmitted: accepted or not, why (``reason``), and the
+    explanation for the operator (``detail``).  ``serial`` is the policy serial (the root version for
+    a root chain)."""
 
     source: str
     accepted: bool
     serial: int
-    reason: str
+    reason: Verdict
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """One line for an operator: the label, then the explanation."""
+        return f"{self.reason}: {self.detail}" if self.detail else str(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,5 +230,6 @@ class LivenessChanged:
 
 
 Effect = (
-    Send | Disconnect | ApplyPolicy | Persist | MembersChanged | PolicyResult | Alert | LivenessChanged
+    Send | Disconnect | Enforce | PersistPolicy | PersistRoot | PersistMembers | PolicyResult | Alert
+    | LivenessChanged
 )

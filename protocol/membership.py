@@ -12,12 +12,10 @@
   certificate removes a member.
 * Anti-entropy digest: members are hashed into buckets by node id; a bucket's value is the XOR of
   per-member tokens over (node_id, incarnation, status seq), so a digest costs O(1) to maintain.
+* Membership never calls back into the node: what it wants sent or reported goes to ``outbox`` (in
+  order), which the node drains into its own effect list before adding anything of its own.
 
-Memory layout.  Every node knows every member, so the table is n entries per node and n^2 in a
-simulator that hosts n nodes.  It is therefore columnar: node ids are interned as small integers by a
-``MemberIndex`` (one per ``VerifyCache``, so the simulator's nodes share one); what a verified record
-or status says is an immutable, shared ``Rec`` / ``StatusInfo``; per node there remain a list slot
-per member for each of them, a liveness byte, and array-backed alive sets (about 40 bytes per member).
+Memory layout: see ``protocol.members`` (about 40 bytes per member per node).
 
 Peer-controlled memory.  Nothing from a peer is kept before it is verified: a status about a
 non-member is counted and dropped, a record no newer than the one held is dropped unchecked.  A
@@ -31,21 +29,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import msgspec
 
+from .broadcasts import MAX_BROADCAST_BYTES, MAX_BROADCASTS, BroadcastQueue
 from .entropy import Entropy
 from .errors import RemoteProtocolError, RevokedError, SignatureError, TrustError
 from .gossip_config import GossipConfig
-from .gossip_events import Alert, Disconnect, Effect, LivenessChanged
+from .gossip_events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry, Send
 from .gossip_wire import (
     HASH_PREFIX,
-    MAX_GOSSIP_ITEMS,
     MAX_INCARNATION,
     MAX_RECORD_BYTES,
     MAX_STATUS_BYTES,
@@ -63,20 +60,36 @@ from .gossip_wire import (
     decode_payload,
     encode,
 )
+from .members import (
+    CACHE_ENTRY_BYTES,
+    CACHE_MAX_BYTES,
+    IndexedSet,
+    IntSet,
+    Member,
+    MemberIndex,
+    Rec,
+    StatusInfo,
+    VerifyCache,
+    bucket_of,
+)
 from .metadata import Certificate
 from .signing import Envelope, decode_envelope, encode_envelope, key_id, sign, signing_message, valid_signers
 from .trust import TrustedState
+
+__all__ = [  # the table's storage lives in protocol.members; these names stay importable from here
+    "ALIVE", "CACHE_ENTRY_BYTES", "CACHE_MAX_BYTES", "DEAD", "LEFT", "LIVENESS", "MAX_BROADCASTS",
+    "MAX_BROADCAST_BYTES", "MAX_RELAYS", "MAX_RELAYS_PER_PEER", "SUSPECT", "BroadcastQueue", "IndexedSet",
+    "IntSet", "Member", "MemberIndex", "Membership", "Rec", "StatusInfo", "VerifyCache", "bucket_of",
+]
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
 _UNKNOWN, _ALIVE, _SUSPECT, _DEAD, _LEFT = range(5)
 _NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)
-MAX_BROADCASTS = 256
-MAX_BROADCAST_BYTES = 512 << 10  # queued piggyback items, in encoded bytes
 MAX_RELAYS = 256  # indirect probes relayed at once, in all
 MAX_RELAYS_PER_PEER = 16  # ... and on behalf of one requester
-CACHE_MAX_BYTES = 64 << 20  # VerifyCache: estimated bytes before a generation clear
-CACHE_ENTRY_BYTES = 1024  # estimate for a cached object of unknown size (a decoded certificate)
+_PIGGYBACK = (Ping, Ack, PingReq)  # the messages that carry gossip items
+BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 _REC_OVERHEAD_BYTES = 1024  # a Rec's decoded certificate, slots and cache key beyond its byte strings
 _STATUS_OVERHEAD_BYTES = 512  # a StatusInfo's decoded body, slots and cache key beyond its byte strings
 # An unsigned claim about our own incarnation (a suspicion, a death, a peer's view of us) above ours is
@@ -84,275 +97,6 @@ _STATUS_OVERHEAD_BYTES = 512  # a StatusInfo's decoded body, slots and cache key
 # ms, so one further than this above where we started is a lie.  A record signed with an incarnation
 # this far ahead of the wall clock is refused the same way.
 INCARNATION_SLACK = 1 << 40  # ms, about 35 years
-_peer_entry_encoder = msgspec.msgpack.Encoder()
-
-
-def _token(node_id: str, version: int) -> int:
-    h = hashlib.blake2b(f"{node_id}|{version}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big")
-
-
-def bucket_of(node_id: str, buckets: int) -> int:
-    return hashlib.blake2b(node_id.encode(), digest_size=2).digest()[0] % buckets
-
-
-class MemberIndex:
-    """Node ids interned as small integers, with per-bucket id lists.  Shared by every node that
-    shares a ``VerifyCache`` (a simulator's nodes): an index entry says only that some verified
-    record named this id, never what a node believes of it."""
-
-    __slots__ = ("ids", "of", "_buckets", "_bucket_lists")
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.of: dict[str, int] = {}
-        self._buckets: dict[int, bytearray] = {}
-        self._bucket_lists: dict[int, list[list[int]]] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def intern(self, node_id: str) -> int:
-        i = self.of.get(node_id)
-        if i is None:
-            i = len(self.ids)
-            self.ids.append(node_id)
-            self.of[node_id] = i
-            for nb, col in self._buckets.items():
-                b = bucket_of(node_id, nb)
-                col.append(b)
-                self._bucket_lists[nb][b].append(i)
-        return i
-
-    def buckets(self, nb: int) -> tuple[bytearray, list[list[int]]]:
-        """(bucket of each id, ids of each bucket) for ``nb`` buckets; both grow with the index."""
-        col = self._buckets.get(nb)
-        if col is None:
-            col = bytearray(bucket_of(nid, nb) for nid in self.ids)
-            lists: list[list[int]] = [[] for _ in range(nb)]
-            for i, b in enumerate(col):
-                lists[b].append(i)
-            self._buckets[nb] = col
-            self._bucket_lists[nb] = lists
-        return col, self._bucket_lists[nb]
-
-
-class VerifyCache:
-    """Results of signature checks keyed by the exact bytes (and the root they were checked
-    against).  One cache may be shared by many nodes in one process (the simulator does): a result
-    depends only on the bytes and the trusted root, never on the node.  The cache also carries the
-    ``MemberIndex`` of the node ids its records named.  ``get`` is the dict's own (a hot path).
-
-    Only verified objects enter it, and what it holds itself is bounded in bytes, not entries: at
-    most one record and one status per member (``put_member``: a newer one supersedes the one held,
-    an older one is not held), and everything is let go at once (a generation clear) when the
-    estimated size passes ``max_bytes``.  What is let go stays findable through ``weak_get`` for as
-    long as some member table still holds it (the simulator's lagging nodes share it instead of
-    decoding their own copy); a node's own table holds one version per member, so in the daemon a
-    superseded record is freed as soon as it is replaced.  A clear costs re-verification, never
-    correctness."""
-
-    __slots__ = ("_d", "_weak", "_latest", "max_bytes", "nbytes", "clears", "index", "get", "weak_get")
-
-    def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
-        self._d: dict[object, object] = {}
-        self._weak: weakref.WeakValueDictionary[object, object] = weakref.WeakValueDictionary()
-        # (kind, member index) -> (version, key, estimated bytes) of the one entry held per member
-        self._latest: dict[tuple[str, int], tuple[int, object, int]] = {}
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.clears = 0
-        self.index = MemberIndex()
-        self.get: Callable[[object], object | None] = self._d.get
-        self.weak_get: Callable[[object], object | None] = self._weak.get
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def _let_go(self, key: object) -> None:
-        v = self._d.pop(key, None)
-        if v is not None:
-            self._weak[key] = v
-
-    def _room(self, nbytes: int) -> None:
-        if self.nbytes + nbytes > self.max_bytes:
-            for _version, key, _n in self._latest.values():
-                self._let_go(key)
-            self._d.clear()  # the same dict: ``get`` stays bound to it
-            self._latest.clear()
-            self.nbytes = 0
-            self.clears += 1
-
-    def put(self, key: object, value: object, nbytes: int = CACHE_ENTRY_BYTES) -> None:
-        """Hold a verified ``value`` (e.g. a decoded certificate) under ``key``."""
-        if key in self._d:
-            return
-        self._room(nbytes)
-        self._d[key] = value
-        self.nbytes += nbytes
-
-    def put_member(self, kind: str, idx: int, version: int, key: object, value: object, nbytes: int) -> bool:
-        """Hold the verified record (``kind`` "r") or status ("s") of member ``idx`` at ``version``,
-        letting go of the one it supersedes; an older version than the one held is not held (False).
-        ``value`` must be weak-referenceable."""
-        slot = (kind, idx)
-        cur = self._latest.get(slot)
-        if cur is not None:
-            if cur[1] == key:
-                return False
-            if cur[0] > version:
-                self._weak[key] = value
-                return False
-            self._let_go(cur[1])
-            self.nbytes -= cur[2]
-        self._room(nbytes)
-        self._d[key] = value
-        self._latest[slot] = (version, key, nbytes)
-        self.nbytes += nbytes
-        return True
-
-    def forget_member(self, idx: int) -> None:
-        """Let go of what is held for member ``idx`` (expelled)."""
-        for kind in ("r", "s"):
-            cur = self._latest.pop((kind, idx), None)
-            if cur is not None:
-                self._let_go(cur[1])
-                self.nbytes -= cur[2]
-
-
-class IndexedSet:
-    """A set of strings with O(1) add, discard and uniform random choice."""
-
-    __slots__ = ("_items", "_index")
-
-    def __init__(self) -> None:
-        self._items: list[str] = []
-        self._index: dict[str, int] = {}
-
-    def add(self, x: str) -> None:
-        if x not in self._index:
-            self._index[x] = len(self._items)
-            self._items.append(x)
-
-    def discard(self, x: str) -> None:
-        i = self._index.pop(x, None)
-        if i is None:
-            return
-        last = self._items.pop()
-        if i < len(self._items):
-            self._items[i] = last
-            self._index[last] = i
-
-    def __contains__(self, x: object) -> bool:
-        return x in self._index
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def choice(self, rng: Entropy) -> str:
-        return self._items[rng.below(len(self._items))]
-
-
-class IntSet:
-    """A set of member indexes with O(1) add, discard and uniform random choice, in two int arrays
-    (4 bytes per slot, where a dict would take about 40)."""
-
-    __slots__ = ("items", "_pos")
-
-    def __init__(self) -> None:
-        self.items = array("i")
-        self._pos = array("i")
-
-    def add(self, i: int) -> None:
-        pos = self._pos
-        if i >= len(pos):
-            pos.extend(array("i", [-1]) * (i + 1 - len(pos)))
-        if pos[i] < 0:
-            pos[i] = len(self.items)
-            self.items.append(i)
-
-    def discard(self, i: int) -> None:
-        pos = self._pos
-        if i >= len(pos) or pos[i] < 0:
-            return
-        p = pos[i]
-        pos[i] = -1
-        last = self.items.pop()
-        if p < len(self.items):
-            self.items[p] = last
-            pos[last] = p
-
-    def __contains__(self, i: object) -> bool:
-        return isinstance(i, int) and 0 <= i < len(self._pos) and self._pos[i] >= 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.items)
-
-    def choice(self, rng: Entropy) -> int:
-        return self.items[rng.below(len(self.items))]
-
-
-class Rec:
-    """One verified member record: immutable and shared by every node that holds it."""
-
-    __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry", "__weakref__")
-
-    def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
-        self.node_id = rec.node_id
-        self.idx = idx
-        self.region = cert.region
-        self.address = rec.address
-        self.incarnation = rec.incarnation
-        self.left = rec.left
-        self.record = record
-        self.cert = cert
-        self.cert_bytes = rec.cert
-        self.token = _token(rec.node_id, rec.incarnation)
-        # the member's entry in the persisted peer list (one MessagePack map)
-        self.entry = _peer_entry_encoder.encode(
-            {"node_id": rec.node_id, "address": rec.address, "region": cert.region, "cert": rec.cert})
-
-
-class StatusInfo:
-    """One decoded status item (shared); ``verified_key`` is the identity key its signature checked
-    out against (a status is only believed for the member whose current key that is)."""
-
-    __slots__ = ("body", "item", "token", "verified_key", "rejected_key", "__weakref__")
-
-    def __init__(self, body: StatusBody, item: Status) -> None:
-        self.body = body
-        self.item = item
-        self.token = _token(body.node_id, body.seq)
-        self.verified_key = b""
-        self.rejected_key = b""
-
-
-@dataclass(slots=True, eq=False)
-class Member:
-    """A snapshot of what this node believes of one member (for views and tests, not hot paths)."""
-
-    node_id: str
-    region: str
-    address: str
-    incarnation: int
-    record: bytes
-    cert: Certificate
-    cert_bytes: bytes
-    liveness: str
-    status: StatusBody | None
-    status_item: Status | None
-    heard_ms: int
-
-    @property
-    def status_seq(self) -> int:
-        return self.status.seq if self.status else 0
 
 
 @dataclass(slots=True)
@@ -383,60 +127,6 @@ class _Relay:
     nacked: bool = False
 
 
-class Port(Protocol):
-    """What membership needs from the node façade."""
-
-    def send(self, peer: str, msg: msgspec.Struct) -> None: ...
-
-    def emit(self, effect: Effect) -> None: ...
-
-
-class BroadcastQueue:
-    """Piggybacked gossip with a transmit limit (memberlist's TransmitLimitedQueue): a newer item about
-    the same member replaces the older one; the least-transmitted items go first."""
-
-    __slots__ = ("_items", "_order", "nbytes")
-
-    def __init__(self) -> None:
-        self._items: dict[object, list] = {}  # key -> [item, size, transmits, order]
-        self._order = 0
-        self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
-
-    def add(self, key: object, item: GossipItem) -> None:
-        self._order += 1
-        size = len(encode(item))
-        old = self._items.get(key)
-        if old is not None:
-            self.nbytes -= old[1]
-        self._items[key] = [item, size, 0, self._order]
-        self.nbytes += size
-        while len(self._items) > MAX_BROADCASTS or self.nbytes > MAX_BROADCAST_BYTES:
-            worst = max(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))[0]
-            self.nbytes -= self._items.pop(worst)[1]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def take(self, budget: int, limit: int) -> tuple[GossipItem, ...]:
-        if not self._items:
-            return ()
-        ranked = sorted(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))
-        out: list[GossipItem] = []
-        used = 0
-        for key, entry in ranked:
-            if used + entry[1] > budget:
-                continue
-            out.append(entry[0])
-            used += entry[1]
-            entry[2] += 1
-            if entry[2] >= limit:
-                del self._items[key]
-                self.nbytes -= entry[1]
-            if used >= budget - 16 or len(out) >= MAX_GOSSIP_ITEMS - 1:  # one slot stays free (buddy)
-                break
-        return tuple(out)
-
-
 class Membership:
     def __init__(
         self,
@@ -449,7 +139,6 @@ class Membership:
         advertise: str,
         rng: Entropy,
         cache: VerifyCache,
-        port: Port,
         connected: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.cfg = config
@@ -465,7 +154,7 @@ class Membership:
         self.index = cache.index
         self.ids = self.index.ids  # member index -> node id (shared, append-only)
         self._me_i = self.index.intern(node_id)
-        self.port = port
+        self.outbox: list[Effect] = []  # what we want sent or reported, in order (the node drains it)
         self.connected = connected
         self.preferred: IndexedSet | None = None  # peers with an open channel (set by the node)
         self.incarnation = 0
@@ -570,6 +259,30 @@ class Membership:
             self._rec.extend([None] * k)
             self._st.extend([None] * k)
             self._lv.extend(bytes(k))
+
+    # -- output --------------------------------------------------------------------------------------
+    def outgoing(self, peer: str, msg: Any) -> Send:
+        """The ``Send`` of ``msg`` to ``peer``.  Probes carry gossip items from the broadcast queue and
+        the (root version, serial) of our policy.  Lifeguard's buddy system: a ping to a member we
+        suspect carries that suspicion first, so the member hears of it (and refutes) even when the
+        queue is crowded after a heal."""
+        if isinstance(msg, _PIGGYBACK):
+            buddy = self.buddy_item(peer) if isinstance(msg, Ping) else None
+            budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
+            items = self.broadcasts.take(budget, self.cfg.retransmit_limit(self.count)) \
+                if len(self.broadcasts) else ()
+            if buddy is not None:
+                items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
+            pol = self.trust.policy if isinstance(msg, (Ping, Ack)) else None
+            root_v, serial = (pol.root_version, pol.serial) if pol is not None else (0, 0)
+            if items or serial:
+                msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
+                    else msgspec.structs.replace(msg, gossip=items)
+        r = self.rec(peer)
+        return Send(peer, r.address if r is not None else "", encode(msg))
+
+    def _send(self, peer: str, msg: Any) -> None:
+        self.outbox.append(self.outgoing(peer, msg))
 
     # -- identity ------------------------------------------------------------------------------------
     def _refresh_root_key(self) -> None:
@@ -676,7 +389,7 @@ class Membership:
             raise SignatureError(f"member record of {rec.node_id} is not signed by its identity key")
         i = self.index.intern(rec.node_id)
         hit = Rec(i, rec, cert, key[0])
-        nbytes = len(hit.record) + len(hit.cert_bytes) + len(hit.entry) + _REC_OVERHEAD_BYTES
+        nbytes = 2 * len(hit.record) + len(hit.cert_bytes) + _REC_OVERHEAD_BYTES  # record, cert, entry
         self.cache.put_member("r", i, rec.incarnation, key, hit, nbytes)
         return hit
 
@@ -779,7 +492,7 @@ class Membership:
         (self.dead.add if code == _DEAD else self.dead.discard)(i)
         (self.left.add if code == _LEFT else self.left.discard)(i)
         if report and old != code:
-            self.port.emit(LivenessChanged(rec.node_id, _NAME[code], rec.incarnation, source))
+            self.outbox.append(LivenessChanged(rec.node_id, _NAME[code], rec.incarnation, source))
 
     def remove(self, node_id: str, reason: str) -> None:
         i = self._i(node_id)
@@ -807,8 +520,8 @@ class Membership:
         self._mhash = self._shash = None
         self.directory_dirty = True
         self.peers_dirty = True
-        self.port.emit(Disconnect(node_id, reason))
-        self.port.emit(Alert("membership.expelled", {"node": node_id, "reason": reason}))
+        self.outbox.append(Disconnect(node_id, reason))
+        self.outbox.append(Alert("membership.expelled", {"node": node_id, "reason": reason}))
 
     def expel_invalid(self, wall: float, revocations: bool = True) -> None:
         """Remove members whose certificate expired or is revoked by the current policy.  Without
@@ -1043,7 +756,7 @@ class Membership:
             for seq, r in list(self._relays.items()):
                 if not r.nacked and now_ms >= r.nack_at_ms:
                     r.nacked = True
-                    self.port.send(r.requester, Nack(r.orig_seq))
+                    self._send(r.requester, Nack(r.orig_seq))
                 if now_ms >= r.expire_ms:
                     self._drop_relay(seq)
         p = self._probe
@@ -1065,7 +778,7 @@ class Membership:
         seq = self._next_seq()
         self._probe = _Probe(seq, target.node_id, now_ms, now_ms + timeout, now_ms + 3 * timeout)
         self.counters["probes"] += 1
-        self.port.send(target.node_id, Ping(seq, target.node_id))
+        self._send(target.node_id, Ping(seq, target.node_id))
 
     def _send_indirect(self, p: _Probe, now_ms: int) -> None:
         p.indirect_sent = True
@@ -1086,7 +799,7 @@ class Membership:
                     break
         p.expected_nacks = len(relays)
         for i in relays:
-            self.port.send(self.ids[i], PingReq(p.seq, target.node_id, target.address))
+            self._send(self.ids[i], PingReq(p.seq, target.node_id, target.address))
 
     def _probe_failed(self, p: _Probe, now_ms: int) -> None:
         self._probe = None
@@ -1115,11 +828,11 @@ class Membership:
 
     def on_ping(self, peer: str, msg: Ping) -> None:
         if msg.target == self.me:
-            self.port.send(peer, Ack(msg.seq))
+            self._send(peer, Ack(msg.seq))
 
     def on_ping_req(self, peer: str, msg: PingReq, now_ms: int) -> None:
         if msg.target == self.me:
-            self.port.send(peer, Ack(msg.seq))
+            self._send(peer, Ack(msg.seq))
             return
         n = self._relays_of.get(peer, 0)
         if len(self._relays) >= MAX_RELAYS or n >= MAX_RELAYS_PER_PEER:
@@ -1130,7 +843,7 @@ class Membership:
         timeout = self._timeout_for(target)
         self._relays[seq] = _Relay(peer, msg.seq, now_ms + timeout * 8 // 10, now_ms + 3 * timeout)
         self._relays_of[peer] = n + 1
-        self.port.send(msg.target, Ping(seq, msg.target))
+        self._send(msg.target, Ping(seq, msg.target))
 
     def _drop_relay(self, seq: int) -> _Relay | None:
         r = self._relays.pop(seq, None)
@@ -1148,7 +861,7 @@ class Membership:
             return
         r = self._drop_relay(msg.seq)
         if r is not None:
-            self.port.send(r.requester, Ack(r.orig_seq))
+            self._send(r.requester, Ack(r.orig_seq))
 
     def on_nack(self, msg: Nack) -> None:
         p = self._probe
@@ -1318,8 +1031,11 @@ class Membership:
         assert r is not None
         return r.incarnation, _NAME[self._lv[i]]
 
-    def certs(self) -> dict[str, bytes]:
-        return {r.node_id: r.cert_bytes for r in self._rec if r is not None}
+    def certs(self) -> tuple[dict[str, Certificate], int]:
+        """Every member's certificate (ourselves included), and a digest of their exact bytes (a
+        re-signed certificate with the same content is a change too)."""
+        recs = [r for r in self._rec if r is not None]
+        return {r.node_id: r.cert for r in recs}, sum(hash(r.cert_bytes) for r in recs)
 
     def watch_addresses(self, addresses: Iterable[str]) -> None:
         """Keep ``by_address`` O(1) for these addresses (the seeds, looked up on every retry)."""
@@ -1347,7 +1063,7 @@ class Membership:
                 return r.node_id
         return None
 
-    def peer_entries(self) -> list[bytes]:
-        """Pre-encoded peer-list entries (one MessagePack map per member, encoded once per record)."""
+    def member_entries(self) -> list[MemberEntry]:
+        """The member file's entries, ourselves excluded (built once per record)."""
         me = self._me_i
         return [r.entry for r in self._rec if r is not None and r.idx != me]

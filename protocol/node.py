@@ -11,17 +11,15 @@ delivers replies as ``FrameReceived(peer=node_id)``.  The seed answers with its 
 directory digest, and push-pull anti-entropy fills in the rest.  A seed address that is our own
 advertised address is skipped.
 
-Ordering: within one returned list, ``Persist`` and ``ApplyPolicy`` of a new policy precede every
+Ordering: within one returned list, ``PersistPolicy`` and ``Enforce`` of a new policy precede every
 ``Send`` that announces it, so the shell can execute the list in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
-
-import msgspec
 
 from . import gossip_wire as wire
 from .conduct import PeerConduct
@@ -43,17 +41,19 @@ from .errors import (
 from .gossip_config import GossipConfig
 from .gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
     Effect,
+    Enforce,
     FrameReceived,
     LeaveRequested,
     LivenessChanged,
-    MembersChanged,
+    MemberEntry,
     Now,
     PeerConnected,
     PeerDisconnected,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicyResult,
     PolicySubmitted,
     RootsSubmitted,
@@ -61,6 +61,7 @@ from .gossip_events import (
     Send,
     SendFailed,
     TimerFired,
+    Verdict,
 )
 from .gossip_wire import (
     HASH_PREFIX,
@@ -76,34 +77,31 @@ from .gossip_wire import (
     PolicyPush,
     RootPull,
     RootPush,
-    Suspect,
     Sync,
     SyncEntries,
     View,
     decode,
     encode,
 )
-from .membership import ALIVE, DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
+from .membership import DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
 from .metadata import Certificate, decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
+from .status_view import status_view
 from .trust import Equivocation, TrustedState
 
 __all__ = [
-    "Alert", "ApplyPolicy", "Disconnect", "Effect", "FrameReceived", "GossipConfig", "LeaveRequested",
-    "LivenessChanged", "MembersChanged", "Node", "Now", "PeerConnected", "PeerDisconnected", "Persist",
-    "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied", "Send", "SendFailed",
-    "TimerFired", "VerifyCache",
+    "Alert", "Disconnect", "Effect", "Enforce", "FrameReceived", "GossipConfig", "LeaveRequested",
+    "LivenessChanged", "MemberEntry", "Node", "Now", "PeerConnected", "PeerDisconnected", "PersistMembers",
+    "PersistPolicy", "PersistRoot", "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied",
+    "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
 ]
 
-_PIGGYBACK = (Ping, Ack, PingReq)
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
-BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
 MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
 # what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
 CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
                   "pull_flood": "gossip.pull_flood"}
-_peers_encoder = msgspec.msgpack.Encoder()
 
 
 class Node:
@@ -117,7 +115,7 @@ class Node:
         advertise: str,
         seeds: list[str],
         entropy: Callable[[int], bytes] | Any,
-        known_peers: list[dict[str, Any]] | None = None,
+        known_members: Sequence[MemberEntry] = (),
         *,
         verify_cache: VerifyCache | None = None,
         enforced: tuple[int, str] | None = None,
@@ -135,31 +133,30 @@ class Node:
         self.cert = cert
         self.advertise = advertise
         self.seeds = [s for s in dict.fromkeys(seeds) if s and s != advertise]
-        self.known_peers = [p for p in (known_peers or []) if p.get("node_id") != node_id and p.get("address")]
+        # members remembered from the last run that can be dialled (a few are tried at start)
+        self.known_peers = [p for p in known_members if p.node_id != node_id and p.address]
         self.rng = Entropy(entropy)
         self.cache = verify_cache if verify_cache is not None else VerifyCache()
         self._out: list[Effect] = []
         self.connected: set[str] = set()
         self.conn_set = IndexedSet()  # the same peers, for uniform random choice
         self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
-                              self.cache, self, self.connected.__contains__)
+                              self.cache, self.connected.__contains__)
         self.conduct = PeerConduct()
         self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__,
                                  self._misbehaved)
         self.mem.preferred = self.conn_set
         self.mem.watch_addresses(self.seeds)
-        # Certificates remembered from the last run ("peers" with "cert"): the directory handed to
-        # enforcement after a restart is the one from before it, until members are heard from again.
-        self._known_certs: dict[str, tuple[bytes, Any]] = {}
-        for p in known_peers or []:
-            cb = p.get("cert")
-            if isinstance(cb, (bytes, bytearray)):
-                try:
-                    c = trust.check_certificate(bytes(cb))
-                except (TrustError, RemoteProtocolError):
-                    continue
-                if c.node_id == p.get("node_id"):
-                    self._known_certs[c.node_id] = (bytes(cb), c)
+        # Certificates remembered from the last run: the directory handed to enforcement after a
+        # restart is the one from before it, until members are heard from again.
+        self._known_certs: dict[str, tuple[bytes, Certificate]] = {}
+        for p in known_members:
+            try:
+                c = trust.check_certificate(p.cert)
+            except (TrustError, RemoteProtocolError):
+                continue
+            if c.node_id == p.node_id:
+                self._known_certs[c.node_id] = (p.cert, c)
         self.started = False
         self._now = Now(0, 0.0)
         self._sync_at = 0
@@ -169,14 +166,15 @@ class Node:
         self._house_at = 0
         self._dir_at: int | None = None
         self._peers_at: int | None = None
-        self._last_dir: dict[str, bytes] | None = None
+        self._last_dir: dict[str, Certificate] | None = None  # the directory last handed to Enforce
+        self._last_dir_fingerprint = 0  # ... and a digest of its certificates' exact bytes
         self._pending_policy: bytes | None = None
         self._status_sync_at = 0
         self._root_pull_from: dict[str, int] = {}  # peer -> when we last asked it for roots
         # What the enforcer confirmed: (serial, policy hash hex, ruleset hash prefix).  Status reports
         # this, not what we trust; trusted != enforced for longer than enforce_grace_ms is an alert.
         self._enforced: tuple[int, str, bytes] = (0, "", b"")
-        self._applying: tuple[int, str] = (0, "")  # the latest ApplyPolicy we emitted (serial, hash)
+        self._applying: tuple[int, str] = (0, "")  # the policy of our latest Enforce (serial, hash)
         self._lag_since: int | None = None
         self._lag_alerted = False
         self._equivocation_alerted: Equivocation | None = None
@@ -198,29 +196,19 @@ class Node:
             SyncEntries: self._on_sync_entries, MemberPull: self._on_member_pull, Members: self._on_members,
         }
 
-    # -- Port for membership/dissemination -----------------------------------------------------------
+    # -- output --------------------------------------------------------------------------------------
+    def _push(self, effect: Effect) -> None:
+        """Add one effect, after whatever membership has queued so far (their order is kept)."""
+        if self.mem.outbox:
+            self._out += self.mem.outbox
+            self.mem.outbox.clear()
+        self._out.append(effect)
+
     def send(self, peer: str, msg: Any) -> None:
-        if isinstance(msg, _PIGGYBACK):
-            # Lifeguard's buddy system: a ping to a member we suspect carries that suspicion first,
-            # so the member hears of it (and refutes) even when the queue is crowded after a heal.
-            buddy = self.mem.buddy_item(peer) if isinstance(msg, Ping) else None
-            budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
-            items = self.mem.broadcasts.take(budget, self.cfg.retransmit_limit(len(self.mem))) \
-                if len(self.mem.broadcasts) else ()
-            if buddy is not None:
-                items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
-            root_v, serial = self._my_key() if isinstance(msg, (Ping, Ack)) else (0, 0)
-            if items or serial:
-                msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
-                    else msgspec.structs.replace(msg, gossip=items)
-        r = self.mem.rec(peer)
-        self._out.append(Send(peer, r.address if r is not None else "", encode(msg)))
+        self._push(self.mem.outgoing(peer, msg))
 
     def send_addr(self, address: str, msg: Any) -> None:
-        self._out.append(Send("", address, encode(msg)))
-
-    def emit(self, effect: Effect) -> None:
-        self._out.append(effect)
+        self._push(Send("", address, encode(msg)))
 
     # -- the façade ----------------------------------------------------------------------------------
     def handle(self, now: Now, inp: Any) -> list[Effect]:
@@ -258,6 +246,9 @@ class Node:
         else:
             raise LocalProtocolError(f"unknown input {type(inp).__name__}")
         self._tick(now)
+        if self.mem.outbox:
+            self._out += self.mem.outbox
+            self.mem.outbox.clear()
         out, self._out = self._out, []
         return out
 
@@ -293,7 +284,7 @@ class Node:
         if self.seeds:
             self._sync_addr(self.rng.choice(self.seeds))
         for p in self.rng.sample(self.known_peers, self.cfg.fanout):
-            self._sync_addr(p["address"])
+            self._sync_addr(p.address)
 
     def _tick(self, now: Now) -> None:
         ms = now.ms
@@ -328,20 +319,17 @@ class Node:
             self._peers_at = ms + self.cfg.peers_persist_interval_ms
         if self._peers_at is not None and ms >= self._peers_at:
             self._peers_at = None
-            self._persist_peers()
+            self._persist_members()
         self._check_enforced(ms)
 
-    def _persist_peers(self) -> None:
+    def _persist_members(self) -> None:
         self.mem.peers_dirty = False
         self._peers_at = None
-        entries = self.mem.peer_entries()
+        entries = self.mem.member_entries()
         for nid, (cb, c) in self._known_certs.items():
             if nid not in self.mem:
-                entries.append(_peers_encoder.encode({"node_id": nid, "address": "", "region": c.region, "cert": cb}))
-        n = len(entries)
-        header = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                                   else b"\xdd" + n.to_bytes(4, "big"))
-        self._out.append(Persist("peers", header + b"".join(entries)))
+                entries.append(MemberEntry(nid, "", c.region, cb))
+        self._push(PersistMembers(tuple(entries)))
 
     def _pick_cross(self) -> list[str]:
         others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
@@ -371,7 +359,7 @@ class Node:
     def _retry_seeds(self, lonely: bool) -> None:
         addrs = list(self.seeds)
         if lonely:
-            addrs += [p["address"] for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
+            addrs += [p.address for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
         for addr in addrs:
             nid = self.mem.by_address(addr)
             if nid is None:
@@ -385,15 +373,16 @@ class Node:
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
                 self._stale_alerted = True
-                self._out.append(Alert("policy.stale", {"serial": self.trust.serial}))
+                self._push(Alert("policy.stale", {"serial": self.trust.serial}))
             self._publish_status(force=True)
         skew = self.trust.skew_s
         if self.cert.not_after < now.wall + 7 * 86400 - skew:
-            self._out.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
+            self._push(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
 
-    def _emit_directory(self) -> None:
-        self.mem.directory_dirty = False
-        certs = self.mem.certs()
+    def _current_directory(self) -> tuple[dict[str, Certificate], int]:
+        """The valid certificate directory (members, then certificates remembered from the last run
+        that are still valid), and a digest of the certificates' exact bytes."""
+        certs, fingerprint = self.mem.certs()
         if self._known_certs:
             wall = self._now.wall
             for nid, (cb, c) in list(self._known_certs.items()):
@@ -404,12 +393,20 @@ class Node:
                 except TrustError:
                     del self._known_certs[nid]
                     continue
-                certs[nid] = cb
-        if certs != self._last_dir:
-            self._last_dir = certs
+                certs[nid] = c
+                fingerprint += hash(cb)
+        return certs, fingerprint
+
+    def _emit_directory(self) -> None:
+        self.mem.directory_dirty = False
+        certs, fingerprint = self._current_directory()
+        if certs != self._last_dir or fingerprint != self._last_dir_fingerprint:
+            self._last_dir, self._last_dir_fingerprint = certs, fingerprint
             # the directory is durable before enforcement acts on it (restart path)
-            self._persist_peers()
-            self._out.append(MembersChanged(certs))  # shared with _last_dir: nobody mutates it
+            self._persist_members()
+            pol, h = self.trust.policy, self.trust.policy_hash
+            if pol is not None and h is not None:
+                self._push(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -460,7 +457,7 @@ class Node:
             self._lag_since = None
             if self._lag_alerted:
                 self._lag_alerted = False
-                self._out.append(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
+                self._push(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
                 self._publish_status(force=True)
             return
         if self._lag_since is None:
@@ -468,7 +465,7 @@ class Node:
         elif not self._lag_alerted and ms - self._lag_since >= self.cfg.enforce_grace_ms:
             self._lag_alerted = True
             e_serial, e_hash, _ = self._enforced
-            self._out.append(Alert("policy.not_enforced", {
+            self._push(Alert("policy.not_enforced", {
                 "trusted_serial": serial, "trusted_hash": h, "enforced_serial": e_serial,
                 "enforced_hash": e_hash, "for_ms": ms - self._lag_since}))
             self._publish_status(force=True)
@@ -637,9 +634,9 @@ class Node:
     def _blame(self, peer: str, exc: Exception) -> None:
         self.counters["remote_errors"] += 1
         reason = getattr(exc, "reason", "protocol_error") if isinstance(exc, TrustError) else "protocol_error"
-        self._out.append(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
+        self._push(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
         if peer:
-            self._out.append(Disconnect(peer, reason))
+            self._push(Disconnect(peer, reason))
             self.connected.discard(peer)
             self.conn_set.discard(peer)
             self.dis.forget_source(peer)
@@ -753,10 +750,10 @@ class Node:
         closed when it repeats (see protocol.conduct)."""
         verdict = self.conduct.note(peer, kind, self._now.ms)
         if verdict.alert:
-            self._out.append(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
+            self._push(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
         if verdict.disconnect and peer in self.connected:
             self.counters["misbehaviour_disconnects"] += 1
-            self._out.append(Disconnect(peer, kind))
+            self._push(Disconnect(peer, kind))
             self.connected.discard(peer)
             self.conn_set.discard(peer)
             self._expelled.add(peer)
@@ -769,7 +766,7 @@ class Node:
             return
         self._equivocation_alerted = eq
         self.counters["equivocations_seen"] += 1
-        self._out.append(Alert("policy.equivocation", {
+        self._push(Alert("policy.equivocation", {
             "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
             "kept": eq.hashes[0]}))
         self._publish_status(force=True)
@@ -806,12 +803,12 @@ class Node:
                 self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._out.append(PolicyResult(source, False, 0, _why(exc)))
-                self._out.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self._push(_refused(source, 0, exc))
+                self._push(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
                 self._blame(peer, exc)
@@ -820,7 +817,7 @@ class Node:
             # A validly signed second payload at our serial with a higher hash: refused, remembered.
             self._note_equivocation()
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 peek = self._peek(envelope)
                 if peek is not None:
@@ -828,9 +825,9 @@ class Node:
             return
         except (RollbackError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
             event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
-            self._out.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
+            self._push(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._out.append(PolicyResult(source, False, self._peek_serial(envelope) or 0, _why(exc)))
+                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 self.dis.forget_source(peer)
                 self.dis.pull_failed(peer, now.ms, unserved=True)
@@ -838,20 +835,21 @@ class Node:
         pol = check.policy
         if check.duplicate:
             if local:
-                self._out.append(PolicyResult(source, True, pol.serial, "duplicate"))
+                self._push(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
             if peer is not None:
                 self.dis.note_has(peer, (pol.root_version, pol.serial))
             self.dis.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
-        self._out.append(Persist("policy", check.envelope_bytes))
-        self._out.append(ApplyPolicy(check.envelope_bytes, pol.serial, check.hash))
+        self._push(PersistPolicy(pol.serial, check.envelope_bytes))
+        members = self._last_dir if self._last_dir is not None else self._current_directory()[0]
+        self._push(Enforce(pol, check.hash, members))
         self._applying = (pol.serial, check.hash)
         if check.replaces is not None:
             self._note_equivocation()
         if local:
-            self._out.append(PolicyResult(source, True, pol.serial, "accepted"))
+            self._push(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
         if peer is not None:
             self.dis.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
@@ -879,24 +877,24 @@ class Node:
 
     def _install_roots(self, chain: list[bytes], peer: str | None, source: str) -> None:
         before = self.trust.root_version
-        added: list[bytes] = []
+        added: list[tuple[int, bytes]] = []
         try:
             for data in chain:
                 if self.trust.update_root(data):
-                    added.append(data)
+                    added.append((self.trust.root_version, data))
         except RootMismatchError:
             pass  # a gap: keep what stepped in order
         except TrustError as exc:
             if peer is not None and isinstance(exc, (SignatureError, FormatError)):
                 self._blame(peer, exc)
             else:
-                self._out.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self._push(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._out.append(PolicyResult(source, False, self.trust.root_version, _why(exc)))
-        for data in added:
-            self._out.append(Persist("root", data))
+                self._push(_refused(source, self.trust.root_version, exc))
+        for version, data in added:
+            self._push(PersistRoot(version, data))
         if peer is None and added:
-            self._out.append(PolicyResult(source, True, self.trust.root_version, "root_accepted"))
+            self._push(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
         if self.trust.root_version != before:
             self._on_root_changed()
             if self._pending_policy is not None:
@@ -919,113 +917,13 @@ class Node:
 
     # -- status --------------------------------------------------------------------------------------
     def status(self, now: Now) -> dict[str, Any]:
-        """A JSON-able view: this node, its policy, every member, and cluster convergence.
-
-        Convergence is judged against the version this node *verified* (serial and hash), and a
-        member counts as converged only on what it *enforces* (its enforcer's confirmation, from its
-        signed status; for this node, from ``RulesetApplied``), never on what it merely trusts or
-        claims.  A known equivocation at that serial makes the state ``equivocation``, naming the
-        hashes, never plain ``converged``."""
-        pol_hash = self.trust.policy_hash
-        mine = self.trust.serial
-        target_hash = pol_hash[: 2 * HASH_PREFIX] if pol_hash else ""
-        e_serial, e_hash, e_rules = self._enforced
-        eq = self.trust.equivocation
-        reported: list[str] = []
-        reported_hashes: set[str] = set()
-        members = []
-        by_region: dict[str, dict[str, int]] = {}
-        known = converged = ahead = 0
-        for rec in sorted(self.mem.records(), key=lambda r: r.node_id):
-            m = self.mem.get(rec.node_id)
-            assert m is not None
-            st = m.status
-            is_me = m.node_id == self.node_id
-            if is_me:
-                serial: int | None = e_serial
-                phash: str | None = e_hash[: 2 * HASH_PREFIX] if e_hash else ""
-                rhash: str | None = e_rules.hex()
-                trusted: int | None = mine
-                eq_hashes = [h[: 2 * HASH_PREFIX] for h in eq.hashes] if eq is not None and eq.serial == mine else []
-            else:
-                serial = st.serial if st else None
-                phash = st.policy_hash.hex() if st else None
-                rhash = st.ruleset_hash.hex() if st else None
-                trusted = (st.trusted_serial or None) if st else None
-                eq_hashes = [h.hex() for h in st.equivocation] if st and st.equivocation_serial == mine else []
-            ok = bool(mine) and serial == mine and bool(phash) and phash == target_hash
-            members.append({
-                "node_id": m.node_id, "region": m.region, "address": m.address,
-                "liveness": m.liveness, "incarnation": m.incarnation,
-                "serial": serial, "policy_hash": phash, "ruleset_hash": rhash,
-                "trusted_serial": trusted,
-                "state": self._state_now() if is_me else (st.state if st else None),
-                "converged": ok,
-                "equivocation": eq_hashes or None,
-            })
-            if m.liveness == LEFT:
-                continue
-            reg = by_region.setdefault(m.region, {"members": 0, "known": 0, "converged": 0})
-            reg["members"] += 1
-            if serial is not None:
-                known += 1
-                reg["known"] += 1
-            if serial is not None and serial > mine:
-                ahead += 1  # a claim we could not verify (yet): never "converged"
-            if eq_hashes and not is_me:
-                reported.append(m.node_id)
-                reported_hashes.update(eq_hashes)
-            if ok:
-                converged += 1
-                reg["converged"] += 1
-        total = sum(r["members"] for r in by_region.values())
-        equivocation = None
-        if (eq is not None and eq.serial == mine) or reported:
-            own = eq.hashes if eq is not None and eq.serial == mine else ()
-            hashes = sorted({h[: 2 * HASH_PREFIX] for h in own} | reported_hashes)
-            equivocation = {"serial": mine, "hashes": hashes, "kept": target_hash, "reported_by": reported}
-        state = ("equivocation" if equivocation else "converged" if total and converged == total else "converging")
-        return {
-            "node_id": self.node_id,
-            "region": self.mem.region,
-            "address": self.advertise,
-            "incarnation": self.mem.incarnation,
-            "local_health": self.mem.health,
-            "policy": {
-                "serial": mine, "hash": pol_hash, "state": self.trust.policy_state(now.wall),
-                "root_version": self.trust.root_version,
-                "enforced": {"serial": e_serial, "hash": e_hash or None, "ruleset_hash": e_rules.hex() or None,
-                             "state": "enforced" if (e_serial, e_hash) == (mine, pol_hash or "") else
-                             ("not_enforced" if self._lag_alerted else "pending")},
-                "equivocation": ({"serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
-                                  "kept": eq.hashes[0]} if eq is not None else None),
-            },
-            "members": members,
-            "liveness": {k: sum(1 for m in members if m["liveness"] == k) for k in (ALIVE, SUSPECT, DEAD, LEFT)},
-            "convergence": {
-                "state": state, "target_serial": mine, "target_hash": target_hash or None,
-                "members": total, "known": known, "converged": converged, "claims_ahead": ahead,
-                "fraction": (converged / total) if total else 0.0, "by_region": by_region,
-                "equivocation": equivocation,
-            },
-            "counters": {**self.counters, **self.mem.counters, **self.dis.counters,
-                         **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}},
-        }
-
-    def digest_hash(self) -> str | None:
-        """Hex payload hash of the applied policy (for tests and the simulator)."""
-        return self.trust.policy_hash
-
-
-def policy_digest(envelope: bytes) -> tuple[int, str]:
-    """(serial, hash) of a policy envelope without verifying it (diagnostics only)."""
-    env = decode_envelope(envelope, "policy")
-    return decode_policy(env.payload).serial, payload_hash(env.payload)
-
-
-def peers_hash(peers: list[dict[str, str]]) -> str:
-    return hashlib.sha256(_peers_encoder.encode(peers)).hexdigest()
-
+        """A JSON-able view: this node, its policy, every member, and cluster convergence (see
+        ``protocol.status_view``)."""
+        counters = {**self.counters, **self.mem.counters, **self.dis.counters,
+                    **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}}
+        return status_view(now, self.trust, self.mem, node_id=self.node_id, advertise=self.advertise,
+                           enforced=self._enforced, state=self._state_now(), not_enforced=self._lag_alerted,
+                           counters=counters)
 
 def _prefix(hex_digest: str) -> bytes:
     try:
@@ -1034,6 +932,6 @@ def _prefix(hex_digest: str) -> bytes:
         raise LocalProtocolError("hashes must be hex") from None
 
 
-def _why(exc: TrustError) -> str:
-    """A refusal for the operator: the stable label first (metrics, tests), then the explanation."""
-    return f"{exc.reason}: {exc}"
+def _refused(source: str, serial: int, exc: TrustError) -> PolicyResult:
+    """A refusal for the operator: the stable label (metrics, tests) and the explanation."""
+    return PolicyResult(source, False, serial, Verdict.of(exc.reason), str(exc))

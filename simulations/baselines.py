@@ -14,15 +14,16 @@ import msgspec
 
 from protocol.errors import TrustError
 from protocol.gossip_events import (
-    ApplyPolicy,
+    Enforce,
     FrameReceived,
     Now,
-    Persist,
+    PersistPolicy,
     PolicyResult,
     PolicySubmitted,
     Send,
     SendFailed,
     TimerFired,
+    Verdict,
 )
 from protocol.trust import TrustedState
 
@@ -36,10 +37,10 @@ def _accept(trust: TrustedState, envelope: bytes, now: Now, source: str) -> list
     try:
         chk = trust.accept_policy(envelope, now.wall)
     except TrustError as exc:
-        return [PolicyResult(source, False, 0, exc.reason)]
+        return [PolicyResult(source, False, 0, Verdict.of(exc.reason), str(exc))]
     if chk.duplicate:
         return []
-    return [Persist("policy", chk.envelope_bytes), ApplyPolicy(chk.envelope_bytes, chk.policy.serial, chk.hash)]
+    return [PersistPolicy(chk.policy.serial, chk.envelope_bytes), Enforce(chk.policy, chk.hash, {})]
 
 
 class AuthorityServer:
@@ -150,7 +151,7 @@ class FloodNode:
                 out += _accept(self.trust, msg[1], now, inp.peer)
         elif isinstance(inp, PolicySubmitted):
             out += _accept(self.trust, inp.envelope, now, inp.source)
-        if any(isinstance(e, ApplyPolicy) for e in out):
+        if any(isinstance(e, Enforce) for e in out):
             self._left = self.rounds
             out += self._round(now)
         elif isinstance(inp, TimerFired) and self._next is not None and now.ms >= self._next:

@@ -21,20 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from protocol.errors import TrustError
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
+    Enforce,
     FrameReceived,
     LivenessChanged,
-    MembersChanged,
+    MemberEntry,
     Now,
     PeerConnected,
     PeerDisconnected,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicySubmitted,
     RulesetApplied,
     Send,
@@ -46,11 +46,11 @@ from protocol.metadata import decode_policy, payload_hash
 from protocol.node import Node
 from protocol.policy import PolicyDocument, Rule, validate_document
 from protocol.signing import decode_envelope
-from protocol.testing import T0, NodeIdentity, make_authority, make_node
 from protocol.trust import TrustedState
 
 from .baselines import AUTHORITY_ID, AuthorityServer, CentralPullAgent, FloodNode
 from .hostile import HostileNode
+from .identities import T0, NodeIdentity, make_authority, make_node
 from .invariants import Invariants
 from .network import NEVER, Cut, Network
 from .scenario import Scenario
@@ -108,9 +108,9 @@ class Host:
     applied: int = 0
     persisted_policy: bytes | None = None
     persisted_roots: list[bytes] = field(default_factory=list)
-    persisted_peers: bytes | None = None  # kept only for hosts that can restart (see _faults)
-    peers_bytes: int = 0  # size of the last persisted peer list (kept or not)
-    directory: dict[str, bytes] | None = None  # the node's own last MembersChanged dict: never mutated
+    persisted_members: tuple[MemberEntry, ...] | None = None  # kept only for hosts that can restart (see _faults)
+    members_persisted: int = 0  # entries in the last persisted member file (kept or not)
+    directory: Any = None  # the members of the node's last Enforce (its own dict): never mutated
     hostile: bool = False
     started_ms: int = 0
     skew_s: float = 0.0
@@ -149,10 +149,10 @@ class Simulation:
         self.series: dict[str, list[float]] = {r: [] for r in self.regions}
         self.fault_windows: list[tuple[int, int, str]] = []
         self.disturb_end: list[int] = [0] * (self.n + 1)
-        # Hosts that restart during the run: only these keep their persisted peer list (n entries of
-        # a few hundred bytes each, n^2 overall); the others only count its bytes.
+        # Hosts that restart during the run: only these keep their persisted member file (n entries of
+        # a few hundred bytes each, n^2 overall); the others only count its entries.
         self.restartable: set[int] = set()
-        self.persisted_peer_bytes = 0
+        self.persisted_member_entries = 0
         self._crashed_serial: dict[int, int] = {}
         self.live_honest = 0  # hosts i < n with net.up[i] and not hostile
         self._build()
@@ -240,13 +240,13 @@ class Simulation:
         a.proc = AuthorityServer(b.request_bytes, b.not_modified_bytes, b.response_overhead_bytes)
         self.net.up[self.n] = True
 
-    def _make_proc(self, h: Host, trust: TrustedState, known_peers: list[dict[str, str]] | None) -> Any:
+    def _make_proc(self, h: Host, trust: TrustedState, known_members: tuple[MemberEntry, ...] | None) -> Any:
         sc = self.sc
         assert h.ident is not None
         rng = random.Random(f"{self.seed}:node:{h.idx}:{self.net.epoch[h.idx]}")
         if sc.protocol == "gossip":
             node = Node(self.cfg, trust, h.node_id, h.ident.cert_bytes, h.ident.identity_seed, h.address,
-                        self.seeds, rng, known_peers, verify_cache=self.cache,
+                        self.seeds, rng, known_members or (), verify_cache=self.cache,
                         enforced=(trust.serial, ""))  # the boot apply of the persisted policy
             if h.hostile:
                 return HostileNode(node, list(sc.hostile.behaviours), self.v1)
@@ -274,8 +274,7 @@ class Simulation:
             h.persisted_policy = self.v1
         trust = self._trust_from_disk(h)
         h.applied = trust.serial
-        peers = msgspec.msgpack.decode(h.persisted_peers) if h.persisted_peers else None
-        h.proc = self._make_proc(h, trust, peers)
+        h.proc = self._make_proc(h, trust, h.persisted_members)
         h.started_ms = self.now
         if not self.net.up[i] and not h.hostile:
             self.live_honest += 1
@@ -558,19 +557,22 @@ class Simulation:
         i = h.idx
         now = self.now
         net = self.net
+        prev = None
         for eff in effects:
-            if type(eff) is ApplyPolicy:
+            if type(eff) is Enforce and type(prev) is PersistPolicy:  # a new policy, not new members
+                serial = eff.policy.serial
                 if i < self.n and self.sc.protocol == "gossip":
                     # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
                     self._push(now + self.sc.nodes.apply_ms, ACTION, i, self._confirm,
-                               (self.net.epoch[i], eff.serial, eff.hash))
+                               (self.net.epoch[i], serial, eff.policy_hash))
                 if i < self.n:
                     if not h.hostile:
                         h.applied = self.inv.check_effects(self.seed, now, h.node_id, h.applied, effects)
                     else:
-                        h.applied = max(h.applied, eff.serial)
+                        h.applied = max(h.applied, serial)
                     self._converged(h)
                 break
+            prev = eff
         epoch = net.epoch
         for eff in effects:
             t = type(eff)
@@ -598,20 +600,19 @@ class Simulation:
                             self._push(deliver + dup, DELIVER, j, i, data, epoch[j])
                 elif fail != NEVER:
                     self._push(fail, SEND_FAILED, i, peer, eff.address, epoch[i])
-            elif t is Persist:
-                if eff.kind == "policy":
-                    h.persisted_policy = eff.data
-                elif eff.kind == "root":
-                    h.persisted_roots.append(eff.data)
-                elif eff.kind == "peers":
-                    h.peers_bytes = len(eff.data)
-                    self.persisted_peer_bytes += h.peers_bytes
-                    if i in self.restartable:
-                        h.persisted_peers = eff.data
-            elif t is MembersChanged:
-                # eff.certs may be the node's own dict (not a copy): read it, never mutate it
-                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff.certs)
-                h.directory = eff.certs
+            elif t is PersistPolicy:
+                h.persisted_policy = eff.envelope
+            elif t is PersistRoot:
+                h.persisted_roots.append(eff.envelope)
+            elif t is PersistMembers:
+                h.members_persisted = len(eff.entries)
+                self.persisted_member_entries += h.members_persisted
+                if i in self.restartable:
+                    h.persisted_members = eff.entries
+            elif t is Enforce:
+                # eff.members may be the node's own dict (not a copy): read it, never mutate it
+                self.inv.check_directory(self.seed, now, h.node_id, h.directory, eff.members)
+                h.directory = eff.members
             elif t is LivenessChanged:
                 if eff.liveness in ("dead", "suspect"):
                     self._detection(i, eff)

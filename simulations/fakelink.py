@@ -15,12 +15,13 @@ from typing import Any
 
 from protocol.gossip_config import GossipConfig
 from protocol.gossip_events import (
-    ApplyPolicy,
     Disconnect,
+    Enforce,
     FrameReceived,
     Now,
     PeerConnected,
     PeerDisconnected,
+    PersistPolicy,
     RulesetApplied,
     Send,
     SendFailed,
@@ -28,8 +29,16 @@ from protocol.gossip_events import (
 )
 from protocol.membership import VerifyCache
 from protocol.node import Node
-from protocol.testing import T0, make_authority, make_node
 from protocol.trust import TrustedState
+
+from .identities import T0, make_authority, make_node
+
+
+def applied_policies(effects: list[Any]) -> list[Enforce]:
+    """The ``Enforce`` of each newly accepted policy in ``effects``: the one right after its
+    ``PersistPolicy`` (an ``Enforce`` on its own only updates the members)."""
+    return [e for prev, e in zip(effects, effects[1:], strict=False)
+            if isinstance(e, Enforce) and isinstance(prev, PersistPolicy)]
 
 
 @dataclass
@@ -39,10 +48,10 @@ class Host:
     address: str
     cert_bytes: bytes
     effects: list[Any] = field(default_factory=list)
-    applied: list[ApplyPolicy] = field(default_factory=list)
+    applied: list[Enforce] = field(default_factory=list)  # the Enforce of each newly accepted policy
     up: bool = True
     channels: set[str] = field(default_factory=set)
-    enforces: bool = True  # its enforcer confirms every ApplyPolicy (RulesetApplied) 1 ms later
+    enforces: bool = True  # its enforcer confirms every new policy (RulesetApplied) 1 ms later
 
 
 class FakeLink:
@@ -92,14 +101,15 @@ class FakeLink:
         for eff in effects:
             if isinstance(eff, Send):
                 self._route(nid, eff)
-            elif isinstance(eff, ApplyPolicy):
-                host.applied.append(eff)
-                if host.enforces:
-                    self._push(self.now_ms + 1, nid, RulesetApplied(eff.serial, eff.hash[:16], eff.hash))
             elif isinstance(eff, Disconnect):
                 if eff.peer in host.channels:
                     host.channels.discard(eff.peer)
                     self._push(self.now_ms, nid, PeerDisconnected(eff.peer))
+        for eff in applied_policies(effects):
+            host.applied.append(eff)
+            if host.enforces:
+                h = eff.policy_hash
+                self._push(self.now_ms + 1, nid, RulesetApplied(eff.policy.serial, h[:16], h))
         d = host.node.next_deadline()
         if d is not None:
             self._push(max(d, self.now_ms), nid, TimerFired())

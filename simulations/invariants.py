@@ -1,9 +1,9 @@
 """Invariants checked after every step of a simulation.
 
-* No node ever applies an unverified, forged or older policy: every ``ApplyPolicy`` must carry an
-  envelope the authority signed (checked with real signature verification, cached by hash), a serial
-  above what that node applied before, and must follow the ``Persist`` of the same bytes in the same
-  effect list, before any ``Send`` of that list.  The one exception is an equivocation (the authority
+* No node ever applies an unverified, forged or older policy: a new policy comes as a ``PersistPolicy``
+  of an envelope the authority signed (checked with real signature verification, cached by hash)
+  followed by the ``Enforce`` of that very policy (same serial and hash), with a serial above what
+  that node applied before, before any ``Send`` of that list announces it.  The one exception is an equivocation (the authority
   signed two payloads with one serial): a node may re-apply that serial once, with a lower hash, and
   never go back (no flip-flop).
 * The Byzantine guarantee (``checks.convergence_bound_ms``, see ``simulations/hostile.py``): every
@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from protocol.errors import TrustError
-from protocol.gossip_events import ApplyPolicy, Persist, Send
+from protocol.gossip_events import Enforce, PersistPolicy, Send
 from protocol.trust import TrustedState
 
 MAX_LISTED = 20
@@ -65,40 +65,38 @@ class Invariants:
 
     def check_effects(self, seed: int, at_ms: int, node_id: str, applied_serial: int, effects: list) -> int:
         """Check one effect list; returns the node's applied serial afterwards."""
-        persisted: set[bytes] = set()
         sent_before_apply = False
+        prev = None
         for eff in effects:
-            if isinstance(eff, Persist) and eff.kind == "policy":
-                persisted.add(eff.data)
-            elif isinstance(eff, Send):
+            if isinstance(eff, Send):
                 sent_before_apply = True
-            elif isinstance(eff, ApplyPolicy):
-                ok = self._verify(eff.envelope)
+            elif isinstance(eff, Enforce) and isinstance(prev, PersistPolicy):  # a new policy
+                serial, h = eff.policy.serial, eff.policy_hash
+                ok = self._verify(prev.envelope)
                 if ok is None:
                     self.violation(seed, at_ms, f"{node_id} applied a policy that does not verify")
                 elif ok[1] not in self.legit:
                     self.violation(seed, at_ms, f"{node_id} applied a policy the authority never signed")
-                elif ok[0] != eff.serial or ok[1] != eff.hash:
-                    self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} with a mismatched digest")
-                prev = self._applied_hash.get(node_id)
-                if eff.serial == applied_serial and prev is not None and prev[0] == eff.serial:
-                    if eff.hash >= prev[1] or prev[2] >= 1:
-                        self.violation(seed, at_ms, f"{node_id} re-applied serial {eff.serial} with hash "
-                                                    f"{eff.hash[:12]} after {prev[1][:12]} (flip-flop)")
-                    self._applied_hash[node_id] = (eff.serial, eff.hash, prev[2] + 1)
-                elif eff.serial <= applied_serial:
-                    self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} after {applied_serial}")
+                elif ok[0] != serial or ok[1] != h or prev.serial != serial:
+                    self.violation(seed, at_ms, f"{node_id} applied serial {serial} with a mismatched digest")
+                last = self._applied_hash.get(node_id)
+                if serial == applied_serial and last is not None and last[0] == serial:
+                    if h >= last[1] or last[2] >= 1:
+                        self.violation(seed, at_ms, f"{node_id} re-applied serial {serial} with hash "
+                                                    f"{h[:12]} after {last[1][:12]} (flip-flop)")
+                    self._applied_hash[node_id] = (serial, h, last[2] + 1)
+                elif serial <= applied_serial:
+                    self.violation(seed, at_ms, f"{node_id} applied serial {serial} after {applied_serial}")
                 else:
-                    self._applied_hash[node_id] = (eff.serial, eff.hash, 0)
-                if eff.envelope not in persisted:
-                    self.violation(seed, at_ms, f"{node_id} applied serial {eff.serial} before persisting it")
+                    self._applied_hash[node_id] = (serial, h, 0)
                 if sent_before_apply:
                     # Sends before the apply in the same list must not announce it.
                     self._check_no_early_announce(seed, at_ms, node_id, effects, eff)
-                applied_serial = max(applied_serial, eff.serial)
+                applied_serial = max(applied_serial, serial)
+            prev = eff
         return applied_serial
 
-    def _check_no_early_announce(self, seed: int, at_ms: int, node_id: str, effects: list, apply: ApplyPolicy) -> None:
+    def _check_no_early_announce(self, seed: int, at_ms: int, node_id: str, effects: list, apply: Enforce) -> None:
         from protocol.errors import RemoteProtocolError
         from protocol.gossip_wire import Announce, decode
 
@@ -110,8 +108,8 @@ class Invariants:
                     msg = decode(eff.data)
                 except RemoteProtocolError:  # baselines send their own (non-gossip) frames
                     continue
-                if isinstance(msg, Announce) and msg.digest.serial >= apply.serial:
-                    self.violation(seed, at_ms, f"{node_id} announced serial {apply.serial} before applying it")
+                if isinstance(msg, Announce) and msg.digest.serial >= apply.policy.serial:
+                    self.violation(seed, at_ms, f"{node_id} announced serial {apply.policy.serial} before applying it")
 
     def check_directory(self, seed: int, at_ms: int, node_id: str, before: dict[str, bytes] | None,
                         after: dict[str, bytes], expired: frozenset[str] | set[str] = frozenset()) -> None:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nacl import bindings  # noqa: E402
 
 from protocol.channel import LocalIdentity, SecureSession  # noqa: E402
-from protocol.testing import T0, make_authority, make_node, sign_sample  # noqa: E402
 from protocol.trust import TrustedState  # noqa: E402
+from simulations.identities import T0, make_authority, make_node  # noqa: E402
+from tests.fixtures import sign_sample  # noqa: E402
 
 MESSAGE_BYTES = 64 * 1024
 

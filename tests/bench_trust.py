@@ -11,8 +11,9 @@ import time
 from nacl.signing import SigningKey
 
 from protocol.signing import decode_envelope, signing_message
-from protocol.testing import T0, make_authority, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, make_authority
+from tests.fixtures import sign_sample
 
 
 def rate(fn, seconds: float = 1.0) -> float:

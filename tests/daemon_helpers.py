@@ -34,7 +34,7 @@ import aiohttp
 
 from meshnode.cli.meshctl import main as meshctl_main
 from meshnode.config import render_config
-from meshnode.demo import POLICY_TEMPLATE
+from meshnode.examples import sample_policy_toml
 
 VENV_BIN = Path(sys.executable).parent
 MESHNODE = [sys.executable, "-m", "meshnode.cli.meshnode"]
@@ -44,8 +44,8 @@ BASE_PORT = 24600  # this module's ports: 24600 + 24 * subnet + 2 * index (mesh)
 START_TIMEOUT_S = 30.0
 CONVERGE_TIMEOUT_S = 40.0
 
-# The demo's policy (web -> app:8080, app -> db:5432): one source of truth for both.
-BASE_POLICY = POLICY_TEMPLATE.format(extra="")
+# The sample policy (web -> app:8080, app -> db:5432), which the demo publishes too.
+BASE_POLICY = sample_policy_toml()
 
 
 def meshctl(*args: str) -> None:
@@ -329,10 +329,7 @@ class Cluster:
         out = toml.with_suffix(".msgpack")
         meshctl("policy", "sign", toml, "--authority", self.authority, "--expires", expires, "--out", out)
         data = out.read_bytes()
-        from protocol.node import policy_digest
-
-        serial, _ = policy_digest(data)
-        return serial, data
+        return _serial_of(data), data
 
     def sign_toml(self, toml_text: str, name: str, *, expires: str = "1d") -> tuple[int, Path]:
         """Sign a complete policy document with `meshctl policy sign`; returns (serial, envelope file)."""
@@ -342,10 +339,7 @@ class Cluster:
         toml.write_text(toml_text)
         out = toml.with_suffix(".msgpack")
         meshctl("policy", "sign", toml, "--authority", self.authority, "--expires", expires, "--out", out)
-        from protocol.node import policy_digest
-
-        serial, _ = policy_digest(out.read_bytes())
-        return serial, out
+        return _serial_of(out.read_bytes()), out
 
     def publish(self, via: NodeProc, data: bytes, timeout_s: float = 20.0) -> dict[str, Any]:
         from meshnode.client import publish
@@ -438,3 +432,11 @@ async def open_session(target: str, identity_dir: Path, *, anchor_dir: Path | No
         await http.close()
         raise
     return ws, session, http
+
+
+def _serial_of(envelope: bytes) -> int:
+    """The serial a signed policy file claims (unverified: for naming what a test published)."""
+    from protocol.metadata import decode_policy
+    from protocol.signing import decode_envelope
+
+    return decode_policy(decode_envelope(envelope, "policy").payload).serial

@@ -16,9 +16,9 @@ from protocol.conduct import EPISODE_QUIET_MS, PeerConduct
 from protocol.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
     FrameReceived,
+    PersistPolicy,
     PolicySubmitted,
     RulesetApplied,
     Send,
@@ -38,10 +38,11 @@ from protocol.gossip_wire import (
 )
 from protocol.metadata import payload_hash
 from protocol.signing import decode_envelope, sign
-from protocol.testing import T0, derive_seed, sign_sample
 from simulations.engine import replay_hint, run_scenario
-from simulations.fakelink import FakeLink
+from simulations.fakelink import FakeLink, applied_policies
+from simulations.identities import T0, derive_seed
 from simulations.scenario import load, override
+from tests.fixtures import sign_sample
 
 LIE = 1 << 62
 
@@ -97,7 +98,7 @@ def test_a_lower_version_pushed_while_a_higher_claim_is_wanted_is_accepted():
     link.feed("n0", FrameReceived("n1", encode(Announce(Digest(LIE, b"\x01" * 32, 1)))))
     env = sign_sample(link.auth, 2)
     out = link.feed("n0", FrameReceived("n2", encode(PolicyPush(env))))
-    assert [a.serial for a in out if isinstance(a, ApplyPolicy)] == [2]
+    assert [a.policy.serial for a in applied_policies(out)] == [2]
     assert not alerts(out, "policy.stale_offer")
 
 
@@ -157,7 +158,7 @@ def test_equivocation_converges_every_node_on_the_lower_hash_and_shows_in_status
     link.run_for(60_000)  # statuses reconcile by anti-entropy
     for nid, h in link.hosts.items():
         assert h.node.trust.policy_hash == h_of(low), nid
-        applied = [(a.serial, a.hash) for a in h.applied]
+        applied = [(a.policy.serial, a.policy_hash) for a in h.applied]
         # at most one change, and only downwards: never a flip-flop
         assert applied in ([(2, h_of(low))], [(2, h_of(high)), (2, h_of(low))]), (nid, applied)
         view = h.node.status(link.now())
@@ -184,11 +185,11 @@ def test_a_node_holding_the_higher_hash_switches_once_and_refuses_it_afterwards(
     low, high = two_policies(link.auth, 2)
     link.feed("n0", PolicySubmitted(high, "op"))
     out = link.feed("n0", FrameReceived("n1", encode(PolicyPush(low))))
-    assert [(a.serial, a.hash) for a in out if isinstance(a, ApplyPolicy)] == [(2, h_of(low))]
-    assert any(e.kind == "policy" and e.data == low for e in out if type(e).__name__ == "Persist")
+    assert [(a.policy.serial, a.policy_hash) for a in applied_policies(out)] == [(2, h_of(low))]
+    assert any(isinstance(e, PersistPolicy) and e.envelope == low for e in out)
     assert len(alerts(out, "policy.equivocation")) == 1
     out = link.feed("n0", FrameReceived("n1", encode(PolicyPush(high))))
-    assert not any(isinstance(a, ApplyPolicy) for a in out) and not alerts(out, "policy.equivocation")
+    assert not applied_policies(out) and not alerts(out, "policy.equivocation")
     assert n0.trust.policy_hash == h_of(low)
     eq = n0.trust.equivocation
     assert eq is not None and eq.hashes == (h_of(low), h_of(high))

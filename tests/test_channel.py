@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.authority import Authority
+from protocol.authority import DAY_S, Authority
 from protocol.channel import (
     CHUNK_BYTES,
     HANDSHAKE_TIMEOUT_MS,
@@ -45,8 +45,9 @@ from protocol.errors import (
 )
 from protocol.noise import MAX_MESSAGE_LEN, CipherState, DecryptError, MalformedMessageError, NoiseXX
 from protocol.policy import Revocations
-from protocol.testing import DAY_S, T0, NodeIdentity, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, NodeIdentity, make_authority, make_node
+from tests.fixtures import sign_sample
 
 NOW_MS = 5_000
 GOSSIP = frozenset({ConnectionKind.GOSSIP})

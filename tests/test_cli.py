@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-POLICY = """
-[defaults]
-inbound = "drop"
+from meshnode.examples import sample_policy_toml
 
-[[allow]]
-name = "app-to-db"
-from = ["role:app"]
-to = ["role:db"]
-ports = ["tcp/5432"]
-"""
+POLICY = sample_policy_toml()
 
 
 def meshctl(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.config import ConfigError, load_config, render_config
+from meshnode.examples import sample_policy_toml
 from protocol.policy import parse_policy_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,15 @@ def test_examples_are_true_to_the_code():
     lc = load_config(ROOT / "deploy" / "examples" / "node.toml")
     assert lc.cfg.enforce.backend == "nftables" and lc.active_overrides() == []
     assert lc.cfg.mesh.max_channels_per_peer == 2 and lc.cfg.mesh.preauth_max == 256
-    doc, _ = parse_policy_toml((ROOT / "deploy" / "examples" / "policy.toml").read_text())
-    assert len(doc.allow) == 4
+    policy = (ROOT / "deploy" / "examples" / "policy.toml").read_text()
+    assert policy == sample_policy_toml()  # one copy: the example is the sample the code uses
+    doc, rev = parse_policy_toml(policy)
+    assert [r.name for r in doc.allow] == ["web-to-app", "app-to-db"]
+    # the rule shapes shown as comments parse too once uncommented
+    shown = "\n".join(line.removeprefix("# ") for line in policy.split("# More rule shapes")[1].splitlines()[1:])
+    doc, rev = parse_policy_toml(policy + shown)
+    assert [r.name for r in doc.allow] == ["web-to-app", "app-to-db", "monitoring", "ssh-from-ops"]
+    assert doc.allow[3].mode == "log" and rev.nodes == ("node-17",)
 
 
 def test_enroll_template_loads(tmp_path):

@@ -329,7 +329,8 @@ def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_
             last, data = cluster.sign()
             assert cluster.publish(via, data)["ok"]
             cluster.wait_serial(last)
-        wait_until(lambda: all((n.dir / "state" / "peers.msgpack").exists() for n in nodes), 20, "peer lists saved")
+        wait_until(lambda: all((n.dir / "state" / "directory.msgpack").exists() for n in nodes), 20,
+                   "member files saved")
         for n in nodes:
             assert n.stop() == 0
 
@@ -348,9 +349,9 @@ def test_a_restarted_node_enforces_its_stored_policy_with_no_peer_reachable(tmp_
         # The ruleset file the (file) backend rendered is there too.
         assert (lone.dir / "ruleset.nft").read_text().strip()
 
-        # A corrupt peer list is reported, not fatal: the node still starts and enforces.
+        # A corrupt member file is reported, not fatal: the node still starts and enforces.
         broken = nodes[0]
-        (broken.dir / "state" / "peers.msgpack").write_bytes(b"\x93garbage")
+        (broken.dir / "state" / "directory.msgpack").write_bytes(b"\x93garbage")
         broken.start()
         broken.wait_up()
         wait_until(lambda: broken.applied_serial() == last, 20, "the node with a corrupt peer list enforcing")

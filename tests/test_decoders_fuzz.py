@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from protocol.errors import FormatError, TrustError
 from protocol.metadata import decode_certificate, decode_policy, decode_root
 from protocol.signing import Envelope, Signature, decode_envelope, encode_envelope
-from protocol.testing import T0, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, make_authority, make_node
+from tests.fixtures import sign_sample
 
 AUTH = make_authority()
 NODE = make_node(AUTH, "n1")

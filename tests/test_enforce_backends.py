@@ -21,12 +21,16 @@ from meshnode.enforce import (
     Ruleset,
     make_backend,
     render,
+    ruleset_digest,
+    to_iptables,
+    to_nft_json,
+    to_nft_text,
 )
 from meshnode.enforce.iptables import chain_name
 from protocol.authority import build_policy
 from protocol.metadata import Certificate
 from protocol.policy import parse_policy_toml
-from protocol.testing import T0, make_authority, make_node
+from simulations.identities import T0, make_authority, make_node
 from tests.netns import Lab, skip_reason
 
 OPTS = RenderOptions(mesh_port=7946, break_glass_cidrs=("198.51.100.0/24", "203.0.113.7/32", "2001:db8:7::1/128"))
@@ -98,18 +102,18 @@ def test_file_backend_writes_and_repairs_drift(tmp_path: Path, sc: Scenario) -> 
     assert be.check_drift().checked is False
     rs = sc.ruleset()
     res = be.apply(rs)
-    assert res.backend == "file" and path.read_text() == rs.to_nft() and be.applied_hash == rs.hash
+    assert res.backend == "file" and path.read_text() == to_nft_text(rs) and be.applied_hash == ruleset_digest(rs).hash
     assert be.check_drift().drifted is False
     path.write_text("table inet policymesh { }\n")
     d = be.check_drift()
     assert d.drifted and d.repaired and d.drift_count == 1
     assert [e.name for e in d.events] == ["enforce.drift_detected", "enforce.drift_repaired"]
-    assert path.read_text() == rs.to_nft()
+    assert path.read_text() == to_nft_text(rs)
     path.unlink()
     assert be.check_drift().repaired and path.exists()
     js = make_backend("file", OPTS, file_path=tmp_path / "r.json", allow_file_backend=True, file_format="json")
     js.apply(rs)
-    assert json.loads((tmp_path / "r.json").read_text()) == rs.to_nft_json()
+    assert json.loads((tmp_path / "r.json").read_text()) == to_nft_json(rs)
 
 
 def test_backends_refuse_a_ruleset_for_another_table(sc: Scenario, tmp_path: Path) -> None:
@@ -160,13 +164,13 @@ def test_nft_kernel_readback_equals_the_rendered_hash(lab: Lab, ns: str, sc: Sce
     rs = sc.ruleset(KITCHEN_SINK, [sc.b, sc.c, sc.d])
     be = NftBackend("policymesh", netns=ns)
     res = be.apply(rs)
-    assert res.exact and res.kernel_hash == rs.hash == be.read_kernel_hash()
+    assert res.exact and res.kernel_hash == ruleset_digest(rs).hash == be.read_kernel_hash()
     # the text form, loaded the way an operator would, gives the very same kernel state
     be.remove()
     assert be.read_kernel_hash() is None
-    (tmp_path / "r.nft").write_text(rs.to_nft())
+    (tmp_path / "r.nft").write_text(to_nft_text(rs))
     lab.exec("k", ["nft", "-f", str(tmp_path / "r.nft")])
-    assert be.read_kernel_hash() == rs.hash
+    assert be.read_kernel_hash() == ruleset_digest(rs).hash
 
 
 @pytest.mark.root
@@ -192,9 +196,9 @@ def test_nft_loading_twice_or_over_an_older_version_touches_no_other_table(lab: 
     v1, v2 = sc.ruleset(SIMPLE), sc.ruleset(KITCHEN_SINK, serial=2)
     for rs in (v1, v1, v2, v1):
         path = tmp_path / "r.nft"
-        path.write_text(rs.to_nft())
+        path.write_text(to_nft_text(rs))
         lab.exec("k", ["nft", "-f", str(path)])
-        assert NftBackend("policymesh", netns=ns).read_kernel_hash() == rs.hash
+        assert NftBackend("policymesh", netns=ns).read_kernel_hash() == ruleset_digest(rs).hash
     assert nft_list(lab, "table", "inet", "other") + nft_list(lab, "table", "ip", "filter") == others
     tables = nft_list(lab, "tables").split("\n")
     assert sorted(t for t in tables if t) == ["table inet other", "table inet policymesh", "table ip filter"]
@@ -208,7 +212,7 @@ def test_nft_failed_apply_keeps_the_previous_ruleset(lab: Lab, ns: str, sc: Scen
     be.apply(good)
     with pytest.raises(EnforcementError, match="nft -j -f failed"):
         be.apply(broken(sc.ruleset(KITCHEN_SINK, serial=2)))
-    assert be.read_kernel_hash() == good.hash and be.applied is good
+    assert be.read_kernel_hash() == ruleset_digest(good).hash and be.applied is good
     assert be.check_drift().drifted is False
 
 
@@ -222,7 +226,7 @@ def test_nft_member_changes_update_sets_in_place(lab: Lab, ns: str, sc: Scenario
     res = be.apply(grown)
     assert res.mode == "sets" and set(res.changed_sets) == {"members_v4", "members_v6", "role_app_v4", "role_app_v6"}
     assert rule_handles(lab) == handles  # the rules were not replaced
-    assert be.read_kernel_hash() == grown.hash
+    assert be.read_kernel_hash() == ruleset_digest(grown).hash
     assert "10.9.0.4" in nft_list(lab, "set", "inet", "policymesh", "role_app_v4")
     shrunk = sc.ruleset(members=[sc.c], serial=3)
     assert be.update_sets(shrunk).mode == "sets"
@@ -230,7 +234,7 @@ def test_nft_member_changes_update_sets_in_place(lab: Lab, ns: str, sc: Scenario
     # an element slipped in behind our back: the in-place update notices and replaces the whole table
     lab.exec("k", ["nft", "add element inet policymesh role_app_v4 { 10.66.0.1 }"])
     res = be.apply(grown)
-    assert res.mode == "full" and be.read_kernel_hash() == grown.hash
+    assert res.mode == "full" and be.read_kernel_hash() == ruleset_digest(grown).hash
     assert "10.66.0.1" not in nft_list(lab, "set", "inet", "policymesh", "role_app_v4")
     with pytest.raises(EnforcementError, match="rules changed"):
         be.update_sets(sc.ruleset(KITCHEN_SINK, serial=4))
@@ -259,12 +263,12 @@ def test_nft_drift_is_detected_counted_and_repaired(lab: Lab, ns: str, sc: Scena
     assert be.check_drift().drifted is False
     lab.exec("k", ["nft", tamper.replace("HANDLE", str(rule_handles(lab)[-1]))])
     seen = be.check_drift(repair=False)
-    assert seen.drifted and not seen.repaired and seen.actual_hash != rs.hash
+    assert seen.drifted and not seen.repaired and seen.actual_hash != ruleset_digest(rs).hash
     d = be.check_drift()
     assert d.drifted and d.repaired and d.error is None and d.drift_count == 2
     assert [e.name for e in d.events] == ["enforce.drift_detected", "enforce.drift_repaired"]
-    assert d.events[0].facts["expected"] == rs.hash
-    assert be.read_kernel_hash() == rs.hash
+    assert d.events[0].facts["expected"] == ruleset_digest(rs).hash
+    assert be.read_kernel_hash() == ruleset_digest(rs).hash
     assert be.check_drift().drifted is False
 
 
@@ -330,7 +334,7 @@ def test_iptables_set_update_in_place_and_drift_repair(lab: Lab, ns: str, sc: Sc
     res = be.apply(sc.ruleset(members=[sc.b, sc.c, sc.d], serial=2))
     assert res.mode == "sets" and "role_app_v4" in res.changed_sets
     assert lab.exec("k", ["iptables", "-S", chain]).stdout == rules_before
-    app_set = sc.ruleset(members=[sc.b, sc.c, sc.d]).to_iptables(be.generation or "a").set_names["role_app_v4"]
+    app_set = to_iptables(sc.ruleset(members=[sc.b, sc.c, sc.d]), be.generation or "a").set_names["role_app_v4"]
     assert "10.9.0.4" in lab.exec("k", ["ipset", "list", app_set]).stdout.decode()
     assert be.check_drift().drifted is False
     tampers = [
@@ -342,7 +346,7 @@ def test_iptables_set_update_in_place_and_drift_repair(lab: Lab, ns: str, sc: Sc
     ]
     for n, tamper in enumerate(tampers, start=1):
         if tamper[0] == "ipset":
-            tamper[2] = sc.ruleset().to_iptables(be.generation or "a").set_names["role_app_v4"]
+            tamper[2] = to_iptables(sc.ruleset(), be.generation or "a").set_names["role_app_v4"]
         lab.exec("k", tamper)
         d = be.check_drift()
         assert d.drifted and d.repaired and d.drift_count == n, tamper
@@ -361,7 +365,7 @@ def test_nft_without_json_support_uses_text_and_still_detects_drift(lab: Lab, ns
     rs = sc.ruleset(KITCHEN_SINK)
     res = be.apply(rs)
     assert res.mode == "full" and not res.exact and res.kernel_hash is not None
-    assert NftBackend("policymesh", netns=ns).read_kernel_hash() == rs.hash  # the kernel holds exactly rs
+    assert NftBackend("policymesh", netns=ns).read_kernel_hash() == ruleset_digest(rs).hash  # the kernel holds exactly rs
     assert be.apply(sc.ruleset(KITCHEN_SINK, members=[sc.b], serial=2)).mode == "full"  # no in-place path
     assert be.check_drift().drifted is False
     lab.exec("k", ["nft", "insert rule inet policymesh input tcp dport 22 accept"])
@@ -396,4 +400,4 @@ def test_apply_and_drift_checks_from_two_threads_never_see_false_drift(lab: Lab,
     t.join()
     assert not errors
     assert results and not any(r.drifted for r in results) and be.drift_count == 0
-    assert be.read_kernel_hash() == be.applied_hash == versions[11 % 3].hash
+    assert be.read_kernel_hash() == be.applied_hash == ruleset_digest(versions[11 % 3]).hash

@@ -13,8 +13,9 @@ from meshnode.enforce import EnforcementError, RenderOptions
 from protocol.authority import Authority
 from protocol.errors import ExpiredError, FormatError, RevokedError, RollbackError, SignatureError, TrustError
 from protocol.policy import Revocations
-from protocol.testing import T0, NodeIdentity, make_authority, make_node, sample_document, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, NodeIdentity, make_authority, make_node
+from tests.fixtures import sample_document, sign_sample
 
 OPTS = RenderOptions(mesh_port=7946)
 DAY = 86400

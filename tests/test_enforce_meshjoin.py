@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from meshnode.enforce import EnforcementError, Packet, RenderOptions, render
+from meshnode.enforce import EnforcementError, Packet, RenderOptions, render, to_nft_text
 from protocol.metadata import decode_policy
 from protocol.signing import decode_envelope
-from protocol.testing import make_authority, make_node, sample_document, sign_sample
+from simulations.identities import make_authority, make_node
+from tests.fixtures import sample_document, sign_sample
 
 MESH = 7946
 AUTH = make_authority()
@@ -33,7 +34,7 @@ def test_open_join_accepts_any_source_on_the_mesh_port_only():
     assert verdict(opts, "10.9.9.9") == "accept"
     assert verdict(opts, "2001:db8::9") == "accept"
     assert verdict(opts, "10.9.9.9", dport=22) == "drop"  # nothing else opens
-    assert "tcp dport 7946 accept" in render(POLICY, OWN, [PEER], opts).to_nft()
+    assert "tcp dport 7946 accept" in to_nft_text(render(POLICY, OWN, [PEER], opts))
 
 
 def test_narrow_join_cidrs():

@@ -18,8 +18,8 @@ from meshnode.enforce import Backend, RenderOptions, make_backend, render
 from meshnode.enforce.iptables import chain_name
 from protocol.authority import Authority
 from protocol.policy import parse_policy_toml
-from protocol.testing import T0, NodeIdentity, make_authority, make_node
 from protocol.trust import TrustedState
+from simulations.identities import T0, NodeIdentity, make_authority, make_node
 from tests.netns import Lab, skip_reason
 
 pytestmark = pytest.mark.root

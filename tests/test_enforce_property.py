@@ -8,10 +8,10 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnode.enforce import Packet, RenderOptions, render
+from meshnode.enforce import Packet, RenderOptions, render, to_nft_json, to_nft_text
 from protocol.metadata import Certificate
 from protocol.policy import Defaults, PolicyDocument, Revocations, Rule, parse_port, validate_document
-from protocol.testing import T0
+from simulations.identities import T0
 
 MESH = 7946
 ROLES = ["app", "db", "web", "monitor"]
@@ -125,10 +125,10 @@ def test_every_ruleset_keeps_default_drop_and_the_mesh_interlock(
     valid = [c for c in certs if c.node_id not in revoked]
 
     # structure: the base chain's own policy is drop, whatever the policy says
-    chain = [e["add"]["chain"] for e in rs.to_nft_json()["nftables"] if "chain" in e.get("add", {})]
+    chain = [e["add"]["chain"] for e in to_nft_json(rs)["nftables"] if "chain" in e.get("add", {})]
     assert chain == [{"family": "inet", "table": "policymesh", "name": "input", "type": "filter", "hook": "input",
                       "prio": 0, "policy": "drop"}]
-    assert "policy drop;" in rs.to_nft()
+    assert "policy drop;" in to_nft_text(rs)
     # no unconditional accept, except the explicit log-mode default (a signed policy's choice)
     uncond = [r for r in rs.rules if r.verdict == "accept" and r.is_unconditional()]
     assert uncond == ([rs.rules[-1]] if doc.defaults.mode == "log" else [])

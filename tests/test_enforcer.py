@@ -44,7 +44,7 @@ def test_an_equivocation_resolved_to_the_same_ruleset_is_still_confirmed(tmp_pat
         for env in envs:
             daemon.trust.accept_policy(env, time.time())
             assert daemon.trust.policy is not None
-            assert await daemon.enforcer.apply_now(daemon.trust.policy, [daemon.identity.cert])
+            assert await daemon.enforcer.apply_now(daemon.trust.policy, [daemon.identity.cert], daemon.trust.policy_hash)
 
     asyncio.run(run())
     hashes = [payload_hash(decode_envelope(e, "policy").payload) for e in envs]

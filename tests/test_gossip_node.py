@@ -14,17 +14,19 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.gossip_config import GossipConfig
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
+    Enforce,
     FrameReceived,
     LivenessChanged,
-    MembersChanged,
     Now,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicyResult,
     PolicySubmitted,
     Send,
     TimerFired,
+    Verdict,
 )
 from protocol.gossip_wire import (
     Announce,
@@ -44,9 +46,10 @@ from protocol.membership import BroadcastQueue, IntSet
 from protocol.node import Node
 from protocol.policy import Revocations
 from protocol.signing import encode_envelope, sign
-from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
 from protocol.trust import TrustedState
-from simulations.fakelink import FakeLink
+from simulations.fakelink import FakeLink, applied_policies
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sign_sample
 
 
 def joined(n: int = 3, **kw) -> FakeLink:
@@ -77,7 +80,7 @@ def test_policy_spreads_and_durable_effects_precede_announcements():
     env = sign_sample(link.auth, 2)
     effects = link.feed("n0", PolicySubmitted(env, "operator"))
     kinds = [type(e).__name__ for e in effects]
-    assert kinds.index("Persist") < kinds.index("ApplyPolicy") < kinds.index("Send")
+    assert kinds.index("PersistPolicy") < kinds.index("Enforce") < kinds.index("Send")
     assert any(isinstance(e, PolicyResult) and e.accepted and e.serial == 2 for e in effects)
     announced = [decode(e.data) for e in effects if isinstance(e, Send)]
     assert all(isinstance(m, Announce) and m.digest.serial == 2 for m in announced)
@@ -85,9 +88,9 @@ def test_policy_spreads_and_durable_effects_precede_announcements():
     link.run_for(3000)
     assert set(link.serials().values()) == {2}
     for h in link.hosts.values():
-        assert [a.serial for a in h.applied] == [2]
-        persisted = [e for e in h.effects if isinstance(e, Persist) and e.kind == "policy"]
-        assert persisted and persisted[-1].data == env
+        assert [a.policy.serial for a in h.applied] == [2]
+        persisted = [e for e in h.effects if isinstance(e, PersistPolicy)]
+        assert persisted and persisted[-1].envelope == env and persisted[-1].serial == 2
 
 
 def test_each_node_receives_the_body_once():
@@ -114,10 +117,10 @@ def test_local_submission_of_garbage_or_old_policy_is_refused_with_a_reason():
     link = joined(2)
     node = link.hosts["n0"].node
     res = [e for e in link.feed("n0", PolicySubmitted(b"\x00junk", "drop-dir")) if isinstance(e, PolicyResult)]
-    assert res and not res[0].accepted and res[0].reason.startswith("malformed:")
+    assert res and not res[0].accepted and res[0].reason is Verdict.MALFORMED and res[0].detail
     link.feed("n0", PolicySubmitted(sign_sample(link.auth, 5), "op"))
     out = link.feed("n0", PolicySubmitted(sign_sample(link.auth, 3), "op"))
-    assert any(isinstance(e, PolicyResult) and not e.accepted and e.reason.startswith("rollback:") for e in out)
+    assert any(isinstance(e, PolicyResult) and not e.accepted and e.reason is Verdict.ROLLBACK for e in out)
     assert any(isinstance(e, Alert) and e.event == "policy.rollback_attempt" for e in out)
     assert node.trust.serial == 5
 
@@ -190,7 +193,7 @@ def test_replayed_old_body_is_not_applied_and_the_next_source_is_used():
     out = link.feed("n2", FrameReceived(node.dis.pull.peer, encode(PolicyPush(old))))
     # serial 2 is what n2 holds (a duplicate, not stale): the claim of serial 3 went unserved
     assert any(isinstance(e, Alert) and e.event == "gossip.unserved_claim" for e in out)
-    assert not any(isinstance(e, ApplyPolicy) for e in out)
+    assert not applied_policies(out)
     link.run_for(2000)
     assert node.trust.serial == 3
 
@@ -215,8 +218,8 @@ def test_crashed_member_goes_suspect_then_dead_but_stays_in_the_directory():
     h = link.hosts["n0"]
     changes = [e for e in h.effects if isinstance(e, LivenessChanged) and e.node_id == "n3"]
     assert [c.liveness for c in changes][-2:] == ["suspect", "dead"]
-    dirs = [e for e in h.effects if isinstance(e, MembersChanged)]
-    assert "n3" in dirs[-1].certs  # liveness never changes enforcement
+    files = [e for e in h.effects if isinstance(e, PersistMembers)]  # no policy yet: nothing to enforce
+    assert "n3" in [m.node_id for m in files[-1].entries]  # liveness never changes the directory
     assert h.node.status(link.now())["liveness"]["dead"] == 1
 
 
@@ -252,8 +255,8 @@ def test_revocation_expels_the_member_and_updates_the_directory():
     env = sign_sample(link.auth, 2, revocations=doc_rev)
     out = link.feed("n0", PolicySubmitted(env, "op"))
     assert any(isinstance(e, Disconnect) and e.peer == "n2" for e in out)
-    dirs = [e for e in out if isinstance(e, MembersChanged)]
-    assert dirs and "n2" not in dirs[-1].certs and "n1" in dirs[-1].certs
+    dirs = [e for e in out if isinstance(e, Enforce)]
+    assert dirs and "n2" not in dirs[-1].members and "n1" in dirs[-1].members
     link.run_for(5000)
     assert "n2" not in link.hosts["n1"].node.mem
 
@@ -263,13 +266,13 @@ def test_newer_root_is_fetched_from_the_peer_before_the_policy():
     link.auth.rotate(T0)
     env = sign_sample(link.auth, 2)
     out = link.feed("n0", PolicySubmitted(env, "op"))
-    assert any(isinstance(e, PolicyResult) and e.reason.startswith("root_mismatch:") for e in out)
+    assert any(isinstance(e, PolicyResult) and e.reason is Verdict.ROOT_MISMATCH for e in out)
     link.feed("n0", __import__("protocol.gossip_events", fromlist=["x"]).RootsSubmitted(link.auth.roots, "op"))
     link.feed("n0", PolicySubmitted(env, "op"))
     link.run_for(3000)
     for h in link.hosts.values():
         assert h.node.trust.root_version == 2 and h.node.trust.serial == 2
-        assert any(isinstance(e, Persist) and e.kind == "root" for e in h.effects)
+        assert any(isinstance(e, PersistRoot) for e in h.effects)
 
 
 def test_identity_must_match_the_certificate():
@@ -324,7 +327,7 @@ def test_property_any_temporary_loss_pattern_converges_and_never_goes_back(drop_
     link.run_for(60_000)
     assert set(link.serials().values()) == {3}, f"seed={seed}"
     for h in link.hosts.values():
-        serials = [a.serial for a in h.applied]
+        serials = [a.policy.serial for a in h.applied]
         assert serials == sorted(set(serials)), f"seed={seed}: {h.node_id} applied {serials}"
 
 
@@ -402,4 +405,5 @@ def test_member_whose_certificate_expires_is_expelled_by_housekeeping():
     assert "nx" not in n0.mem
     assert any(isinstance(e, Alert) and e.event == "membership.expelled" and e.fields["node"] == "nx"
                and e.fields["reason"] == "certificate_invalid" for e in link.hosts["n0"].effects)
-    assert "nx" not in [e for e in link.hosts["n0"].effects if isinstance(e, MembersChanged)][-1].certs
+    files = [e for e in link.hosts["n0"].effects if isinstance(e, PersistMembers)]
+    assert "nx" not in [m.node_id for m in files[-1].entries]

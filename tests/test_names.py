@@ -16,14 +16,14 @@ import pytest
 
 from meshnode.cli.meshctl import main as meshctl
 from meshnode.config import ConfigError, split_hostport
-from protocol.authority import build_root, sign_certificate, sign_policy, sign_root
+from protocol.authority import DAY_S, build_root, sign_certificate, sign_policy, sign_root
 from protocol.errors import PolicyError, TrustError
 from protocol.metadata import Certificate, PolicyVersion
 from protocol.names import is_name, parse_address, parse_network, parse_port_number
 from protocol.policy import PolicyDocument, Revocations, Rule, parse_policy_toml, parse_port
 from protocol.signing import public_key_of
-from protocol.testing import DAY_S, T0, make_authority, make_node
 from protocol.trust import TrustedState
+from simulations.identities import T0, make_authority, make_node
 
 # Every way a name can look right and not be: line ends, control characters, look-alikes, digits that
 # only Unicode calls digits, invisible characters.

@@ -25,10 +25,15 @@ def _entrypoint() -> list[str]:
     return argv
 
 
+def _daemonset() -> dict:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "daemonset.yaml").read_text()))
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    return ds
+
+
 def _daemonset_argv() -> list[str]:
     """The command line Kubernetes runs: `command` replaces the ENTRYPOINT, `args` are appended."""
-    doc = yaml.safe_load((ROOT / "deploy" / "daemonset.yaml").read_text())
-    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    (container,) = _daemonset()["spec"]["template"]["spec"]["containers"]
     argv = list(container.get("command") or _entrypoint())
     return argv + list(container.get("args") or [])
 
@@ -60,3 +65,24 @@ def test_every_command_has_version() -> None:
         out = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert re.fullmatch(rf"{prog} \(policymesh\) \S+\n", out.stdout), out.stdout
+
+
+def test_daemonset_validates_offline_against_the_kubernetes_schema() -> None:
+    out = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
+                          str(ROOT / "deploy" / "daemonset.yaml")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_daemonset_is_hardened_and_runs_everywhere() -> None:
+    pod = _daemonset()["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/policymesh"]["readOnly"] is True  # identity and secrets: read-only
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"

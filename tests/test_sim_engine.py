@@ -11,18 +11,18 @@ from simulations.network import Network
 from simulations.scenario import load, override
 
 
-def test_persisted_peer_lists_are_kept_only_for_hosts_that_restart() -> None:
+def test_persisted_member_files_are_kept_only_for_hosts_that_restart() -> None:
     sim = Simulation(override(load("churn"), nodes=60, duration_ms=75_000))
     report = sim.run()
     assert report["invariant_violations"] == 0, report["violations"]
     assert sim.restartable  # wave 1 restarts within the run; wave 2 (until 90 s) does not
     for h in sim.hosts[: sim.n]:
         if h.idx in sim.restartable:
-            assert h.persisted_peers is not None
+            assert h.persisted_members is not None
         else:
-            assert h.persisted_peers is None
-        assert h.peers_bytes > 0
-    assert sim.persisted_peer_bytes >= sum(h.peers_bytes for h in sim.hosts[: sim.n])
+            assert h.persisted_members is None
+        assert h.members_persisted > 0
+    assert sim.persisted_member_entries >= sum(h.members_persisted for h in sim.hosts[: sim.n])
 
 
 def test_directory_check_reads_only_and_lists_drops_in_order() -> None:

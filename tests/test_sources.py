@@ -11,9 +11,10 @@ from aiohttp import web
 
 from meshnode.config import load_config, render_config
 from meshnode.sources import DropDirSource, UrlSource, drop_file
-from protocol.gossip_events import PolicyResult
-from protocol.testing import make_authority, sign_sample
+from protocol.gossip_events import PolicyResult, Verdict
 from protocol.trust import TrustedState
+from simulations.identities import make_authority
+from tests.fixtures import sign_sample
 
 
 def make_lc(tmp_path: Path, urls: list[str] | None = None, drop_dir: str = "incoming"):
@@ -44,9 +45,10 @@ class Verifier:
             check = self.trust.accept_policy(data, time.time())
         except TrustError as exc:
             self.calls.append((source, False))
-            return PolicyResult(source, False, 0, f"{exc.reason}: {exc}")
+            return PolicyResult(source, False, 0, Verdict.of(exc.reason), str(exc))
         self.calls.append((source, True))
-        return PolicyResult(source, True, check.policy.serial, "duplicate" if check.duplicate else "")
+        return PolicyResult(source, True, check.policy.serial,
+                            Verdict.DUPLICATE if check.duplicate else Verdict.ACCEPTED)
 
 
 def test_drop_dir(tmp_path):

@@ -17,8 +17,10 @@ import structlog.testing
 import meshnode.fsutil as fsutil
 import meshnode.state as state_mod
 from meshnode.state import DIRECTORY_MEMBERS, MAX_DIRECTORY_FILE_BYTES, MAX_STATE_FILE_BYTES, StateStore
-from protocol.testing import T0, derive_seed, make_authority, make_node, sign_sample
+from protocol.gossip_events import MemberEntry
 from protocol.trust import TrustedState
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sign_sample
 
 DAY = 86400
 
@@ -153,40 +155,55 @@ def test_secret_files_are_private(tmp_path):
 # -- the member directory at scale (issue 10, item 7) ----------------------------------------------
 
 
-def _peer_entry(node_id: str, cert: bytes) -> dict[str, object]:
-    return {"node_id": node_id, "address": "10.1.2.3:7946", "region": "eu-west-1", "cert": cert}
+def _entry(node_id: str, cert: bytes) -> MemberEntry:
+    return MemberEntry(node_id, "10.1.2.3:7946", "eu-west-1", cert)
 
 
-def _directory(cert: bytes, n: int) -> tuple[dict[str, bytes], bytes]:
+def _directory(cert: bytes, n: int) -> list[MemberEntry]:
     """``n`` members with a real certificate's size: the store checks sizes and shapes, not signatures."""
-    ids = [f"node-{i:06d}" for i in range(n)]
-    return {i: cert for i in ids}, msgspec.msgpack.encode([_peer_entry(i, cert) for i in ids])
+    return [_entry(f"node-{i:06d}", cert) for i in range(n)]
 
 
 def test_100k_members_survive_a_reboot(tmp_path):
     auth = make_authority()
     cert = make_node(auth, "node-000000", region="eu-west-1", roles=("app", "web"),
                      addresses=("10.1.2.3", "2001:db8::1:2")).cert_bytes
-    members, peers = _directory(cert, DIRECTORY_MEMBERS)
+    members = _directory(cert, DIRECTORY_MEMBERS)
     store = StateStore(tmp_path)
     store.save_members(members)
-    store.save_peers(peers)
-    assert (tmp_path / "members.msgpack").stat().st_size > 1 << 20  # the old limit loaded this as empty
+    assert (tmp_path / "directory.msgpack").stat().st_size > 1 << 20  # the old limit loaded this as empty
     again = StateStore(tmp_path)
     report = again.load_into(TrustedState(auth.root_bytes), T0)
     assert report.problems == []
-    assert report.members_loaded == report.peers_loaded == DIRECTORY_MEMBERS
+    assert report.members_loaded == DIRECTORY_MEMBERS
     assert again.load_members() == members
-    assert again.load_peers() == peers
+
+
+def test_the_two_directory_files_of_earlier_versions_are_read_once_then_replaced(tmp_path):
+    auth = make_authority()
+    a, b = (make_node(auth, n).cert_bytes for n in ("node-a", "node-b"))
+    old_peers = [{"node_id": "node-a", "address": "10.0.0.1:7946", "region": "r1", "cert": a},
+                 {"node_id": "node-c", "address": "10.0.0.3:7946", "region": "r1"}]  # no certificate
+    (tmp_path / "peers.msgpack").write_bytes(msgspec.msgpack.encode(old_peers))
+    (tmp_path / "members.msgpack").write_bytes(msgspec.msgpack.encode({"node-a": a, "node-b": b}))
+    store = StateStore(tmp_path)
+    report = store.load_into(TrustedState(auth.root_bytes), T0)
+    assert report.problems == [] and report.members_loaded == 3
+    assert store.load_members() == [MemberEntry("node-a", "10.0.0.1:7946", "r1", a),
+                                     MemberEntry("node-c", "10.0.0.3:7946", "r1", b""),
+                                     MemberEntry("node-b", "", "", b)]
+    store.save_members([MemberEntry("node-a", "10.0.0.1:7946", "r1", a)])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["directory.msgpack"]
+    assert StateStore(tmp_path).load_members() == [MemberEntry("node-a", "10.0.0.1:7946", "r1", a)]
 
 
 def test_directory_limit_fits_100k_of_the_largest_legitimate_certificates():
     auth = make_authority()
     big = make_node(auth, "n" * 64, region="r" * 64, roles=tuple(f"role{j}-" + "q" * 57 for j in range(8)),
                     addresses=tuple(f"2001:db8:ffff:ffff:ffff:ffff:ffff:{j:04x}" for j in range(4)))
-    member_bytes = len(msgspec.msgpack.encode({big.node_id: big.cert_bytes}))
-    peer_bytes = len(msgspec.msgpack.encode([_peer_entry(big.node_id, big.cert_bytes)]))
-    assert DIRECTORY_MEMBERS * max(member_bytes, peer_bytes) < MAX_DIRECTORY_FILE_BYTES
+    entry = MemberEntry(big.node_id, "[2001:db8:ffff:ffff:ffff:ffff:ffff:0000]:65535", "r" * 64, big.cert_bytes)
+    entry_bytes = len(msgspec.msgpack.encode([entry]))
+    assert DIRECTORY_MEMBERS * entry_bytes < MAX_DIRECTORY_FILE_BYTES
     assert MAX_STATE_FILE_BYTES < MAX_DIRECTORY_FILE_BYTES
 
 
@@ -197,49 +214,39 @@ def _damage(path: Path, how: str) -> None:
     elif how == "garbage":
         path.write_bytes(b"\x93garbage")
     elif how == "wrong-shape":
-        path.write_bytes(msgspec.msgpack.encode({"not": "a directory"} if "peers" in path.name else [1, 2]))
+        path.write_bytes(msgspec.msgpack.encode({"not": "a directory"}))
     else:
         path.write_bytes(b"")
 
 
 @pytest.mark.parametrize("how", ["truncate", "garbage", "wrong-shape", "empty"])
-@pytest.mark.parametrize("which", ["members", "peers"])
-def test_a_damaged_directory_file_loads_its_previous_copy_and_says_so(tmp_path, which, how):
+def test_a_damaged_member_file_loads_its_previous_copy_and_says_so(tmp_path, how):
     auth = make_authority()
     cert = make_node(auth, "node-000000").cert_bytes
     store = StateStore(tmp_path)
-    old_members, old_peers = _directory(cert, 3)
-    new_members, new_peers = _directory(cert, 5)
-    store.save_members(old_members)
-    store.save_peers(old_peers)
-    store.save_members(new_members)
-    store.save_peers(new_peers)
-    _damage(tmp_path / f"{which}.msgpack", how)
+    old, new = _directory(cert, 3), _directory(cert, 5)
+    store.save_members(old)
+    store.save_members(new)
+    _damage(tmp_path / "directory.msgpack", how)
     again = StateStore(tmp_path)
     report = again.load_into(TrustedState(auth.root_bytes), T0)
     assert len(report.problems) == 1
-    assert f"{which}.msgpack" in report.problems[0] and "previous copy" in report.problems[0]
-    if which == "members":
-        assert again.load_members() == old_members and again.load_peers() == new_peers
-    else:
-        assert again.load_members() == new_members and again.load_peers() == old_peers
+    assert "directory.msgpack" in report.problems[0] and "previous copy" in report.problems[0]
+    assert again.load_members() == old
 
 
-@pytest.mark.parametrize("which", ["members", "peers"])
-def test_an_oversize_directory_file_is_a_problem_not_a_silent_empty(tmp_path, monkeypatch, which):
+def test_an_oversize_member_file_is_a_problem_not_a_silent_empty(tmp_path, monkeypatch):
     auth = make_authority()
     cert = make_node(auth, "node-000000").cert_bytes
     store = StateStore(tmp_path)
-    small, big = _directory(cert, 1), _directory(cert, 50)
-    store.save_members((big if which == "members" else small)[0])
-    store.save_peers((big if which == "peers" else small)[1])
+    store.save_members(_directory(cert, 50))
     monkeypatch.setattr(state_mod, "MAX_DIRECTORY_FILE_BYTES", 1000)
     again = StateStore(tmp_path)
     report = again.load_into(TrustedState(auth.root_bytes), T0)
     assert len(report.problems) == 1, report.problems
-    assert f"{which}.msgpack" in report.problems[0] and "limit of 1000 bytes" in report.problems[0]
+    assert "directory.msgpack" in report.problems[0] and "limit of 1000 bytes" in report.problems[0]
     assert "no usable copy" in report.problems[0]
-    assert (report.members_loaded, report.peers_loaded) == ((0, 1) if which == "members" else (1, 0))
+    assert report.members_loaded == 0
 
 
 def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
@@ -263,7 +270,7 @@ def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
         asyncio.run(daemon.enforcer.setup())
     assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 2
     members, ruleset = [e["problem"] for e in logs if e["event"] == "state.problem"]
-    assert "members.msgpack" in members and "no usable copy" in members
+    assert "directory.msgpack" in members and "no usable copy" in members
     assert str(stale_ruleset) in ruleset and not stale_ruleset.exists()
 
 
@@ -280,7 +287,7 @@ def test_stale_temp_files_are_removed_when_the_state_is_opened(tmp_path):
     auth = make_authority()
     store = StateStore(tmp_path)
     store.save_policy(1, sign_sample(auth, 1))
-    store.save_members({"a": b"x"})
+    store.save_members([MemberEntry("a", "", "", b"x")])
     dead = _dead_pid()
     stale = [
         tmp_path / f".members.msgpack.tmp.{dead}",
@@ -325,26 +332,26 @@ def test_a_failed_write_removes_its_own_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fsutil.os, "replace", crash)
     with pytest.raises(OSError):
-        StateStore(tmp_path).save_members({"a": b"x"})
+        StateStore(tmp_path).save_members([MemberEntry("a", "", "", b"x")])
     assert not any(".tmp." in p.name for p in tmp_path.iterdir())
 
 
 _WRITER = """
 import sys
 from meshnode.state import StateStore
+from protocol.gossip_events import MemberEntry
 store = StateStore(sys.argv[1])
-members = {f"node-{i:06d}": bytes(380) for i in range(20000)}
+members = [MemberEntry(f"node-{i:06d}", "", "", bytes(380)) for i in range(20000)]
 store.save_members(members)
 print("written", flush=True)
 while True:
     store.save_members(members)
-    store.save_peers(b"\\x90")
 """
 
 
 def test_kill9_mid_write_then_open_leaves_no_temp_and_a_whole_directory(tmp_path):
     auth = make_authority()
-    members = {f"node-{i:06d}": bytes(380) for i in range(20000)}
+    members = [MemberEntry(f"node-{i:06d}", "", "", bytes(380)) for i in range(20000)]
     left = 0
     for _ in range(20):  # until a kill lands mid-write (most land mid-write: the writes are 8 MB)
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE,
@@ -368,7 +375,7 @@ def test_kill9_mid_write_then_open_leaves_no_temp_and_a_whole_directory(tmp_path
 
 
 def test_file_backend_removes_stale_temps_of_its_ruleset_file(tmp_path):
-    from meshnode.enforce.backends import FileBackend
+    from meshnode.enforce import FileBackend
 
     dead = _dead_pid()
     stale = tmp_path / f".ruleset.nft.tmp.{dead}"

@@ -27,8 +27,9 @@ from protocol.signing import (
     encode_envelope,
     sign,
 )
-from protocol.testing import T0, derive_seed, make_authority, make_node, sample_document, sign_sample
 from protocol.trust import TrustedState
+from simulations.identities import T0, derive_seed, make_authority, make_node
+from tests.fixtures import sample_document, sign_sample
 
 DAY = 86400
 

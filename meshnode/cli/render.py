@@ -12,8 +12,7 @@ from protocol.errors import ExpiredError, NotYetValidError, TrustError
 from protocol.metadata import Certificate, PolicyVersion
 from protocol.trust import TrustedState
 
-from ..enforce.model import EnforcementError, RenderOptions
-from ..enforce.render import render
+from ..enforce import EnforcementError, RenderOptions, render, to_iptables, to_nft_json, to_nft_text
 
 FORMATS = ("nft", "json", "iptables")
 
@@ -60,10 +59,10 @@ def render_command(
             raise type(exc)(f"peer certificate #{i + 1}: {exc}") from None
     ruleset = render(policy, own, peers, options, now=now, skew_s=trust.skew_s)
     if fmt == "json":
-        return json.dumps(ruleset.to_nft_json(), indent=2) + "\n"
+        return json.dumps(to_nft_json(ruleset), indent=2) + "\n"
     if fmt == "iptables":
-        return str(ruleset.to_iptables().text())
-    return ruleset.to_nft()
+        return to_iptables(ruleset).text()
+    return to_nft_text(ruleset)
 
 
 def _check_validity(cert: Certificate, trust: TrustedState, now: float) -> None:

@@ -1,7 +1,7 @@
 """The daemon: the asyncio shell around the sans-IO gossip node, as parts with one-way dependencies.
 
 runner.MeshDaemon            phased start, one TaskGroup, signals, reload, cleanup in reverse; wires the parts
-boot                         stored state re-verified at start; the gossip node built on it
+boot                         stored state re-verified at start (roots, policy, member file); the gossip node built on it
 core_driver.CoreDriver       feeds inputs to the node, hands its effects to the executor, submits policies
 effects.EffectExecutor       the one place the core's effects run
 scheduler.Scheduler          every timer-driven job (core deadline, state-write retry, enforce retry, revalidation)
@@ -11,7 +11,6 @@ operator_api.OperatorApi     publish and status requests on operator channels
 admin_http.AdminHttp         /healthz, /readyz, /v1/status, /metrics
 alerts.AlertSender           alerts: metrics, log, webhooks
 state_writes.StateWriter     state writes retried with backoff when the disk fails
-members.MemberCertificates   the member directory the enforcer renders from
 logs, tasks                  log budgets and library-log counts; the TaskGroup as the parts see it
 """
 

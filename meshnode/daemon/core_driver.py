@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from protocol.gossip_events import Now, PolicyResult, PolicySubmitted, RootsSubmitted, TimerFired
+from protocol.gossip_events import Now, PolicyResult, PolicySubmitted, RootsSubmitted, TimerFired, Verdict
 from protocol.node import Node
 
 from ..metrics import Metrics
@@ -64,17 +64,12 @@ class CoreDriver:
                 if isinstance(eff, PolicyResult) and not eff.accepted:
                     self._metrics.policies_refused.labels("bad_root").inc()
                     return eff
-        result = PolicyResult(source=source, accepted=False, serial=0, reason="no verdict from the core")
+        result = PolicyResult(source, False, 0, Verdict.NO_VERDICT, "no verdict from the core")
         for eff in self.feed(PolicySubmitted(envelope=envelope, source=source)):
             if isinstance(eff, PolicyResult) and eff.source == source:
                 result = eff
         if not result.accepted:
-            self._metrics.policies_refused.labels(_reason_label(result.reason)).inc()
-            self._log.warning("policy.refused", source=source, reason=result.reason)
+            self._metrics.policies_refused.labels(result.reason.value).inc()
+            self._log.warning("policy.refused", source=source, reason=result.text)
         return result
 
-
-def _reason_label(reason: str) -> str:
-    """The core's refusals read "<label>: <explanation>"; the label is the metric's reason."""
-    label = reason.split(":", 1)[0].strip().lower()
-    return label if label.replace("_", "").isalpha() and len(label) <= 32 else "other"

@@ -8,36 +8,32 @@ from typing import Any
 
 from protocol.gossip_events import (
     Alert,
-    ApplyPolicy,
     Disconnect,
+    Enforce,
     LivenessChanged,
-    MembersChanged,
-    Persist,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
     PolicyResult,
     Send,
 )
-from protocol.metadata import decode_root
-from protocol.node import policy_digest
-from protocol.signing import decode_envelope
 from protocol.trust import TrustedState
 
 from ..enforcer import Enforcer
 from ..metrics import Metrics
 from ..state import StateStore
 from .connections import ConnectionRegistry
-from .members import MemberCertificates
 from .state_writes import StateWriter
 
 
 class EffectExecutor:
     def __init__(self, *, trust: TrustedState, store: StateStore, state: StateWriter, enforcer: Enforcer,
-                 members: MemberCertificates, connections: ConnectionRegistry, metrics: Metrics, log: Any,
+                 connections: ConnectionRegistry, metrics: Metrics, log: Any,
                  alert: Callable[[str, dict[str, Any]], None]) -> None:
         self.trust = trust
         self.store = store
         self.state = state
         self.enforcer = enforcer
-        self.members = members
         self.connections = connections
         self.metrics = metrics
         self.log = log
@@ -60,27 +56,19 @@ class EffectExecutor:
 
     def execute_one(self, eff: Any) -> None:
         match eff:
-            case Persist(kind="policy", data=data):
-                # The core verified it a moment ago; the serial only names the file (boot re-verifies).
-                serial = policy_digest(data)[0]
-                self.state.persist("policy", "policy", lambda: self.store.save_policy(serial, data))
-            case Persist(kind="root", data=data):
-                version = decode_root(decode_envelope(data, "root").payload).version
-                self.state.persist(f"root.{version}", "root", lambda: self.store.save_root(version, data))
-            case Persist(kind="peers", data=data):
-                self.state.persist("peers", "peers", lambda: self.store.save_peers(data))
-            case Persist(kind=kind):
-                self.log.warning("effect.unknown_persist", kind=kind)
-            case ApplyPolicy(serial=serial, hash=h):
-                self.log.info("policy.accepted", serial=serial, hash=h[:16])
-                self.metrics.observe_policy(self.trust, time.time())
-                self.enforcer.want(self.trust.policy, self.members.certificates())
-                self.connections.revalidate()
-            case MembersChanged(certs=certs):
-                self.members.replace(certs)
-                members = self.members.snapshot()
-                self.state.persist("members", "members", lambda: self.store.save_members(members))
-                self.enforcer.want(self.trust.policy, self.members.certificates())
+            case PersistPolicy(serial=serial, envelope=envelope):
+                self.state.persist("policy", "policy", lambda: self.store.save_policy(serial, envelope))
+            case PersistRoot(version=version, envelope=envelope):
+                self.state.persist(f"root.{version}", "root", lambda: self.store.save_root(version, envelope))
+            case PersistMembers(entries=entries):
+                self.state.persist("members", "members", lambda: self.store.save_members(entries))
+            case Enforce(policy=policy, policy_hash=policy_hash, members=members):
+                new_policy = policy_hash != self.enforcer.wanted_hash
+                self.enforcer.want(policy, list(members.values()), policy_hash)
+                if new_policy:
+                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16])
+                    self.metrics.observe_policy(self.trust, time.time())
+                    self.connections.revalidate()
             case Send(peer=peer, address=address, data=data):
                 self.connections.send(peer, address, data)
             case Disconnect(peer=peer, reason=reason):

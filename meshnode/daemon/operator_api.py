@@ -41,8 +41,8 @@ class OperatorApi:
             source = f"operator:{conn.peer}:{conn.id}"
             result = self._submit_policy(req.envelope, source, req.roots)
             self._log.info("operator.publish", operator=conn.peer, accepted=result.accepted, serial=result.serial,
-                           reason=result.reason or None)
-            reply = {"ok": result.accepted, "serial": result.serial, "reason": result.reason}
+                           reason=result.text)
+            reply = {"ok": result.accepted, "serial": result.serial, "reason": result.text}
         elif req.op == "status":
             reply = {"ok": True, "status": self._status()}
         else:

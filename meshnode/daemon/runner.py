@@ -37,7 +37,6 @@ from .connections import ConnectionRegistry
 from .core_driver import CoreDriver, now
 from .effects import EffectExecutor
 from .logs import LibraryLogCounter, LogBudget
-from .members import MemberCertificates
 from .mesh_listener import MeshListener
 from .operator_api import OperatorApi
 from .scheduler import Deadline, Every, Scheduler
@@ -77,7 +76,6 @@ class MeshDaemon:
         log_budget = LogBudget(per_s=2.0, burst=10)
         self.alerts = AlertSender(self.identity.node_id, cfg.alerts.webhook_urls, self.metrics, self.log, self.tasks)
         self.enforcer = Enforcer(config, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied)
-        self.members = MemberCertificates(self.identity.node_id, self.identity.cert_bytes)
         self.state = StateWriter(self.trust, self.metrics, self.log, log_budget, self.alerts.alert)
         self.core = CoreDriver(self.tasks, self.metrics, self.log, wake=self.scheduler.wake)
         parts: dict[str, Any] = dict(metrics=self.metrics, log=self.log)
@@ -89,7 +87,7 @@ class MeshDaemon:
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert, **parts)
         self.admin = AdminHttp(status=self.status, enforcer=self.enforcer, trust=self.trust, metrics=self.metrics)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
-                                      members=self.members, connections=self.connections,
+                                      connections=self.connections,
                                       alert=self.alerts.alert, **parts)
         self._enforce_retry_s = RESTART_MIN_S
         self._stop = asyncio.Event()
@@ -100,9 +98,9 @@ class MeshDaemon:
         self.bound_admin_port: int | None = None
 
     # -- phases ---------------------------------------------------------------------------------------
-    def load_state(self) -> None:
-        boot.load_state(trust=self.trust, store=self.store, identity=self.identity, members=self.members,
-                        metrics=self.metrics, log=self.log, alert=self.alerts.alert)
+    def load_state(self) -> boot.StoredMembers:
+        return boot.load_state(trust=self.trust, store=self.store, identity=self.identity, metrics=self.metrics,
+                               log=self.log, alert=self.alerts.alert)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,15 +119,16 @@ class MeshDaemon:
             library_logs.uninstall()
 
     async def _run(self) -> None:
-        self.load_state()
+        stored = self.load_state()
         # Enforce the last-known-good policy before any peer is reachable.
         await self.enforcer.setup()
         if self.trust.policy is not None:
-            await self.enforcer.apply_now(self.trust.policy, self.members.certificates())
+            await self.enforcer.apply_now(self.trust.policy, list(stored.certificates.values()),
+                                          self.trust.policy_hash or "")
         self.metrics.observe_policy(self.trust, time.time())
-        known_peers = boot.stored_peers(self.store, self.metrics, self.log)
         self.core.start(boot.make_node(config=self.config, trust=self.trust, identity=self.identity,
-                                       advertise=self.advertise, known_peers=known_peers, enforcer=self.enforcer),
+                                       advertise=self.advertise, known_members=stored.entries,
+                                       enforcer=self.enforcer),
                         self.effects.execute)
         source = self.config.cfg.mesh.source_address
         connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None, limit=0)
@@ -215,7 +214,7 @@ class MeshDaemon:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(RESTART_MAX_S, backoff_s * 2)
                 if name == "enforcer":
-                    self.enforcer.want(self.trust.policy, self.members.certificates())
+                    self.enforcer.want_again()
 
     def request_stop(self) -> None:
         self.log.info("meshnode.stopping")
@@ -246,19 +245,19 @@ class MeshDaemon:
         self.enforcer.reconfigure(new)
         for source in self._sources:
             source.reconfigure(new)
-        self.enforcer.want(self.trust.policy, self.members.certificates())
+        self.enforcer.want_again()
         self.log.info("config.reloaded", needs_restart=restart_needed, overrides=self.overrides)
 
     # -- jobs and callbacks -------------------------------------------------------------------------------
     def _retry_enforcement(self) -> float:
         """A failed apply (EMFILE, ENOSPC, a busy kernel) keeps the previous ruleset; retry it with backoff
         until the kernel enforces what the node trusts, so trusted and enforced do not stay apart."""
-        policy = self.trust.policy
-        if policy is None or self.enforcer.last_error is None:
+        wanted = self.enforcer.wanted
+        if wanted is None or self.enforcer.last_error is None:
             self._enforce_retry_s = RESTART_MIN_S
             return self._enforce_retry_s
-        self.log.info("enforce.retry", serial=policy.serial, last_error=self.enforcer.last_error[:200])
-        self.enforcer.want(policy, self.members.certificates())
+        self.log.info("enforce.retry", serial=wanted[0].serial, last_error=self.enforcer.last_error[:200])
+        self.enforcer.want_again()
         self._enforce_retry_s = min(ENFORCE_RETRY_MAX_S, self._enforce_retry_s * 2)
         return self._enforce_retry_s
 

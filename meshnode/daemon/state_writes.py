@@ -25,7 +25,7 @@ class StateWriter:
         self._log = log
         self._log_budget = log_budget
         self._alert = alert
-        # Writes that failed, latest per key ("policy", "root.<v>", "peers", "members").
+        # Writes that failed, latest per key ("policy", "root.<v>", "members").
         self._unsaved: dict[str, tuple[str, Callable[[], None]]] = {}
         self.retry_at: float | None = None  # time.monotonic() of the next retry, while writes are pending
         self._backoff_s = RETRY_MIN_S

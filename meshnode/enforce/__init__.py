@@ -4,20 +4,28 @@
     backend = make_backend("nftables", options)          # or "iptables", or "file" (override only)
     backend.apply(ruleset)                               # EnforcementError keeps the previous ruleset
     backend.check_drift()                                # from the daemon's timer; re-applies on drift
+
+Modules, in dependency order (each imports only those above it):
+
+    model.py             the backend-neutral ruleset: address sets, filter rules, reference semantics
+    render.py            signed policy + certificates -> this node's Ruleset
+    nft.py               Ruleset -> nftables text / JSON; normalisation and the ruleset's hash
+    iptables.py          Ruleset -> ipset + iptables-restore inputs
+    backend.py           what every backend does the same way: apply, set updates, drift, bookkeeping
+    nft_backend.py       nft -j -f, element transactions, kernel readback
+    iptables_backend.py  ipset generations and swaps, iptables-restore, the INPUT hook
+    file_backend.py      an atomically written file (development; enforces nothing)
+    backends.py          which backends exist and building the configured one
 """
 
-from .backends import (
-    ApplyResult,
-    Backend,
-    DriftResult,
-    EnforcementEvent,
-    FileBackend,
-    IptablesBackend,
-    NftBackend,
-    make_backend,
-    missing_tools,
-)
+from .backend import ApplyResult, Backend, DriftResult, EnforcementEvent
+from .backends import make_backend, missing_tools
+from .file_backend import FileBackend
+from .iptables import to_iptables
+from .iptables_backend import IptablesBackend
 from .model import AddressSet, EnforcementError, Exclusion, FilterRule, Packet, RenderOptions, Ruleset
+from .nft import RulesetDigest, ruleset_digest, to_nft_json, to_nft_text
+from .nft_backend import NftBackend
 from .render import render
 
 __all__ = [
@@ -35,7 +43,12 @@ __all__ = [
     "Packet",
     "RenderOptions",
     "Ruleset",
+    "RulesetDigest",
     "make_backend",
     "missing_tools",
     "render",
+    "ruleset_digest",
+    "to_iptables",
+    "to_nft_json",
+    "to_nft_text",
 ]

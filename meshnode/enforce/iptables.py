@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .model import AddressSet, FilterRule, Ruleset
+from .model import AddressSet, FilterRule, Ruleset
 
 MULTIPORT_SLOTS = 15
 MIN_MAXELEM = 65536
@@ -173,6 +171,7 @@ def restore_input(rs: Ruleset, fam: str, chain: str, names: dict[str, str]) -> s
 
 
 def to_iptables(rs: Ruleset, generation: str = "a") -> IptablesRules:
+    """The inputs that load ``rs`` as ipsets of ``generation`` and the two chains that match them."""
     chain = chain_name(rs.table)
     names = {s.name: ipset_name(rs.table, generation, s.name) for s in rs.sets}
     ipset_lines: list[str] = []

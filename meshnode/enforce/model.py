@@ -1,10 +1,11 @@
 """The backend-neutral ruleset: named address sets plus one ordered inbound filter chain.
 
 A :class:`Ruleset` is what the renderer produces and what every backend consumes.  It is a plain value
-(frozen dataclasses); ``to_nft()``, ``to_nft_json()`` and ``to_iptables()`` serialise it, ``hash`` is the
-normalised hash the nftables backend compares with the kernel's ruleset, and ``evaluate()`` is the
-reference semantics of the chain (used by the property tests and by anyone who wants to ask "would this
-packet pass?" without a kernel).
+(frozen dataclasses) and imports no serialiser: :mod:`.nft` writes it as nftables text or JSON and
+computes its hash (the normalised form the nftables backend compares with the kernel's),
+:mod:`.iptables` writes it as ipset + iptables-restore inputs.  ``Ruleset.evaluate()`` is the reference
+semantics of the chain (used by the property tests and by anyone who wants to ask "would this packet
+pass?" without a kernel).
 
 Chain semantics, identical in every backend:
 
@@ -19,23 +20,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protocol.errors import MeshError
 from protocol.names import parse_network
 
-if TYPE_CHECKING:
-    from .iptables import IptablesRules
-
 TABLE_RE = re.compile(r"\A[a-z][a-z0-9_]{0,15}\Z", re.ASCII)
 LOG_RATE_RE = re.compile(r"\A([1-9][0-9]{0,5})/(second|minute|hour|day)\Z", re.ASCII)
-FAMILIES = ("ip", "ip6")
 VERDICTS = ("accept", "drop", "reject", "log")
-CT_STATES = ("established", "related", "invalid", "new")
-PROTOS = ("tcp", "udp", "icmp")
 INBOUND_ACTIONS = ("drop", "reject")
 # Essential ICMP (RFC 4890 for ICMPv6): errors, path MTU discovery, MLD.  Echo is not essential; a
 # policy opens it with the "icmp" port.  IPv6 neighbour discovery is always accepted: without it IPv6
@@ -53,20 +46,6 @@ ICMP_ESSENTIAL_V6 = (
 )
 ICMP_ND_V6 = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 MAX_LOG_PREFIX = 29  # iptables' LOG limit; nftables allows more, both backends use the same text
-
-
-def canonical_address(text: str) -> tuple[str, str, bytes] | None:
-    """(family, canonical text, packed bytes) of a host address, or None if it is not one (or scoped).
-
-    inet_pton/inet_ntop: the same canonical text nft prints, and fast enough for 10^5 addresses."""
-    if "%" in text:
-        return None
-    af = socket.AF_INET6 if ":" in text else socket.AF_INET
-    try:
-        packed = socket.inet_pton(af, text)
-    except OSError:
-        return None
-    return ("ip6" if af == socket.AF_INET6 else "ip"), socket.inet_ntop(af, packed), packed
 
 
 class EnforcementError(MeshError):
@@ -127,12 +106,6 @@ class RenderOptions:
             except ValueError as exc:
                 raise EnforcementError(f"mesh join CIDR {c!r}: {exc}") from None
         object.__setattr__(self, "mesh_join_cidrs", tuple(join))
-
-    @property
-    def log_rate_parts(self) -> tuple[int, str]:
-        m = LOG_RATE_RE.fullmatch(self.log_rate)
-        assert m is not None
-        return int(m.group(1)), m.group(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +169,13 @@ class Exclusion:
 
 @dataclass(frozen=True)
 class Ruleset:
+    """This node's inbound filter: named address sets and the ordered chain that refers to them.
+
+    ``node_id``, ``policy_serial`` and ``excluded`` describe where it came from (printed as comments,
+    ``excluded`` not compared); ``default_action`` is what the chain's last rule does (drop, reject, or
+    log for a policy in log mode).
+    """
+
     table: str
     sets: tuple[AddressSet, ...]
     rules: tuple[FilterRule, ...]
@@ -236,45 +216,6 @@ class Ruleset:
         if rule.source_set is not None:
             return self.set_by_name(rule.source_set).family
         return rule.family
-
-    # -- serialisation ------------------------------------------------------------------------------
-    def to_nft(self) -> str:
-        """nftables syntax: one idempotent transaction for ``nft -f`` that replaces our table only."""
-        from .nft import to_nft_text
-
-        return to_nft_text(self)
-
-    def to_nft_json(self) -> dict[str, Any]:
-        """nftables JSON (the ``nft -j -f`` input format), the same transaction as :meth:`to_nft`."""
-        from .nft import to_nft_json
-
-        return to_nft_json(self)
-
-    def to_iptables(self, generation: str = "a") -> IptablesRules:
-        """ipset + iptables-restore + ip6tables-restore inputs (see :mod:`meshnode.enforce.iptables`)."""
-        from .iptables import to_iptables
-
-        return to_iptables(self, generation)
-
-    @cached_property
-    def normalized(self) -> dict[str, Any]:
-        from .nft import normalize
-
-        return normalize(self.to_nft_json())
-
-    @cached_property
-    def hash(self) -> str:
-        """SHA-256 of the normalised nftables form: equal to the kernel's when it holds this ruleset."""
-        from .nft import normalized_hash
-
-        return normalized_hash(self.normalized)
-
-    @cached_property
-    def structure_hash(self) -> str:
-        """Hash of everything but set elements: equal structure means a set update is enough."""
-        from .nft import normalized_hash, strip_elements
-
-        return normalized_hash(strip_elements(self.normalized))
 
     # -- reference semantics ------------------------------------------------------------------------
     def evaluate(self, pkt: Packet) -> str:

@@ -10,7 +10,8 @@ nft applies a file as one kernel transaction: either all of it takes effect or n
 
 ``normalize()`` turns either our rendered JSON or ``nft -j list table inet <name>`` into the same
 canonical structure (handles, counter values and element order dropped; addresses canonical), so the
-kernel's hash equals ``Ruleset.hash`` exactly when the kernel holds that ruleset.
+kernel's hash equals ``ruleset_digest(rs).hash`` exactly when the kernel holds that ruleset.  That hash
+is every backend's name for a ruleset.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from typing import TYPE_CHECKING, Any
+import socket
+from dataclasses import dataclass
+from typing import Any
 
-from .model import canonical_address
-
-if TYPE_CHECKING:
-    from .model import AddressSet, FilterRule, Ruleset
+from .model import AddressSet, FilterRule, Ruleset
 
 FAMILY = "inet"
 CHAIN = "input"
@@ -82,11 +82,13 @@ def _set_text(s: AddressSet) -> list[str]:
     return lines
 
 
-def to_nft_text(rs: Ruleset) -> str:
+def to_nft_text(rs: Ruleset, ruleset_hash: str | None = None) -> str:
+    """nftables syntax: one idempotent transaction for ``nft -f`` that replaces our table only.
+    ``ruleset_hash`` (printed in the header) is computed when not given."""
     t = rs.table
     lines = [
         f"# policymesh ruleset for node {rs.node_id or '-'}, policy serial {rs.policy_serial or 'none'}",
-        f"# ruleset hash {rs.hash}",
+        f"# ruleset hash {ruleset_hash or ruleset_digest(rs).hash}",
         f"# {rs.rule_count} rules, {len(rs.sets)} sets, {rs.element_count} set elements",
     ]
     for ex in rs.excluded:
@@ -181,6 +183,7 @@ def set_json(table: str, s: AddressSet, with_elements: bool = True) -> dict[str,
 
 
 def to_nft_json(rs: Ruleset) -> dict[str, Any]:
+    """nftables JSON (the ``nft -j -f`` input format): the same transaction as :func:`to_nft_text`."""
     t = rs.table
     table = {"family": FAMILY, "name": t}
     cmds: list[dict[str, Any]] = [
@@ -220,6 +223,20 @@ def set_update_json(table: str, changes: list[tuple[AddressSet, AddressSet]]) ->
 
 
 # -- normalisation ---------------------------------------------------------------------------------
+def canonical_address(text: str) -> tuple[str, str, bytes] | None:
+    """(family, canonical text, packed bytes) of a host address, or None if it is not one (or scoped).
+
+    inet_pton/inet_ntop: the same canonical text nft prints, and fast enough for 10^5 addresses."""
+    if "%" in text:
+        return None
+    af = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        packed = socket.inet_pton(af, text)
+    except OSError:
+        return None
+    return ("ip6" if af == socket.AF_INET6 else "ip"), socket.inet_ntop(af, packed), packed
+
+
 def _canon_prefix(addr: str, plen: int) -> str:
     parsed = canonical_address(addr)
     if parsed is None:
@@ -232,10 +249,6 @@ def _canon_prefix(addr: str, plen: int) -> str:
 
 def canonical_element(e: Any) -> str:
     """Canonical text of a set element (address, prefix or range; host prefixes as plain addresses)."""
-    return _canon_elem(e)
-
-
-def _canon_elem(e: Any) -> str:
     if isinstance(e, dict) and "elem" in e:  # element with options (timeout, comment...)
         e = e["elem"].get("val")
     if isinstance(e, str):
@@ -250,7 +263,7 @@ def _canon_elem(e: Any) -> str:
         lo, hi = (str(ipaddress.ip_address(x)) for x in e["range"])
         nets: list[Any] = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
         if len(nets) == 1:
-            return _canon_elem({"prefix": {"addr": str(nets[0].network_address), "len": nets[0].prefixlen}})
+            return canonical_element({"prefix": {"addr": str(nets[0].network_address), "len": nets[0].prefixlen}})
         return f"{lo}-{hi}"
     return json.dumps(e, sort_keys=True)
 
@@ -299,7 +312,7 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
             table_of(s)["sets"][s["name"]] = {
                 "type": s.get("type"),
                 "flags": sorted(flags),
-                "elem": sorted({_canon_elem(e) for e in s.get("elem", [])}),
+                "elem": sorted({canonical_element(e) for e in s.get("elem", [])}),
             }
         elif "chain" in obj:
             c = obj["chain"]
@@ -313,15 +326,17 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
             e = obj["element"]
             target = table_of(e)["sets"].get(e["name"])
             if target is not None:
-                target["elem"] = sorted(set(target["elem"]) | {_canon_elem(x) for x in e.get("elem", [])})
+                target["elem"] = sorted(set(target["elem"]) | {canonical_element(x) for x in e.get("elem", [])})
     return {f"{fam} {name}": body for (fam, name), body in sorted(tables.items())}
 
 
 def normalized_hash(norm: dict[str, Any]) -> str:
+    """SHA-256 of a normalised document (see :func:`normalize`)."""
     return hashlib.sha256(json.dumps(norm, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def strip_elements(norm: dict[str, Any]) -> dict[str, Any]:
+    """A normalised document without set elements (its structure)."""
     out: dict[str, Any] = {}
     for key, body in norm.items():
         out[key] = {
@@ -329,3 +344,16 @@ def strip_elements(norm: dict[str, Any]) -> dict[str, Any]:
             "chains": body["chains"],
         }
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetDigest:
+    """The two hashes of a ruleset, computed from one normalisation (the costly part at 10^4 members)."""
+
+    hash: str  # of the normalised nftables form: equal to the kernel's when it holds this ruleset
+    structure_hash: str  # of everything but set elements: equal structure means a set update is enough
+
+
+def ruleset_digest(rs: Ruleset) -> RulesetDigest:
+    norm = normalize(to_nft_json(rs))
+    return RulesetDigest(normalized_hash(norm), normalized_hash(strip_elements(norm)))

@@ -241,9 +241,9 @@ def render(
             any(ipaddress.ip_network(c).prefixlen == 0 for c in join["ip6"]):
         rules.append(FilterRule("accept", "mesh join (authenticated by noise)", proto="tcp", ports=mesh_ports))
     else:
-        for fam, cidrs in join.items():
-            if cidrs:
-                name = net_set("meshjoin", fam, cidrs, "mesh join sources (node config)")
+        for fam, join_cidrs in join.items():
+            if join_cidrs:
+                name = net_set("meshjoin", fam, join_cidrs, "mesh join sources (node config)")
                 rules.append(FilterRule("accept", "mesh join (authenticated by noise)", source_set=name,
                                         proto="tcp", ports=mesh_ports))
     rules.append(FilterRule("accept", "ipv6 neighbour discovery", family="ip6", proto="icmp", icmp_types=ICMP_ND_V6))

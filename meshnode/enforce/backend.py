@@ -1,0 +1,238 @@
+"""What every enforcement backend does the same way: apply, update sets in place, check and repair drift.
+
+A backend puts a :class:`Ruleset` into the kernel and keeps it there.  Its public surface (blocking
+calls: the daemon runs them in a thread executor, one at a time):
+
+* ``apply(ruleset) -> ApplyResult``: make the kernel hold ``ruleset``.  When only set elements changed
+  (member certificates), the sets are updated in place; otherwise the whole table/chain is replaced in
+  one transaction.  On failure it raises :class:`EnforcementError` and the previous ruleset stays.
+* ``update_sets(ruleset) -> ApplyResult``: the in-place path only (EnforcementError when the rules
+  themselves changed).
+* ``check_drift(repair=True) -> DriftResult``: read the kernel back, compare its hash with the one read
+  right after the last apply, re-apply on drift; no clock inside, the caller's timer decides when.
+* ``read_kernel_hash()``, ``applied`` / ``applied_hash``, ``drift_count``, ``remove()``.
+
+:class:`Backend` implements that surface once; a subclass says only how to replace everything
+(``_replace``), how to change set elements in place (``_update_in_place``), when it can
+(``_in_place_possible``), how to read the kernel back (``read_kernel_hash``) and how to remove its
+objects (``_remove_objects``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import AddressSet, EnforcementError, Ruleset
+from .nft import RulesetDigest, ruleset_digest
+
+COMMAND_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class EnforcementEvent:
+    """Something the daemon should log and alert on; ``name`` is a stable dotted event name."""
+
+    name: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    backend: str
+    mode: str  # "full": table/chain replaced; "sets": set elements updated in place
+    hash: str  # ruleset_digest(ruleset).hash of what is now enforced
+    kernel_hash: str | None  # what the kernel reads back as (drift baseline)
+    exact: bool  # kernel readback equals the rendered normalised form
+    changed_sets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DriftResult:
+    checked: bool  # False when nothing has been applied yet
+    drifted: bool
+    expected_hash: str | None
+    actual_hash: str | None
+    repaired: bool = False
+    error: str | None = None
+    drift_count: int = 0
+    events: tuple[EnforcementEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Readback:
+    """What a backend's write left in the kernel: its hash (the drift baseline) and whether it is exactly
+    the rendered ruleset."""
+
+    kernel_hash: str | None
+    exact: bool = True
+
+
+SetChanges = list[tuple[AddressSet, AddressSet]]  # (applied, wanted) for every set whose elements changed
+
+
+class CommandRunner:
+    """Runs firewall tools, optionally inside a network namespace (``ip netns exec``)."""
+
+    def __init__(self, netns: str | None = None, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+        self.netns = netns
+        self.timeout_s = timeout_s
+
+    def argv(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+
+    def run(self, argv: list[str], stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        full = self.argv(argv)
+        try:
+            proc = subprocess.run(full, input=stdin, capture_output=True, timeout=self.timeout_s, check=False)
+        except FileNotFoundError:
+            raise EnforcementError(f"{full[0]} is not installed (needed for: {' '.join(argv[:2])})") from None
+        except subprocess.TimeoutExpired:
+            raise EnforcementError(f"{' '.join(argv[:3])} timed out after {self.timeout_s:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise EnforcementError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}): {first_lines(proc.stderr)}")
+        return proc
+
+
+def first_lines(data: bytes, n: int = 4) -> str:
+    """The first ``n`` lines of a tool's stderr on one line, for an error message."""
+    text = data.decode(errors="replace").strip()
+    lines = text.splitlines()
+    out = " | ".join(line.strip() for line in lines[:n])
+    return out + (" ..." if len(lines) > n else "") if out else "(no message)"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Backend:
+    """The shared logic: serialised public calls, the choice between in-place and full replacement, the
+    bookkeeping of what was applied (ruleset, digest, kernel baseline) and drift detection and repair."""
+
+    name = "abstract"
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.applied: Ruleset | None = None
+        self.drift_count = 0
+        self._lock = threading.RLock()
+        self._applied_digest: RulesetDigest | None = None
+        self._baseline: str | None = None  # kernel hash expected by check_drift
+        self.temps_removed: list[Path] = []  # stale temp files removed at setup (backends that write files)
+
+    @property
+    def applied_hash(self) -> str | None:
+        return self._applied_digest.hash if self._applied_digest is not None else None
+
+    # -- public: serialised, so the daemon's apply worker and drift timer never interleave -------------
+    def apply(self, ruleset: Ruleset) -> ApplyResult:
+        """Make the kernel hold ``ruleset`` (in place when only set elements changed); EnforcementError
+        leaves the previous ruleset in force."""
+        with self._lock:
+            digest = self._checked_digest(ruleset)
+            if self._can_update_in_place(digest):
+                try:
+                    return self._set_elements(ruleset, digest)
+                except EnforcementError:
+                    pass  # the table was edited or removed behind our back: replace it whole
+            return self._replace_all(ruleset, digest)
+
+    def update_sets(self, ruleset: Ruleset) -> ApplyResult:
+        """Only the in-place path; EnforcementError if the rules themselves changed."""
+        with self._lock:
+            digest = self._checked_digest(ruleset)
+            if not self._can_update_in_place(digest):
+                raise EnforcementError("the rules changed (not only set elements): use apply()")
+            return self._set_elements(ruleset, digest)
+
+    def remove(self) -> None:
+        """Delete everything this backend created (uninstall; the daemon never calls it on shutdown)."""
+        with self._lock:
+            self._remove_objects()
+            self.applied, self._applied_digest, self._baseline = None, None, None
+
+    def check_drift(self, *, repair: bool = True) -> DriftResult:
+        """Read the kernel back; on drift count it, emit events and (by default) re-apply."""
+        with self._lock:
+            return self._check_drift(repair)
+
+    # -- what each backend says differently -----------------------------------------------------------
+    def read_kernel_hash(self) -> str | None:
+        """The hash of what the kernel holds of our objects now; None when they do not exist."""
+        raise NotImplementedError
+
+    def _in_place_possible(self) -> bool:
+        """Whether the last apply left something that set elements can be changed in."""
+        raise NotImplementedError
+
+    def _replace(self, ruleset: Ruleset, digest: RulesetDigest) -> Readback:
+        """Replace all our objects with ``ruleset`` in one transaction."""
+        raise NotImplementedError
+
+    def _update_in_place(self, ruleset: Ruleset, digest: RulesetDigest, changes: SetChanges) -> Readback:
+        """Change the elements of the sets in ``changes``; EnforcementError when the kernel then does not
+        hold exactly ``ruleset``."""
+        raise NotImplementedError
+
+    def _remove_objects(self) -> None:
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------------
+    def _checked_digest(self, ruleset: Ruleset) -> RulesetDigest:
+        if ruleset.table != self.table:
+            raise EnforcementError(f"ruleset is for table {ruleset.table!r}, this backend manages {self.table!r}")
+        return ruleset_digest(ruleset)
+
+    def _can_update_in_place(self, digest: RulesetDigest) -> bool:
+        return (self._applied_digest is not None and self._in_place_possible()
+                and digest.structure_hash == self._applied_digest.structure_hash)
+
+    def _replace_all(self, ruleset: Ruleset, digest: RulesetDigest) -> ApplyResult:
+        readback = self._replace(ruleset, digest)
+        self._record(ruleset, digest, readback)
+        return ApplyResult(self.name, "full", digest.hash, readback.kernel_hash, readback.exact)
+
+    def _set_elements(self, ruleset: Ruleset, digest: RulesetDigest) -> ApplyResult:
+        assert self.applied is not None
+        before = {s.name: s for s in self.applied.sets}
+        changes = [(before[s.name], s) for s in ruleset.sets if before[s.name].elements != s.elements]
+        readback = self._update_in_place(ruleset, digest, changes)
+        self._record(ruleset, digest, readback)
+        return ApplyResult(self.name, "sets", digest.hash, readback.kernel_hash, True,
+                           tuple(new.name for _, new in changes))
+
+    def _record(self, ruleset: Ruleset, digest: RulesetDigest, readback: Readback) -> None:
+        self.applied, self._applied_digest, self._baseline = ruleset, digest, readback.kernel_hash
+
+    def _check_drift(self, repair: bool) -> DriftResult:
+        if self.applied is None or self._applied_digest is None:
+            return DriftResult(checked=False, drifted=False, expected_hash=None, actual_hash=None,
+                               drift_count=self.drift_count)
+        expected = self._baseline
+        try:
+            actual = self.read_kernel_hash()
+        except EnforcementError as exc:
+            actual = f"unreadable: {exc}"
+        if actual == expected:
+            return DriftResult(checked=True, drifted=False, expected_hash=expected, actual_hash=actual,
+                               drift_count=self.drift_count)
+        self.drift_count += 1
+        facts = {"backend": self.name, "table": self.table, "expected": expected, "actual": actual,
+                 "serial": self.applied.policy_serial, "drift_count": self.drift_count}
+        events = [EnforcementEvent("enforce.drift_detected", facts)]
+        if not repair:
+            return DriftResult(True, True, expected, actual, drift_count=self.drift_count, events=tuple(events))
+        try:
+            result = self._replace_all(self.applied, self._applied_digest)
+        except EnforcementError as exc:
+            events.append(EnforcementEvent("enforce.drift_repair_failed", {**facts, "error": str(exc)}))
+            return DriftResult(True, True, expected, actual, repaired=False, error=str(exc),
+                               drift_count=self.drift_count, events=tuple(events))
+        events.append(EnforcementEvent("enforce.drift_repaired", {**facts, "kernel_hash": result.kernel_hash}))
+        return DriftResult(True, True, expected, actual, repaired=True, drift_count=self.drift_count,
+                           events=tuple(events))

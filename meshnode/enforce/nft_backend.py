@@ -1,0 +1,79 @@
+"""The nftables backend: ``table inet <table>``, replaced atomically with ``nft -j -f -``; sets updated in
+place with one element transaction.
+
+With an nft built without JSON support it falls back to the text form (``nft -f -``) and compares the
+kernel's text listing with the one read right after applying (no in-place set updates then)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .backend import Backend, CommandRunner, Readback, SetChanges, first_lines, sha256_hex
+from .model import EnforcementError, Ruleset
+from .nft import FAMILY, RulesetDigest, normalize, normalized_hash, set_update_json, to_nft_json, to_nft_text
+
+
+class NftBackend(Backend):
+    name = "nftables"
+
+    def __init__(self, table: str, *, netns: str | None = None, nft: str = "nft") -> None:
+        super().__init__(table)
+        self.runner = CommandRunner(netns)
+        self.nft = nft
+        self.exact = True  # False if this nft prints our ruleset differently from how we render it
+        self._json: bool | None = None  # probed on first use
+
+    def json_supported(self) -> bool:
+        if self._json is None:
+            proc = self.runner.run([self.nft, "-j", "list", "tables"], check=False)
+            self._json = not (proc.returncode != 0 and b"JSON" in proc.stderr)
+        return self._json
+
+    def _load(self, doc: dict[str, Any]) -> None:
+        self.runner.run([self.nft, "-j", "-f", "-"], stdin=json.dumps(doc).encode())
+
+    def _list(self, as_json: bool) -> bytes | None:
+        argv = [self.nft, *(["-j"] if as_json else []), "list", "table", FAMILY, self.table]
+        proc = self.runner.run(argv, check=False)
+        if proc.returncode != 0:
+            if b"No such file or directory" in proc.stderr:
+                return None
+            raise EnforcementError(f"nft list table {FAMILY} {self.table} failed: {first_lines(proc.stderr)}")
+        return proc.stdout
+
+    def read_kernel(self) -> dict[str, Any] | None:
+        """The kernel's JSON listing of our table, or None when the table does not exist."""
+        out = self._list(as_json=True)
+        return None if out is None else json.loads(out)
+
+    def read_kernel_hash(self) -> str | None:
+        if not self.json_supported():
+            out = self._list(as_json=False)
+            return None if out is None else sha256_hex(out)
+        doc = self.read_kernel()
+        return None if doc is None else normalized_hash(normalize(doc))
+
+    def _in_place_possible(self) -> bool:
+        return self.exact
+
+    def _replace(self, ruleset: Ruleset, digest: RulesetDigest) -> Readback:
+        if self.json_supported():
+            self._load(to_nft_json(ruleset))
+        else:
+            self.runner.run([self.nft, "-f", "-"], stdin=to_nft_text(ruleset, digest.hash).encode())
+        kernel = self.read_kernel_hash()
+        self.exact = kernel == digest.hash
+        return Readback(kernel, self.exact)
+
+    def _update_in_place(self, ruleset: Ruleset, digest: RulesetDigest, changes: SetChanges) -> Readback:
+        if changes:
+            self._load(set_update_json(self.table, changes))
+        kernel = self.read_kernel_hash()
+        if kernel != digest.hash:
+            raise EnforcementError(f"after the set update the kernel holds {kernel}, not {digest.hash}")
+        return Readback(kernel)
+
+    def _remove_objects(self) -> None:
+        self.runner.run([self.nft, "-f", "-"],
+                        stdin=f"table {FAMILY} {self.table} {{}}\ndelete table {FAMILY} {self.table}\n".encode())

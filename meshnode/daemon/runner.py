@@ -3,7 +3,8 @@
 Lifecycle (hypercorn / aiohttp web_runner style): set up in phases — identity and trust, stored state,
 enforcement of the last-known-good policy (before any peer is reachable), the gossip node, listeners —
 then run every task in one TaskGroup until SIGTERM (the signal handler only sets an event); clean up in
-reverse in ``finally``. Every timer-driven job runs from the one scheduler.
+reverse in ``finally``. Every timer-driven job runs from the one scheduler. Under systemd the daemon says
+when it is ready, what it enforces, that it is alive (the watchdog) and that it stops (``readiness``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..config import ConfigError, LoadedConfig, load_config, split_hostport
 from ..enforcer import Enforcer
 from ..identity import Identity, load_identity
 from ..metrics import Metrics
+from ..sdnotify import Notifier
 from ..sources import DropDirSource, UrlSource
 from ..state import StateStore
 from . import boot
@@ -39,6 +41,7 @@ from .effects import EffectExecutor
 from .logs import LibraryLogCounter, LogBudget
 from .mesh_listener import MeshListener
 from .operator_api import OperatorApi
+from .readiness import Readiness
 from .scheduler import Deadline, Every, Scheduler
 from .state_writes import StateWriter
 from .tasks import TaskSpawner
@@ -52,7 +55,7 @@ DIAL_CONNECT_TIMEOUT_S = 3
 
 
 class MeshDaemon:
-    def __init__(self, config: LoadedConfig) -> None:
+    def __init__(self, config: LoadedConfig, notifier: Notifier | None = None) -> None:
         self.config = config
         cfg = config.cfg
         self.metrics = Metrics()
@@ -73,6 +76,7 @@ class MeshDaemon:
         self.overrides = config.active_overrides()
         self.tasks = TaskSpawner()
         self.scheduler = Scheduler()
+        self.readiness = Readiness(notifier if notifier is not None else Notifier(), self.log)
         log_budget = LogBudget(per_s=2.0, burst=10)
         self.alerts = AlertSender(self.identity.node_id, cfg.alerts.webhook_urls, self.metrics, self.log, self.tasks)
         self.enforcer = Enforcer(config, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied)
@@ -148,6 +152,7 @@ class MeshDaemon:
                 tg.create_task(self._supervised("drift", self.enforcer.drift_loop), name="drift")
                 self._start_sources(tg)
                 self.core.fire_timer()
+                self.readiness.started(self.trust.policy, self.enforcer.last_error)
                 await self._stop.wait()
                 await self._leave()
                 raise _Shutdown
@@ -160,6 +165,7 @@ class MeshDaemon:
                 await runner.cleanup()
             await http.close()
             self.log.info("meshnode.stopped")
+            self.readiness.close()
 
     async def _start_listeners(self) -> None:
         cfg = self.config.cfg
@@ -192,6 +198,9 @@ class MeshDaemon:
 
     def _schedule_jobs(self) -> None:
         """The timer-driven jobs, in the order they run when due at once."""
+        watchdog = self.readiness.watchdog_job()
+        if watchdog is not None:
+            self.scheduler.add(watchdog)
         self.scheduler.add(Deadline("state-write-retry", lambda: self.state.retry_at, self.state.retry))
         self.scheduler.add(Deadline("core-timer", self.core.next_deadline_s, self.core.fire_timer))
         self.scheduler.add(Every("enforce-retry", RESTART_MIN_S, self._retry_enforcement))
@@ -218,6 +227,7 @@ class MeshDaemon:
 
     def request_stop(self) -> None:
         self.log.info("meshnode.stopping")
+        self.readiness.stopping()
         self._stop.set()
 
     async def _leave(self) -> None:
@@ -228,10 +238,13 @@ class MeshDaemon:
             await asyncio.sleep(0.05)
 
     def _reload(self) -> None:
+        """SIGHUP: re-read the config and re-apply the enforced policy at once (also when the config does
+        not load): a reload of nftables.service flushes the whole ruleset and propagates here."""
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
             self.log.error("config.reload_failed", reason=str(exc), kept="running configuration")
+            self.enforcer.want_again()
             return
         restart_needed = [s for s in ("node", "identity", "trust", "mesh", "admin", "gossip")
                           if getattr(new.cfg, s) != getattr(self.config.cfg, s)]
@@ -268,6 +281,7 @@ class MeshDaemon:
 
     def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)
+        self.readiness.enforced(serial, policy_hash, self.enforcer.applied_members)
         if self.core.node is not None:
             self.core.feed(RulesetApplied(serial=serial, ruleset_hash=ruleset_hash, policy_hash=policy_hash))
 

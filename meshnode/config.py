@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,9 +286,17 @@ def render_config(
     admin_listen: str,
     backend: str = "nftables",
     allow_file_backend: bool = False,
+    source_address: str = "",
+    gossip: Mapping[str, int] | None = None,
 ) -> str:
-    """The node.toml that `meshctl node enroll` writes: a working config with secure defaults."""
+    """The node.toml that `meshctl node enroll` writes: a working config with secure defaults.
+
+    ``source_address`` (the local IP to dial peers from) and ``gossip`` (overrides of the gossip
+    timers, in ms) are written only when given."""
     seeds_s = ", ".join(f'"{s}"' for s in seeds)
+    source_line = f'\nsource_address = "{source_address}"' if source_address else ""
+    gossip_section = "".join(f"\n{key} = {int(value)}" for key, value in (gossip or {}).items())
+    gossip_section = f"\n[gossip]{gossip_section}\n" if gossip_section else ""
     return f"""# policymesh node configuration, written by `meshctl node enroll`.
 # Paths are relative to this file. Unknown keys are errors.
 cluster = "{cluster}"
@@ -308,7 +317,7 @@ clock_skew_s = 300
 
 [mesh]
 listen = "{listen}"
-advertise = "{advertise}"
+advertise = "{advertise}"{source_line}
 seeds = [{seeds_s}]
 
 [admin]
@@ -331,4 +340,4 @@ drop_dir = ""                 # a directory watched for signed policy files (air
 allow_file_backend = {"true" if allow_file_backend else "false"}
 admin_non_loopback = false
 break_glass_cidrs = []
-"""
+{gossip_section}"""

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -24,7 +22,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,123 +29,19 @@ from protocol.policy import parse_policy_toml
 
 from .authority_store import AuthorityDir, CliError
 from .client import OperatorError, publish, status
-from .config import render_config
 from .demo_netns import BRIDGE_IP, NetnsLab
+from .demo_proxy import DemoNode, Proxy
+from .examples import sample_policy_toml
+from .issuing import NodeSettings, enroll, init_authority, sign_next_policy
+from .status_view import format_status
 
-POLICY_TEMPLATE = """
-[defaults]
-inbound = "drop"
-mode = "enforce"
-
-[[allow]]
-name = "web-to-app"
-from = ["role:web"]
-to = ["role:app"]
-ports = ["tcp/8080"]
-
-[[allow]]
-name = "app-to-db"
-from = ["role:app"]
-to = ["role:db"]
-ports = ["tcp/5432"]
-{extra}
-"""
 ROLES = ("web", "app", "db")
 CONVERGE_TIMEOUT_S = 60.0
-
-
-@dataclass(eq=False)
-class DemoNode:
-    index: int
-    node_id: str
-    region: str
-    ip: str
-    mesh_port: int  # the daemon's own listener
-    proxy_port: int  # the advertised address (the demo's proxy)
-    admin_port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    netns: str | None = None
-
-    @property
-    def advertise(self) -> str:
-        return f"{self.ip}:{self.proxy_port}"
-
-    @property
-    def direct(self) -> str:
-        return f"{self.ip}:{self.mesh_port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
-@dataclass
-class Proxy:
-    """Forwards each node's advertised port to the node; drops connections across a cut."""
-
-    nodes: list[DemoNode]
-    region_of_ip: dict[str, str] = field(default_factory=dict)
-    cut_regions: set[str] = field(default_factory=set)
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
-    pipes: set[tuple[str, str, asyncio.StreamWriter, asyncio.StreamWriter]] = field(default_factory=set)
-
-    def blocked(self, src_ip: str, dst_region: str) -> bool:
-        src_region = self.region_of_ip.get(src_ip)
-        if src_region is None or not self.cut_regions:
-            return False
-        return (src_region in self.cut_regions) != (dst_region in self.cut_regions)
-
-    async def start(self) -> None:
-        for n in self.nodes:
-            self.region_of_ip[n.ip] = n.region
-            server = await asyncio.start_server(lambda r, w, n=n: self._handle(n, r, w), n.ip, n.proxy_port)
-            self.servers.append(server)
-
-    async def _handle(self, node: DemoNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        src_ip = writer.get_extra_info("peername")[0]
-        if self.blocked(src_ip, node.region):
-            writer.close()
-            return
-        try:
-            up_r, up_w = await asyncio.open_connection(node.ip, node.mesh_port)
-        except OSError:
-            writer.close()
-            return
-        entry = (src_ip, node.region, writer, up_w)
-        self.pipes.add(entry)
-
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            with contextlib.suppress(OSError, RuntimeError):
-                w.close()
-
-        try:
-            await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
-        except asyncio.CancelledError:
-            pass  # the demo is shutting down
-        finally:
-            self.pipes.discard(entry)
-
-    def cut(self, regions: set[str]) -> None:
-        self.cut_regions = set(regions)
-        for src_ip, dst_region, w1, w2 in list(self.pipes):
-            if self.blocked(src_ip, dst_region):
-                w1.transport.abort()
-                w2.transport.abort()
-
-    def heal(self) -> None:
-        self.cut_regions = set()
-
-    def close(self) -> None:
-        for s in self.servers:
-            s.close()
-        for _, _, w1, w2 in list(self.pipes):
-            w1.transport.abort()
-            w2.transport.abort()
+VALID_S = 30 * 86400
+"""The demo authority's root and every demo certificate are valid for 30 days."""
+POLICY_VALID_S = 7 * 86400
+DEMO_GOSSIP_MS = {"sync_interval_ms": 1000, "cross_region_sync_interval_ms": 2000, "status_sync_interval_ms": 2000}
+"""Demo timers: a small LAN, so probe and sync faster than the production defaults."""
 
 
 class Demo:
@@ -176,7 +69,8 @@ class Demo:
     def setup(self) -> None:
         a = self.args
         if not self.auth.exists():
-            self.auth.init("demo", {"root": (1, 1), "policy": (1, 1), "enroll": (1, 1)}, int(time.time()), 30 * 86400)
+            init_authority(self.auth.path, "demo", {"root": (1, 1), "policy": (1, 1), "enroll": (1, 1)},
+                           int(time.time()), VALID_S)
         regions = [f"region-{chr(ord('a') + i)}" for i in range(a.regions)]
         for i in range(a.nodes):
             region = regions[i % a.regions]
@@ -199,43 +93,26 @@ class Demo:
     def _enroll(self, n: DemoNode, seeds: list[str]) -> None:
         if (n.dir / "node.cert").exists():
             return
-        from .cli import main as meshctl
-
-        role = ROLES[n.index % len(ROLES)]
         backend = "nftables" if self.lab is not None else "file"
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", n.node_id,
-                          "--region", n.region, "--role", role, "--address", n.ip, "--out", str(n.dir),
-                          "--backend", backend, "--valid", "30d"])
-        if rc != 0:
-            raise CliError(f"enrolling {n.node_id} failed")
-        config = render_config(
-            cluster="demo", node_id=n.node_id, region=n.region, listen=n.direct, advertise=n.advertise,
-            seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}", backend=backend,
-            allow_file_backend=self.lab is None,
+        settings = NodeSettings(
+            listen=n.direct, advertise=n.advertise, seeds=seeds, admin_listen=f"127.0.0.1:{n.admin_port}",
+            backend=backend, allow_file_backend=self.lab is None,
+            # Behind the demo's proxy a node dials from its own address, so the proxy can tell who is where.
+            source_address=n.ip if self.lab is None else "",
+            gossip=DEMO_GOSSIP_MS,
         )
-        if self.lab is None:
-            config = config.replace(f'advertise = "{n.advertise}"',
-                                    f'advertise = "{n.advertise}"\nsource_address = "{n.ip}"')
-        # Demo timers: a small LAN, so probe and sync faster than the production defaults.
-        config += ("\n[gossip]\nsync_interval_ms = 1000\ncross_region_sync_interval_ms = 2000\n"
-                   "status_sync_interval_ms = 2000\n")
-        (n.dir / "node.toml").write_text(config)
+        enroll(self.auth, node_id=n.node_id, region=n.region, roles=[ROLES[n.index % len(ROLES)]],
+               addresses=[n.ip], out=n.dir, valid_s=VALID_S, now=int(time.time()), settings=settings)
 
     def _enroll_operator(self) -> None:
-        from .cli import main as meshctl
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = meshctl(["node", "enroll", "--authority", str(self.auth.path), "--node-id", "operator-1",
-                          "--region", "ops", "--role", "operator", "--out", str(self.operator), "--valid", "30d"])
-        if rc != 0:
-            raise CliError("enrolling the operator failed")
+        enroll(self.auth, node_id="operator-1", region="ops", roles=["operator"], addresses=[], out=self.operator,
+               valid_s=VALID_S, now=int(time.time()), settings=None)
 
     # -- processes --------------------------------------------------------------------------------
     def start_node(self, n: DemoNode) -> None:
         log = open(n.dir / "meshnode.log", "ab")  # noqa: SIM115 - handed to the child process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "meshnode.daemon_cli", "run", "--config", str(n.dir / "node.toml")]
+        argv = [sys.executable, "-m", "meshnode.cli.meshnode", "run", "--config", str(n.dir / "node.toml")]
         if self.lab is not None:
             argv = self.lab.exec_argv(n.index, argv)
         n.proc = subprocess.Popen(
@@ -322,19 +199,10 @@ class Demo:
         if self.lab is not None:  # the operator reaches every node's mesh port from the bridge address
             extra_rule += (f'\n[[allow]]\nname = "operator-to-mesh"\nfrom = ["cidr:{BRIDGE_IP}/32"]\n'
                            'to = ["role:*"]\nports = ["tcp/7946"]\n')
-        self.serial += 1
-        doc, rev = parse_policy_toml(POLICY_TEMPLATE.format(extra=extra_rule))
-        from protocol.authority import build_policy, sign_policy
-
-        root = self.auth.root()
-        meta = self.auth.meta()
-        serial = max(self.serial, int(meta.get("last_serial", 0)) + 1)
-        self.serial = serial
-        now = int(time.time())
-        pv = build_policy(root.cluster, serial, now, now + 7 * 86400, root.version, doc, rev)
-        data = sign_policy(pv, self.auth.role_seeds(root, "policy"))
-        meta["last_serial"] = serial
-        self.auth.save_meta(meta)
+        doc, rev = parse_policy_toml(sample_policy_toml() + extra_rule)
+        signed = sign_next_policy(self.auth, doc, rev, now=int(time.time()), expires_s=POLICY_VALID_S)
+        serial = self.serial = signed.version.serial
+        data = signed.envelope
         (self.dir / f"policy-{serial}.msgpack").write_bytes(data)
         return data
 
@@ -489,8 +357,6 @@ class Demo:
             return 0 if rep["all_converged"] else 1
         await loop.run_in_executor(None, self.publish_and_wait, "publish-v1", self.nodes[0], self.nodes)
         st = await loop.run_in_executor(None, self.converged_view, self.nodes[-1])
-        from .opscli import format_status
-
         self._say("")
         self._say(format_status(st))
         self._say("")

@@ -63,6 +63,7 @@ class Enforcer:
         self.applied_serial = 0
         self.applied_hash: str | None = None  # of the ruleset
         self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
+        self.applied_members = 0  # how many member certificates (self included) that ruleset was rendered for
         self.last_error: str | None = None
         self.applied_at: float | None = None
         self.reconfigure(config)
@@ -137,6 +138,7 @@ class Enforcer:
             self.applied_serial, self.applied_hash, self.applied_policy_hash)
         self.applied_serial, self.applied_hash, self.applied_policy_hash = policy.serial, result.hash, policy_hash
         self.applied_at = time.time()
+        self.applied_members = len(members)
         self.metrics.applied_serial.set(policy.serial)
         if changed:
             self.log.info("policy.applied", serial=policy.serial, ruleset_hash=result.hash[:16], mode=result.mode,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from protocol.trust import TrustedState
 
 
 class Metrics:
@@ -65,3 +70,13 @@ class Metrics:
         self.alerts_open.clear()
         for (check, severity), n in counts.items():
             self.alerts_open.labels(check, severity).set(n)
+
+    def observe_policy(self, trust: TrustedState, now: float) -> None:
+        """Set the policy gauges (serial, expiry, state) from the trusted state at wall time ``now``."""
+        policy = trust.policy
+        self.policy_serial.set(trust.serial)
+        if policy is not None:
+            self.policy_expires.set(policy.expires_at)
+        state = trust.policy_state(now)
+        for name in ("none", "fresh", "stale"):
+            self.policy_state.labels(name).set(1 if name == state else 0)

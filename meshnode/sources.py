@@ -27,14 +27,14 @@ class DropDirSource:
     """Every regular file placed in ``drop_dir`` is submitted once, then moved to ``accepted/`` or
     ``rejected/`` (with a ``.reason`` file next to it), so nothing is lost or retried forever."""
 
-    def __init__(self, lc: LoadedConfig, submit: Submit, log: Any) -> None:
+    def __init__(self, config: LoadedConfig, submit: Submit, log: Any) -> None:
         self.submit = submit
         self.log = log.bind(source="drop_dir")
-        self.reconfigure(lc)
+        self.reconfigure(config)
 
-    def reconfigure(self, lc: LoadedConfig) -> None:
-        self.dir = lc.resolve(lc.cfg.sources.drop_dir)
-        self.interval = lc.cfg.sources.drop_poll_s
+    def reconfigure(self, config: LoadedConfig) -> None:
+        self.dir = config.resolve(config.cfg.sources.drop_dir)
+        self.interval = config.cfg.sources.drop_poll_s
 
     def scan_once(self) -> int:
         if not self.dir.is_dir():
@@ -73,17 +73,17 @@ class DropDirSource:
 class UrlSource:
     """Poll URLs serving signed policy envelopes, with ETag revalidation and backoff on failure."""
 
-    def __init__(self, lc: LoadedConfig, http: aiohttp.ClientSession, submit: Submit, log: Any) -> None:
+    def __init__(self, config: LoadedConfig, http: aiohttp.ClientSession, submit: Submit, log: Any) -> None:
         self.http = http
         self.submit = submit
         self.log = log.bind(source="url")
         self.etags: dict[str, str] = {}
         self.failures: dict[str, int] = {}
-        self.reconfigure(lc)
+        self.reconfigure(config)
 
-    def reconfigure(self, lc: LoadedConfig) -> None:
-        self.urls = list(lc.cfg.sources.urls)
-        self.interval = lc.cfg.sources.poll_s
+    def reconfigure(self, config: LoadedConfig) -> None:
+        self.urls = list(config.cfg.sources.urls)
+        self.interval = config.cfg.sources.poll_s
 
     async def poll(self, url: str) -> None:
         headers = {"If-None-Match": self.etags[url]} if url in self.etags else {}

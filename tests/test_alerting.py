@@ -343,7 +343,7 @@ def _config(tmp_path: Path, alerts: str) -> Path:
 
 
 def test_the_pagerduty_key_file_must_be_private_and_hold_a_key(tmp_path: Path, capsys: Any) -> None:
-    from meshnode.daemon_cli import main
+    from meshnode.cli.meshnode import main
 
     key = tmp_path / "pd.key"
     cfg = _config(tmp_path, 'pagerduty_routing_key_file = "pd.key"\n')

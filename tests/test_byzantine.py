@@ -11,7 +11,7 @@ import hashlib
 import msgspec
 import pytest
 
-from meshnode.opscli import format_status
+from meshnode.status_view import format_status
 from protocol.conduct import EPISODE_QUIET_MS, PeerConduct
 from protocol.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
 from protocol.gossip_events import (

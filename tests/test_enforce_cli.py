@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import pytest
 
+from meshnode.cli.render import render_command
 from meshnode.enforce import EnforcementError, RenderOptions
-from meshnode.enforce.render_cli import render_command
 from protocol.authority import Authority
 from protocol.errors import ExpiredError, FormatError, RevokedError, RollbackError, SignatureError, TrustError
 from protocol.policy import Revocations

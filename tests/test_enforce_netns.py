@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from meshnode.cli.render import render_command
 from meshnode.enforce import Backend, RenderOptions, make_backend, render
 from meshnode.enforce.iptables import chain_name
-from meshnode.enforce.render_cli import render_command
 from protocol.authority import Authority
 from protocol.policy import parse_policy_toml
 from protocol.trust import TrustedState

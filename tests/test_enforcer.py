@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from meshnode.authority_store import AuthorityDir
-from meshnode.cli import main as meshctl
+from meshnode.cli.meshctl import main as meshctl
 from meshnode.config import load_config
 from meshnode.daemon import MeshDaemon
 from protocol.authority import build_policy, sign_policy

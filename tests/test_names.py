@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.cli import main as meshctl
+from meshnode.cli.meshctl import main as meshctl
 from meshnode.config import ConfigError, split_hostport
 from protocol.authority import DAY_S, build_root, sign_certificate, sign_policy, sign_root
 from protocol.errors import PolicyError, TrustError

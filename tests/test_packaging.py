@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from meshnode.daemon_cli import build_parser
+from meshnode.cli.meshnode import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOTTING = ("matplotlib", "tqdm", "numpy", "PIL")
@@ -46,7 +46,7 @@ def test_daemonset_runs_the_image_entrypoint_as_a_valid_meshnode_command_line() 
 
 
 def test_the_daemon_and_meshctl_import_no_plotting_stack() -> None:
-    code = ("import sys, meshnode.daemon, meshnode.cli, meshnode.daemon_cli, meshnode.enforcer\n"
+    code = ("import sys, meshnode.daemon, meshnode.cli.meshctl, meshnode.cli.meshnode, meshnode.enforcer\n"
             f"print([m for m in {PLOTTING!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -61,7 +61,7 @@ def test_plotting_is_an_extra_not_a_dependency() -> None:
 
 
 def test_every_command_has_version() -> None:
-    for mod, prog in (("meshnode.cli", "meshctl"), ("meshnode.daemon_cli", "meshnode"), ("simulations.cli", "meshsim")):
+    for mod, prog in (("meshnode.cli", "meshctl"), ("meshnode.cli.meshnode", "meshnode"), ("simulations.cli", "meshsim")):
         out = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert re.fullmatch(rf"{prog} \(policymesh\) \S+\n", out.stdout), out.stdout

@@ -251,7 +251,7 @@ def test_an_oversize_member_file_is_a_problem_not_a_silent_empty(tmp_path, monke
 
 def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     """The daemon logs and counts LoadReport.problems (state.problem, policymesh_state_problems_total)."""
-    from meshnode.cli import main as meshctl
+    from meshnode.cli.meshctl import main as meshctl
     from meshnode.config import load_config
     from meshnode.daemon import MeshDaemon
 
@@ -266,7 +266,7 @@ def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     stale_ruleset = tmp_path / "n1" / f".ruleset.nft.tmp.{_dead_pid()}"
     stale_ruleset.write_bytes(b"partial")
     with structlog.testing.capture_logs() as logs:
-        daemon._boot_state()
+        daemon.load_state()
         asyncio.run(daemon.enforcer.setup())
     assert daemon.metrics.registry.get_sample_value("policymesh_state_problems_total") == 2
     members, ruleset = [e["problem"] for e in logs if e["event"] == "state.problem"]

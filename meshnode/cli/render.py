@@ -1,7 +1,7 @@
 """``meshnode render``: verify the inputs with the node's trust state and print what it would apply.
 
-The lead's CLI (``meshnode/daemon_cli.py``) reads the files named on the command line and the node
-config, builds the :class:`TrustedState` and :class:`RenderOptions`, and calls :func:`render_command`.
+``meshnode render`` (``meshnode/cli/meshnode.py``) reads the files named on the command line and the
+node config, builds the :class:`TrustedState` and :class:`RenderOptions`, and calls :func:`render_command`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from protocol.errors import ExpiredError, NotYetValidError, TrustError
 from protocol.metadata import Certificate, PolicyVersion
 from protocol.trust import TrustedState
 
-from .iptables import to_iptables
-from .model import EnforcementError, RenderOptions
-from .nft import to_nft_json, to_nft_text
-from .render import render
+from ..enforce import EnforcementError, RenderOptions, render, to_iptables, to_nft_json, to_nft_text
 
 FORMATS = ("nft", "json", "iptables")
 

@@ -11,24 +11,18 @@ from pathlib import Path
 from protocol.errors import MeshError
 from protocol.trust import TrustedState
 
-from . import version_string
-from .config import load_config
-from .identity import load_identity
-from .state import StateStore
-
-EXIT_ERROR = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .. import version_string
+from ..config import load_config
+from ..identity import load_identity
+from ..state import StateStore
+from .common import EXIT_INVALID, CliParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="meshnode", description="policymesh node daemon: verifies, stores, gossips and enforces "
+    p = CliParser(prog="meshnode", description="policymesh node daemon: verifies, stores, gossips and enforces "
                 "signed policy versions.")
     p.add_argument("--version", action="version", version=version_string("meshnode"))
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=CliParser)
     r = sub.add_parser("run", help="run the daemon (SIGTERM stops it gracefully, SIGHUP reloads the config)")
     r.add_argument("--config", required=True, metavar="node.toml")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -47,21 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run_daemon
-    from .logsetup import configure
+    from ..daemon import run_daemon
+    from ..logsetup import configure
 
     configure(args.log_level)
     return run_daemon(Path(args.config))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    lc = load_config(Path(args.config))
-    cfg = lc.cfg
-    ident = load_identity(lc.resolve(cfg.identity.cert), lc.resolve(cfg.identity.identity_key),
-                          lc.resolve(cfg.identity.static_key), lc.resolve(cfg.trust.root))
-    TrustedState(ident.anchor).verify_certificate(ident.cert_bytes, time.time())
-    print(f"{args.config}: ok (node {ident.node_id}, region {ident.cert.region}, backend {cfg.enforce.backend}"
-          + (f", overrides: {', '.join(lc.active_overrides())}" if lc.active_overrides() else "") + ")")
+    config = load_config(Path(args.config))
+    cfg = config.cfg
+    identity = load_identity(config.resolve(cfg.identity.cert), config.resolve(cfg.identity.identity_key),
+                          config.resolve(cfg.identity.static_key), config.resolve(cfg.trust.root))
+    TrustedState(identity.anchor).verify_certificate(identity.cert_bytes, time.time())
+    print(f"{args.config}: ok (node {identity.node_id}, region {identity.cert.region}, backend {cfg.enforce.backend}"
+          + (f", overrides: {', '.join(config.active_overrides())}" if config.active_overrides() else "") + ")")
     return 0
 
 
@@ -73,23 +67,23 @@ def _read(path: str, what: str) -> bytes:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .enforce.render_cli import render_command
-    from .enforcer import render_options
+    from ..enforcer import render_options
+    from .render import render_command
 
-    lc = load_config(Path(args.config))
-    cfg = lc.cfg
-    ident = load_identity(lc.resolve(cfg.identity.cert), lc.resolve(cfg.identity.identity_key),
-                          lc.resolve(cfg.identity.static_key), lc.resolve(cfg.trust.root))
+    config = load_config(Path(args.config))
+    cfg = config.cfg
+    identity = load_identity(config.resolve(cfg.identity.cert), config.resolve(cfg.identity.identity_key),
+                          config.resolve(cfg.identity.static_key), config.resolve(cfg.trust.root))
     now = time.time()
-    trust = TrustedState(ident.anchor, skew_s=cfg.trust.clock_skew_s)
-    StateStore(lc.resolve(cfg.node.data_dir)).load_into(trust, now, clean_temps=False)
+    trust = TrustedState(identity.anchor, skew_s=cfg.trust.clock_skew_s)
+    StateStore(config.resolve(cfg.node.data_dir)).load_into(trust, now, clean_temps=False)
     text = render_command(
         policy_bytes=_read(args.policy, "policy") if args.policy else None,
-        own_cert_bytes=ident.cert_bytes,
+        own_cert_bytes=identity.cert_bytes,
         peer_cert_bytes=[_read(p, "certificate") for p in args.peer_cert],
         trust=trust,
         now=now,
-        options=render_options(lc),
+        options=render_options(config),
         fmt=args.format,
     )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -105,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MeshError, OSError, ValueError) as exc:
         msg = str(exc) or type(exc).__name__
         print(f"meshnode: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -1,0 +1,7 @@
+"""``python -m meshnode.cli``: meshctl."""
+
+import sys
+
+from .meshctl import main
+
+sys.exit(main())

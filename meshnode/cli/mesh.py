@@ -1,0 +1,82 @@
+"""meshctl commands that talk to a running mesh: ``policy publish``, ``status`` and ``demo``.
+
+The operator client (aiohttp) and the demo are imported when their command runs: the offline commands
+(authority, enroll, sign) start without them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..authority_store import CliError
+from ..status_view import format_status
+from .common import out
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from ..client import publish
+
+    try:
+        envelope = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
+    roots = []
+    for r in args.root_chain or []:
+        try:
+            roots.append(Path(r).read_bytes())
+        except OSError as exc:
+            raise CliError(f"{r}: cannot read: {exc.strerror or exc}") from None
+    reply = publish(args.node, Path(args.identity), envelope, roots, timeout_s=args.timeout)
+    if not reply.get("ok"):
+        print(f"refused by {args.node}: {reply.get('reason')}", file=sys.stderr)
+        return 1
+    reason = f" ({reply['reason']})" if reply.get("reason") else ""
+    out(f"accepted by {args.node}: serial {reply.get('serial')} stored and gossiping{reason}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..client import status
+
+    st = status(args.node, Path(args.identity), timeout_s=args.timeout)
+    if args.json:
+        out(json.dumps(st, indent=2, default=str))
+    else:
+        out(format_status(st))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args)
+
+
+def register(sub: argparse._SubParsersAction, policy_sub: argparse._SubParsersAction) -> None:
+    p = policy_sub.add_parser("publish", help="push a signed policy to a node over an operator channel")
+    p.add_argument("file")
+    p.add_argument("--node", required=True, metavar="HOST:PORT", help="any node's mesh address")
+    p.add_argument("--identity", required=True, metavar="DIR", help="operator identity (node enroll --role operator)")
+    p.add_argument("--root-chain", action="append", metavar="ROOTFILE", help="newer root(s) to send first (repeatable)")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("status", help="cluster-wide convergence view, read from any single node")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--identity", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="run a local demo mesh of real meshnode processes")
+    p.add_argument("--nodes", type=int, default=6, help="number of nodes (default 6)")
+    p.add_argument("--regions", type=int, default=3, help="number of regions (default 3)")
+    p.add_argument("--netns", action="store_true",
+                   help="(root) one network namespace per node with real nftables enforcement")
+    p.add_argument("--once", action="store_true", help="run the scripted tour and exit")
+    p.add_argument("--json", metavar="FILE", help="with --once: write the report here")
+    p.add_argument("--dir", metavar="DIR", help="work directory (default: a new temporary directory)")
+    p.add_argument("--base-port", type=int, default=17000, help="first port used (default 17000)")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,50 @@
+"""The admin HTTP listener: /healthz, /readyz, /v1/status and /metrics (loopback unless overridden)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from protocol.trust import TrustedState
+
+from ..enforcer import Enforcer
+from ..metrics import Metrics
+
+
+class AdminHttp:
+    def __init__(self, *, status: Callable[[], dict[str, Any]], enforcer: Enforcer, trust: TrustedState,
+                 metrics: Metrics) -> None:
+        self._status = status
+        self._enforcer = enforcer
+        self._trust = trust
+        self._metrics = metrics
+
+    def app(self) -> web.Application:
+        admin = web.Application()
+        admin.router.add_get("/healthz", self.healthz)
+        admin.router.add_get("/readyz", self.readyz)
+        admin.router.add_get("/v1/status", self.status)
+        admin.router.add_get("/metrics", self.metrics)
+        return admin
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        enforcement = self._enforcer.status()
+        if enforcement.get("applied_serial", 0) > 0:
+            return web.Response(text=f"ready: enforcing serial {enforcement['applied_serial']}\n")
+        return web.Response(status=503, text="not ready: no valid policy enforced yet\n")
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self._status(), indent=1, default=str), content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self._metrics.observe_policy(self._trust, time.time())
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,85 @@
+"""The one place the core's effects run (``EffectExecutor.execute``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from protocol.gossip_events import (
+    Alert,
+    Disconnect,
+    Enforce,
+    LivenessChanged,
+    PersistMembers,
+    PersistPolicy,
+    PersistRoot,
+    PolicyResult,
+    Send,
+)
+from protocol.trust import TrustedState
+
+from ..enforcer import Enforcer
+from ..metrics import Metrics
+from ..state import StateStore
+from .connections import ConnectionRegistry
+from .state_writes import StateWriter
+
+
+class EffectExecutor:
+    def __init__(self, *, trust: TrustedState, store: StateStore, state: StateWriter, enforcer: Enforcer,
+                 connections: ConnectionRegistry, metrics: Metrics, log: Any,
+                 alert: Callable[[str, dict[str, Any]], None]) -> None:
+        self.trust = trust
+        self.store = store
+        self.state = state
+        self.enforcer = enforcer
+        self.connections = connections
+        self.metrics = metrics
+        self.log = log
+        self.alert = alert
+
+    def execute(self, effects: Sequence[Any]) -> None:
+        """The one place effects run. Durable effects come first in the list and run synchronously.
+
+        No effect can stop the daemon or the effects after it: a failed state write is kept pending and
+        retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
+        state is not durable), and anything else is logged, counted and alerted."""
+        for eff in effects:
+            try:
+                self.execute_one(eff)
+            except Exception as exc:  # noqa: BLE001 - the bulkhead: one failed effect must not stop the node
+                self.metrics.internal_errors.labels(f"effect.{type(eff).__name__}").inc()
+                self.alert("node.internal_error", {"effect": type(eff).__name__,
+                                                   "error": f"{type(exc).__name__}: {exc}"[:300]})
+                self.log.error("effect.failed", effect=type(eff).__name__, exc_info=exc)
+
+    def execute_one(self, eff: Any) -> None:
+        match eff:
+            case PersistPolicy(serial=serial, envelope=envelope):
+                self.state.persist("policy", "policy", lambda: self.store.save_policy(serial, envelope))
+            case PersistRoot(version=version, envelope=envelope):
+                self.state.persist(f"root.{version}", "root", lambda: self.store.save_root(version, envelope))
+            case PersistMembers(entries=entries):
+                self.state.persist("members", "members", lambda: self.store.save_members(entries))
+            case Enforce(policy=policy, policy_hash=policy_hash, members=members):
+                new_policy = policy_hash != self.enforcer.wanted_hash
+                self.enforcer.want(policy, list(members.values()), policy_hash)
+                if new_policy:
+                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16])
+                    self.metrics.observe_policy(self.trust, time.time())
+                    self.connections.revalidate()
+            case Send(peer=peer, address=address, data=data):
+                self.connections.send(peer, address, data)
+            case Disconnect(peer=peer, reason=reason):
+                self.metrics.frames_refused.labels("peer_misbehaved").inc()
+                self.log.warning("peer.disconnected", peer=peer, reason=reason)
+                self.connections.close_peer(peer, reason)
+            case PolicyResult():
+                pass  # answered by the caller that submitted it
+            case Alert(event=event, fields=fields):
+                self.alert(event, fields)
+            case LivenessChanged(node_id=nid, liveness=liveness, incarnation=inc):
+                self.log.info("member.liveness", member=nid, liveness=liveness, incarnation=inc)
+            case _:
+                self.log.warning("effect.unknown", effect=type(eff).__name__)

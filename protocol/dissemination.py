@@ -62,7 +62,8 @@ class Dissemination:
                  misbehaved: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
         self.cfg = config
         self.rng = rng
-        self.mem = membership
+        self.membership = membership
+        self.members = membership.table
         self._send = send
         self._connected = connected
         self._misbehaved = misbehaved or (lambda peer, kind, facts: None)
@@ -88,7 +89,7 @@ class Dissemination:
         key = d.key
         if self.has.get(peer, (0, 0)) >= key or self.told.get(peer, (0, 0)) >= key:
             return True
-        st = self.mem.status_of(peer)
+        st = self.members.status_of(peer)
         # A signed status names serials and hash prefixes (no root version): only an exact match counts.
         if st is None:
             return False
@@ -109,7 +110,7 @@ class Dissemination:
             self.next_round_ms = None
             return
         self.rounds_left -= 1
-        targets = self.mem.pick(self.cfg.fanout, lambda p: self.holds(p, d), self._connected)
+        targets = self.membership.pick(self.cfg.fanout, lambda p: self.holds(p, d), self._connected)
         for peer in targets:
             self.told[peer] = d.key
             self.counters["announces_sent"] += 1
@@ -216,8 +217,8 @@ class Dissemination:
 
     # -- pulling -------------------------------------------------------------------------------------
     def _timeout(self, peer: str) -> int:
-        r = self.mem.rec(peer)
-        if r is not None and r.region != self.mem.region:
+        r = self.members.rec(peer)
+        if r is not None and r.region != self.members.region:
             return self.cfg.cross_region_pull_timeout_ms
         return self.cfg.pull_timeout_ms
 
@@ -232,8 +233,8 @@ class Dissemination:
         # Prefer an open channel in our region, then any open channel, then anyone; a peer that left
         # claims unserved before comes last.
         def rank(p: str) -> tuple[int, int]:
-            r = self.mem.rec(p)
-            local = r is not None and r.region == self.mem.region
+            r = self.members.rec(p)
+            local = r is not None and r.region == self.members.region
             return (min(self.unserved.get(p, 0), 3), (0 if self._connected(p) else 2) + (0 if local else 1))
 
         best = min(rank(p) for p in fresh)

@@ -8,8 +8,8 @@
 * ``BroadcastQueue`` and ``Piggyback`` (protocol.broadcasts): member rumours riding on probes.
 
 The parts depend one way (table <- own record <- records <- swim, anti-entropy) and never call back
-into the node: what they want sent or reported goes to the shared ``outbox`` (in order), which the
-node drains into its own effect list before adding anything of its own.
+into the node: what they want sent or reported goes to the shared ``outbox``, in order (the node's
+own effect list, which the node returns from ``handle``).
 
 Memory layout: see ``protocol.members`` (about 40 bytes per member per node).  Peer-controlled
 memory is bounded: see ``protocol.member_records`` (records, statuses), ``protocol.swim`` (suspicion
@@ -75,13 +75,15 @@ class Membership:
         preferred: IndexedSet | None = None,
         seeds: Sequence[str] = (),
         known_peers: Sequence[MemberEntry] = (),
+        outbox: list[Effect] | None = None,
     ) -> None:
         """``connected``: whether a channel to a peer is open; ``preferred``: those peers (for
-        uniform random choice); ``seeds``/``known_peers``: addresses to join through."""
+        uniform random choice); ``seeds``/``known_peers``: addresses to join through; ``outbox``:
+        where the parts put what they want sent or reported (the node's effect list)."""
         self.cfg = config
         self.rng = rng
         self.preferred = preferred
-        self.outbox: list[Effect] = []  # what the parts want sent or reported, in order (the node drains it)
+        self.outbox: list[Effect] = outbox if outbox is not None else []  # in order
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.table = MemberTable(node_id, cert.region, cache, config.sync_buckets, self.outbox)
         self.broadcasts = BroadcastQueue()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from .conduct import PeerConduct
+from .connected_peers import ConnectedPeers
 from .dissemination import Dissemination
 from .entropy import Entropy
 from .errors import (
@@ -80,7 +81,7 @@ from .gossip_wire import (
     SyncEntries,
     decode,
 )
-from .members import IndexedSet, VerifyCache
+from .members import VerifyCache
 from .membership import Membership
 from .metadata import Certificate, decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
@@ -94,12 +95,8 @@ __all__ = [
     "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
 ]
 
-MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
 MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
-# what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
-CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
-                  "pull_flood": "gossip.pull_flood"}
 
 
 class Node:
@@ -132,20 +129,19 @@ class Node:
         self.advertise = advertise
         self.rng = Entropy(entropy)
         self.cache = verify_cache if verify_cache is not None else VerifyCache()
-        self._out: list[Effect] = []
-        self.connected: set[str] = set()
-        self.conn_set = IndexedSet()  # the same peers, for uniform random choice
+        self.outbox: list[Effect] = []  # what handle() returns, in order (the parts append to it too)
+        self.connected = ConnectedPeers()
         self.membership = Membership(
             config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng, self.cache,
-            connected=self.connected.__contains__, preferred=self.conn_set,
+            connected=self.connected.__contains__, preferred=self.connected.open, outbox=self.outbox,
             seeds=[s for s in dict.fromkeys(seeds) if s and s != advertise],
             # members remembered from the last run that can be dialled (a few are tried at start)
             known_peers=[p for p in known_members if p.node_id != node_id and p.address])
         self.members = self.membership.table
         self.anti_entropy = self.membership.anti_entropy
         self.conduct = PeerConduct()
-        self.dissemination = Dissemination(config, self.rng, self.membership, self.send, self.connected.__contains__,
-                                           self._misbehaved)
+        self.dissemination = Dissemination(config, self.rng, self.membership, self.connected, self.conduct,
+                                           self.outbox)
         # Certificates remembered from the last run: the directory handed to enforcement after a
         # restart is the one from before it, until members are heard from again.
         self._known_certs: dict[str, tuple[bytes, Certificate]] = {}
@@ -174,7 +170,6 @@ class Node:
         self._equivocation_alerted: Equivocation | None = None
         # peer -> [version, when, repeats refused] of the last body served to it (lost with the channel)
         self._served: dict[str, list[Any]] = {}
-        self._expelled: set[str] = set()  # peers we disconnected for misbehaviour (until it is reported)
         if enforced is not None and enforced[0]:
             h = trust.policy_hash if enforced[0] == trust.serial and trust.policy_hash else ""
             self._enforced = (enforced[0], h, _prefix(enforced[1]))
@@ -182,7 +177,7 @@ class Node:
         self._stale_alerted = False
         self.counters: dict[str, int] = {"remote_errors": 0, "frames": 0, "policies_applied": 0,
                                          "stale_offers": 0, "pull_answers_refused": 0,
-                                         "equivocations_seen": 0, "misbehaviour_disconnects": 0}
+                                         "equivocations_seen": 0}
         self._handlers: dict[type, Callable[[str, Any], None]] = {
             Ping: self._on_ping, Ack: self._on_ack, PingReq: self._on_ping_req, Nack: self._on_nack,
             Announce: self._on_announce, PolicyPull: self._on_policy_pull, PolicyPush: self._on_policy_push,
@@ -192,16 +187,8 @@ class Node:
         }
 
     # -- output --------------------------------------------------------------------------------------
-    def _push(self, effect: Effect) -> None:
-        """Add one effect, after whatever membership has queued so far (their order is kept)."""
-        outbox = self.membership.outbox
-        if outbox:
-            self._out += outbox
-            outbox.clear()
-        self._out.append(effect)
-
     def send(self, peer: str, msg: Any) -> None:
-        self._push(self.membership.piggyback.send(peer, msg))
+        self.outbox.append(self.membership.piggyback.send(peer, msg))
 
     # -- the façade ----------------------------------------------------------------------------------
     def handle(self, now: Now, inp: Any) -> list[Effect]:
@@ -215,11 +202,7 @@ class Node:
         elif isinstance(inp, PeerConnected):
             self._on_connected(inp.peer, inp.cert_bytes)
         elif isinstance(inp, PeerDisconnected):
-            self.connected.discard(inp.peer)
-            self.conn_set.discard(inp.peer)
-            if inp.peer in self._expelled:  # we closed it for misbehaviour: no fresh answers
-                self._expelled.discard(inp.peer)
-            else:
+            if not self.connected.closed(inp.peer):  # (closed for misbehaviour: no fresh answers)
                 self._served.pop(inp.peer, None)  # what we sent may have been lost with the channel
             self.dissemination.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
@@ -239,11 +222,8 @@ class Node:
         else:
             raise LocalProtocolError(f"unknown input {type(inp).__name__}")
         self._tick(now)
-        outbox = self.membership.outbox
-        if outbox:
-            self._out += outbox
-            outbox.clear()
-        out, self._out = self._out, []
+        out = self.outbox[:]
+        self.outbox.clear()
         return out
 
     def next_deadline(self) -> int | None:
@@ -298,7 +278,7 @@ class Node:
         for nid, (cb, c) in self._known_certs.items():
             if nid not in self.members:
                 entries.append(MemberEntry(nid, "", c.region, cb))
-        self._push(PersistMembers(tuple(entries)))
+        self.outbox.append(PersistMembers(tuple(entries)))
 
     def _housekeeping(self, now: Now) -> None:
         self.membership.records.expel_invalid(now.wall, revocations=False)
@@ -306,11 +286,11 @@ class Node:
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
                 self._stale_alerted = True
-                self._push(Alert("policy.stale", {"serial": self.trust.serial}))
+                self.outbox.append(Alert("policy.stale", {"serial": self.trust.serial}))
             self._publish_status(force=True)
         skew = self.trust.skew_s
         if self.cert.not_after < now.wall + 7 * 86400 - skew:
-            self._push(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
+            self.outbox.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
 
     def _current_directory(self) -> tuple[dict[str, Certificate], int]:
         """The valid certificate directory (members, then certificates remembered from the last run
@@ -339,7 +319,7 @@ class Node:
             self._persist_members()
             pol, h = self.trust.policy, self.trust.policy_hash
             if pol is not None and h is not None:
-                self._push(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
+                self.outbox.append(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -390,7 +370,7 @@ class Node:
             self._lag_since = None
             if self._lag_alerted:
                 self._lag_alerted = False
-                self._push(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
+                self.outbox.append(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
                 self._publish_status(force=True)
             return
         if self._lag_since is None:
@@ -398,7 +378,7 @@ class Node:
         elif not self._lag_alerted and ms - self._lag_since >= self.cfg.enforce_grace_ms:
             self._lag_alerted = True
             e_serial, e_hash, _ = self._enforced
-            self._push(Alert("policy.not_enforced", {
+            self.outbox.append(Alert("policy.not_enforced", {
                 "trusted_serial": serial, "trusted_hash": h, "enforced_serial": e_serial,
                 "enforced_hash": e_hash, "for_ms": ms - self._lag_since}))
             self._publish_status(force=True)
@@ -471,11 +451,10 @@ class Node:
     def _blame(self, peer: str, exc: Exception) -> None:
         self.counters["remote_errors"] += 1
         reason = getattr(exc, "reason", "protocol_error") if isinstance(exc, TrustError) else "protocol_error"
-        self._push(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
+        self.outbox.append(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
         if peer:
-            self._push(Disconnect(peer, reason))
+            self.outbox.append(Disconnect(peer, reason))
             self.connected.discard(peer)
-            self.conn_set.discard(peer)
             self.dissemination.forget_source(peer)
             self.dissemination.pull_failed(peer, self._now.ms)
 
@@ -494,7 +473,6 @@ class Node:
             self._blame(peer, exc)
             return
         self.connected.add(peer)
-        self.conn_set.add(peer)
 
     def _on_ping(self, peer: str, msg: Ping) -> None:
         self.membership.swim.on_ping(peer, msg)
@@ -585,15 +563,9 @@ class Node:
     def _misbehaved(self, peer: str, kind: str, facts: dict[str, Any]) -> None:
         """Charge one offence to ``peer``: one alert per (peer, kind) episode, and the channel is
         closed when it repeats (see protocol.conduct)."""
-        verdict = self.conduct.note(peer, kind, self._now.ms)
-        if verdict.alert:
-            self._push(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
-        if verdict.disconnect and peer in self.connected:
-            self.counters["misbehaviour_disconnects"] += 1
-            self._push(Disconnect(peer, kind))
-            self.connected.discard(peer)
-            self.conn_set.discard(peer)
-            self._expelled.add(peer)
+        effects = self.conduct.charge(peer, kind, facts, self._now.ms, self.connected)
+        self.outbox += effects
+        if any(isinstance(e, Disconnect) for e in effects):
             self.dissemination.forget_source(peer)
 
     def _note_equivocation(self) -> None:
@@ -603,7 +575,7 @@ class Node:
             return
         self._equivocation_alerted = eq
         self.counters["equivocations_seen"] += 1
-        self._push(Alert("policy.equivocation", {
+        self.outbox.append(Alert("policy.equivocation", {
             "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
             "kept": eq.hashes[0]}))
         self._publish_status(force=True)
@@ -640,12 +612,12 @@ class Node:
                 self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._push(_refused(source, 0, exc))
-                self._push(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self.outbox.append(_refused(source, 0, exc))
+                self.outbox.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
                 self._blame(peer, exc)
@@ -654,7 +626,7 @@ class Node:
             # A validly signed second payload at our serial with a higher hash: refused, remembered.
             self._note_equivocation()
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 peek = self._peek(envelope)
                 if peek is not None:
@@ -662,9 +634,9 @@ class Node:
             return
         except (RollbackError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
             event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
-            self._push(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
+            self.outbox.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 self.dissemination.forget_source(peer)
                 self.dissemination.pull_failed(peer, now.ms, unserved=True)
@@ -672,21 +644,21 @@ class Node:
         pol = check.policy
         if check.duplicate:
             if local:
-                self._push(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
+                self.outbox.append(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
             if peer is not None:
                 self.dissemination.note_has(peer, (pol.root_version, pol.serial))
             self.dissemination.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
-        self._push(PersistPolicy(pol.serial, check.envelope_bytes))
+        self.outbox.append(PersistPolicy(pol.serial, check.envelope_bytes))
         members = self._last_dir if self._last_dir is not None else self._current_directory()[0]
-        self._push(Enforce(pol, check.hash, members))
+        self.outbox.append(Enforce(pol, check.hash, members))
         self._applying = (pol.serial, check.hash)
         if check.replaces is not None:
             self._note_equivocation()
         if local:
-            self._push(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
+            self.outbox.append(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
         if peer is not None:
             self.dissemination.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
@@ -725,13 +697,13 @@ class Node:
             if peer is not None and isinstance(exc, (SignatureError, FormatError)):
                 self._blame(peer, exc)
             else:
-                self._push(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self.outbox.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._push(_refused(source, self.trust.root_version, exc))
+                self.outbox.append(_refused(source, self.trust.root_version, exc))
         for version, data in added:
-            self._push(PersistRoot(version, data))
+            self.outbox.append(PersistRoot(version, data))
         if peer is None and added:
-            self._push(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
+            self.outbox.append(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
         if self.trust.root_version != before:
             self._on_root_changed()
             if self._pending_policy is not None:
@@ -747,7 +719,7 @@ class Node:
     def status(self, now: Now) -> dict[str, Any]:
         """A JSON-able view: this node, its policy, every member, and cluster convergence (see
         ``protocol.status_view``)."""
-        counters = {**self.counters, **self.membership.counters, **self.dissemination.counters,
+        counters = {**self.counters, "misbehaviour_disconnects": self.conduct.disconnects, **self.membership.counters, **self.dissemination.counters,
                     **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}}
         return status_view(now, self.trust, self.members, node_id=self.node_id, advertise=self.advertise,
                            incarnation=self.membership.own.incarnation, local_health=self.membership.swim.health,

@@ -10,11 +10,18 @@ do about it:
   episode, and so the alert, carries on).
 
 Memory is fixed: at most ``MAX_TRACKED`` (peer, kind) entries; the stalest is forgotten first.
+
+``charge`` applies the verdict: it returns the ``Alert`` and ``Disconnect`` effects and closes the
+channel in ``ConnectedPeers``; the part that charged forgets what the peer claimed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from .connected_peers import ConnectedPeers
+from .gossip_events import Alert, Disconnect, Effect
 
 WINDOW_MS = 60_000
 EPISODE_QUIET_MS = 300_000
@@ -22,6 +29,9 @@ MAX_TRACKED = 4096
 # offences of one kind within WINDOW_MS before the peer is disconnected
 LIMITS = {"unserved_claim": 5, "stale_offer": 3, "pull_flood": 20, "equivocating_body": 3}
 DEFAULT_LIMIT = 5
+# what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode)
+CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
+                  "pull_flood": "gossip.pull_flood"}
 
 
 @dataclass(slots=True)
@@ -44,6 +54,21 @@ class PeerConduct:
     def __init__(self) -> None:
         self._ep: dict[tuple[str, str], _Episode] = {}
         self.counts: dict[str, int] = {}  # kind -> offences (all peers)
+        self.disconnects = 0  # channels closed for misbehaviour
+
+    def charge(self, peer: str, kind: str, facts: dict[str, Any], now_ms: int, connected: ConnectedPeers
+               ) -> list[Effect]:
+        """Charge one offence to ``peer``: one alert per (peer, kind) episode, and the channel is
+        closed (``Disconnect``, and expelled from ``connected``) when it repeats."""
+        verdict = self.note(peer, kind, now_ms)
+        out: list[Effect] = []
+        if verdict.alert:
+            out.append(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
+        if verdict.disconnect and peer in connected:
+            self.disconnects += 1
+            out.append(Disconnect(peer, kind))
+            connected.expel(peer)
+        return out
 
     def note(self, peer: str, kind: str, now_ms: int) -> Verdict:
         self.counts[kind] = self.counts.get(kind, 0) + 1

@@ -16,23 +16,28 @@ of its sources.
   so a claim nobody serves never shadows a version somebody does serve: a lie about serial 2^62 costs
   one pull that times out, while the real next version is pulled at the same time from its sources.
 * A source that does not serve what it claimed (timeout, stale or foreign body) loses the claim, is
-  not asked for that candidate again for ``UNSERVED_RETRY_MS``, and is reported through the
-  ``misbehaved`` port (the node rate-limits the alert per episode and disconnects repeat offenders).
+  not asked for that candidate again for ``retry_after_ms``, and is charged with it in the
+  ``PeerConduct`` ledger (one alert per episode; repeat offenders are disconnected).
 * Which offers are stale is decided by the node against its *trusted* floor only, never against a
   claim.
 
 Equal (root version, serial) with different hashes is an equivocation: the node offers the other hash
 here like any candidate (to fetch and verify it), and ``done`` keeps such candidates alive.
+
+What dissemination sends, alerts or disconnects goes to ``outbox`` (the node's ordered effect list);
+``next_deadline()`` is the earliest of its timers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .conduct import PeerConduct
+from .connected_peers import ConnectedPeers
 from .entropy import Entropy
 from .gossip_config import GossipConfig
+from .gossip_events import Disconnect, Effect
 from .gossip_wire import Announce, Digest, PolicyPull
 from .membership import Membership
 
@@ -57,15 +62,15 @@ class _Claim:
 
 
 class Dissemination:
-    def __init__(self, config: GossipConfig, rng: Entropy, membership: Membership,
-                 send: Callable[[str, object], None], connected: Callable[[str], bool],
-                 misbehaved: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, config: GossipConfig, rng: Entropy, membership: Membership, connected: ConnectedPeers,
+                 conduct: PeerConduct, outbox: list[Effect]) -> None:
         self.cfg = config
         self.rng = rng
-        self.mem = membership
-        self._send = send
-        self._connected = connected
-        self._misbehaved = misbehaved or (lambda peer, kind, facts: None)
+        self.membership = membership
+        self.members = membership.table
+        self.connected = connected
+        self.conduct = conduct
+        self.outbox = outbox
         self.has: dict[str, Key] = {}  # peer -> newest version it is known to hold
         self.told: dict[str, Key] = {}  # peer -> newest version we announced to it
         self.announcing: Digest | None = None
@@ -79,6 +84,9 @@ class Dissemination:
         self.counters = {"announces_sent": 0, "pulls_sent": 0, "pull_timeouts": 0, "bodies_served": 0,
                          "unserved_claims": 0, "claims_evicted": 0}
 
+    def _send(self, peer: str, msg: Any) -> None:
+        self.outbox.append(self.membership.piggyback.send(peer, msg))
+
     # -- what peers hold -----------------------------------------------------------------------------
     def note_has(self, peer: str, key: Key) -> None:
         if key > self.has.get(peer, (0, 0)):
@@ -88,7 +96,7 @@ class Dissemination:
         key = d.key
         if self.has.get(peer, (0, 0)) >= key or self.told.get(peer, (0, 0)) >= key:
             return True
-        st = self.mem.status_of(peer)
+        st = self.members.status_of(peer)
         # A signed status names serials and hash prefixes (no root version): only an exact match counts.
         if st is None:
             return False
@@ -109,7 +117,7 @@ class Dissemination:
             self.next_round_ms = None
             return
         self.rounds_left -= 1
-        targets = self.mem.pick(self.cfg.fanout, lambda p: self.holds(p, d), self._connected)
+        targets = self.membership.pick(self.cfg.fanout, lambda p: self.holds(p, d), self.connected.__contains__)
         for peer in targets:
             self.told[peer] = d.key
             self.counters["announces_sent"] += 1
@@ -216,8 +224,8 @@ class Dissemination:
 
     # -- pulling -------------------------------------------------------------------------------------
     def _timeout(self, peer: str) -> int:
-        r = self.mem.rec(peer)
-        if r is not None and r.region != self.mem.region:
+        r = self.members.rec(peer)
+        if r is not None and r.region != self.members.region:
             return self.cfg.cross_region_pull_timeout_ms
         return self.cfg.pull_timeout_ms
 
@@ -232,9 +240,9 @@ class Dissemination:
         # Prefer an open channel in our region, then any open channel, then anyone; a peer that left
         # claims unserved before comes last.
         def rank(p: str) -> tuple[int, int]:
-            r = self.mem.rec(p)
-            local = r is not None and r.region == self.mem.region
-            return (min(self.unserved.get(p, 0), 3), (0 if self._connected(p) else 2) + (0 if local else 1))
+            r = self.members.rec(p)
+            local = r is not None and r.region == self.members.region
+            return (min(self.unserved.get(p, 0), 3), (0 if p in self.connected else 2) + (0 if local else 1))
 
         best = min(rank(p) for p in fresh)
         choices = sorted(p for p in fresh if rank(p) == best)
@@ -277,8 +285,11 @@ class Dissemination:
             self.failed[peer] = (cid, now_ms + self.retry_after_ms)
             self._drop_source(peer, cid)
             d = claim.digest
-            self._misbehaved(peer, "unserved_claim", {"serial": d.serial, "root_version": d.root_version,
-                                                      "hash": d.hash.hex()[:16]})
+            facts = {"serial": d.serial, "root_version": d.root_version, "hash": d.hash.hex()[:16]}
+            effects = self.conduct.charge(peer, "unserved_claim", facts, now_ms, self.connected)
+            self.outbox += effects
+            if any(isinstance(e, Disconnect) for e in effects):
+                self.forget_source(peer)
         if cid in self.claims:
             self._start_pull(claim, now_ms)
             if claim.pull is None and not any(exp > now_ms for exp in claim.sources.values()):

@@ -21,8 +21,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from . import gossip_wire as wire
 from .conduct import PeerConduct
+from .connected_peers import ConnectedPeers
 from .dissemination import Dissemination
 from .entropy import Entropy
 from .errors import (
@@ -79,11 +79,10 @@ from .gossip_wire import (
     RootPush,
     Sync,
     SyncEntries,
-    View,
     decode,
-    encode,
 )
-from .membership import DEAD, LEFT, SUSPECT, IndexedSet, Membership, VerifyCache
+from .members import VerifyCache
+from .membership import Membership
 from .metadata import Certificate, decode_policy, payload_hash
 from .signing import decode_envelope, public_key_of
 from .status_view import status_view
@@ -96,12 +95,8 @@ __all__ = [
     "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
 ]
 
-MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 PULL_REPEATS_TOLERATED = 2  # refused repeats of one pull before it counts as a flood
 MAX_PULL_ANSWERS_TRACKED = 4096  # (peer -> version last served) entries; channels are bounded anyway
-# what each kind of peer misbehaviour is alerted as (once per (peer, kind) episode: protocol.conduct)
-CONDUCT_EVENTS = {"stale_offer": "policy.stale_offer", "unserved_claim": "gossip.unserved_claim",
-                  "pull_flood": "gossip.pull_flood"}
 
 
 class Node:
@@ -132,21 +127,21 @@ class Node:
         self.node_id = node_id
         self.cert = cert
         self.advertise = advertise
-        self.seeds = [s for s in dict.fromkeys(seeds) if s and s != advertise]
-        # members remembered from the last run that can be dialled (a few are tried at start)
-        self.known_peers = [p for p in known_members if p.node_id != node_id and p.address]
         self.rng = Entropy(entropy)
         self.cache = verify_cache if verify_cache is not None else VerifyCache()
-        self._out: list[Effect] = []
-        self.connected: set[str] = set()
-        self.conn_set = IndexedSet()  # the same peers, for uniform random choice
-        self.mem = Membership(config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng,
-                              self.cache, self.connected.__contains__)
+        self.outbox: list[Effect] = []  # what handle() returns, in order (the parts append to it too)
+        self.connected = ConnectedPeers()
+        self.membership = Membership(
+            config, trust, node_id, identity_seed, cert, cert_bytes, advertise, self.rng, self.cache,
+            connected=self.connected.__contains__, preferred=self.connected.open, outbox=self.outbox,
+            seeds=[s for s in dict.fromkeys(seeds) if s and s != advertise],
+            # members remembered from the last run that can be dialled (a few are tried at start)
+            known_peers=[p for p in known_members if p.node_id != node_id and p.address])
+        self.members = self.membership.table
+        self.anti_entropy = self.membership.anti_entropy
         self.conduct = PeerConduct()
-        self.dis = Dissemination(config, self.rng, self.mem, self.send, self.connected.__contains__,
-                                 self._misbehaved)
-        self.mem.preferred = self.conn_set
-        self.mem.watch_addresses(self.seeds)
+        self.dissemination = Dissemination(config, self.rng, self.membership, self.connected, self.conduct,
+                                           self.outbox)
         # Certificates remembered from the last run: the directory handed to enforcement after a
         # restart is the one from before it, until members are heard from again.
         self._known_certs: dict[str, tuple[bytes, Certificate]] = {}
@@ -159,17 +154,12 @@ class Node:
                 self._known_certs[c.node_id] = (p.cert, c)
         self.started = False
         self._now = Now(0, 0.0)
-        self._sync_at = 0
-        self._xsync_at = 0
-        self._retry_at = 0
-        self._seed_at = 0
         self._house_at = 0
         self._dir_at: int | None = None
         self._peers_at: int | None = None
         self._last_dir: dict[str, Certificate] | None = None  # the directory last handed to Enforce
         self._last_dir_fingerprint = 0  # ... and a digest of its certificates' exact bytes
         self._pending_policy: bytes | None = None
-        self._status_sync_at = 0
         self._root_pull_from: dict[str, int] = {}  # peer -> when we last asked it for roots
         # What the enforcer confirmed: (serial, policy hash hex, ruleset hash prefix).  Status reports
         # this, not what we trust; trusted != enforced for longer than enforce_grace_ms is an alert.
@@ -180,7 +170,6 @@ class Node:
         self._equivocation_alerted: Equivocation | None = None
         # peer -> [version, when, repeats refused] of the last body served to it (lost with the channel)
         self._served: dict[str, list[Any]] = {}
-        self._expelled: set[str] = set()  # peers we disconnected for misbehaviour (until it is reported)
         if enforced is not None and enforced[0]:
             h = trust.policy_hash if enforced[0] == trust.serial and trust.policy_hash else ""
             self._enforced = (enforced[0], h, _prefix(enforced[1]))
@@ -188,27 +177,18 @@ class Node:
         self._stale_alerted = False
         self.counters: dict[str, int] = {"remote_errors": 0, "frames": 0, "policies_applied": 0,
                                          "stale_offers": 0, "pull_answers_refused": 0,
-                                         "equivocations_seen": 0, "misbehaviour_disconnects": 0}
+                                         "equivocations_seen": 0}
         self._handlers: dict[type, Callable[[str, Any], None]] = {
             Ping: self._on_ping, Ack: self._on_ack, PingReq: self._on_ping_req, Nack: self._on_nack,
             Announce: self._on_announce, PolicyPull: self._on_policy_pull, PolicyPush: self._on_policy_push,
             RootPull: self._on_root_pull, RootPush: self._on_root_push, Sync: self._on_sync,
-            SyncEntries: self._on_sync_entries, MemberPull: self._on_member_pull, Members: self._on_members,
+            SyncEntries: self.anti_entropy.on_sync_entries, MemberPull: self.anti_entropy.on_member_pull,
+            Members: self._on_members,
         }
 
     # -- output --------------------------------------------------------------------------------------
-    def _push(self, effect: Effect) -> None:
-        """Add one effect, after whatever membership has queued so far (their order is kept)."""
-        if self.mem.outbox:
-            self._out += self.mem.outbox
-            self.mem.outbox.clear()
-        self._out.append(effect)
-
     def send(self, peer: str, msg: Any) -> None:
-        self._push(self.mem.outgoing(peer, msg))
-
-    def send_addr(self, address: str, msg: Any) -> None:
-        self._push(Send("", address, encode(msg)))
+        self.outbox.append(self.membership.piggyback.send(peer, msg))
 
     # -- the façade ----------------------------------------------------------------------------------
     def handle(self, now: Now, inp: Any) -> list[Effect]:
@@ -222,17 +202,13 @@ class Node:
         elif isinstance(inp, PeerConnected):
             self._on_connected(inp.peer, inp.cert_bytes)
         elif isinstance(inp, PeerDisconnected):
-            self.connected.discard(inp.peer)
-            self.conn_set.discard(inp.peer)
-            if inp.peer in self._expelled:  # we closed it for misbehaviour: no fresh answers
-                self._expelled.discard(inp.peer)
-            else:
+            if not self.connected.closed(inp.peer):  # (closed for misbehaviour: no fresh answers)
                 self._served.pop(inp.peer, None)  # what we sent may have been lost with the channel
-            self.dis.pull_failed(inp.peer, now.ms)
+            self.dissemination.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
             if inp.peer:
-                self.mem.probe_send_failed(inp.peer, now.ms)
-                self.dis.pull_failed(inp.peer, now.ms)
+                self.membership.swim.probe_send_failed(inp.peer, now.ms)
+                self.dissemination.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, PolicySubmitted):
             self._accept_policy(inp.envelope, None, inp.source)
         elif isinstance(inp, RootsSubmitted):
@@ -240,24 +216,21 @@ class Node:
         elif isinstance(inp, RulesetApplied):
             self._on_ruleset_applied(inp)
         elif isinstance(inp, LeaveRequested):
-            item = self.mem.leave(now.ms)
-            for peer in self.mem.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):
+            item = self.membership.leave(now.ms)
+            for peer in self.membership.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):
                 self.send(peer, Ping(0, peer, (item,)))
         else:
             raise LocalProtocolError(f"unknown input {type(inp).__name__}")
         self._tick(now)
-        if self.mem.outbox:
-            self._out += self.mem.outbox
-            self.mem.outbox.clear()
-        out, self._out = self._out, []
+        out = self.outbox[:]
+        self.outbox.clear()
         return out
 
     def next_deadline(self) -> int | None:
         if not self.started:
             return None
-        d = min(self.mem.next_deadline(), self._sync_at, self._xsync_at, self._retry_at, self._seed_at,
-                self._house_at)
-        dd = self.dis.next_deadline()
+        d = min(self.membership.next_deadline(), self.anti_entropy.next_deadline(), self._house_at)
+        dd = self.dissemination.next_deadline()
         if dd is not None and dd < d:
             d = dd
         lag = self._lag_since + self.cfg.enforce_grace_ms if self._lag_since is not None and \
@@ -270,52 +243,28 @@ class Node:
     # -- start and timers ----------------------------------------------------------------------------
     def _start(self, now: Now) -> None:
         self.started = True
-        self.mem.start(now.ms, now.wall)
+        self.membership.start(now.ms, now.wall)
         self._publish_status(force=True)
         ms = now.ms
-        self._sync_at = ms + self.rng.below(self.cfg.sync_interval_ms)
-        self._xsync_at = ms + self.rng.below(self.cfg.cross_region_sync_interval_ms)
-        self._retry_at = ms + self.cfg.dead_retry_interval_ms
-        self._seed_at = ms + self.cfg.seed_retry_lonely_ms
+        self.anti_entropy.start(ms)
         self._house_at = ms + self.cfg.housekeeping_interval_ms
         self._dir_at = ms
-        # One seed (and a few remembered peers after a restart) is enough to join; the rest are
-        # retried when nobody answers (see _retry_seeds).
-        if self.seeds:
-            self._sync_addr(self.rng.choice(self.seeds))
-        for p in self.rng.sample(self.known_peers, self.cfg.fanout):
-            self._sync_addr(p.address)
+        self.anti_entropy.join(ms, self._digest(), self.trust.root_version)
 
     def _tick(self, now: Now) -> None:
         ms = now.ms
-        self.mem.tick(ms)
-        self.dis.tick(ms)
-        if ms >= self._sync_at:
-            self._sync_at = ms + self.rng.jitter(self.cfg.sync_interval_ms)
-            peers = self.mem.pick(1, lambda p: False, None, cross=0)
-            for peer in peers:
-                self._sync_peer(peer)
-        if ms >= self._xsync_at:
-            self._xsync_at = ms + self.rng.jitter(self.cfg.cross_region_sync_interval_ms)
-            for peer in self._pick_cross():
-                self._sync_peer(peer)
-        if ms >= self._retry_at:
-            self._retry_at = ms + self.rng.jitter(self.cfg.dead_retry_interval_ms)
-            self._retry_dead()
-        if ms >= self._seed_at:
-            lonely = len(self.mem.alive_all) == 0
-            self._seed_at = ms + self.rng.jitter(
-                self.cfg.seed_retry_lonely_ms if lonely else self.cfg.seed_retry_interval_ms)
-            self._retry_seeds(lonely)
+        self.membership.swim.tick(ms)
+        self.dissemination.tick(ms)
+        self.anti_entropy.tick(ms, self._digest(), self.trust.root_version)
         if ms >= self._house_at:
             self._house_at = ms + self.cfg.housekeeping_interval_ms
             self._housekeeping(now)
-        if self.mem.directory_dirty and self._dir_at is None:
-            self._dir_at = ms + self.cfg.directory_debounce_for(len(self.mem))
+        if self.members.directory_dirty and self._dir_at is None:
+            self._dir_at = ms + self.cfg.directory_debounce_for(len(self.members))
         if self._dir_at is not None and ms >= self._dir_at:
             self._dir_at = None
             self._emit_directory()
-        if self.mem.peers_dirty and self._peers_at is None:
+        if self.members.peers_dirty and self._peers_at is None:
             self._peers_at = ms + self.cfg.peers_persist_interval_ms
         if self._peers_at is not None and ms >= self._peers_at:
             self._peers_at = None
@@ -323,73 +272,37 @@ class Node:
         self._check_enforced(ms)
 
     def _persist_members(self) -> None:
-        self.mem.peers_dirty = False
+        self.members.peers_dirty = False
         self._peers_at = None
-        entries = self.mem.member_entries()
+        entries = self.members.member_entries()
         for nid, (cb, c) in self._known_certs.items():
-            if nid not in self.mem:
+            if nid not in self.members:
                 entries.append(MemberEntry(nid, "", c.region, cb))
-        self._push(PersistMembers(tuple(entries)))
-
-    def _pick_cross(self) -> list[str]:
-        others = [r for r, s in self.mem.alive.items() if r != self.mem.region and len(s)]
-        if not others:
-            return []
-        region = self.rng.choice(sorted(others))
-        return [self.mem.id_at(self.mem.alive[region].choice(self.rng))]
-
-    def _retry_dead(self) -> None:
-        """Partitioned members are retried forever: one random dead member, plus one in every region
-        where nobody is alive."""
-        targets: list[str] = []
-        dead = self.mem.dead
-        if len(dead):
-            targets.append(self.mem.id_at(dead.choice(self.rng)))
-        regions_alive = {r for r, s in self.mem.alive.items() if len(s)}
-        silent: dict[str, list[str]] = {}
-        for i in dead:
-            rec = self.mem.rec_at(i)
-            if rec is not None and rec.region not in regions_alive and rec.region != self.mem.region:
-                silent.setdefault(rec.region, []).append(rec.node_id)
-        for r in sorted(silent):
-            targets.append(self.rng.choice(silent[r]))
-        for nid in dict.fromkeys(targets):
-            self._sync_peer(nid, with_record=True)
-
-    def _retry_seeds(self, lonely: bool) -> None:
-        addrs = list(self.seeds)
-        if lonely:
-            addrs += [p.address for p in self.rng.sample(self.known_peers, self.cfg.fanout)]
-        for addr in addrs:
-            nid = self.mem.by_address(addr)
-            if nid is None:
-                self._sync_addr(addr)
-            elif nid != self.node_id and not self.mem.is_alive(nid):
-                self._sync_peer(nid, with_record=True)
+        self.outbox.append(PersistMembers(tuple(entries)))
 
     def _housekeeping(self, now: Now) -> None:
-        self.mem.expel_invalid(now.wall, revocations=False)
+        self.membership.records.expel_invalid(now.wall, revocations=False)
         state = self._state_now()
         if state != self._status_state:
             if state == "stale" and not self._stale_alerted:
                 self._stale_alerted = True
-                self._push(Alert("policy.stale", {"serial": self.trust.serial}))
+                self.outbox.append(Alert("policy.stale", {"serial": self.trust.serial}))
             self._publish_status(force=True)
         skew = self.trust.skew_s
         if self.cert.not_after < now.wall + 7 * 86400 - skew:
-            self._push(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
+            self.outbox.append(Alert("node.certificate_expiring", {"not_after": self.cert.not_after}))
 
     def _current_directory(self) -> tuple[dict[str, Certificate], int]:
         """The valid certificate directory (members, then certificates remembered from the last run
         that are still valid), and a digest of the certificates' exact bytes."""
-        certs, fingerprint = self.mem.certs()
+        certs, fingerprint = self.members.certs()
         if self._known_certs:
             wall = self._now.wall
             for nid, (cb, c) in list(self._known_certs.items()):
                 if nid in certs:
                     continue
                 try:
-                    self.mem.check_cert_valid(c, wall)
+                    self.membership.records.check_cert_valid(c, wall)
                 except TrustError:
                     del self._known_certs[nid]
                     continue
@@ -398,7 +311,7 @@ class Node:
         return certs, fingerprint
 
     def _emit_directory(self) -> None:
-        self.mem.directory_dirty = False
+        self.members.directory_dirty = False
         certs, fingerprint = self._current_directory()
         if certs != self._last_dir or fingerprint != self._last_dir_fingerprint:
             self._last_dir, self._last_dir_fingerprint = certs, fingerprint
@@ -406,7 +319,7 @@ class Node:
             self._persist_members()
             pol, h = self.trust.policy, self.trust.policy_hash
             if pol is not None and h is not None:
-                self._push(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
+                self.outbox.append(Enforce(pol, h, certs))  # shared with _last_dir: nobody mutates it
 
     # -- status --------------------------------------------------------------------------------------
     def _digest(self) -> Digest | None:
@@ -428,7 +341,7 @@ class Node:
         e_serial, e_hash, e_rules = self._enforced
         self._status_state = state
         eq = self.trust.equivocation
-        self.mem.sign_status(e_serial, bytes.fromhex(e_hash) if e_hash else b"", e_rules, state, self._now.wall,
+        self.membership.own.sign_status(e_serial, bytes.fromhex(e_hash) if e_hash else b"", e_rules, state, self._now.wall,
                              trusted=(self.trust.serial, bytes.fromhex(h) if h else b""),
                              equivocation=(eq.serial, tuple(bytes.fromhex(x) for x in eq.hashes)) if eq else (0, ()))
 
@@ -457,7 +370,7 @@ class Node:
             self._lag_since = None
             if self._lag_alerted:
                 self._lag_alerted = False
-                self._push(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
+                self.outbox.append(Alert("policy.not_enforced.resolved", {"serial": serial, "hash": h}))
                 self._publish_status(force=True)
             return
         if self._lag_since is None:
@@ -465,107 +378,21 @@ class Node:
         elif not self._lag_alerted and ms - self._lag_since >= self.cfg.enforce_grace_ms:
             self._lag_alerted = True
             e_serial, e_hash, _ = self._enforced
-            self._push(Alert("policy.not_enforced", {
+            self.outbox.append(Alert("policy.not_enforced", {
                 "trusted_serial": serial, "trusted_hash": h, "enforced_serial": e_serial,
                 "enforced_hash": e_hash, "for_ms": ms - self._lag_since}))
             self._publish_status(force=True)
 
     # -- sync (push-pull anti-entropy) ---------------------------------------------------------------
-    def _sync_msg(self, peer: str | None, with_record: bool) -> Sync:
-        view = self.mem.view_of(peer) if peer else None
-        shash = b""
-        if self._now.ms >= self._status_sync_at:  # status reconciliation is rate-limited
-            self._status_sync_at = self._now.ms + self.cfg.status_sync_interval_ms
-            shash = self.mem.shash()
-        return Sync(False, self._digest(), self.trust.root_version, self.mem.mhash(), shash,
-                    View(*view) if view else None, self.mem.record if with_record or view is None else None)
-
-    def _sync_peer(self, peer: str, with_record: bool = False) -> None:
-        self.send(peer, self._sync_msg(peer, with_record))
-
-    def _sync_addr(self, address: str) -> None:
-        self.send_addr(address, self._sync_msg(None, True))
-
     def _on_sync(self, peer: str, msg: Sync) -> None:
         now = self._now
-        if msg.record is not None:
-            self._learn_record(peer, msg.record)
-        if msg.you is not None and msg.you.incarnation >= self.mem.incarnation and \
-                msg.you.liveness in (SUSPECT, DEAD, LEFT) and not self.mem.left_cluster:
-            self.mem.refute(now.ms, msg.you.incarnation)
+        self.anti_entropy.on_sync_view(msg, now.ms, now.wall)
         self._compare_root(peer, msg.root_version)
         self._compare_digest(peer, msg.digest, reply=not msg.reply)
-        if not msg.reply:
-            view = self.mem.view_of(peer)
-            mine = self.mem.mhash()
-            smine = self.mem.shash() if msg.shash else b""
-            self.send(peer, Sync(True, self._digest(), self.trust.root_version, mine, smine,
-                                 View(*view) if view else None,
-                                 self.mem.record if msg.you is None else None,
-                                 self.mem.bucket_hashes() if mine != msg.mhash else None,
-                                 self.mem.bucket_hashes(True) if msg.shash and smine != msg.shash else None))
-            return
-        for status, theirs in ((False, msg.buckets), (True, msg.sbuckets)):
-            if theirs is not None:
-                diff = self.mem.differing_buckets(theirs, status)
-                for buckets, entries in self.mem.entry_batches(diff, status, wire.MAX_BATCH):
-                    self.send(peer, SyncEntries(status, buckets, entries))
-
-    def _on_sync_entries(self, peer: str, msg: SyncEntries) -> None:
-        want, give = self.mem.compare_entries(msg.buckets, msg.entries, msg.status)
-        if give:
-            self._send_members(peer, () if msg.status else give, give if msg.status else ())
-        cap = wire.MAX_BATCH
-        for k in range(0, len(want), cap):
-            chunk = tuple(want[k:k + cap])
-            self.send(peer, MemberPull(() if msg.status else chunk, chunk if msg.status else ()))
-
-    def _send_members(self, peer: str, rec_ids: list[str] | tuple[str, ...], st_ids: list[str] | tuple[str, ...]) -> None:
-        """Records and statuses in as many messages as the caps on items and bytes require."""
-        mem = self.mem
-        cap = wire.MAX_BATCH
-        records: list[bytes] = []
-        statuses: list[Any] = []
-        size = 0
-
-        def flush() -> None:
-            nonlocal records, statuses, size
-            if records or statuses:
-                self.send(peer, Members(tuple(records), tuple(statuses)))
-            records, statuses, size = [], [], 0
-
-        for n in rec_ids:
-            r = mem.record_of(n)
-            if r is not None:
-                if len(records) >= cap or size + len(r) > MEMBERS_CHUNK_BYTES:
-                    flush()
-                records.append(r)
-                size += len(r)
-        for n in st_ids:
-            st = mem.status_item_of(n)
-            if st is not None:
-                if len(statuses) >= cap or size + len(st.payload) + 72 > MEMBERS_CHUNK_BYTES:
-                    flush()
-                statuses.append(st)
-                size += len(st.payload) + 72
-        flush()
-
-    def _on_member_pull(self, peer: str, msg: MemberPull) -> None:
-        self._send_members(peer, msg.records, msg.statuses)
+        self.anti_entropy.answer_sync(peer, msg, self._digest(), self.trust.root_version)
 
     def _on_members(self, peer: str, msg: Members) -> None:
-        for rec in msg.records:
-            self._learn_record(peer, rec, rebroadcast=False)
-        for st in msg.statuses:
-            self.mem.learn_status(st)
-
-    def _learn_record(self, peer: str, data: bytes, rebroadcast: bool = True) -> None:
-        try:
-            self.mem.learn_record(data, self._now.ms, self._now.wall, rebroadcast)
-        except (SignatureError, FormatError):
-            raise
-        except TrustError:  # expired or revoked: relayed in good faith, just not for us
-            self.mem.counters["records_rejected"] += 1
+        self.anti_entropy.on_members(msg, self._now.ms, self._now.wall)
 
     def _compare_root(self, peer: str, version: int) -> None:
         """A peer claims a newer root: ask it (rate-limited per peer, so one peer inflating its root
@@ -591,56 +418,45 @@ class Node:
             if mine[1] and reply:
                 d = self._digest()
                 assert d is not None
-                self.dis.announce_to(peer, d)
+                self.dissemination.announce_to(peer, d)
             return
         if digest.key > mine:
             if digest.root_version > self.trust.root_version:
                 self._compare_root(peer, digest.root_version)
-            self.dis.offer(peer, digest, self._now.ms)
+            self.dissemination.offer(peer, digest, self._now.ms)
         elif digest.key == mine and digest.hash and self.trust.policy_hash and \
                 digest.hash.hex() != self.trust.policy_hash:
             self._other_hash(peer, digest, reply)
         else:
-            self.dis.note_has(peer, digest.key)
+            self.dissemination.note_has(peer, digest.key)
             if digest.key < mine and reply:
                 d = self._digest()
                 assert d is not None
-                self.dis.announce_to(peer, d)
+                self.dissemination.announce_to(peer, d)
 
     # -- frames --------------------------------------------------------------------------------------
     def _on_frame(self, peer: str, data: bytes) -> None:
         self.counters["frames"] += 1
-        self.mem.heard_from(peer, self._now.ms)
+        self.membership.heard_from(peer, self._now.ms)
         try:
             msg = decode(data)
             handler = self._handlers[type(msg)]
             gossip = getattr(msg, "gossip", ())
             if gossip:
-                self._on_gossip(peer, gossip)
+                self.membership.on_gossip(gossip, self._now.ms, self._now.wall)
             handler(peer, msg)
         except (RemoteProtocolError, SignatureError, FormatError) as exc:
             self._blame(peer, exc)
 
-    def _on_gossip(self, peer: str, items: Any) -> None:
-        now = self._now
-        for item in items:
-            try:
-                self.mem.on_gossip((item,), now.ms, now.wall)
-            except (SignatureError, FormatError, RemoteProtocolError):
-                raise
-            except TrustError:
-                self.mem.counters["records_rejected"] += 1
-
     def _blame(self, peer: str, exc: Exception) -> None:
         self.counters["remote_errors"] += 1
         reason = getattr(exc, "reason", "protocol_error") if isinstance(exc, TrustError) else "protocol_error"
-        self._push(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
+        self.outbox.append(Alert("gossip.remote_error", {"peer": peer, "reason": reason, "error": str(exc)[:200]}))
         if peer:
-            self._push(Disconnect(peer, reason))
+            self.outbox.append(Disconnect(peer, reason))
             self.connected.discard(peer)
-            self.conn_set.discard(peer)
-            self.dis.forget_source(peer)
-            self.dis.pull_failed(peer, self._now.ms)
+            self.dissemination.forget_source(peer)
+            self.dissemination.pull_failed(peer, self._now.ms)
 
     def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
         try:
@@ -650,21 +466,20 @@ class Node:
                 hit = self.trust.check_certificate(cert_bytes)
                 self.cache.put(key, hit)
             cert = cast(Certificate, hit)
-            self.mem.check_cert_valid(cert, self._now.wall)
+            self.membership.records.check_cert_valid(cert, self._now.wall)
             if cert.node_id != peer:
                 raise SignatureError(f"channel peer {peer!r} presented the certificate of {cert.node_id!r}")
         except TrustError as exc:
             self._blame(peer, exc)
             return
         self.connected.add(peer)
-        self.conn_set.add(peer)
 
     def _on_ping(self, peer: str, msg: Ping) -> None:
-        self.mem.on_ping(peer, msg)
+        self.membership.swim.on_ping(peer, msg)
         self._peer_serial(peer, msg.serial, msg.root_version)
 
     def _on_ack(self, peer: str, msg: Ack) -> None:
-        self.mem.on_ack(msg, self._now.ms)
+        self.membership.swim.on_ack(msg, self._now.ms)
         self._peer_serial(peer, msg.serial, msg.root_version)
 
     def _other_hash(self, peer: str, digest: Digest, reply: bool) -> None:
@@ -675,11 +490,11 @@ class Node:
         theirs = digest.hash.hex()
         known = self.trust.knows_equivocating(digest.serial, theirs)
         if theirs < mine or not known:
-            self.dis.offer(peer, digest, self._now.ms)
+            self.dissemination.offer(peer, digest, self._now.ms)
         if theirs > mine and known and reply:
             d = self._digest()
             assert d is not None
-            self.dis.announce_to(peer, d, force=True)
+            self.dissemination.announce_to(peer, d, force=True)
 
     def _peer_serial(self, peer: str, serial: int, root_version: int) -> None:
         """Probes carry the sender's (root version, serial): a node that missed every announce catches
@@ -690,15 +505,15 @@ class Node:
         if hint.key > self._my_key():
             if root_version > self.trust.root_version:
                 self._compare_root(peer, root_version)
-            self.dis.offer(peer, hint, self._now.ms)
+            self.dissemination.offer(peer, hint, self._now.ms)
         else:
-            self.dis.note_has(peer, hint.key)
+            self.dissemination.note_has(peer, hint.key)
 
     def _on_ping_req(self, peer: str, msg: PingReq) -> None:
-        self.mem.on_ping_req(peer, msg, self._now.ms)
+        self.membership.swim.on_ping_req(peer, msg, self._now.ms)
 
     def _on_nack(self, peer: str, msg: Nack) -> None:
-        self.mem.on_nack(msg)
+        self.membership.swim.on_nack(msg)
 
     def _on_announce(self, peer: str, msg: Announce) -> None:
         self._compare_digest(peer, msg.digest, reply=True)
@@ -723,8 +538,8 @@ class Node:
         if last is None and len(self._served) >= MAX_PULL_ANSWERS_TRACKED:
             self._served.clear()
         self._served[peer] = [version, now_ms, 0]
-        self.dis.note_has(peer, (rv, serial))
-        self.dis.counters["bodies_served"] += 1
+        self.dissemination.note_has(peer, (rv, serial))
+        self.dissemination.counters["bodies_served"] += 1
         self.send(peer, PolicyPush(env))
 
     def _on_policy_push(self, peer: str, msg: PolicyPush) -> None:
@@ -748,16 +563,10 @@ class Node:
     def _misbehaved(self, peer: str, kind: str, facts: dict[str, Any]) -> None:
         """Charge one offence to ``peer``: one alert per (peer, kind) episode, and the channel is
         closed when it repeats (see protocol.conduct)."""
-        verdict = self.conduct.note(peer, kind, self._now.ms)
-        if verdict.alert:
-            self._push(Alert(CONDUCT_EVENTS.get(kind, f"gossip.{kind}"), {"peer": peer, **facts}))
-        if verdict.disconnect and peer in self.connected:
-            self.counters["misbehaviour_disconnects"] += 1
-            self._push(Disconnect(peer, kind))
-            self.connected.discard(peer)
-            self.conn_set.discard(peer)
-            self._expelled.add(peer)
-            self.dis.forget_source(peer)
+        effects = self.conduct.charge(peer, kind, facts, self._now.ms, self.connected)
+        self.outbox += effects
+        if any(isinstance(e, Disconnect) for e in effects):
+            self.dissemination.forget_source(peer)
 
     def _note_equivocation(self) -> None:
         """Alert once per equivocation (serial and set of hashes) and put it in our signed status."""
@@ -766,7 +575,7 @@ class Node:
             return
         self._equivocation_alerted = eq
         self.counters["equivocations_seen"] += 1
-        self._push(Alert("policy.equivocation", {
+        self.outbox.append(Alert("policy.equivocation", {
             "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
             "kept": eq.hashes[0]}))
         self._publish_status(force=True)
@@ -779,20 +588,20 @@ class Node:
             # already hold, or one below the floor, costs no signature check.
             peek = self._peek(envelope)
             if peek is not None:  # a pull of something newer answered with something older is unserved
-                self.dis.body_from(peer, (peek[2], peek[0]), bytes.fromhex(peek[1]), now.ms)
+                self.dissemination.body_from(peer, (peek[2], peek[0]), bytes.fromhex(peek[1]), now.ms)
             floor = self.trust.serial_floor  # the serial itself, except after a policy-key rotation
             if peek is not None and peek[0] == floor == self.trust.serial:
                 if peek[1] == self.trust.policy_hash:
-                    self.dis.note_has(peer, self._my_key())  # a duplicate: nothing to verify
+                    self.dissemination.note_has(peer, self._my_key())  # a duplicate: nothing to verify
                     return
                 if self.trust.knows_equivocating(peek[0], peek[1]):
                     # verified and refused before: not again
-                    self.dis.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
+                    self.dissemination.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
                     return
             if peek is not None and peek[0] < floor:
                 self.counters["stale_offers"] += 1
-                self.dis.forget_source(peer)
-                self.dis.pull_failed(peer, now.ms, unserved=True)
+                self.dissemination.forget_source(peer)
+                self.dissemination.pull_failed(peer, now.ms, unserved=True)
                 self._misbehaved(peer, "stale_offer", {"serial": peek[0], "trusted_serial": self.trust.serial})
                 return
         try:
@@ -803,12 +612,12 @@ class Node:
                 self._root_pull_from[peer] = now.ms
                 self.send(peer, RootPull(self.trust.root_version))
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             return
         except (SignatureError, FormatError) as exc:
             if local:
-                self._push(_refused(source, 0, exc))
-                self._push(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self.outbox.append(_refused(source, 0, exc))
+                self.outbox.append(Alert("policy.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             else:
                 assert peer is not None
                 self._blame(peer, exc)
@@ -817,49 +626,49 @@ class Node:
             # A validly signed second payload at our serial with a higher hash: refused, remembered.
             self._note_equivocation()
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
                 peek = self._peek(envelope)
                 if peek is not None:
-                    self.dis.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
+                    self.dissemination.drop_candidate(self._my_key(), bytes.fromhex(peek[1]))
             return
         except (RollbackError, ExpiredError, NotYetValidError, RevokedError, TrustError) as exc:
             event = {"rollback": "policy.rollback_attempt"}.get(exc.reason, "policy.rejected")
-            self._push(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
+            self.outbox.append(Alert(event, {"source": source, "reason": exc.reason, "error": str(exc)}))
             if local:
-                self._push(_refused(source, self._peek_serial(envelope) or 0, exc))
+                self.outbox.append(_refused(source, self._peek_serial(envelope) or 0, exc))
             elif peer is not None:
-                self.dis.forget_source(peer)
-                self.dis.pull_failed(peer, now.ms, unserved=True)
+                self.dissemination.forget_source(peer)
+                self.dissemination.pull_failed(peer, now.ms, unserved=True)
             return
         pol = check.policy
         if check.duplicate:
             if local:
-                self._push(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
+                self.outbox.append(PolicyResult(source, True, pol.serial, Verdict.DUPLICATE))
             if peer is not None:
-                self.dis.note_has(peer, (pol.root_version, pol.serial))
-            self.dis.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
+                self.dissemination.note_has(peer, (pol.root_version, pol.serial))
+            self.dissemination.done((pol.root_version, pol.serial), bytes.fromhex(check.hash))
             return
         self.counters["policies_applied"] += 1
         self._pending_policy = None
-        self._push(PersistPolicy(pol.serial, check.envelope_bytes))
+        self.outbox.append(PersistPolicy(pol.serial, check.envelope_bytes))
         members = self._last_dir if self._last_dir is not None else self._current_directory()[0]
-        self._push(Enforce(pol, check.hash, members))
+        self.outbox.append(Enforce(pol, check.hash, members))
         self._applying = (pol.serial, check.hash)
         if check.replaces is not None:
             self._note_equivocation()
         if local:
-            self._push(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
+            self.outbox.append(PolicyResult(source, True, pol.serial, Verdict.ACCEPTED))
         if peer is not None:
-            self.dis.note_has(peer, (pol.root_version, pol.serial))
+            self.dissemination.note_has(peer, (pol.root_version, pol.serial))
         # Revocations travel with the policy: expel now, and tell enforcement at once.
         if pol.revocations.nodes or pol.revocations.certs:
-            self.mem.expel_invalid(now.wall)
-            if self.mem.directory_dirty:
+            self.membership.records.expel_invalid(now.wall)
+            if self.members.directory_dirty:
                 self._dir_at = None
                 self._emit_directory()
         self._check_enforced(now.ms)
-        self.dis.on_accepted(Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version), now.ms)
+        self.dissemination.on_accepted(Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version), now.ms)
 
     # -- roots ---------------------------------------------------------------------------------------
     def _on_root_pull(self, peer: str, msg: RootPull) -> None:
@@ -888,13 +697,13 @@ class Node:
             if peer is not None and isinstance(exc, (SignatureError, FormatError)):
                 self._blame(peer, exc)
             else:
-                self._push(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
+                self.outbox.append(Alert("root.rejected", {"source": source, "reason": exc.reason, "error": str(exc)}))
             if peer is None:
-                self._push(_refused(source, self.trust.root_version, exc))
+                self.outbox.append(_refused(source, self.trust.root_version, exc))
         for version, data in added:
-            self._push(PersistRoot(version, data))
+            self.outbox.append(PersistRoot(version, data))
         if peer is None and added:
-            self._push(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
+            self.outbox.append(PolicyResult(source, True, self.trust.root_version, Verdict.ROOT_ACCEPTED))
         if self.trust.root_version != before:
             self._on_root_changed()
             if self._pending_policy is not None:
@@ -902,16 +711,7 @@ class Node:
                 self._accept_policy(pending, peer, source)
 
     def _on_root_changed(self) -> None:
-        self.mem.on_root_changed()
-        now = self._now
-        for rec in list(self.mem.records()):
-            if rec.node_id == self.node_id:
-                continue
-            try:
-                self.trust.check_certificate(rec.cert_bytes)
-            except TrustError:
-                self.mem.remove(rec.node_id, "certificate_untrusted")
-        self.mem.expel_invalid(now.wall)
+        self.membership.on_root_changed(self._now.wall)
         if self._state_now() != self._status_state:
             self._publish_status()
 
@@ -919,9 +719,10 @@ class Node:
     def status(self, now: Now) -> dict[str, Any]:
         """A JSON-able view: this node, its policy, every member, and cluster convergence (see
         ``protocol.status_view``)."""
-        counters = {**self.counters, **self.mem.counters, **self.dis.counters,
+        counters = {**self.counters, "misbehaviour_disconnects": self.conduct.disconnects, **self.membership.counters, **self.dissemination.counters,
                     **{f"misbehaviour_{k}": v for k, v in sorted(self.conduct.counts.items())}}
-        return status_view(now, self.trust, self.mem, node_id=self.node_id, advertise=self.advertise,
+        return status_view(now, self.trust, self.members, node_id=self.node_id, advertise=self.advertise,
+                           incarnation=self.membership.own.incarnation, local_health=self.membership.swim.health,
                            enforced=self._enforced, state=self._state_now(), not_enforced=self._lag_alerted,
                            counters=counters)
 

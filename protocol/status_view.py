@@ -7,12 +7,12 @@ from typing import Any
 
 from .gossip_events import Now
 from .gossip_wire import HASH_PREFIX
-from .membership import ALIVE, DEAD, LEFT, SUSPECT, Membership
+from .member_table import ALIVE, DEAD, LEFT, SUSPECT, MemberTable
 from .trust import TrustedState
 
 
-def status_view(now: Now, trust: TrustedState, table: Membership, *, node_id: str, advertise: str,
-                enforced: tuple[int, str, bytes], state: str, not_enforced: bool,
+def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: str, advertise: str,
+                incarnation: int, local_health: int, enforced: tuple[int, str, bytes], state: str, not_enforced: bool,
                 counters: dict[str, int]) -> dict[str, Any]:
     """A JSON-able view: this node, its policy, every member in ``table``, and cluster convergence.
     ``enforced`` is what the enforcer confirmed (serial, policy hash hex, ruleset hash prefix),
@@ -86,8 +86,8 @@ def status_view(now: Now, trust: TrustedState, table: Membership, *, node_id: st
         "node_id": node_id,
         "region": table.region,
         "address": advertise,
-        "incarnation": table.incarnation,
-        "local_health": table.health,
+        "incarnation": incarnation,
+        "local_health": local_health,
         "policy": {
             "serial": mine, "hash": pol_hash, "state": trust.policy_state(now.wall),
             "root_version": trust.root_version,

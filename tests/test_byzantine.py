@@ -84,13 +84,13 @@ def test_an_unserved_absurd_claim_does_not_stall_the_next_version():
     assert n0.trust.serial == 2, "an unserved claim shadowed the version n2 serves"
     # the claim went unserved: counted, and alerted once for the episode
     link.run_for(5000)
-    assert n0.dis.counters["unserved_claims"] >= 1
-    assert n0.dis.unserved.get("n1", 0) >= 1
+    assert n0.dissemination.counters["unserved_claims"] >= 1
+    assert n0.dissemination.unserved.get("n1", 0) >= 1
     every = [e for e in link.hosts["n0"].effects if isinstance(e, Alert) and e.event == "gossip.unserved_claim"]
     assert len(every) == 1 and every[0].fields["peer"] == "n1"
     # and it is forgotten: no claim outlives its lifetime
     link.run_for(CLAIM_TTL_MS + 6000)
-    assert all(d.serial < LIE for d in n0.dis.wanted)
+    assert all(d.serial < LIE for d in n0.dissemination.wanted)
 
 
 def test_a_lower_version_pushed_while_a_higher_claim_is_wanted_is_accepted():
@@ -120,11 +120,11 @@ def test_claims_are_bounded_per_peer_and_in_total():
     n0 = link.hosts["n0"].node
     for i in range(500):  # one peer, many claims: only its latest is live
         link.feed("n0", FrameReceived("n1", encode(Announce(Digest(LIE + i, b"\x02" * 32, 1)))))
-    assert sum(1 for c in n0.dis.claims.values() if "n1" in c.sources) == 1
+    assert sum(1 for c in n0.dissemination.claims.values() if "n1" in c.sources) == 1
     for i in range(3 * MAX_CLAIMS):  # many peers (as if enrolled), one claim each
         link.feed("n0", FrameReceived(f"rogue{i}", encode(Announce(Digest(LIE - i, b"\x03" * 32, 1)))))
-    assert len(n0.dis.claims) <= MAX_CLAIMS
-    assert len(n0.dis.claim_of) <= MAX_CLAIMS + 1
+    assert len(n0.dissemination.claims) <= MAX_CLAIMS
+    assert len(n0.dissemination.claim_of) <= MAX_CLAIMS + 1
     # an honest announce still gets in, and is pulled
     env = sign_sample(link.auth, 2)
     link.hosts["n1"].node.trust.accept_policy(env, T0)
@@ -228,10 +228,10 @@ def test_a_lying_status_is_never_counted_as_converged_nor_moves_the_target():
     n0 = link.hosts["n0"].node
     n1 = link.hosts["n1"].node
     # n1 signs (with its real identity key) a status claiming serial 2^62 enforced
-    body = StatusBody("n1", n1.mem.status_seq + 10, LIE, b"\x05" * 8, b"\x06" * 8, "fresh", LIE, b"\x05" * 8)
+    body = StatusBody("n1", n1.membership.own.status_seq + 10, LIE, b"\x05" * 8, b"\x06" * 8, "fresh", LIE, b"\x05" * 8)
     payload = encode(body)
     sig = sign("member", payload, [derive_seed("node", "test", "n1", "identity")]).signatures[0].sig
-    n0.mem.learn_status(Status(payload, sig))
+    n0.membership.records.learn_status(Status(payload, sig))
     conv = n0.status(link.now())["convergence"]
     assert conv["target_serial"] == 2 and conv["claims_ahead"] == 1
     members = {m["node_id"]: m for m in n0.status(link.now())["members"]}

@@ -4,6 +4,13 @@ Sans-IO and deterministic: time comes in ``now`` (monotonic ms + wall seconds), 
 injected ``entropy``, bytes in ``FrameReceived``; everything the node wants done comes back as effects.
 The daemon (meshnode/) and the simulator (simulations/) drive this same class.
 
+The node decodes a frame, hands it to the part that owns its message and returns what the parts put
+in the one ordered ``outbox``; its deadline is the earliest of theirs.  The parts: ``membership``
+(member table, SWIM, anti-entropy), ``dissemination`` (announce and pull of policy bodies),
+``claims`` (what a peer's claimed version means), ``acceptance`` (verifying policies and roots,
+serving pulls), ``enforcement`` (enforced vs trusted, our signed status), ``directory`` (the members
+handed to enforcement, the members file) and ``offences`` (blaming and charging peers).
+
 Bootstrapping by address: at start a node knows seed addresses only.  It sends ``Send(peer="",
 address=seed, data=Sync(record=own signed record))``: "dial this address, whoever it is".  The shell
 learns the peer's node_id from the certificate it authenticated with, reports ``PeerConnected`` and

@@ -287,11 +287,11 @@ def validate(lc: LoadedConfig) -> None:
         raise ConfigError(f"{where}: alerts.webhook_urls: a URL is listed twice")
     if not c.alerts.pagerduty_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: alerts.pagerduty_url: {c.alerts.pagerduty_url!r} is not an http(s) URL")
-    _validate_checks(c.validate, where)
+    _validate_checks(c.validate, c.enforce.backend, where)
     lc.pagerduty_routing_key()  # a missing, unsafe or empty key file is an error at load, not at the first page
 
 
-def _validate_checks(v: ValidateSection, where: str) -> None:
+def _validate_checks(v: ValidateSection, backend: str, where: str) -> None:
     try:
         parse_expected(v.expected_listeners)
     except ValueError as exc:
@@ -302,6 +302,8 @@ def _validate_checks(v: ValidateSection, where: str) -> None:
         raise ConfigError(f"{where}: validate.abuse_threshold must be 1..1000000, abuse_window_s 1..86400")
     if not 0 <= v.block_abusers_s <= 7 * 86400:
         raise ConfigError(f"{where}: validate.block_abusers_s must be 0 (off) .. 604800 (a week)")
+    if v.block_abusers_s and backend != "nftables":
+        raise ConfigError(f"{where}: validate.block_abusers_s needs enforce.backend = \"nftables\" (a timeout set)")
 
 
 def render_config(

@@ -82,3 +82,7 @@ def test_validate_section(tmp_path):
                        ("block_abusers_s = -1", "block_abusers_s"), ("abuse_threshold = 0", "abuse_threshold")):
         with pytest.raises(ConfigError, match=match):
             load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
+    iptables = BASE.replace('backend = "nftables"', 'backend = "iptables"')
+    assert load_config(write(tmp_path, iptables)).cfg.validate.block_abusers_s == 0
+    with pytest.raises(ConfigError, match="needs enforce.backend"):
+        load_config(write(tmp_path, iptables + "\n[validate]\nblock_abusers_s = 60\n"))

@@ -121,11 +121,13 @@ def socket_owners(inodes: Iterable[int], proc: Path = Path("/proc")) -> dict[int
 
 
 def read_listeners(proc: Path = Path("/proc")) -> list[Listener]:
-    """Every non-loopback listener of this network namespace, with its owning process."""
+    """Every non-loopback listener of this network namespace, with its owning process (``?`` for
+    processes this one may not see: under the hardened unit, ``ProtectProc=invisible``, that is all of
+    them but the daemon's own). Read through ``/proc/self/net``, which ``ProcSubset=pid`` keeps."""
     found: list[Listener] = []
     for name, proto, _family in PROC_NET_FILES:
         try:
-            text = (proc / "net" / name).read_text()
+            text = (proc / "self" / "net" / name).read_text()
         except FileNotFoundError:  # no IPv6 in this kernel
             continue
         found.extend(x for x in parse_proc_net(text, proto) if not x.is_loopback())

@@ -54,6 +54,7 @@ def test_abuse_episode_and_block_decision() -> None:
     # members, loopback: detected, never blocked
     assert [checks.bad_handshake("10.9.0.2", "handshake_failed", ruleset, 145 + i) for i in range(3)] == [None] * 3
     assert [checks.bad_handshake("127.0.0.1", "rate_limited", ruleset, 145 + i) for i in range(3)] == [None] * 3
+    assert [checks.bad_handshake("?", "rate_limited", ruleset, 145 + i) for i in range(3)] == [None] * 3
     deliver(sink, ABUSE, checks.abuse_round(150), 150)
     assert sorted(sink.calls) == [("raise", "handshake_abuse", s, "warning")
                                   for s in ("10.9.0.2", "127.0.0.1", "203.0.113.9")]

@@ -10,7 +10,8 @@ and the optional temporary block of such a source in the nftables timeout sets.
 An **episode** opens when a source reaches ``threshold`` bad handshakes within ``window_s`` seconds and
 stays open while it keeps failing; it closes after ``quiet_s`` (default: one window) without any. Between
 the two the source is one finding (check ``handshake_abuse``, subject the source address), however many
-attempts it makes. Time is an argument (wall or monotonic seconds, as long as it is one clock).
+attempts it makes. Time is an argument: one clock throughout (the daemon uses ``time.monotonic()``, the
+clock of its scheduler, so :meth:`AbuseDetector.next_deadline` can be a scheduler deadline).
 
 Memory is bounded by ``max_sources``: when full, the least recently seen source is forgotten (an open
 episode forgotten that way closes early; a flood of that many distinct sources is itself visible in the
@@ -36,7 +37,7 @@ MAX_SOURCES = 4096
 class _Source:
     recent: deque[float] = field(default_factory=deque)  # times of the last bad handshakes, within the window
     last_s: float = 0.0
-    episode_since: float | None = None
+    in_episode: bool = False
     episode_count: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -73,20 +74,20 @@ class AbuseDetector:
             entry.recent.popleft()
         if len(entry.recent) > self.threshold:  # only whether the threshold is reached matters
             entry.recent.popleft()
-        if entry.episode_since is not None:
+        if entry.in_episode:
             entry.episode_count += 1
             entry.reasons[reason] = entry.reasons.get(reason, 0) + 1
             return False
         if len(entry.recent) < self.threshold:
             return False
-        entry.episode_since = entry.recent[0]
+        entry.in_episode = True
         entry.episode_count = len(entry.recent)
         entry.reasons = {reason: 1}
         return True
 
     def _close_if_quiet(self, entry: _Source, now: float) -> None:
-        if entry.episode_since is not None and now - entry.last_s >= self.quiet_s:
-            entry.episode_since = None
+        if entry.in_episode and now - entry.last_s >= self.quiet_s:
+            entry.in_episode = False
             entry.recent.clear()
 
     def findings(self, now: float) -> dict[str, Finding]:
@@ -95,14 +96,15 @@ class AbuseDetector:
         for source in list(self._sources):
             entry = self._sources[source]
             self._close_if_quiet(entry, now)
-            if entry.episode_since is None:
+            if not entry.in_episode:
                 if now - entry.last_s >= self.window_s:
                     del self._sources[source]
                 continue
             out[source] = Finding(
                 CHECK, source, "handshake_abuse", "warning",
-                f"{source}: {entry.episode_count} failed or refused handshakes since {entry.episode_since:.0f}",
-                {"source": source, "attempts": entry.episode_count, "since": entry.episode_since,
+                f"{source}: {entry.episode_count} failed or refused handshakes"
+                f" (at least {self.threshold} within {self.window_s:g} s)",
+                {"source": source, "attempts": entry.episode_count,
                  "reasons": dict(sorted(entry.reasons.items())), "threshold": self.threshold,
                  "window_s": self.window_s},
             )
@@ -110,7 +112,7 @@ class AbuseDetector:
 
     def next_deadline(self) -> float | None:
         """When the earliest open episode closes if its source stays quiet (for a timer), or None."""
-        due = [e.last_s + self.quiet_s for e in self._sources.values() if e.episode_since is not None]
+        due = [e.last_s + self.quiet_s for e in self._sources.values() if e.in_episode]
         return min(due) if due else None
 
 

@@ -2,9 +2,9 @@
 
     checks = LocalChecks(cfg.validate, table=cfg.enforce.table, mesh_port=mesh_port)
     deliver(pipeline, PORT_AUDIT, checks.port_audit(enforcer.backend.applied), time.time())  # timer
-    argv = checks.bad_handshake(source, reason, ruleset, time.time())                       # mesh listener
+    argv = checks.bad_handshake(source, reason, ruleset, time.monotonic())                  # mesh listener
     if argv: run it (nft add element ...); the block set drops the source for block_abusers_s
-    deliver(pipeline, ABUSE, checks.abuse_round(time.time()), time.time())                   # timer
+    deliver(pipeline, ABUSE, checks.abuse_round(time.monotonic()), time.time())              # timer
 
 Each round returns only what changed since the previous round of that check (see
 :func:`~meshnode.checks.findings.diff_findings`): the pipeline raises an alert when a subject appears and
@@ -13,6 +13,7 @@ resolves it when the subject clears, nothing in between.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -76,7 +77,12 @@ class LocalChecks:
     def bad_handshake(self, source: str, reason: str, ruleset: Ruleset | None, now: float) -> list[str] | None:
         """Record a failed or refused handshake from ``source``. Returns the ``nft`` command that blocks
         it when this attempt opened an abuse episode, blocking is on, a ruleset with the block sets is in
-        force, and the source is neither a member, a break-glass source nor loopback."""
+        force, and the source is neither a member, a break-glass source nor loopback. A source that is
+        not an IP address (aiohttp's ``?``) is not counted."""
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            return None
         opened = self.detector.record(source, reason, now)
         seconds = self.validate.block_abusers_s
         if not opened or seconds <= 0 or ruleset is None:

@@ -20,6 +20,8 @@ import msgspec
 from protocol.errors import MeshError
 from protocol.names import parse_network, parse_port_number
 
+from .checks.ports import parse_expected
+
 DEFAULT_MESH_PORT = 7946
 DEFAULT_ADMIN_PORT = 9946
 BACKENDS = ("nftables", "iptables", "file")
@@ -100,6 +102,18 @@ class AlertsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
 
 
+class ValidateSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The services this node is meant to offer ("tcp/5432", "udp/53"); the port audit alerts on a listener
+    # that the policy exposes but is not declared here, and on a declared service with nothing listening.
+    expected_listeners: list[str] = []
+    port_audit_s: float = 60.0  # 0: no port audit
+    # Handshake abuse: a source with this many failed or rate-limited handshakes within the window is one
+    # alert, resolved after a window without any.
+    abuse_threshold: int = 20
+    abuse_window_s: float = 60.0
+    block_abusers_s: int = 0  # > 0: also drop such a source for this long (an nftables timeout set)
+
+
 class OverridesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_file_backend: bool = False
     admin_non_loopback: bool = False
@@ -118,6 +132,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sources: SourcesSection = SourcesSection()
     gossip: dict[str, int] = {}  # overrides of protocol.gossip_config.GossipConfig fields (ms)
     alerts: AlertsSection = AlertsSection()
+    validate: ValidateSection = ValidateSection()
     overrides: OverridesSection = OverridesSection()
 
 
@@ -272,7 +287,23 @@ def validate(lc: LoadedConfig) -> None:
         raise ConfigError(f"{where}: alerts.webhook_urls: a URL is listed twice")
     if not c.alerts.pagerduty_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: alerts.pagerduty_url: {c.alerts.pagerduty_url!r} is not an http(s) URL")
+    _validate_checks(c.validate, c.enforce.backend, where)
     lc.pagerduty_routing_key()  # a missing, unsafe or empty key file is an error at load, not at the first page
+
+
+def _validate_checks(v: ValidateSection, backend: str, where: str) -> None:
+    try:
+        parse_expected(v.expected_listeners)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: validate.expected_listeners: {exc}") from None
+    if v.port_audit_s != 0 and not 5 <= v.port_audit_s <= 86400:
+        raise ConfigError(f"{where}: validate.port_audit_s must be 0 (off) or 5..86400")
+    if not 1 <= v.abuse_threshold <= 1_000_000 or not 1 <= v.abuse_window_s <= 86400:
+        raise ConfigError(f"{where}: validate.abuse_threshold must be 1..1000000, abuse_window_s 1..86400")
+    if not 0 <= v.block_abusers_s <= 7 * 86400:
+        raise ConfigError(f"{where}: validate.block_abusers_s must be 0 (off) .. 604800 (a week)")
+    if v.block_abusers_s and backend != "nftables":
+        raise ConfigError(f"{where}: validate.block_abusers_s needs enforce.backend = \"nftables\" (a timeout set)")
 
 
 def render_config(

@@ -72,3 +72,17 @@ def test_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
 
+
+
+def test_validate_section(tmp_path):
+    lc = load_config(write(tmp_path, BASE + '\n[validate]\nexpected_listeners = ["tcp/5432", "UDP/53"]\n'))
+    assert lc.cfg.validate.expected_listeners == ["tcp/5432", "UDP/53"] and lc.cfg.validate.block_abusers_s == 0
+    assert load_config(write(tmp_path, BASE)).cfg.validate.port_audit_s == 60
+    for bad, match in (('expected_listeners = ["http"]', "expected_listeners"), ("port_audit_s = 1", "port_audit_s"),
+                       ("block_abusers_s = -1", "block_abusers_s"), ("abuse_threshold = 0", "abuse_threshold")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
+    iptables = BASE.replace('backend = "nftables"', 'backend = "iptables"')
+    assert load_config(write(tmp_path, iptables)).cfg.validate.block_abusers_s == 0
+    with pytest.raises(ConfigError, match="needs enforce.backend"):
+        load_config(write(tmp_path, iptables + "\n[validate]\nblock_abusers_s = 60\n"))

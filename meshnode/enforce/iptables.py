@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from .model import AddressSet, FilterRule, Ruleset
+from .model import AddressSet, EnforcementError, FilterRule, Ruleset
 
 MULTIPORT_SLOTS = 15
 MIN_MAXELEM = 65536
@@ -172,6 +172,8 @@ def restore_input(rs: Ruleset, fam: str, chain: str, names: dict[str, str]) -> s
 
 def to_iptables(rs: Ruleset, generation: str = "a") -> IptablesRules:
     """The inputs that load ``rs`` as ipsets of ``generation`` and the two chains that match them."""
+    if any(s.timeout for s in rs.sets):
+        raise EnforcementError("the abuse block sets ([validate] block_abusers_s) need the nftables backend")
     chain = chain_name(rs.table)
     names = {s.name: ipset_name(rs.table, generation, s.name) for s in rs.sets}
     ipset_lines: list[str] = []

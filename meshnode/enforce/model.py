@@ -72,6 +72,9 @@ class RenderOptions:
     # Noise handshake authenticates every connection). Empty: known members only.
     mesh_join_cidrs: tuple[str, ...] = ()
     default_inbound: str | None = None
+    # Render the dynamic abuse block sets (``abusers_v4`` / ``abusers_v6``, elements added at run time
+    # with a timeout) and the rule that drops their sources; off: the ruleset is exactly as before.
+    abuse_block: bool = False
 
     def __post_init__(self) -> None:
         if not TABLE_RE.fullmatch(self.table):
@@ -111,13 +114,16 @@ class RenderOptions:
 @dataclass(frozen=True, slots=True)
 class AddressSet:
     """A named set of source addresses of one family.  ``interval`` sets hold prefixes (CIDR sources,
-    break-glass); the others hold host addresses from certificates.  Elements are canonical and sorted."""
+    break-glass); the others hold host addresses from certificates.  Elements are canonical and sorted.
+    A ``timeout`` set is dynamic: rendered empty, filled at run time with elements that expire, and its
+    elements are not part of the ruleset's hash (they are not drift)."""
 
     name: str
     family: str
     interval: bool
     elements: tuple[str, ...]
     purpose: str = ""
+    timeout: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,8 @@ def _set_text(s: AddressSet) -> list[str]:
     lines = [f"\tset {s.name} {{", f"\t\ttype {ADDR_TYPE[s.family]}"]
     if s.interval:
         lines.append("\t\tflags interval")
+    if s.timeout:
+        lines.append("\t\tflags timeout")
     if s.elements:
         lines.append("\t\telements = { " + ", ".join(s.elements) + " }")
     lines.append("\t}")
@@ -175,8 +177,8 @@ def _elem_json(e: str, interval: bool) -> Any:
 
 def set_json(table: str, s: AddressSet, with_elements: bool = True) -> dict[str, Any]:
     obj: dict[str, Any] = {"family": FAMILY, "table": table, "name": s.name, "type": ADDR_TYPE[s.family]}
-    if s.interval:
-        obj["flags"] = ["interval"]
+    if s.interval or s.timeout:
+        obj["flags"] = ["interval"] if s.interval else ["timeout"]
     if with_elements and s.elements:
         obj["elem"] = [_elem_json(e, s.interval) for e in s.elements]
     return obj
@@ -309,10 +311,11 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
             s = obj["set"]
             flags = s.get("flags", [])
             flags = [flags] if isinstance(flags, str) else list(flags)
+            dynamic = "timeout" in flags  # elements added at run time, expiring: not part of the ruleset
             table_of(s)["sets"][s["name"]] = {
                 "type": s.get("type"),
                 "flags": sorted(flags),
-                "elem": sorted({canonical_element(e) for e in s.get("elem", [])}),
+                "elem": [] if dynamic else sorted({canonical_element(e) for e in s.get("elem", [])}),
             }
         elif "chain" in obj:
             c = obj["chain"]
@@ -325,7 +328,7 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
         elif "element" in obj:
             e = obj["element"]
             target = table_of(e)["sets"].get(e["name"])
-            if target is not None:
+            if target is not None and "timeout" not in target["flags"]:
                 target["elem"] = sorted(set(target["elem"]) | {canonical_element(x) for x in e.get("elem", [])})
     return {f"{fam} {name}": body for (fam, name), body in sorted(tables.items())}
 

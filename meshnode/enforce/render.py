@@ -3,6 +3,8 @@
 The chain, in order:
 
 1. ``ct state established,related`` accept; ``ct state invalid`` drop; ``iif lo`` accept;
+   with ``abuse_block``, drop sources in the dynamic ``abusers_v4`` / ``abusers_v6`` timeout sets (the
+   daemon adds abusive handshake sources there, never members or break-glass sources);
 2. break-glass CIDRs from the node's ``[overrides]`` (every port);
 3. the mesh interlock: the mesh port from every valid member (``members_v4`` / ``members_v6``), so no
    policy can cut the mesh itself;
@@ -52,6 +54,7 @@ from .model import (
 )
 
 MEMBERS = "members"
+ABUSERS = "abusers"  # the dynamic block sets: abusers_v4, abusers_v6
 FAMILY_SUFFIX = {"ip": "v4", "ip6": "v6"}
 
 
@@ -228,6 +231,11 @@ def render(
         FilterRule("drop", "invalid", ct_state=("invalid",)),
         FilterRule("accept", "loopback", iif="lo"),
     ]
+    if options.abuse_block:
+        for fam in ("ip", "ip6"):
+            name = f"{ABUSERS}_{FAMILY_SUFFIX[fam]}"
+            sets[name] = AddressSet(name, fam, False, (), "handshake abusers, blocked for a while", timeout=True)
+            rules.append(FilterRule("drop", "abuse block", source_set=name))
     for fam, glass in split_families(options.break_glass_cidrs).items():
         if glass:
             name = net_set("breakglass", fam, glass, "break-glass override (node config)")

@@ -1,0 +1,101 @@
+"""The daemon's side of the local checks: ``[validate]`` in, changes for the alert pipeline out.
+
+    checks = LocalChecks(cfg.validate, table=cfg.enforce.table, mesh_port=mesh_port)
+    deliver(pipeline, PORT_AUDIT, checks.port_audit(enforcer.backend.applied), time.time())  # timer
+    argv = checks.bad_handshake(source, reason, ruleset, time.monotonic())                  # mesh listener
+    if argv: run it (nft add element ...); the block set drops the source for block_abusers_s
+    deliver(pipeline, ABUSE, checks.abuse_round(time.monotonic()), time.time())              # timer
+
+Each round returns only what changed since the previous round of that check (see
+:func:`~meshnode.checks.findings.diff_findings`): the pipeline raises an alert when a subject appears and
+resolves it when the subject clears, nothing in between.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from ..config import ValidateSection
+from ..enforce.model import Ruleset
+from .abuse import CHECK as ABUSE
+from .abuse import AbuseDetector, BlockGuard, block_argv
+from .findings import Finding, FindingChanges, diff_findings
+from .ports import CHECK as PORT_AUDIT
+from .ports import Listener, audit_ports, read_listeners
+
+__all__ = ["ABUSE", "PORT_AUDIT", "AlertSink", "LocalChecks", "deliver"]  # the check names, for deliver()
+
+
+class AlertSink(Protocol):
+    """The part of :class:`meshnode.alerting.pipeline.AlertPipeline` the checks use."""
+
+    def raise_(self, check: str, subject: str, severity: Any, summary: str, details: dict[str, Any] | None,
+               now: float) -> Any: ...
+
+    def resolve(self, check: str, subject: str, now: float) -> Any: ...
+
+
+def deliver(sink: AlertSink, check: str, changes: FindingChanges, now: float) -> None:
+    """Raise the new findings of ``check`` and resolve the cleared ones."""
+    for f in changes.raised:
+        sink.raise_(f.check, f.subject, f.severity, f.summary, dict(f.details), now)
+    for subject in changes.resolved:
+        sink.resolve(check, subject, now)
+
+
+class LocalChecks:
+    """Previous findings per check, the abuse detector and the blocking rule of one node."""
+
+    def __init__(self, validate: ValidateSection, *, table: str, mesh_port: int,
+                 listeners: Callable[[], Iterable[Listener]] = read_listeners) -> None:
+        self._listeners = listeners
+        self.table = table
+        self.mesh_port = mesh_port
+        self._ports: dict[str, Finding] = {}
+        self._abuse: dict[str, Finding] = {}
+        self.validate = validate
+        self.detector = AbuseDetector(validate.abuse_threshold, validate.abuse_window_s)
+
+    def reconfigure(self, validate: ValidateSection, *, table: str, mesh_port: int) -> None:
+        """A reloaded config; the detector starts afresh only when its thresholds changed."""
+        if (validate.abuse_threshold, validate.abuse_window_s) != (self.validate.abuse_threshold,
+                                                                   self.validate.abuse_window_s):
+            self.detector = AbuseDetector(validate.abuse_threshold, validate.abuse_window_s)
+        self.validate, self.table, self.mesh_port = validate, table, mesh_port
+
+    def port_audit(self, ruleset: Ruleset | None) -> FindingChanges:
+        """One audit of this host's listeners against ``ruleset`` (the one in force) and the declared
+        services; the daemon's own mesh port is always declared."""
+        expected = [*self.validate.expected_listeners, f"tcp/{self.mesh_port}"]
+        current = audit_ports(self._listeners(), ruleset, expected)
+        changes = diff_findings(self._ports, current)
+        self._ports = current
+        return changes
+
+    def bad_handshake(self, source: str, reason: str, ruleset: Ruleset | None, now: float) -> list[str] | None:
+        """Record a failed or refused handshake from ``source``. Returns the ``nft`` command that blocks
+        it when this attempt opened an abuse episode, blocking is on, a ruleset with the block sets is in
+        force, and the source is neither a member, a break-glass source nor loopback. A source that is
+        not an IP address (aiohttp's ``?``) is not counted."""
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            return None
+        opened = self.detector.record(source, reason, now)
+        seconds = self.validate.block_abusers_s
+        if not opened or seconds <= 0 or ruleset is None:
+            return None
+        if not any(s.timeout for s in ruleset.sets) or not BlockGuard.from_ruleset(ruleset).may_block(source):
+            return None
+        return block_argv(self.table, source, seconds)
+
+    def abuse_round(self, now: float) -> FindingChanges:
+        current = self.detector.findings(now)
+        changes = diff_findings(self._abuse, current)
+        self._abuse = current
+        return changes
+
+    def next_abuse_deadline(self) -> float | None:
+        return self.detector.next_deadline()

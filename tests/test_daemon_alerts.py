@@ -154,3 +154,52 @@ def test_alert_raised_while_receiver_is_down_survives_a_restart(tmp_path: Path, 
         assert not receiver.receiver.rejected, receiver.receiver.rejected
     finally:
         cluster.close()
+
+
+@pytest.mark.root
+def test_nft_flush_ruleset_is_repaired_at_once_without_waiting_for_the_timer(tmp_path: Path) -> None:
+    """A real daemon in its own network namespace with real nftables and drift_check_s = 3600: a flush
+    of the ruleset by hand (what an nftables.service reload does) is seen by ``nft monitor`` and repaired
+    within a couple of seconds."""
+    import secrets
+    import subprocess
+
+    from tests.netns import skip_reason
+
+    reason = skip_reason("nft")
+    if reason:
+        pytest.skip(reason)
+    ns = f"pmt-wire-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    cluster = Cluster(tmp_path, subnet=93)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        node = cluster.add_node("nft-1", "region-a", sources='drop_dir = "drop"')
+        text = node.config.read_text().replace('backend = "file"', 'backend = "nftables"')
+        node.config.write_text(text.replace("drift_check_s = 30", "drift_check_s = 3600"))
+        (node.dir / "drop").mkdir()
+        _, data = cluster.sign()
+        (node.dir / "drop" / "policy.signed").write_bytes(data)
+        node.wrapper = ["ip", "netns", "exec", ns]
+        node.start()
+
+        def table_loaded() -> bool:
+            out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "policymesh"],
+                                 capture_output=True, text=True)
+            return out.returncode == 0 and "chain" in out.stdout
+
+        wait_until(lambda: any(e.get("event") == "policy.applied" for e in node.log_events()), 30, "applied")
+        wait_until(lambda: any(e.get("event") == "ruleset_watch.started" for e in node.log_events()), 10, "watch")
+        assert table_loaded()
+        flushed_at = time.monotonic()
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True)
+        wait_until(lambda: any(e.get("event") == "alert.enforce.drift_repaired" for e in node.log_events()), 5,
+                   "drift repaired on the monitor's event")
+        took_s = time.monotonic() - flushed_at
+        assert table_loaded()
+        events = [e.get("event") for e in node.log_events()]
+        assert events.count("alert.enforce.drift_detected") == 1 and events.count("alert.enforce.drift_repaired") == 1
+        print(f"flush ruleset -> repaired in {took_s:.2f} s (drift_check_s = 3600)")
+    finally:
+        cluster.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from protocol.signing import decode_envelope, encode_envelope
-from tests.daemon_helpers import Cluster, NodeProc, wait_until
+from tests.daemon_helpers import MESHCTL, Cluster, NodeProc, metric_sum, run_cli, wait_until
 from tests.pagerduty_receiver import Receiver, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -99,6 +99,13 @@ def test_forged_policy_pages_once_through_pagerduty_and_webhook(tmp_path: Path, 
         assert event["payload"]["custom_details"]["source"].startswith("operator:")
         assert not receiver.receiver.rejected, receiver.receiver.rejected
         assert [a["check"] for a in open_alerts(node)] == ["policy.rejected"]
+        js = run_cli([*MESHCTL, "alerts", "--node", node.mesh, "--identity", str(cluster.operator), "--json"])
+        assert js.returncode == 0, js.stderr
+        view = json.loads(js.stdout)
+        assert [a["check"] for a in view["alerts"]] == ["policy.rejected"]
+        assert [m["node_id"] for m in view["members"]] == ["alert-1"]
+        text = run_cli([*MESHCTL, "alerts", "--node", node.mesh, "--identity", str(cluster.operator)])
+        assert "1 open alert(s)" in text.stdout and "policy.rejected" in text.stdout, text.stdout + text.stderr
         assert len([e for e in receiver.events("policy.rejected") if e["event_action"] == "trigger"]) == 1
         assert any(name == "policymesh_alerts_total" and ("event", "policy.rejected") in labels and v >= 1
                    for (name, labels), v in node.metrics().items())
@@ -129,6 +136,10 @@ def test_tampered_ruleset_is_one_trigger_and_one_resolve(tmp_path: Path, receive
         time.sleep(2)
         assert len(receiver.events("enforce.drift")) == 2
         assert not any(a["check"] == "enforce.drift" for a in open_alerts(node))
+        samples = node.metrics()
+        assert metric_sum(samples, "policymesh_convergence_lag") == 0  # enforces what it trusts
+        assert metric_sum(samples, "policymesh_peers", state="connected") == 0  # alone in its cluster
+        assert metric_sum(samples, "policymesh_drift_repairs_total") >= 1
         assert not receiver.receiver.rejected, receiver.receiver.rejected
     finally:
         cluster.close()

@@ -104,3 +104,17 @@ def test_the_watcher_triggers_on_our_table_and_restarts_a_dead_monitor(monkeypat
 
     asyncio.run(main())
     assert len(changes) >= 2 and watch.changes_seen == len(changes)
+
+
+def test_peers_gauge_counts_open_channels_and_other_members_by_liveness() -> None:
+    from prometheus_client import generate_latest
+
+    m = Metrics()
+    members = [{"node_id": "me", "liveness": "alive"}, {"node_id": "n2", "liveness": "alive"},
+               {"node_id": "n3", "liveness": "suspect"}, {"node_id": "n4", "liveness": "dead"}]
+    m.observe_peers(1, members, "me")
+    m.observe_peers(2, members[:3], "me")  # n4 left the table: no stale "dead" sample
+    text = generate_latest(m.registry).decode()
+    assert 'policymesh_peers{state="connected"} 2.0' in text
+    assert 'policymesh_peers{state="alive"} 1.0' in text and 'policymesh_peers{state="suspect"} 1.0' in text
+    assert 'state="dead"' not in text

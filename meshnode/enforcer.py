@@ -1,5 +1,6 @@
 """The daemon's enforcement worker: render the wanted policy + member directory, apply it off the event
-loop, keep the previous ruleset when anything fails, and repair drift on a timer.
+loop, keep the previous ruleset when anything fails, and repair drift on a timer and on request (the
+ruleset watcher asks when another tool changed the kernel's ruleset).
 
 The latest wish wins: ``want()`` replaces any wish not yet applied, and one task (``run()``) applies
 them in turn, so a burst of member changes costs one apply, never a queue of them."""
@@ -7,6 +8,7 @@ them in turn, so a burst of member changes costs one apply, never a queue of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +41,9 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 
 class Enforcer:
     """Renders and applies what the daemon wants enforced, confirms what the kernel holds
-    (``on_applied(serial, ruleset_hash, policy_hash)``) and reports it in ``status()``."""
+    (``on_applied(serial, ruleset_hash, policy_hash)``) and reports it in ``status()``. Alert events go to
+    ``on_event(name, facts)``: ``enforce.apply_failed`` / ``enforce.apply_recovered`` (the first good apply
+    after a failure) and the backend's drift events (``enforce.drift_detected``, ``..._repaired``...)."""
 
     def __init__(
         self,
@@ -49,17 +53,21 @@ class Enforcer:
         metrics: Metrics,
         log: Any,
         on_applied: Callable[[int, str, str], None],
+        on_event: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.identity = identity
         self.trust = trust
         self.metrics = metrics
         self.log = log.bind(component="enforce")
         self.on_applied = on_applied
+        self.on_event = on_event
         self.backend: Backend | None = None
         self._want: tuple[PolicyVersion, list[Certificate], str] | None = None  # queued for run()
         # the latest (policy, member certificates, policy hash) the core asked for (its Enforce effect)
         self.wanted: tuple[PolicyVersion, list[Certificate], str] | None = None
+        self.wanted_since: float | None = None  # wall time the current wish's policy was first asked for
         self._event = asyncio.Event()
+        self._drift_wanted = asyncio.Event()  # check drift now, without waiting for the timer
         self.applied_serial = 0
         self.applied_hash: str | None = None  # of the ruleset
         self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
@@ -103,8 +111,16 @@ class Enforcer:
     def want(self, policy: PolicyVersion, members: list[Certificate], policy_hash: str) -> None:
         """Enforce ``policy`` (``policy_hash``: hex hash of its signed payload) for ``members`` as soon as
         the worker gets to it (the latest wish wins)."""
+        if policy_hash != self.wanted_hash:
+            self.wanted_since = time.time()
         self.wanted = self._want = (policy, members, policy_hash)
         self._event.set()
+
+    def lag_s(self, now: float) -> float:
+        """Seconds since the core asked for the policy this node does not enforce yet; 0 when enforced."""
+        if self.wanted is None or self.wanted_hash == self.applied_policy_hash or self.wanted_since is None:
+            return 0.0
+        return max(0.0, now - self.wanted_since)
 
     def want_again(self) -> None:
         """Queue the latest wish once more (after a failed apply, a restarted worker, a reload).  Before
@@ -127,12 +143,13 @@ class Enforcer:
         except MeshError as exc:
             self.last_error = str(exc)
             self.metrics.apply_failures.inc()
-            self.metrics.alerts.labels("enforce.apply_failed").inc()
-            self.log.error("alert.enforce.apply_failed", serial=policy.serial, reason=str(exc),
-                           kept_serial=self.applied_serial)
+            self.on_event("enforce.apply_failed", {"serial": policy.serial, "reason": str(exc)[:300],
+                                                   "kept_serial": self.applied_serial})
             return False
         elapsed = time.perf_counter() - t0
         self.metrics.apply_seconds.observe(elapsed)
+        if self.last_error is not None:
+            self.on_event("enforce.apply_recovered", {"serial": policy.serial})
         self.last_error = None
         changed = (policy.serial, result.hash, policy_hash) != (
             self.applied_serial, self.applied_hash, self.applied_policy_hash)
@@ -155,16 +172,23 @@ class Enforcer:
             if want is not None:
                 await self.apply_now(*want)
 
+    def check_drift_soon(self) -> None:
+        """Run the drift check now instead of at the next tick (another tool changed the ruleset)."""
+        self._drift_wanted.set()
+
     async def drift_loop(self) -> None:
-        """Every ``drift_interval`` seconds, read the kernel back and repair drift (alerting on it)."""
+        """Every ``drift_interval`` seconds, or at once when asked (:meth:`check_drift_soon`), read the
+        kernel back and repair drift; the backend's drift events go to ``on_event``."""
         while True:
-            await asyncio.sleep(self.drift_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.drift_interval):
+                    await self._drift_wanted.wait()
+            self._drift_wanted.clear()
             if self.backend is None or self.backend.applied is None:
                 continue
             result = await asyncio.to_thread(self.backend.check_drift)
             for ev in result.events:
-                self.metrics.alerts.labels(ev.name).inc()
-                self.log.warning(f"alert.{ev.name}", **ev.facts)
+                self.on_event(ev.name, ev.facts)
             if result.drifted:
                 self.metrics.drift.inc()
 

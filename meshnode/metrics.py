@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,9 +18,11 @@ class Metrics:
         self.policy_state = Gauge("policymesh_policy_state", "1 for the current state", ["state"], registry=r)
         self.policy_expires = Gauge("policymesh_policy_expires_timestamp_seconds", "Policy expiry", registry=r)
         self.convergence_lag = Gauge(
-            "policymesh_convergence_lag", "Members whose applied serial is below this node's", registry=r
+            "policymesh_convergence_lag", "Seconds since this node trusted the newest policy it knows, while it "
+            "does not enforce it yet (0 when it enforces what it trusts)", registry=r
         )
-        self.peers = Gauge("policymesh_peers", "Members by liveness", ["state"], registry=r)
+        self.peers = Gauge("policymesh_peers", "Peers: state=connected has an open gossip channel; the other "
+                           "states count the other members by liveness", ["state"], registry=r)
         self.connections = Gauge("policymesh_connections", "Open authenticated channels", ["kind"], registry=r)
         self.handshakes = Counter("policymesh_handshakes", "Handshakes by outcome", ["result", "reason"], registry=r)
         self.frames_refused = Counter("policymesh_frames_refused", "Frames/messages refused", ["reason"], registry=r)
@@ -70,6 +72,14 @@ class Metrics:
         self.alerts_open.clear()
         for (check, severity), n in counts.items():
             self.alerts_open.labels(check, severity).set(n)
+
+    def observe_peers(self, connected: int, members: list[dict[str, Any]], self_id: str) -> None:
+        """Set ``policymesh_peers`` from the connection registry and the member table (self excluded)."""
+        self.peers.clear()
+        self.peers.labels("connected").set(connected)
+        for m in members:
+            if m.get("node_id") != self_id and m.get("liveness"):
+                self.peers.labels(str(m["liveness"])).inc()
 
     def observe_policy(self, trust: TrustedState, now: float) -> None:
         """Set the policy gauges (serial, expiry, state) from the trusted state at wall time ``now``."""

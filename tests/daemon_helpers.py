@@ -106,6 +106,7 @@ class NodeProc:
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     nofile: int | None = None  # start with this soft RLIMIT_NOFILE (descriptor pressure tests)
+    wrapper: list[str] = field(default_factory=list)  # run under this prefix (e.g. ip netns exec NS)
 
     @property
     def mesh(self) -> str:
@@ -142,7 +143,7 @@ class NodeProc:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
         self.proc = subprocess.Popen(
-            [*MESHNODE, "run", "--config", str(self.config)],
+            [*self.wrapper, *MESHNODE, "run", "--config", str(self.config)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             preexec_fn=limit_fds if nofile is not None else None,
         )

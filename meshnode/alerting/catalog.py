@@ -24,21 +24,24 @@ EXPIRY_WARNING_FRACTION = 0.25  # warning once 25% of the validity period is lef
 @dataclass(frozen=True, slots=True)
 class AlertRule:
     """``kind``: ``condition`` (raised; the daemon or a later core event resolves it), ``resolve`` (clears
-    ``check``), ``transient`` (one-shot: resolves itself after a quiet period). ``subject_field`` names the
-    fact that tells two instances apart (the peer, the source), if any."""
+    ``check``), ``transient`` (one-shot: resolves itself after a quiet period), ``ignore`` (logged by the
+    caller, never paged: another check owns the condition). ``subject_field`` names the fact that tells
+    two instances apart (the peer, the source), if any."""
 
     check: str
     severity: Severity
-    kind: Literal["condition", "resolve", "transient"]
+    kind: Literal["condition", "resolve", "transient", "ignore"]
     subject_field: str | None = None
 
 
 ALERT_RULES: dict[str, AlertRule] = {
     # -- the core (protocol.gossip_events.Alert effects) --
-    # Conditions. policy.stale and node.certificate_expiring are resolved by the daemon when the policy is
-    # fresh again / the certificate renewed (see expiry_severity); the core does not say when they clear.
+    # Conditions. policy.stale is also raised and resolved by the daemon's expiry job (fresh again: resolved);
+    # the core says it once and never when it clears. The core repeats node.certificate_expiring every
+    # housekeeping tick from 7 days before expiry: the daemon's expiry job owns that condition with the
+    # lead-time rule (expiry_severity), so the core's repeats are not paged.
     "policy.stale": AlertRule("policy.stale", "error", "condition"),
-    "node.certificate_expiring": AlertRule("node.certificate_expiring", "warning", "condition"),
+    "node.certificate_expiring": AlertRule("node.certificate_expiring", "warning", "ignore"),
     "node.certificate_invalid": AlertRule("node.certificate_invalid", "critical", "condition"),
     "policy.not_enforced": AlertRule("policy.not_enforced", "critical", "condition"),
     "policy.not_enforced.resolved": AlertRule("policy.not_enforced", "critical", "resolve"),
@@ -56,8 +59,9 @@ ALERT_RULES: dict[str, AlertRule] = {
     "enforce.drift_detected": AlertRule("enforce.drift", "critical", "condition", "table"),
     "enforce.drift_repair_failed": AlertRule("enforce.drift", "critical", "condition", "table"),
     "enforce.drift_repaired": AlertRule("enforce.drift", "critical", "resolve", "table"),
-    # resolved by the daemon on the next successful apply: pipeline.resolve("enforce.apply_failed", "", now)
+    # the enforcer says enforce.apply_recovered on the first good apply after a failure
     "enforce.apply_failed": AlertRule("enforce.apply_failed", "error", "condition"),
+    "enforce.apply_recovered": AlertRule("enforce.apply_failed", "error", "resolve"),
     # -- the daemon --
     "state.write_failed": AlertRule("state.write_failed", "error", "condition"),
     "state.write_recovered": AlertRule("state.write_failed", "error", "resolve"),
@@ -75,6 +79,8 @@ def route_alert(pipeline: AlertPipeline, event: str, fields: dict[str, Any], now
     pipeline, at wall-clock ``now``."""
     rule = rule_for(event)
     subject = str(fields.get(rule.subject_field, "")) if rule.subject_field else ""
+    if rule.kind == "ignore":
+        return []
     if rule.kind == "resolve":
         return pipeline.resolve(rule.check, subject, now)
     summary = summarize(rule.check, pipeline.book.node, subject, fields)

@@ -1,4 +1,4 @@
-"""meshctl commands that talk to a running mesh: ``policy publish``, ``status`` and ``demo``.
+"""meshctl commands that talk to a running mesh: ``policy publish``, ``status``, ``alerts`` and ``demo``.
 
 The operator client (aiohttp) and the demo are imported when their command runs: the offline commands
 (authority, enroll, sign) start without them."""
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..authority_store import CliError
-from ..status_view import format_status
+from ..status_view import format_status, members_of
 from .common import out
 
 
@@ -48,6 +48,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """This node's open alerts, and per member of the cluster (signed status view) its liveness and
+    policy state."""
+    import asyncio
+
+    from ..client import OperatorError, request
+
+    reply = asyncio.run(request(args.node, Path(args.identity), {"op": "alerts"}, args.timeout))
+    if not reply.get("ok"):
+        raise OperatorError(f"{args.node}: {reply.get('reason', 'alerts refused')}")
+    alerts, st = list(reply.get("alerts", [])), dict(reply.get("status", {}))
+    members = [{k: m.get(k) for k in ("node_id", "liveness", "serial", "state", "converged")}
+               for m in members_of(st)]
+    if args.json:
+        out(json.dumps({"node": st.get("node"), "alerts": alerts, "members": members}, indent=2, default=str))
+        return 0
+    lines = [f"{st.get('node', args.node)}: {len(alerts)} open alert(s)"]
+    lines += [f"  {a['severity']:<8} {a['check']}{' (' + a['subject'] + ')' if a.get('subject') else ''}: "
+              f"{a['summary']}" for a in alerts]
+    lines.append("cluster (signed status view):")
+    lines += [f"  {m['node_id']:<20} {m['liveness'] or '?':<8} serial {m['serial']} policy {m['state'] or '?'}"
+              f"{'' if m['converged'] else ' NOT converged'}" for m in members]
+    out("\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
@@ -69,6 +95,13 @@ def register(sub: argparse._SubParsersAction, policy_sub: argparse._SubParsersAc
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=20.0)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("alerts", help="open alerts of a node, and the cluster's state from its status view")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--identity", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("demo", help="run a local demo mesh of real meshnode processes")
     p.add_argument("--nodes", type=int, default=6, help="number of nodes (default 6)")

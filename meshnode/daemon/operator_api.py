@@ -1,4 +1,5 @@
-"""The operator API: requests on an authenticated operator channel (publish a policy, read the status)."""
+"""The operator API: requests on an authenticated operator channel (publish a policy, read the status or
+this node's open alerts)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ class OperatorRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class OperatorApi:
     def __init__(self, *, submit_policy: Callable[[bytes, str, Sequence[bytes]], PolicyResult],
-                 status: Callable[[], dict[str, Any]], metrics: Metrics, log: Any) -> None:
+                 status: Callable[[], dict[str, Any]], alerts: Callable[[], list[dict[str, Any]]], metrics: Metrics,
+                 log: Any) -> None:
         self._submit_policy = submit_policy
         self._status = status
+        self._alerts = alerts
         self._metrics = metrics
         self._log = log
 
@@ -45,6 +48,8 @@ class OperatorApi:
             reply = {"ok": result.accepted, "serial": result.serial, "reason": result.text}
         elif req.op == "status":
             reply = {"ok": True, "status": self._status()}
+        elif req.op == "alerts":
+            reply = {"ok": True, "alerts": self._alerts(), "status": self._status()}
         else:
             reply = {"ok": False, "reason": f"unknown operation {req.op!r}"}
         conn.enqueue(msgspec.msgpack.encode(reply))

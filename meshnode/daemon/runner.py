@@ -25,6 +25,7 @@ from protocol.errors import MeshError
 from protocol.gossip_events import LeaveRequested, RulesetApplied
 from protocol.trust import TrustedState
 
+from ..alerting import AlertPipeline
 from ..config import ConfigError, LoadedConfig, load_config, split_hostport
 from ..enforcer import Enforcer
 from ..identity import Identity, load_identity
@@ -34,7 +35,7 @@ from ..sources import DropDirSource, UrlSource
 from ..state import StateStore
 from . import boot
 from .admin_http import AdminHttp
-from .alerts import AlertSender
+from .alerts import EXPIRY_CHECK_S, AlertSender
 from .connections import ConnectionRegistry
 from .core_driver import CoreDriver, now
 from .effects import EffectExecutor
@@ -42,6 +43,7 @@ from .logs import LibraryLogCounter, LogBudget
 from .mesh_listener import MeshListener
 from .operator_api import OperatorApi
 from .readiness import Readiness
+from .ruleset_watch import RulesetWatch
 from .scheduler import Deadline, Every, Scheduler
 from .state_writes import StateWriter
 from .tasks import TaskSpawner
@@ -78,18 +80,25 @@ class MeshDaemon:
         self.scheduler = Scheduler()
         self.readiness = Readiness(notifier if notifier is not None else Notifier(), self.log)
         log_budget = LogBudget(per_s=2.0, burst=10)
-        self.alerts = AlertSender(self.identity.node_id, cfg.alerts.webhook_urls, self.metrics, self.log, self.tasks)
-        self.enforcer = Enforcer(config, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied)
+        try:
+            pipeline = AlertPipeline.from_config(config, self.identity.node_id, log=self.log, metrics=self.metrics)
+        except OSError as exc:
+            raise ConfigError(f"{config.path}: the alert outbox in node.data_dir: {exc.strerror or exc}") from None
+        self.alerts = AlertSender(pipeline, self.metrics, self.log, wake=self.scheduler.wake)
+        self.enforcer = Enforcer(config, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied,
+                                 self.alerts.alert)
         self.state = StateWriter(self.trust, self.metrics, self.log, log_budget, self.alerts.alert)
         self.core = CoreDriver(self.tasks, self.metrics, self.log, wake=self.scheduler.wake)
         parts: dict[str, Any] = dict(metrics=self.metrics, log=self.log)
         self.connections = ConnectionRegistry(config=config, identity=self.identity, trust=self.trust,
                                               core=self.core, tasks=self.tasks, log_budget=log_budget,
                                               alert=self.alerts.alert, **parts)
-        operator_api = OperatorApi(submit_policy=self.core.submit_policy, status=self.status, **parts)
+        operator_api = OperatorApi(submit_policy=self.core.submit_policy, status=self.status,
+                                   alerts=self.open_alerts, **parts)
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert, **parts)
-        self.admin = AdminHttp(status=self.status, enforcer=self.enforcer, trust=self.trust, metrics=self.metrics)
+        self.admin = AdminHttp(status=self.status, alerts=self.open_alerts, enforcer=self.enforcer, trust=self.trust,
+                               metrics=self.metrics, observe=self._observe)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
                                       connections=self.connections,
                                       alert=self.alerts.alert, **parts)
@@ -130,6 +139,7 @@ class MeshDaemon:
             await self.enforcer.apply_now(self.trust.policy, list(stored.certificates.values()),
                                           self.trust.policy_hash or "")
         self.metrics.observe_policy(self.trust, time.time())
+        self._check_expiry()
         self.core.start(boot.make_node(config=self.config, trust=self.trust, identity=self.identity,
                                        advertise=self.advertise, known_members=stored.entries,
                                        enforcer=self.enforcer),
@@ -138,7 +148,7 @@ class MeshDaemon:
         connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None, limit=0)
         http = aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=None, sock_connect=DIAL_CONNECT_TIMEOUT_S))
-        self.connections.http = self.alerts.http = http
+        self.connections.http = http
         try:
             await self._start_listeners()
             self.log.info("meshnode.started", mesh=f"{self.listen_host}:{self.bound_mesh_port}",
@@ -150,6 +160,10 @@ class MeshDaemon:
                 tg.create_task(self.scheduler.run(), name="scheduler")
                 tg.create_task(self._supervised("enforcer", self.enforcer.run), name="enforcer")
                 tg.create_task(self._supervised("drift", self.enforcer.drift_loop), name="drift")
+                tg.create_task(self.alerts.pipeline.deliver(http), name="alert-delivery")
+                if self.enforcer.backend_name == "nftables":
+                    watch = RulesetWatch(self.config.cfg.enforce.table, self.enforcer.check_drift_soon, self.log)
+                    tg.create_task(watch.run(), name="ruleset-watch")
                 self._start_sources(tg)
                 self.core.fire_timer()
                 self.readiness.started(self.trust.policy, self.enforcer.last_error)
@@ -160,6 +174,7 @@ class MeshDaemon:
             pass
         finally:
             self.tasks.close()
+            self.alerts.pipeline.flush()
             await self.connections.close_all("node shutting down")
             for runner in reversed(self._runners):
                 await runner.cleanup()
@@ -205,6 +220,8 @@ class MeshDaemon:
         self.scheduler.add(Deadline("core-timer", self.core.next_deadline_s, self.core.fire_timer))
         self.scheduler.add(Every("enforce-retry", RESTART_MIN_S, self._retry_enforcement))
         self.scheduler.add(Every("revalidate", REVALIDATE_INTERVAL_S, self._revalidate))
+        self.scheduler.add(Deadline("alert-timer", self.alerts.next_deadline_monotonic, self.alerts.handle_timer))
+        self.scheduler.add(Every("alert-expiry", EXPIRY_CHECK_S, self._check_expiry))
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived task; an OS-level failure (EMFILE, ENOSPC, no thread for to_thread) restarts it
@@ -246,10 +263,9 @@ class MeshDaemon:
             self.log.error("config.reload_failed", reason=str(exc), kept="running configuration")
             self.enforcer.want_again()
             return
-        restart_needed = [s for s in ("node", "identity", "trust", "mesh", "admin", "gossip")
+        restart_needed = [s for s in ("node", "identity", "trust", "mesh", "admin", "gossip", "alerts")
                           if getattr(new.cfg, s) != getattr(self.config.cfg, s)]
         self.config = self.connections.config = self.listener.config = new
-        self.alerts.webhook_urls = tuple(new.cfg.alerts.webhook_urls)
         old_overrides, self.overrides = self.overrides, new.active_overrides()
         for name in set(old_overrides) | set(self.overrides):
             self.metrics.overrides.labels(name).set(1 if name in self.overrides else 0)
@@ -278,6 +294,24 @@ class MeshDaemon:
         """Certificates expire while channels are open: re-check every open channel periodically."""
         self.connections.revalidate()
         self.metrics.observe_policy(self.trust, time.time())
+
+    def _check_expiry(self) -> None:
+        wall = time.time()
+        self.alerts.check_expiry(self.identity.cert, self.trust.policy, self.trust.policy_state(wall), wall)
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """This node's open alerts (``/v1/alerts``, the operator request ``alerts``)."""
+        return [a.to_dict() for a in self.alerts.pipeline.open_alerts()]
+
+    def _observe(self) -> None:
+        """Gauges read at scrape time: policy, convergence lag, peers."""
+        wall = time.time()
+        self.metrics.observe_policy(self.trust, wall)
+        lag = self.enforcer.lag_s(wall)
+        self.metrics.convergence_lag.set(lag)
+        core = self.core.node.status(now()) if self.core.node is not None else {}
+        connected = sum(1 for channels in self.connections.gossip.values() if channels)
+        self.metrics.observe_peers(connected, core.get("members", []), self.identity.node_id)
 
     def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)

@@ -75,3 +75,4 @@ class StateWriter:
             if self._alerted:
                 self._alerted = False
                 self._log.warning("state.write_recovered", serial=self._trust.serial)
+                self._alert("state.write_recovered", {"serial": self._trust.serial})

@@ -36,6 +36,7 @@ def render_options(config: LoadedConfig) -> RenderOptions:
         break_glass_cidrs=tuple(cfg.overrides.break_glass_cidrs),
         log_rate=cfg.enforce.log_rate,
         mesh_join_cidrs=tuple(cfg.enforce.mesh_join_cidrs),
+        abuse_block=cfg.validate.block_abusers_s > 0,
     )
 
 

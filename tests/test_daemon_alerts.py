@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from protocol.signing import decode_envelope, encode_envelope
@@ -214,3 +215,34 @@ def test_nft_flush_ruleset_is_repaired_at_once_without_waiting_for_the_timer(tmp
     finally:
         cluster.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_handshake_flood_from_one_source_is_one_abuse_alert(tmp_path: Path, receiver: ThreadedReceiver) -> None:
+    """Hundreds of failed handshakes from one source open one abuse episode: one trigger, not one per
+    attempt (the abuse check of meshnode/checks, fed by the mesh listener)."""
+    from tests.daemon_helpers import raw_ws_send
+
+    cluster = Cluster(tmp_path, subnet=94)
+    try:
+        node = cluster.add_node("abused-1", "region-a")
+        wire_alerts(node, receiver)
+        node.config.write_text(node.config.read_text() + "\n[validate]\nabuse_threshold = 5\nabuse_window_s = 60\n")
+        cluster.start([node])
+
+        async def flood() -> None:
+            for _ in range(60):  # garbage instead of a Noise handshake (or a 429 once rate-limited): each
+                try:               # one a failed or refused handshake
+                    await raw_ws_send(node.mesh, [b"\x00" * 64], wait_s=0.5)
+                except aiohttp.ClientError:
+                    pass
+
+        asyncio.run(flood())
+        wait_until(lambda: receiver.events("handshake_abuse"), 30, "the abuse trigger")
+        time.sleep(2.0)
+        triggers = [e for e in receiver.events("handshake_abuse") if e["event_action"] == "trigger"]
+        assert len(triggers) == 1, triggers
+        assert triggers[0]["payload"]["severity"] in ("warning", "error", "critical")
+        assert node.alive
+        assert any(a["check"] == "handshake_abuse" for a in open_alerts(node))
+    finally:
+        cluster.close()

@@ -57,6 +57,7 @@ class LocalChecks:
         self._abuse: dict[str, Finding] = {}
         self.validate = validate
         self.detector = AbuseDetector(validate.abuse_threshold, validate.abuse_window_s)
+        self.episodes_opened = 0  # abuse episodes opened so far (the daemon raises the finding at once)
 
     def reconfigure(self, validate: ValidateSection, *, table: str, mesh_port: int) -> None:
         """A reloaded config; the detector starts afresh only when its thresholds changed."""
@@ -84,6 +85,7 @@ class LocalChecks:
         except ValueError:
             return None
         opened = self.detector.record(source, reason, now)
+        self.episodes_opened += opened
         seconds = self.validate.block_abusers_s
         if not opened or seconds <= 0 or ruleset is None:
             return None

@@ -30,7 +30,8 @@ from .tasks import TaskSpawner
 class MeshListener:
     def __init__(self, *, config: LoadedConfig, connections: ConnectionRegistry, operator_api: OperatorApi,
                  tasks: TaskSpawner, metrics: Metrics, log: Any, log_budget: LogBudget,
-                 alert: Callable[[str, dict[str, Any]], None]) -> None:
+                 alert: Callable[[str, dict[str, Any]], None],
+                 on_bad_handshake: Callable[[str, str], None] = lambda source, reason: None) -> None:
         mesh = config.cfg.mesh
         self.config = config  # replaced on reload
         self._connections = connections
@@ -40,6 +41,7 @@ class MeshListener:
         self._log = log
         self._log_budget = log_budget
         self._alert = alert
+        self._on_bad_handshake = on_bad_handshake  # (source, reason): the abuse check counts these
         self._limiter = HandshakeRateLimiter(
             mesh.handshake_rate_per_s, mesh.handshake_burst, total_rate_per_s=mesh.handshake_rate_per_s * 10
         )
@@ -57,6 +59,7 @@ class MeshListener:
 
     def _preauth_refused(self, source: str, reason: str) -> None:
         self._metrics.handshakes.labels("refused", reason).inc()
+        self._on_bad_handshake(source, reason)
         if self._log_budget.allow(f"handshake.refused/{reason}", transport.now_ms()):
             self._log.info("handshake.refused", remote=source, reason=reason,
                            suppressed=self._log_budget.take_suppressed(f"handshake.refused/{reason}"))
@@ -84,6 +87,7 @@ class MeshListener:
         source = request.remote or "?"
         if not self._limiter.allow(source, transport.now_ms()):
             self._metrics.handshakes.labels("refused", "rate_limited").inc()
+            self._on_bad_handshake(source, "rate_limited")
             return web.Response(status=429, text="handshake rate limit\n")
         if self._connections.total() >= self.config.cfg.mesh.max_peers:
             self._metrics.handshakes.labels("refused", "too_many_peers").inc()
@@ -105,6 +109,7 @@ class MeshListener:
         except (TimeoutError, MeshError, aiohttp.ClientError, OSError) as exc:
             reason = transport.refusal_reason(exc)
             self._metrics.handshakes.labels("refused", reason).inc()
+            self._on_bad_handshake(source, reason)
             if self._log_budget.allow(f"handshake.refused/{reason}", transport.now_ms()):
                 self._log.info("handshake.refused", remote=source, reason=reason, detail=str(exc)[:200],
                                suppressed=self._log_budget.take_suppressed(f"handshake.refused/{reason}"))

@@ -81,6 +81,7 @@ def test_runbook_key_ceremony_end_to_end(tmp_path: Path) -> None:
     verify = run("policy", "verify", "p2.msgpack", "--root", "auth/root.msgpack", "--json", cwd=tmp_path)
     info = json.loads(verify.stdout)
     assert verify.returncode == 0 and info["valid"] and info["valid_signatures"] == 2 and info["root_version"] == 2
+    assert info["serial"] == 1  # new policy keys: serials start again at 1 (also through a pending root)
 
 
 def test_below_threshold_verify_says_so(tmp_path: Path) -> None:
@@ -177,3 +178,53 @@ def test_exit_codes_and_json(plain_authority: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "meshnode.cli.meshnode", "check-config", "--config", "none.toml"],
                            cwd=ws, capture_output=True, text=True, timeout=60)
     assert check.returncode == 3
+
+
+def test_prompts_for_the_passphrase_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+    import select
+
+    write_passphrases(tmp_path)
+    (tmp_path / "policy.toml").write_text(sample_policy_toml())
+    assert run("authority", "init", "auth", "--passphrase-file", "alice.pass", cwd=tmp_path).returncode == 0
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: meshctl on a terminal
+        os.chdir(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli", "policy", "sign", "policy.toml",
+                                  "--authority", "auth", "--key", "auth/secrets/policy-1-1.key", "--out", "p.msgpack"])
+    def read_some() -> bytes:
+        if not select.select([fd], [], [], 60)[0]:
+            os.kill(pid, 9)
+            raise AssertionError(f"meshctl on a terminal is silent; so far: {seen!r}")
+        try:
+            return os.read(fd, 1024)
+        except OSError:  # the child closed the terminal
+            return b""
+
+    seen = b""
+    while b"passphrase for" not in seen:
+        seen += read_some()
+    os.write(fd, b"correct horse alice staple\n")
+    while chunk := read_some():
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
+    assert b"correct horse" not in seen  # not echoed
+    assert run("policy", "verify", "p.msgpack", "--root", "auth/root.msgpack", cwd=tmp_path).returncode == 0
+
+
+def test_publish_json_and_refusal_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import meshnode.client
+
+    (tmp_path / "p.msgpack").write_bytes(b"signed")
+    replies = iter([{"ok": True, "serial": 3}, {"ok": False, "reason": "rollback"}])
+    monkeypatch.setattr(meshnode.client, "publish", lambda *a, **k: next(replies))
+    argv = ["policy", "publish", str(tmp_path / "p.msgpack"), "--node", "127.0.0.1:1", "--identity", str(tmp_path),
+            "--json"]
+    assert meshctl_main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"node": "127.0.0.1:1", "ok": True, "serial": 3}
+    assert meshctl_main(argv) == 1
+    assert json.loads(capsys.readouterr().out)["reason"] == "rollback"
+    assert meshctl_main([*argv[:2], str(tmp_path / "missing"), *argv[3:]]) == 3

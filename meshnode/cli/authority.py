@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from protocol.metadata import ROLE_NAMES
+from protocol.metadata import ROLE_NAMES, Root
 from protocol.trust import TrustedState
 
 from ..authority_store import ROOT_FILE, AuthorityDir, CliError, UsageError, parse_duration
@@ -103,13 +103,7 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
     current = authority.root()
     need_old, need_new = current.roles["root"].threshold, new_root.roles["root"].threshold
     if old_ok >= need_old and new_ok >= need_new:
-        authority.install_root(new_root.version, data)
-        if "policy" in roles:
-            # New policy keys reset the serial floor on nodes (fast-forward recovery); so does the authority.
-            meta = authority.meta()
-            meta["last_serial"] = 0
-            authority.save_meta(meta)
-            out("policy keys replaced: serials start again at 1 (nodes that trust the new root accept them)")
+        _install(authority, current, new_root, data)
         out(f"root v{new_root.version} installed (signed {old_ok}/{need_old} old, {new_ok}/{need_new} new root keys)")
         out(f"rotated roles: {', '.join(roles) or 'none (expiry/threshold refresh)'}; publish "
             f"{authority.path / ROOT_FILE} to nodes, or let them fetch it over the mesh")
@@ -117,7 +111,8 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
     pending = authority.path / f"root.{new_root.version}.pending.msgpack"
     atomic_write(pending, data)
     out(f"root v{new_root.version} written to {pending}: {old_ok}/{need_old} old and {new_ok}/{need_new} new root signatures")
-    out(f"have other root key holders run `meshctl policy cosign {pending} --key THEIR.key`, then "
+    out(f"have other root key holders run `meshctl policy cosign {pending} --key THEIR.key "
+        f"[--passphrase-file THEIR.pass]`, then "
         f"`meshctl authority rotate-root {authority.path} --finish {pending}`")
     return EXIT_PENDING
 
@@ -125,11 +120,21 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
 def _install_pending_root(authority: AuthorityDir, data: bytes) -> int:
     trust = TrustedState(authority.chain()[0])
     trust.update_root_chain(authority.chain()[1:])
+    current = trust.root
     trust.update_root(data)  # raises with the reason when thresholds are not met
-    root = trust.root
-    authority.install_root(root.version, data)
-    out(f"root v{root.version} installed")
+    _install(authority, current, trust.root, data)
+    out(f"root v{trust.root.version} installed")
     return 0
+
+
+def _install(authority: AuthorityDir, current: Root, new_root: Root, data: bytes) -> None:
+    authority.install_root(new_root.version, data)
+    if set(new_root.roles["policy"].keyids) != set(current.roles["policy"].keyids):
+        # New policy keys reset the serial floor on nodes (fast-forward recovery); so does the authority.
+        meta = authority.meta()
+        meta["last_serial"] = 0
+        authority.save_meta(meta)
+        out("policy keys replaced: serials start again at 1 (nodes that trust the new root accept them)")
 
 
 def cmd_node_enroll(args: argparse.Namespace) -> int:

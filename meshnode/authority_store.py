@@ -30,7 +30,6 @@ from .fsutil import atomic_write
 from .keyfile import (
     CliError,
     KeyFile,
-    Passphrase,
     UnreadableInput,
     UsageError,
     kdf_limits,
@@ -109,11 +108,15 @@ class AuthorityDir:
         """Key ids of the private keys present here (read without decrypting anything)."""
         return {str(key_header(p).get("key_id")) for p in self.key_paths()}
 
-    def role_seeds(self, root: Root, role: str, passphrase: Passphrase | None = None) -> list[bytes]:
-        """Seeds of the keys present here that the root lists for ``role`` (decrypted with ``passphrase``)."""
+    def role_seeds(self, root: Root, role: str) -> list[bytes]:
+        """Seeds of the plaintext keys present here that the root lists for ``role`` (an encrypted one is an
+        error: it is opened only when named)."""
         wanted = set(root.roles[role].keyids)
-        headers = [(p, key_header(p)) for p in self.key_paths()]
-        return [read_key(p, passphrase).seed for p, h in headers if h["role"] == role and h.get("key_id") in wanted]
+        mine = [(p, h) for p in self.key_paths() if (h := key_header(p))["role"] == role and h.get("key_id") in wanted]
+        for p, h in mine:
+            if h["encrypted"]:
+                raise UsageError(f"{p} is encrypted: name it with --key {p} --passphrase-file FILE")
+        return [read_key(p).seed for p, _ in mine]
 
     def holders(self) -> list[str]:
         return list(self.meta().get("holders", []))

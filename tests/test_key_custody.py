@@ -142,6 +142,12 @@ def test_encrypted_key_needs_the_right_passphrase(tmp_path: Path) -> None:
     proc = run(*sign, "--passphrase-file", "missing.pass", cwd=tmp_path)
     assert proc.returncode == 3
     assert run(*sign, "--passphrase-file", "alice.pass", cwd=tmp_path).returncode == 0
+    enroll = ("node", "enroll", "--authority", "auth", "--node-id", "n1", "--region", "eu", "--role", "db",
+              "--backend", "file", "--out")
+    proc = run(*enroll, "n1", cwd=tmp_path)  # no --key: the encrypted enroll key is not opened implicitly
+    assert proc.returncode == 2 and "--key" in proc.stderr and not (tmp_path / "n1").exists()
+    assert run(*enroll, "n1", "--key", "auth/secrets/enroll-1-1.key", "--passphrase-file", "alice.pass",
+               cwd=tmp_path).returncode == 0
     assert run("policy", "verify", "p.msgpack", "--root", "auth/root.msgpack", cwd=tmp_path).returncode == 0
 
 

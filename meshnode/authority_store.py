@@ -3,7 +3,11 @@
     AUTH/authority.json        cluster name and the last signed serial (never reused)
     AUTH/root.msgpack          current root metadata: the public trust anchor nodes pin
     AUTH/roots/root.N.msgpack  every root version (nodes catch up through the chain)
-    AUTH/secrets/ROLE-G-I.key  one private key per file (mode 0600), handable to its holder
+    AUTH/secrets/ROLE-G-I.key  one private key per file (mode 0600): key I of ROLE in root generation G
+    AUTH/secrets/HOLDER/ROLE-G-I.key   the same, with ``--holders``: key I of every role is HOLDER number I's
+
+Key files are plaintext or passphrase-encrypted (see :mod:`meshnode.keyfile`). Nothing here signs with
+a key it was not handed: signing takes the key files as arguments.
 """
 
 from __future__ import annotations
@@ -12,28 +16,37 @@ import json
 import os
 import re
 import secrets as pysecrets
-from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from protocol.authority import build_root, sign_root
-from protocol.errors import MeshError
 from protocol.metadata import ROLE_NAMES, Root, decode_root, encode
-from protocol.signing import decode_envelope, encode_envelope, key_id, public_key_of, sign, valid_signers
+from protocol.names import NAME_RULE, is_name
+from protocol.signing import decode_envelope, encode_envelope, public_key_of, sign, valid_signers
 
-from .fsutil import atomic_write, write_secret
+from .fsutil import atomic_write
+from .keyfile import (
+    CliError,
+    KeyFile,
+    UnreadableInput,
+    UsageError,
+    kdf_limits,
+    key_header,
+    read_key,
+    write_key,
+)
+
+__all__ = ["CliError", "KeyFile", "UnreadableInput", "UsageError", "read_key", "write_key", "AuthorityDir", "parse_duration"]
 
 ROOT_FILE = "root.msgpack"
 KEY_RE = re.compile(r"\A(root|policy|enroll)-([0-9]+)-([0-9]+)\.key\Z", re.ASCII)
 ROOT_NAME_RE = re.compile(r"\Aroot\.([0-9]{1,20})\.msgpack\Z", re.ASCII)
 _DUR_RE = re.compile(r"\A([0-9]{1,12})([smhdw])\Z", re.ASCII)
+NewPassphrases = dict[str | None, bytes]
+"""Passphrases for new key files: by holder name, or None for every holder (or the default layout)."""
 _DUR_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class CliError(MeshError):
-    """An operator-facing error: printed as one line, non-zero exit."""
 
 
 def parse_duration(text: str) -> int:
@@ -44,38 +57,6 @@ def parse_duration(text: str) -> int:
     if value <= 0:
         raise CliError(f"duration {text!r} must be positive")
     return value
-
-
-@dataclass(frozen=True)
-class KeyFile:
-    role: str
-    key_id: str
-    seed: bytes
-    path: Path
-
-
-def write_key(path: Path, role: str, seed: bytes) -> KeyFile:
-    kid = key_id(public_key_of(seed))
-    body = json.dumps({"role": role, "key_id": kid, "ed25519_seed": seed.hex()}, indent=1).encode()
-    write_secret(path, body + b"\n")
-    return KeyFile(role, kid, seed, path)
-
-
-def read_key(path: Path) -> KeyFile:
-    try:
-        raw = json.loads(Path(path).read_text())
-        seed = bytes.fromhex(raw["ed25519_seed"])
-        role = raw["role"]
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read key: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError):
-        raise CliError(f"{path}: not a policymesh key file") from None
-    if len(seed) != 32 or role not in (*ROLE_NAMES, "identity"):
-        raise CliError(f"{path}: not a policymesh key file")
-    kid = key_id(public_key_of(seed))
-    if raw.get("key_id") not in (None, kid):
-        raise CliError(f"{path}: key id does not match the key")
-    return KeyFile(role, kid, seed, Path(path))
 
 
 class AuthorityDir:
@@ -117,20 +98,46 @@ class AuthorityDir:
         )
         return [p.read_bytes() for _, p in files]
 
-    def keys(self, role: str | None = None) -> list[KeyFile]:
-        out = []
-        if self.secrets.is_dir():
-            for p in sorted(self.secrets.iterdir()):
-                if KEY_RE.fullmatch(p.name):
-                    k = read_key(p)
-                    if role is None or k.role == role:
-                        out.append(k)
-        return out
+    def key_paths(self) -> list[Path]:
+        """Every key file in the authority's ``secrets/`` (the default layout and per-holder directories)."""
+        if not self.secrets.is_dir():
+            return []
+        return sorted(p for p in (*self.secrets.glob("*.key"), *self.secrets.glob("*/*.key")) if KEY_RE.fullmatch(p.name))
+
+    def key_ids_here(self) -> set[str]:
+        """Key ids of the private keys present here (read without decrypting anything)."""
+        return {str(key_header(p).get("key_id")) for p in self.key_paths()}
 
     def role_seeds(self, root: Root, role: str) -> list[bytes]:
-        """Seeds present on this machine for keys the root lists for ``role``."""
+        """Seeds of the plaintext keys present here that the root lists for ``role`` (an encrypted one is an
+        error: it is opened only when named)."""
         wanted = set(root.roles[role].keyids)
-        return [k.seed for k in self.keys(role) if k.key_id in wanted]
+        mine = [(p, h) for p in self.key_paths() if (h := key_header(p))["role"] == role and h.get("key_id") in wanted]
+        for p, h in mine:
+            if h["encrypted"]:
+                raise UsageError(f"{p} is encrypted: name it with --key {p} --passphrase-file FILE")
+        return [read_key(p).seed for p, _ in mine]
+
+    def holders(self) -> list[str]:
+        return list(self.meta().get("holders", []))
+
+    def key_path(self, role: str, generation: int, index: int, holders: list[str]) -> Path:
+        """Where key ``index`` (1-based) of ``role`` in root generation ``generation`` is written."""
+        name = f"{role}-{generation}-{index}.key"
+        return self.secrets / holders[index - 1] / name if holders else self.secrets / name
+
+    def _write_new_keys(self, generation: int, seeds: dict[str, list[bytes]], holders: list[str],
+                        passphrases: NewPassphrases) -> None:
+        for role, ss in seeds.items():
+            if holders and len(ss) > len(holders):
+                raise CliError(f"{len(ss)} {role} keys but {len(holders)} holders: a holder would hold two keys of "
+                               "one role, which defeats the threshold")
+        limits = kdf_limits()
+        for role, ss in seeds.items():
+            for i, s in enumerate(ss, 1):
+                holder = holders[i - 1] if holders else None
+                phrase = passphrases.get(holder, passphrases.get(None))
+                write_key(self.key_path(role, generation, i, holders), role, s, phrase, limits)
 
     def install_root(self, version: int, data: bytes) -> None:
         atomic_write(self.roots / f"root.{version}.msgpack", data)
@@ -142,7 +149,21 @@ class AuthorityDir:
         counts: dict[str, tuple[int, int]],
         now: int,
         expires_s: int,
+        holders: list[str] | None = None,
+        passphrases: NewPassphrases | None = None,
     ) -> Root:
+        """Make the keys (key I of every role to holder I when ``holders`` are given; each encrypted with
+        ``passphrases[holder]``, else ``passphrases[None]``, else plaintext) and root v1."""
+        holders = list(holders or [])
+        for h in holders:
+            if not is_name(h):
+                raise CliError(f"--holders {h!r}: {NAME_RULE}")
+        if len(set(holders)) != len(holders):
+            raise CliError("--holders: each holder once")
+        passphrases = passphrases or {}
+        for h in passphrases:
+            if h is not None and h not in holders:
+                raise CliError(f"--passphrase-file {h}=...: {h!r} is not one of --holders")
         if self.exists() or (self.path / ROOT_FILE).exists():
             raise CliError(f"{self.path}: already holds an authority; refusing to overwrite it")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -153,12 +174,11 @@ class AuthorityDir:
         for role, (n, _) in counts.items():
             seeds[role] = [bytes(SigningKey.generate()) for _ in range(n)]
             pubs[role] = [public_key_of(s) for s in seeds[role]]
-            for i, s in enumerate(seeds[role], 1):
-                write_key(self.secrets / f"{role}-1-{i}.key", role, s)
+        self._write_new_keys(1, seeds, holders, passphrases)
         root = build_root(cluster, 1, now + expires_s, pubs, {r: t for r, (_, t) in counts.items()})
         data = sign_root(root, seeds["root"])
         self.install_root(1, data)
-        self.save_meta({"cluster": cluster, "last_serial": 0})
+        self.save_meta({"cluster": cluster, "last_serial": 0, **({"holders": holders} if holders else {})})
         return root
 
     def rotate(
@@ -167,8 +187,11 @@ class AuthorityDir:
         counts: dict[str, tuple[int, int]],
         now: int,
         expires_s: int,
+        signers: list[KeyFile],
+        passphrases: NewPassphrases | None = None,
     ) -> tuple[Root, bytes, int, int]:
-        """Build root N+1 with fresh keys for ``roles``; sign with every root key present here.
+        """Build root N+1 with fresh keys for ``roles`` (written like :meth:`init` writes them); sign it with
+        the current root keys ``signers`` and the new root keys, if any.
         Returns (root, signed bytes, valid old-root signatures, valid new-root signatures)."""
         cur = self.root()
         gen = cur.version + 1
@@ -184,11 +207,12 @@ class AuthorityDir:
             pubs[role] = [public_key_of(s) for s in new_seeds[role]]
             thresholds[role] = t
         new_root = build_root(cur.cluster, gen, now + expires_s, pubs, thresholds)
-        signers = self.role_seeds(cur, "root") + new_seeds.get("root", [])
-        env = sign("root", encode(new_root), list(dict.fromkeys(signers)))
-        for role, ss in new_seeds.items():
-            for i, s in enumerate(ss, 1):
-                write_key(self.secrets / f"{role}-{gen}-{i}.key", role, s)
+        for k in signers:
+            if k.role != "root" or k.key_id not in cur.roles["root"].keyids:
+                raise CliError(f"{k.path}: not a root key of root v{cur.version}")
+        seeds = [k.seed for k in signers] + new_seeds.get("root", [])
+        env = sign("root", encode(new_root), list(dict.fromkeys(seeds)))
+        self._write_new_keys(gen, new_seeds, self.holders(), passphrases or {})
         old_ok = len(valid_signers(env, cur.keys, cur.role_keys("root")))
         new_ok = len(valid_signers(env, new_root.keys, new_root.role_keys("root")))
         return new_root, encode_envelope(env), old_ok, new_ok

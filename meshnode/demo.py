@@ -27,7 +27,7 @@ from typing import Any
 
 from protocol.policy import parse_policy_toml
 
-from .authority_store import AuthorityDir, CliError
+from .authority_store import AuthorityDir, CliError, read_key
 from .client import OperatorError, publish, status
 from .demo_netns import BRIDGE_IP, NetnsLab
 from .demo_proxy import DemoNode, Proxy
@@ -61,6 +61,7 @@ class Demo:
             self.dir = Path(self.tmp)
         self.nodes: list[DemoNode] = []
         self.auth = AuthorityDir(self.dir / "authority")
+        self.policy_key = self.auth.secrets / "policy-1-1.key"  # the demo's one policy key (root v1)
         self.operator = self.dir / "operator"
         self.serial = 0
         self.steps: list[dict[str, Any]] = []
@@ -200,7 +201,8 @@ class Demo:
             extra_rule += (f'\n[[allow]]\nname = "operator-to-mesh"\nfrom = ["cidr:{BRIDGE_IP}/32"]\n'
                            'to = ["role:*"]\nports = ["tcp/7946"]\n')
         doc, rev = parse_policy_toml(sample_policy_toml() + extra_rule)
-        signed = sign_next_policy(self.auth, doc, rev, now=int(time.time()), expires_s=POLICY_VALID_S)
+        signed = sign_next_policy(self.auth, doc, rev, now=int(time.time()), expires_s=POLICY_VALID_S,
+                                  keys=[read_key(self.policy_key)])
         serial = self.serial = signed.version.serial
         data = signed.envelope
         (self.dir / f"policy-{serial}.msgpack").write_bytes(data)
@@ -363,7 +365,8 @@ class Demo:
         self._say("The mesh keeps running. Try, in another shell (`deploy/dev.sh shell` puts meshctl on the PATH):")
         self._say(f"  meshctl status --node {self.nodes[-1].advertise} --identity {self.operator}")
         self._say(f"  curl -s http://127.0.0.1:{self.nodes[0].admin_port}/metrics | grep policymesh_")
-        self._say(f"  meshctl policy sign POLICY.toml --authority {self.auth.path} --out p.msgpack && "
+        self._say(f"  meshctl policy sign POLICY.toml --authority {self.auth.path} --key {self.policy_key} "
+                  "--out p.msgpack && "
                   f"meshctl policy publish p.msgpack --node {self.nodes[1].advertise} --identity {self.operator}")
         self._say("Press Ctrl-C to stop.")
         stop = asyncio.Event()

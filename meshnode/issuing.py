@@ -16,7 +16,16 @@ from protocol.names import NAME_RULE, is_name
 from protocol.policy import PolicyDocument, Revocations
 from protocol.signing import public_key_of
 
-from .authority_store import ROOT_FILE, AuthorityDir, CliError, KeyFile, new_cert_id, new_node_keys, write_key
+from .authority_store import (
+    ROOT_FILE,
+    AuthorityDir,
+    CliError,
+    KeyFile,
+    NewPassphrases,
+    new_cert_id,
+    new_node_keys,
+    write_key,
+)
 from .config import ConfigError, LoadedConfig, NodeConfig, render_config, validate
 from .fsutil import atomic_write, write_secret
 
@@ -24,14 +33,15 @@ CERT_BACKDATE_S = 300
 """A new certificate is valid from five minutes ago: a node whose clock lags a little accepts it."""
 
 
-def init_authority(path: Path, cluster: str, counts: dict[str, tuple[int, int]], now: int,
-                   expires_s: int) -> tuple[AuthorityDir, Root]:
-    """Create an authority directory: root, policy and enroll keys (``counts``: role -> (keys, threshold))
-    and root v1, for ``cluster``."""
+def init_authority(path: Path, cluster: str, counts: dict[str, tuple[int, int]], now: int, expires_s: int,
+                   holders: list[str] | None = None,
+                   passphrases: NewPassphrases | None = None) -> tuple[AuthorityDir, Root]:
+    """Create an authority directory: root, policy and enroll keys (``counts``: role -> (keys, threshold)),
+    per holder and encrypted when asked (see :meth:`AuthorityDir.init`), and root v1, for ``cluster``."""
     if not is_name(cluster):
         raise CliError(f"--cluster {cluster!r}: {NAME_RULE}")
     authority = AuthorityDir(path)
-    return authority, authority.init(cluster, counts, now, expires_s)
+    return authority, authority.init(cluster, counts, now, expires_s, holders, passphrases)
 
 
 @dataclass(frozen=True)
@@ -73,10 +83,12 @@ def node_config(out: Path, cluster: str, node_id: str, region: str, settings: No
 
 
 def enroll(authority: AuthorityDir, *, node_id: str, region: str, roles: list[str], addresses: list[str],
-           out: Path, valid_s: int, now: int, settings: NodeSettings | None) -> Certificate:
+           out: Path, valid_s: int, now: int, settings: NodeSettings | None,
+           keys: list[KeyFile] | None = None) -> Certificate:
     """Issue a certificate and write a ready directory to ``out``: keys (mode 0600), the certificate,
     the trust anchor and, for a node (``settings`` given; None for an operator), its node.toml. Every
-    value is checked before anything is signed."""
+    value is checked before anything is signed. The certificate is signed with the enroll ``keys``; without
+    them, with the plaintext enroll keys in the authority directory (the single-operator layout)."""
     authority.require()
     root = authority.root()
     if not is_name(node_id):
@@ -89,10 +101,11 @@ def enroll(authority: AuthorityDir, *, node_id: str, region: str, roles: list[st
             raise CliError(f"--role {r!r}: {NAME_RULE}")
     if (out / "node.cert").exists() or (out / "secrets").exists():
         raise CliError(f"{out}: already holds an identity; refusing to overwrite it")
-    seeds = authority.role_seeds(root, "enroll")
+    seeds = _role_seeds(keys, root, "enroll") if keys else authority.role_seeds(root, "enroll")
     threshold = root.roles["enroll"].threshold
     if len(seeds) < threshold:
-        raise CliError(f"{authority.path}: {len(seeds)} enroll key(s) here, threshold is {threshold}")
+        where = "given" if keys else f"in {authority.path}"
+        raise CliError(f"{len(seeds)} enroll key(s) {where}, threshold is {threshold}; pass --key KEYFILE per holder")
     identity, static = new_node_keys()
     cert = Certificate(
         cluster=root.cluster,
@@ -132,10 +145,10 @@ class SignedPolicy:
 
 
 def sign_next_policy(authority: AuthorityDir, document: PolicyDocument, revocations: Revocations, *, now: int,
-                     expires_s: int, serial: int | None = None, keys: list[KeyFile] | None = None) -> SignedPolicy:
+                     expires_s: int, keys: list[KeyFile], serial: int | None = None) -> SignedPolicy:
     """Sign ``document`` as the next policy version (``serial``: default the last signed + 1; a serial is
-    never used twice) with ``keys``, or every policy key the authority directory holds. The new last
-    serial is saved before the envelope is returned, so a serial is never handed out twice."""
+    never used twice) with exactly the policy ``keys`` given. The new last serial is saved before the
+    envelope is returned, so a serial is never handed out twice."""
     authority.require()
     meta = authority.meta()
     root = authority.root()
@@ -144,16 +157,18 @@ def sign_next_policy(authority: AuthorityDir, document: PolicyDocument, revocati
     if serial <= last:
         raise CliError(f"serial {serial} was already used (last signed serial is {last}); serials never repeat")
     version = build_policy(root.cluster, serial, now, now + expires_s, root.version, document, revocations)
-    if keys:
-        for k in keys:
-            if k.role != "policy" or k.key_id not in root.roles["policy"].keyids:
-                raise CliError(f"{k.path}: not a policy key of root v{root.version}")
-        seeds = [k.seed for k in keys]
-    else:
-        seeds = authority.role_seeds(root, "policy")
-    if not seeds:
-        raise CliError(f"{authority.path}: no policy key here; pass --key KEYFILE")
+    if not keys:
+        raise CliError("name the policy key(s) to sign with: --key KEYFILE (repeatable)")
+    seeds = _role_seeds(keys, root, "policy")
     envelope = sign_policy(version, seeds)
     meta["last_serial"] = serial
     authority.save_meta(meta)
     return SignedPolicy(version, envelope, len(seeds), root.roles["policy"].threshold)
+
+
+def _role_seeds(keys: list[KeyFile], root: Root, role: str) -> list[bytes]:
+    """The seeds of ``keys``, each checked to be a ``role`` key of ``root`` (a key given twice counts once)."""
+    for k in keys:
+        if k.role != role or k.key_id not in root.roles[role].keyids:
+            raise CliError(f"{k.path}: not a {role} key of root v{root.version}")
+    return list(dict.fromkeys(k.seed for k in keys))

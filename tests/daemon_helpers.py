@@ -319,6 +319,16 @@ class Cluster:
                 n.stop(signal.SIGKILL, timeout_s=5)
 
     # -- policies ----------------------------------------------------------------------------------
+    def key_args(self, role: str = "policy") -> list[str]:
+        """``--key FILE`` for each key the authority's current root lists for ``role`` (signing names its keys)."""
+        from meshnode.authority_store import AuthorityDir
+        from meshnode.keyfile import key_header
+
+        authority = AuthorityDir(self.authority)
+        wanted = set(authority.root().roles[role].keyids)
+        paths = [p for p in authority.key_paths() if key_header(p).get("key_id") in wanted]
+        return [a for p in paths for a in ("--key", str(p))]
+
     def sign(self, extra: str = "", *, expires: str = "1d", name: str | None = None) -> tuple[int, bytes]:
         """Sign BASE_POLICY + `extra` with `meshctl policy sign`; returns (serial, envelope bytes)."""
         d = self.root / "policies"
@@ -328,7 +338,8 @@ class Cluster:
         toml.write_text(BASE_POLICY + f'\n[[allow]]\nname = "step-{k}"\nfrom = ["role:web"]\nto = ["role:web"]\n'
                         f'ports = ["tcp/{9000 + k}"]\n' + extra)
         out = toml.with_suffix(".msgpack")
-        meshctl("policy", "sign", toml, "--authority", self.authority, "--expires", expires, "--out", out)
+        meshctl("policy", "sign", toml, "--authority", self.authority, *self.key_args(), "--expires", expires,
+                "--out", out)
         data = out.read_bytes()
         return _serial_of(data), data
 
@@ -339,7 +350,8 @@ class Cluster:
         toml = d / f"{name}.toml"
         toml.write_text(toml_text)
         out = toml.with_suffix(".msgpack")
-        meshctl("policy", "sign", toml, "--authority", self.authority, "--expires", expires, "--out", out)
+        meshctl("policy", "sign", toml, "--authority", self.authority, *self.key_args(), "--expires", expires,
+                "--out", out)
         return _serial_of(out.read_bytes()), out
 
     def publish(self, via: NodeProc, data: bytes, timeout_s: float = 20.0) -> dict[str, Any]:

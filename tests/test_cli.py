@@ -26,6 +26,9 @@ def meshctl(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+KEY = ("--key", "auth/secrets/policy-1-1.key")
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Path:
     meshctl("authority", "init", "auth", "--cluster", "t1", cwd=tmp_path)
@@ -49,9 +52,9 @@ def test_walkthrough(ws):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
     for f in (ws / "auth" / "secrets").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
-    out = meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--out", "p1.msgpack", cwd=ws).stdout
+    out = meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--out", "p1.msgpack", cwd=ws).stdout
     assert "serial 1" in out
-    out = meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--out", "p2.msgpack", cwd=ws).stdout
+    out = meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--out", "p2.msgpack", cwd=ws).stdout
     assert "serial 2" in out  # auto-increment
     v = meshctl("policy", "verify", "p2.msgpack", "--root", "auth/root.msgpack", cwd=ws)
     assert v.stdout.startswith("valid: serial 2")
@@ -64,15 +67,15 @@ def test_walkthrough(ws):
 
 
 def test_serial_never_reused(ws):
-    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--serial", "5", "--out", "a", cwd=ws)
-    err = one_line_error(meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--serial", "5", "--out", "b",
+    meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--serial", "5", "--out", "a", cwd=ws)
+    err = one_line_error(meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--serial", "5", "--out", "b",
                                  cwd=ws, check=False))
     assert "already used" in err
     assert not (ws / "b").exists()
 
 
 def test_tampered_file_refused(ws):
-    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--out", "p.msgpack", cwd=ws)
+    meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--out", "p.msgpack", cwd=ws)
     data = bytearray((ws / "p.msgpack").read_bytes())
     i = data.find(b"5432")
     data[i : i + 4] = b"5433"
@@ -83,13 +86,14 @@ def test_tampered_file_refused(ws):
 
 def test_other_authority_refused(ws):
     meshctl("authority", "init", "other", "--cluster", "t1", cwd=ws)
-    meshctl("policy", "sign", "pol.toml", "--authority", "other", "--out", "p.msgpack", cwd=ws)
+    meshctl("policy", "sign", "pol.toml", "--authority", "other", "--key", "other/secrets/policy-1-1.key",
+            "--out", "p.msgpack", cwd=ws)
     err = one_line_error(meshctl("policy", "verify", "p.msgpack", "--root", "auth/root.msgpack", cwd=ws, check=False))
     assert "0 valid signature" in err
 
 
 def test_expired_refused(ws):
-    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--expires", "1s", "--out", "p.msgpack", cwd=ws)
+    meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--expires", "1s", "--out", "p.msgpack", cwd=ws)
     time.sleep(2.1)
     err = one_line_error(meshctl("policy", "verify", "p.msgpack", "--root", "auth/root.msgpack", "--clock-skew", "0",
                                  cwd=ws, check=False))
@@ -108,10 +112,10 @@ def test_random_bytes_refused(ws):
 
 def test_bad_policy_toml_names_rule_and_field(ws):
     (ws / "bad.toml").write_text(POLICY.replace("tcp/5432", "tcp/99999"))
-    err = one_line_error(meshctl("policy", "sign", "bad.toml", "--authority", "auth", "--out", "x", cwd=ws, check=False))
+    err = one_line_error(meshctl("policy", "sign", "bad.toml", "--authority", "auth", *KEY, "--out", "x", cwd=ws, check=False))
     assert "app-to-db" in err and "ports" in err
     (ws / "bad.toml").write_text(POLICY.replace('inbound = "drop"', 'inbound = "accept"'))
-    err = one_line_error(meshctl("policy", "sign", "bad.toml", "--authority", "auth", "--out", "x", cwd=ws, check=False))
+    err = one_line_error(meshctl("policy", "sign", "bad.toml", "--authority", "auth", *KEY, "--out", "x", cwd=ws, check=False))
     assert "inbound" in err
 
 
@@ -130,12 +134,14 @@ def test_threshold_signing_with_cosign(tmp_path):
 
 
 def test_rotate_root_and_verify_through_chain(ws):
-    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--out", "old.msgpack", cwd=ws)
+    meshctl("policy", "sign", "pol.toml", "--authority", "auth", *KEY, "--out", "old.msgpack", cwd=ws)
     anchor = (ws / "auth" / "root.msgpack").read_bytes()
     (ws / "pinned.msgpack").write_bytes(anchor)
-    out = meshctl("authority", "rotate-root", "auth", "--rotate", "policy", cwd=ws).stdout
+    out = meshctl("authority", "rotate-root", "auth", "--rotate", "policy", "--key", "auth/secrets/root-1-1.key",
+                  cwd=ws).stdout
     assert "root v2 installed" in out
-    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--out", "new.msgpack", cwd=ws)
+    meshctl("policy", "sign", "pol.toml", "--authority", "auth", "--key", "auth/secrets/policy-2-1.key",
+            "--out", "new.msgpack", cwd=ws)
     # A verifier pinned to the authority dir follows the chain; the old policy is now under an old root.
     assert meshctl("policy", "verify", "new.msgpack", "--root", "auth/root.msgpack", cwd=ws).returncode == 0
     err = one_line_error(meshctl("policy", "verify", "old.msgpack", "--root", "auth/root.msgpack", cwd=ws, check=False))

@@ -25,15 +25,17 @@ def test_leaked_policy_key_fast_forward_is_recovered_by_rotation(tmp_path: Path)
         # The attacker holds the policy key and signs an absurd serial; every node accepts it.
         toml = tmp_path / "evil.toml"
         toml.write_text('[defaults]\ninbound = "drop"\n')
-        meshctl("policy", "sign", toml, "--authority", cluster.authority, "--serial", str(LEAKED_SERIAL),
+        meshctl("policy", "sign", toml, "--authority", cluster.authority, *cluster.key_args(), "--serial", str(LEAKED_SERIAL),
                 "--out", tmp_path / "evil.msgpack")
         assert cluster.publish(nodes[0], (tmp_path / "evil.msgpack").read_bytes())["ok"]
         cluster.wait_serial(LEAKED_SERIAL, nodes)
         # A normal serial is now refused as a rollback.
-        meshctl("policy", "sign", toml, "--authority", cluster.authority, "--serial", str(LEAKED_SERIAL + 1),
+        meshctl("policy", "sign", toml, "--authority", cluster.authority, *cluster.key_args(),
+                "--serial", str(LEAKED_SERIAL + 1),
                 "--out", tmp_path / "probe.msgpack")
         # Recovery: rotate the policy key (root v2), sign serial 1 with the new key.
-        proc = run_cli([*cluster_meshctl(), "authority", "rotate-root", str(cluster.authority), "--rotate", "policy"])
+        proc = run_cli([*cluster_meshctl(), "authority", "rotate-root", str(cluster.authority), "--rotate", "policy",
+                        *cluster.key_args("root")])
         assert proc.returncode == 0, proc.stderr
         assert "serials start again at 1" in proc.stdout
         serial, data = cluster.sign()

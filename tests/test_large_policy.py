@@ -50,7 +50,7 @@ def test_a_4096_rule_policy_publishes_and_converges_on_every_node(tmp_path) -> N
         over = cluster.root / "policies" / "over.toml"
         over.write_text(BASE_POLICY + bulk_rules(MAX_RULES - BASE_RULES + 1))
         bad = run_cli([*MESHCTL, "policy", "sign", str(over), "--authority", str(cluster.authority),
-                       "--out", str(over.with_suffix(".msgpack"))])
+                       *cluster.key_args(), "--out", str(over.with_suffix(".msgpack"))])
         assert bad.returncode != 0
         assert "Traceback" not in bad.stderr
         assert f"{MAX_RULES + 1} rules: at most {MAX_RULES} are allowed" in bad.stderr, bad.stderr

@@ -199,7 +199,7 @@ def _policy_toml(**over: str) -> str:
 def test_a_good_policy_signs(authority, tmp_path):
     (tmp_path / "p.toml").write_text(_policy_toml())
     assert meshctl(["policy", "sign", str(tmp_path / "p.toml"), "--authority", str(authority),
-                    "--out", str(tmp_path / "p.msgpack")]) == 0
+                    "--key", str(authority / "secrets" / "policy-1-1.key"), "--out", str(tmp_path / "p.msgpack")]) == 0
 
 
 @pytest.mark.parametrize(("field", "value"), BAD_POLICY_FIELDS)
@@ -208,7 +208,7 @@ def test_policy_sign_refuses_bad_names(authority, tmp_path, capsys, field, value
     with pytest.raises(PolicyError):
         parse_policy_toml((tmp_path / "p.toml").read_text())
     assert meshctl(["policy", "sign", str(tmp_path / "p.toml"), "--authority", str(authority),
-                    "--out", str(tmp_path / "p.msgpack")]) != 0
+                    "--key", str(authority / "secrets" / "policy-1-1.key"), "--out", str(tmp_path / "p.msgpack")]) != 0
     assert "meshctl: error:" in capsys.readouterr().err
     assert not (tmp_path / "p.msgpack").exists()
 
@@ -217,7 +217,7 @@ def test_policy_sign_refuses_bad_names(authority, tmp_path, capsys, field, value
 def test_policy_sign_refuses_bad_revocations(authority, tmp_path, item):
     (tmp_path / "p.toml").write_text(_policy_toml() + f"\n[revoke]\n{item}\n")
     assert meshctl(["policy", "sign", str(tmp_path / "p.toml"), "--authority", str(authority),
-                    "--out", str(tmp_path / "p.msgpack")]) != 0
+                    "--key", str(authority / "secrets" / "policy-1-1.key"), "--out", str(tmp_path / "p.msgpack")]) != 0
 
 
 # -- verification: envelopes signed with bad names by bypassing the CLI ---------------------------------

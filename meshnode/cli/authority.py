@@ -7,17 +7,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from protocol.metadata import ROLE_NAMES
+from protocol.metadata import ROLE_NAMES, Root
 from protocol.trust import TrustedState
 
-from ..authority_store import ROOT_FILE, AuthorityDir, CliError, parse_duration
+from ..authority_store import ROOT_FILE, AuthorityDir, CliError, UsageError, parse_duration
 from ..config import DEFAULT_ADMIN_PORT
 from ..fsutil import atomic_write
 from ..issuing import NodeSettings, enroll, init_authority
-from .common import fmt_time, now, out, read
+from .common import fmt_time, new_key_passphrases, now, out, read, signing_keys
 
-EXIT_PENDING = 3
-"""rotate-root wrote a pending root that needs more root signatures."""
+EXIT_PENDING = 4
+"""rotate-root wrote a pending root that needs more root signatures (3 is "unreadable input")."""
 
 
 def role_counts(args: argparse.Namespace, roles: Sequence[str], only_given: bool = False) -> dict[str, tuple[int, int]]:
@@ -37,13 +37,21 @@ def role_counts(args: argparse.Namespace, roles: Sequence[str], only_given: bool
 
 
 def cmd_authority_init(args: argparse.Namespace) -> int:
+    holders = [h.strip() for h in args.holders.split(",")] if args.holders else []
+    passphrases = new_key_passphrases(args.passphrase_file)
     authority, root = init_authority(Path(args.dir), args.cluster, role_counts(args, ROLE_NAMES), now(),
-                                     parse_duration(args.expires))
+                                     parse_duration(args.expires), holders, passphrases)
     out(f"authority for cluster {root.cluster!r} created in {authority.path}")
     out(f"  trust anchor (pin this on nodes): {authority.path / ROOT_FILE}")
+    where = f"{authority.secrets}/HOLDER" if holders else str(authority.secrets)
     for role in ROLE_NAMES:
         r = root.roles[role]
-        out(f"  {role:7s} {r.threshold}-of-{len(r.keyids)} keys in {authority.secrets}/{role}-1-*.key (mode 0600)")
+        out(f"  {role:7s} {r.threshold}-of-{len(r.keyids)} keys in {where}/{role}-1-*.key (mode 0600)")
+    for i, holder in enumerate(holders, 1):
+        encrypted = "encrypted" if passphrases.get(holder, passphrases.get(None)) else "PLAINTEXT"
+        out(f"  holder {holder}: key {i} of each role in {authority.secrets / holder} ({encrypted})")
+    if not holders:
+        out(f"  keys are {'encrypted' if passphrases else 'PLAINTEXT'}")
     out(f"  root v{root.version} expires {fmt_time(root.expires)}")
     out("Hand each key file to its holder; keep root keys offline.")
     return 0
@@ -54,7 +62,7 @@ def cmd_authority_show(args: argparse.Namespace) -> int:
     authority.require()
     root = authority.root()
     meta = authority.meta()
-    present = {k.key_id for k in authority.keys()}
+    present = authority.key_ids_here()
     info = {
         "cluster": root.cluster,
         "root_version": root.version,
@@ -89,17 +97,13 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
         if r not in ROLE_NAMES:
             raise CliError(f"--rotate {r!r}: one of {', '.join(ROLE_NAMES)}")
     counts = role_counts(args, ROLE_NAMES, only_given=True)
-    new_root, data, old_ok, new_ok = authority.rotate(roles, counts, now(), parse_duration(args.expires))
+    signers = signing_keys(args.key, args.passphrase_file, "current root")
+    new_root, data, old_ok, new_ok = authority.rotate(roles, counts, now(), parse_duration(args.expires), signers,
+                                                      new_key_passphrases(args.new_passphrase_file))
     current = authority.root()
     need_old, need_new = current.roles["root"].threshold, new_root.roles["root"].threshold
     if old_ok >= need_old and new_ok >= need_new:
-        authority.install_root(new_root.version, data)
-        if "policy" in roles:
-            # New policy keys reset the serial floor on nodes (fast-forward recovery); so does the authority.
-            meta = authority.meta()
-            meta["last_serial"] = 0
-            authority.save_meta(meta)
-            out("policy keys replaced: serials start again at 1 (nodes that trust the new root accept them)")
+        _install(authority, current, new_root, data)
         out(f"root v{new_root.version} installed (signed {old_ok}/{need_old} old, {new_ok}/{need_new} new root keys)")
         out(f"rotated roles: {', '.join(roles) or 'none (expiry/threshold refresh)'}; publish "
             f"{authority.path / ROOT_FILE} to nodes, or let them fetch it over the mesh")
@@ -107,7 +111,8 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
     pending = authority.path / f"root.{new_root.version}.pending.msgpack"
     atomic_write(pending, data)
     out(f"root v{new_root.version} written to {pending}: {old_ok}/{need_old} old and {new_ok}/{need_new} new root signatures")
-    out(f"have other root key holders run `meshctl policy cosign {pending} --key THEIR.key`, then "
+    out(f"have other root key holders run `meshctl policy cosign {pending} --key THEIR.key "
+        f"[--passphrase-file THEIR.pass]`, then "
         f"`meshctl authority rotate-root {authority.path} --finish {pending}`")
     return EXIT_PENDING
 
@@ -115,11 +120,21 @@ def cmd_authority_rotate_root(args: argparse.Namespace) -> int:
 def _install_pending_root(authority: AuthorityDir, data: bytes) -> int:
     trust = TrustedState(authority.chain()[0])
     trust.update_root_chain(authority.chain()[1:])
+    current = trust.root
     trust.update_root(data)  # raises with the reason when thresholds are not met
-    root = trust.root
-    authority.install_root(root.version, data)
-    out(f"root v{root.version} installed")
+    _install(authority, current, trust.root, data)
+    out(f"root v{trust.root.version} installed")
     return 0
+
+
+def _install(authority: AuthorityDir, current: Root, new_root: Root, data: bytes) -> None:
+    authority.install_root(new_root.version, data)
+    if set(new_root.roles["policy"].keyids) != set(current.roles["policy"].keyids):
+        # New policy keys reset the serial floor on nodes (fast-forward recovery); so does the authority.
+        meta = authority.meta()
+        meta["last_serial"] = 0
+        authority.save_meta(meta)
+        out("policy keys replaced: serials start again at 1 (nodes that trust the new root accept them)")
 
 
 def cmd_node_enroll(args: argparse.Namespace) -> int:
@@ -138,8 +153,18 @@ def cmd_node_enroll(args: argparse.Namespace) -> int:
         backend=args.backend,
         allow_file_backend=args.backend == "file",
     )
+    if args.passphrase_file and not args.key:
+        raise UsageError("--passphrase-file opens the keys named with --key KEYFILE: name the enroll key(s)")
+    keys = signing_keys(args.key, args.passphrase_file, "enroll") if args.key else None
     cert = enroll(authority, node_id=args.node_id, region=args.region, roles=roles, addresses=list(args.address),
-                  out=destination, valid_s=parse_duration(args.valid), now=now(), settings=settings)
+                  out=destination, valid_s=parse_duration(args.valid), now=now(), settings=settings, keys=keys)
+    if args.json:
+        out(json.dumps({
+            "node_id": args.node_id, "region": args.region, "roles": roles, "addresses": list(args.address),
+            "cert_id": cert.cert_id, "not_after": fmt_time(cert.not_after), "directory": str(destination),
+            "config": None if operator else str(destination / "node.toml"),
+        }, indent=2))
+        return 0
     out(f"enrolled {args.node_id} (region {args.region}, roles {', '.join(roles)}) in {destination}")
     out(f"  cert_id {cert.cert_id}, valid until {fmt_time(cert.not_after)}")
     if not operator:

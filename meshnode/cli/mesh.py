@@ -10,28 +10,23 @@ import json
 import sys
 from pathlib import Path
 
-from ..authority_store import CliError
 from ..status_view import format_status, members_of
-from .common import out
+from .common import EXIT_INVALID, out, read
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from ..client import publish
 
-    try:
-        envelope = Path(args.file).read_bytes()
-    except OSError as exc:
-        raise CliError(f"{args.file}: cannot read: {exc.strerror or exc}") from None
-    roots = []
-    for r in args.root_chain or []:
-        try:
-            roots.append(Path(r).read_bytes())
-        except OSError as exc:
-            raise CliError(f"{r}: cannot read: {exc.strerror or exc}") from None
+    envelope = read(args.file, "signed policy")
+    roots = [read(r, "root metadata") for r in args.root_chain or []]
     reply = publish(args.node, Path(args.identity), envelope, roots, timeout_s=args.timeout)
+    if args.json:
+        out(json.dumps({"node": args.node, **reply}, indent=2, default=str))
     if not reply.get("ok"):
         print(f"refused by {args.node}: {reply.get('reason')}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
+    if args.json:
+        return 0
     reason = f" ({reply['reason']})" if reply.get("reason") else ""
     out(f"accepted by {args.node}: serial {reply.get('serial')} stored and gossiping{reason}")
     return 0
@@ -87,6 +82,7 @@ def register(sub: argparse._SubParsersAction, policy_sub: argparse._SubParsersAc
     p.add_argument("--identity", required=True, metavar="DIR", help="operator identity (node enroll --role operator)")
     p.add_argument("--root-chain", action="append", metavar="ROOTFILE", help="newer root(s) to send first (repeatable)")
     p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--json", action="store_true", help="print the node's reply as JSON")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("status", help="cluster-wide convergence view, read from any single node")

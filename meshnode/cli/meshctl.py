@@ -15,7 +15,7 @@ from protocol.metadata import ROLE_NAMES
 from .. import version_string
 from ..config import DEFAULT_ADMIN_PORT, DEFAULT_MESH_PORT
 from . import authority, mesh, policy
-from .common import EXIT_INVALID, CliParser
+from .common import CliParser, exit_code
 
 
 def _add_role_counts(p: argparse.ArgumentParser, default_text: str) -> None:
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="authority directory to create")
     p.add_argument("--cluster", default="policymesh", help="cluster name bound into every signature and channel")
     p.add_argument("--expires", default="365d", help="root expiry (e.g. 365d)")
+    p.add_argument("--holders", metavar="NAME,NAME,...",
+                   help="write key I of every role for holder I, in DIR/secrets/HOLDER/ (default: all in DIR/secrets/)")
+    p.add_argument("--passphrase-file", action="append", metavar="[HOLDER=]FILE",
+                   help="encrypt the keys (of HOLDER, or every key) with the passphrase in FILE (repeatable)")
     _add_role_counts(p, "default 1")
     p.set_defaults(func=authority.cmd_authority_init)
     p = asub.add_parser("show", help="show the current root: roles, key ids, thresholds, expiry")
@@ -47,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="append", metavar="ROLE", help="replace this role's keys (repeatable)")
     p.add_argument("--expires", default="365d")
     p.add_argument("--finish", metavar="FILE", help="install a co-signed pending root file")
+    p.add_argument("--key", action="append", metavar="KEYFILE", help="current root key to sign with (repeatable; required)")
+    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of encrypted --key files (else a prompt on a TTY)")
+    p.add_argument("--new-passphrase-file", action="append", metavar="[HOLDER=]FILE",
+                   help="encrypt the new keys (of HOLDER, or every new key) with the passphrase in FILE (repeatable)")
     _add_role_counts(p, "default: unchanged")
     p.set_defaults(func=authority.cmd_authority_rotate_root)
 
@@ -66,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", action="append", metavar="HOST:PORT", help="seed peer (repeatable)")
     p.add_argument("--backend", default="nftables", choices=["nftables", "iptables", "file"],
                    help="enforcement backend written to node.toml (file = enforce nothing, an override)")
+    p.add_argument("--key", action="append", metavar="KEYFILE",
+                   help="enroll key to sign with (repeatable; default: the plaintext enroll keys in --authority)")
+    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of encrypted --key files (else a prompt on a TTY)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=authority.cmd_node_enroll)
 
     pol = sub.add_parser("policy", help="sign, co-sign, verify, inspect and publish policy versions")
@@ -75,18 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authority", required=True, metavar="DIR")
     p.add_argument("--serial", type=int, help="serial (default: last signed + 1; never reused)")
     p.add_argument("--expires", default="7d", help="validity (e.g. 7d, 12h, 30s; default 7d)")
-    p.add_argument("--key", action="append", metavar="KEYFILE", help="sign with this policy key only (repeatable)")
+    p.add_argument("--key", action="append", metavar="KEYFILE",
+                   help="policy key to sign with (repeatable; required: no key is used unless named)")
+    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of encrypted --key files (else a prompt on a TTY)")
     p.add_argument("--out", required=True, metavar="FILE")
     p.set_defaults(func=policy.cmd_policy_sign)
     p = psub.add_parser("cosign", help="add a key holder's signature to a signed file (m-of-n)")
     p.add_argument("file")
     p.add_argument("--key", action="append", required=True, metavar="KEYFILE")
+    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of encrypted --key files (else a prompt on a TTY)")
     p.set_defaults(func=policy.cmd_policy_cosign)
     p = psub.add_parser("verify", help="exit 0 only for a valid policy under the given root")
     p.add_argument("file")
     p.add_argument("--root", required=True, metavar="ROOTFILE", help="trust anchor (root metadata)")
     p.add_argument("--state", metavar="DIR", help="a node's state (or node) directory: also check rollback")
     p.add_argument("--clock-skew", type=int, default=300, metavar="SECONDS", help="tolerated clock skew (default 300)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (also when invalid)")
     p.set_defaults(func=policy.cmd_policy_verify)
     p = psub.add_parser("inspect", help="show what a signed policy, root or certificate says")
     p.add_argument("file")
@@ -108,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.strerror:
             msg = f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
         print(f"meshctl: error: {msg}", file=sys.stderr)
-        return EXIT_INVALID
+        return exit_code(exc)
     sys.stdout.flush()
     return int(rc or 0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from .. import version_string
 from ..config import load_config
 from ..identity import load_identity
 from ..state import StateStore
-from .common import EXIT_INVALID, CliParser
+from .common import CliParser, exit_code, read
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check-config", help="validate a node config and its identity files, then exit")
     c.add_argument("--config", required=True, metavar="node.toml")
+    c.add_argument("--json", action="store_true", help="print the result as JSON (also when invalid)")
     c.set_defaults(func=cmd_check)
     d = sub.add_parser("render", help="print the complete ruleset this node would apply (one idempotent transaction)")
     d.add_argument("--config", required=True, metavar="node.toml")
@@ -49,11 +51,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(Path(args.config))
-    cfg = config.cfg
-    identity = load_identity(config.resolve(cfg.identity.cert), config.resolve(cfg.identity.identity_key),
-                          config.resolve(cfg.identity.static_key), config.resolve(cfg.trust.root))
-    TrustedState(identity.anchor).verify_certificate(identity.cert_bytes, time.time())
+    """Exit 0 for a usable config, 1 for an invalid one, 3 when it or an identity file cannot be read."""
+    try:
+        read(args.config, "node config")
+        config = load_config(Path(args.config))
+        cfg = config.cfg
+        files = [config.resolve(f) for f in (cfg.identity.cert, cfg.identity.identity_key, cfg.identity.static_key,
+                                             cfg.trust.root)]
+        for f in files:
+            read(f, "identity file")
+        identity = load_identity(*files)
+        TrustedState(identity.anchor).verify_certificate(identity.cert_bytes, time.time())
+    except (MeshError, OSError, ValueError) as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "config": args.config, "error": str(exc) or type(exc).__name__}))
+        raise
+    overrides = config.active_overrides()
+    if args.json:
+        print(json.dumps({"valid": True, "config": args.config, "node_id": identity.node_id,
+                          "region": identity.cert.region, "backend": cfg.enforce.backend, "overrides": overrides},
+                         indent=2))
+        return 0
     print(f"{args.config}: ok (node {identity.node_id}, region {identity.cert.region}, backend {cfg.enforce.backend}"
           + (f", overrides: {', '.join(config.active_overrides())}" if config.active_overrides() else "") + ")")
     return 0
@@ -99,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MeshError, OSError, ValueError) as exc:
         msg = str(exc) or type(exc).__name__
         print(f"meshnode: error: {msg}", file=sys.stderr)
-        return EXIT_INVALID
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

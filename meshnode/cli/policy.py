@@ -15,11 +15,11 @@ from protocol.policy import parse_policy_toml, to_toml
 from protocol.signing import add_signature, decode_envelope, encode_envelope, valid_signers
 from protocol.trust import TrustedState
 
-from ..authority_store import ROOT_NAME_RE, AuthorityDir, CliError, parse_duration, read_key
+from ..authority_store import ROOT_NAME_RE, AuthorityDir, CliError, parse_duration
 from ..fsutil import atomic_write
 from ..issuing import sign_next_policy
 from ..state import StateStore
-from .common import EXIT_INVALID, READ_LIMIT_BYTES, fmt_time, now, out, read
+from .common import EXIT_INVALID, READ_LIMIT_BYTES, fmt_time, now, out, read, signing_keys
 
 
 def _trust_for(root_path: str, state_dir: str | None, at: float, skew_s: int = 300) -> TrustedState:
@@ -40,15 +40,15 @@ def _trust_for(root_path: str, state_dir: str | None, at: float, skew_s: int = 3
 def cmd_policy_sign(args: argparse.Namespace) -> int:
     authority = AuthorityDir(args.authority)
     authority.require()
+    keys = signing_keys(args.key, args.passphrase_file, "policy")
     try:
-        text = Path(args.policy).read_text()
-    except OSError as exc:
-        raise CliError(f"{args.policy}: cannot read: {exc.strerror or exc}") from None
+        text = read(args.policy, "policy TOML").decode()
+    except UnicodeDecodeError:
+        raise CliError(f"{args.policy}: not UTF-8 text") from None
     try:
         document, revocations = parse_policy_toml(text)
     except PolicyError as exc:
         raise CliError(f"{args.policy}: {exc}") from None
-    keys = [read_key(k) for k in args.key] if args.key else None
     signed = sign_next_policy(authority, document, revocations, now=now(), expires_s=parse_duration(args.expires),
                               serial=args.serial, keys=keys)
     atomic_write(Path(args.out), signed.envelope)
@@ -64,8 +64,8 @@ def cmd_policy_cosign(args: argparse.Namespace) -> int:
     data = read(args.file, "signed file")
     env = decode_envelope(data, _envelope_kind(data))
     before = len(env.signatures)
-    for key_path in args.key:
-        env = add_signature(env, read_key(key_path).seed)
+    for key in signing_keys(args.key, args.passphrase_file, "signing"):
+        env = add_signature(env, key.seed)
     atomic_write(Path(args.file), encode_envelope(env))
     out(f"{args.file}: {len(env.signatures) - before} signature(s) added, {len(env.signatures)} in total")
     return 0
@@ -82,18 +82,28 @@ def _envelope_kind(data: bytes) -> str:
 
 
 def cmd_policy_verify(args: argparse.Namespace) -> int:
+    """Exit 0 for a valid policy, 1 for an invalid one, 3 when the policy or root cannot be read."""
     at = now()
     data = read(args.file, "policy file")
     try:
         trust = _trust_for(args.root, args.state, at, args.clock_skew)
         check = trust.check_policy(data, at)
     except TrustError as exc:
+        if args.json:
+            out(json.dumps({"valid": False, "file": args.file, "error": str(exc)}, indent=2))
         print(f"invalid: {exc}", file=sys.stderr)
         return EXIT_INVALID
     root = trust.root
     env = decode_envelope(data, "policy")
     good = valid_signers(env, root.keys, root.role_keys("policy"))
     version = check.policy
+    if args.json:
+        out(json.dumps({
+            "valid": True, "file": args.file, "serial": version.serial, "valid_signatures": len(good),
+            "threshold": root.roles["policy"].threshold, "root_version": version.root_version,
+            "expires_at": fmt_time(version.expires_at), "hash": check.hash, "duplicate": check.duplicate,
+        }, indent=2))
+        return 0
     dup = " (the same version the state already holds)" if check.duplicate else ""
     out(
         f"valid: serial {version.serial}, {len(good)} valid signature(s) (threshold {root.roles['policy'].threshold}), "

@@ -62,6 +62,7 @@ class Demo:
         self.nodes: list[DemoNode] = []
         self.auth = AuthorityDir(self.dir / "authority")
         self.policy_key = self.auth.secrets / "policy-1-1.key"  # the demo's one policy key (root v1)
+        self.enroll_key = self.auth.secrets / "enroll-1-1.key"  # and its one enroll key
         self.operator = self.dir / "operator"
         self.serial = 0
         self.steps: list[dict[str, Any]] = []
@@ -103,11 +104,12 @@ class Demo:
             gossip=DEMO_GOSSIP_MS,
         )
         enroll(self.auth, node_id=n.node_id, region=n.region, roles=[ROLES[n.index % len(ROLES)]],
-               addresses=[n.ip], out=n.dir, valid_s=VALID_S, now=int(time.time()), settings=settings)
+               addresses=[n.ip], out=n.dir, valid_s=VALID_S, now=int(time.time()), settings=settings,
+               keys=[read_key(self.enroll_key)])
 
     def _enroll_operator(self) -> None:
         enroll(self.auth, node_id="operator-1", region="ops", roles=["operator"], addresses=[], out=self.operator,
-               valid_s=VALID_S, now=int(time.time()), settings=None)
+               valid_s=VALID_S, now=int(time.time()), settings=None, keys=[read_key(self.enroll_key)])
 
     # -- processes --------------------------------------------------------------------------------
     def start_node(self, n: DemoNode) -> None:

@@ -84,11 +84,11 @@ def node_config(out: Path, cluster: str, node_id: str, region: str, settings: No
 
 def enroll(authority: AuthorityDir, *, node_id: str, region: str, roles: list[str], addresses: list[str],
            out: Path, valid_s: int, now: int, settings: NodeSettings | None,
-           keys: list[KeyFile] | None = None) -> Certificate:
+           keys: list[KeyFile]) -> Certificate:
     """Issue a certificate and write a ready directory to ``out``: keys (mode 0600), the certificate,
     the trust anchor and, for a node (``settings`` given; None for an operator), its node.toml. Every
-    value is checked before anything is signed. The certificate is signed with the enroll ``keys``; without
-    them, with the plaintext enroll keys in the authority directory (the single-operator layout)."""
+    value is checked before anything is signed. The certificate is signed with the enroll ``keys`` named
+    by the caller, and with no other key."""
     authority.require()
     root = authority.root()
     if not is_name(node_id):
@@ -101,11 +101,10 @@ def enroll(authority: AuthorityDir, *, node_id: str, region: str, roles: list[st
             raise CliError(f"--role {r!r}: {NAME_RULE}")
     if (out / "node.cert").exists() or (out / "secrets").exists():
         raise CliError(f"{out}: already holds an identity; refusing to overwrite it")
-    seeds = _role_seeds(keys, root, "enroll") if keys else authority.role_seeds(root, "enroll")
+    seeds = _role_seeds(keys, root, "enroll")
     threshold = root.roles["enroll"].threshold
     if len(seeds) < threshold:
-        where = "given" if keys else f"in {authority.path}"
-        raise CliError(f"{len(seeds)} enroll key(s) {where}, threshold is {threshold}; pass --key KEYFILE per holder")
+        raise CliError(f"{len(seeds)} enroll key(s) given, threshold is {threshold}; pass --key KEYFILE per holder")
     identity, static = new_node_keys()
     cert = Certificate(
         cluster=root.cluster,

@@ -240,7 +240,7 @@ class Cluster:
         self._index = 0
         meshctl("authority", "init", self.authority, "--cluster", cluster)
         meshctl("node", "enroll", "--authority", self.authority, "--node-id", "operator-1", "--region", "ops",
-                "--role", "operator", "--out", self.operator, "--valid", "1d")
+                "--role", "operator", "--out", self.operator, "--valid", "1d", *self.key_args("enroll"))
 
     # -- nodes -------------------------------------------------------------------------------------
     def ip(self, index: int) -> str:
@@ -266,7 +266,8 @@ class Cluster:
         role = role or ROLES[i % len(ROLES)]
         d = self.root / node_id
         meshctl("node", "enroll", "--authority", self.authority, "--node-id", node_id, "--region", region,
-                "--role", role, "--address", ip, "--out", d, "--backend", "file", "--valid", valid)
+                "--role", role, "--address", ip, "--out", d, "--backend", "file", "--valid", valid,
+                *self.key_args("enroll"))
         if seeds is None:
             # One seed per region among the nodes already added (like the demo).
             by_region: dict[str, NodeProc] = {}

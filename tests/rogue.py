@@ -88,7 +88,7 @@ class RoguePeer:
         self.dir: Path = cluster.root / node_id
         meshctl("node", "enroll", "--authority", cluster.authority, "--node-id", node_id, "--region", region,
                 "--role", role, "--address", address or f"127.66.{cluster.subnet}.200", "--out", self.dir,
-                "--backend", "file", "--valid", "1d")
+                "--backend", "file", "--valid", "1d", *cluster.key_args("enroll"))
 
     async def connect(self, target: NodeProc, *, drain: bool = True) -> RogueChannel:
         ws, session, http = await open_session(target.mesh, self.dir)

@@ -45,7 +45,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 def test_walkthrough(ws):
     meshctl("node", "enroll", "--authority", "auth", "--node-id", "db1", "--region", "eu", "--role", "db",
-            "--address", "10.1.0.5", "--out", "db1", cwd=ws)
+            "--address", "10.1.0.5", "--out", "db1", "--key", "auth/secrets/enroll-1-1.key", cwd=ws)
     for f in ("node.toml", "node.cert", "root.msgpack", "secrets/identity.key", "secrets/static.key"):
         assert (ws / "db1" / f).exists(), f
     for f in (ws / "db1" / "secrets").iterdir():
@@ -162,3 +162,17 @@ def test_help_everywhere(tmp_path):
 def test_refuses_to_overwrite_authority(ws):
     err = one_line_error(meshctl("authority", "init", "auth", cwd=ws, check=False))
     assert "refusing to overwrite" in err
+
+
+def test_enroll_signs_only_with_the_enroll_key_it_is_given(tmp_path):
+    """No command signs with keys it was not given: without --key, enroll is a usage error (exit 2) that
+    says how, even when plaintext enroll keys lie in the authority directory."""
+    meshctl("authority", "init", "auth", "--cluster", "c1", cwd=tmp_path)
+    proc = meshctl("node", "enroll", "--authority", "auth", "--node-id", "n1", "--region", "eu", "--role", "db",
+                   "--address", "10.1.0.5", "--out", "n1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--key KEYFILE" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "n1").exists()
+    proc = meshctl("node", "enroll", "--authority", "auth", "--node-id", "n1", "--region", "eu", "--role", "db",
+                   "--address", "10.1.0.5", "--out", "n1", "--key", "auth/secrets/policy-1-1.key", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode != 0 and not (tmp_path / "n1").exists(), "a policy key does not sign certificates"

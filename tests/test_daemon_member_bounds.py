@@ -60,7 +60,8 @@ def test_rogue_member_cannot_pin_memory_or_break_refutation(tmp_path: Path) -> N
         b = cluster.add_node("node-b", "region-a")
         rogue_dir = tmp_path / "rogue-1"
         meshctl("node", "enroll", "--authority", cluster.authority, "--node-id", "rogue-1", "--region", "region-a",
-                "--role", "app", "--address", "127.66.150.9", "--out", rogue_dir, "--backend", "file", "--valid", "1d")
+                "--role", "app", "--address", "127.66.150.9", "--out", rogue_dir, "--backend", "file", "--valid", "1d",
+                *cluster.key_args("enroll"))
         rogue = load_identity_dir(rogue_dir)
         cluster.start()
         cluster.wait_members()

@@ -21,7 +21,7 @@ def _daemon(tmp_path: Path) -> tuple[MeshDaemon, AuthorityDir]:
     assert meshctl(["authority", "init", str(tmp_path / "auth"), "--cluster", "t1"]) == 0
     assert meshctl(["node", "enroll", "--authority", str(tmp_path / "auth"), "--node-id", "n1", "--region", "r1",
                     "--role", "app", "--address", "127.0.0.1", "--backend", "file",
-                    "--out", str(tmp_path / "n1")]) == 0
+                    "--out", str(tmp_path / "n1"), "--key", str(tmp_path / "auth/secrets/enroll-1-1.key")]) == 0
     return MeshDaemon(load_config(tmp_path / "n1" / "node.toml")), AuthorityDir(tmp_path / "auth")
 
 

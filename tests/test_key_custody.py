@@ -170,7 +170,8 @@ def test_exit_codes_and_json(plain_authority: Path) -> None:
     help_text = run("policy", "verify", "--help", cwd=ws).stdout
     assert "3 unreadable input" in help_text and "1 invalid" in help_text
     proc = run("node", "enroll", "--authority", "auth", "--node-id", "db1", "--region", "eu", "--role", "db",
-               "--address", "10.1.0.5", "--out", "db1", "--backend", "file", "--json", cwd=ws)
+               "--address", "10.1.0.5", "--out", "db1", "--backend", "file", "--json",
+               "--key", "auth/secrets/enroll-1-1.key", cwd=ws)
     enrolled = json.loads(proc.stdout)
     assert enrolled["node_id"] == "db1" and enrolled["config"].endswith("node.toml")
     check = subprocess.run([sys.executable, "-m", "meshnode.cli.meshnode", "check-config", "--config",

@@ -106,7 +106,8 @@ def authority(tmp_path_factory) -> Path:
 def _enroll(authority: Path, out: Path, **over: str) -> int:
     args = {"--node-id": "n1", "--region": "eu", "--role": "app", "--address": "10.1.0.5"}
     args.update(over)
-    argv = ["node", "enroll", "--authority", str(authority), "--out", str(out), "--backend", "file"]
+    argv = ["node", "enroll", "--authority", str(authority), "--out", str(out), "--backend", "file",
+            "--key", str(Path(authority) / "secrets" / "enroll-1-1.key")]
     for k, v in args.items():
         argv.append(f"{k}={v}")  # "=": a value may start with "-"
     return meshctl(argv)
@@ -157,7 +158,7 @@ def test_the_issue_case_end_to_end(tmp_path):
 
     assert run("authority", "init", "auth", "--cluster", "t1").returncode == 0
     proc = run("node", "enroll", "--authority", "auth", "--node-id", "evil\n", "--region", "eu", "--role", "app",
-               "--address", "10.1.0.5", "--out", "evil")
+               "--address", "10.1.0.5", "--out", "evil", "--key", "auth/secrets/enroll-1-1.key")
     assert proc.returncode != 0 and "--node-id 'evil\\n'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "evil").exists()
 

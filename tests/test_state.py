@@ -258,7 +258,7 @@ def test_state_problems_reach_the_daemon_log_and_metric(tmp_path, monkeypatch):
     assert meshctl(["authority", "init", str(tmp_path / "auth"), "--cluster", "t1"]) == 0
     assert meshctl(["node", "enroll", "--authority", str(tmp_path / "auth"), "--node-id", "n1", "--region", "r1",
                     "--role", "app", "--address", "127.0.0.1", "--backend", "file",
-                    "--out", str(tmp_path / "n1")]) == 0
+                    "--out", str(tmp_path / "n1"), "--key", str(tmp_path / "auth/secrets/enroll-1-1.key")]) == 0
     lc = load_config(tmp_path / "n1" / "node.toml")
     daemon = MeshDaemon(lc)
     daemon.store.ensure()

@@ -10,7 +10,7 @@ from pathlib import Path
 from protocol.metadata import ROLE_NAMES, Root
 from protocol.trust import TrustedState
 
-from ..authority_store import ROOT_FILE, AuthorityDir, CliError, UsageError, parse_duration
+from ..authority_store import ROOT_FILE, AuthorityDir, CliError, parse_duration
 from ..config import DEFAULT_ADMIN_PORT
 from ..fsutil import atomic_write
 from ..issuing import NodeSettings, enroll, init_authority
@@ -153,9 +153,7 @@ def cmd_node_enroll(args: argparse.Namespace) -> int:
         backend=args.backend,
         allow_file_backend=args.backend == "file",
     )
-    if args.passphrase_file and not args.key:
-        raise UsageError("--passphrase-file opens the keys named with --key KEYFILE: name the enroll key(s)")
-    keys = signing_keys(args.key, args.passphrase_file, "enroll") if args.key else None
+    keys = signing_keys(args.key, args.passphrase_file, "enroll")
     cert = enroll(authority, node_id=args.node_id, region=args.region, roles=roles, addresses=list(args.address),
                   out=destination, valid_s=parse_duration(args.valid), now=now(), settings=settings, keys=keys)
     if args.json:

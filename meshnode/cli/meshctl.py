@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="nftables", choices=["nftables", "iptables", "file"],
                    help="enforcement backend written to node.toml (file = enforce nothing, an override)")
     p.add_argument("--key", action="append", metavar="KEYFILE",
-                   help="enroll key to sign with (repeatable; default: the plaintext enroll keys in --authority)")
+                   help="enroll key to sign with (repeatable; required: no key is used unless it is named)")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of encrypted --key files (else a prompt on a TTY)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=authority.cmd_node_enroll)

@@ -28,21 +28,34 @@ a reason. Every `rekey_interval` frames in a direction both ends Rekey() that di
 Errors (all `MeshError`): `RemoteProtocolError` or `TrustError` - the peer is to blame, drop it;
 `LocalProtocolError` - the caller misused the session. Any error kills the session; later calls raise
 `SessionClosedError`.
+
+This module owns the session; its error types are in `protocol.channel_errors`, `LocalIdentity` and
+`ConnectionKind` in `protocol.channel_identity`, the `HandshakeRateLimiter` in `protocol.rate_limit`.
+All are re-exported here.
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import LocalProtocolError, MeshError, RemoteProtocolError, RoleError, TrustError
-from .metadata import OPERATOR_ROLE, Certificate, decode_certificate
-from .noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX, x25519_public_key
-from .signing import decode_envelope
+from .channel_errors import (
+    FrameError,
+    HandshakeTimeoutError,
+    KeyMismatchError,
+    MessageTooLargeError,
+    PeerMessageTooLargeError,
+    SessionClosedError,
+    UnexpectedPeerError,
+)
+from .channel_identity import ConnectionKind, LocalIdentity, is_operator
+from .errors import LocalProtocolError, MeshError, RoleError
+from .metadata import Certificate
+from .noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX
+from .rate_limit import HandshakeRateLimiter
 from .trust import TrustedState
 
 __all__ = [
@@ -90,50 +103,7 @@ def prologue_for(cluster: str) -> bytes:
     return PROTOCOL_VERSION + b"\0" + cluster.encode("utf-8")
 
 
-# --------------------------------------------------------------------------------------------- errors
-
-
-class SessionClosedError(LocalProtocolError):
-    """The session is closed or failed earlier; the caller must drop it."""
-
-
-class FrameError(RemoteProtocolError):
-    """A frame decrypted but is not valid here (unknown type, bad chunking, data after close)."""
-
-
-class PeerMessageTooLargeError(RemoteProtocolError):
-    """The peer's application message exceeds `max_message_bytes`."""
-
-
-class MessageTooLargeError(LocalProtocolError):
-    """`send_message` was given more than `max_message_bytes`."""
-
-
-class HandshakeTimeoutError(RemoteProtocolError):
-    """The handshake did not complete by its deadline."""
-
-
-class KeyMismatchError(TrustError):
-    """The certificate is valid but names another X25519 static key than the one the peer proved it
-    holds in the handshake: someone else's certificate."""
-
-    reason = "static_key_mismatch"
-
-
-class UnexpectedPeerError(TrustError):
-    """The initiator reached a valid node, but not the one it meant to reach."""
-
-    reason = "unexpected_peer"
-
-
 # --------------------------------------------------------------------------------------------- events
-
-
-class ConnectionKind(enum.Enum):
-    """What a connection is for, decided by the initiator's certificate."""
-
-    GOSSIP = "gossip"  # node <-> node
-    OPERATOR = "operator"  # operator -> node: publish policy versions, read status
 
 
 class SessionState(enum.Enum):
@@ -163,43 +133,7 @@ class PeerClosed:
 Event = HandshakeComplete | MessageReceived | PeerClosed
 
 
-def _is_operator(cert: Certificate) -> bool:
-    """An operator certificate holds exactly the operator role; mixing it with node roles is refused."""
-    if OPERATOR_ROLE in cert.roles:
-        if len(cert.roles) != 1:
-            raise RoleError(
-                f"certificate {cert.node_id} ({cert.cert_id}) mixes {OPERATOR_ROLE!r} with node roles"
-            )
-        return True
-    return False
-
-
 # --------------------------------------------------------------------------------------------- session
-
-
-class LocalIdentity:
-    """This process's X25519 static key and the exact signed certificate envelope that names it.
-
-    Built once (at start, and again when the certificate is renewed) and shared by every session:
-    it checks that the certificate is well formed, names this static key and does not mix the
-    operator role with node roles, and caches the public key so a handshake does not recompute it.
-    Raises LocalProtocolError, since a bad identity is a local configuration error.
-    """
-
-    __slots__ = ("static_private", "static_public", "certificate", "cert", "kind")
-
-    def __init__(self, static_private: bytes, certificate: bytes) -> None:
-        try:
-            self.static_public = x25519_public_key(bytes(static_private))
-            self.cert = decode_certificate(decode_envelope(bytes(certificate), "cert").payload)
-            operator = _is_operator(self.cert)
-        except TrustError as exc:
-            raise LocalProtocolError(f"our own certificate is unusable: {exc}") from exc
-        if not hmac.compare_digest(self.cert.static_key, self.static_public):
-            raise LocalProtocolError("our certificate names another static key than static_private")
-        self.static_private = bytes(static_private)
-        self.certificate = bytes(certificate)
-        self.kind = ConnectionKind.OPERATOR if operator else ConnectionKind.GOSSIP  # what it opens
 
 
 class SecureSession:
@@ -417,7 +351,7 @@ class SecureSession:
             raise KeyMismatchError(
                 f"certificate {cert.node_id} ({cert.cert_id}) names another static key than the peer holds"
             )
-        peer_is_operator = _is_operator(cert)
+        peer_is_operator = is_operator(cert)
         if self.initiator:
             if peer_is_operator:
                 raise RoleError(
@@ -496,75 +430,3 @@ class SecureSession:
         self._send = self._recv = None
         self._partial, self._partial_len = [], 0
         self._outbox = []
-
-
-# --------------------------------------------------------------------------------------------- rate limits
-
-
-class HandshakeRateLimiter:
-    """Token buckets per source (e.g. remote IP): `rate_per_s` handshakes a second, bursts of `burst`.
-
-    Memory is bounded by `max_sources`: when full, the least recently seen source is forgotten. That is
-    exact for any source idle for `burst / rate_per_s` seconds (its bucket would be full again anyway);
-    only a flood of more than `max_sources` sources within that window loses state, and the optional
-    `total_rate_per_s` bucket caps that case.
-    """
-
-    def __init__(
-        self,
-        rate_per_s: float,
-        burst: int,
-        *,
-        max_sources: int = 10_000,
-        total_rate_per_s: float | None = None,
-        total_burst: int | None = None,
-    ) -> None:
-        if rate_per_s <= 0 or burst < 1 or max_sources < 1:
-            raise LocalProtocolError("rate_per_s, burst and max_sources must be positive")
-        if total_rate_per_s is not None and total_rate_per_s <= 0:
-            raise LocalProtocolError("total_rate_per_s must be positive")
-        self._rate_per_ms = rate_per_s / 1000.0
-        self._burst = float(burst)
-        self._max_sources = max_sources
-        self._buckets: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()  # source -> (tokens, at_ms)
-        self._total_rate_per_ms = None if total_rate_per_s is None else total_rate_per_s / 1000.0
-        self._total_burst = float(
-            total_burst if total_burst is not None else max(burst, int(total_rate_per_s or 1))
-        )
-        self._total: tuple[float, int] | None = None
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, source: Hashable, now_ms: int) -> bool:
-        """Take one token for `source`; False means refuse this handshake attempt. A refused attempt
-        costs nothing; a clock that steps back adds no tokens."""
-        buckets = self._buckets
-        entry = buckets.get(source)
-        tokens, at_ms = self._refill(entry, self._burst, self._rate_per_ms, now_ms)
-        if tokens < 1.0:
-            buckets[source] = (tokens, at_ms)
-            buckets.move_to_end(source)
-            return False
-        if self._total_rate_per_ms is not None:
-            total, total_at_ms = self._refill(self._total, self._total_burst, self._total_rate_per_ms, now_ms)
-            if total < 1.0:
-                self._total = (total, total_at_ms)
-                return False
-            self._total = (total - 1.0, total_at_ms)
-        if entry is None and len(buckets) >= self._max_sources:
-            buckets.popitem(last=False)
-        buckets[source] = (tokens - 1.0, at_ms)
-        buckets.move_to_end(source)
-        return True
-
-    @staticmethod
-    def _refill(
-        entry: tuple[float, int] | None, burst: float, rate_per_ms: float, now_ms: int
-    ) -> tuple[float, int]:
-        if entry is None:
-            return burst, now_ms
-        tokens, at_ms = entry
-        if now_ms <= at_ms:
-            return tokens, at_ms
-        return min(burst, tokens + (now_ms - at_ms) * rate_per_ms), now_ms

@@ -1,7 +1,7 @@
 """Who a side of a channel is: its static key and certificate, and the kind of connection it opens.
 
-A certificate holding the operator role (and only it) opens `ConnectionKind.OPERATOR` connections;
-any other certificate is a node's and opens `ConnectionKind.GOSSIP` ones. `protocol.channel` uses
+A certificate holding the operator role (and only it) opens `ConnectionKind.OPERATOR` connections; one
+without it is a node's and opens `ConnectionKind.GOSSIP` ones; one mixing the two is refused. `protocol.channel` uses
 `is_operator` on the peer's certificate and `LocalIdentity` for its own.
 """
 

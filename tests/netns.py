@@ -173,3 +173,18 @@ class Lab:
         norm = [[t[0], t[1], t[2] if len(t) > 2 else None] for t in targets]
         out = self.exec(host, [sys.executable, "-c", PROBE, json.dumps(norm), str(timeout)])
         return json.loads(out.stdout)
+
+
+def lab_or_skip(*tools: str, hosts: tuple[str, ...] = ("a", "b", "c")) -> Lab:
+    """A started lab of ``hosts``, or skip the test: a missing tool or no network namespaces here."""
+    import pytest
+
+    reason = skip_reason(*tools)
+    if reason:
+        pytest.skip(reason)
+    lab = Lab(hosts=hosts)
+    try:
+        lab.up()
+    except RuntimeError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+    return lab

@@ -16,7 +16,7 @@ from meshnode.enforce import RenderOptions, make_backend, render
 from protocol.policy import parse_policy_toml
 from protocol.trust import TrustedState
 from simulations.identities import T0, make_authority, make_node
-from tests.netns import Lab, skip_reason
+from tests.netns import Lab, lab_or_skip
 
 pytestmark = pytest.mark.root
 MESH, DB, UNDECLARED = 7946, 5432, 8080
@@ -31,14 +31,7 @@ print(json.dumps([[x.proto, x.address, x.port, x.inode, x.process] for x in read
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    reason = skip_reason("nft")
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(hosts=("a", "b", "c"))
-    try:
-        lab.up()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot create network namespaces here: {exc}")
+    lab = lab_or_skip("nft")
     try:
         lab.start_listener("a", POLICY_PORTS)
         yield lab

@@ -20,7 +20,7 @@ from protocol.authority import Authority
 from protocol.policy import parse_policy_toml
 from protocol.trust import TrustedState
 from simulations.identities import T0, NodeIdentity, make_authority, make_node
-from tests.netns import Lab, skip_reason
+from tests.netns import Lab, lab_or_skip
 
 pytestmark = pytest.mark.root
 MESH, DB, HTTP, RANGE, OTHER = 7946, 5432, 8080, 9005, 2222
@@ -79,14 +79,7 @@ class Mesh:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    reason = skip_reason("nft", "iptables-restore", "ipset")
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(hosts=("a", "b", "c"))
-    try:
-        lab.up()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot create network namespaces here: {exc}")
+    lab = lab_or_skip("nft", "iptables-restore", "ipset")
     try:
         lab.start_listener("a", PORTS)
         auth = make_authority()

@@ -85,19 +85,15 @@ def register(sub: argparse._SubParsersAction, policy_sub: argparse._SubParsersAc
     p.add_argument("--json", action="store_true", help="print the node's reply as JSON")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("status", help="cluster-wide convergence view, read from any single node")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--identity", required=True, metavar="DIR")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=20.0)
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("alerts", help="open alerts of a node, and the cluster's state from its status view")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--identity", required=True, metavar="DIR")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=20.0)
-    p.set_defaults(func=cmd_alerts)
+    for name, func, text in (("status", cmd_status, "cluster-wide convergence view, read from any single node"),
+                             ("alerts", cmd_alerts, "open alerts of a node, and the cluster's state from its "
+                                                    "status view")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--node", required=True, metavar="HOST:PORT")
+        p.add_argument("--identity", required=True, metavar="DIR")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--timeout", type=float, default=20.0)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="run a local demo mesh of real meshnode processes")
     p.add_argument("--nodes", type=int, default=6, help="number of nodes (default 6)")

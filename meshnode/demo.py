@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from protocol.policy import parse_policy_toml
+from protocol.trust import parse_policy_toml
 
 from .authority_store import AuthorityDir, CliError, read_key
 from .client import OperatorError, publish, status

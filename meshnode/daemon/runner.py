@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from protocol.errors import MeshError
-from protocol.gossip_events import LeaveRequested, RulesetApplied
+from protocol.gossip import LeaveRequested, RulesetApplied
 from protocol.trust import TrustedState
 
 from ..alerting import AlertPipeline

@@ -5,8 +5,9 @@ specification's names one for one (CipherState, SymmetricState, HandshakeState) 
 side by side with it and checked against other implementations' test vectors; the handshake itself is a
 small interpreter over pattern tables, so NN and IK come for free and SHA256 is a parameter.
 
-This module owns the handshake (patterns, HandshakeState and its façades); the primitives, CipherState
-and SymmetricState are in `protocol.channel.noise_cipher`, the errors in `protocol.channel.noise_errors`. Every name
+This module owns the handshake (HandshakeState and its façades); the pattern tables are in
+`protocol.channel.noise_patterns`, the primitives, CipherState and SymmetricState in
+`protocol.channel.noise_cipher`, the errors in `protocol.channel.noise_errors`. Every name
 of those listed in `__all__` is re-exported here, so `protocol.channel.noise` stays the one import.
 
 Nothing here reads a clock or an entropy source: the ephemeral key comes in as `ephemeral_private`
@@ -22,8 +23,6 @@ decides (the channel kills the session).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final
 
 from protocol.channel.noise_cipher import (
     BLAKE2B,
@@ -49,6 +48,18 @@ from protocol.channel.noise_errors import (
     NoiseError,
     NonceExhaustedError,
     OutOfTurnError,
+)
+from protocol.channel.noise_patterns import (
+    EE,
+    ES,
+    IK,
+    NN,
+    SS,
+    XX,
+    E,
+    HandshakePattern,
+    S,
+    needs_local_static,
 )
 from protocol.errors import LocalProtocolError
 
@@ -88,47 +99,6 @@ Entropy = Callable[[int], bytes]
 """`entropy(n)` returns n uniformly random bytes (the daemon passes os.urandom)."""
 
 
-# --------------------------------------------------------------------------------------------- patterns
-
-_E, _S, _EE, _ES, _SE, _SS = "e", "s", "ee", "es", "se", "ss"
-_TOKENS: Final = frozenset({_E, _S, _EE, _ES, _SE, _SS})
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakePattern:
-    """A handshake pattern (spec section 7): pre-messages and message token lists, initiator first."""
-
-    name: str
-    initiator_pre: tuple[str, ...]
-    responder_pre: tuple[str, ...]
-    messages: tuple[tuple[str, ...], ...]
-
-    def __post_init__(self) -> None:
-        for tokens in (self.initiator_pre, self.responder_pre, *self.messages):
-            unknown = set(tokens) - _TOKENS
-            if unknown:
-                raise LocalProtocolError(f"pattern {self.name}: unknown tokens {sorted(unknown)}")
-
-
-NN: Final = HandshakePattern("NN", (), (), ((_E,), (_E, _EE)))
-XX: Final = HandshakePattern("XX", (), (), ((_E,), (_E, _EE, _S, _ES), (_S, _SE)))
-IK: Final = HandshakePattern("IK", (), (_S,), ((_E, _ES, _S, _SS), (_E, _EE, _SE)))
-
-
-def _needs_local_static(pattern: HandshakePattern, initiator: bool) -> bool:
-    own_pre = pattern.initiator_pre if initiator else pattern.responder_pre
-    if _S in own_pre:
-        return True
-    for index, tokens in enumerate(pattern.messages):
-        mine = (index % 2 == 0) == initiator
-        if mine and _S in tokens:
-            return True
-        # DH tokens name the initiator's key first: "se" uses the initiator's s, "es" the responder's
-        if _SS in tokens or (_SE in tokens and initiator) or (_ES in tokens and not initiator):
-            return True
-    return False
-
-
 # --------------------------------------------------------------------------------------------- HandshakeState
 
 
@@ -156,10 +126,10 @@ class HandshakeState:
             raise LocalProtocolError("an ephemeral key needs ephemeral_private or an entropy source")
         if ephemeral_private is not None and len(ephemeral_private) != DHLEN:
             raise LocalProtocolError(f"ephemeral_private must be {DHLEN} bytes")
-        if static_private is None and _needs_local_static(pattern, initiator):
+        if static_private is None and needs_local_static(pattern, initiator):
             raise LocalProtocolError(f"pattern {pattern.name} needs a local static key")
         remote_pre = pattern.responder_pre if initiator else pattern.initiator_pre
-        if _S in remote_pre and remote_static is None:
+        if S in remote_pre and remote_static is None:
             raise LocalProtocolError(f"pattern {pattern.name} needs the remote static key in advance")
         if remote_static is not None and len(remote_static) != DHLEN:
             raise LocalProtocolError(f"remote_static must be {DHLEN} bytes")
@@ -188,7 +158,7 @@ class HandshakeState:
         ss.mix_hash(prologue)
         for who_pre, is_local in ((pattern.initiator_pre, initiator), (pattern.responder_pre, not initiator)):
             for token in who_pre:
-                if token != _S:
+                if token != S:
                     raise LocalProtocolError("only static keys are supported in pre-messages")
                 key = self._s_pub if is_local else self._rs
                 assert key is not None  # checked above
@@ -246,13 +216,13 @@ class HandshakeState:
 
     def _dh_keys(self, token: str) -> tuple[bytes | None, bytes | None]:
         """(local private, remote public) for a DH token; token names list the initiator's key first."""
-        if token == _EE:
+        if token == EE:
             return self._e, self._re
-        if token == _SS:
+        if token == SS:
             return self._s, self._rs
-        if token == _ES:
+        if token == ES:
             return (self._e, self._rs) if self.initiator else (self._s, self._re)
-        return (self._s, self._re) if self.initiator else (self._e, self._rs)  # _SE
+        return (self._s, self._re) if self.initiator else (self._e, self._rs)  # SE
 
     def _mix_dh(self, ss: SymmetricState, token: str) -> None:
         private, public = self._dh_keys(token)
@@ -264,9 +234,9 @@ class HandshakeState:
         keyed = ss.cipher.has_key()
         length = 0
         for token in tokens:
-            if token == _E:
+            if token == E:
                 length += DHLEN
-            elif token == _S:
+            elif token == S:
                 length += DHLEN + (TAG_LEN if keyed else 0)
             else:
                 keyed = True
@@ -281,12 +251,12 @@ class HandshakeState:
         try:
             parts: list[bytes] = []
             for token in tokens:
-                if token == _E:
+                if token == E:
                     self._e = self._new_ephemeral()
                     e_pub = x25519_public_key(self._e)
                     parts.append(e_pub)
                     ss.mix_hash(e_pub)
-                elif token == _S:
+                elif token == S:
                     assert self._s_pub is not None  # checked at construction
                     parts.append(ss.encrypt_and_hash(self._s_pub))
                 else:
@@ -306,13 +276,13 @@ class HandshakeState:
                 raise MalformedMessageError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE_LEN}")
             offset = 0
             for token in self.pattern.messages[self._index]:
-                if token == _E:
+                if token == E:
                     if len(message) - offset < DHLEN:
                         raise MalformedMessageError("message too short for an ephemeral key")
                     self._re = message[offset : offset + DHLEN]
                     offset += DHLEN
                     ss.mix_hash(self._re)
-                elif token == _S:
+                elif token == S:
                     size = DHLEN + (TAG_LEN if ss.cipher.has_key() else 0)
                     if len(message) - offset < size:
                         raise MalformedMessageError("message too short for a static key")

@@ -29,17 +29,16 @@ Errors (all `MeshError`): `RemoteProtocolError` or `TrustError` - the peer is to
 `LocalProtocolError` - the caller misused the session. Any error kills the session; later calls raise
 `SessionClosedError`.
 
-This module owns the session; its error types are in `protocol.channel.errors`, `LocalIdentity` and
+This module owns the session; its events are in `protocol.channel.events`, its error types in
+`protocol.channel.errors`, `LocalIdentity` and
 `ConnectionKind` in `protocol.channel.identity`, the `HandshakeRateLimiter` in `protocol.channel.rate_limit`.
 All are re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from protocol.channel.errors import (
@@ -51,6 +50,7 @@ from protocol.channel.errors import (
     SessionClosedError,
     UnexpectedPeerError,
 )
+from protocol.channel.events import Event, HandshakeComplete, MessageReceived, PeerClosed, SessionState
 from protocol.channel.identity import ConnectionKind, LocalIdentity, is_operator
 from protocol.channel.noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX
 from protocol.channel.rate_limit import HandshakeRateLimiter
@@ -101,36 +101,6 @@ def prologue_for(cluster: str) -> bytes:
     """The Noise prologue: protocol version and cluster name, so a peer of another cluster or version
     fails the handshake at its first authenticated message."""
     return PROTOCOL_VERSION + b"\0" + cluster.encode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------- events
-
-
-class SessionState(enum.Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeComplete:
-    peer: Certificate
-    kind: ConnectionKind
-    handshake_hash: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
-    reason: str
-
-
-Event = HandshakeComplete | MessageReceived | PeerClosed
 
 
 # --------------------------------------------------------------------------------------------- session

@@ -21,10 +21,20 @@ from pathlib import Path
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from protocol.authority import build_root, sign_root
-from protocol.metadata import ROLE_NAMES, Root, decode_root, encode
-from protocol.names import NAME_RULE, is_name
-from protocol.signing import decode_envelope, encode_envelope, public_key_of, sign, valid_signers
+from protocol.trust import (
+    ROLE_NAMES,
+    Root,
+    build_root,
+    decode_envelope,
+    decode_root,
+    encode,
+    encode_envelope,
+    public_key_of,
+    sign,
+    sign_root,
+    valid_signers,
+)
+from protocol.trust.names import NAME_RULE, is_name
 
 from .fsutil import atomic_write
 from .keyfile import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 from protocol.errors import MeshError
-from protocol.names import parse_network, parse_port_number
+from protocol.trust.names import parse_network, parse_port_number
 
 from .checks.ports import parse_expected
 
@@ -57,7 +57,7 @@ class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seeds: list[str] = []
     source_address: str = ""  # local IP to dial peers from (multi-homed hosts); empty = the kernel's choice
     # The largest operator request (publish: one policy envelope of up to 1 MiB plus a root chain).
-    # Gossip channels always reassemble at most the gossip message cap (protocol.gossip_wire).
+    # Gossip channels always reassemble at most the gossip message cap (protocol.gossip.wire).
     max_message_bytes: int = 4 << 20
     handshake_timeout_ms: int = 5000
     handshake_rate_per_s: float = 20.0
@@ -130,7 +130,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin: AdminSection = AdminSection()
     enforce: EnforceSection = EnforceSection()
     sources: SourcesSection = SourcesSection()
-    gossip: dict[str, int] = {}  # overrides of protocol.gossip_config.GossipConfig fields (ms)
+    gossip: dict[str, int] = {}  # overrides of protocol.gossip.config.GossipConfig fields (ms)
     alerts: AlertsSection = AlertsSection()
     validate: ValidateSection = ValidateSection()
     overrides: OverridesSection = OverridesSection()
@@ -272,7 +272,7 @@ def validate(lc: LoadedConfig) -> None:
     if not 2 << 20 <= c.mesh.max_message_bytes <= 64 << 20:
         raise ConfigError(f"{where}: mesh.max_message_bytes must be 2 MiB..64 MiB (it must fit a 1 MiB policy)")
     try:
-        from protocol.gossip_config import GossipConfig
+        from protocol.gossip import GossipConfig
 
         GossipConfig.from_mapping(dict(c.gossip))
     except (ValueError, TypeError) as exc:

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocol.errors import MeshError
-from protocol.metadata import Certificate, PolicyVersion
-from protocol.trust import TrustedState
+from protocol.trust import Certificate, PolicyVersion, TrustedState
 
 from .config import LoadedConfig, split_hostport
 from .enforce import Backend, EnforcementError, RenderOptions, make_backend, missing_tools, render

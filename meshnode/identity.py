@@ -8,8 +8,7 @@ from pathlib import Path
 from nacl.public import PrivateKey
 
 from protocol.errors import MeshError, TrustError
-from protocol.metadata import Certificate, decode_certificate
-from protocol.signing import decode_envelope, public_key_of
+from protocol.trust import Certificate, decode_certificate, decode_envelope, public_key_of
 
 from .authority_store import read_key
 

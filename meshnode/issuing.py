@@ -9,12 +9,22 @@ from pathlib import Path
 
 import msgspec
 
-from protocol.authority import build_policy, sign_certificate, sign_policy, x25519_public
 from protocol.errors import TrustError
-from protocol.metadata import Certificate, PolicyVersion, Root, decode_certificate, encode
-from protocol.names import NAME_RULE, is_name
-from protocol.policy import PolicyDocument, Revocations
-from protocol.signing import public_key_of
+from protocol.trust import (
+    Certificate,
+    PolicyDocument,
+    PolicyVersion,
+    Revocations,
+    Root,
+    build_policy,
+    decode_certificate,
+    encode,
+    public_key_of,
+    sign_certificate,
+    sign_policy,
+    x25519_public,
+)
+from protocol.trust.names import NAME_RULE, is_name
 
 from .authority_store import (
     ROOT_FILE,

@@ -29,8 +29,7 @@ import nacl.utils
 from nacl.secret import SecretBox
 
 from protocol.errors import MeshError
-from protocol.metadata import ROLE_NAMES
-from protocol.signing import key_id, public_key_of
+from protocol.trust import ROLE_NAMES, key_id, public_key_of
 
 from .fsutil import write_secret
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from protocol.gossip_events import PolicyResult, Verdict
-from protocol.signing import MAX_ENVELOPE_BYTES
+from protocol.gossip import PolicyResult, Verdict
+from protocol.trust import MAX_ENVELOPE_BYTES
 
 from .config import LoadedConfig
 from .fsutil import atomic_write

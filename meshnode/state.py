@@ -30,9 +30,8 @@ from typing import Any
 import msgspec
 
 from protocol.errors import ExpiredError, MeshError, TrustError
-from protocol.gossip_events import MemberEntry
-from protocol.signing import MAX_ENVELOPE_BYTES
-from protocol.trust import TrustedState
+from protocol.gossip import MemberEntry
+from protocol.trust import MAX_ENVELOPE_BYTES, TrustedState
 
 from .fsutil import atomic_write, backup_path, remove_stale_temps
 

@@ -25,8 +25,8 @@ from protocol.channel import (
     SecureSession,
     SessionState,
 )
+from protocol.channel.noise import MAX_MESSAGE_LEN
 from protocol.errors import MeshError, TrustError
-from protocol.noise import MAX_MESSAGE_LEN
 
 MESH_PATH = "/mesh"
 MAX_FRAME_BYTES = MAX_MESSAGE_LEN

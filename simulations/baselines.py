@@ -1,6 +1,6 @@
 """Baselines in the same engine: central pull (a configuration-management agent polling an authority
 every T) and naive flooding of bodies.  Both verify signatures for real (``TrustedState``) and speak
-the same ``handle(now, input) -> effects`` / ``next_deadline()`` shape as ``protocol.node.Node``.
+the same ``handle(now, input) -> effects`` / ``next_deadline()`` shape as ``protocol.gossip.node.Node``.
 
 Frames are MessagePack arrays whose first element is a tag >= 100 (above the gossip tags) so the
 simulator can classify bytes (``simulations.wire``).
@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from protocol.errors import TrustError
-from protocol.gossip_events import (
+from protocol.gossip import (
     Enforce,
     FrameReceived,
     Now,

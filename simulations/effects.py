@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Disconnect,
     Enforce,
@@ -28,7 +28,7 @@ from protocol.gossip_events import (
     PersistRoot,
     Send,
 )
-from protocol.metadata import Certificate
+from protocol.trust import Certificate
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Deterministic discrete-event simulation of a scenario, driving the real ``protocol.node.Node`` objects.
+"""Deterministic discrete-event simulation of a scenario, driving the real ``protocol.gossip.node.Node`` objects.
 
 The parts: ``kernel`` (the event loop), ``hosts`` (set-up from the scenario), ``network`` (the network
 model: latency, loss, TCP connections, partitions), ``faults``, ``effects`` (what a node's effects
@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Enforce,
     FrameReceived,
@@ -33,7 +33,7 @@ from protocol.gossip_events import (
     Send,
     SendFailed,
 )
-from protocol.metadata import Certificate
+from protocol.trust import Certificate
 
 from .baselines import AuthorityServer
 from .effects import execute

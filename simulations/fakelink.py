@@ -1,4 +1,4 @@
-"""A few real ``protocol.node.Node`` objects over a perfect link, for unit and property tests of the
+"""A few real ``protocol.gossip.node.Node`` objects over a perfect link, for unit and property tests of the
 core through its façade (h11's ``tests/helpers.py`` shape).
 
 It is the simulator's kernel (``simulations.kernel``) and effect executor (``simulations.effects``)
@@ -16,12 +16,13 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from protocol.gossip_config import GossipConfig
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Enforce,
     FrameReceived,
+    GossipConfig,
     LivenessChanged,
+    Node,
     Now,
     PeerConnected,
     PeerDisconnected,
@@ -30,10 +31,8 @@ from protocol.gossip_events import (
     SendFailed,
     TimerFired,
 )
-from protocol.membership import VerifyCache
-from protocol.metadata import Certificate
-from protocol.node import Node
-from protocol.trust import TrustedState
+from protocol.gossip.membership import VerifyCache
+from protocol.trust import Certificate, TrustedState
 
 from .effects import Disk, applied_policies, execute
 from .identities import T0, make_authority, make_node

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from protocol.gossip_events import PeerDisconnected
+from protocol.gossip import PeerDisconnected
 
 from .network import NEVER, Cut
 

@@ -29,9 +29,8 @@ from typing import Any
 
 import msgspec
 
-from protocol.gossip_events import Now, Send
-from protocol.gossip_wire import Ack, Announce, Digest, Ping, PolicyPull, PolicyPush, Sync, decode, encode
-from protocol.node import Node
+from protocol.gossip import Node, Now, Send
+from protocol.gossip.wire import Ack, Announce, Digest, Ping, PolicyPull, PolicyPush, Sync, decode, encode
 
 BEHAVIOURS = ("replay", "withhold", "lure", "lie", "flood")
 LIE_SERIAL = 1 << 62

@@ -11,14 +11,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from protocol.authority import Authority
-from protocol.gossip_config import GossipConfig
-from protocol.membership import VerifyCache
-from protocol.metadata import payload_hash
-from protocol.node import Node
-from protocol.policy import PolicyDocument, Rule, validate_document
-from protocol.signing import decode_envelope
-from protocol.trust import TrustedState
+from protocol.gossip import GossipConfig, Node
+from protocol.gossip.membership import VerifyCache
+from protocol.trust import (
+    Authority,
+    PolicyDocument,
+    Rule,
+    TrustedState,
+    decode_envelope,
+    payload_hash,
+    validate_document,
+)
 
 from .baselines import AUTHORITY_ID, CentralPullAgent, FloodNode
 from .effects import Disk

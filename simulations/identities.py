@@ -9,9 +9,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from protocol.authority import DAY_S, Authority, x25519_public
-from protocol.metadata import Certificate, decode_certificate
-from protocol.signing import decode_envelope, public_key_of
+from protocol.trust import (
+    DAY_S,
+    Authority,
+    Certificate,
+    decode_certificate,
+    decode_envelope,
+    public_key_of,
+    x25519_public,
+)
 
 T0 = 1_800_000_000  # a fixed "now" (2027-01-15) for simulations and tests
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from protocol.errors import TrustError
-from protocol.gossip_events import Enforce, PersistPolicy, Send
+from protocol.gossip import Enforce, PersistPolicy, Send
 from protocol.trust import TrustedState
 
 MAX_LISTED = 20
@@ -56,8 +56,7 @@ class Invariants:
 
     @staticmethod
     def _issue_time(envelope: bytes) -> float:
-        from protocol.metadata import decode_policy
-        from protocol.signing import decode_envelope
+        from protocol.trust import decode_envelope, decode_policy
 
         try:
             return float(decode_policy(decode_envelope(envelope, "policy").payload).issued_at)
@@ -99,7 +98,7 @@ class Invariants:
 
     def _check_no_early_announce(self, seed: int, at_ms: int, node_id: str, effects: list, apply: Enforce) -> None:
         from protocol.errors import RemoteProtocolError
-        from protocol.gossip_wire import Announce, decode
+        from protocol.gossip.wire import Announce, decode
 
         for eff in effects:
             if eff is apply:

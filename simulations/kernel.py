@@ -1,7 +1,7 @@
 """The simulator kernel: one event loop that drives processes over a virtual clock.
 
 A process is anything with ``handle(now, input) -> effects`` and ``next_deadline()`` (``Process``):
-the real ``protocol.node.Node``, the hostile node wrapping it, and the baselines.  The kernel keeps a
+the real ``protocol.gossip.node.Node``, the hostile node wrapping it, and the baselines.  The kernel keeps a
 heap of events ``(at_ms << SEQ_BITS | seq, node, epoch, input)``: one int key orders by time, then by
 push order; ``input`` is what the node is fed (``FrameReceived``, ``PeerConnected``, ``TimerFired``...)
 or an ``Action`` the simulation itself runs at that time (boot, crash, publish, sample).  ``epoch``
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from protocol.gossip_events import FrameReceived, Now, TimerFired
+from protocol.gossip import FrameReceived, Now, TimerFired
 
 from .identities import T0
 
@@ -32,7 +32,7 @@ TIMER_FIRED = TimerFired()  # frozen, no fields: one instance serves every timer
 
 
 class Process(Protocol):
-    """What the kernel drives: ``protocol.node.Node``, ``HostileNode``, the baselines."""
+    """What the kernel drives: ``protocol.gossip.node.Node``, ``HostileNode``, the baselines."""
 
     def handle(self, now: Now, inp: Any) -> list[Any]: ...
 

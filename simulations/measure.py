@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from protocol.gossip_events import Alert, LivenessChanged
+from protocol.gossip import Alert, LivenessChanged
 
 from .hosts import Host, Version
 from .wire import DISSEMINATION_KINDS, KIND_NAMES, NKINDS, frame_kind

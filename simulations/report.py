@@ -56,7 +56,6 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         "bytes_per_node": last["bytes_per_node"],
         "messages_per_node": last["messages_per_node"],
         "dissemination_bytes_per_node": last["dissemination_bytes_per_node"],
-        "dissemination_bytes_per_node_max": None,  # never measured; kept so reports stay comparable
         "bytes_budget_per_node": int(1.2 * sim.policy_bytes + 2048),
         "idle_bytes_per_node_s": idle_bps,
         "idle_bytes_per_node_s_by_kind": m.idle_by_kind,
@@ -85,8 +84,7 @@ def _version_stats(sim: Simulation, v: Version, live: list[Host]) -> dict[str, A
     out: dict[str, Any] = {"serial": v.serial, "publish_ms": v.publish_ms, "published_at_ms": pub}
     if pub is None or not live:
         out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
-                   messages_per_node=None, dissemination_bytes_per_node=None,
-                   dissemination_bytes_per_node_max=None, by_region={})
+                   messages_per_node=None, dissemination_bytes_per_node=None, by_region={})
         return out
     times = sorted(v.applied[h.idx] - pub for h in live if h.idx in v.applied)
     frac = len(times) / len(live)
@@ -109,7 +107,6 @@ def _version_stats(sim: Simulation, v: Version, live: list[Host]) -> dict[str, A
         bytes_per_node=round((snap_end[0] - sp[0]) / n, 1),
         messages_per_node=round((snap_end[1] - sp[1]) / n, 2),
         dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
-        dissemination_bytes_per_node_max=None,
         by_region=by_region,
     )
     return out

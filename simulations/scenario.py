@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from protocol.gossip_config import GossipConfig
+from protocol.gossip import GossipConfig
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 PROTOCOLS = ("gossip", "central-pull", "flood")

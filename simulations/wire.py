@@ -1,5 +1,5 @@
 """What the simulator reads off a frame without decoding it: its kind (the wire tag) and its size on
-the wire.  Gossip tags come from ``protocol.gossip_wire``, the baselines' from ``simulations.baselines``.
+the wire.  Gossip tags come from ``protocol.gossip.wire``, the baselines' from ``simulations.baselines``.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import typing
 
-from protocol.gossip_wire import Announce, Message, PolicyPull, PolicyPush, RootPull, RootPush
+from protocol.gossip.wire import Announce, Message, PolicyPull, PolicyPush, RootPull, RootPush
 
 from .baselines import TAG_BODY, TAG_NAMES
 

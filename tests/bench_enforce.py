@@ -34,9 +34,14 @@ from meshnode.enforce import (  # noqa: E402
 )
 from meshnode.enforce.nft import normalize, normalized_hash, set_update_json  # noqa: E402
 from meshnode.enforce.render import _port_groups, _targets_me  # noqa: E402
-from protocol.authority import build_policy  # noqa: E402
-from protocol.metadata import Certificate, PolicyVersion  # noqa: E402
-from protocol.policy import PolicyDocument, Rule, validate_document  # noqa: E402
+from protocol.trust import (  # noqa: E402  # noqa: E402
+    Certificate,
+    PolicyDocument,
+    PolicyVersion,
+    Rule,
+    build_policy,  # noqa: E402
+    validate_document,
+)
 from simulations.identities import T0  # noqa: E402
 from tests.netns import Lab, skip_reason  # noqa: E402
 

@@ -10,8 +10,7 @@ import time
 
 from nacl.signing import SigningKey
 
-from protocol.signing import decode_envelope, signing_message
-from protocol.trust import TrustedState
+from protocol.trust import TrustedState, decode_envelope, signing_message
 from simulations.identities import T0, make_authority
 from tests.fixtures import sign_sample
 

@@ -450,7 +450,6 @@ async def open_session(target: str, identity_dir: Path, *, anchor_dir: Path | No
 
 def _serial_of(envelope: bytes) -> int:
     """The serial a signed policy file claims (unverified: for naming what a test published)."""
-    from protocol.metadata import decode_policy
-    from protocol.signing import decode_envelope
+    from protocol.trust import decode_envelope, decode_policy
 
     return decode_policy(decode_envelope(envelope, "policy").payload).serial

@@ -7,8 +7,7 @@ builds its scenarios with them); the sample policy's text from :func:`meshnode.e
 from __future__ import annotations
 
 from meshnode.examples import sample_policy_toml
-from protocol.authority import DAY_S, Authority
-from protocol.policy import PolicyDocument, Revocations, parse_policy_toml
+from protocol.trust import DAY_S, Authority, PolicyDocument, Revocations, parse_policy_toml
 from simulations.identities import T0
 
 

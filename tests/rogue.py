@@ -2,7 +2,7 @@
 
 `RoguePeer` holds a validly enrolled node identity (enrolled with the Cluster's authority through
 `meshctl node enroll`, so every handshake succeeds) and opens real Noise sessions to a daemon's mesh
-port. On an open `RogueChannel` it speaks the gossip wire protocol (`protocol.gossip_wire.encode`) or
+port. On an open `RogueChannel` it speaks the gossip wire protocol (`protocol.gossip.wire.encode`) or
 anything else: valid-format floods, oversize messages, replays. It never runs a daemon; everything it
 sends is chosen by the test. Pre-authentication attacks (slowloris, idle sockets) need no identity and
 live in `slowloris`.

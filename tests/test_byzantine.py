@@ -12,9 +12,7 @@ import msgspec
 import pytest
 
 from meshnode.status_view import format_status
-from protocol.conduct import EPISODE_QUIET_MS, PeerConduct
-from protocol.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Disconnect,
     FrameReceived,
@@ -23,7 +21,9 @@ from protocol.gossip_events import (
     RulesetApplied,
     Send,
 )
-from protocol.gossip_wire import (
+from protocol.gossip.conduct import EPISODE_QUIET_MS, PeerConduct
+from protocol.gossip.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
+from protocol.gossip.wire import (
     Ack,
     Announce,
     Digest,
@@ -36,8 +36,7 @@ from protocol.gossip_wire import (
     decode,
     encode,
 )
-from protocol.metadata import payload_hash
-from protocol.signing import decode_envelope, sign
+from protocol.trust import decode_envelope, payload_hash, sign
 from simulations.engine import replay_hint, run_scenario
 from simulations.fakelink import FakeLink, applied_policies
 from simulations.identities import T0, derive_seed

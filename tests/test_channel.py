@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.authority import DAY_S, Authority
 from protocol.channel import (
     CHUNK_BYTES,
     HANDSHAKE_TIMEOUT_MS,
@@ -32,6 +31,7 @@ from protocol.channel import (
     UnexpectedPeerError,
     prologue_for,
 )
+from protocol.channel.noise import MAX_MESSAGE_LEN, CipherState, DecryptError, MalformedMessageError, NoiseXX
 from protocol.errors import (
     ExpiredError,
     LocalProtocolError,
@@ -43,9 +43,7 @@ from protocol.errors import (
     SignatureError,
     TrustError,
 )
-from protocol.noise import MAX_MESSAGE_LEN, CipherState, DecryptError, MalformedMessageError, NoiseXX
-from protocol.policy import Revocations
-from protocol.trust import TrustedState
+from protocol.trust import DAY_S, Authority, Revocations, TrustedState
 from simulations.identities import T0, NodeIdentity, make_authority, make_node
 from tests.fixtures import sign_sample
 

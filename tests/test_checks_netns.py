@@ -13,8 +13,7 @@ import pytest
 from meshnode.checks.abuse import BlockGuard, block_argv
 from meshnode.checks.ports import Listener, audit_ports
 from meshnode.enforce import RenderOptions, make_backend, render
-from protocol.policy import parse_policy_toml
-from protocol.trust import TrustedState
+from protocol.trust import TrustedState, parse_policy_toml
 from simulations.identities import T0, make_authority, make_node
 from tests.netns import Lab, lab_or_skip
 

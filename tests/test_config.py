@@ -8,7 +8,7 @@ import pytest
 
 from meshnode.config import ConfigError, load_config, render_config
 from meshnode.examples import sample_policy_toml
-from protocol.policy import parse_policy_toml
+from protocol.trust import parse_policy_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

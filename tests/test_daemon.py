@@ -23,7 +23,7 @@ import msgspec
 import pytest
 
 from meshnode.sources import drop_file
-from protocol.signing import Envelope, decode_envelope, encode_envelope
+from protocol.trust import Envelope, decode_envelope, encode_envelope
 from tests.daemon_helpers import (
     MESHCTL,
     MESHNODE,
@@ -246,7 +246,7 @@ def test_hostile_bytes_on_the_websocket_are_refused_and_counted(mesh: Mesh) -> N
             await http.close()
 
     # A well-encrypted gossip frame whose string holds invalid UTF-8 (used to crash the node's task group).
-    from protocol.gossip_wire import Ping, encode
+    from protocol.gossip.wire import Ping, encode
 
     before_alerts = metric_sum(target.metrics(), "policymesh_alerts_total", event="gossip.remote_error")
     asyncio.run(authenticated_message(encode(Ping(1, "node-a")).replace(b"node-a", b"node-\x80")))

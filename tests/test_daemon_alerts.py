@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from protocol.signing import decode_envelope, encode_envelope
+from protocol.trust import decode_envelope, encode_envelope
 from tests.daemon_helpers import MESHCTL, Cluster, NodeProc, metric_sum, run_cli, wait_until
 from tests.pagerduty_receiver import Receiver, free_port
 

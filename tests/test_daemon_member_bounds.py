@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.identity import load_identity_dir
-from protocol.gossip_wire import (
+from protocol.gossip.wire import (
     MAX_INCARNATION,
     Alive,
     MemberRecord,
@@ -28,7 +28,7 @@ from protocol.gossip_wire import (
     Suspect,
     encode,
 )
-from protocol.signing import encode_envelope, sign
+from protocol.trust import encode_envelope, sign
 from tests.daemon_helpers import Cluster, meshctl, open_session, wait_until
 
 RSS_BUDGET_MIB = 32  # issue 10: a rogue enrolled peer cannot raise a daemon's RSS by more than this

@@ -7,9 +7,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import FormatError, TrustError
-from protocol.metadata import decode_certificate, decode_policy, decode_root
-from protocol.signing import Envelope, Signature, decode_envelope, encode_envelope
-from protocol.trust import TrustedState
+from protocol.trust import (
+    Envelope,
+    Signature,
+    TrustedState,
+    decode_certificate,
+    decode_envelope,
+    decode_policy,
+    decode_root,
+    encode_envelope,
+)
 from simulations.identities import T0, make_authority, make_node
 from tests.fixtures import sign_sample
 
@@ -111,7 +118,7 @@ _port = st.one_of(st.sampled_from(["tcp/1", "udp/65535", "tcp/10-20", "tcp/20-10
 )
 def test_fast_canonical_check_agrees_with_full_validation(rules, inbound):
     from protocol.errors import PolicyError
-    from protocol.policy import Defaults, PolicyDocument, Rule, is_canonical, validate_document
+    from protocol.trust.policy import Defaults, PolicyDocument, Rule, is_canonical, validate_document
 
     doc = PolicyDocument(
         defaults=Defaults(inbound=inbound),

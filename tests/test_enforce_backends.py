@@ -27,9 +27,7 @@ from meshnode.enforce import (
     to_nft_text,
 )
 from meshnode.enforce.iptables import chain_name
-from protocol.authority import build_policy
-from protocol.metadata import Certificate
-from protocol.policy import parse_policy_toml
+from protocol.trust import Certificate, build_policy, parse_policy_toml
 from simulations.identities import T0, make_authority, make_node
 from tests.netns import Lab, skip_reason
 

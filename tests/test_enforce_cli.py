@@ -10,10 +10,8 @@ import pytest
 
 from meshnode.cli.render import render_command
 from meshnode.enforce import EnforcementError, RenderOptions
-from protocol.authority import Authority
 from protocol.errors import ExpiredError, FormatError, RevokedError, RollbackError, SignatureError, TrustError
-from protocol.policy import Revocations
-from protocol.trust import TrustedState
+from protocol.trust import Authority, Revocations, TrustedState
 from simulations.identities import T0, NodeIdentity, make_authority, make_node
 from tests.fixtures import sample_document, sign_sample
 

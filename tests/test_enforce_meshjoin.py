@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshnode.enforce import EnforcementError, Packet, RenderOptions, render, to_nft_text
-from protocol.metadata import decode_policy
-from protocol.signing import decode_envelope
+from protocol.trust import decode_envelope, decode_policy
 from simulations.identities import make_authority, make_node
 from tests.fixtures import sample_document, sign_sample
 

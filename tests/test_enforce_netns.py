@@ -16,9 +16,7 @@ import pytest
 from meshnode.cli.render import render_command
 from meshnode.enforce import Backend, RenderOptions, make_backend, render
 from meshnode.enforce.iptables import chain_name
-from protocol.authority import Authority
-from protocol.policy import parse_policy_toml
-from protocol.trust import TrustedState
+from protocol.trust import Authority, TrustedState, parse_policy_toml
 from simulations.identities import T0, NodeIdentity, make_authority, make_node
 from tests.netns import Lab, lab_or_skip
 

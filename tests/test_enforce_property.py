@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnode.enforce import Packet, RenderOptions, render, to_nft_json, to_nft_text
-from protocol.metadata import Certificate
-from protocol.policy import Defaults, PolicyDocument, Revocations, Rule, parse_port, validate_document
+from protocol.trust import Certificate
+from protocol.trust.policy import Defaults, PolicyDocument, Revocations, Rule, parse_port, validate_document
 from simulations.identities import T0
 
 MESH = 7946
@@ -117,7 +117,7 @@ def oracle(doc: PolicyDocument, own: Certificate, valid: list[Certificate], opts
 def test_every_ruleset_keeps_default_drop_and_the_mesh_interlock(
     doc: PolicyDocument, certs: list[Certificate], opts: RenderOptions, revoked: list[str]
 ) -> None:
-    from protocol.authority import build_policy
+    from protocol.trust import build_policy
 
     own, members = certs[0], certs[1:]
     pv = build_policy("test", 1, T0, T0 + 100, 1, doc, Revocations(nodes=tuple(revoked)))

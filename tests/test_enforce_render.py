@@ -25,10 +25,16 @@ from meshnode.enforce import (
 )
 from meshnode.enforce.iptables import MULTIPORT_SLOTS
 from meshnode.enforce.model import MAX_LOG_PREFIX
-from protocol.authority import build_policy
 from protocol.errors import RevokedError
-from protocol.metadata import Certificate, PolicyVersion
-from protocol.policy import Defaults, PolicyDocument, Revocations, parse_policy_toml
+from protocol.trust import (
+    Certificate,
+    Defaults,
+    PolicyDocument,
+    PolicyVersion,
+    Revocations,
+    build_policy,
+    parse_policy_toml,
+)
 from simulations.identities import T0, make_authority, make_node
 
 GOLDEN = Path(__file__).parent / "golden"

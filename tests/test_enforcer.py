@@ -10,10 +10,7 @@ from meshnode.authority_store import AuthorityDir
 from meshnode.cli.meshctl import main as meshctl
 from meshnode.config import load_config
 from meshnode.daemon import MeshDaemon
-from protocol.authority import build_policy, sign_policy
-from protocol.metadata import payload_hash
-from protocol.policy import parse_policy_toml
-from protocol.signing import decode_envelope
+from protocol.trust import build_policy, decode_envelope, parse_policy_toml, payload_hash, sign_policy
 from tests.daemon_helpers import BASE_POLICY
 
 

@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 
 from protocol.entropy import Entropy
 from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.gossip_config import GossipConfig
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Disconnect,
     Enforce,
     FrameReceived,
+    GossipConfig,
     LivenessChanged,
+    Node,
     Now,
     PersistMembers,
     PersistPolicy,
@@ -28,7 +29,8 @@ from protocol.gossip_events import (
     TimerFired,
     Verdict,
 )
-from protocol.gossip_wire import (
+from protocol.gossip.members import IntSet
+from protocol.gossip.wire import (
     Announce,
     Dead,
     Digest,
@@ -42,11 +44,7 @@ from protocol.gossip_wire import (
     decode,
     encode,
 )
-from protocol.members import IntSet
-from protocol.node import Node
-from protocol.policy import Revocations
-from protocol.signing import encode_envelope, sign
-from protocol.trust import TrustedState
+from protocol.trust import Revocations, TrustedState, encode_envelope, sign
 from simulations.fakelink import FakeLink, applied_policies
 from simulations.identities import T0, derive_seed, make_authority, make_node
 from tests.fixtures import sign_sample
@@ -184,8 +182,8 @@ def test_replayed_old_body_is_not_applied_and_the_next_source_is_used():
         link.feed(nid, PolicySubmitted(old, "op"))
     link.run_for(1000)
     node = link.hosts["n2"].node
-    digest = Digest(3, bytes.fromhex(__import__("protocol.metadata", fromlist=["x"]).payload_hash(
-        __import__("protocol.signing", fromlist=["x"]).decode_envelope(new, "policy").payload)), 1)
+    digest = Digest(3, bytes.fromhex(__import__("protocol.trust.metadata", fromlist=["x"]).payload_hash(
+        __import__("protocol.trust.signing", fromlist=["x"]).decode_envelope(new, "policy").payload)), 1)
     link.hosts["n0"].node.trust.accept_policy(new, T0)  # n0 and n1 hold serial 3 (n1 is the liar)
     link.hosts["n1"].node.trust.accept_policy(new, T0)
     link.feed("n2", FrameReceived("n1", encode(Announce(digest))))
@@ -267,7 +265,7 @@ def test_newer_root_is_fetched_from_the_peer_before_the_policy():
     env = sign_sample(link.auth, 2)
     out = link.feed("n0", PolicySubmitted(env, "op"))
     assert any(isinstance(e, PolicyResult) and e.reason is Verdict.ROOT_MISMATCH for e in out)
-    link.feed("n0", __import__("protocol.gossip_events", fromlist=["x"]).RootsSubmitted(link.auth.roots, "op"))
+    link.feed("n0", __import__("protocol.gossip.events", fromlist=["x"]).RootsSubmitted(link.auth.roots, "op"))
     link.feed("n0", PolicySubmitted(env, "op"))
     link.run_for(3000)
     for h in link.hosts.values():
@@ -340,8 +338,8 @@ def test_wire_messages_round_trip():
 def test_anti_entropy_splits_batches_to_stay_under_the_receivers_caps(monkeypatch):
     # A fresh node syncing with a big cluster must not send (or ask for) more entries or records in
     # one message than a peer accepts: scaled down here to caps of 3 items and about 2 records.
-    import protocol.antientropy as antientropy
-    import protocol.gossip_wire as wire
+    import protocol.gossip.antientropy as antientropy
+    import protocol.gossip.wire as wire
 
     monkeypatch.setattr(wire, "MAX_BATCH", 3)
     monkeypatch.setattr(antientropy, "MEMBERS_CHUNK_BYTES", 1500)
@@ -366,7 +364,7 @@ def test_seed_addresses_resolve_to_members_and_unknown_addresses_to_none():
 def test_ping_to_a_suspected_member_carries_the_suspicion_first():
     # Lifeguard's buddy system: the suspect hears of the suspicion from whoever probes it, however
     # crowded the gossip queue is, and can refute at once.
-    from protocol.gossip_wire import PingReq
+    from protocol.gossip.wire import PingReq
 
     link = joined(3)
     n0 = link.hosts["n0"].node

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import RemoteProtocolError
-from protocol.gossip_wire import Ack, Announce, Digest, Ping, PolicyPull, decode, decode_payload, encode
+from protocol.gossip.wire import Ack, Announce, Digest, Ping, PolicyPull, decode, decode_payload, encode
 
 FRAMES = [
     encode(Ping(1, "node-a")),

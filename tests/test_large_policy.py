@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from protocol.policy import MAX_RULES, parse_policy_toml
-from protocol.signing import MAX_ENVELOPE_BYTES
+from protocol.trust import MAX_ENVELOPE_BYTES, MAX_RULES, parse_policy_toml
 from tests.daemon_helpers import BASE_POLICY, MESHCTL, Cluster, bulk_rules, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -14,8 +14,14 @@ from collections.abc import Callable
 import pytest
 
 from protocol.errors import RemoteProtocolError
-from protocol.gossip_events import Alert, Disconnect, FrameReceived, LeaveRequested, Send
-from protocol.gossip_wire import (
+from protocol.gossip import Alert, Disconnect, FrameReceived, LeaveRequested, Node, Send
+from protocol.gossip.membership import (
+    MAX_BROADCAST_BYTES,
+    MAX_RELAYS_PER_PEER,
+    BroadcastQueue,
+    VerifyCache,
+)
+from protocol.gossip.wire import (
     MAX_INCARNATION,
     Alive,
     Dead,
@@ -31,14 +37,7 @@ from protocol.gossip_wire import (
     decode,
     encode,
 )
-from protocol.membership import (
-    MAX_BROADCAST_BYTES,
-    MAX_RELAYS_PER_PEER,
-    BroadcastQueue,
-    VerifyCache,
-)
-from protocol.node import Node
-from protocol.signing import encode_envelope, sign
+from protocol.trust import encode_envelope, sign
 from simulations.fakelink import FakeLink
 
 MiB = 1 << 20

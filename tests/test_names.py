@@ -16,13 +16,20 @@ import pytest
 
 from meshnode.cli.meshctl import main as meshctl
 from meshnode.config import ConfigError, split_hostport
-from protocol.authority import DAY_S, build_root, sign_certificate, sign_policy, sign_root
 from protocol.errors import PolicyError, TrustError
-from protocol.metadata import Certificate, PolicyVersion
-from protocol.names import is_name, parse_address, parse_network, parse_port_number
-from protocol.policy import PolicyDocument, Revocations, Rule, parse_policy_toml, parse_port
-from protocol.signing import public_key_of
-from protocol.trust import TrustedState
+from protocol.trust import (
+    DAY_S,
+    Certificate,
+    PolicyVersion,
+    TrustedState,
+    build_root,
+    public_key_of,
+    sign_certificate,
+    sign_policy,
+    sign_root,
+)
+from protocol.trust.names import is_name, parse_address, parse_network, parse_port_number
+from protocol.trust.policy import PolicyDocument, Revocations, Rule, parse_policy_toml, parse_port
 from simulations.identities import T0, make_authority, make_node
 
 # Every way a name can look right and not be: line ends, control characters, look-alikes, digits that

@@ -1,4 +1,4 @@
-"""Noise (revision 34) against the cacophony vectors, and the error contract of protocol/noise.py."""
+"""Noise (revision 34) against the cacophony vectors, and the error contract of protocol/channel/noise.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl import bindings
 
-from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.noise import (
+from protocol.channel.noise import (
     BLAKE2B,
     IK,
     MAX_MESSAGE_LEN,
@@ -40,6 +39,7 @@ from protocol.noise import (
     hkdf,
     x25519_public_key,
 )
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"  # vendored: see vectors/README.md
 PATTERNS = {"XX": XX, "IK": IK, "NN": NN}

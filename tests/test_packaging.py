@@ -86,3 +86,23 @@ def test_daemonset_is_hardened_and_runs_everywhere() -> None:
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/etc/policymesh"]["readOnly"] is True  # identity and secrets: read-only
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_old_flat_protocol_paths_still_import_the_same_objects() -> None:
+    """protocol/ was grouped into trust/, channel/, gossip/; scripts using the old paths keep working."""
+    import importlib
+
+    from protocol._moved import MOVED
+
+    for old, new in MOVED.items():
+        moved, real = importlib.import_module(old), importlib.import_module(new)
+        public = [n for n in dir(real) if not n.startswith("_")]
+        assert public, new
+        for name in public:
+            assert getattr(moved, name) is getattr(real, name), (old, name)
+    from protocol.channel import SecureSession
+    from protocol.channel.session import SecureSession as session_class
+    from protocol.trust import TrustedState
+    from protocol.trust.state import TrustedState as state_class
+
+    assert SecureSession is session_class and TrustedState is state_class

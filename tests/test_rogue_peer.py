@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from protocol import gossip_wire
 from protocol.errors import MeshError
+from protocol.gossip import wire as gossip_wire
 from tests.daemon_helpers import Cluster, NodeProc, metric_sum, rss_kib
 from tests.rogue import RoguePeer, slowloris
 

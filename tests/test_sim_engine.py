@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from protocol.gossip_events import PolicySubmitted
+from protocol.gossip import PolicySubmitted
 from protocol.trust import TrustedState
 from simulations.baselines import FloodNode
 from simulations.engine import Simulation

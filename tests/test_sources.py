@@ -11,7 +11,7 @@ from aiohttp import web
 
 from meshnode.config import load_config, render_config
 from meshnode.sources import DropDirSource, UrlSource, drop_file
-from protocol.gossip_events import PolicyResult, Verdict
+from protocol.gossip import PolicyResult, Verdict
 from protocol.trust import TrustedState
 from simulations.identities import make_authority
 from tests.fixtures import sign_sample

@@ -17,7 +17,7 @@ import structlog.testing
 import meshnode.fsutil as fsutil
 import meshnode.state as state_mod
 from meshnode.state import DIRECTORY_MEMBERS, MAX_DIRECTORY_FILE_BYTES, MAX_STATE_FILE_BYTES, StateStore
-from protocol.gossip_events import MemberEntry
+from protocol.gossip import MemberEntry
 from protocol.trust import TrustedState
 from simulations.identities import T0, derive_seed, make_authority, make_node
 from tests.fixtures import sign_sample
@@ -339,7 +339,7 @@ def test_a_failed_write_removes_its_own_temp_file(tmp_path, monkeypatch):
 _WRITER = """
 import sys
 from meshnode.state import StateStore
-from protocol.gossip_events import MemberEntry
+from protocol.gossip.events import MemberEntry
 store = StateStore(sys.argv[1])
 members = [MemberEntry(f"node-{i:06d}", "", "", bytes(380)) for i in range(20000)]
 store.save_members(members)

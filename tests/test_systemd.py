@@ -27,7 +27,7 @@ import structlog
 
 from meshnode.daemon.readiness import Readiness
 from meshnode.sdnotify import Notifier
-from protocol.metadata import PolicyVersion
+from protocol.trust import PolicyVersion
 from tests.daemon_helpers import Cluster, NodeProc, wait_until
 from tests.fixtures import sample_document
 

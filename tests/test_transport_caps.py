@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 
 from meshnode import transport
-from protocol import gossip_wire
 from protocol.channel import CHUNK_BYTES, ConnectionKind
-from protocol.noise import MAX_MESSAGE_LEN
-from protocol.signing import MAX_ENVELOPE_BYTES
+from protocol.channel.noise import MAX_MESSAGE_LEN
+from protocol.gossip import wire as gossip_wire
+from protocol.trust import MAX_ENVELOPE_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 

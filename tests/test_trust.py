@@ -5,7 +5,6 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from protocol.authority import Authority, sign_certificate
 from protocol.errors import (
     EquivocationError,
     ExpiredError,
@@ -16,18 +15,22 @@ from protocol.errors import (
     RootMismatchError,
     SignatureError,
 )
-from protocol.metadata import decode_policy, encode, payload_hash
-from protocol.policy import Revocations
-from protocol.signing import (
+from protocol.trust import (
     MAX_ENVELOPE_BYTES,
+    Authority,
     Envelope,
+    Revocations,
     Signature,
+    TrustedState,
     add_signature,
     decode_envelope,
+    decode_policy,
+    encode,
     encode_envelope,
+    payload_hash,
     sign,
+    sign_certificate,
 )
-from protocol.trust import TrustedState
 from simulations.identities import T0, derive_seed, make_authority, make_node
 from tests.fixtures import sample_document, sign_sample
 
@@ -135,7 +138,7 @@ def test_certificate_presented_as_policy(auth, trust):
 def test_policy_key_cannot_sign_certificates(auth, trust):
     node = make_node(auth, "n1")
     cert = msgspec.msgpack.decode(decode_envelope(node.cert_bytes, "cert").payload)
-    from protocol.metadata import Certificate
+    from protocol.trust import Certificate
 
     forged = sign_certificate(msgspec.convert(cert, Certificate), auth.seeds["policy"])
     with pytest.raises(SignatureError):

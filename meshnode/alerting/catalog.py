@@ -35,7 +35,7 @@ class AlertRule:
 
 
 ALERT_RULES: dict[str, AlertRule] = {
-    # -- the core (protocol.gossip_events.Alert effects) --
+    # -- the core (protocol.gossip.events.Alert effects) --
     # Conditions. policy.stale is also raised and resolved by the daemon's expiry job (fresh again: resolved);
     # the core says it once and never when it clears. The core repeats node.certificate_expiring every
     # housekeeping tick from 7 days before expiry: the daemon's expiry job owns that condition with the

@@ -7,8 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from protocol.metadata import ROLE_NAMES, Root
-from protocol.trust import TrustedState
+from protocol.trust import ROLE_NAMES, Root, TrustedState
 
 from ..authority_store import ROOT_FILE, AuthorityDir, CliError, parse_duration
 from ..config import DEFAULT_ADMIN_PORT

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from protocol.names import is_name
+from protocol.trust.names import is_name
 
 from ..authority_store import CliError, KeyFile, NewPassphrases, UnreadableInput, UsageError, read_key
 from ..keyfile import Passphrase

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from protocol.errors import MeshError
-from protocol.metadata import ROLE_NAMES
+from protocol.trust import ROLE_NAMES
 
 from .. import version_string
 from ..config import DEFAULT_ADMIN_PORT, DEFAULT_MESH_PORT

@@ -10,10 +10,19 @@ from pathlib import Path
 import msgspec
 
 from protocol.errors import PolicyError, TrustError
-from protocol.metadata import decode_certificate, decode_policy, decode_root, payload_hash
-from protocol.policy import parse_policy_toml, to_toml
-from protocol.signing import add_signature, decode_envelope, encode_envelope, valid_signers
-from protocol.trust import TrustedState
+from protocol.trust import (
+    TrustedState,
+    add_signature,
+    decode_certificate,
+    decode_envelope,
+    decode_policy,
+    decode_root,
+    encode_envelope,
+    parse_policy_toml,
+    payload_hash,
+    to_toml,
+    valid_signers,
+)
 
 from ..authority_store import ROOT_NAME_RE, AuthorityDir, CliError, parse_duration
 from ..fsutil import atomic_write

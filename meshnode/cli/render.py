@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 
 from protocol.errors import ExpiredError, NotYetValidError, TrustError
-from protocol.metadata import Certificate, PolicyVersion
-from protocol.trust import TrustedState
+from protocol.trust import Certificate, PolicyVersion, TrustedState
 
 from ..enforce import EnforcementError, RenderOptions, render, to_iptables, to_nft_json, to_nft_text
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from protocol.metadata import Certificate, PolicyVersion
+from protocol.trust import Certificate, PolicyVersion
 
 from ..alerting import AlertEvent, AlertPipeline, expiry_severity, route_alert
 from ..alerting.catalog import rule_for

@@ -8,11 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import TrustError
-from protocol.gossip_config import GossipConfig
-from protocol.gossip_events import MemberEntry
-from protocol.metadata import Certificate
-from protocol.node import Node
-from protocol.trust import TrustedState
+from protocol.gossip import GossipConfig, MemberEntry, Node
+from protocol.trust import Certificate, TrustedState
 
 from .. import transport
 from ..config import LoadedConfig

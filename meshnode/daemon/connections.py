@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 
-from protocol import gossip_wire
 from protocol.channel import ConnectionKind, SecureSession
 from protocol.errors import MeshError
-from protocol.gossip_events import FrameReceived, PeerConnected, PeerDisconnected, SendFailed
+from protocol.gossip import FrameReceived, PeerConnected, PeerDisconnected, SendFailed
+from protocol.gossip import wire as gossip_wire
 from protocol.trust import TrustedState
 
 from .. import transport

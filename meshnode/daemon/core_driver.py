@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from protocol.gossip_events import Now, PolicyResult, PolicySubmitted, RootsSubmitted, TimerFired, Verdict
-from protocol.node import Node
+from protocol.gossip import Node, Now, PolicyResult, PolicySubmitted, RootsSubmitted, TimerFired, Verdict
 
 from ..metrics import Metrics
 from .tasks import TaskSpawner

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from protocol.gossip_events import (
+from protocol.gossip import (
     Alert,
     Disconnect,
     Enforce,

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.gossip_events import PolicyResult
+from protocol.gossip import PolicyResult
 
 from ..metrics import Metrics
 from ..transport import Conn

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.metadata import PolicyVersion
+from protocol.trust import PolicyVersion
 
 from ..sdnotify import Notifier
 from .scheduler import Every

@@ -22,12 +22,10 @@ import structlog
 from aiohttp import web
 
 from protocol.errors import MeshError
-from protocol.gossip_events import LeaveRequested, RulesetApplied
+from protocol.gossip import LeaveRequested, RulesetApplied
 from protocol.trust import TrustedState
 
 from ..alerting import AlertPipeline
-from ..checks.local import ABUSE, PORT_AUDIT, LocalChecks
-from ..checks.local import deliver as deliver_findings
 from ..config import ConfigError, LoadedConfig, load_config, split_hostport
 from ..enforcer import Enforcer
 from ..identity import Identity, load_identity
@@ -37,7 +35,7 @@ from ..sources import DropDirSource, UrlSource
 from ..state import StateStore
 from . import boot
 from .admin_http import AdminHttp
-from .alerts import EXPIRY_CHECK_S, AlertSender
+from .alerts import AlertSender
 from .connections import ConnectionRegistry
 from .core_driver import CoreDriver, now
 from .effects import EffectExecutor
@@ -49,6 +47,7 @@ from .ruleset_watch import RulesetWatch
 from .scheduler import Deadline, Every, Scheduler
 from .state_writes import StateWriter
 from .tasks import TaskSpawner
+from .validation import Validation
 
 SHUTDOWN_GRACE_S = 2.0
 RESTART_MIN_S = 1.0
@@ -97,10 +96,12 @@ class MeshDaemon:
                                               alert=self.alerts.alert, **parts)
         operator_api = OperatorApi(submit_policy=self.core.submit_policy, status=self.status,
                                    alerts=self.open_alerts, **parts)
-        self.checks = LocalChecks(cfg.validate, table=cfg.enforce.table, mesh_port=self.listen_port)
+        self.validation = Validation(config=config, identity=self.identity, trust=self.trust, enforcer=self.enforcer,
+                                     alerts=self.alerts, tasks=self.tasks, scheduler=self.scheduler,
+                                     mesh_port=self.listen_port, **parts)
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert,
-                                     on_bad_handshake=self._on_bad_handshake, **parts)
+                                     on_bad_handshake=self.validation.on_bad_handshake, **parts)
         self.admin = AdminHttp(status=self.status, alerts=self.open_alerts, enforcer=self.enforcer, trust=self.trust,
                                metrics=self.metrics, observe=self._observe)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
@@ -143,7 +144,7 @@ class MeshDaemon:
             await self.enforcer.apply_now(self.trust.policy, list(stored.certificates.values()),
                                           self.trust.policy_hash or "")
         self.metrics.observe_policy(self.trust, time.time())
-        self._check_expiry()
+        self.validation.check_expiry()
         self.core.start(boot.make_node(config=self.config, trust=self.trust, identity=self.identity,
                                        advertise=self.advertise, known_members=stored.entries,
                                        enforcer=self.enforcer),
@@ -225,10 +226,7 @@ class MeshDaemon:
         self.scheduler.add(Every("enforce-retry", RESTART_MIN_S, self._retry_enforcement))
         self.scheduler.add(Every("revalidate", REVALIDATE_INTERVAL_S, self._revalidate))
         self.scheduler.add(Deadline("alert-timer", self.alerts.next_deadline_monotonic, self.alerts.handle_timer))
-        self.scheduler.add(Every("alert-expiry", EXPIRY_CHECK_S, self._check_expiry))
-        if self.config.cfg.validate.port_audit_s:
-            self.scheduler.add(Every("port-audit", self.config.cfg.validate.port_audit_s, self._start_port_audit))
-        self.scheduler.add(Deadline("abuse-quiet", self.checks.next_abuse_deadline, self._abuse_round))
+        self.validation.schedule()
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived task; an OS-level failure (EMFILE, ENOSPC, no thread for to_thread) restarts it
@@ -279,7 +277,7 @@ class MeshDaemon:
         for name in set(self.overrides) - set(old_overrides):
             self.log.warning("config.override_active", override=name)
         self.enforcer.reconfigure(new)
-        self.checks.reconfigure(new.cfg.validate, table=new.cfg.enforce.table, mesh_port=self.listen_port)
+        self.validation.reconfigure(new)
         for source in self._sources:
             source.reconfigure(new)
         self.enforcer.want_again()
@@ -302,54 +300,6 @@ class MeshDaemon:
         """Certificates expire while channels are open: re-check every open channel periodically."""
         self.connections.revalidate()
         self.metrics.observe_policy(self.trust, time.time())
-
-    # -- local checks (meshnode/checks): port audit and handshake abuse -------------------------------------
-    def _start_port_audit(self) -> None:
-        self.tasks.spawn(self._port_audit())
-
-    async def _port_audit(self) -> None:
-        """One audit off the event loop (it walks /proc/*/fd), its changes raised and resolved."""
-        backend = self.enforcer.backend
-        try:
-            changes = await asyncio.to_thread(self.checks.port_audit, backend.applied if backend else None)
-        except Exception as exc:  # noqa: BLE001 - the bulkhead: a failed audit must not end the TaskGroup
-            self.metrics.internal_errors.labels("checks.port_audit").inc()
-            self.log.warning("checks.port_audit_failed", error=f"{type(exc).__name__}: {exc}"[:200])
-            return
-        deliver_findings(self.alerts.pipeline, PORT_AUDIT, changes, time.time())
-        self.scheduler.wake()
-
-    def _on_bad_handshake(self, source: str, reason: str) -> None:
-        """A failed or refused handshake: the abuse check counts it; an episode that opens is raised at
-        once (one alert per episode, not per attempt) and, with blocking on, the source is dropped for a
-        while in the nftables timeout set."""
-        backend = self.enforcer.backend
-        opened = self.checks.episodes_opened
-        argv = self.checks.bad_handshake(source, reason, backend.applied if backend else None, time.monotonic())
-        if self.checks.episodes_opened != opened:
-            self._abuse_round()
-            self.scheduler.wake()
-        if argv and backend is not None:
-            self.tasks.spawn(self._block(backend, source, argv))
-
-    async def _block(self, backend: Any, source: str, argv: list[str]) -> None:
-        runner = getattr(backend, "runner", None)
-        if runner is None:
-            return
-        try:
-            proc = await asyncio.to_thread(runner.run, argv, check=False)
-        except (MeshError, OSError) as exc:
-            self.log.warning("checks.block_failed", source=source, error=str(exc)[:200])
-            return
-        self.log.warning("checks.source_blocked", source=source, seconds=self.config.cfg.validate.block_abusers_s,
-                         exit=proc.returncode)
-
-    def _abuse_round(self) -> None:
-        deliver_findings(self.alerts.pipeline, ABUSE, self.checks.abuse_round(time.monotonic()), time.time())
-
-    def _check_expiry(self) -> None:
-        wall = time.time()
-        self.alerts.check_expiry(self.identity.cert, self.trust.policy, self.trust.policy_state(wall), wall)
 
     def open_alerts(self) -> list[dict[str, Any]]:
         """This node's open alerts (``/v1/alerts``, the operator request ``alerts``)."""

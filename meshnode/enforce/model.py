@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.errors import MeshError
-from protocol.names import parse_network
+from protocol.trust.names import parse_network
 
 TABLE_RE = re.compile(r"\A[a-z][a-z0-9_]{0,15}\Z", re.ASCII)
 LOG_RATE_RE = re.compile(r"\A([1-9][0-9]{0,5})/(second|minute|hour|day)\Z", re.ASCII)

@@ -29,8 +29,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from protocol.errors import PolicyError, RevokedError
-from protocol.metadata import Certificate, PolicyVersion
-from protocol.policy import (
+from protocol.trust import Certificate, PolicyVersion
+from protocol.trust.policy import (
     PolicyDocument,
     Revocations,
     Rule,

@@ -1,0 +1,103 @@
+"""The node's constant validation, wired into the daemon: expiry lead times, the port audit and
+handshake abuse (the checks themselves are in ``meshnode/checks``; their findings go to the alert
+pipeline, one trigger and one resolve per episode)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from protocol.errors import MeshError
+from protocol.trust import TrustedState
+
+from ..checks.local import ABUSE, PORT_AUDIT, LocalChecks
+from ..checks.local import deliver as deliver_findings
+from ..config import LoadedConfig
+from ..enforcer import Enforcer
+from ..identity import Identity
+from ..metrics import Metrics
+from .alerts import EXPIRY_CHECK_S, AlertSender
+from .scheduler import Deadline, Every, Scheduler
+from .tasks import TaskSpawner
+
+
+class Validation:
+    def __init__(self, *, config: LoadedConfig, identity: Identity, trust: TrustedState, enforcer: Enforcer,
+                 alerts: AlertSender, tasks: TaskSpawner, scheduler: Scheduler, mesh_port: int, metrics: Metrics,
+                 log: structlog.typing.FilteringBoundLogger) -> None:
+        self.config = config
+        self.identity = identity
+        self.trust = trust
+        self.enforcer = enforcer
+        self.alerts = alerts
+        self.tasks = tasks
+        self.scheduler = scheduler
+        self.mesh_port = mesh_port
+        self.metrics = metrics
+        self.log = log
+        self.checks = LocalChecks(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=mesh_port)
+
+    def schedule(self) -> None:
+        """Its timer-driven jobs, on the daemon's one scheduler."""
+        validate = self.config.cfg.validate
+        self.scheduler.add(Every("alert-expiry", EXPIRY_CHECK_S, self.check_expiry))
+        if validate.port_audit_s:
+            self.scheduler.add(Every("port-audit", validate.port_audit_s, self._start_port_audit))
+        self.scheduler.add(Deadline("abuse-quiet", self.checks.next_abuse_deadline, self._abuse_round))
+
+    def reconfigure(self, config: LoadedConfig) -> None:
+        self.config = config
+        self.checks.reconfigure(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=self.mesh_port)
+
+    def check_expiry(self) -> None:
+        """Certificate and policy expiry, with lead times (warning at 25% of validity left, critical at expiry)."""
+        wall = time.time()
+        self.alerts.check_expiry(self.identity.cert, self.trust.policy, self.trust.policy_state(wall), wall)
+
+    # -- port audit -----------------------------------------------------------------------------------
+    def _start_port_audit(self) -> None:
+        self.tasks.spawn(self._port_audit())
+
+    async def _port_audit(self) -> None:
+        """One audit off the event loop (it walks /proc/*/fd), its changes raised and resolved."""
+        backend = self.enforcer.backend
+        try:
+            changes = await asyncio.to_thread(self.checks.port_audit, backend.applied if backend else None)
+        except Exception as exc:  # noqa: BLE001 - the bulkhead: a failed audit must not end the TaskGroup
+            self.metrics.internal_errors.labels("checks.port_audit").inc()
+            self.log.warning("checks.port_audit_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            return
+        deliver_findings(self.alerts.pipeline, PORT_AUDIT, changes, time.time())
+        self.scheduler.wake()
+
+    # -- handshake abuse ----------------------------------------------------------------------------------
+    def on_bad_handshake(self, source: str, reason: str) -> None:
+        """A failed or refused handshake: the abuse check counts it; an episode that opens is raised at
+        once (one alert per episode, not per attempt) and, with blocking on, the source is dropped for a
+        while in the nftables timeout set."""
+        backend = self.enforcer.backend
+        opened = self.checks.episodes_opened
+        argv = self.checks.bad_handshake(source, reason, backend.applied if backend else None, time.monotonic())
+        if self.checks.episodes_opened != opened:
+            self._abuse_round()
+            self.scheduler.wake()
+        if argv and backend is not None:
+            self.tasks.spawn(self._block(backend, source, argv))
+
+    async def _block(self, backend: Any, source: str, argv: list[str]) -> None:
+        runner = getattr(backend, "runner", None)
+        if runner is None:
+            return
+        try:
+            proc = await asyncio.to_thread(runner.run, argv, check=False)
+        except (MeshError, OSError) as exc:
+            self.log.warning("checks.block_failed", source=source, error=str(exc)[:200])
+            return
+        self.log.warning("checks.source_blocked", source=source, seconds=self.config.cfg.validate.block_abusers_s,
+                         exit=proc.returncode)
+
+    def _abuse_round(self) -> None:
+        deliver_findings(self.alerts.pipeline, ABUSE, self.checks.abuse_round(time.monotonic()), time.time())

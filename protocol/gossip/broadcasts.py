@@ -1,0 +1,97 @@
+"""Piggybacked gossip: the queue of member rumours (records, suspicions, deaths, statuses) that ride
+on probes, with a transmit limit (memberlist's TransmitLimitedQueue), and the encoding of every
+outgoing message that puts them on the probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from protocol.gossip.config import GossipConfig
+from protocol.gossip.events import Send
+from protocol.gossip.member_table import MemberTable
+from protocol.gossip.wire import MAX_GOSSIP_ITEMS, Ack, GossipItem, Ping, PingReq, Suspect, encode
+from protocol.trust.state import TrustedState
+
+MAX_BROADCASTS = 256
+MAX_BROADCAST_BYTES = 512 << 10  # queued piggyback items, in encoded bytes
+PIGGYBACK_CARRIERS = (Ping, Ack, PingReq)  # the messages that carry gossip items
+BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
+
+
+class BroadcastQueue:
+    """Piggybacked gossip with a transmit limit (memberlist's TransmitLimitedQueue): a newer item about
+    the same member replaces the older one; the least-transmitted items go first."""
+
+    __slots__ = ("_items", "_order", "nbytes")
+
+    def __init__(self) -> None:
+        self._items: dict[object, list] = {}  # key -> [item, size, transmits, order]
+        self._order = 0
+        self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
+
+    def add(self, key: object, item: GossipItem) -> None:
+        self._order += 1
+        size = len(encode(item))
+        old = self._items.get(key)
+        if old is not None:
+            self.nbytes -= old[1]
+        self._items[key] = [item, size, 0, self._order]
+        self.nbytes += size
+        while len(self._items) > MAX_BROADCASTS or self.nbytes > MAX_BROADCAST_BYTES:
+            worst = max(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))[0]
+            self.nbytes -= self._items.pop(worst)[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self, budget: int, limit: int) -> tuple[GossipItem, ...]:
+        if not self._items:
+            return ()
+        ranked = sorted(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))
+        out: list[GossipItem] = []
+        used = 0
+        for key, entry in ranked:
+            if used + entry[1] > budget:
+                continue
+            out.append(entry[0])
+            used += entry[1]
+            entry[2] += 1
+            if entry[2] >= limit:
+                del self._items[key]
+                self.nbytes -= entry[1]
+            if used >= budget - 16 or len(out) >= MAX_GOSSIP_ITEMS - 1:  # one slot stays free (buddy)
+                break
+        return tuple(out)
+
+
+class Piggyback:
+    """Encodes outgoing messages: probes carry gossip items from the queue and the (root version,
+    serial) of our policy."""
+
+    def __init__(self, config: GossipConfig, trust: TrustedState, table: MemberTable, queue: BroadcastQueue
+                 ) -> None:
+        self.cfg = config
+        self.trust = trust
+        self.table = table
+        self.queue = queue
+
+    def send(self, peer: str, msg: Any) -> Send:
+        """The ``Send`` of ``msg`` to ``peer``.  Lifeguard's buddy system: a ping to a member we
+        suspect carries that suspicion first, so the member hears of it (and refutes) even when the
+        queue is crowded after a heal."""
+        if isinstance(msg, PIGGYBACK_CARRIERS):
+            buddy = self.table.suspicion_item(peer) if isinstance(msg, Ping) else None
+            budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
+            queue = self.queue
+            items = queue.take(budget, self.cfg.retransmit_limit(self.table.count)) if len(queue) else ()
+            if buddy is not None:
+                items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
+            pol = self.trust.policy if isinstance(msg, (Ping, Ack)) else None
+            root_v, serial = (pol.root_version, pol.serial) if pol is not None else (0, 0)
+            if items or serial:
+                msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
+                    else msgspec.structs.replace(msg, gossip=items)
+        r = self.table.rec(peer)
+        return Send(peer, r.address if r is not None else "", encode(msg))

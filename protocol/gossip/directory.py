@@ -1,0 +1,113 @@
+"""The member directory handed to enforcement, and the members file.
+
+Enforcement needs every valid member's certificate (its addresses and roles come from there).  The
+directory is the members' certificates plus certificates remembered from the last run that are still
+valid: after a restart, the directory enforced is the one from before it, until members are heard
+from again.  Changes are debounced (``directory_debounce_for``) into one ``Enforce``; the members file
+(``PersistMembers``) is written on its own interval, and always before enforcement acts on a new
+directory (the restart path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protocol.errors import RemoteProtocolError, TrustError
+from protocol.gossip.config import GossipConfig
+from protocol.gossip.events import Effect, Enforce, MemberEntry, PersistMembers
+from protocol.gossip.member_records import MemberRecords
+from protocol.gossip.member_table import MemberTable
+from protocol.trust.metadata import Certificate
+from protocol.trust.state import TrustedState
+
+
+class MemberDirectory:
+    def __init__(self, config: GossipConfig, trust: TrustedState, table: MemberTable, records: MemberRecords,
+                 outbox: list[Effect], known_members: Sequence[MemberEntry]) -> None:
+        """``known_members``: the members file of the last run."""
+        self.cfg = config
+        self.trust = trust
+        self.table = table
+        self.records = records
+        self.outbox = outbox
+        self._known_certs: dict[str, tuple[bytes, Certificate]] = {}  # node_id -> (exact bytes, decoded)
+        for p in known_members:
+            try:
+                c = trust.check_certificate(p.cert)
+            except (TrustError, RemoteProtocolError):
+                continue
+            if c.node_id == p.node_id:
+                self._known_certs[c.node_id] = (p.cert, c)
+        self._enforce_at: int | None = None  # when the debounced directory goes to enforcement
+        self._persist_at: int | None = None  # when the members file is written next
+        self._last: dict[str, Certificate] | None = None  # the directory last handed to Enforce
+        self._last_fingerprint = 0  # ... and a digest of its certificates' exact bytes
+
+    def start(self, now_ms: int) -> None:
+        self._enforce_at = now_ms
+
+    def next_deadline(self) -> int | None:
+        if self._enforce_at is None:
+            return self._persist_at
+        if self._persist_at is None:
+            return self._enforce_at
+        return min(self._enforce_at, self._persist_at)
+
+    def tick(self, now_ms: int, wall: float) -> None:
+        if self.table.directory_dirty and self._enforce_at is None:
+            self._enforce_at = now_ms + self.cfg.directory_debounce_for(len(self.table))
+        if self._enforce_at is not None and now_ms >= self._enforce_at:
+            self._enforce_at = None
+            self._emit(wall)
+        if self.table.peers_dirty and self._persist_at is None:
+            self._persist_at = now_ms + self.cfg.peers_persist_interval_ms
+        if self._persist_at is not None and now_ms >= self._persist_at:
+            self._persist_at = None
+            self._persist()
+
+    def emit_if_changed_now(self, wall: float) -> None:
+        """Without the debounce (revocations: enforcement hears of an expelled member at once)."""
+        if self.table.directory_dirty:
+            self._enforce_at = None
+            self._emit(wall)
+
+    def for_enforcement(self, wall: float) -> dict[str, Certificate]:
+        """The directory to enforce a new policy with: the one enforcement has, else the current one."""
+        return self._last if self._last is not None else self.current(wall)[0]
+
+    def current(self, wall: float) -> tuple[dict[str, Certificate], int]:
+        """The valid certificate directory (members, then certificates remembered from the last run
+        that are still valid), and a digest of the certificates' exact bytes."""
+        certs, fingerprint = self.table.certs()
+        if self._known_certs:
+            for nid, (cb, c) in list(self._known_certs.items()):
+                if nid in certs:
+                    continue
+                try:
+                    self.records.check_cert_valid(c, wall)
+                except TrustError:
+                    del self._known_certs[nid]
+                    continue
+                certs[nid] = c
+                fingerprint += hash(cb)
+        return certs, fingerprint
+
+    def _emit(self, wall: float) -> None:
+        self.table.directory_dirty = False
+        certs, fingerprint = self.current(wall)
+        if certs != self._last or fingerprint != self._last_fingerprint:
+            self._last, self._last_fingerprint = certs, fingerprint
+            # the directory is durable before enforcement acts on it (restart path)
+            self._persist()
+            pol, h = self.trust.policy, self.trust.policy_hash
+            if pol is not None and h is not None:
+                self.outbox.append(Enforce(pol, h, certs))  # shared with _last: nobody mutates it
+
+    def _persist(self) -> None:
+        self.table.peers_dirty = False
+        self._persist_at = None
+        entries = self.table.member_entries()
+        for nid, (cb, c) in self._known_certs.items():
+            if nid not in self.table:
+                entries.append(MemberEntry(nid, "", c.region, cb))
+        self.outbox.append(PersistMembers(tuple(entries)))

@@ -1,0 +1,333 @@
+"""The member table: what this node believes of every member, in columns indexed by member index.
+
+Per member it holds the verified record (``Rec``), the verified status (``StatusInfo``), a liveness
+byte, the suspicion under way (if any) and when we last heard from it; per region the set of alive
+members; and the anti-entropy bucket values (XOR of per-member tokens over (node_id, incarnation) and
+(node_id, status seq)), so a directory digest costs O(1) to maintain.  The storage types (``Rec``,
+``IntSet``, the shared ``VerifyCache`` and ``MemberIndex``) live in ``protocol.gossip.members``.
+
+The table verifies nothing (``protocol.gossip.member_records`` does, before anything is installed) and
+decides nothing: it installs, reports liveness changes (``LivenessChanged``) and expulsions
+(``Disconnect``, ``Alert``) to ``outbox`` in order, and answers lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from protocol.gossip.events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
+from protocol.gossip.members import IntSet, Member, Rec, StatusInfo, VerifyCache
+from protocol.gossip.wire import HASH_PREFIX, Status, StatusBody, Suspect
+from protocol.trust.metadata import Certificate
+
+ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
+LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
+UNKNOWN_CODE, ALIVE_CODE, SUSPECT_CODE, DEAD_CODE, LEFT_CODE = range(5)  # the liveness column's bytes
+LIVENESS_NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)  # by code
+NEVER_HEARD_MS = -(10**12)
+
+
+@dataclass(slots=True)
+class Suspicion:
+    """A suspicion under way: who confirmed it, since when, and when it turns into a death."""
+
+    sources: set[str]
+    start_ms: int
+    deadline_ms: int = 0
+
+
+class MemberTable:
+    def __init__(self, node_id: str, region: str, cache: VerifyCache, sync_buckets: int, outbox: list[Effect]
+                 ) -> None:
+        self.me = node_id
+        self.region = region
+        self.cache = cache
+        self.index = cache.index
+        self.ids = self.index.ids  # member index -> node id (shared, append-only)
+        self.me_index = self.index.intern(node_id)
+        self.outbox = outbox
+        # columns, indexed by member index
+        self.recs: list[Rec | None] = []
+        self.statuses: list[StatusInfo | None] = []
+        self.liveness_codes = bytearray()
+        self.count = 0
+        self.heard_ms: dict[int, int] = {}  # recent frames only (pruned)
+        self._heard_cap = 512
+        self.suspicions: dict[int, Suspicion] = {}
+        self._watched: dict[str, int] = {}  # address -> member index advertising it (-1: nobody yet)
+        self.alive: dict[str, IntSet] = {}  # region -> alive member indexes (self excluded)
+        self.alive_all = IntSet()
+        self.dead = IntSet()
+        self.left = IntSet()
+        self._bucket_col, self.bucket_ids = self.index.buckets(sync_buckets)
+        self.record_buckets = [0] * sync_buckets  # records: (node_id, incarnation)
+        self.status_buckets = [0] * sync_buckets  # status: (node_id, status seq)
+        self._records_hash: bytes | None = None
+        self._statuses_hash: bytes | None = None
+        self.directory_dirty = True
+        self.peers_dirty = True
+        self.next_expiry = float("inf")  # earliest not_after in the table (kept by install)
+
+    # -- lookups -------------------------------------------------------------------------------------
+    def index_of(self, node_id: str) -> int | None:
+        """The member index of ``node_id`` if it is a member."""
+        i = self.index.of.get(node_id)
+        if i is None or i >= len(self.recs) or self.recs[i] is None:
+            return None
+        return i
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, str) and self.index_of(node_id) is not None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rec(self, node_id: str) -> Rec | None:
+        """The verified record this node holds for ``node_id`` (shared, immutable)."""
+        i = self.index.of.get(node_id)
+        return self.recs[i] if i is not None and i < len(self.recs) else None
+
+    def liveness(self, node_id: str) -> str | None:
+        i = self.index_of(node_id)
+        return None if i is None else LIVENESS_NAME[self.liveness_codes[i]]
+
+    def is_alive(self, node_id: str) -> bool:
+        i = self.index.of.get(node_id)
+        return i is not None and i < len(self.liveness_codes) and self.liveness_codes[i] == ALIVE_CODE
+
+    def status_of(self, node_id: str) -> StatusBody | None:
+        i = self.index_of(node_id)
+        st = self.statuses[i] if i is not None else None
+        return st.body if st is not None else None
+
+    def get(self, node_id: str) -> Member | None:
+        """A snapshot of what we believe of ``node_id`` (None if it is not a member)."""
+        i = self.index_of(node_id)
+        if i is None:
+            return None
+        r = self.recs[i]
+        assert r is not None
+        st = self.statuses[i]
+        return Member(r.node_id, r.region, r.address, r.incarnation, r.record, r.cert, r.cert_bytes,
+                      LIVENESS_NAME[self.liveness_codes[i]], st.body if st else None, st.item if st else None,
+                      self.heard_ms.get(i, NEVER_HEARD_MS))
+
+    def records(self) -> Iterator[Rec]:
+        """Every member's record (ourselves included), in index order."""
+        return (r for r in self.recs if r is not None)
+
+    def id_at(self, i: int) -> str:
+        return self.ids[i]
+
+    def rec_at(self, i: int) -> Rec | None:
+        return self.recs[i] if i < len(self.recs) else None
+
+    def record_of(self, node_id: str) -> bytes | None:
+        i = self.index.of.get(node_id)
+        r = self.recs[i] if i is not None and i < len(self.recs) else None
+        return r.record if r is not None else None
+
+    def status_item_of(self, node_id: str) -> Status | None:
+        i = self.index.of.get(node_id)
+        st = self.statuses[i] if i is not None and i < len(self.statuses) else None
+        return st.item if st is not None else None
+
+    def view_of(self, node_id: str) -> tuple[int, str] | None:
+        """(incarnation, liveness) we hold of ``node_id`` (what a sync tells it about itself)."""
+        i = self.index_of(node_id)
+        if i is None:
+            return None
+        r = self.recs[i]
+        assert r is not None
+        return r.incarnation, LIVENESS_NAME[self.liveness_codes[i]]
+
+    def suspicion_item(self, node_id: str) -> Suspect | None:
+        """The suspicion we hold of ``node_id`` as a gossip item (None if we do not suspect it)."""
+        i = self.index.of.get(node_id)
+        if i is None or i >= len(self.liveness_codes) or self.liveness_codes[i] != SUSPECT_CODE:
+            return None
+        rec = self.recs[i]
+        assert rec is not None
+        return Suspect(rec.node_id, rec.incarnation, self.me)
+
+    def certs(self) -> tuple[dict[str, Certificate], int]:
+        """Every member's certificate (ourselves included), and a digest of their exact bytes (a
+        re-signed certificate with the same content is a change too)."""
+        recs = [r for r in self.recs if r is not None]
+        return {r.node_id: r.cert for r in recs}, sum(hash(r.cert_bytes) for r in recs)
+
+    def member_entries(self) -> list[MemberEntry]:
+        """The member file's entries, ourselves excluded (built once per record)."""
+        me = self.me_index
+        return [r.entry for r in self.recs if r is not None and r.idx != me]
+
+    # -- addresses -----------------------------------------------------------------------------------
+    def watch_addresses(self, addresses: Iterable[str]) -> None:
+        """Keep ``by_address`` O(1) for these addresses (the seeds, looked up on every retry)."""
+        for a in addresses:
+            self._watched.setdefault(a, -1)
+        for r in self.records():
+            if r.address in self._watched:
+                self._watched[r.address] = r.idx
+
+    def _watch(self, old: Rec | None, new: Rec | None) -> None:
+        w = self._watched
+        if old is not None and old.address in w and w[old.address] == old.idx and (new is None or new.address != old.address):
+            w[old.address] = -1
+        if new is not None and new.address in w:
+            w[new.address] = new.idx
+
+    def by_address(self, address: str) -> str | None:
+        """The member (node id) advertising ``address``, if any."""
+        i = self._watched.get(address)
+        if i is not None:
+            r = self.recs[i] if i >= 0 else None
+            return r.node_id if r is not None and r.address == address else None
+        for r in self.records():
+            if r.address == address:
+                return r.node_id
+        return None
+
+    # -- anti-entropy digest -------------------------------------------------------------------------
+    def _summary(self, vals: list[int]) -> bytes:
+        raw = b"".join(v.to_bytes(8, "big") for v in vals)
+        return hashlib.blake2b(raw + self.count.to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
+
+    def records_hash(self) -> bytes:
+        """A digest of every member's (node id, incarnation)."""
+        if self._records_hash is None:
+            self._records_hash = self._summary(self.record_buckets)
+        return self._records_hash
+
+    def statuses_hash(self) -> bytes:
+        """A digest of every member's (node id, status seq)."""
+        if self._statuses_hash is None:
+            self._statuses_hash = self._summary(self.status_buckets)
+        return self._statuses_hash
+
+    # -- changes -------------------------------------------------------------------------------------
+    def grow(self, i: int) -> None:
+        """Make room in the columns for member index ``i``."""
+        if i >= len(self.recs):
+            k = max(i + 1, len(self.ids)) - len(self.recs)
+            self.recs.extend([None] * k)
+            self.statuses.extend([None] * k)
+            self.liveness_codes.extend(bytes(k))
+
+    def install(self, rec: Rec, now_ms: int) -> None:
+        """Hold ``rec`` (verified, newer than the one held) as the member's record."""
+        i = rec.idx
+        if i >= len(self.recs):
+            self.grow(i)
+        old = self.recs[i]
+        self.recs[i] = rec
+        w = self._watched
+        if w and (rec.address in w or (old is not None and old.address in w)):
+            self._watch(old, rec)
+        if old is None:
+            self.count += 1
+            self.directory_dirty = True
+            self.peers_dirty = True
+            if rec.left:
+                self.set_liveness(i, LEFT_CODE, now_ms, report=False)
+            elif i == self.me_index:
+                self.liveness_codes[i] = ALIVE_CODE
+            else:
+                self.liveness_codes[i] = ALIVE_CODE
+                rs = self.alive.get(rec.region)
+                if rs is None:
+                    rs = self.alive[rec.region] = IntSet()
+                rs.add(i)
+                self.alive_all.add(i)
+        else:
+            if old.cert_bytes != rec.cert_bytes:
+                self.directory_dirty = True
+            if old.address != rec.address:
+                self.peers_dirty = True
+            if old.region != rec.region and i != self.me_index:
+                moved = self.alive.get(old.region)
+                if moved is not None and i in moved:
+                    moved.discard(i)
+                    self.alive.setdefault(rec.region, IntSet()).add(i)
+            self.set_liveness(i, LEFT_CODE if rec.left else ALIVE_CODE, now_ms)
+        if rec.cert.not_after < self.next_expiry:
+            self.next_expiry = rec.cert.not_after
+        b = self._bucket_col[i]
+        self.record_buckets[b] ^= (old.token if old is not None else 0) ^ rec.token
+        self._records_hash = None
+
+    def set_status(self, i: int, info: StatusInfo) -> None:
+        old = self.statuses[i]
+        self.statuses[i] = info
+        b = self._bucket_col[i]
+        self.status_buckets[b] ^= (old.token if old is not None else 0) ^ info.token
+        self._statuses_hash = None
+
+    def set_liveness(self, i: int, code: int, now_ms: int, report: bool = True, source: str = "") -> None:
+        old = self.liveness_codes[i]
+        if i == self.me_index:
+            self.liveness_codes[i] = LEFT_CODE if code == LEFT_CODE else ALIVE_CODE
+            return
+        if old == code and report:
+            return
+        rec = self.recs[i]
+        assert rec is not None
+        self.liveness_codes[i] = code
+        rs = self.alive.get(rec.region)
+        if rs is None:
+            rs = self.alive[rec.region] = IntSet()
+        if code == ALIVE_CODE:
+            rs.add(i)
+            self.alive_all.add(i)
+        else:
+            rs.discard(i)
+            self.alive_all.discard(i)
+        if code != SUSPECT_CODE:
+            self.suspicions.pop(i, None)
+        (self.dead.add if code == DEAD_CODE else self.dead.discard)(i)
+        (self.left.add if code == LEFT_CODE else self.left.discard)(i)
+        if report and old != code:
+            self.outbox.append(LivenessChanged(rec.node_id, LIVENESS_NAME[code], rec.incarnation, source))
+
+    def remove(self, node_id: str, reason: str) -> None:
+        """Expel a member (its certificate is no longer valid): nothing of it is kept."""
+        i = self.index_of(node_id)
+        if i is None or i == self.me_index:
+            return
+        rec = self.recs[i]
+        assert rec is not None
+        for s in (self.alive.get(rec.region), self.alive_all, self.dead, self.left):
+            if s is not None:
+                s.discard(i)
+        self.suspicions.pop(i, None)
+        self.heard_ms.pop(i, None)
+        b = self._bucket_col[i]
+        self.record_buckets[b] ^= rec.token
+        st = self.statuses[i]
+        if st is not None:
+            self.status_buckets[b] ^= st.token
+        self.recs[i] = None
+        self.statuses[i] = None
+        self.liveness_codes[i] = UNKNOWN_CODE
+        self.cache.forget_member(i)
+        if rec.address in self._watched:
+            self._watch(rec, None)
+        self.count -= 1
+        self._records_hash = self._statuses_hash = None
+        self.directory_dirty = True
+        self.peers_dirty = True
+        self.outbox.append(Disconnect(node_id, reason))
+        self.outbox.append(Alert("membership.expelled", {"node": node_id, "reason": reason}))
+
+    def heard_from(self, peer: str, now_ms: int, horizon_ms: int) -> None:
+        """A frame arrived from ``peer``: remember when (only the last ``horizon_ms`` matter)."""
+        i = self.index.of.get(peer)
+        if i is not None:
+            heard = self.heard_ms
+            heard[i] = now_ms
+            if len(heard) > self._heard_cap:
+                horizon = now_ms - horizon_ms
+                self.heard_ms = {k: v for k, v in heard.items() if v >= horizon}
+                self._heard_cap = max(512, 2 * len(self.heard_ms))  # amortised O(1) per frame

@@ -1,0 +1,240 @@
+"""Gossip wire messages: one tagged union of msgspec structs (MessagePack), decoded with a size cap.
+
+Every message a node sends to a peer is one ``Message``; the Noise channel carries it as one
+application message.  Structs are ``array_like`` (positional, compact) with small integer tags.
+Decoding untrusted bytes validates types in one step; any failure is a :class:`RemoteProtocolError`.
+
+Signed member payloads (``MemberRecord``, ``StatusBody``) use the ``member`` envelope domain
+(``protocol.trust.signing``): records travel as full envelopes (they carry the member's certificate),
+status travels as ``Status(payload, sig)``, the same domain-separated signature without the envelope
+framing, because it is small and frequent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from protocol.errors import RemoteProtocolError
+
+MAX_MESSAGE_BYTES = (1 << 20) + (64 << 10)  # one policy envelope (1 MiB cap) plus framing
+MAX_RECORD_BYTES = 8 << 10  # one signed member record (certificate included)
+MAX_STATUS_BYTES = 8 << 10  # one status item (payload and signature)
+MAX_INCARNATION = (1 << 64) - 1  # the largest integer MessagePack carries: incarnations saturate here
+MAX_GOSSIP_ITEMS = 64
+MAX_BATCH = 4096  # records/entries/ids in one message
+HASH_PREFIX = 8  # bytes of a SHA-256 kept in digests of member state and status
+MAX_NODE_ID_CHARS = 64  # a node id (NAME_RE): the names a rumour carries are kept and relayed
+
+NodeId = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID_CHARS)]
+
+
+class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    pass
+
+
+# -- signed member payloads (inside a "member" signature domain) ------------------------------------
+class MemberRecord(_S, frozen=True, array_like=True, gc=False, tag=1):
+    """Who a member is and where to reach it, signed by the member's own identity key."""
+
+    node_id: str
+    incarnation: int
+    address: str
+    cert: bytes
+    left: bool = False
+
+
+class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
+    """What a member *enforces* (``serial``, ``policy_hash`` prefix, ``ruleset_hash`` prefix: from
+    its enforcer's confirmation), its ``state``, and separately what it merely trusts
+    (``trusted_serial``, ``trusted_hash`` prefix).  ``equivocation`` lists the hash prefixes of the
+    validly signed payloads it saw for ``equivocation_serial`` (lowest first; empty: none)."""
+
+    node_id: str
+    seq: int
+    serial: int
+    policy_hash: bytes
+    ruleset_hash: bytes
+    state: str
+    trusted_serial: int = 0
+    trusted_hash: bytes = b""
+    equivocation_serial: int = 0
+    equivocation: tuple[bytes, ...] = ()
+
+
+MemberPayload = MemberRecord | StatusBody
+
+
+# -- piggybacked gossip items ------------------------------------------------------------------------
+class Alive(_S, frozen=True, array_like=True, gc=False, tag=1):
+    record: bytes  # encoded member envelope of a MemberRecord
+
+
+class Suspect(_S, frozen=True, array_like=True, gc=False, tag=2):
+    node_id: NodeId
+    incarnation: int
+    source: NodeId
+
+
+class Dead(_S, frozen=True, array_like=True, gc=False, tag=3):
+    node_id: NodeId
+    incarnation: int
+    source: NodeId
+
+
+class Status(_S, frozen=True, array_like=True, gc=False, tag=4):
+    payload: bytes  # encoded StatusBody
+    sig: bytes
+
+
+GossipItem = Alive | Suspect | Dead | Status
+
+
+class Digest(_S, frozen=True, array_like=True, gc=False):
+    """The policy a node holds: serial, SHA-256 of the payload (32 bytes), root version it needs."""
+
+    serial: int
+    hash: bytes
+    root_version: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Order of policy versions across a root rotation: (root version, serial). A rotation that
+        replaces the policy keys resets the serial floor, so serial alone would not order them."""
+        return (self.root_version, self.serial)
+
+
+class View(_S, frozen=True, array_like=True, gc=False):
+    """How the sender sees the receiver (lets a member refute a suspicion or death it never heard of)."""
+
+    incarnation: int
+    liveness: str
+
+
+# -- messages ----------------------------------------------------------------------------------------
+class Ping(_S, frozen=True, array_like=True, gc=False, tag=1):
+    seq: int
+    target: str
+    gossip: tuple[GossipItem, ...] = ()
+    serial: int = 0  # the sender's policy serial: a missed announce is caught at the next probe
+    root_version: int = 0  # ... and the root version its policy was signed under (see Digest.key)
+
+
+class Ack(_S, frozen=True, array_like=True, gc=False, tag=2):
+    seq: int
+    gossip: tuple[GossipItem, ...] = ()
+    serial: int = 0
+    root_version: int = 0
+
+
+class PingReq(_S, frozen=True, array_like=True, gc=False, tag=3):
+    seq: int
+    target: str
+    address: str
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class Nack(_S, frozen=True, array_like=True, gc=False, tag=4):
+    seq: int
+
+
+class Announce(_S, frozen=True, array_like=True, gc=False, tag=5):
+    digest: Digest
+    gossip: tuple[GossipItem, ...] = ()
+
+
+class PolicyPull(_S, frozen=True, array_like=True, gc=False, tag=6):
+    serial: int
+    hash: bytes
+
+
+class PolicyPush(_S, frozen=True, array_like=True, gc=False, tag=7):
+    envelope: bytes
+
+
+class RootPull(_S, frozen=True, array_like=True, gc=False, tag=8):
+    have_version: int
+
+
+class RootPush(_S, frozen=True, array_like=True, gc=False, tag=9):
+    chain: tuple[bytes, ...]
+
+
+class Sync(_S, frozen=True, array_like=True, gc=False, tag=10):
+    """Push-pull anti-entropy.  ``mhash`` summarises the member directory (node_id, incarnation),
+    ``shash`` the members' status (empty: the initiator does not reconcile status this time); the
+    responder adds per-bucket hashes (``buckets`` / ``sbuckets``) only for a summary that differs."""
+
+    reply: bool
+    digest: Digest | None
+    root_version: int
+    mhash: bytes
+    shash: bytes = b""
+    you: View | None = None
+    record: bytes | None = None  # the sender's own signed record (joins, retries)
+    buckets: tuple[bytes, ...] | None = None
+    sbuckets: tuple[bytes, ...] | None = None
+
+
+class SyncEntries(_S, frozen=True, array_like=True, gc=False, tag=11):
+    """(node_id, version) of every member in the listed buckets: the incarnation of its record
+    (``status`` false) or the sequence number of its status (``status`` true)."""
+
+    status: bool
+    buckets: tuple[int, ...]
+    entries: tuple[tuple[str, int], ...]
+
+
+class MemberPull(_S, frozen=True, array_like=True, gc=False, tag=12):
+    records: tuple[str, ...]
+    statuses: tuple[str, ...]
+
+
+class Members(_S, frozen=True, array_like=True, gc=False, tag=13):
+    records: tuple[bytes, ...]
+    statuses: tuple[Status, ...] = ()
+
+
+Message = (
+    Ping | Ack | PingReq | Nack | Announce | PolicyPull | PolicyPush | RootPull | RootPush | Sync
+    | SyncEntries | MemberPull | Members
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+_payload_decoder = msgspec.msgpack.Decoder(MemberPayload)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode one message from a peer; raise RemoteProtocolError on anything malformed or oversized."""
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(f"gossip message of {len(data)} bytes exceeds the {max_bytes}-byte cap")
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed gossip message: {exc}") from None
+    gossip = getattr(msg, "gossip", ())
+    if len(gossip) > MAX_GOSSIP_ITEMS:
+        raise RemoteProtocolError(f"{len(gossip)} piggybacked items, over the cap of {MAX_GOSSIP_ITEMS}")
+    for field in ("records", "statuses", "entries", "chain"):
+        seq = getattr(msg, field, None)
+        if seq is not None and len(seq) > MAX_BATCH:
+            raise RemoteProtocolError(f"{len(seq)} {field} in one message, over the cap of {MAX_BATCH}")
+    return msg
+
+
+def decode_payload(data: bytes) -> MemberRecord | StatusBody:
+    try:
+        return _payload_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed member payload: {exc}") from None
+
+
+def digest_size() -> int:
+    """Encoded size of a typical digest (for budgeting)."""
+    return len(encode(Digest(1 << 40, b"\0" * 32, 1)))

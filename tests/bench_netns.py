@@ -1,0 +1,312 @@
+"""Real daemons in network namespaces under kernel packet loss, against real Serf in the same namespaces.
+
+    sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
+                                                [--regions 3] [--idle-s 10] [--no-serf] [--json FILE]
+
+Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
+(``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
+kernel packet loss on every node's input from the other nodes (``DrillTable``: nftables ``numgen random
+mod 100 < P drop``).  The kernel cannot delay here (no ``tc netem``): regions are only names, latency is
+the bridge's.  For each size and loss:
+
+1. meshnode: every node up and enforcing serial 1, then ``--publishes`` versions, each through a node
+   drawn from a seeded generator, published from inside that node's namespace (as ``serf event`` is
+   fired at a local agent); per version, the time from the start of the publish to the last node logging
+   ``policy.applied`` for it (the nodes' own log timestamps: one host clock), the operator's
+   acknowledgement, and how many nodes got it.  Then an idle window: CPU per daemon (utime+stime from
+   /proc, % of one core) and RSS.  The daemons' CPU seconds during the publishes say how much of the
+   time is the 2-core host's contention.
+2. Serf, run first in the same namespaces (Debian's ``serf``, ``simulations/drill/serf_agents.py``): one agent per namespace, the same loss
+   rules; ``--publishes`` user events, each fired through a seeded agent; per event the time from firing
+   (the ``serf event`` client's start included) to the last agent's handler run.
+3. TCP retransmitted segments (``/proc/net/snmp`` of every namespace) during each side's publishes.
+
+Prints per-version figures, the medians, p99, max, delivery completeness and the policymesh/Serf ratio
+of medians.  A benchmark (root only), not a test: pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from meshnode.client import publish  # noqa: E402
+from meshnode.demo_netns import NetnsLab  # noqa: E402
+from simulations.drill import netfaults as nf  # noqa: E402
+from simulations.drill.nodes import RealCluster  # noqa: E402
+from simulations.drill.policydoc import document_toml  # noqa: E402
+from simulations.drill.serf_agents import SerfAgents  # noqa: E402
+
+SUBNET = "10.215.0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BOOT_TIMEOUT_S = 240.0
+DELIVER_TIMEOUT_S = 60.0
+
+
+class LogTail:
+    """``policy.applied`` times (wall s) per serial from one node's JSON log, read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.applied: dict[int, float] = {}
+        self.started = False
+
+    def poll(self) -> None:
+        with contextlib.suppress(OSError), self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            self.offset += end
+            for line in data[:end].splitlines():
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+                    if ev.get("event") == "meshnode.started":
+                        self.started = True
+                    elif ev.get("event") == "policy.applied" and isinstance(ev.get("serial"), int):
+                        ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
+                        self.applied.setdefault(ev["serial"], ts)
+
+
+def _cpu_s(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return 0.0
+
+
+def _rss_mib(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _retrans(lab: NetnsLab) -> int:
+    total = 0
+    for i in range(lab.count):
+        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp"], check=False).stdout.decode()
+        lines = [ln.split() for ln in out.splitlines() if ln.startswith("Tcp:")]
+        if len(lines) == 2:
+            total += int(dict(zip(lines[0], lines[1], strict=False)).get("RetransSegs", 0))
+    return total
+
+
+def _in_netns(ns: str, fn: Any) -> Any:
+    """Run ``fn()`` in a thread that entered namespace ``ns``; return its result (or raise its error)."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            nf.enter_netns(ns)
+            box["v"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller
+            box["e"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
+def _wait(cond: Any, timeout_s: float, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step_s)
+    return bool(cond())
+
+
+def _summary(times_ms: list[float]) -> dict[str, float | None]:
+    if not times_ms:
+        return {"median_ms": None, "p99_ms": None, "max_ms": None}
+    s = sorted(times_ms)
+    return {"median_ms": round(statistics.median(s), 1), "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))], 1),
+            "max_ms": round(s[-1], 1)}
+
+
+def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
+                 rng: random.Random) -> dict[str, Any]:
+    receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
+    cluster = RealCluster(root, lab, n, regions, {}, receiver.url)
+    try:
+        doc = root / "policy.toml"
+        doc.write_text(document_toml(50))
+        envelopes = {s: cluster.sign(doc, s).read_bytes() for s in range(1, publishes + 2)}
+        tails = [LogTail(node.dir / "meshnode.log") for node in cluster.nodes]
+        t_boot = time.monotonic()
+        for node in cluster.nodes:
+            node.start()
+
+        def all_started() -> bool:
+            for t in tails:
+                t.poll()
+            return all(t.started for t in tails)
+
+        if not _wait(all_started, BOOT_TIMEOUT_S, 0.5):
+            raise RuntimeError(f"not every node started in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
+        boot_s = time.monotonic() - t_boot
+        first = cluster.nodes[0]
+        _in_netns(first.ns, lambda: publish(first.mesh, cluster.operator, envelopes[1], timeout_s=30))
+
+        def all_applied(serial: int) -> bool:
+            for t in tails:
+                t.poll()
+            return all(serial in t.applied for t in tails)
+
+        if not _wait(lambda: all_applied(1), BOOT_TIMEOUT_S, 0.2):
+            raise RuntimeError(f"serial 1 not applied everywhere in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
+        time.sleep(3.0)  # let the directory settle
+        pids = [node.proc.pid for node in cluster.nodes if node.proc is not None]
+        cpu0, retrans0, wall0 = sum(_cpu_s(p) for p in pids), _retrans(lab), time.monotonic()
+        versions = []
+        for serial in range(2, publishes + 2):
+            via = cluster.nodes[rng.randrange(n)]
+            t0 = time.time()
+            reply = _in_netns(via.ns, lambda v=via, s=serial: publish(v.mesh, cluster.operator, envelopes[s],
+                                                                       timeout_s=30))
+            ack_ms = (time.time() - t0) * 1000
+            _wait(lambda s=serial: all_applied(s), DELIVER_TIMEOUT_S)
+            got = [t.applied[serial] for t in tails if serial in t.applied]
+            versions.append({"serial": serial, "via": via.node_id, "ok": bool(reply.get("ok")),
+                             "ack_ms": round(ack_ms, 1), "delivered": len(got),
+                             "all_ms": round((max(got) - t0) * 1000, 1) if len(got) == n else None,
+                             "first_ms": round((min(got) - t0) * 1000, 1) if got else None})
+            time.sleep(1.0)
+        busy_wall = time.monotonic() - wall0
+        cpu_busy = sum(_cpu_s(p) for p in pids) - cpu0
+        retrans = _retrans(lab) - retrans0
+        cpu_idle0 = {p: _cpu_s(p) for p in pids}
+        time.sleep(idle_s)
+        idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]
+        rss = [_rss_mib(p) for p in pids]
+        done = [v["all_ms"] for v in versions if v["all_ms"] is not None]
+        return {"boot_s": round(boot_s, 1), "versions": versions, **_summary(done),
+                "complete": f"{len(done)}/{len(versions)}",
+                "ack_median_ms": round(statistics.median(v["ack_ms"] for v in versions), 1),
+                "daemon_cpu_during_publishes_cores": round(cpu_busy / busy_wall, 2),
+                "tcp_retrans_segs": retrans,
+                "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
+                "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
+    finally:
+        for node in cluster.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+        receiver.server.shutdown()
+
+
+def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random) -> dict[str, Any]:
+    agents = SerfAgents(n, lab.exec_argv, lab.ip, root / "serf")
+    try:
+        agents.start()
+        if not agents.wait_formed(BOOT_TIMEOUT_S):
+            raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
+        time.sleep(3.0)
+        retrans0 = _retrans(lab)
+        out = []
+        for k in range(events):
+            payload = f"v{k}-{rng.randrange(1 << 30)}"
+            t0 = agents.fire(rng.randrange(n), payload)
+            got = agents.wait_delivered(payload, DELIVER_TIMEOUT_S)
+            out.append({"event": payload, "delivered": len(got),
+                        "all_ms": round((max(got.values()) - t0) * 1000, 1) if len(got) == n else None})
+            time.sleep(1.0)
+        done = [e["all_ms"] for e in out if e["all_ms"] is not None]
+        return {"events": out, **_summary(done), "complete": f"{len(done)}/{len(out)}",
+                "tcp_retrans_segs": _retrans(lab) - retrans0}
+    finally:
+        agents.stop()
+
+
+def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
+    regions = [f"region-{chr(ord('a') + r)}" for r in range(args.regions)]
+    lab = NetnsLab(n, prefix="pmbn", bridge_prefix="pmbnb", veth_prefix="pmbv", subnet=SUBNET,
+                   what="tests/bench_netns.py")
+    root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
+    rng = random.Random(f"{args.seed}:{n}:{loss}")
+    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions}
+    try:
+        lab.setup()
+        for i in range(n):
+            table = nf.DrillTable(lab.ns(i), lab.bridge_ip)
+            table.loss_pct = loss
+            table.load()
+        # Serf first: the daemons' nftables ruleset stays in the kernel after they stop (by design), and
+        # it does not open Serf's port.
+        if not args.no_serf:
+            print(f"--- {n} nodes, {loss}% loss: serf ...", flush=True)
+            out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
+        print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
+        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng)
+        if not args.no_serf:
+            m, s = out["meshnode"]["median_ms"], out["serf"]["median_ms"]
+            out["ratio_of_medians"] = round(m / s, 3) if m and s else None
+    finally:
+        lab.teardown()
+    _print_one(out)
+    return out
+
+
+def _print_one(r: dict[str, Any]) -> None:
+    m = r["meshnode"]
+    print(f"{r['nodes']} nodes, {r['loss_pct']}% loss")
+    for v in m["versions"]:
+        print(f"  meshnode serial {v['serial']} via {v['via']}: ack {v['ack_ms']} ms, first {v['first_ms']} ms, "
+              f"all {v['all_ms']} ms ({v['delivered']}/{r['nodes']})")
+    print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
+          f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
+          f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
+          f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
+    if "serf" in r:
+        s = r["serf"]
+        for e in s["events"]:
+            print(f"  serf {e['event']}: all {e['all_ms']} ms ({e['delivered']}/{r['nodes']})")
+        print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
+              f"tcp retrans {s['tcp_retrans_segs']}")
+        print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_netns.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="12,50,100", help="node counts, comma-separated (default 12,50,100)")
+    p.add_argument("--loss", default="0,10", help="kernel packet loss in %%, comma-separated (default 0,10)")
+    p.add_argument("--publishes", type=int, default=6, help="versions (and Serf events) per case (default 6)")
+    p.add_argument("--regions", type=int, default=3)
+    p.add_argument("--idle-s", type=float, default=10.0, help="idle window for CPU per daemon (default 10 s)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-serf", action="store_true", help="skip the Serf baseline")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        p.error("needs root (network namespaces, nftables)")
+    results = [bench_one(int(n), int(loss), args) for n in args.sizes.split(",") for loss in args.loss.split(",")]
+    print("\nsummary: nodes loss | meshnode median/max ms complete | serf median/max ms complete | ratio")
+    for r in results:
+        m, s = r["meshnode"], r.get("serf", {})
+        print(f"  {r['nodes']:>4} {r['loss_pct']:>3}% | {m['median_ms']}/{m['max_ms']} {m['complete']} | "
+              f"{s.get('median_ms')}/{s.get('max_ms')} {s.get('complete')} | {r.get('ratio_of_medians')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

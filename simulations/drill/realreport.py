@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..report import SERF_MODEL_MS
+from .schedule import fault_windows
 
 if TYPE_CHECKING:
     from .real import RealDrill
@@ -102,8 +103,7 @@ def real_report(drill: RealDrill, invariants: dict[str, Any], live: list[int], w
         "false_suspicions": None,
         "deaths_declared": None,
         "alerts": dict(sorted(drill.alert_counts.items())),
-        "faults": [{"name": e.name, "start_ms": e.start_ms, "end_ms": min(e.end_ms or sc.duration_ms, sc.duration_ms)}
-                   for e in drill.episodes],
+        "faults": fault_windows(sc),
         "versions": versions,
         "events": None,
         "wall_s": round(wall_s, 3),

@@ -101,18 +101,26 @@ def _summary(r: dict[str, Any]) -> str:
         return "-" if v is None else f"{v} ms"
 
     lines = [
-        f"scenario {r['scenario']}  protocol {r['protocol']}  nodes {r['nodes']}  loss {r['loss']}  seed {r['seed']}",
+        f"scenario {r['scenario']}  protocol {r['protocol']}  nodes {r['nodes']}  loss {r['loss']}  seed {r['seed']}"
+        + ("  (REAL daemons)" if r.get("mode") == "real" else ""),
         f"  converged {r['converged_fraction']:.4f}  t50 {ms(r['t50_ms'])}  t99 {ms(r['t99_ms'])}  "
         f"t100 {ms(r['t100_ms'])}  (Serf model {r['serf_model_ms']} ms, ratio {r['ratio_vs_serf_model']})",
-        f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"
-        f" budget {r['bytes_budget_per_node']})  idle {r['idle_bytes_per_node_s']} B/s/node",
-        f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
-        f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
     ]
+    if r.get("mode") != "real":
+        lines += [
+            f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"
+            f" budget {r['bytes_budget_per_node']})  idle {r['idle_bytes_per_node_s']} B/s/node",
+            f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
+            f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
+        ]
+    else:
+        lines.append(f"  versions {len(r['versions'])}  live at end {r['live_nodes']}  wall {r['wall_s']} s  "
+                     f"invariant violations {r['invariant_violations']}")
     inv = r.get("invariants") or {}
     if inv:
-        lines.append(f"  {r.get('mode', 'sim')} drill invariants: " + "  ".join(
-            f"{name} " + ("ok" if res["ok"] else f"FAILED ({res['violations']})") for name, res in inv.items()))
+        bad = [f"{name} FAILED ({res['violations']})" for name, res in inv.items() if not res["ok"]]
+        lines.append(f"  drill invariants ({r.get('mode', 'sim')}, {r['drill']['samples']} samples): "
+                     + (", ".join(bad) if bad else f"all {len(inv)} hold"))
     d = r.get("drill") or {}
     if r.get("mode") == "real":
         lines.append(f"  real: kills {d.get('kills')}  restarts {d.get('restarts')}  samples {d.get('samples')}  "
@@ -140,9 +148,9 @@ def _run_one(args: argparse.Namespace, protocol: str | None, nodes: int | None =
 
 def _run_real(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """The drill on real daemons; returns (report, the drill) like ``_run_one``."""
-    from .drill.real import RealDrill
-
     import signal
+
+    from .drill.real import RealDrill
 
     def terminate(_sig: int, _frame: Any) -> None:
         raise SystemExit(143)  # unwinds through the drill's clean-up (processes, namespaces, mounts)

@@ -60,10 +60,12 @@ def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
                    help="override the node count (with --real: default the scenario's count, at most 8)")
     p.add_argument("--seed", type=int, help="override the master seed")
     p.add_argument("--loss", type=_fraction, help="override the per-segment loss probability (0..1)")
-    p.add_argument("--duration-ms", type=_positive, help="override the virtual duration")
+    p.add_argument("--duration-ms", type=_positive,
+                   help="override the duration (virtual ms; with --real, wall-clock ms)")
     if protocol:
         p.add_argument("--protocol", choices=PROTOCOLS, help="gossip (default), central-pull or flood")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no fault schedule on stderr (with --real: no progress lines)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_string("meshsim"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one scenario and print a summary",
-                         description="Run one scenario; same seed, same report (apart from wall_s).")
+                         description="Run one scenario in the simulator (same seed, same report apart from "
+                                     "wall_s), or with --real as a chaos drill on real daemons with the same "
+                                     "seeded fault schedule. Exit 3 when an invariant fails.")
     _overrides(run)
     run.add_argument("--json", metavar="FILE", help="write the full JSON report here ('-' for stdout)")
     run.add_argument("--plot", metavar="FILE.png",
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "simulator (at the real drill's node count) beside the real drill.")
     _overrides(cmp, protocol=False)
     _real_flags(cmp)
-    cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list")
+    cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list "
+                                                    "(with --real: {\"sim\": ..., \"real\": ...})")
     sub.add_parser("list", help="list bundled scenarios", description="List bundled scenarios.")
     return parser
 

@@ -38,13 +38,18 @@ def _leftovers() -> str:
 
 
 def test_chaos_drill_on_real_daemons_holds_every_invariant(tmp_path):
+    """`meshsim compare --real chaos`: the real drill, then the simulator on the same scenario and seed."""
     out = tmp_path / "chaos.json"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "chaos", "--real", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "compare", "--real", "chaos", "--json", str(out)],
                           capture_output=True, text=True, timeout=280)
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r = json.loads(out.read_text())
+    both = json.loads(out.read_text())
+    r, sim = both["real"], both["sim"]
+    assert sim["mode"] == "sim" and all(v["ok"] for v in sim["invariants"].values()), sim["invariants"]
+    assert sim["fault_schedule"] == r["fault_schedule"]  # one seeded schedule, both modes
+    assert "simulator" in proc.stdout and "real" in proc.stdout and "kernel_holds_ruleset" in proc.stdout
     print(f"chaos --real: {took:.1f} s, kills {r['drill']['kills']}, versions {len(r['versions'])}, "
           f"t100 {r['t100_ms']} ms, kernel gaps {r['drill']['kernel_gaps']}")
     assert r["mode"] == "real" and r["nodes"] == 6

@@ -46,6 +46,7 @@ from .schedule import last_heal_ms, plan, print_schedule
 
 DEFAULT_MAX_NODES = 8
 BOOT_TIMEOUT_S = 60.0
+PUBLISH_ATTEMPTS = 3
 SUBNET = "10.214.0"
 Hook = tuple[int, Callable[["RealDrill"], None]]
 
@@ -101,6 +102,7 @@ class RealDrill(FaultActions):
         self.fd_saved: dict[int, tuple[int, tuple[int, int]]] = {}
         self.publisher_rng = random.Random(f"{sc.seed}:publisher")  # drawn as the simulator draws it
         self.publishers: list[threading.Thread] = []
+        self.retry_rng = random.Random(f"{sc.seed}:publish-retry")
         self.act_lock = threading.RLock()  # one fault action at a time (the timeline, the publish threads)
 
     # -- time ---------------------------------------------------------------------------------------
@@ -247,13 +249,23 @@ class RealDrill(FaultActions):
         return f"to {self.ids[target]}"
 
     def _publish_to(self, serial: int, target: int, started: int) -> None:
+        """Publish as an operator does: when the node does not acknowledge (it was killed meanwhile: starting
+        ``meshctl`` takes seconds here, the simulator's publish takes none), try another live node, up to
+        ``PUBLISH_ATTEMPTS`` times (retries draw from their own generator, so later publishes keep the
+        simulator's targets)."""
         assert self.cluster is not None
-        ok, said = self.cluster.publish(self.node(target), self.envelopes[serial])
+        for attempt in range(PUBLISH_ATTEMPTS):
+            ok, said = self.cluster.publish(self.node(target), self.envelopes[serial])
+            if ok:
+                break
+            with self.act_lock:
+                self._note(started, f"serial {serial}: {self.ids[target]} did not acknowledge: {said[-160:]}")
+                alive = [i for i in range(self.n) if self.node(i).alive and i not in self.blackholed]
+                if not alive or attempt == PUBLISH_ATTEMPTS - 1:
+                    return
+                target = self.retry_rng.choice(alive)
         acked = self.now_ms()
         with self.act_lock:
-            if not ok:
-                self._note(started, f"serial {serial}: {self.ids[target]} did not acknowledge: {said}")
-                return
             # the times of a version count from the moment the acknowledging node applied it
             self.published[serial] = self._applied_ms(target, serial) or acked
             self.checks.acknowledged(acked, target, serial)

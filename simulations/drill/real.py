@@ -44,7 +44,8 @@ from .realfaults import FaultActions
 from .realreport import real_report
 from .schedule import last_heal_ms, plan, print_schedule
 
-DEFAULT_MAX_NODES = 8
+DEFAULT_MAX_NODES = 8  # the scenario's count, capped (2 cores: 8 daemons plus their samplers)
+MAX_NODES = 200  # addresses 10.214.0.10 .. 209
 BOOT_TIMEOUT_S = 60.0
 PUBLISH_ATTEMPTS = 3
 SUBNET = "10.214.0"
@@ -74,6 +75,8 @@ class RealDrill(FaultActions):
         preflight(sc)
         self.sc = sc
         self.n = nodes or min(sc.nodes.count, DEFAULT_MAX_NODES)
+        if self.n > MAX_NODES:
+            raise DrillError(f"--real runs at most {MAX_NODES} nodes (one namespace and daemon each), not {self.n}")
         self.regions = list(sc.nodes.regions)
         self.episodes = plan(sc, self.n)
         self.ids = [f"n{i:05d}" for i in range(self.n)]

@@ -193,14 +193,14 @@ def _compare_real(args: argparse.Namespace) -> int:
             ("wall s", "wall_s")]
     print(f"scenario {real['scenario']}  seed {real['seed']}  loss {real['loss']}  "
           f"(real: {', '.join(real['drill']['not_emulated'])} not emulated)")
-    print(f"{'':<26}{'simulator':>14}{'real':>14}")
+    print(f"{'':<32}{'simulator':>12}{'real':>14}")
     for label, key in rows:
-        print(f"{label:<26}{_n(sim.get(key)):>14}{_n(real.get(key)):>14}")
+        print(f"{label:<32}{_n(sim.get(key)):>12}{_n(real.get(key)):>14}")
     for v_sim, v_real in zip(sim["versions"], real["versions"], strict=False):
-        print(f"{'serial ' + str(v_sim['serial']) + ' t100 ms':<26}{_n(v_sim['t100_ms']):>14}{_n(v_real['t100_ms']):>14}")
+        print(f"{'serial ' + str(v_sim['serial']) + ' t100 ms':<32}{_n(v_sim['t100_ms']):>12}{_n(v_real['t100_ms']):>14}")
     for name in real["invariants"]:
         ok_sim = sim["invariants"][name]["ok"] if name in sim.get("invariants", {}) else None
-        print(f"{name:<36}{_ok(ok_sim):>4}{_ok(real['invariants'][name]['ok']):>14}")
+        print(f"{name:<32}{_ok(ok_sim):>12}{_ok(real['invariants'][name]['ok']):>14}")
     if args.json:
         from .report import write_json
 

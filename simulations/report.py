@@ -164,13 +164,13 @@ def plot_series(report: dict[str, Any], series_t: list[int], series_in: dict[str
     real = report.get("mode") == "real"
     for region, values in series.items():
         ax.plot(ts, values, label=region, linewidth=1.4)
-    for start, end, label in windows:
+    for k, (start, end, label) in enumerate(windows):
         ax.axvspan(start / 1000, end / 1000, color="tab:red", alpha=0.12)
-        ax.text(start / 1000, 1.02, label, fontsize=7, color="tab:red", va="bottom")
+        ax.text(start / 1000, 1.02 + 0.03 * (k % 3), label, fontsize=7, color="tab:red", va="bottom")
     for v in report["versions"]:
         if v["published_at_ms"] is not None:
             ax.axvline(v["published_at_ms"] / 1000, color="grey", linestyle=":", linewidth=1)
-    ax.set_ylim(-0.02, 1.1)
+    ax.set_ylim(-0.02, 1.16)
     ax.set_xlabel("wall-clock time (s), real daemons" if real else "virtual time (s)")
     ax.set_ylabel("live nodes on the newest published version")
     t100 = report["t100_ms"]

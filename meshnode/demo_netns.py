@@ -29,30 +29,39 @@ def _run(argv: Sequence[str], stdin: bytes | None = None, check: bool = True) ->
 
 
 class NetnsLab:
-    def __init__(self, count: int) -> None:
+    """``count`` namespaces ``{prefix}{tag}-{i}`` on one bridge (``{bridge_prefix}{tag}``) in the root
+    namespace, addresses ``{subnet}.10+i``; the bridge is ``{subnet}.1``.  The chaos drill
+    (``simulations/drill``) uses its own prefixes and subnet, so a drill and a demo can run at once."""
+
+    def __init__(self, count: int, *, prefix: str = "pmdemo", bridge_prefix: str = "pmdbr", veth_prefix: str = "pmv",
+                 subnet: str = SUBNET, what: str = "--netns") -> None:
         if os.geteuid() != 0:
-            raise CliError("--netns needs root (network namespaces and nftables)")
+            raise CliError(f"{what} needs root (network namespaces and nftables)")
         for tool in ("ip", "nft"):
             if shutil.which(tool) is None:
-                raise CliError(f"--netns needs {tool} (install iproute2 and nftables)")
+                raise CliError(f"{what} needs {tool} (install iproute2 and nftables)")
         self.tag = f"{os.getpid() % 100000}"
-        self.bridge = f"pmdbr{self.tag}"[:15]
+        self.prefix = prefix
+        self.veth_prefix = veth_prefix
+        self.subnet = subnet
+        self.bridge_ip = f"{subnet}.1"
+        self.bridge = f"{bridge_prefix}{self.tag}"[:15]
         self.count = count
         self.namespaces: list[str] = []
 
     def ns(self, i: int) -> str:
-        return f"pmdemo{self.tag}-{i}"
+        return f"{self.prefix}{self.tag}-{i}"
 
     def ip(self, i: int) -> str:
-        return f"{SUBNET}.{10 + i}"
+        return f"{self.subnet}.{10 + i}"
 
     def setup(self) -> None:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", self.bridge])
+        _run(["ip", "addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         for i in range(self.count):
             ns = self.ns(i)
-            host_if, ns_if = f"pmv{self.tag}h{i}"[:15], f"pmv{self.tag}n{i}"[:15]
+            host_if, ns_if = f"{self.veth_prefix}{self.tag}h{i}"[:15], f"{self.veth_prefix}{self.tag}n{i}"[:15]
             _run(["ip", "netns", "add", ns])
             self.namespaces.append(ns)
             _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if])

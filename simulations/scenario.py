@@ -7,6 +7,7 @@ Times are integer virtual milliseconds; one-way latencies are float milliseconds
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -89,8 +90,14 @@ class BaselineCfg(_T):
     response_overhead_bytes: int = 350
 
 
+FAULT_KINDS = ("partition", "region_outage", "crash", "authority_outage", "loss",
+               "kill9", "disk_full", "clock_skew", "flush_ruleset", "fd_pressure")
+NODE_FAULTS = ("kill9", "disk_full", "clock_skew", "flush_ruleset", "fd_pressure")  # see simulations/drill/
+
+
 class Fault(_T):
-    kind: Literal["partition", "region_outage", "crash", "authority_outage", "loss"]
+    kind: Literal["partition", "region_outage", "crash", "authority_outage", "loss",
+                  "kill9", "disk_full", "clock_skew", "flush_ruleset", "fd_pressure"]
     at_ms: int
     until_ms: int | None = None
     regions: list[str] = msgspec.field(default_factory=list)
@@ -98,6 +105,11 @@ class Fault(_T):
     count: int = 0
     loss: float = 0.0
     name: str = ""
+    # The chaos-drill faults (simulations/drill/schedule.py): the nodes are drawn from the seed.
+    restart_after_ms: int = 2000  # kill9: the killed process starts again this long after
+    after_publish: bool = False  # kill9: kill the node that acknowledged each publish in the window
+    skew_s: float = 0.0  # clock_skew: the node's wall clock is this far ahead (negative: behind)
+    nofile: int = 0  # fd_pressure: the process's RLIMIT_NOFILE
 
 
 class HostileCfg(_T):
@@ -214,6 +226,8 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
             raise bad(f"{where}: a crash needs fraction or count")
         if not 0.0 <= f.fraction <= 1.0 or not 0.0 <= f.loss < 1.0:
             raise bad(f"{where}: fraction and loss must be within [0, 1]")
+        if f.kind in NODE_FAULTS:
+            _validate_node_fault(f, where, sc.nodes.count, bad)
     if sc.policy.publisher_region is not None and sc.policy.publisher_region not in regions:
         raise bad(f"policy.publisher_region {sc.policy.publisher_region!r} is not a region")
     if sc.baselines.authority_region is not None and sc.baselines.authority_region not in regions:
@@ -225,6 +239,21 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
     if sc.policy.rules < 1 or sc.policy.rules > 4096:
         raise bad("policy.rules must be 1..4096")
     sc.gossip_config()
+
+
+def _validate_node_fault(f: Fault, where: str, n: int, bad: Callable[[str], ScenarioError]) -> None:
+    if f.kind != "flush_ruleset" and f.until_ms is None:
+        raise bad(f"{where}: needs until_ms (when the fault heals, or the end of the kill window)")
+    if f.count < 0 or f.count > n:
+        raise bad(f"{where}: count must be 0..nodes.count")
+    if f.kind == "kill9" and not f.after_publish and f.count < 1:
+        raise bad(f"{where}: kill9 needs count >= 1 (kills at random moments) or after_publish = true")
+    if f.kind == "kill9" and not 0 < f.restart_after_ms <= 600_000:
+        raise bad(f"{where}: restart_after_ms must be 1..600000")
+    if f.kind == "clock_skew" and not f.skew_s:
+        raise bad(f"{where}: clock_skew needs skew_s (seconds, non-zero)")
+    if f.kind == "fd_pressure" and not 16 <= f.nofile <= 65536:
+        raise bad(f"{where}: fd_pressure needs nofile in 16..65536")
 
 
 def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None, loss: float | None = None,

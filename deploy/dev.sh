@@ -9,7 +9,8 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 
 need_pkgs=()
-for pair in nft:nftables iptables:iptables ipset:ipset ip:iproute2 ps:procps systemd-analyze:systemd; do
+for pair in nft:nftables iptables:iptables ipset:ipset ip:iproute2 ps:procps systemd-analyze:systemd \
+        faketime:faketime prlimit:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

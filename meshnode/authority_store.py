@@ -171,9 +171,9 @@ class AuthorityDir:
         if len(set(holders)) != len(holders):
             raise CliError("--holders: each holder once")
         passphrases = passphrases or {}
-        for h in passphrases:
-            if h is not None and h not in holders:
-                raise CliError(f"--passphrase-file {h}=...: {h!r} is not one of --holders")
+        for holder in passphrases:
+            if holder is not None and holder not in holders:
+                raise CliError(f"--passphrase-file {holder}=...: {holder!r} is not one of --holders")
         if self.exists() or (self.path / ROOT_FILE).exists():
             raise CliError(f"{self.path}: already holds an authority; refusing to overwrite it")
         self.path.mkdir(parents=True, exist_ok=True)

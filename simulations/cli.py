@@ -1,9 +1,13 @@
 """meshsim: run simulation scenarios.
 
     meshsim run SCENARIO [--nodes N --seed S --loss P --protocol gossip|central-pull|flood]
-                         [--duration-ms MS] [--json FILE] [--plot FILE.png] [--quiet]
+                         [--duration-ms MS] [--json FILE] [--plot FILE.png] [--quiet] [--real [--keep-dir]]
     meshsim compare SCENARIO [same overrides]      (gossip vs central-pull vs flood, same seed)
+    meshsim compare --real SCENARIO [overrides]    (the simulator and real daemons side by side)
     meshsim list                                     (bundled scenarios)
+
+``--real`` (root) runs the same scenario as a chaos drill on real ``meshnode`` processes, one network
+namespace per node, real nftables (simulations/drill/real.py).
 
 Errors are one line on stderr and a non-zero exit.
 """
@@ -16,6 +20,7 @@ from typing import Any
 
 from meshnode import version_string
 
+from .drill.real import DrillError
 from .report import PlotUnavailableError
 from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
 
@@ -51,13 +56,16 @@ def _positive(text: str) -> int:
 
 def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
     p.add_argument("scenario", help="scenario file, or the name of a bundled scenario (see `meshsim list`)")
-    p.add_argument("--nodes", type=_positive, help="override the node count")
+    p.add_argument("--nodes", type=_positive,
+                   help="override the node count (with --real: default the scenario's count, at most 8)")
     p.add_argument("--seed", type=int, help="override the master seed")
     p.add_argument("--loss", type=_fraction, help="override the per-segment loss probability (0..1)")
-    p.add_argument("--duration-ms", type=_positive, help="override the virtual duration")
+    p.add_argument("--duration-ms", type=_positive,
+                   help="override the duration (virtual ms; with --real, wall-clock ms)")
     if protocol:
         p.add_argument("--protocol", choices=PROTOCOLS, help="gossip (default), central-pull or flood")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no fault schedule on stderr (with --real: no progress lines)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,16 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_string("meshsim"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one scenario and print a summary",
-                         description="Run one scenario; same seed, same report (apart from wall_s).")
+                         description="Run one scenario in the simulator (same seed, same report apart from "
+                                     "wall_s), or with --real as a chaos drill on real daemons with the same "
+                                     "seeded fault schedule. Exit 3 when an invariant fails.")
     _overrides(run)
     run.add_argument("--json", metavar="FILE", help="write the full JSON report here ('-' for stdout)")
-    run.add_argument("--plot", metavar="FILE.png", help="write a PNG of converged fraction over time per region")
-    cmp = sub.add_parser("compare", help="run gossip, central-pull and flood on the same scenario and seed",
-                         description="Baselines side by side on the same scenario and seed.")
+    run.add_argument("--plot", metavar="FILE.png",
+                     help="write a PNG of converged fraction over time per region, the faults shaded")
+    _real_flags(run)
+    cmp = sub.add_parser("compare", help="run gossip, central-pull and flood on the same scenario and seed; "
+                                         "with --real: the simulator and real daemons side by side",
+                         description="Baselines side by side on the same scenario and seed; with --real, the "
+                                     "simulator (at the real drill's node count) beside the real drill.")
     _overrides(cmp, protocol=False)
-    cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list")
+    _real_flags(cmp)
+    cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list "
+                                                    "(with --real: {\"sim\": ..., \"real\": ...})")
     sub.add_parser("list", help="list bundled scenarios", description="List bundled scenarios.")
     return parser
+
+
+def _real_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--real", action="store_true",
+                   help="chaos drill on real meshnode processes (root): one network namespace per node on a "
+                        "bridge, real nftables, loss/partitions as nftables drop rules, crashes as kill -9; "
+                        "latency is not emulated")
+    p.add_argument("--keep-dir", action="store_true", help="with --real: keep the drill's directory (logs, state)")
 
 
 def _summary(r: dict[str, Any]) -> str:
@@ -82,25 +106,110 @@ def _summary(r: dict[str, Any]) -> str:
         return "-" if v is None else f"{v} ms"
 
     lines = [
-        f"scenario {r['scenario']}  protocol {r['protocol']}  nodes {r['nodes']}  loss {r['loss']}  seed {r['seed']}",
+        f"scenario {r['scenario']}  protocol {r['protocol']}  nodes {r['nodes']}  loss {r['loss']}  seed {r['seed']}"
+        + ("  (REAL daemons)" if r.get("mode") == "real" else ""),
         f"  converged {r['converged_fraction']:.4f}  t50 {ms(r['t50_ms'])}  t99 {ms(r['t99_ms'])}  "
         f"t100 {ms(r['t100_ms'])}  (Serf model {r['serf_model_ms']} ms, ratio {r['ratio_vs_serf_model']})",
-        f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"
-        f" budget {r['bytes_budget_per_node']})  idle {r['idle_bytes_per_node_s']} B/s/node",
-        f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
-        f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
     ]
+    if r.get("mode") != "real":
+        lines += [
+            f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"
+            f" budget {r['bytes_budget_per_node']})  idle {r['idle_bytes_per_node_s']} B/s/node",
+            f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
+            f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
+        ]
+    else:
+        lines.append(f"  versions {len(r['versions'])}  live at end {r['live_nodes']}  wall {r['wall_s']} s  "
+                     f"invariant violations {r['invariant_violations']}")
+    inv = r.get("invariants") or {}
+    if inv:
+        bad = [f"{name} FAILED ({res['violations']})" for name, res in inv.items() if not res["ok"]]
+        lines.append(f"  drill invariants ({r.get('mode', 'sim')}, {r['drill']['samples']} samples): "
+                     + (", ".join(bad) if bad else f"all {len(inv)} hold"))
+    d = r.get("drill") or {}
+    if r.get("mode") == "real":
+        lines.append(f"  real: kills {d.get('kills')}  restarts {d.get('restarts')}  samples {d.get('samples')}  "
+                     f"kernel gaps {len(d.get('kernel_gaps') or [])}  alerts {r.get('alerts')}  "
+                     f"not emulated: {', '.join(d.get('not_emulated') or [])}")
     for v in r["violations"][:5]:
         lines.append(f"  VIOLATION {v}")
     return "\n".join(lines)
 
 
-def _run_one(args: argparse.Namespace, protocol: str | None) -> tuple[dict[str, Any], Any]:
+def _scenario(args: argparse.Namespace, protocol: str | None, nodes: int | None) -> Any:
+    return override(load(args.scenario), nodes=nodes, seed=args.seed, loss=args.loss, protocol=protocol,
+                    duration_ms=args.duration_ms)
+
+
+def _run_one(args: argparse.Namespace, protocol: str | None, nodes: int | None = None) -> tuple[dict[str, Any], Any]:
+    from .drill.schedule import plan, print_schedule
     from .engine import run_scenario
 
-    sc = override(load(args.scenario), nodes=args.nodes, seed=args.seed, loss=args.loss, protocol=protocol,
-                  duration_ms=args.duration_ms)
+    sc = _scenario(args, protocol, nodes or args.nodes)
+    if not args.quiet:
+        print_schedule(plan(sc), [f"n{i:05d}" for i in range(sc.nodes.count)], sc.seed, sys.stderr.write)
     return run_scenario(sc, progress=not args.quiet and sys.stderr.isatty())
+
+
+def _run_real(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The drill on real daemons; returns (report, the drill) like ``_run_one``."""
+    import signal
+
+    from .drill.real import RealDrill
+
+    def terminate(_sig: int, _frame: Any) -> None:
+        raise SystemExit(143)  # unwinds through the drill's clean-up (processes, namespaces, mounts)
+
+    signal.signal(signal.SIGTERM, terminate)
+    sc = _scenario(args, "gossip", None)
+    if getattr(args, "protocol", None) not in (None, "gossip"):
+        raise ScenarioError("--real runs the gossip protocol (the real meshnode) only")
+    drill = RealDrill(sc, nodes=args.nodes, progress=not args.quiet, keep_dir=args.keep_dir)
+    return drill.run(), drill
+
+
+def _plot(report: dict[str, Any], run: Any, path: str) -> None:
+    from .report import plot, plot_series
+
+    if report.get("mode") == "real":
+        from .drill.realreport import series
+
+        ts, values = series(run)
+        plot_series(report, ts, values, path)
+    else:
+        plot(run, report, path)
+
+
+def _failed(report: dict[str, Any]) -> bool:
+    return bool(report["invariant_violations"]) or not all(r["ok"] for r in (report.get("invariants") or {}).values())
+
+
+def _compare_real(args: argparse.Namespace) -> int:
+    real, _ = _run_real(args)
+    sim, _ = _run_one(args, "gossip", nodes=real["nodes"])
+    rows = [("nodes", "nodes"), ("live nodes at end", "live_nodes"), ("converged fraction", "converged_fraction"),
+            ("t50 ms", "t50_ms"), ("t99 ms", "t99_ms"), ("t100 ms", "t100_ms"),
+            ("not converged at end", "not_converged_at_end"), ("invariant violations", "invariant_violations"),
+            ("wall s", "wall_s")]
+    print(f"scenario {real['scenario']}  seed {real['seed']}  loss {real['loss']}  "
+          f"(real: {', '.join(real['drill']['not_emulated'])} not emulated)")
+    print(f"{'':<32}{'simulator':>12}{'real':>14}")
+    for label, key in rows:
+        print(f"{label:<32}{_n(sim.get(key)):>12}{_n(real.get(key)):>14}")
+    for v_sim, v_real in zip(sim["versions"], real["versions"], strict=False):
+        print(f"{'serial ' + str(v_sim['serial']) + ' t100 ms':<32}{_n(v_sim['t100_ms']):>12}{_n(v_real['t100_ms']):>14}")
+    for name in real["invariants"]:
+        ok_sim = sim["invariants"][name]["ok"] if name in sim.get("invariants", {}) else None
+        print(f"{name:<32}{_ok(ok_sim):>12}{_ok(real['invariants'][name]['ok']):>14}")
+    if args.json:
+        from .report import write_json
+
+        write_json({"sim": sim, "real": real}, args.json)  # type: ignore[arg-type]
+    return EXIT_VIOLATION if _failed(sim) or _failed(real) else 0
+
+
+def _ok(v: Any) -> str:
+    return "-" if v is None else ("ok" if v else "FAIL")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(name)
             return 0
         if args.command == "run":
-            from .report import plot, require_plotting, to_json, write_json
+            from .report import require_plotting, to_json, write_json
 
             if args.plot:
                 require_plotting()
-            report, sim = _run_one(args, args.protocol)
+            report, sim = _run_real(args) if args.real else _run_one(args, args.protocol)
 
             if args.json == "-":
                 sys.stdout.write(to_json(report))
@@ -124,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     write_json(report, args.json)
             if args.plot:
-                plot(sim, report, args.plot)
-            if report["invariant_violations"]:
-                sys.stderr.write(f"meshsim: {report['invariant_violations']} invariant violation(s); replay with "
+                _plot(report, sim, args.plot)
+            if _failed(report):
+                failed = [n for n, r in (report.get("invariants") or {}).items() if not r["ok"]]
+                sys.stderr.write(f"meshsim: {report['invariant_violations']} invariant violation(s)"
+                                 f"{' (' + ', '.join(failed) + ')' if failed else ''}; replay with "
                                  f"--seed {report['seed']}\n")
                 return EXIT_VIOLATION
             return 0
+        if args.real:
+            return _compare_real(args)
         reports = []
         for proto in PROTOCOLS:
             report, _ = _run_one(args, proto)
@@ -145,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json(reports, args.json)  # type: ignore[arg-type]
         return EXIT_VIOLATION if any(r["invariant_violations"] for r in reports) else 0
-    except (ScenarioError, PlotUnavailableError) as exc:
+    except (ScenarioError, PlotUnavailableError, DrillError) as exc:
         sys.stderr.write(f"meshsim: error: {exc}\n")
         return EXIT_ERROR
     except OSError as exc:

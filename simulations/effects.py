@@ -42,6 +42,28 @@ class Disk:
     members_persisted: int = 0  # entries in the last persisted member file (kept or not)
     member_entries_written: int = 0  # entries of every member file ever persisted
     directory: Mapping[str, Certificate] | None = None  # the last Enforce's members: the node's own, never mutated
+    full: bool = False  # the chaos drill's disk_full: every write fails, the latest of each kind is kept pending
+    pending: dict[str, Any] = field(default_factory=dict)
+
+    def write_failed(self, kind: str, value: Any) -> bool:
+        """Keep ``value`` as the pending write of ``kind``; True on the first failure of an episode."""
+        first = not self.pending
+        if kind == "roots":
+            self.pending.setdefault("roots", []).append(value)
+        else:
+            self.pending[kind] = value
+        return first
+
+    def flush_pending(self) -> bool:
+        """The disk has room again: the pending writes land (the daemon retries them). True if there were any."""
+        had = bool(self.pending)
+        if "policy" in self.pending:
+            self.policy = self.pending["policy"]
+        self.roots.extend(self.pending.get("roots", []))
+        if "members" in self.pending and self.keep_members:
+            self.members = self.pending["members"]
+        self.pending.clear()
+        return had
 
 
 class World(Protocol):
@@ -62,6 +84,9 @@ class World(Protocol):
 
     def alert(self, i: int, eff: Alert) -> None: ...
 
+    def write_failed(self, i: int) -> None:
+        """The first failed persist of a disk-full episode (only when ``Disk.full``)."""
+
 
 def applied_policies(effects: list[Any]) -> list[Enforce]:
     """The ``Enforce`` of each newly accepted policy in ``effects``: the one right after its
@@ -81,6 +106,10 @@ def execute(i: int, disk: Disk, effects: list[Any], world: World) -> None:
         t = type(eff)
         if t is Send:
             world.send(i, eff)
+        elif disk.full and t in (PersistPolicy, PersistRoot, PersistMembers):
+            kind = "policy" if t is PersistPolicy else "roots" if t is PersistRoot else "members"
+            if disk.write_failed(kind, eff.entries if t is PersistMembers else eff.envelope):
+                world.write_failed(i)
         elif t is PersistPolicy:
             disk.policy = eff.envelope
         elif t is PersistRoot:

@@ -36,6 +36,7 @@ from protocol.gossip import (
 from protocol.trust import Certificate
 
 from .baselines import AuthorityServer
+from .drill.simfaults import SimDrill
 from .effects import execute
 from .faults import Faults, draw_skews
 from .hosts import ProcessFactory, Version, build_hosts, build_versions, pick_hostile, seed_addresses
@@ -108,6 +109,8 @@ class Simulation:
             kernel.schedule(v.publish_ms, self.publish, 0, v)
         self.faults = Faults(self, self.rng("faults"))
         self.faults.schedule()
+        self.drill = SimDrill(self)  # the chaos drill's node faults, kernel model and invariants
+        self.drill.schedule()
         for h in self.hosts:
             h.disk.keep_members = h.idx in self.faults.restartable
         first = self.versions[0].publish_ms
@@ -125,6 +128,7 @@ class Simulation:
             h.disk.policy = self.v1
         trust = self.processes.trust_from_disk(h.disk, kernel.wall(i, kernel.now))
         h.applied = trust.serial
+        self.drill.applied(i, trust.serial)  # the boot apply of the persisted policy
         proc = self.processes.make(h, trust, kernel.epoch[i])
         h.started_ms = kernel.now
         if not kernel.up[i] and not h.hostile:
@@ -165,7 +169,7 @@ class Simulation:
                 [c for c in cands if c != target]
             if others:
                 kernel.feed(prng.choice(others), PolicySubmitted(v.twin, "operator"))
-        kernel.feed(target, PolicySubmitted(v.envelope, "operator"))
+        self.drill.submitted(target, v, kernel.feed(target, PolicySubmitted(v.envelope, "operator")))
 
     # -- the World of simulations.effects ------------------------------------------------------------
     def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
@@ -180,6 +184,7 @@ class Simulation:
                             (kernel.epoch[i], serial, eff.policy_hash))
         if not h.hostile:
             h.applied = self.inv.check_effects(self.seed, kernel.now, h.node_id, h.applied, effects)
+            self.drill.applied(i, h.applied)
         else:
             h.applied = max(h.applied, serial)
         self.measure.converged(h)
@@ -232,6 +237,9 @@ class Simulation:
 
     def alert(self, i: int, eff: Alert) -> None:
         self.measure.alert(eff)
+
+    def write_failed(self, i: int) -> None:
+        self.drill.write_failed(i)
 
     def _on_connect(self, a: int, b: int, at: int) -> None:
         epoch = self.net.epoch

@@ -177,3 +177,6 @@ class FakeLink:
 
     def alert(self, i: int, eff: Alert) -> None:
         pass  # recorded in host.effects
+
+    def write_failed(self, i: int) -> None:
+        pass  # a fake link's disks are never full

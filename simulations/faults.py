@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.gossip import PeerDisconnected
 
+from .drill.schedule import FLUSH_REPAIR_MS
 from .network import NEVER, Cut
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class Faults:
         sc, n, net, kernel = sim.sc, sim.n, sim.net, sim.kernel
         for f in sc.faults:
             end = f.until_ms if f.until_ms is not None else NEVER
+            if f.kind == "flush_ruleset":
+                end = f.at_ms + FLUSH_REPAIR_MS
             self.windows.append((f.at_ms, min(end, sc.duration_ms), f.name or f.kind))
             if f.kind == "partition":
                 side = bytearray(n + 1)

@@ -71,6 +71,7 @@ class Measurement:
     def sample(self, _i: int, _arg: object) -> None:
         """The converged fraction per region (live honest nodes on the newest published version)."""
         sim = self.sim
+        sim.drill.sample()
         now = sim.kernel.now
         v = self.current_version()
         self.series_t.append(now)

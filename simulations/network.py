@@ -66,6 +66,7 @@ class Network:
         # per node, its peers in self.conns (a dict, insertion-ordered like self.conns itself)
         self.adj: list[dict[int, None]] = [{} for _ in node_region]
         self.backoff: dict[tuple[int, int], tuple[int, int]] = {}  # (src,dst) -> (until, current)
+        self.conn_cap: dict[int, int] = {}  # the chaos drill's fd_pressure: node -> most connections it can hold
         self.bits_per_ms = cfg.bandwidth_mbps * 1000.0
         self.datagram = cfg.transport == "datagram"
         self._overhead = tcp.frame_overhead_bytes
@@ -224,7 +225,9 @@ class Network:
               on_connect: Callable[[int, int, int], None]) -> Conn:
         ea, eb = self.epoch[lo], self.epoch[hi]
         rtt = 2 * self.one_way(src, dst)
-        if self.reachable(src, dst, t) and self.up[dst]:
+        capped = bool(self.conn_cap) and (len(self.adj[src]) >= self.conn_cap.get(src, 1 << 30)
+                                          or len(self.adj[dst]) >= self.conn_cap.get(dst, 1 << 30))
+        if self.reachable(src, dst, t) and self.up[dst] and not capped:
             setup = self.tcp.connect_rtts * rtt
             loss = self.loss_at(t)
             if loss > 0.0:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .engine import Simulation
     from .hosts import Host, Version
 
+DRILL_KEYS = ("mode", "invariants", "fault_schedule", "fault_timeline", "drill")
+"""The chaos drill's report keys (#15), in both modes: tests/test_sim_pinned.py pins the rest."""
 SERF_MODEL_MS = 2390  # memberlist/Serf convergence model: fanout 3, 200 ms interval, 10% loss, 99.99% of 1000
 
 
@@ -26,6 +28,12 @@ def build_report(sim: Simulation) -> dict[str, Any]:
     versions = [_version_stats(sim, v, live) for v in sim.versions]
     last = versions[-1]
     missing, equivocation = sim.end_checks(live)
+    invariants = sim.drill.finish(live)
+    drill = sim.drill.report_fields(invariants)
+    # converged_after_heal is the simulator's own end check too (counted once, above)
+    drill_violations = sum(r["violations"] for name, r in invariants.items() if name != "converged_after_heal")
+    drill_listed = [f"{name}: {v}" for name, r in invariants.items() if name != "converged_after_heal"
+                    for v in r["listed"]]
     idle_bps = None
     if m.idle_snap is not None and sim.versions[0].snap_publish is not None:
         dt = (sim.versions[0].published_at or 0) - m.idle_snap_t
@@ -73,8 +81,9 @@ def build_report(sim: Simulation) -> dict[str, Any]:
         "versions": versions,
         "events": sim.kernel.events,
         "wall_s": round(sim.wall_s, 3),
-        "invariant_violations": sim.inv.count,
-        "violations": sim.inv.listed,
+        "invariant_violations": sim.inv.count + drill_violations,
+        "violations": sim.inv.listed + drill_listed[:20],
+        **drill,
     }
 
 
@@ -132,6 +141,12 @@ def require_plotting() -> None:
 
 
 def plot(sim: Simulation, report: dict[str, Any], path: str) -> None:
+    plot_series(report, sim.measure.series_t, sim.measure.series, path)
+
+
+def plot_series(report: dict[str, Any], series_t: list[int], series_in: dict[str, list[Any]], path: str) -> None:
+    """Converged fraction per region over time (``series_t`` ms), the faults of ``report`` shaded; the
+    simulator's and the real drill's (``meshsim run --real``) reports alike."""
     require_plotting()
     import matplotlib
 
@@ -139,36 +154,38 @@ def plot(sim: Simulation, report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-    ts = [t / 1000 for t in sim.measure.series_t]
+    ts = [t / 1000 for t in series_t]
     series = {region: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
-              for region, values in sim.measure.series.items()}
+              for region, values in series_in.items()}
+    windows = [(f["start_ms"], f["end_ms"], f["name"]) for f in report["faults"]]
+    real = report.get("mode") == "real"
     for region, values in series.items():
         ax.plot(ts, values, label=region, linewidth=1.4)
-    for start, end, label in sim.faults.windows:
+    for k, (start, end, label) in enumerate(windows):
         ax.axvspan(start / 1000, end / 1000, color="tab:red", alpha=0.12)
-        ax.text(start / 1000, 1.02, label, fontsize=7, color="tab:red", va="bottom")
+        ax.text(start / 1000, 1.02 + 0.03 * (k % 3), label, fontsize=7, color="tab:red", va="bottom")
     for v in report["versions"]:
         if v["published_at_ms"] is not None:
             ax.axvline(v["published_at_ms"] / 1000, color="grey", linestyle=":", linewidth=1)
-    ax.set_ylim(-0.02, 1.1)
-    ax.set_xlabel("virtual time (s)")
+    ax.set_ylim(-0.02, 1.16)
+    ax.set_xlabel("wall-clock time (s), real daemons" if real else "virtual time (s)")
     ax.set_ylabel("live nodes on the newest published version")
     t100 = report["t100_ms"]
-    ax.set_title(f"{report['scenario']} · {report['protocol']} · {report['nodes']} nodes · loss {report['loss']:.0%}"
+    ax.set_title(f"{report['scenario']} · {'REAL' if real else report['protocol']} · {report['nodes']} nodes · loss {report['loss']:.0%}"
                  f" · t100 {f'{t100} ms' if t100 is not None else 'n/a'} · seed {report['seed']}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     # Zoom on the last published version: milliseconds from its publication.
     published = [v for v in report["versions"] if v["published_at_ms"] is not None]
-    if published and sim.measure.series_t:
+    if published and series_t:
         v = published[-1]
         t0 = v["published_at_ms"]
         span = max(1000, int(1.3 * (v.get("t100_ms") or 3000)))
-        idx = [i for i, t in enumerate(sim.measure.series_t) if t0 - 200 <= t <= t0 + span]
+        idx = [i for i, t in enumerate(series_t) if t0 - 200 <= t <= t0 + span]
         for region, values in series.items():
-            zoom.plot([sim.measure.series_t[i] - t0 for i in idx], [values[i] for i in idx], label=region,
+            zoom.plot([series_t[i] - t0 for i in idx], [values[i] for i in idx], label=region,
                       linewidth=1.4, drawstyle="steps-post")
-        for start, end, _label in sim.faults.windows:
+        for start, end, _label in windows:
             if start < t0 + span and end > t0 - 200:
                 zoom.axvspan(max(start, t0 - 200) - t0, min(end, t0 + span) - t0, color="tab:red", alpha=0.12)
         zoom.axvline(0, color="grey", linestyle=":", linewidth=1)

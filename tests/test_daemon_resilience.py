@@ -160,8 +160,14 @@ def test_a_failed_state_write_is_alerted_retried_and_never_stops_enforcement(mes
         m = node.metrics()
         assert metric_sum(m, "policymesh_state_write_failures_total", kind="policy") >= 1
         assert metric_sum(m, "policymesh_state_unsaved") >= 1
-        # A second publish while the disk still fails: one alert per episode, the daemon keeps going.
-        serial2 = mesh.publish_and_converge(via=node)
+        # A second publish through the node whose disk fails: enforced and gossiped, but not acknowledged
+        # (a crash now would lose it); one alert per episode, the daemon keeps going.
+        serial2, data = mesh.cluster.sign()
+        reply = mesh.cluster.publish(node, data)
+        assert reply["ok"] is False and reply["durable"] is False and reply["serial"] == serial2, reply
+        assert "not stored durably" in reply["reason"], reply
+        mesh.cluster.wait_serial(serial2, mesh.nodes)
+        assert metric_sum(node.metrics(), "policymesh_policies_refused_total", reason="not_durable") == 1
         alerts = [e for e in node.log_events() if e.get("event") == "alert.state.write_failed"]
         assert len(alerts) == 1, alerts
         assert alerts[0]["durable"] is False

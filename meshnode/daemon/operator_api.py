@@ -1,5 +1,6 @@
 """The operator API: requests on an authenticated operator channel (publish a policy, read the status or
-this node's open alerts)."""
+this node's open alerts).  A publish is acknowledged (``ok``) only once the version is verified *and* on
+disk: a version the node could not write (a full disk) is enforced and gossiped, but not acknowledged."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ class OperatorRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class OperatorApi:
     def __init__(self, *, submit_policy: Callable[[bytes, str, Sequence[bytes]], PolicyResult],
-                 status: Callable[[], dict[str, Any]], alerts: Callable[[], list[dict[str, Any]]], metrics: Metrics,
-                 log: Any) -> None:
+                 not_durable: Callable[[], str | None], status: Callable[[], dict[str, Any]],
+                 alerts: Callable[[], list[dict[str, Any]]], metrics: Metrics, log: Any) -> None:
         self._submit_policy = submit_policy
+        self._not_durable = not_durable
         self._status = status
         self._alerts = alerts
         self._metrics = metrics
@@ -46,6 +48,13 @@ class OperatorApi:
             self._log.info("operator.publish", operator=conn.peer, accepted=result.accepted, serial=result.serial,
                            reason=result.text)
             reply = {"ok": result.accepted, "serial": result.serial, "reason": result.text}
+            unsaved = self._not_durable() if result.accepted else None
+            if unsaved is not None:
+                # Verified and enforced, but a crash now would lose it: not an acknowledgement.
+                self._metrics.policies_refused.labels("not_durable").inc()
+                reply = {"ok": False, "serial": result.serial, "durable": False,
+                         "reason": f"verified and enforced, but not stored durably ({unsaved}); the node retries "
+                                   "the write: publish through another node to be sure it is kept"}
         elif req.op == "status":
             reply = {"ok": True, "status": self._status()}
         elif req.op == "alerts":

@@ -94,7 +94,8 @@ class MeshDaemon:
         self.connections = ConnectionRegistry(config=config, identity=self.identity, trust=self.trust,
                                               core=self.core, tasks=self.tasks, log_budget=log_budget,
                                               alert=self.alerts.alert, **parts)
-        operator_api = OperatorApi(submit_policy=self.core.submit_policy, status=self.status,
+        operator_api = OperatorApi(submit_policy=self.core.submit_policy, not_durable=self.state.not_durable,
+                                   status=self.status,
                                    alerts=self.open_alerts, **parts)
         self.validation = Validation(config=config, identity=self.identity, trust=self.trust, enforcer=self.enforcer,
                                      alerts=self.alerts, tasks=self.tasks, scheduler=self.scheduler,

@@ -27,6 +27,7 @@ class StateWriter:
         self._alert = alert
         # Writes that failed, latest per key ("policy", "root.<v>", "members").
         self._unsaved: dict[str, tuple[str, Callable[[], None]]] = {}
+        self._last_error: str | None = None
         self.retry_at: float | None = None  # time.monotonic() of the next retry, while writes are pending
         self._backoff_s = RETRY_MIN_S
         self._alerted = False
@@ -42,9 +43,18 @@ class StateWriter:
             self._failed(kind, exc)
         self._metrics.state_unsaved.set(len(self._unsaved))
 
+    def not_durable(self) -> str | None:
+        """Why the trusted policy or root is not on disk yet (a pending write's error), or None when it is.
+        An operator's publish is acknowledged only when this is None: an acknowledged version must survive
+        a crash."""
+        if any(kind in ("policy", "root") for kind, _ in self._unsaved.values()):
+            return self._last_error or "write pending"
+        return None
+
     def _failed(self, kind: str, exc: OSError) -> None:
         self._metrics.state_write_failures.labels(kind).inc()
         error = f"{type(exc).__name__}: {exc.strerror or exc}"[:200]
+        self._last_error = error
         if self._log_budget.allow("state.write_failed", transport.now_ms()):
             self._log.error("state.write_failed", kind=kind, error=error, retry_in_s=self._backoff_s,
                             suppressed=self._log_budget.take_suppressed("state.write_failed"))

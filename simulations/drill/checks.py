@@ -32,6 +32,7 @@ from typing import Any
 
 from .schedule import FLUSH_REPAIR_MS, Episode
 
+SAMPLE_MS = 250  # both modes sample every node this often
 STATUS_GRACE_MS = 3000
 ALERT_SETTLE_MS = 15_000  # an episode's alert may resolve this long after the fault heals
 MAX_LISTED = 20

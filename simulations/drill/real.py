@@ -37,15 +37,17 @@ from meshnode.enforce.nft_backend import NftBackend
 
 from ..scenario import Scenario
 from . import netfaults as nf
-from .checks import DrillChecks, Sample
+from .checks import SAMPLE_MS, DrillChecks, Sample
 from .nodes import RealCluster, RealNode, admin_status
 from .policydoc import document_toml
+from .realfaults import FaultActions
 from .realreport import real_report
-from .schedule import Episode, last_heal_ms, plan, print_schedule
+from .schedule import last_heal_ms, plan, print_schedule
 
-DEFAULT_MAX_NODES = 8
-SAMPLE_MS = 250
+DEFAULT_MAX_NODES = 8  # the scenario's count, capped (2 cores: 8 daemons plus their samplers)
+MAX_NODES = 200  # addresses 10.214.0.10 .. 209
 BOOT_TIMEOUT_S = 60.0
+PUBLISH_ATTEMPTS = 3
 SUBNET = "10.214.0"
 Hook = tuple[int, Callable[["RealDrill"], None]]
 
@@ -67,12 +69,14 @@ def preflight(sc: Scenario) -> None:
         raise DrillError(f"--real needs {', '.join(missing)}: run deploy/dev.sh as root, or apt-get install them")
 
 
-class RealDrill:
+class RealDrill(FaultActions):
     def __init__(self, sc: Scenario, nodes: int | None = None, progress: bool = True,
                  hooks: tuple[Hook, ...] = (), keep_dir: bool = False) -> None:
         preflight(sc)
         self.sc = sc
         self.n = nodes or min(sc.nodes.count, DEFAULT_MAX_NODES)
+        if self.n > MAX_NODES:
+            raise DrillError(f"--real runs at most {MAX_NODES} nodes (one namespace and daemon each), not {self.n}")
         self.regions = list(sc.nodes.regions)
         self.episodes = plan(sc, self.n)
         self.ids = [f"n{i:05d}" for i in range(self.n)]
@@ -101,6 +105,7 @@ class RealDrill:
         self.fd_saved: dict[int, tuple[int, tuple[int, int]]] = {}
         self.publisher_rng = random.Random(f"{sc.seed}:publisher")  # drawn as the simulator draws it
         self.publishers: list[threading.Thread] = []
+        self.retry_rng = random.Random(f"{sc.seed}:publish-retry")
         self.act_lock = threading.RLock()  # one fault action at a time (the timeline, the publish threads)
 
     # -- time ---------------------------------------------------------------------------------------
@@ -187,50 +192,17 @@ class RealDrill:
         sc = self.sc
         for k, ms in enumerate(sorted(sc.policy.publish_at_ms)):
             serial = k + 2
-            self.at(ms, f"publish serial {serial}", lambda s=serial: self._publish(s))
+            self.at(ms, f"publish serial {serial}", self._publisher(serial))
         for e in self.episodes:
             self._schedule_episode(e)
         for ms, hook in self.hooks:
-            self.at(ms, "hook", lambda h=hook: h(self))
+            self.at(ms, "hook", self._hook(hook))
 
-    def _schedule_episode(self, e: Episode) -> None:
-        nodes = list(e.nodes)
-        end = e.end_ms
-        if e.kind == "partition":
-            inside, outside = set(nodes), set(range(self.n)) - set(nodes)
-            cut = (inside, outside)
-            self.at(e.start_ms, f"partition {e.name}", lambda: (self.cuts.append(cut), self._refresh_tables()))
-            if end is not None:
-                self.at(end, f"heal {e.name}", lambda: (self.cuts.remove(cut), self._refresh_tables()))
-        elif e.kind in ("region_outage", "crash", "kill9") and nodes:
-            blackhole = e.kind == "region_outage"
-            self.at(e.start_ms, f"{e.kind} {e.name}", lambda: self._down(nodes, blackhole))
-            if end is not None:
-                self.at(end, f"restart {e.name}", lambda: self._up(nodes))
-        elif e.kind == "authority_outage":
-            self.at(e.start_ms, "authority down", lambda: setattr(self, "authority_down", self.authority_down + 1))
-            if end is not None:
-                self.at(end, "authority up", self._authority_up)
-        elif e.kind == "loss":
-            p = float(e.detail["loss"])
-            self.at(e.start_ms, f"loss {p}", lambda: (self.loss_windows.append(p), self._refresh_tables()))
-            if end is not None:
-                self.at(end, f"loss {p} ends", lambda: (self.loss_windows.remove(p), self._refresh_tables()))
-        elif e.kind == "disk_full":
-            self.at(e.start_ms, f"disk full {e.name}", lambda: [self.fillers[i].fill() for i in nodes])
-            self.at(end or self.sc.duration_ms, f"disk freed {e.name}", lambda: [self.fillers[i].empty() for i in nodes])
-        elif e.kind == "clock_skew":
-            skew = float(e.detail["skew_s"])
-            self.at(e.start_ms, f"clock skew {skew:+.0f} s", lambda: self._restart_skewed(nodes, skew))
-            if end is not None:
-                self.at(end, "clock skew ends", lambda: self._restart_skewed(nodes, 0.0))
-        elif e.kind == "flush_ruleset":
-            self.at(e.start_ms, f"nft flush ruleset {e.name}", lambda: self._flush(nodes))
-        elif e.kind == "fd_pressure":
-            nofile = int(e.detail["nofile"])
-            self.at(e.start_ms, f"RLIMIT_NOFILE {nofile}", lambda: self._nofile(nodes, nofile))
-            if end is not None:
-                self.at(end, "RLIMIT_NOFILE restored", lambda: self._nofile(nodes, None))
+    def _hook(self, hook: Callable[[RealDrill], None]) -> Callable[[], str]:
+        def run() -> str:
+            hook(self)
+            return ""
+        return run
 
     def _run_timeline(self) -> None:
         end = self.sc.duration_ms
@@ -259,6 +231,9 @@ class RealDrill:
         assert self.cluster is not None
         return self.cluster.nodes[i]
 
+    def _publisher(self, serial: int) -> Callable[[], str]:
+        return lambda: self._publish(serial)
+
     def _publish(self, serial: int) -> str:
         """Pick the target now (the simulator's draw); ``meshctl policy publish`` runs in its own thread so
         the fault timeline keeps its times (a Python process start takes a second on a busy machine)."""
@@ -277,13 +252,23 @@ class RealDrill:
         return f"to {self.ids[target]}"
 
     def _publish_to(self, serial: int, target: int, started: int) -> None:
+        """Publish as an operator does: when the node does not acknowledge (it was killed meanwhile: starting
+        ``meshctl`` takes seconds here, the simulator's publish takes none), try another live node, up to
+        ``PUBLISH_ATTEMPTS`` times (retries draw from their own generator, so later publishes keep the
+        simulator's targets)."""
         assert self.cluster is not None
-        ok, said = self.cluster.publish(self.node(target), self.envelopes[serial])
+        for attempt in range(PUBLISH_ATTEMPTS):
+            ok, said = self.cluster.publish(self.node(target), self.envelopes[serial])
+            if ok:
+                break
+            with self.act_lock:
+                self._note(started, f"serial {serial}: {self.ids[target]} did not acknowledge: {said[-160:]}")
+                alive = [i for i in range(self.n) if self.node(i).alive and i not in self.blackholed]
+                if not alive or attempt == PUBLISH_ATTEMPTS - 1:
+                    return
+                target = self.retry_rng.choice(alive)
         acked = self.now_ms()
         with self.act_lock:
-            if not ok:
-                self._note(started, f"serial {serial}: {self.ids[target]} did not acknowledge: {said}")
-                return
             # the times of a version count from the moment the acknowledging node applied it
             self.published[serial] = self._applied_ms(target, serial) or acked
             self.checks.acknowledged(acked, target, serial)
@@ -306,92 +291,6 @@ class RealDrill:
     def _note(self, planned: int, action: str) -> None:
         self.timeline.append({"planned_ms": planned, "at_ms": self.now_ms(), "action": action})
         self.say(action)
-
-    def _authority_up(self) -> str:
-        self.authority_down -= 1
-        if self.authority_down:
-            return ""
-        pending, self.deferred = self.deferred, []
-        return "; ".join(f"serial {s}: {self._publish(s)}" for s in pending)
-
-    def _down(self, nodes: list[int], blackhole: bool) -> str:
-        killed = []
-        for i in nodes:
-            node = self.node(i)
-            if node.alive:
-                node.kill9()
-                self.kills += 1
-                killed.append(self.ids[i])
-            if blackhole:
-                self.blackholed.add(i)
-        if blackhole:
-            self._refresh_tables()
-        return f"kill -9 {', '.join(killed)}" if killed else "skipped: already down"
-
-    def _up(self, nodes: list[int]) -> str:
-        started = []
-        for i in nodes:
-            self.blackholed.discard(i)
-        self._refresh_tables()
-        for i in nodes:
-            node = self.node(i)
-            if not node.alive:
-                node.start()
-                self.restarts += 1
-                started.append(self.ids[i])
-        return f"started {', '.join(started)}" if started else "already running"
-
-    def _restart_skewed(self, nodes: list[int], skew: float) -> str:
-        for i in nodes:
-            node = self.node(i)
-            node.stop()
-            node.skew_s = skew
-            node.start()
-            self.restarts += 1
-        return f"{', '.join(self.ids[i] for i in nodes)} restarted with clock {skew:+.0f} s"
-
-    def _flush(self, nodes: list[int]) -> str:
-        for i in nodes:
-            if not self._serving(i):  # down or still booting: its boot apply restores the table, no drift alert
-                self.checks.no_alert_expected(self.now_ms(), i)
-            nf.run(["ip", "netns", "exec", self.lab.ns(i), "nft", "flush", "ruleset"])
-            self.tables[i].load()  # the flush took the drill's own table too
-        return ", ".join(self.ids[i] for i in nodes)
-
-    def _nofile(self, nodes: list[int], nofile: int | None) -> str:
-        out = []
-        for i in nodes:
-            node = self.node(i)
-            if not node.alive or node.proc is None:
-                continue
-            pid = node.proc.pid
-            if nofile is not None:
-                self.fd_saved[i] = (pid, nf.get_nofile(pid))
-                nf.set_nofile(pid, nofile, self.fd_saved[i][1][1])
-                out.append(f"{self.ids[i]} pid {pid} nofile {nofile}")
-            elif i in self.fd_saved and self.fd_saved[i][0] == pid:
-                soft, hard = self.fd_saved.pop(i)[1]
-                nf.set_nofile(pid, soft, hard)
-                out.append(f"{self.ids[i]} nofile {soft}")
-        return "; ".join(out) or "no running process"
-
-    def _serving(self, i: int) -> bool:
-        h = self.history[i]
-        return self.node(i).alive and bool(h) and h[-1][1] and self.now_ms() - h[-1][0] < 2 * SAMPLE_MS
-
-    def _refresh_tables(self) -> None:
-        base = self.sc.network.loss
-        loss = max([base, *self.loss_windows])
-        for i, table in enumerate(self.tables):
-            cut: set[str] = set()
-            for inside, outside in self.cuts:
-                other = outside if i in inside else inside if i in outside else set()
-                cut |= {self.lab.ip(j) for j in other}
-            new = (int(round(loss * 100)), cut, i in self.blackholed)
-            if (table.loss_pct, table.cut, table.blackhole) != new or not getattr(table, "loaded", False):
-                table.loss_pct, table.cut, table.blackhole = new
-                table.load()
-                table.loaded = True  # type: ignore[attr-defined]
 
     # -- observation --------------------------------------------------------------------------------
     def _sampler(self, i: int) -> None:
@@ -440,7 +339,8 @@ class RealDrill:
     def _finish(self, wall_s: float) -> dict[str, Any]:
         end = self.now_ms()
         live = [i for i in range(self.n) if self.node(i).alive and self.latest[i] is not None]
-        final = {i: (int((self.latest[i] or {}).get("root_version") or 0), _serial(self.latest[i])) for i in live}
+        final: dict[int, tuple[int, int] | None] = {
+            i: (int((self.latest[i] or {}).get("root_version") or 0), _serial(self.latest[i])) for i in live}
         last_serial = len(self.sc.policy.publish_at_ms) + 1
         heal = last_heal_ms(self.episodes, self.sc.duration_ms)
         for w in self.watches:

@@ -13,6 +13,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..report import SERF_MODEL_MS
+from .checks import SAMPLE_MS
+from .schedule import fault_windows
 
 if TYPE_CHECKING:
     from .real import RealDrill
@@ -33,7 +35,7 @@ def version_stats(drill: RealDrill, serial: int, live: list[int]) -> dict[str, A
     publish_ms = sorted(sc.policy.publish_at_ms)[serial - 2]
     pub = drill.published.get(serial)
     out: dict[str, Any] = {"serial": serial, "publish_ms": publish_ms, "published_at_ms": pub}
-    empty = dict(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
+    empty: dict[str, Any] = dict(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
                  messages_per_node=None, dissemination_bytes_per_node=None, dissemination_bytes_per_node_max=None,
                  by_region={})
     if pub is None or not live:
@@ -102,8 +104,7 @@ def real_report(drill: RealDrill, invariants: dict[str, Any], live: list[int], w
         "false_suspicions": None,
         "deaths_declared": None,
         "alerts": dict(sorted(drill.alert_counts.items())),
-        "faults": [{"name": e.name, "start_ms": e.start_ms, "end_ms": min(e.end_ms or sc.duration_ms, sc.duration_ms)}
-                   for e in drill.episodes],
+        "faults": fault_windows(sc),
         "versions": versions,
         "events": None,
         "wall_s": round(wall_s, 3),
@@ -115,7 +116,7 @@ def real_report(drill: RealDrill, invariants: dict[str, Any], live: list[int], w
         "fault_timeline": drill.timeline,
         "drill": {
             "samples": drill.checks.samples,
-            "sample_ms": 250,
+            "sample_ms": SAMPLE_MS,
             "kills": drill.kills,
             "restarts": drill.restarts,
             "kernel_gaps": [{"from_ms": a, "to_ms": b, "node": n} for a, b, n in drill.checks.gaps],

@@ -99,6 +99,16 @@ def _node_fault(f: Any, name: str, n: int, rng: random.Random) -> list[Episode]:
     return [Episode(f.kind, name, f.at_ms, f.until_ms, nodes, (), detail)]
 
 
+def fault_windows(sc: Scenario) -> list[dict[str, Any]]:
+    """The report's ``faults``: one window per scenario fault (as the simulator's ``Faults`` lists them)."""
+    out = []
+    for f in sc.faults:
+        end = f.at_ms + FLUSH_REPAIR_MS if f.kind == "flush_ruleset" else f.until_ms
+        out.append({"name": f.name or f.kind, "start_ms": f.at_ms,
+                    "end_ms": sc.duration_ms if end is None else min(end, sc.duration_ms)})
+    return out
+
+
 def last_heal_ms(episodes: list[Episode], duration_ms: int) -> int:
     """When the last fault heals (the end of the run for a fault that never does)."""
     return max([duration_ms if e.end_ms is None else e.end_ms for e in episodes], default=0)

@@ -219,6 +219,7 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
         if not agents.wait_formed(BOOT_TIMEOUT_S):
             raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
         time.sleep(3.0)
+        alive_at_start = agents.alive_members()
         retrans0 = _retrans(lab)
         out = []
         for k in range(events):
@@ -230,6 +231,7 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             time.sleep(1.0)
         done = [e["all_ms"] for e in out if e["all_ms"] is not None]
         return {"events": out, **_summary(done), "complete": f"{len(done)}/{len(out)}",
+                "alive_seen_by_agent_0_at_start": alive_at_start,
                 "tcp_retrans_segs": _retrans(lab) - retrans0}
     finally:
         agents.stop()
@@ -279,7 +281,7 @@ def _print_one(r: dict[str, Any]) -> None:
         for e in s["events"]:
             print(f"  serf {e['event']}: all {e['all_ms']} ms ({e['delivered']}/{r['nodes']})")
         print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
-              f"tcp retrans {s['tcp_retrans_segs']}")
+              f"tcp retrans {s['tcp_retrans_segs']}, alive at start {s['alive_seen_by_agent_0_at_start']}/{r['nodes']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
     sys.stdout.flush()
 

@@ -19,6 +19,7 @@ the bridge's.  For each size and loss:
 2. Serf, run first in the same namespaces (Debian's ``serf``, ``simulations/drill/serf_agents.py``): one agent per namespace, the same loss
    rules; ``--publishes`` user events, each fired through a seeded agent; per event the time from firing
    (the ``serf event`` client's start included) to the last agent's handler run.
+4. The simulator on the same topology (``predict``): its median next to the measured one.
 3. TCP retransmitted segments (``/proc/net/snmp`` of every namespace) during each side's publishes.
 
 Prints per-version figures, the medians, p99, max, delivery completeness and the policymesh/Serf ratio
@@ -41,6 +42,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshnode.client import publish  # noqa: E402
@@ -49,6 +52,8 @@ from simulations.drill import netfaults as nf  # noqa: E402
 from simulations.drill.nodes import RealCluster  # noqa: E402
 from simulations.drill.policydoc import document_toml  # noqa: E402
 from simulations.drill.serf_agents import SerfAgents  # noqa: E402
+from simulations.engine import run_scenario  # noqa: E402
+from simulations.scenario import load, override  # noqa: E402
 
 SUBNET = "10.215.0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -237,6 +242,23 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
         agents.stop()
 
 
+def predict(n: int, loss: int, regions: int, publishes: int, seed: int) -> dict[str, Any]:
+    """The simulator's prediction for the same topology: the calibrated ``loopback-12`` host model (one
+    host's cores, per-message processing, apply time; no added latency, as on the bridge) at ``n`` nodes
+    in ``regions`` regions with ``loss`` on every message, ``publishes`` versions one per 10 s."""
+    sc = override(load("loopback-12"), nodes=n, seed=seed, loss=loss / 100)
+    names = [f"region-{chr(ord('a') + r)}" for r in range(regions)]
+    start = 30_000
+    sc = msgspec.structs.replace(
+        sc, nodes=msgspec.structs.replace(sc.nodes, regions=names),
+        policy=msgspec.structs.replace(sc.policy, rules=50,
+                                       publish_at_ms=[start + 10_000 * k for k in range(publishes)]),
+        duration_ms=start + 10_000 * publishes + 20_000)
+    report, _ = run_scenario(sc, progress=False)
+    done = [v["t100_ms"] for v in report["versions"] if v["t100_ms"] is not None]
+    return {**_summary(done), "complete": f"{len(done)}/{len(report['versions'])}"}
+
+
 def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
     regions = [f"region-{chr(ord('a') + r)}" for r in range(args.regions)]
     lab = NetnsLab(n, prefix="pmbn", bridge_prefix="pmbnb", veth_prefix="pmbv", subnet=SUBNET,
@@ -262,6 +284,9 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
             out["ratio_of_medians"] = round(m / s, 3) if m and s else None
     finally:
         lab.teardown()
+    out["simulator"] = predict(n, loss, args.regions, args.publishes, args.seed)
+    measured, predicted = out["meshnode"]["median_ms"], out["simulator"]["median_ms"]
+    out["predicted_over_measured"] = round(predicted / measured, 3) if measured and predicted else None
     _print_one(out)
     return out
 
@@ -283,6 +308,9 @@ def _print_one(r: dict[str, Any]) -> None:
         print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
               f"tcp retrans {s['tcp_retrans_segs']}, alive at start {s['alive_seen_by_agent_0_at_start']}/{r['nodes']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
+    p = r["simulator"]
+    print(f"  simulator, same topology: median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "
+          f"predicted/measured {r['predicted_over_measured']}")
     sys.stdout.flush()
 
 
@@ -300,11 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, nftables)")
     results = [bench_one(int(n), int(loss), args) for n in args.sizes.split(",") for loss in args.loss.split(",")]
-    print("\nsummary: nodes loss | meshnode median/max ms complete | serf median/max ms complete | ratio")
+    print("\nsummary: nodes loss | meshnode median/max ms complete | serf median/max ms complete | ratio | "
+          "simulator median ms, predicted/measured")
     for r in results:
-        m, s = r["meshnode"], r.get("serf", {})
+        m, s, p = r["meshnode"], r.get("serf", {}), r["simulator"]
         print(f"  {r['nodes']:>4} {r['loss_pct']:>3}% | {m['median_ms']}/{m['max_ms']} {m['complete']} | "
-              f"{s.get('median_ms')}/{s.get('max_ms')} {s.get('complete')} | {r.get('ratio_of_medians')}")
+              f"{s.get('median_ms')}/{s.get('max_ms')} {s.get('complete')} | {r.get('ratio_of_medians')} | "
+              f"{p['median_ms']}, {r['predicted_over_measured']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -95,8 +95,9 @@ class SerfAgents:
                 if i not in joined:
                     if self.alive_members(i) >= 2:
                         joined.add(i)
-                    else:
-                        self._rpc(i, ["join", f"{self.ip(0)}:{SERF_PORT}"])
+                    else:  # several seeds: any one that answers will do
+                        seeds = sorted(joined)[:3]
+                        self._rpc(i, ["join", *(f"{self.ip(s)}:{SERF_PORT}" for s in seeds)])
             if len(joined) == self.count and self.alive_members() >= 0.8 * self.count:
                 return True
             time.sleep(1.0)

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, nftables)")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop still tears the namespaces down
     results = [bench_one(int(n), int(loss), args) for n in args.sizes.split(",") for loss in args.loss.split(",")]
     print("\nsummary: nodes loss | meshnode median/max ms complete | serf median/max ms complete | ratio | "
           "simulator median ms, predicted/measured")

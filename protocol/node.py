@@ -59,6 +59,7 @@ from .gossip_events import (
     Send,
     SendFailed,
     TimerFired,
+    ValidationReported,
     Verdict,
 )
 from .gossip_wire import (
@@ -91,7 +92,7 @@ __all__ = [
     "Alert", "Disconnect", "Effect", "Enforce", "FrameReceived", "GossipConfig", "LeaveRequested",
     "LivenessChanged", "MemberEntry", "Node", "Now", "PeerConnected", "PeerDisconnected", "PersistMembers",
     "PersistPolicy", "PersistRoot", "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied",
-    "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
+    "Send", "SendFailed", "TimerFired", "ValidationReported", "Verdict", "VerifyCache",
 ]
 
 class Node:
@@ -195,6 +196,8 @@ class Node:
             self._install_roots(inp.chain, None, inp.source)
         elif isinstance(inp, RulesetApplied):
             self.enforcement.on_ruleset_applied(inp, now.ms, now.wall)
+        elif isinstance(inp, ValidationReported):
+            self.enforcement.on_validation(inp, now.wall)
         elif isinstance(inp, LeaveRequested):
             item = self.membership.leave(now.ms)
             for peer in self.membership.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .gossip_events import Now
-from .gossip_wire import HASH_PREFIX
+from .gossip_wire import HASH_PREFIX, SEVERITIES, StatusBody
 from .member_table import ALIVE, DEAD, LEFT, SUSPECT, MemberTable
 from .trust import TrustedState
 
@@ -22,7 +22,13 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
     member counts as converged only on what it *enforces* (its enforcer's confirmation, from its
     signed status; for this node, from ``RulesetApplied``), never on what it merely trusts or
     claims.  A known equivocation at that serial makes the state ``equivocation``, naming the
-    hashes, never plain ``converged``."""
+    hashes, never plain ``converged``.
+
+    Validation: ``validated`` of a member gathers what the *other* members' signed statuses say of it
+    (their latest external probe of it: how many validated it, when last, the holes and blocked ports
+    they found); ``alerts_open`` is its own count of open alerts per severity, summed over the live
+    members in ``alerts``."""
+    validated = _validated_by_target(table)
     pol_hash = trust.policy_hash
     mine = trust.serial
     target_hash = pol_hash[: 2 * HASH_PREFIX] if pol_hash else ""
@@ -33,6 +39,7 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
     members = []
     by_region: dict[str, dict[str, int]] = {}
     known = converged = ahead = 0
+    alerts = dict.fromkeys(SEVERITIES, 0)
     for rec in sorted(table.records(), key=lambda r: r.node_id):
         m = table.get(rec.node_id)
         assert m is not None
@@ -59,9 +66,13 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             "state": state if is_me else (st.state if st else None),
             "converged": ok,
             "equivocation": eq_hashes or None,
+            "alerts_open": _alert_counts(st),
+            "validated": validated.get(m.node_id),
         })
         if m.liveness == LEFT:
             continue
+        for sev, n in (_alert_counts(st) or {}).items():
+            alerts[sev] += n
         reg = by_region.setdefault(m.region, {"members": 0, "known": 0, "converged": 0})
         reg["members"] += 1
         if serial is not None:
@@ -105,5 +116,41 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             "fraction": (converged / total) if total else 0.0, "by_region": by_region,
             "equivocation": equivocation,
         },
+        "alerts": alerts,
+        "validation": {"validated": sum(1 for v in validated.values() if v["target"] in table),
+                       "holes": sorted(f"{t} tcp/{h['port']} (seen by {h['by']})"
+                                       for t, v in validated.items() if t in table for h in v["holes"])},
         "counters": counters,
     }
+
+
+def _alert_counts(st: StatusBody | None) -> dict[str, int] | None:
+    """A member's open alerts per severity, from its signed status (None: it does not report them)."""
+    if st is None or not st.alerts_open:
+        return None
+    return {sev: (st.alerts_open[i] if i < len(st.alerts_open) else 0) for i, sev in enumerate(SEVERITIES)}
+
+
+def _validated_by_target(table: MemberTable) -> dict[str, dict[str, Any]]:
+    """For every probed member: what the others' signed statuses say of it (see ``status_view``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in table.records():
+        m = table.get(rec.node_id)
+        if m is None or m.status is None or m.liveness == LEFT:
+            continue
+        for r in m.status.validations:
+            if r.target == m.node_id:
+                continue  # a member does not validate itself
+            v = out.setdefault(r.target, {"target": r.target, "by": 0, "probers": [], "last_at": 0, "checked": 0, "holes": [],
+                                          "blocked": []})
+            v["by"] += 1
+            v["probers"].append(m.node_id)
+            v["last_at"] = max(v["last_at"], r.at)
+            v["checked"] += r.checked
+            v["holes"] += [{"port": p, "by": m.node_id, "at": r.at} for p in r.holes]
+            v["blocked"] += [{"port": p, "by": m.node_id, "at": r.at} for p in r.blocked]
+    for v in out.values():
+        v["probers"].sort()
+        v["holes"].sort(key=lambda h: (h["port"], h["by"]))
+        v["blocked"].sort(key=lambda h: (h["port"], h["by"]))
+    return out

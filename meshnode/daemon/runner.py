@@ -49,6 +49,7 @@ from .ruleset_watch import RulesetWatch
 from .scheduler import Deadline, Every, Scheduler
 from .state_writes import StateWriter
 from .tasks import TaskSpawner
+from .validation import REACHABILITY_ROUND_S, PeerChecks
 
 SHUTDOWN_GRACE_S = 2.0
 RESTART_MIN_S = 1.0
@@ -98,6 +99,8 @@ class MeshDaemon:
         operator_api = OperatorApi(submit_policy=self.core.submit_policy, status=self.status,
                                    alerts=self.open_alerts, **parts)
         self.checks = LocalChecks(cfg.validate, table=cfg.enforce.table, mesh_port=self.listen_port)
+        self.peer_checks = PeerChecks(config=config, identity=self.identity, enforcer=self.enforcer, core=self.core,
+                                      pipeline=pipeline, tasks=self.tasks, skew_s=cfg.trust.clock_skew_s, **parts)
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert,
                                      on_bad_handshake=self._on_bad_handshake, **parts)
@@ -229,6 +232,8 @@ class MeshDaemon:
         if self.config.cfg.validate.port_audit_s:
             self.scheduler.add(Every("port-audit", self.config.cfg.validate.port_audit_s, self._start_port_audit))
         self.scheduler.add(Deadline("abuse-quiet", self.checks.next_abuse_deadline, self._abuse_round))
+        self.scheduler.add(Every("peer-probe", self.peer_checks.next_interval_s(), self.peer_checks.probe_round))
+        self.scheduler.add(Every("reachability", REACHABILITY_ROUND_S, self.peer_checks.reachability_round))
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived task; an OS-level failure (EMFILE, ENOSPC, no thread for to_thread) restarts it
@@ -280,6 +285,7 @@ class MeshDaemon:
             self.log.warning("config.override_active", override=name)
         self.enforcer.reconfigure(new)
         self.checks.reconfigure(new.cfg.validate, table=new.cfg.enforce.table, mesh_port=self.listen_port)
+        self.peer_checks.reconfigure(new)
         for source in self._sources:
             source.reconfigure(new)
         self.enforcer.want_again()

@@ -78,7 +78,7 @@ class Reachability:
                     found[PEER_CHECK][node_id] = Finding(
                         PEER_CHECK, node_id, PEER_CHECK, "warning",
                         f"member {node_id} (region {region}) unreachable for {long_down[node_id]:.0f} s",
-                        {"node": node_id, "region": region, "unreachable_s": round(long_down[node_id])})
+                        {"member": node_id, "region": region, "unreachable_s": round(long_down[node_id])})
         changes = {c: diff_findings(self._open[c], found[c]) for c in CHECKS}
         self._open = found
         return changes

@@ -79,6 +79,7 @@ from .gossip_wire import (
     SyncEntries,
     decode,
 )
+from .member_table import LIVENESS_NAME
 from .members import VerifyCache
 from .membership import Membership
 from .metadata import Certificate
@@ -229,6 +230,12 @@ class Node:
                            incarnation=self.membership.own.incarnation, local_health=self.membership.swim.health,
                            enforced=self.enforcement.enforced, state=self.enforcement.state(self._now.wall),
                            not_enforced=self.enforcement.not_enforced, counters=counters)
+
+    def member_summary(self) -> list[tuple[str, str, str, str]]:
+        """(node id, region, liveness, advertised address) of every member, ourselves included: what the
+        shell's reachability and probe checks need, without building the whole ``status`` view."""
+        codes = self.members.liveness_codes
+        return [(r.node_id, r.region, LIVENESS_NAME[codes[r.idx]], r.address) for r in self.members.records()]
 
     # -- start and timers ----------------------------------------------------------------------------
     def _start(self, now: Now) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .gossip_events import Now
 from .gossip_wire import HASH_PREFIX, SEVERITIES, StatusBody
-from .member_table import ALIVE, DEAD, LEFT, SUSPECT, MemberTable
+from .member_table import ALIVE, DEAD, LEFT, LEFT_CODE, SUSPECT, MemberTable
 from .trust import TrustedState
 
 
@@ -132,25 +132,29 @@ def _alert_counts(st: StatusBody | None) -> dict[str, int] | None:
 
 
 def _validated_by_target(table: MemberTable) -> dict[str, dict[str, Any]]:
-    """For every probed member: what the others' signed statuses say of it (see ``status_view``)."""
-    out: dict[str, dict[str, Any]] = {}
-    for rec in table.records():
-        m = table.get(rec.node_id)
-        if m is None or m.status is None or m.liveness == LEFT:
+    """For every probed member: what the others' signed statuses say of it (see ``status_view``).  One
+    pass over the status column (at most ``MAX_VALIDATIONS`` reports per member)."""
+    acc: dict[str, list[Any]] = {}  # target -> [by, probers, last_at, checked, holes, blocked]
+    recs, codes = table.recs, table.liveness_codes
+    for i, info in enumerate(table.statuses):
+        if info is None or not info.body.validations or i >= len(recs) or recs[i] is None or codes[i] == LEFT_CODE:
             continue
-        for r in m.status.validations:
-            if r.target == m.node_id:
+        prober = info.body.node_id
+        for r in info.body.validations:
+            if r.target == prober:
                 continue  # a member does not validate itself
-            v = out.setdefault(r.target, {"target": r.target, "by": 0, "probers": [], "last_at": 0, "checked": 0, "holes": [],
-                                          "blocked": []})
-            v["by"] += 1
-            v["probers"].append(m.node_id)
-            v["last_at"] = max(v["last_at"], r.at)
-            v["checked"] += r.checked
-            v["holes"] += [{"port": p, "by": m.node_id, "at": r.at} for p in r.holes]
-            v["blocked"] += [{"port": p, "by": m.node_id, "at": r.at} for p in r.blocked]
-    for v in out.values():
-        v["probers"].sort()
-        v["holes"].sort(key=lambda h: (h["port"], h["by"]))
-        v["blocked"].sort(key=lambda h: (h["port"], h["by"]))
-    return out
+            a = acc.get(r.target)
+            if a is None:
+                a = acc[r.target] = [0, [], 0, 0, [], []]
+            a[0] += 1
+            a[1].append(prober)
+            a[2] = max(a[2], r.at)
+            a[3] += r.checked
+            if r.holes:
+                a[4] += [(p, prober, r.at) for p in r.holes]
+            if r.blocked:
+                a[5] += [(p, prober, r.at) for p in r.blocked]
+    return {target: {"target": target, "by": a[0], "probers": sorted(a[1]), "last_at": a[2], "checked": a[3],
+                     "holes": [{"port": p, "by": b, "at": at} for p, b, at in sorted(a[4])],
+                     "blocked": [{"port": p, "by": b, "at": at} for p, b, at in sorted(a[5])]}
+            for target, a in acc.items()}

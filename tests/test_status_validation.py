@@ -120,3 +120,11 @@ def test_a_new_probe_time_alone_is_signed_only_after_the_refresh_interval() -> N
     link.feed("n0", ValidationReported((ProbeReport("n1", at + 400, 5, (22,)),), (1, 0, 0, 0)))
     assert node.membership.own.status_seq > seq
     assert node.members.status_of("n0").validations[0].at == at + 400  # type: ignore[union-attr]
+
+
+def test_member_summary_is_the_cheap_liveness_view() -> None:
+    link = _joined(3)
+    node = link.hosts["n0"].node
+    summary = node.member_summary()
+    view = {m["node_id"]: m for m in node.status(link.now())["members"]}
+    assert sorted(summary) == sorted((n, m["region"], m["liveness"], m["address"]) for n, m in view.items())

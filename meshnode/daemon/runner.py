@@ -367,9 +367,10 @@ class MeshDaemon:
         self.metrics.observe_policy(self.trust, wall)
         lag = self.enforcer.lag_s(wall)
         self.metrics.convergence_lag.set(lag)
-        core = self.core.node.status(now()) if self.core.node is not None else {}
+        summary = self.core.node.member_summary() if self.core.node is not None else []
         connected = sum(1 for channels in self.connections.gossip.values() if channels)
-        self.metrics.observe_peers(connected, core.get("members", []), self.identity.node_id)
+        self.metrics.observe_peers(connected, [{"node_id": n, "liveness": lv} for n, _r, lv, _a in summary],
+                                   self.identity.node_id)
 
     def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)

@@ -35,7 +35,7 @@ from ..config import LoadedConfig
 from ..enforcer import Enforcer
 from ..identity import Identity
 from ..metrics import Metrics
-from .core_driver import CoreDriver, now
+from .core_driver import CoreDriver
 from .tasks import TaskSpawner
 
 REACHABILITY_ROUND_S = 5.0  # also how often the open-alert counts are handed to the core
@@ -118,7 +118,7 @@ class PeerChecks:
         node = self.core.node
         if node is None:
             return {}
-        return {m["node_id"]: m["address"] for m in node.status(now())["members"] if m.get("address")}
+        return {node_id: address for node_id, _region, _liveness, address in node.member_summary() if address}
 
     def _forget(self, members: list[Certificate], wall: float) -> None:
         for check, changes in self.validation.forget(c.node_id for c in members).items():
@@ -141,7 +141,7 @@ class PeerChecks:
         if node is None:
             return
         if self.reach is not None:
-            members = [(m["node_id"], m["region"], m["liveness"]) for m in node.status(now())["members"]]
+            members = [(node_id, region, liveness) for node_id, region, liveness, _addr in node.member_summary()]
             wall = time.time()
             for check, changes in self.reach.round(members, me=self.identity.node_id, now=time.monotonic()).items():
                 deliver(self.pipeline, check, changes, wall)

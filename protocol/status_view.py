@@ -58,6 +58,7 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             trusted = (st.trusted_serial or None) if st else None
             eq_hashes = [h.hex() for h in st.equivocation] if st and st.equivocation_serial == mine else []
         ok = bool(mine) and serial == mine and bool(phash) and phash == target_hash
+        counts = _alert_counts(st)
         members.append({
             "node_id": m.node_id, "region": m.region, "address": m.address,
             "liveness": m.liveness, "incarnation": m.incarnation,
@@ -66,12 +67,12 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             "state": state if is_me else (st.state if st else None),
             "converged": ok,
             "equivocation": eq_hashes or None,
-            "alerts_open": _alert_counts(st),
+            "alerts_open": counts,
             "validated": validated.get(m.node_id),
         })
         if m.liveness == LEFT:
             continue
-        for sev, n in (_alert_counts(st) or {}).items():
+        for sev, n in (counts or {}).items():
             alerts[sev] += n
         reg = by_region.setdefault(m.region, {"members": 0, "known": 0, "converged": 0})
         reg["members"] += 1
@@ -148,7 +149,8 @@ def _validated_by_target(table: MemberTable) -> dict[str, dict[str, Any]]:
                 a = acc[r.target] = [0, [], 0, 0, [], []]
             a[0] += 1
             a[1].append(prober)
-            a[2] = max(a[2], r.at)
+            if r.at > a[2]:
+                a[2] = r.at
             a[3] += r.checked
             if r.holes:
                 a[4] += [(p, prober, r.at) for p in r.holes]

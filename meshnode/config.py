@@ -102,6 +102,10 @@ class AlertsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
 
 
+# ssh, telnet, http(s), docker, etcd, mysql, postgres, redis, http-alt, elasticsearch, mongodb
+DEFAULT_PEER_PROBE_PORTS = (22, 23, 80, 443, 2375, 2379, 3306, 5432, 6379, 8080, 9200, 27017)
+
+
 class ValidateSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The services this node is meant to offer ("tcp/5432", "udp/53"); the port audit alerts on a listener
     # that the policy exposes but is not declared here, and on a declared service with nothing listening.
@@ -112,6 +116,19 @@ class ValidateSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abuse_threshold: int = 20
     abuse_window_s: float = 60.0
     block_abusers_s: int = 0  # > 0: also drop such a source for this long (an nftables timeout set)
+    # External validation (meshnode/checks/peer_probe.py): every interval (jittered +-25%) probe a few
+    # random members with real TCP connections, on ports the signed policy refuses to this node, ports it
+    # opens to it, and the mesh port. Off only by peer_probes = false, which is an active override.
+    peer_probes: bool = True
+    peer_probe_interval_s: float = 30.0
+    peer_probe_targets: int = 1  # members probed per round
+    peer_probe_refused: int = 3  # ports the policy refuses to us, per target
+    peer_probe_reachable: int = 2  # ports the policy opens to us, per target (the mesh port comes on top)
+    peer_probe_timeout_s: float = 2.0  # a connection attempt without an answer by then was dropped
+    # Ports to try as "must be refused" besides the ports every policy rule names (commonly attacked ones).
+    peer_probe_ports: list[int] = msgspec.field(default_factory=lambda: list(DEFAULT_PEER_PROBE_PORTS))
+    # A member suspect or dead (SWIM) for this long is one alert; a region whose every member is, one alert.
+    unreachable_after_s: float = 120.0  # 0: no unreachable alerts
 
 
 class OverridesSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -160,6 +177,8 @@ class LoadedConfig:
             out.append("admin_non_loopback")
         if o.break_glass_cidrs:
             out.append("break_glass_cidrs")
+        if not self.cfg.validate.peer_probes:
+            out.append("validate.peer_probes_off")
         return out
 
 
@@ -304,6 +323,18 @@ def _validate_checks(v: ValidateSection, backend: str, where: str) -> None:
         raise ConfigError(f"{where}: validate.block_abusers_s must be 0 (off) .. 604800 (a week)")
     if v.block_abusers_s and backend != "nftables":
         raise ConfigError(f"{where}: validate.block_abusers_s needs enforce.backend = \"nftables\" (a timeout set)")
+    if not 5 <= v.peer_probe_interval_s <= 86400:
+        raise ConfigError(f"{where}: validate.peer_probe_interval_s must be 5..86400")
+    if not 1 <= v.peer_probe_targets <= 8 or not 0 <= v.peer_probe_refused <= 16 \
+            or not 0 <= v.peer_probe_reachable <= 16:
+        raise ConfigError(f"{where}: validate.peer_probe_targets must be 1..8, peer_probe_refused and "
+                          "peer_probe_reachable 0..16 (a probe round stays a few connections)")
+    if not 0.1 <= v.peer_probe_timeout_s <= 30:
+        raise ConfigError(f"{where}: validate.peer_probe_timeout_s must be 0.1..30")
+    if len(v.peer_probe_ports) > 256 or any(not 1 <= p <= 65535 for p in v.peer_probe_ports):
+        raise ConfigError(f"{where}: validate.peer_probe_ports: at most 256 ports, each 1..65535")
+    if v.unreachable_after_s != 0 and not 10 <= v.unreachable_after_s <= 7 * 86400:
+        raise ConfigError(f"{where}: validate.unreachable_after_s must be 0 (off) or 10..604800")
 
 
 def render_config(

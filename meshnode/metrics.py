@@ -35,6 +35,8 @@ class Metrics:
         self.apply_failures = Counter("policymesh_apply_failures", "Failed enforcement applies", registry=r)
         self.drift = Counter("policymesh_drift_repairs", "Kernel ruleset drift detected and repaired", registry=r)
         self.alerts = Counter("policymesh_alerts", "Alerts raised", ["event"], registry=r)
+        self.peer_probes = Counter("policymesh_peer_probes", "Ports of peers probed from outside, by verdict "
+                                   "(ok, hole, blocked, no_listener, unknown)", ["verdict"], registry=r)
         self.overrides = Gauge("policymesh_override_active", "Active security overrides", ["override"], registry=r)
         self.state_problems = Counter("policymesh_state_problems", "Corrupt or unverifiable state files", registry=r)
         self.state_write_failures = Counter(

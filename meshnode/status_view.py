@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+SEVERITIES = ("critical", "error", "warning", "info")
 
 
 def members_of(status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,9 +45,47 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{done}/{len(members)} members enforce serial {target}"
                      + (f" (hash {conv.get('target_hash')})" if judged and conv.get("target_hash") else ""))
+    if members:
+        lines += _validation_lines(members, time.time())
     eq = conv.get("equivocation")
     if eq:
         lines.append(f"EQUIVOCATION at serial {eq.get('serial')}: validly signed payloads "
                      f"{', '.join(eq.get('hashes') or [])}; every node keeps {eq.get('kept')} (the lower hash)"
                      + (f"; reported by {', '.join(eq['reported_by'])}" if eq.get("reported_by") else ""))
     return "\n".join(lines)
+
+
+def validation_text(m: dict[str, Any], now: float) -> str:
+    """``validated from outside by 2 peers, last 12 s ago; holes: tcp/9999 (seen by n1)`` for one member."""
+    v = m.get("validated")
+    if not v:
+        return "not validated from outside yet"
+    age = max(0, round(now - float(v.get("last_at") or 0)))
+    text = f"validated from outside by {v.get('by')} peer(s), last at {_iso(v.get('last_at'))} ({age} s ago)"
+    holes = [f"tcp/{h['port']} (seen by {h['by']})" for h in v.get("holes") or []]
+    blocked = [f"tcp/{h['port']} (seen by {h['by']})" for h in v.get("blocked") or []]
+    text += f"; holes: {', '.join(holes) if holes else 'none'}"
+    if blocked:
+        text += f"; blocked: {', '.join(blocked)}"
+    return text
+
+
+def alert_counts_text(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "alerts not reported"
+    return ", ".join(f"{counts.get(s, 0)} {s}" for s in SEVERITIES)
+
+
+def _validation_lines(members: list[dict[str, Any]], now: float) -> list[str]:
+    out = ["", "validation (signed statuses of the peers that probed each node; open alerts as each node reports):"]
+    for m in members:
+        out.append(f"  {m.get('node_id') or '-':16s} {validation_text(m, now)}; "
+                   f"open alerts: {alert_counts_text(m.get('alerts_open'))}")
+    return out
+
+
+def _iso(at: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(at)))
+    except (TypeError, ValueError, OverflowError):
+        return "-"

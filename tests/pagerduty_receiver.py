@@ -16,6 +16,7 @@ Tests can queue forced answers (``force``: 500, 429, 400...) to play an unhealth
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Receiver:
     (``requests``: (path, status)); ``force``: statuses to answer next, whatever the body."""
 
     port: int = 0
+    host: str = "127.0.0.1"
     events: list[dict[str, Any]] = field(default_factory=list)
     webhooks: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, int]] = field(default_factory=list)
@@ -132,11 +134,11 @@ class Receiver:
 
     @property
     def pagerduty_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v2/enqueue"
+        return f"http://{self.host}:{self.port}/v2/enqueue"
 
     @property
     def webhook_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/webhook"
+        return f"http://{self.host}:{self.port}/webhook"
 
     async def start(self) -> Receiver:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -144,7 +146,7 @@ class Receiver:
         app.router.add_post("/webhook", self._webhook)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         if not self.port:
             self.port = self._runner.addresses[0][1]
@@ -199,3 +201,26 @@ class Receiver:
         self.webhooks.append(body)
         self.requests.append(("/webhook", 200))
         return web.json_response({"ok": True})
+
+
+async def _serve(host: str, port: int, dump: str) -> None:
+    """Run until killed, rewriting ``dump`` (JSON: events, webhooks, rejected) after every request."""
+    import os
+
+    receiver = await Receiver(port=port, host=host).start()
+    seen = -1
+    while True:
+        if len(receiver.requests) != seen:
+            seen = len(receiver.requests)
+            tmp = f"{dump}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"events": receiver.events, "webhooks": receiver.webhooks,
+                           "rejected": [[b, e] for b, e in receiver.rejected]}, f)
+            os.replace(tmp, dump)
+        await asyncio.sleep(0.1)
+
+
+if __name__ == "__main__":  # a receiver in a network namespace: python -m tests.pagerduty_receiver HOST PORT DUMP
+    import sys
+
+    asyncio.run(_serve(sys.argv[1], int(sys.argv[2]), sys.argv[3]))

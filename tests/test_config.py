@@ -86,3 +86,19 @@ def test_validate_section(tmp_path):
     assert load_config(write(tmp_path, iptables)).cfg.validate.block_abusers_s == 0
     with pytest.raises(ConfigError, match="needs enforce.backend"):
         load_config(write(tmp_path, iptables + "\n[validate]\nblock_abusers_s = 60\n"))
+
+
+def test_peer_probe_settings(tmp_path):
+    lc = load_config(write(tmp_path, BASE))
+    v = lc.cfg.validate
+    assert v.peer_probes and v.peer_probe_interval_s == 30 and v.unreachable_after_s == 120
+    assert 22 in v.peer_probe_ports and lc.active_overrides() == []
+    off = load_config(write(tmp_path, BASE + "\n[validate]\npeer_probes = false\n"))
+    assert off.active_overrides() == ["validate.peer_probes_off"]  # switched off only as a labelled override
+    for bad, match in (("peer_probe_interval_s = 1", "peer_probe_interval_s"),
+                       ("peer_probe_targets = 0", "peer_probe_targets"), ("peer_probe_refused = 99", "peer_probe_refused"),
+                       ("peer_probe_timeout_s = 0", "peer_probe_timeout_s"),
+                       ("peer_probe_ports = [0]", "peer_probe_ports"), ("unreachable_after_s = 3", "unreachable_after_s")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
+    assert load_config(write(tmp_path, BASE + "\n[validate]\nunreachable_after_s = 0\n")).cfg.validate.unreachable_after_s == 0

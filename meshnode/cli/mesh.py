@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..status_view import format_status, members_of
+from ..status_view import alert_counts_text, format_status, members_of
 from .common import EXIT_INVALID, out, read
 
 
@@ -44,8 +44,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    """This node's open alerts, and per member of the cluster (signed status view) its liveness and
-    policy state."""
+    """This node's open alerts, and per member of the cluster (signed status view) its liveness, policy
+    state and open alerts per severity, with the cluster's totals."""
     import asyncio
 
     from ..client import OperatorError, request
@@ -54,17 +54,21 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         raise OperatorError(f"{args.node}: {reply.get('reason', 'alerts refused')}")
     alerts, st = list(reply.get("alerts", [])), dict(reply.get("status", {}))
-    members = [{k: m.get(k) for k in ("node_id", "liveness", "serial", "state", "converged")}
+    members = [{k: m.get(k) for k in ("node_id", "liveness", "serial", "state", "converged", "alerts_open")}
                for m in members_of(st)]
+    cluster = (st.get("cluster_view") or {}).get("alerts")
     if args.json:
-        out(json.dumps({"node": st.get("node"), "alerts": alerts, "members": members}, indent=2, default=str))
+        out(json.dumps({"node": st.get("node"), "alerts": alerts, "members": members, "cluster_alerts": cluster},
+                       indent=2, default=str))
         return 0
     lines = [f"{st.get('node', args.node)}: {len(alerts)} open alert(s)"]
     lines += [f"  {a['severity']:<8} {a['check']}{' (' + a['subject'] + ')' if a.get('subject') else ''}: "
               f"{a['summary']}" for a in alerts]
-    lines.append("cluster (signed status view):")
+    lines.append("cluster (signed status view)" + (f": open alerts {alert_counts_text(cluster)}" if cluster else "")
+                 + ":")
     lines += [f"  {m['node_id']:<20} {m['liveness'] or '?':<8} serial {m['serial']} policy {m['state'] or '?'}"
-              f"{'' if m['converged'] else ' NOT converged'}" for m in members]
+              f"{'' if m['converged'] else ' NOT converged'}; open alerts: {alert_counts_text(m['alerts_open'])}"
+              for m in members]
     out("\n".join(lines))
     return 0
 

@@ -42,6 +42,7 @@ from .effects import EffectExecutor
 from .logs import LibraryLogCounter, LogBudget
 from .mesh_listener import MeshListener
 from .operator_api import OperatorApi
+from .peer_checks import REACHABILITY_ROUND_S, PeerChecks
 from .readiness import Readiness
 from .ruleset_watch import RulesetWatch
 from .scheduler import Deadline, Every, Scheduler
@@ -100,6 +101,8 @@ class MeshDaemon:
         self.validation = Validation(config=config, identity=self.identity, trust=self.trust, enforcer=self.enforcer,
                                      alerts=self.alerts, tasks=self.tasks, scheduler=self.scheduler,
                                      mesh_port=self.listen_port, **parts)
+        self.peer_checks = PeerChecks(config=config, identity=self.identity, enforcer=self.enforcer, core=self.core,
+                                      pipeline=pipeline, tasks=self.tasks, skew_s=cfg.trust.clock_skew_s, **parts)
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert,
                                      on_bad_handshake=self.validation.on_bad_handshake, **parts)
@@ -228,6 +231,8 @@ class MeshDaemon:
         self.scheduler.add(Every("revalidate", REVALIDATE_INTERVAL_S, self._revalidate))
         self.scheduler.add(Deadline("alert-timer", self.alerts.next_deadline_monotonic, self.alerts.handle_timer))
         self.validation.schedule()
+        self.scheduler.add(Every("peer-probe", self.peer_checks.next_interval_s(), self.peer_checks.probe_round))
+        self.scheduler.add(Every("reachability", REACHABILITY_ROUND_S, self.peer_checks.reachability_round))
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived task; an OS-level failure (EMFILE, ENOSPC, no thread for to_thread) restarts it
@@ -279,6 +284,7 @@ class MeshDaemon:
             self.log.warning("config.override_active", override=name)
         self.enforcer.reconfigure(new)
         self.validation.reconfigure(new)
+        self.peer_checks.reconfigure(new)
         for source in self._sources:
             source.reconfigure(new)
         self.enforcer.want_again()
@@ -312,9 +318,10 @@ class MeshDaemon:
         self.metrics.observe_policy(self.trust, wall)
         lag = self.enforcer.lag_s(wall)
         self.metrics.convergence_lag.set(lag)
-        core = self.core.node.status(now()) if self.core.node is not None else {}
+        summary = self.core.node.member_summary() if self.core.node is not None else []
         connected = sum(1 for channels in self.connections.gossip.values() if channels)
-        self.metrics.observe_peers(connected, core.get("members", []), self.identity.node_id)
+        self.metrics.observe_peers(connected, [{"node_id": n, "liveness": lv} for n, _r, lv, _a in summary],
+                                   self.identity.node_id)
 
     def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)

@@ -37,6 +37,7 @@ SYNC_BUCKETS = 32
 STATUS_SYNC_INTERVAL_MS = 20000
 DIAL_ALLOWANCE_MS = 1500  # added to a probe timeout when no channel is open (TCP SYN RTO is 1 s)
 ENFORCE_GRACE_MS = 30000  # trusted but not yet confirmed by the enforcer for this long: alert
+VALIDATION_REFRESH_MS = 300000  # a new probe time alone re-signs our status at most this often
 PULL_ANSWER_WINDOW_MS = 60000  # a body goes to one peer at most once per version in this window
 # (again sooner only after the channel broke, unless we closed it for misbehaviour)
 
@@ -72,6 +73,7 @@ class GossipConfig:
     dial_allowance_ms: int = DIAL_ALLOWANCE_MS
     enforce_grace_ms: int = ENFORCE_GRACE_MS
     pull_answer_window_ms: int = PULL_ANSWER_WINDOW_MS
+    validation_refresh_ms: int = VALIDATION_REFRESH_MS
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -4,16 +4,17 @@ The enforcer confirms what the kernel enforces with ``RulesetApplied``; the trus
 node verified.  They differ while a new policy is being applied; when they differ for longer than
 ``enforce_grace_ms`` that is its own state, ``not_enforced``, with an alert (``policy.not_enforced``)
 and a resolution (``policy.not_enforced.resolved``) when the enforcer catches up.  Every change of
-state, every confirmation and every equivocation seen is published in our signed status record.
+state, every confirmation and every equivocation seen is published in our signed status record, and
+so is the shell's validation summary (``ValidationReported``: external probes of peers, open alerts).
 """
 
 from __future__ import annotations
 
 from protocol.errors import LocalProtocolError
 from protocol.gossip.config import GossipConfig
-from protocol.gossip.events import Alert, Effect, RulesetApplied
+from protocol.gossip.events import Alert, Effect, RulesetApplied, ValidationReported
 from protocol.gossip.own_record import OwnRecord
-from protocol.gossip.wire import HASH_PREFIX
+from protocol.gossip.wire import HASH_PREFIX, MAX_REPORT_PORTS, MAX_VALIDATIONS, ProbeReport
 from protocol.trust.state import Equivocation, TrustedState
 
 
@@ -39,6 +40,10 @@ class EnforcementStatus:
         self._stale_alerted = False
         self._equivocation_alerted: Equivocation | None = None
         self.equivocations_seen = 0
+        self._reports: tuple[ProbeReport, ...] = ()  # the shell's validation summary (ValidationReported)
+        self._alerts_open: tuple[int, ...] = ()
+        self._published_findings: tuple[object, ...] = ((), ())
+        self._published_wall = float("-inf")
 
     def state(self, wall: float) -> str:
         """``none``/``fresh``/``stale`` (trust.policy_state), or ``not_enforced``: trusted but not
@@ -51,10 +56,24 @@ class EnforcementStatus:
         h = self.trust.policy_hash
         e_serial, e_hash, e_rules = self.enforced
         self._published_state = state
+        self._published_findings = _findings(self._reports, self._alerts_open)
+        self._published_wall = wall
         eq = self.trust.equivocation
         self.own.sign_status(e_serial, bytes.fromhex(e_hash) if e_hash else b"", e_rules, state, wall,
                              trusted=(self.trust.serial, bytes.fromhex(h) if h else b""),
-                             equivocation=(eq.serial, tuple(bytes.fromhex(x) for x in eq.hashes)) if eq else (0, ()))
+                             equivocation=(eq.serial, tuple(bytes.fromhex(x) for x in eq.hashes)) if eq else (0, ()),
+                             validations=self._reports, alerts_open=self._alerts_open)
+
+    def on_validation(self, inp: ValidationReported, wall: float) -> None:
+        """The shell's validation summary: signed at once when a finding (target, holes, blocked) or an
+        alert count changed, otherwise with the next status, or after ``validation_refresh_ms``."""
+        self._reports = tuple(
+            ProbeReport(r.target, r.at, r.checked, r.holes[:MAX_REPORT_PORTS], r.blocked[:MAX_REPORT_PORTS])
+            for r in inp.reports[:MAX_VALIDATIONS])
+        self._alerts_open = tuple(max(0, n) for n in inp.alerts_open)
+        changed = _findings(self._reports, self._alerts_open) != self._published_findings
+        if changed or (wall - self._published_wall) * 1000 >= self.cfg.validation_refresh_ms:
+            self.publish(wall)
 
     def publish_if_changed(self, wall: float) -> None:
         if self.state(wall) != self._published_state:
@@ -128,6 +147,11 @@ class EnforcementStatus:
             "serial": eq.serial, "root_version": eq.root_version, "hashes": list(eq.hashes),
             "kept": eq.hashes[0]}))
         self.publish(wall)
+
+
+def _findings(reports: tuple[ProbeReport, ...], alerts_open: tuple[int, ...]) -> tuple[object, ...]:
+    """What of a validation summary is worth a new signed status at once (not the probe times)."""
+    return (tuple(sorted((r.target, r.holes, r.blocked) for r in reports)), alerts_open)
 
 
 def _prefix(hex_digest: str) -> bytes:

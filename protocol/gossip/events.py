@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from protocol.gossip.wire import ProbeReport
 from protocol.trust.metadata import Certificate, PolicyVersion
 
 
@@ -90,13 +91,25 @@ class RulesetApplied:
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationReported:
+    """The shell's validation summary, for this node's signed status: its latest external probe of
+    each peer it validated (``reports``, newest first; the node keeps at most ``MAX_VALIDATIONS``) and
+    its open alerts per severity (``alerts_open``: critical, error, warning, info).  The node signs a
+    new status at once when a finding or a count changed, otherwise at most every
+    ``GossipConfig.validation_refresh_ms`` (a new probe time alone is not worth a status per round)."""
+
+    reports: tuple[ProbeReport, ...]
+    alerts_open: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class LeaveRequested:
     """Graceful shutdown: tell the cluster this node left (it is then ``left``, not ``dead``)."""
 
 
 Input = (
     FrameReceived | PeerConnected | PeerDisconnected | SendFailed | TimerFired | PolicySubmitted
-    | RootsSubmitted | RulesetApplied | LeaveRequested
+    | RootsSubmitted | RulesetApplied | ValidationReported | LeaveRequested
 )
 
 

@@ -59,8 +59,10 @@ from protocol.gossip.events import (
     Send,
     SendFailed,
     TimerFired,
+    ValidationReported,
     Verdict,
 )
+from protocol.gossip.member_table import LIVENESS_NAME
 from protocol.gossip.members import VerifyCache
 from protocol.gossip.membership import Membership
 from protocol.gossip.offences import PeerOffences
@@ -91,7 +93,7 @@ __all__ = [
     "Alert", "Disconnect", "Effect", "Enforce", "FrameReceived", "GossipConfig", "LeaveRequested",
     "LivenessChanged", "MemberEntry", "Node", "Now", "PeerConnected", "PeerDisconnected", "PersistMembers",
     "PersistPolicy", "PersistRoot", "PolicyResult", "PolicySubmitted", "RootsSubmitted", "RulesetApplied",
-    "Send", "SendFailed", "TimerFired", "Verdict", "VerifyCache",
+    "Send", "SendFailed", "TimerFired", "ValidationReported", "Verdict", "VerifyCache",
 ]
 
 class Node:
@@ -195,6 +197,8 @@ class Node:
             self._install_roots(inp.chain, None, inp.source)
         elif isinstance(inp, RulesetApplied):
             self.enforcement.on_ruleset_applied(inp, now.ms, now.wall)
+        elif isinstance(inp, ValidationReported):
+            self.enforcement.on_validation(inp, now.wall)
         elif isinstance(inp, LeaveRequested):
             item = self.membership.leave(now.ms)
             for peer in self.membership.pick(self.cfg.fanout + 1, lambda p: False, self.connected.__contains__):
@@ -226,6 +230,12 @@ class Node:
                            incarnation=self.membership.own.incarnation, local_health=self.membership.swim.health,
                            enforced=self.enforcement.enforced, state=self.enforcement.state(self._now.wall),
                            not_enforced=self.enforcement.not_enforced, counters=counters)
+
+    def member_summary(self) -> list[tuple[str, str, str, str]]:
+        """(node id, region, liveness, advertised address) of every member, ourselves included: what the
+        shell's reachability and probe checks need, without building the whole ``status`` view."""
+        codes = self.members.liveness_codes
+        return [(r.node_id, r.region, LIVENESS_NAME[codes[r.idx]], r.address) for r in self.members.records()]
 
     # -- start and timers ----------------------------------------------------------------------------
     def _start(self, now: Now) -> None:

@@ -13,7 +13,17 @@ from protocol.errors import RemoteProtocolError
 from protocol.gossip.broadcasts import BroadcastQueue
 from protocol.gossip.member_table import LEFT_CODE, MemberTable
 from protocol.gossip.members import Rec, StatusInfo
-from protocol.gossip.wire import HASH_PREFIX, MAX_INCARNATION, Alive, MemberRecord, Status, StatusBody, encode
+from protocol.gossip.wire import (
+    HASH_PREFIX,
+    MAX_INCARNATION,
+    Alive,
+    MemberRecord,
+    ProbeReport,
+    Status,
+    StatusBody,
+    encode,
+    encode_status,
+)
 from protocol.trust.metadata import Certificate
 from protocol.trust.signing import encode_envelope, sign
 
@@ -53,15 +63,16 @@ class OwnRecord:
         self.table.install(Rec(self.table.me_index, rec, self.cert, self.record), now_ms)
 
     def sign_status(self, serial: int, policy_hash: bytes, ruleset_hash: bytes, state: str, wall: float,
-                    trusted: tuple[int, bytes] = (0, b""), equivocation: tuple[int, tuple[bytes, ...]] = (0, ())
-                    ) -> Status:
+                    trusted: tuple[int, bytes] = (0, b""), equivocation: tuple[int, tuple[bytes, ...]] = (0, ()),
+                    validations: tuple[ProbeReport, ...] = (), alerts_open: tuple[int, ...] = ()) -> Status:
         """``serial``/``policy_hash``/``ruleset_hash``: what the enforcer confirmed; ``trusted``:
-        (serial, hash) the node verified; ``equivocation``: (serial, hashes) it saw signed twice."""
+        (serial, hash) the node verified; ``equivocation``: (serial, hashes) it saw signed twice;
+        ``validations`` / ``alerts_open``: the shell's validation summary (see ``StatusBody``)."""
         self.status_seq = max(self.status_seq + 1, int(wall * 1000))
         body = StatusBody(self.me, self.status_seq, serial, policy_hash[:HASH_PREFIX], ruleset_hash[:HASH_PREFIX], state,
                           trusted[0], trusted[1][:HASH_PREFIX], equivocation[0],
-                          tuple(h[:HASH_PREFIX] for h in equivocation[1][:4]))
-        payload = encode(body)
+                          tuple(h[:HASH_PREFIX] for h in equivocation[1][:4]), validations, alerts_open)
+        payload = encode_status(body)
         env = sign("member", payload, [self.identity_seed])
         item = Status(payload, env.signatures[0].sig)
         info = StatusInfo(body, item)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from protocol.gossip.events import Now
-from protocol.gossip.member_table import ALIVE, DEAD, LEFT, SUSPECT, MemberTable
-from protocol.gossip.wire import HASH_PREFIX
+from protocol.gossip.member_table import ALIVE, DEAD, LEFT, LEFT_CODE, SUSPECT, MemberTable
+from protocol.gossip.wire import HASH_PREFIX, SEVERITIES, StatusBody
 from protocol.trust.state import TrustedState
 
 
@@ -22,7 +22,13 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
     member counts as converged only on what it *enforces* (its enforcer's confirmation, from its
     signed status; for this node, from ``RulesetApplied``), never on what it merely trusts or
     claims.  A known equivocation at that serial makes the state ``equivocation``, naming the
-    hashes, never plain ``converged``."""
+    hashes, never plain ``converged``.
+
+    Validation: ``validated`` of a member gathers what the *other* members' signed statuses say of it
+    (their latest external probe of it: how many validated it, when last, the holes and blocked ports
+    they found); ``alerts_open`` is its own count of open alerts per severity, summed over the live
+    members in ``alerts``."""
+    validated = _validated_by_target(table)
     pol_hash = trust.policy_hash
     mine = trust.serial
     target_hash = pol_hash[: 2 * HASH_PREFIX] if pol_hash else ""
@@ -33,6 +39,7 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
     members = []
     by_region: dict[str, dict[str, int]] = {}
     known = converged = ahead = 0
+    alerts = dict.fromkeys(SEVERITIES, 0)
     for rec in sorted(table.records(), key=lambda r: r.node_id):
         m = table.get(rec.node_id)
         assert m is not None
@@ -51,6 +58,7 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             trusted = (st.trusted_serial or None) if st else None
             eq_hashes = [h.hex() for h in st.equivocation] if st and st.equivocation_serial == mine else []
         ok = bool(mine) and serial == mine and bool(phash) and phash == target_hash
+        counts = _alert_counts(st)
         members.append({
             "node_id": m.node_id, "region": m.region, "address": m.address,
             "liveness": m.liveness, "incarnation": m.incarnation,
@@ -59,9 +67,13 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             "state": state if is_me else (st.state if st else None),
             "converged": ok,
             "equivocation": eq_hashes or None,
+            "alerts_open": counts,
+            "validated": validated.get(m.node_id),
         })
         if m.liveness == LEFT:
             continue
+        for sev, n in (counts or {}).items():
+            alerts[sev] += n
         reg = by_region.setdefault(m.region, {"members": 0, "known": 0, "converged": 0})
         reg["members"] += 1
         if serial is not None:
@@ -105,5 +117,46 @@ def status_view(now: Now, trust: TrustedState, table: MemberTable, *, node_id: s
             "fraction": (converged / total) if total else 0.0, "by_region": by_region,
             "equivocation": equivocation,
         },
+        "alerts": alerts,
+        "validation": {"validated": sum(1 for v in validated.values() if v["target"] in table),
+                       "holes": sorted(f"{t} tcp/{h['port']} (seen by {h['by']})"
+                                       for t, v in validated.items() if t in table for h in v["holes"])},
         "counters": counters,
     }
+
+
+def _alert_counts(st: StatusBody | None) -> dict[str, int] | None:
+    """A member's open alerts per severity, from its signed status (None: it does not report them)."""
+    if st is None or not st.alerts_open:
+        return None
+    return {sev: (st.alerts_open[i] if i < len(st.alerts_open) else 0) for i, sev in enumerate(SEVERITIES)}
+
+
+def _validated_by_target(table: MemberTable) -> dict[str, dict[str, Any]]:
+    """For every probed member: what the others' signed statuses say of it (see ``status_view``).  One
+    pass over the status column (at most ``MAX_VALIDATIONS`` reports per member)."""
+    acc: dict[str, list[Any]] = {}  # target -> [by, probers, last_at, checked, holes, blocked]
+    recs, codes = table.recs, table.liveness_codes
+    for i, info in enumerate(table.statuses):
+        if info is None or not info.body.validations or i >= len(recs) or recs[i] is None or codes[i] == LEFT_CODE:
+            continue
+        prober = info.body.node_id
+        for r in info.body.validations:
+            if r.target == prober:
+                continue  # a member does not validate itself
+            a = acc.get(r.target)
+            if a is None:
+                a = acc[r.target] = [0, [], 0, 0, [], []]
+            a[0] += 1
+            a[1].append(prober)
+            if r.at > a[2]:
+                a[2] = r.at
+            a[3] += r.checked
+            if r.holes:
+                a[4] += [(p, prober, r.at) for p in r.holes]
+            if r.blocked:
+                a[5] += [(p, prober, r.at) for p in r.blocked]
+    return {target: {"target": target, "by": a[0], "probers": sorted(a[1]), "last_at": a[2], "checked": a[3],
+                     "holes": [{"port": p, "by": b, "at": at} for p, b, at in sorted(a[4])],
+                     "blocked": [{"port": p, "by": b, "at": at} for p, b, at in sorted(a[5])]}
+            for target, a in acc.items()}

@@ -25,9 +25,14 @@ MAX_INCARNATION = (1 << 64) - 1  # the largest integer MessagePack carries: inca
 MAX_GOSSIP_ITEMS = 64
 MAX_BATCH = 4096  # records/entries/ids in one message
 HASH_PREFIX = 8  # bytes of a SHA-256 kept in digests of member state and status
+MAX_VALIDATIONS = 16  # probe reports in one status: the peers its member validated most recently
+MAX_REPORT_PORTS = 8  # ports listed per finding of one probe report
+SEVERITIES = ("critical", "error", "warning", "info")  # the order of StatusBody.alerts_open
 MAX_NODE_ID_CHARS = 64  # a node id (NAME_RE): the names a rumour carries are kept and relayed
 
 NodeId = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID_CHARS)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
 
 
 class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -45,11 +50,29 @@ class MemberRecord(_S, frozen=True, array_like=True, gc=False, tag=1):
     left: bool = False
 
 
+class ProbeReport(_S, frozen=True, array_like=True, gc=False):
+    """What a member found when it last probed ``target`` from outside (at wall-clock second ``at``):
+    ``checked`` ports answered as the signed policy says; ``holes`` are TCP ports the policy refuses to
+    the prober that accepted its connection (an enforcement hole); ``blocked`` are TCP ports the policy
+    opens to it (the mesh port included) that were dropped on the way.  A claim of the prober, bounded
+    in size, believed only as far as its signature goes."""
+
+    target: NodeId
+    at: Count
+    checked: Count
+    holes: Annotated[tuple[Port, ...], msgspec.Meta(max_length=MAX_REPORT_PORTS)] = ()
+    blocked: Annotated[tuple[Port, ...], msgspec.Meta(max_length=MAX_REPORT_PORTS)] = ()
+
+
 class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
     """What a member *enforces* (``serial``, ``policy_hash`` prefix, ``ruleset_hash`` prefix: from
     its enforcer's confirmation), its ``state``, and separately what it merely trusts
     (``trusted_serial``, ``trusted_hash`` prefix).  ``equivocation`` lists the hash prefixes of the
-    validly signed payloads it saw for ``equivocation_serial`` (lowest first; empty: none)."""
+    validly signed payloads it saw for ``equivocation_serial`` (lowest first; empty: none).
+    ``validations``: its latest external probe of each peer it validated (newest first);
+    ``alerts_open``: its open alerts per severity (critical, error, warning, info).  Both were added
+    after the first release: a status without them decodes with them empty, and a node of that
+    release ignores them (trailing fields of an array-like struct); their size is capped by type."""
 
     node_id: str
     seq: int
@@ -61,6 +84,33 @@ class StatusBody(_S, frozen=True, array_like=True, gc=False, tag=2):
     trusted_hash: bytes = b""
     equivocation_serial: int = 0
     equivocation: tuple[bytes, ...] = ()
+    validations: Annotated[tuple[ProbeReport, ...], msgspec.Meta(max_length=MAX_VALIDATIONS)] = ()
+    alerts_open: Annotated[tuple[Count, ...], msgspec.Meta(max_length=len(SEVERITIES))] = ()
+
+
+class _StatusBodyV1(_S, frozen=True, array_like=True, gc=False, tag=2):
+    """``StatusBody`` as the first release wrote it (no validation summary): see ``encode_status``."""
+
+    node_id: str
+    seq: int
+    serial: int
+    policy_hash: bytes
+    ruleset_hash: bytes
+    state: str
+    trusted_serial: int
+    trusted_hash: bytes
+    equivocation_serial: int
+    equivocation: tuple[bytes, ...]
+
+
+def encode_status(body: StatusBody) -> bytes:
+    """The signed bytes of a status.  One without a validation summary is written exactly as the first
+    release wrote it (no empty trailing fields): a node that does not validate peers (the simulator's)
+    sends the same bytes as before, and every node decodes both forms into ``StatusBody``."""
+    if body.validations or body.alerts_open:
+        return encode(body)
+    return encode(_StatusBodyV1(body.node_id, body.seq, body.serial, body.policy_hash, body.ruleset_hash, body.state,
+                                body.trusted_serial, body.trusted_hash, body.equivocation_serial, body.equivocation))
 
 
 MemberPayload = MemberRecord | StatusBody

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from protocol.gossip_events import PolicyResult
+from protocol.gossip.events import PolicyResult
 
 from .checks import SAMPLE_MS, DrillChecks, Sample
 from .schedule import Episode, last_heal_ms, plan

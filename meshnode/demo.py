@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.gossip.status_view import format_status
-
 from .authority_store import CliError
 from .client import OperatorError
 from .demo_mesh import CONVERGE_TIMEOUT_S, DemoMesh
 from .demo_proxy import DemoNode, Proxy
+from .status_view import format_status
 
 
 class Demo(DemoMesh):

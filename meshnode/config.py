@@ -69,6 +69,9 @@ class MeshSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     preauth_max: int = 256
     # Authenticated channels one identity may hold at once (a new one closes its oldest).
     max_channels_per_peer: int = 2
+    # Small dissemination messages as encrypted UDP datagrams on the mesh port (the same port number),
+    # keyed from each channel's handshake; a peer whose UDP path does not answer stays on the stream.
+    datagrams: bool = True
 
 
 class AdminSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

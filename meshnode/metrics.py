@@ -28,6 +28,9 @@ class Metrics:
         self.frames_refused = Counter("policymesh_frames_refused", "Frames/messages refused", ["reason"], registry=r)
         self.policies_refused = Counter("policymesh_policies_refused", "Policy inputs refused", ["reason"], registry=r)
         self.bytes = Counter("policymesh_bytes", "Mesh bytes on the wire", ["direction"], registry=r)
+        self.datagrams = Counter("policymesh_datagrams", "Encrypted gossip datagrams by event (sent, received, "
+                                 "retransmit, fallback to the stream, duplicate, path_blocked, ...)", ["event"],
+                                 registry=r)
         self.apply_seconds = Histogram(
             "policymesh_apply_seconds", "Render+apply latency", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -24,6 +24,11 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status.get("overrides"):
         lines.append(f"active overrides: {', '.join(status['overrides'])}")
+    dg = status.get("datagrams")
+    if dg:
+        stream_only = dg.get("peers_stream_only") or []
+        lines.append(f"datagrams: udp {dg.get('udp')}, {len(dg.get('peers_datagram') or [])} peer(s) over UDP"
+                     + (f", stream only (UDP blocked?): {', '.join(stream_only)}" if stream_only else ""))
     members = members_of(status)
     conv = (status.get("cluster_view") or {}).get("convergence") or {}
     if members:

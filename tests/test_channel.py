@@ -733,3 +733,12 @@ def test_authenticated_garbage_raises_only_typed_errors(module_mesh: Mesh, plain
             assert isinstance(event, MessageReceived | PeerClosed)
             if isinstance(event, MessageReceived):
                 assert len(event.data) <= 500
+
+
+def test_an_open_session_gives_both_sides_matching_datagram_keys(mesh: Mesh) -> None:
+    from protocol.channel.datagram import DatagramChannel
+
+    a, b = open_pair(mesh)
+    ka, kb = a.datagram_keys(), b.datagram_keys()
+    assert ka.send_key == kb.recv_key and ka.recv_id == kb.send_id
+    assert DatagramChannel(kb).open(DatagramChannel(ka).seal(b"digest")) == b"digest"

@@ -82,7 +82,7 @@ def oracle(doc: PolicyDocument, own: Certificate, valid: list[Certificate], opts
     if any(addr in ipaddress.ip_network(c) for c in opts.break_glass_cidrs):
         return "accept"
     member_addrs = {a for c in valid for a in c.addresses}
-    if proto == "tcp" and port == MESH and src in member_addrs:
+    if proto in ("tcp", "udp") and port == MESH and src in member_addrs:  # stream and datagrams
         return "accept"
 
     def targets_me(rule: Rule) -> bool:
@@ -137,6 +137,7 @@ def test_every_ruleset_keeps_default_drop_and_the_mesh_interlock(
     for c in valid:
         for a in c.addresses:
             assert rs.evaluate(Packet(a, "tcp", MESH)) == "accept", (c.node_id, a)
+            assert rs.evaluate(Packet(a, "udp", MESH)) == "accept", (c.node_id, a)
     # revoked members are in no membership-derived set (CIDR and break-glass sets are the operator's)
     revoked_addrs = {a for c in certs if c.node_id in revoked for a in c.addresses}
     assert not revoked_addrs & {e for s in rs.sets if not s.interval for e in s.elements}

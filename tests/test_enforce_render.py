@@ -152,7 +152,7 @@ def test_chain_starts_with_the_fixed_prologue_and_ends_with_the_default(sample: 
     rs = render(sample.policy(), sample.a, sample.members, OPTS)
     comments = [r.comment for r in rs.rules]
     assert comments[:3] == ["established", "invalid", "loopback"]
-    assert comments[3:5] == ["mesh interlock", "mesh interlock"]
+    assert comments[3:7] == ["mesh interlock", "mesh interlock (datagrams)"] * 2
     assert comments[-1] == "default" and rs.rules[-1].verdict == "drop"
     assert to_nft_json(rs)["nftables"][-len(rs.rules) - 1]["add"]["chain"]["policy"] == "drop"
     assert "policy drop;" in to_nft_text(rs)

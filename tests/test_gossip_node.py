@@ -29,6 +29,7 @@ from protocol.gossip import (
     TimerFired,
     Verdict,
 )
+from protocol.gossip.broadcast_tree import tree_neighbours
 from protocol.gossip.members import IntSet
 from protocol.gossip.wire import (
     Announce,
@@ -80,9 +81,15 @@ def test_policy_spreads_and_durable_effects_precede_announcements():
     kinds = [type(e).__name__ for e in effects]
     assert kinds.index("PersistPolicy") < kinds.index("Enforce") < kinds.index("Send")
     assert any(isinstance(e, PolicyResult) and e.accepted and e.serial == 2 for e in effects)
-    announced = [decode(e.data) for e in effects if isinstance(e, Send)]
-    assert all(isinstance(m, Announce) and m.digest.serial == 2 for m in announced)
-    assert len(announced) == link.cfg.fanout
+    # The body goes at once to the broadcast-tree neighbours; the announces follow one interval later.
+    sent = [(e.peer, decode(e.data)) for e in effects if isinstance(e, Send)]
+    neighbours = tree_neighbours(link.hosts["n0"].node.members, link.cfg.tree_degree)
+    assert sent and all(isinstance(m, PolicyPush) for _, m in sent)
+    assert [p for p, _ in sent] == neighbours
+    link.run_for(link.cfg.announce_interval_ms + 1)
+    h0 = link.hosts["n0"]
+    announced = [m for e in h0.effects if isinstance(e, Send) and isinstance(m := decode(e.data), Announce)]
+    assert all(m.digest.serial == 2 for m in announced)
     link.run_for(3000)
     assert set(link.serials().values()) == {2}
     for h in link.hosts.values():

@@ -48,28 +48,31 @@ def deliver(sink: AlertSink, check: str, changes: FindingChanges, now: float) ->
 class LocalChecks:
     """Previous findings per check, the abuse detector and the blocking rule of one node."""
 
-    def __init__(self, validate: ValidateSection, *, table: str, mesh_port: int,
+    def __init__(self, validate: ValidateSection, *, table: str, mesh_port: int, mesh_udp: bool = False,
                  listeners: Callable[[], Iterable[Listener]] = read_listeners) -> None:
         self._listeners = listeners
         self.table = table
         self.mesh_port = mesh_port
+        self.mesh_udp = mesh_udp  # the mesh port's datagram socket ([mesh] datagrams)
         self._ports: dict[str, Finding] = {}
         self._abuse: dict[str, Finding] = {}
         self.validate = validate
         self.detector = AbuseDetector(validate.abuse_threshold, validate.abuse_window_s)
         self.episodes_opened = 0  # abuse episodes opened so far (the daemon raises the finding at once)
 
-    def reconfigure(self, validate: ValidateSection, *, table: str, mesh_port: int) -> None:
+    def reconfigure(self, validate: ValidateSection, *, table: str, mesh_port: int, mesh_udp: bool = False) -> None:
         """A reloaded config; the detector starts afresh only when its thresholds changed."""
         if (validate.abuse_threshold, validate.abuse_window_s) != (self.validate.abuse_threshold,
                                                                    self.validate.abuse_window_s):
             self.detector = AbuseDetector(validate.abuse_threshold, validate.abuse_window_s)
-        self.validate, self.table, self.mesh_port = validate, table, mesh_port
+        self.validate, self.table, self.mesh_port, self.mesh_udp = validate, table, mesh_port, mesh_udp
 
     def port_audit(self, ruleset: Ruleset | None) -> FindingChanges:
         """One audit of this host's listeners against ``ruleset`` (the one in force) and the declared
-        services; the daemon's own mesh port is always declared."""
+        services; the daemon's own mesh port is always declared (its UDP side too, with datagrams on)."""
         expected = [*self.validate.expected_listeners, f"tcp/{self.mesh_port}"]
+        if self.mesh_udp:
+            expected.append(f"udp/{self.mesh_port}")
         current = audit_ports(self._listeners(), ruleset, expected)
         changes = diff_findings(self._ports, current)
         self._ports = current

@@ -8,28 +8,57 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 from ..status_view import alert_counts_text, format_status, members_of
 from .common import EXIT_INVALID, out, read
 
+OPERATOR_CONFIG = "operator.toml"
+
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from ..client import publish
+    from ..client import publish_first
 
     envelope = read(args.file, "signed policy")
     roots = [read(r, "root metadata") for r in args.root_chain or []]
-    reply = publish(args.node, Path(args.identity), envelope, roots, timeout_s=args.timeout)
+    nodes = publish_targets(args)
+    answer = publish_first(nodes, Path(args.identity), envelope, roots, timeout_s=args.timeout)
+    reply = answer.reply
     if args.json:
-        out(json.dumps({"node": args.node, **reply}, indent=2, default=str))
+        out(json.dumps({"node": answer.node, "asked": nodes, "unreachable": answer.errors, **reply}, indent=2,
+                       default=str))
     if not reply.get("ok"):
-        print(f"refused by {args.node}: {reply.get('reason')}", file=sys.stderr)
+        print(f"refused by {answer.node}: {reply.get('reason')}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
         return 0
     reason = f" ({reply['reason']})" if reply.get("reason") else ""
-    out(f"accepted by {args.node}: serial {reply.get('serial')} stored and gossiping{reason}")
+    out(f"accepted by {answer.node}: serial {reply.get('serial')} stored and gossiping{reason}")
     return 0
+
+
+def publish_targets(args: argparse.Namespace) -> list[str]:
+    """The nodes a publish goes to: every ``--node``, else the ``[mesh] seeds`` of the operator's config
+    (``--config``, by default ``operator.toml`` in the identity directory)."""
+    from ..authority_store import CliError, UsageError
+    from ..config import ConfigError, split_hostport
+
+    if args.node:
+        return list(dict.fromkeys(args.node))
+    path = Path(args.config) if args.config else Path(args.identity) / OPERATOR_CONFIG
+    if not path.is_file():
+        raise UsageError(f"no --node given and no operator config at {path} (a TOML file with [mesh] seeds)")
+    try:
+        doc = tomllib.loads(read(str(path), "operator config").decode())
+        seeds = doc.get("mesh", {}).get("seeds", [])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):
+            raise ConfigError(f"{path}: [mesh] seeds must be a non-empty list of \"HOST:PORT\"")
+        for s in seeds:
+            split_hostport(s, f"{path}: mesh.seeds")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ConfigError, AttributeError) as exc:
+        raise CliError(f"{path}: {exc}") from None
+    return list(dict.fromkeys(seeds))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -80,9 +109,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, policy_sub: argparse._SubParsersAction) -> None:
-    p = policy_sub.add_parser("publish", help="push a signed policy to a node over an operator channel")
+    p = policy_sub.add_parser(
+        "publish", help="push a signed policy to nodes over operator channels (to several at once: the first "
+                        "node that verified and stored it answers)")
     p.add_argument("file")
-    p.add_argument("--node", required=True, metavar="HOST:PORT", help="any node's mesh address")
+    p.add_argument("--node", action="append", metavar="HOST:PORT",
+                   help="a node's mesh address (repeatable: sent to all at once, the first acceptance wins); "
+                        "default: every seed of the operator config")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"operator config whose [mesh] seeds are the nodes to publish to when no --node is given "
+                        f"(default: IDENTITY/{OPERATOR_CONFIG})")
     p.add_argument("--identity", required=True, metavar="DIR", help="operator identity (node enroll --role operator)")
     p.add_argument("--root-chain", action="append", metavar="ROOTFILE", help="newer root(s) to send first (repeatable)")
     p.add_argument("--timeout", type=float, default=20.0)

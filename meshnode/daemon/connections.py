@@ -26,6 +26,7 @@ from ..identity import Identity
 from ..metrics import Metrics
 from ..transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
 from .core_driver import CoreDriver
+from .datagrams import DatagramPaths
 from .logs import LogBudget
 from .tasks import TaskSpawner
 
@@ -60,6 +61,8 @@ class ConnectionRegistry:
         self.handshaking: set[Conn] = set()  # inbound channels still in their handshake
         self._by_address: dict[str, Conn] = {}
         self._dialing: dict[str, list[bytes]] = {}  # address -> messages waiting for the dial
+        self.datagrams = DatagramPaths(feed=core.feed_if_running, stream_send=self._enqueue, metrics=metrics, log=log,
+                                       wake=core.wake)
 
     # -- counts and sessions ----------------------------------------------------------------------------
     def gossip_count(self) -> int:
@@ -99,10 +102,12 @@ class ConnectionRegistry:
         self._metrics.connections.labels("gossip").set(self.gossip_count())
         self._log.debug("peer.connected", peer=peer, conn=conn.id, inbound=conn.inbound)
         cert = conn.session.peer_certificate or b""
+        self.datagrams.attach(conn, None if conn.inbound else _endpoint(conn.address))
         self._core.feed(PeerConnected(peer=peer, cert_bytes=cert))
 
     def _unregister(self, conn: Conn) -> None:
         peer = conn.peer
+        self.datagrams.detach(conn)
         channels = self.gossip.get(peer, [])
         if conn in channels:
             channels.remove(conn)
@@ -192,10 +197,8 @@ class ConnectionRegistry:
         channels = self.gossip.get(peer) if peer else None
         conn = channels[-1] if channels else self._by_address.get(address)
         if conn is not None and not conn.closed:
-            if not conn.enqueue(data):
-                self._log.warning("peer.slow", peer=conn.peer, queued=conn.queue.qsize())
-                self._metrics.frames_refused.labels("send_queue_full").inc()
-                self._tasks.spawn(transport.close(conn, "send queue full"))
+            if not self.datagrams.send(conn, data):
+                self._enqueue(conn, data)
             return
         if not address:
             self._core.feed_later(SendFailed(peer=peer, address=address))
@@ -205,6 +208,13 @@ class ConnectionRegistry:
             return
         self._dialing[address] = [data]
         self._tasks.spawn(self._dial(address, peer))
+
+    def _enqueue(self, conn: Conn, data: bytes) -> None:
+        """Queue a message on the stream of ``conn``; a peer too slow to drain its queue is closed."""
+        if not conn.enqueue(data) and not conn.closed:
+            self._log.warning("peer.slow", peer=conn.peer, queued=conn.queue.qsize())
+            self._metrics.frames_refused.labels("send_queue_full").inc()
+            self._tasks.spawn(transport.close(conn, "send queue full"))
 
     async def _dial(self, address: str, peer: str) -> None:
         assert self.http is not None
@@ -262,3 +272,11 @@ class ConnectionRegistry:
         closing = [c for conns in self.gossip.values() for c in conns] + list(self.operators)
         closing += list(self.handshaking)
         await asyncio.gather(*(transport.close(c, reason) for c in closing))
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """The UDP endpoint of a peer's mesh address (its TCP listener's host and port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)

@@ -30,6 +30,10 @@ class CoreDriver:
         self._log = log
         self._wake = wake
 
+    def wake(self) -> None:
+        """Have the scheduler re-read every deadline (e.g. the datagram layer's)."""
+        self._wake()
+
     def start(self, node: Node, execute: Callable[[Sequence[Any]], None]) -> None:
         self.node = node
         self._execute = execute

@@ -100,7 +100,7 @@ class MeshDaemon:
                                    alerts=self.open_alerts, **parts)
         self.validation = Validation(config=config, identity=self.identity, trust=self.trust, enforcer=self.enforcer,
                                      alerts=self.alerts, tasks=self.tasks, scheduler=self.scheduler,
-                                     mesh_port=self.listen_port, **parts)
+                                     mesh_port=self.listen_port, mesh_udp=cfg.mesh.datagrams, **parts)
         self.peer_checks = PeerChecks(config=config, identity=self.identity, enforcer=self.enforcer, core=self.core,
                                       pipeline=pipeline, tasks=self.tasks, skew_s=cfg.trust.clock_skew_s, **parts)
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
@@ -185,6 +185,7 @@ class MeshDaemon:
             self.tasks.close()
             self.alerts.pipeline.flush()
             await self.connections.close_all("node shutting down")
+            self.connections.datagrams.close()
             for runner in reversed(self._runners):
                 await runner.cleanup()
             await http.close()
@@ -196,6 +197,8 @@ class MeshDaemon:
         # shutdown_timeout bounds how long a stop waits for handlers (e.g. a peer stalling its handshake).
         mesh = web.ServerRunner(self.listener.server(), handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
         self.bound_mesh_port = await self._listen(mesh, self.listen_host, self.listen_port)
+        if cfg.mesh.datagrams:
+            await self.connections.datagrams.start(self.listen_host, self.bound_mesh_port)
         if cfg.admin.enabled:
             host, port = split_hostport(cfg.admin.listen, "admin.listen")
             admin = web.AppRunner(self.admin.app(), access_log=None, handle_signals=False,
@@ -227,6 +230,8 @@ class MeshDaemon:
             self.scheduler.add(watchdog)
         self.scheduler.add(Deadline("state-write-retry", lambda: self.state.retry_at, self.state.retry))
         self.scheduler.add(Deadline("core-timer", self.core.next_deadline_s, self.core.fire_timer))
+        datagrams = self.connections.datagrams
+        self.scheduler.add(Deadline("datagram-timer", datagrams.next_deadline, datagrams.tick))
         self.scheduler.add(Every("enforce-retry", RESTART_MIN_S, self._retry_enforcement))
         self.scheduler.add(Every("revalidate", REVALIDATE_INTERVAL_S, self._revalidate))
         self.scheduler.add(Deadline("alert-timer", self.alerts.next_deadline_monotonic, self.alerts.handle_timer))
@@ -283,7 +288,7 @@ class MeshDaemon:
         for name in set(self.overrides) - set(old_overrides):
             self.log.warning("config.override_active", override=name)
         self.enforcer.reconfigure(new)
-        self.validation.reconfigure(new)
+        self.validation.reconfigure(new, mesh_udp=self.connections.datagrams.bound is not None)
         self.peer_checks.reconfigure(new)
         for source in self._sources:
             source.reconfigure(new)
@@ -349,6 +354,7 @@ class MeshDaemon:
             "enforcement": self.enforcer.status(),
             "overrides": self.overrides,
             "connections": {"gossip": self.connections.gossip_count(), "operator": len(self.connections.operators)},
+            "datagrams": self.connections.datagrams.status(),
             "cluster_view": core,
         }
 

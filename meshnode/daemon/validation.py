@@ -26,7 +26,8 @@ from .tasks import TaskSpawner
 
 class Validation:
     def __init__(self, *, config: LoadedConfig, identity: Identity, trust: TrustedState, enforcer: Enforcer,
-                 alerts: AlertSender, tasks: TaskSpawner, scheduler: Scheduler, mesh_port: int, metrics: Metrics,
+                 alerts: AlertSender, tasks: TaskSpawner, scheduler: Scheduler, mesh_port: int, mesh_udp: bool,
+                 metrics: Metrics,
                  log: structlog.typing.FilteringBoundLogger) -> None:
         self.config = config
         self.identity = identity
@@ -38,7 +39,8 @@ class Validation:
         self.mesh_port = mesh_port
         self.metrics = metrics
         self.log = log
-        self.checks = LocalChecks(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=mesh_port)
+        self.checks = LocalChecks(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=mesh_port,
+                                  mesh_udp=mesh_udp)
 
     def schedule(self) -> None:
         """Its timer-driven jobs, on the daemon's one scheduler."""
@@ -48,9 +50,10 @@ class Validation:
             self.scheduler.add(Every("port-audit", validate.port_audit_s, self._start_port_audit))
         self.scheduler.add(Deadline("abuse-quiet", self.checks.next_abuse_deadline, self._abuse_round))
 
-    def reconfigure(self, config: LoadedConfig) -> None:
+    def reconfigure(self, config: LoadedConfig, *, mesh_udp: bool) -> None:
         self.config = config
-        self.checks.reconfigure(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=self.mesh_port)
+        self.checks.reconfigure(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=self.mesh_port,
+                                mesh_udp=mesh_udp)
 
     def check_expiry(self) -> None:
         """Certificate and policy expiry, with lead times (warning at 25% of validity left, critical at expiry)."""

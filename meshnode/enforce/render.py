@@ -244,6 +244,9 @@ def render(
     for fam in ("ip", "ip6"):
         rules.append(FilterRule("accept", "mesh interlock", source_set=members_set(fam), proto="tcp",
                                 ports=mesh_ports))
+        # Encrypted gossip datagrams on the same port, from members only (a joiner uses the stream).
+        rules.append(FilterRule("accept", "mesh interlock (datagrams)", source_set=members_set(fam), proto="udp",
+                                ports=mesh_ports))
     join = split_families(options.mesh_join_cidrs)
     if any(ipaddress.ip_network(c).prefixlen == 0 for c in join["ip"]) and \
             any(ipaddress.ip_network(c).prefixlen == 0 for c in join["ip6"]):

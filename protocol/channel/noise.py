@@ -23,6 +23,7 @@ decides (the channel kills the session).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from protocol.channel.noise_cipher import (
     BLAKE2B,
@@ -74,6 +75,7 @@ __all__ = [
     "SHA256",
     "TAG_LEN",
     "XX",
+    "EXPORTER_INPUT",
     "CipherState",
     "DecryptError",
     "Entropy",
@@ -97,6 +99,9 @@ __all__ = [
 
 Entropy = Callable[[int], bytes]
 """`entropy(n)` returns n uniformly random bytes (the daemon passes os.urandom)."""
+
+EXPORTER_INPUT: Final = b"policymesh exporter v1"
+"""HKDF input for `HandshakeState.exporter_secret` (split() uses the empty input)."""
 
 
 # --------------------------------------------------------------------------------------------- HandshakeState
@@ -137,6 +142,7 @@ class HandshakeState:
         self.pattern = pattern
         self.initiator = initiator
         self.protocol_name = f"Noise_{pattern.name}_25519_ChaChaPoly_{hash_fn.name}"
+        self._hash_fn = hash_fn
         self._entropy = entropy
         self._s: bytes | None = None
         self._s_pub: bytes | None = None
@@ -153,6 +159,7 @@ class HandshakeState:
         self._failed = False
         self._split: tuple[CipherState, CipherState] | None = None
         self._handshake_hash: bytes | None = None
+        self._exporter: bytes | None = None
 
         ss = SymmetricState(self.protocol_name.encode("ascii"), hash_fn)
         ss.mix_hash(prologue)
@@ -192,6 +199,14 @@ class HandshakeState:
         if self._ss is None:
             raise HandshakeFailedError("the handshake failed")
         return self._ss.h
+
+    @property
+    def exporter_secret(self) -> bytes:
+        """A secret both sides share once ``complete`` (HASHLEN bytes), derived from the final chaining
+        key apart from the transport keys: the root of any further key (labelled by its user)."""
+        if self._exporter is None:
+            raise OutOfTurnError("exporter_secret before the handshake completed")
+        return self._exporter
 
     @property
     def my_turn(self) -> bool:
@@ -318,6 +333,10 @@ class HandshakeState:
             first, second = ss.split()
             self._split = (first, second) if self.initiator else (second, first)
             self._handshake_hash = ss.h
+            # An exporter secret for keys beyond the stream's two (e.g. the datagram keys of
+            # protocol.datagram): HKDF of the secret chaining key with its own input, so it is
+            # independent of split()'s keys, and ck itself never leaves this object.
+            self._exporter = hkdf(self._hash_fn, ss.ck, EXPORTER_INPUT, 2)[0]
             self._ss = None  # drop ck and the handshake keys
             self._e = None
 

@@ -41,6 +41,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Final
 
+from protocol.channel.datagram import DatagramKeys, derive_keys
 from protocol.channel.errors import (
     FrameError,
     HandshakeTimeoutError,
@@ -177,6 +178,7 @@ class SecureSession:
         self.peer_certificate: bytes | None = None
         self.kind: ConnectionKind | None = None
         self.handshake_hash: bytes | None = None
+        self._exporter: bytes | None = None
         self._remote_static: bytes | None = None
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
@@ -194,6 +196,12 @@ class SecureSession:
     def max_message_bytes(self) -> int:
         """The cap on one application message in either direction (per kind once the handshake is done)."""
         return self._max_message
+
+    def datagram_keys(self) -> DatagramKeys:
+        """This side's datagram keys for the peer of this open session (see protocol.datagram)."""
+        if self._exporter is None:
+            raise LocalProtocolError("datagram keys before the handshake completed")
+        return derive_keys(self._exporter, self.initiator)
 
     def frames_to_send(self) -> list[bytes]:
         """Drain the frames waiting to go out, in order (handshake replies, the initiator's first)."""
@@ -306,6 +314,7 @@ class SecureSession:
         assert noise.complete
         self._send, self._recv = noise.split()
         self.handshake_hash = noise.handshake_hash
+        self._exporter = noise.exporter_secret
         self._remote_static = noise.remote_static
         self.peer, self.peer_certificate, self.kind = peer, payload, kind
         self._max_message = self._caps[kind]

@@ -188,6 +188,20 @@ class PolicyAcceptance:
         self.dissemination.counters["bodies_served"] += 1
         self.outbox.append(self.piggyback.send(peer, PolicyPush(env)))
 
+    def push_policy(self, peers: list[str], now_ms: int) -> None:
+        """Push our body to ``peers`` unasked (the broadcast tree): it counts as served to them, so a pull
+        that crossed the push on the wire is not answered with a second copy."""
+        env = self.trust.policy_bytes
+        if env is None:
+            return
+        rv, serial = held_key(self.trust)
+        version = (rv, serial, self.trust.policy_hash or "")
+        for peer in peers:
+            if peer not in self._served and len(self._served) >= MAX_PULL_ANSWERS_TRACKED:
+                self._served.clear()
+            self._served[peer] = [version, now_ms, 0]
+            self.outbox.append(self.piggyback.send(peer, PolicyPush(env)))
+
     def channel_lost(self, peer: str) -> None:
         """What we served ``peer`` may have been lost with the channel: serve it again when asked."""
         self._served.pop(peer, None)

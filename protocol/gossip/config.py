@@ -22,6 +22,9 @@ GOSSIP_BUDGET_BYTES = 1024
 FANOUT = 3
 ANNOUNCE_ROUNDS = 4
 ANNOUNCE_INTERVAL_MS = 200
+TREE_DEGREE = 6  # children per member in the broadcast tree (protocol.broadcast_tree)
+EAGER_PUSH_MAX_BYTES = 65536  # larger envelopes are announced and pulled only; 0: no eager push
+GRAFT_DELAY_MS = 200  # a newer version named by a probe or sync is pulled this long later (unless pushed)
 PULL_TIMEOUT_MS = 450
 CROSS_REGION_PULL_TIMEOUT_MS = 1200
 SYNC_INTERVAL_MS = 5000
@@ -57,6 +60,9 @@ class GossipConfig:
     fanout: int = FANOUT
     announce_rounds: int = ANNOUNCE_ROUNDS
     announce_interval_ms: int = ANNOUNCE_INTERVAL_MS
+    tree_degree: int = TREE_DEGREE
+    eager_push_max_bytes: int = EAGER_PUSH_MAX_BYTES
+    graft_delay_ms: int = GRAFT_DELAY_MS
     pull_timeout_ms: int = PULL_TIMEOUT_MS
     cross_region_pull_timeout_ms: int = CROSS_REGION_PULL_TIMEOUT_MS
     sync_interval_ms: int = SYNC_INTERVAL_MS
@@ -80,7 +86,7 @@ class GossipConfig:
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"gossip.{f.name} must be an integer, got {value!r}")
-            if value < (0 if f.name in ("indirect_probes", "max_local_health") else 1):
+            if value < (0 if f.name in ("indirect_probes", "max_local_health", "eager_push_max_bytes") else 1):
                 raise ValueError(f"gossip.{f.name} must be positive, got {value}")
         if not 1 <= self.sync_buckets <= 256:
             raise ValueError("gossip.sync_buckets must be 1..256")

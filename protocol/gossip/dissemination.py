@@ -1,8 +1,12 @@
-"""Dissemination: announce digests, pull bodies (lazy push); every peer claim is a bounded hint.
+"""Dissemination: push bodies along the broadcast tree (eager), announce digests and pull bodies
+(lazy); every peer claim is a bounded hint.
 
-A node that accepts a new policy announces its digest (serial, hash, root version) at once to
-``fanout`` peers, then again every ``announce_interval_ms`` for ``announce_rounds`` rounds in total,
-never to a peer known to hold that serial already.  Periodic push-pull anti-entropy (in the node)
+A node that accepts a new policy whose envelope is at most ``eager_push_max_bytes`` returns its
+broadcast-tree neighbours (``protocol.broadcast_tree``) except the sender, for the node to push the
+body to at once: one trip per hop.  It announces its digest (serial, hash, root version) to ``fanout``
+peers ``announce_interval_ms`` later (at once when it pushed to nobody), then again every
+``announce_interval_ms`` for ``announce_rounds`` rounds in total, never to a peer known to hold that
+serial already or pushed to; a peer the tree missed pulls from whoever announced (Plumtree's graft).  Periodic push-pull anti-entropy (in the node)
 feeds the same ``offer`` path, which is what guarantees convergence after a partition heals.
 
 **Peers are claims, not facts.**  What a peer says it holds (an announce, a sync digest, the serial
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.entropy import Entropy
+from protocol.gossip.broadcast_tree import push_targets, tree_neighbours
 from protocol.gossip.conduct import PeerConduct
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.connected_peers import ConnectedPeers
@@ -59,6 +64,7 @@ class _Claim:
     sources: dict[str, int] = field(default_factory=dict)  # peer -> claim expiry (ms)
     tried: dict[str, int] = field(default_factory=dict)  # peer -> when we last pulled this from it
     pull: _Pull | None = None
+    not_before: int = 0  # no pull before this time (a probe's or sync's claim waits for the tree)
 
 
 class Dissemination:
@@ -82,7 +88,7 @@ class Dissemination:
         self.unserved: dict[str, int] = {}  # peer -> claims it did not serve (never reset; members only)
         self.retry_after_ms = 4 * config.cross_region_pull_timeout_ms
         self.counters = {"announces_sent": 0, "pulls_sent": 0, "pull_timeouts": 0, "bodies_served": 0,
-                         "unserved_claims": 0, "claims_evicted": 0}
+                         "bodies_pushed": 0, "unserved_claims": 0, "claims_evicted": 0}
 
     def _send(self, peer: str, msg: Any) -> None:
         self.outbox.append(self.membership.piggyback.send(peer, msg))
@@ -104,12 +110,32 @@ class Dissemination:
             return True
         return st.serial == d.serial and bool(st.policy_hash) and d.hash.startswith(st.policy_hash)
 
-    # -- announcing ----------------------------------------------------------------------------------
-    def on_accepted(self, digest: Digest, now_ms: int) -> None:
+    # -- pushing and announcing -----------------------------------------------------------------------
+    def on_accepted(self, digest: Digest, now_ms: int, sender: str | None = None, body_bytes: int = 0
+                    ) -> list[str]:
+        """We trust ``digest`` now (received from ``sender``, None for a local source): returns the peers
+        to push the body to at once (the tree neighbours that may not hold it), and schedules the
+        announces (one interval later when the body goes along the tree, to give the tree its chance)."""
         self.announcing = digest
         self.rounds_left = self.cfg.announce_rounds
         self.done(digest.key, digest.hash)
-        self._round(now_ms)
+        if not self.cfg.eager_push_max_bytes or body_bytes > self.cfg.eager_push_max_bytes:
+            self._round(now_ms)
+            return []
+        eager: list[str] = []
+        for peer in push_targets(self.members, self.cfg.tree_degree, sender):
+            if not self.holds(peer, digest):
+                self.told[peer] = digest.key
+                eager.append(peer)
+        self.counters["bodies_pushed"] += len(eager)
+        self.next_round_ms = now_ms + self.cfg.announce_interval_ms  # the tree first, then the announces
+        return eager
+
+    def cold_tree_neighbours(self) -> list[str]:
+        """Tree neighbours without an open channel: the node opens one (a push must not wait for a dial)."""
+        if not self.cfg.eager_push_max_bytes:
+            return []
+        return [p for p in tree_neighbours(self.members, self.cfg.tree_degree) if p not in self.connected]
 
     def _round(self, now_ms: int) -> None:
         d = self.announcing
@@ -134,9 +160,12 @@ class Dissemination:
         self._send(peer, Announce(digest))
 
     # -- claims --------------------------------------------------------------------------------------
-    def offer(self, peer: str, digest: Digest, now_ms: int) -> None:
+    def offer(self, peer: str, digest: Digest, now_ms: int, wait_ms: int = 0) -> None:
         """``peer`` claims to hold ``digest``, which the node wants (newer, or an equivocating hash at
-        its own version): make it a candidate with ``peer`` as a source, and pull it if idle."""
+        its own version): make it a candidate with ``peer`` as a source, and pull it if idle.
+        ``wait_ms``: a claim that is no announce (a probe's serial, a sync digest) may have overtaken
+        the tree push of that version: a new candidate is pulled only after that long (Plumtree's
+        graft timer), unless the push arrives first or an announce asks for a pull at once."""
         self.note_has(peer, digest.key)
         cid = self._claim_id(digest)
         bad = self.failed.get(peer)
@@ -149,8 +178,10 @@ class Dissemination:
         if claim is None:
             if not self._make_room(digest):
                 return
-            claim = self.claims[cid] = _Claim(digest)
-        elif digest.hash and not claim.digest.hash:
+            claim = self.claims[cid] = _Claim(digest, not_before=now_ms + wait_ms)
+        elif not wait_ms and claim.not_before > now_ms:
+            claim.not_before = now_ms
+        if digest.hash and not claim.digest.hash:
             claim.digest = digest
         old = self.claim_of.get(peer)
         if old is not None and old != cid:
@@ -231,6 +262,9 @@ class Dissemination:
 
     def _start_pull(self, claim: _Claim, now_ms: int) -> None:
         claim.pull = None
+        if now_ms < claim.not_before:
+            return
+        claim.not_before = 0  # (only a pending wait is a deadline)
         retry_after = self.retry_after_ms
         fresh = [p for p, exp in claim.sources.items()
                  if exp > now_ms and now_ms - claim.tried.get(p, -retry_after) >= retry_after]
@@ -347,6 +381,7 @@ class Dissemination:
     def next_deadline(self) -> int | None:
         d = self.next_round_ms
         for claim in self.claims.values():
-            if claim.pull is not None and (d is None or claim.pull.deadline_ms < d):
-                d = claim.pull.deadline_ms
+            at = claim.pull.deadline_ms if claim.pull is not None else claim.not_before
+            if at and (d is None or at < d):
+                d = at
         return d

@@ -186,11 +186,15 @@ class Node:
         elif isinstance(inp, PeerDisconnected):
             if not self.connected.closed(inp.peer):  # (closed for misbehaviour: no fresh answers)
                 self.acceptance.channel_lost(inp.peer)
+                self.dissemination.told.pop(inp.peer, None)
             self.dissemination.pull_failed(inp.peer, now.ms)
         elif isinstance(inp, SendFailed):
             if inp.peer:
                 self.membership.swim.probe_send_failed(inp.peer, now.ms)
                 self.dissemination.pull_failed(inp.peer, now.ms)
+                # What we pushed or announced to it may not have arrived: it may be told and served again.
+                self.dissemination.told.pop(inp.peer, None)
+                self.acceptance.channel_lost(inp.peer)
         elif isinstance(inp, PolicySubmitted):
             self._accept_policy(inp.envelope, None, inp.source)
         elif isinstance(inp, RootsSubmitted):
@@ -260,6 +264,8 @@ class Node:
         self.enforcement.check(ms, now.wall)
 
     def _housekeeping(self, now: Now) -> None:
+        for peer in self.dissemination.cold_tree_neighbours():
+            self.send(peer, Ping(0, peer))  # opens the channel a tree push will use (answered by an Ack)
         self.membership.records.expel_invalid(now.wall, revocations=False)
         self.enforcement.housekeeping(now.wall)
         skew = self.trust.skew_s
@@ -317,7 +323,7 @@ class Node:
         now = self._now
         self.anti_entropy.on_sync_view(msg, now.ms, now.wall)
         self.claims.on_root_claim(peer, msg.root_version, now.ms)
-        self.claims.on_digest(peer, msg.digest, not msg.reply, now.ms)
+        self.claims.on_digest(peer, msg.digest, not msg.reply, now.ms, announce=False)
         self.anti_entropy.answer_sync(peer, msg, held_digest(self.trust), self.trust.root_version)
 
     def _on_members(self, peer: str, msg: Members) -> None:
@@ -355,7 +361,9 @@ class Node:
             self.membership.records.expel_invalid(now.wall)
             self.directory.emit_if_changed_now(now.wall)
         self.enforcement.check(now.ms, now.wall)
-        self.dissemination.on_accepted(Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version), now.ms)
+        digest = Digest(pol.serial, bytes.fromhex(check.hash), pol.root_version)
+        eager = self.dissemination.on_accepted(digest, now.ms, peer, len(check.envelope_bytes))
+        self.acceptance.push_policy(eager, now.ms)
 
     def _install_roots(self, chain: list[bytes], peer: str | None, source: str) -> None:
         """A stepped root re-checks every member and our status, then retries the body that waited."""

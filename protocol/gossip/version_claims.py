@@ -71,12 +71,14 @@ class VersionClaims:
         if hint.key > held_key(self.trust):
             if root_version > self.trust.root_version:
                 self.on_root_claim(peer, root_version, now_ms)
-            self.dissemination.offer(peer, hint, now_ms)
+            self.dissemination.offer(peer, hint, now_ms, self.cfg.graft_delay_ms)
         else:
             self.dissemination.note_has(peer, hint.key)
 
-    def on_digest(self, peer: str, digest: Digest | None, reply: bool, now_ms: int) -> None:
-        """An announce or a sync: ``reply`` whether to tell the peer about ours when it is behind."""
+    def on_digest(self, peer: str, digest: Digest | None, reply: bool, now_ms: int, announce: bool = True) -> None:
+        """An announce or a sync: ``reply`` whether to tell the peer about ours when it is behind; a newer
+        version named by a sync (``announce`` false) is pulled after ``graft_delay_ms`` (see
+        ``Dissemination.offer``)."""
         mine = held_key(self.trust)
         if digest is None:
             if mine[1] and reply:
@@ -87,7 +89,7 @@ class VersionClaims:
         if digest.key > mine:
             if digest.root_version > self.trust.root_version:
                 self.on_root_claim(peer, digest.root_version, now_ms)
-            self.dissemination.offer(peer, digest, now_ms)
+            self.dissemination.offer(peer, digest, now_ms, 0 if announce else self.cfg.graft_delay_ms)
         elif digest.key == mine and digest.hash and self.trust.policy_hash and \
                 digest.hash.hex() != self.trust.policy_hash:
             self._other_hash(peer, digest, reply, now_ms)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 
 from .gossip_events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
 from .gossip_wire import HASH_PREFIX, Status, StatusBody, Suspect
@@ -27,6 +30,7 @@ LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
 UNKNOWN_CODE, ALIVE_CODE, SUSPECT_CODE, DEAD_CODE, LEFT_CODE = range(5)  # the liveness column's bytes
 LIVENESS_NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)  # by code
 NEVER_HEARD_MS = -(10**12)
+_cert_item, _entry = attrgetter("cert_item"), attrgetter("entry")
 
 
 @dataclass(slots=True)
@@ -36,6 +40,33 @@ class Suspicion:
     sources: set[str]
     start_ms: int
     deadline_ms: int = 0
+
+
+class BucketEntries:
+    """One sync bucket's entries, (node id, version) in member-index order, kept up to date in place
+    when a held member's version changes (a member joining or leaving the bucket rebuilds it)."""
+
+    __slots__ = ("idxs", "vals", "tup")
+
+    def __init__(self, idxs: list[int], vals: list[tuple[str, int]]) -> None:
+        self.idxs = idxs  # ascending
+        self.vals = vals
+        self.tup: tuple[tuple[str, int], ...] | None = None
+
+    def set(self, i: int, entry: tuple[str, int]) -> bool:
+        """Member ``i``'s entry is now ``entry``; False if ``i`` is not in the bucket."""
+        idxs = self.idxs
+        pos = bisect_left(idxs, i)
+        if pos == len(idxs) or idxs[pos] != i:
+            return False
+        self.vals[pos] = entry
+        self.tup = None
+        return True
+
+    def entries(self) -> tuple[tuple[str, int], ...]:
+        if self.tup is None:
+            self.tup = tuple(self.vals)
+        return self.tup
 
 
 class MemberTable:
@@ -64,11 +95,15 @@ class MemberTable:
         self._bucket_col, self.bucket_ids = self.index.buckets(sync_buckets)
         self.record_buckets = [0] * sync_buckets  # records: (node_id, incarnation)
         self.status_buckets = [0] * sync_buckets  # status: (node_id, status seq)
+        # per bucket, its sync entries (None: to be built); see bucket_entries
+        self._entries: list[BucketEntries | None] = [None] * sync_buckets
+        self._status_entries: list[BucketEntries | None] = [None] * sync_buckets
         self._records_hash: bytes | None = None
         self._statuses_hash: bytes | None = None
         self.directory_dirty = True
         self.peers_dirty = True
         self.next_expiry = float("inf")  # earliest not_after in the table (kept by install)
+        self.cert_fingerprint = 0  # sum of the held records' cert_hash (kept by install and remove)
 
     # -- lookups -------------------------------------------------------------------------------------
     def index_of(self, node_id: str) -> int | None:
@@ -154,14 +189,17 @@ class MemberTable:
 
     def certs(self) -> tuple[dict[str, Certificate], int]:
         """Every member's certificate (ourselves included), and a digest of their exact bytes (a
-        re-signed certificate with the same content is a change too)."""
-        recs = [r for r in self.recs if r is not None]
-        return {r.node_id: r.cert for r in recs}, sum(hash(r.cert_bytes) for r in recs)
+        re-signed certificate with the same content is a change too).  Built in C (the liveness code
+        is 0 exactly where no record is held): the directory is rebuilt on every change of a mass join."""
+        return dict(map(_cert_item, compress(self.recs, self.liveness_codes))), self.cert_fingerprint  # type: ignore[arg-type]
 
     def member_entries(self) -> list[MemberEntry]:
         """The member file's entries, ourselves excluded (built once per record)."""
-        me = self.me_index
-        return [r.entry for r in self.recs if r is not None and r.idx != me]
+        mask = self.liveness_codes
+        if self.me_index < len(mask) and mask[self.me_index]:
+            mask = bytearray(mask)
+            mask[self.me_index] = UNKNOWN_CODE
+        return list(map(_entry, compress(self.recs, mask)))  # type: ignore[arg-type]
 
     # -- addresses -----------------------------------------------------------------------------------
     def watch_addresses(self, addresses: Iterable[str]) -> None:
@@ -206,6 +244,25 @@ class MemberTable:
         if self._statuses_hash is None:
             self._statuses_hash = self._summary(self.status_buckets)
         return self._statuses_hash
+
+    def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
+        """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
+        ``b``, in index order; kept until the bucket changes (a sync asks for the same buckets again
+        and again while a directory converges)."""
+        cache = self._status_entries if status else self._entries
+        got = cache[b]
+        if got is None:
+            recs = self.recs
+            n = len(recs)
+            idxs = [i for i in self.bucket_ids[b] if i < n and recs[i] is not None]
+            if status:
+                sts = self.statuses
+                vals = [(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                        for i in idxs if (r := recs[i]) is not None]
+            else:
+                vals = [(r.node_id, r.incarnation) for i in idxs if (r := recs[i]) is not None]
+            got = cache[b] = BucketEntries(idxs, vals)
+        return got.entries()
 
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:
@@ -254,9 +311,14 @@ class MemberTable:
             self.set_liveness(i, LEFT_CODE if rec.left else ALIVE_CODE, now_ms)
         if rec.cert.not_after < self.next_expiry:
             self.next_expiry = rec.cert.not_after
+        self.cert_fingerprint += rec.cert_hash - (old.cert_hash if old is not None else 0)
         b = self._bucket_col[i]
         self.record_buckets[b] ^= (old.token if old is not None else 0) ^ rec.token
         self._records_hash = None
+        if old is None:
+            self._entries[b] = self._status_entries[b] = None
+        elif (e := self._entries[b]) is not None and not e.set(i, (rec.node_id, rec.incarnation)):
+            self._entries[b] = None
 
     def set_status(self, i: int, info: StatusInfo) -> None:
         old = self.statuses[i]
@@ -264,6 +326,8 @@ class MemberTable:
         b = self._bucket_col[i]
         self.status_buckets[b] ^= (old.token if old is not None else 0) ^ info.token
         self._statuses_hash = None
+        if (e := self._status_entries[b]) is not None and not e.set(i, (info.body.node_id, info.body.seq)):
+            self._status_entries[b] = None
 
     def set_liveness(self, i: int, code: int, now_ms: int, report: bool = True, source: str = "") -> None:
         old = self.liveness_codes[i]
@@ -303,7 +367,9 @@ class MemberTable:
                 s.discard(i)
         self.suspicions.pop(i, None)
         self.heard_ms.pop(i, None)
+        self.cert_fingerprint -= rec.cert_hash
         b = self._bucket_col[i]
+        self._entries[b] = self._status_entries[b] = None
         self.record_buckets[b] ^= rec.token
         st = self.statuses[i]
         if st is not None:

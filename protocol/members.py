@@ -239,7 +239,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry", "__weakref__")
+                 "token", "entry", "cert_item", "cert_hash", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -254,6 +254,9 @@ class Rec:
         self.token = _token(rec.node_id, rec.incarnation)
         # the member's entry in the persisted member file
         self.entry = MemberEntry(rec.node_id, rec.address, cert.region, rec.cert)
+        # the member's entry in the directory handed to enforcement, and a digest of its exact bytes
+        self.cert_item = (rec.node_id, cert)
+        self.cert_hash = hash(rec.cert)
 
 
 class StatusInfo:

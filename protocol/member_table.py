@@ -14,8 +14,8 @@ decides nothing: it installs, reports liveness changes (``LivenessChanged``) and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
 from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import compress
 from operator import attrgetter

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from itertools import compress
 from operator import attrgetter
 
+from .errors import LocalProtocolError
 from .gossip_events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
 from .gossip_wire import HASH_PREFIX, Status, StatusBody, Suspect
+from .member_base import ConvergedDirectory, DirectoryView, EntriesView, OverlayColumn, OverlayIntSet
 from .members import IntSet, Member, Rec, StatusInfo, VerifyCache
 from .metadata import Certificate
 
@@ -104,6 +106,42 @@ class MemberTable:
         self.peers_dirty = True
         self.next_expiry = float("inf")  # earliest not_after in the table (kept by install)
         self.cert_fingerprint = 0  # sum of the held records' cert_hash (kept by install and remove)
+        self.base: ConvergedDirectory | None = None  # see adopt
+
+    def adopt(self, base: ConvergedDirectory) -> None:
+        """Start from a converged directory shared with other tables (a simulator hosting many nodes
+        whose directories are the same; see ``protocol.member_base``): from now on the columns hold
+        only what this node hears differently.  The table must hold nothing but our own record, the
+        same signed bytes as the base's (and our status, the base's or none)."""
+        i = self.me_index
+        own = self.recs[i] if i < len(self.recs) else None
+        if self.base is not None or self.count != 1 or own is None or i >= len(base.recs) \
+                or (b := base.recs[i]) is None or b.record != own.record:
+            raise LocalProtocolError("a table adopts a converged directory only at start, holding its own record")
+        st = self.statuses[i]
+        bst = base.statuses[i]
+        self.base = base
+        self.recs = OverlayColumn(base.recs, None)  # type: ignore[assignment]
+        self.statuses = OverlayColumn(base.statuses, None)  # type: ignore[assignment]
+        self.liveness_codes = OverlayColumn(base.codes, UNKNOWN_CODE)  # type: ignore[assignment]
+        self.alive = {r: OverlayIntSet(s) for r, s in base.alive.items()}  # type: ignore[misc]
+        self.alive_all = OverlayIntSet(base.alive_all)  # type: ignore[assignment]
+        self.dead, self.left = OverlayIntSet(), OverlayIntSet()  # type: ignore[assignment]
+        self.alive_all.discard(i)
+        self.alive[own.region].discard(i)
+        self.count = base.count
+        self.record_buckets, self.status_buckets = (list(v) for v in base.bucket_values(self._bucket_col,
+                                                                                       len(self.record_buckets)))
+        self._entries = [None] * len(self._entries)
+        self._status_entries = [None] * len(self._status_entries)
+        self._records_hash = self._statuses_hash = None
+        self.cert_fingerprint = base.cert_fingerprint
+        self.next_expiry = base.next_expiry
+        if st is not None and (bst is None or st.item != bst.item):
+            self.set_status(i, st)
+        for a in self._watched:
+            self._watched[a] = base.by_address.get(a, -1)
+        self.directory_dirty = self.peers_dirty = True
 
     # -- lookups -------------------------------------------------------------------------------------
     def index_of(self, node_id: str) -> int | None:
@@ -191,10 +229,38 @@ class MemberTable:
         """Every member's certificate (ourselves included), and a digest of their exact bytes (a
         re-signed certificate with the same content is a change too).  Built in C (the liveness code
         is 0 exactly where no record is held): the directory is rebuilt on every change of a mass join."""
+        if self.base is not None:
+            return self._certs_over_base(self.base)
         return dict(map(_cert_item, compress(self.recs, self.liveness_codes))), self.cert_fingerprint  # type: ignore[arg-type]
+
+    def _changed_over_base(self, base: ConvergedDirectory) -> tuple[list[Rec], frozenset[str]]:
+        """Records held that differ from the base's (index order), and base members no longer held."""
+        over = self.recs.over  # type: ignore[attr-defined]
+        nb = len(base.recs)
+        changed: list[Rec] = []
+        gone: list[str] = []
+        for i in sorted(over):
+            r = over[i]
+            if r is None:
+                if i < nb and (b := base.recs[i]) is not None:
+                    gone.append(b.node_id)
+            else:
+                changed.append(r)
+        return changed, frozenset(gone)
+
+    def _certs_over_base(self, base: ConvergedDirectory) -> tuple[dict[str, Certificate], int]:
+        changed, gone = self._changed_over_base(base)
+        view = DirectoryView(base.certs, {r.node_id: r.cert for r in changed}, gone)
+        return view, self.cert_fingerprint  # type: ignore[return-value]
 
     def member_entries(self) -> list[MemberEntry]:
         """The member file's entries, ourselves excluded (built once per record)."""
+        if self.base is not None:
+            changed, gone = self._changed_over_base(self.base)
+            known = self.base.certs
+            over = {r.node_id: r.entry for r in changed if r.node_id in known}
+            extra = [r.entry for r in changed if r.node_id not in known and r.idx != self.me_index]
+            return EntriesView(self.base.entries, over, gone | {self.me}, extra)  # type: ignore[return-value]
         mask = self.liveness_codes
         if self.me_index < len(mask) and mask[self.me_index]:
             mask = bytearray(mask)
@@ -248,7 +314,14 @@ class MemberTable:
     def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
         """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
         ``b``, in index order; kept until the bucket changes (a sync asks for the same buckets again
-        and again while a directory converges)."""
+        and again while a directory converges), except over a shared base (O(n) per node)."""
+        if self.base is not None:
+            recs, n = self.recs, len(self.recs)
+            if status:
+                sts = self.statuses
+                return tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                              for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
+            return tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
         cache = self._status_entries if status else self._entries
         got = cache[b]
         if got is None:

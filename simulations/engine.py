@@ -33,7 +33,9 @@ from protocol.gossip_events import (
     Send,
     SendFailed,
 )
+from protocol.member_base import ConvergedDirectory
 from protocol.metadata import Certificate
+from protocol.node import Node
 
 from .baselines import AuthorityServer
 from .effects import execute
@@ -82,6 +84,7 @@ class Simulation:
         self.policy_bytes = len(self.versions[-1].envelope)
         pick_hostile(sc, self.hosts, self.seeds, self.rng("hostile"))
         self.hostile_idx = frozenset(h.idx for h in self.hosts if h.hostile)
+        self.converged_base: ConvergedDirectory | None = None
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
         self.processes = ProcessFactory(sc, self.cfg, self.anchor, self.hosts, self.seeds, self.v1)
         self._schedule()
@@ -96,10 +99,13 @@ class Simulation:
     def _schedule(self) -> None:
         sc, kernel, n = self.sc, self.kernel, self.n
         topology = self.rng("topology")  # after the skews (draw_skews)
-        # joins spread over join_spread_ms; seeds first
-        for h in self.hosts[:n]:
-            at = 0 if h.address in self.seeds else topology.randrange(max(1, sc.nodes.join_spread_ms))
-            kernel.schedule(at, self._boot_action, h.idx)
+        if sc.nodes.converged and sc.protocol == "gossip":
+            self._schedule_converged(topology)
+        else:
+            # joins spread over join_spread_ms; seeds first
+            for h in self.hosts[:n]:
+                at = 0 if h.address in self.seeds else topology.randrange(max(1, sc.nodes.join_spread_ms))
+                kernel.schedule(at, self._boot_action, h.idx)
         b = sc.baselines
         self.authority = AuthorityServer(b.request_bytes, b.not_modified_bytes, b.response_overhead_bytes)
         kernel.procs[n] = self.authority
@@ -115,6 +121,38 @@ class Simulation:
         kernel.schedule(self.idle_start, self.measure.snap_idle)
         self.sample_start = max(0, first - 5 * sc.measure.sample_ms)
         kernel.schedule(self.sample_start, self.measure.sample)
+
+    def _schedule_converged(self, topology: random.Random) -> None:
+        """Every node boots at 0 and adopts one shared converged directory, except ``nodes.joins``
+        of them (never seeds), which join during ``nodes.join_window_ms``."""
+        sc, kernel, n = self.sc, self.kernel, self.n
+        pool = [h.idx for h in self.hosts[:n] if h.address not in self.seeds]
+        joiners = set(topology.sample(pool, min(len(pool), int(round(sc.nodes.joins * n)))))
+        lo, hi = sc.nodes.join_window_ms
+        for h in self.hosts[:n]:
+            at = lo + topology.randrange(max(1, hi - lo)) if h.idx in joiners else 0
+            kernel.schedule(at, self._boot_action, h.idx)
+        kernel.schedule(0, self._converge)
+
+    def _converge(self, _i: int, _arg: Any) -> None:
+        """The nodes up now adopt one converged directory of their own signed records and statuses
+        (verified once, like any record a peer relays; see protocol.member_base)."""
+        procs = [p for p in self.kernel.procs[: self.n] if isinstance(p, Node)]
+        if not procs:
+            return
+        records = procs[0].membership.records
+        wall = self.kernel.wall(0, self.kernel.now)
+        recs, statuses = [], []
+        for p in procs:
+            t = p.members
+            own = t.rec_at(t.me_index)
+            assert own is not None
+            recs.append(records.verify_record(own.record, wall))
+            statuses.append(t.statuses[t.me_index])
+        base = ConvergedDirectory(procs[0].members.ids, recs, statuses)
+        for p in procs:
+            p.members.adopt(base)
+        self.converged_base = base
 
     # -- processes -----------------------------------------------------------------------------------
     def boot(self, i: int) -> None:

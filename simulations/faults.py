@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from protocol.gossip_events import PeerDisconnected
+from protocol.gossip_events import LeaveRequested, PeerDisconnected
 
 from .network import NEVER, Cut
+
+LEAVE_GRACE_MS = 1000  # a leaving node stops this long after it signed its left record
 
 if TYPE_CHECKING:
     from .engine import Simulation
@@ -69,6 +71,10 @@ class Faults:
                         kernel.schedule(end, self._restart, i)
                         if end <= sc.duration_ms:
                             self.restartable.add(i)
+            elif f.kind == "leave":
+                k = f.count or int(round(f.fraction * n))
+                for i in sorted(self.rng.sample(range(n), k)):
+                    kernel.schedule(f.at_ms, self._leave, i)
             elif f.kind == "authority_outage":
                 kernel.schedule(f.at_ms, self._authority_down, n)
                 if end != NEVER:
@@ -90,6 +96,15 @@ class Faults:
             delay = sim.sc.tcp.user_timeout_ms if blackhole else int(net.one_way(i, j)) + 1
             kernel.push(now + delay, j, PeerDisconnected(h.node_id), net.epoch[j])
         self._crashed_serial[i] = h.applied
+
+    def _leave(self, i: int, _arg: Any) -> None:
+        """Node ``i`` leaves the cluster gracefully (signs a left record and spreads it), and its
+        process ends a second later."""
+        sim = self.sim
+        if not sim.net.up[i]:
+            return
+        sim.kernel.feed(i, LeaveRequested())
+        sim.kernel.schedule(sim.kernel.now + LEAVE_GRACE_MS, self._crash, i, False)
 
     def _restart(self, i: int, _arg: Any) -> None:
         sim = self.sim

@@ -129,10 +129,12 @@ class ProcessFactory:
         self.seeds = seeds
         self.enrolled_policy = enrolled_policy
         self.cache = VerifyCache()
+        # signature and format checks of roots and policies, shared by every node (see TrustedState)
+        self.verified: dict[tuple[bytes, bytes], object] = {}
         self._flood_peers: list[tuple[str, str]] | None = None
 
     def trust_from_disk(self, disk: Disk, wall: float) -> TrustedState:
-        trust = TrustedState(self.anchor)
+        trust = TrustedState(self.anchor, verified=self.verified)
         trust.update_root_chain(disk.roots)
         if disk.policy is not None:
             trust.accept_policy(disk.policy, wall)

@@ -218,6 +218,12 @@ class TrustedState:
                 self._verified[key] = (env, pv, digest)
         return self._check_policy_rules(data, pv, digest, root, now, allow_expired)
 
+    def verified_claims(self, data: bytes) -> tuple[int, str, int] | None:
+        """(serial, payload hash, root version) of a policy envelope whose exact bytes already passed
+        the signature and format checks against the trusted root (see ``verified``), else None."""
+        hit = self._verified.get((data, self._roots[-1][1])) if self._verified is not None else None
+        return None if hit is None else (hit[1].serial, hit[2], hit[1].root_version)
+
     def _check_policy_signed(self, data: bytes, root: Root) -> tuple[Envelope, PolicyVersion, str]:
         """The signature and format checks of ``check_policy`` (a function of the bytes and the root)."""
         env = decode_envelope(data, "policy")

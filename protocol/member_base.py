@@ -18,7 +18,7 @@ entries gives.  The daemon never adopts a base: it keeps its whole directory, as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from .entropy import Entropy
@@ -46,10 +46,10 @@ class OverlayColumn(Generic[T]):
 
     __slots__ = ("base", "over", "n", "empty")
 
-    def __init__(self, base: Sequence[T], empty: T) -> None:
+    def __init__(self, base: Sequence[T], empty: T, n: int = 0) -> None:
         self.base = base
         self.over: dict[int, T] = {}
-        self.n = len(base)
+        self.n = max(n, len(base))
         self.empty = empty
 
     def __len__(self) -> int:
@@ -74,9 +74,9 @@ class OverlayColumn(Generic[T]):
         else:
             self.over[i] = v
 
-    def extend(self, values: Iterable[Any]) -> None:
+    def extend(self, values: Sequence[Any]) -> None:
         """Grow by as many (empty) slots as ``values`` has."""
-        self.n += sum(1 for _ in values)
+        self.n += len(values)
 
     def __iter__(self) -> Iterator[T]:
         over, base, nb = self.over, self.base, len(self.base)
@@ -203,6 +203,10 @@ class ConvergedDirectory:
         for r in present:
             self.by_address.setdefault(r.address, r.idx)
         self._bucket_values: dict[int, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def empty(cls) -> ConvergedDirectory:
+        return cls((), (), ())
 
     def bucket_values(self, bucket_col: Sequence[int], nb: int) -> tuple[list[int], list[int]]:
         """The anti-entropy bucket values (XOR of record tokens, of status tokens) of the whole base."""

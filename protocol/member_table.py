@@ -111,24 +111,24 @@ class MemberTable:
     def adopt(self, base: ConvergedDirectory) -> None:
         """Start from a converged directory shared with other tables (a simulator hosting many nodes
         whose directories are the same; see ``protocol.member_base``): from now on the columns hold
-        only what this node hears differently.  The table must hold nothing but our own record, the
-        same signed bytes as the base's (and our status, the base's or none)."""
+        only what this node hears differently.  Only at start: the table holds nothing, or nothing but
+        our own record (and status), which the base must hold with the same signed bytes unless it is
+        empty (``ConvergedDirectory.empty()``: overlays from the first record on, adopted again once
+        the real snapshot exists)."""
         i = self.me_index
         own = self.recs[i] if i < len(self.recs) else None
-        if self.base is not None or self.count != 1 or own is None or i >= len(base.recs) \
-                or (b := base.recs[i]) is None or b.record != own.record:
+        st = self.statuses[i] if i < len(self.statuses) else None
+        b = base.recs[i] if i < len(base.recs) else None
+        if self.count != (own is not None) or (own is not None and base.count and (b is None or b.record != own.record)):
             raise LocalProtocolError("a table adopts a converged directory only at start, holding its own record")
-        st = self.statuses[i]
-        bst = base.statuses[i]
+        n = max(len(self.recs), len(base.recs))
         self.base = base
-        self.recs = OverlayColumn(base.recs, None)  # type: ignore[assignment]
-        self.statuses = OverlayColumn(base.statuses, None)  # type: ignore[assignment]
-        self.liveness_codes = OverlayColumn(base.codes, UNKNOWN_CODE)  # type: ignore[assignment]
+        self.recs = OverlayColumn(base.recs, None, n)  # type: ignore[assignment]
+        self.statuses = OverlayColumn(base.statuses, None, n)  # type: ignore[assignment]
+        self.liveness_codes = OverlayColumn(base.codes, UNKNOWN_CODE, n)  # type: ignore[assignment]
         self.alive = {r: OverlayIntSet(s) for r, s in base.alive.items()}  # type: ignore[misc]
         self.alive_all = OverlayIntSet(base.alive_all)  # type: ignore[assignment]
         self.dead, self.left = OverlayIntSet(), OverlayIntSet()  # type: ignore[assignment]
-        self.alive_all.discard(i)
-        self.alive[own.region].discard(i)
         self.count = base.count
         self.record_buckets, self.status_buckets = (list(v) for v in base.bucket_values(self._bucket_col,
                                                                                        len(self.record_buckets)))
@@ -137,7 +137,12 @@ class MemberTable:
         self._records_hash = self._statuses_hash = None
         self.cert_fingerprint = base.cert_fingerprint
         self.next_expiry = base.next_expiry
-        if st is not None and (bst is None or st.item != bst.item):
+        if b is not None:  # ourselves: in the base, never in our own alive sets
+            self.alive_all.discard(i)
+            self.alive[b.region].discard(i)
+        elif own is not None:
+            self.install(own, 0)
+        if st is not None and (base.statuses[i] if i < len(base.statuses) else None) is not st:
             self.set_status(i, st)
         for a in self._watched:
             self._watched[a] = base.by_address.get(a, -1)
@@ -260,7 +265,8 @@ class MemberTable:
             known = self.base.certs
             over = {r.node_id: r.entry for r in changed if r.node_id in known}
             extra = [r.entry for r in changed if r.node_id not in known and r.idx != self.me_index]
-            return EntriesView(self.base.entries, over, gone | {self.me}, extra)  # type: ignore[return-value]
+            skip = gone | {self.me} if self.me in known else gone  # (skip: base members only)
+            return EntriesView(self.base.entries, over, skip, extra)  # type: ignore[return-value]
         mask = self.liveness_codes
         if self.me_index < len(mask) and mask[self.me_index]:
             mask = bytearray(mask)
@@ -339,8 +345,14 @@ class MemberTable:
 
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:
-        """Make room in the columns for member index ``i``."""
+        """Make room in the columns for member index ``i`` (for every id known so far, once the table
+        holds more than our own record: a table that only starts, as n simulated nodes booting side by
+        side do before they adopt a converged directory, stays O(1))."""
         if i >= len(self.recs):
+            if self.base is not None:  # overlays: no slots to allocate
+                n = max(i + 1, len(self.ids))
+                self.recs.n = self.statuses.n = self.liveness_codes.n = n  # type: ignore[attr-defined]
+                return
             k = max(i + 1, len(self.ids)) - len(self.recs)
             self.recs.extend([None] * k)
             self.statuses.extend([None] * k)

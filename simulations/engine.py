@@ -39,7 +39,7 @@ from protocol.node import Node
 
 from .baselines import AuthorityServer
 from .effects import execute
-from .faults import Faults, draw_skews
+from .faults import Faults, draw_skews, how_many
 from .hosts import ProcessFactory, Version, build_hosts, build_versions, pick_hostile, seed_addresses
 from .identities import make_authority
 from .invariants import Invariants
@@ -48,6 +48,8 @@ from .measure import Measurement
 from .network import NEVER, Network
 from .report import build_report
 from .scenario import Scenario
+
+EMPTY_DIRECTORY = ConvergedDirectory.empty()
 
 
 class Simulation:
@@ -85,6 +87,7 @@ class Simulation:
         pick_hostile(sc, self.hosts, self.seeds, self.rng("hostile"))
         self.hostile_idx = frozenset(h.idx for h in self.hosts if h.hostile)
         self.converged_base: ConvergedDirectory | None = None
+        self._converging = False  # nodes boot for a converged start (see _schedule_converged)
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
         self.processes = ProcessFactory(sc, self.cfg, self.anchor, self.hosts, self.seeds, self.v1)
         self._schedule()
@@ -127,16 +130,18 @@ class Simulation:
         of them (never seeds), which join during ``nodes.join_window_ms``."""
         sc, kernel, n = self.sc, self.kernel, self.n
         pool = [h.idx for h in self.hosts[:n] if h.address not in self.seeds]
-        joiners = set(topology.sample(pool, min(len(pool), int(round(sc.nodes.joins * n)))))
+        joiners = set(topology.sample(pool, min(len(pool), how_many(0, sc.nodes.joins, n))))
         lo, hi = sc.nodes.join_window_ms
         for h in self.hosts[:n]:
             at = lo + topology.randrange(max(1, hi - lo)) if h.idx in joiners else 0
             kernel.schedule(at, self._boot_action, h.idx)
+        self._converging = True
         kernel.schedule(0, self._converge)
 
     def _converge(self, _i: int, _arg: Any) -> None:
         """The nodes up now adopt one converged directory of their own signed records and statuses
         (verified once, like any record a peer relays; see protocol.member_base)."""
+        self._converging = False
         procs = [p for p in self.kernel.procs[: self.n] if isinstance(p, Node)]
         if not procs:
             return
@@ -164,6 +169,10 @@ class Simulation:
         trust = self.processes.trust_from_disk(h.disk, kernel.wall(i, kernel.now))
         h.applied = trust.serial
         proc = self.processes.make(h, trust, kernel.epoch[i])
+        if self._converging and isinstance(proc, Node):
+            # booting side by side before the snapshot exists: overlays from the first record on
+            # (plain columns would grow to every id interned so far: O(n^2) in all)
+            proc.members.adopt(EMPTY_DIRECTORY)
         h.started_ms = kernel.now
         if not kernel.up[i] and not h.hostile:
             self.live_honest += 1

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from .engine import Simulation
 
 
+def how_many(count: int, fraction: float, n: int) -> int:
+    """``count`` nodes, else ``fraction`` of ``n`` (at least one when the fraction is not 0: a scenario
+    scaled down keeps its churn)."""
+    return count or (max(1, int(round(fraction * n))) if fraction > 0 else 0)
+
+
 def draw_skews(sim: Simulation, topology: random.Random) -> None:
     """Each node's wall clock is off by up to ``clock_skew_s`` either way."""
     skew = sim.sc.clock_skew_s
@@ -62,8 +68,7 @@ class Faults:
                 if f.kind == "region_outage":
                     victims = [h.idx for h in sim.hosts[:n] if sim.regions[h.region] in f.regions]
                 else:
-                    k = f.count or int(round(f.fraction * n))
-                    victims = sorted(self.rng.sample(range(n), k))
+                    victims = sorted(self.rng.sample(range(n), how_many(f.count, f.fraction, n)))
                 blackhole = f.kind == "region_outage"
                 for i in victims:
                     kernel.schedule(f.at_ms, self._crash, i, blackhole)
@@ -72,8 +77,7 @@ class Faults:
                         if end <= sc.duration_ms:
                             self.restartable.add(i)
             elif f.kind == "leave":
-                k = f.count or int(round(f.fraction * n))
-                for i in sorted(self.rng.sample(range(n), k)):
+                for i in sorted(self.rng.sample(range(n), how_many(f.count, f.fraction, n))):
                     kernel.schedule(f.at_ms, self._leave, i)
             elif f.kind == "authority_outage":
                 kernel.schedule(f.at_ms, self._authority_down, n)

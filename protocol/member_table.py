@@ -14,7 +14,6 @@ decides nothing: it installs, reports liveness changes (``LivenessChanged``) and
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import compress
@@ -44,33 +43,6 @@ class Suspicion:
     deadline_ms: int = 0
 
 
-class BucketEntries:
-    """One sync bucket's entries, (node id, version) in member-index order, kept up to date in place
-    when a held member's version changes (a member joining or leaving the bucket rebuilds it)."""
-
-    __slots__ = ("idxs", "vals", "tup")
-
-    def __init__(self, idxs: list[int], vals: list[tuple[str, int]]) -> None:
-        self.idxs = idxs  # ascending
-        self.vals = vals
-        self.tup: tuple[tuple[str, int], ...] | None = None
-
-    def set(self, i: int, entry: tuple[str, int]) -> bool:
-        """Member ``i``'s entry is now ``entry``; False if ``i`` is not in the bucket."""
-        idxs = self.idxs
-        pos = bisect_left(idxs, i)
-        if pos == len(idxs) or idxs[pos] != i:
-            return False
-        self.vals[pos] = entry
-        self.tup = None
-        return True
-
-    def entries(self) -> tuple[tuple[str, int], ...]:
-        if self.tup is None:
-            self.tup = tuple(self.vals)
-        return self.tup
-
-
 class MemberTable:
     def __init__(self, node_id: str, region: str, cache: VerifyCache, sync_buckets: int, outbox: list[Effect]
                  ) -> None:
@@ -97,9 +69,6 @@ class MemberTable:
         self._bucket_col, self.bucket_ids = self.index.buckets(sync_buckets)
         self.record_buckets = [0] * sync_buckets  # records: (node_id, incarnation)
         self.status_buckets = [0] * sync_buckets  # status: (node_id, status seq)
-        # per bucket, its sync entries (None: to be built); see bucket_entries
-        self._entries: list[BucketEntries | None] = [None] * sync_buckets
-        self._status_entries: list[BucketEntries | None] = [None] * sync_buckets
         self._records_hash: bytes | None = None
         self._statuses_hash: bytes | None = None
         self.directory_dirty = True
@@ -132,8 +101,6 @@ class MemberTable:
         self.count = base.count
         self.record_buckets, self.status_buckets = (list(v) for v in base.bucket_values(self._bucket_col,
                                                                                        len(self.record_buckets)))
-        self._entries = [None] * len(self._entries)
-        self._status_entries = [None] * len(self._status_entries)
         self._records_hash = self._statuses_hash = None
         self.cert_fingerprint = base.cert_fingerprint
         self.next_expiry = base.next_expiry
@@ -319,29 +286,13 @@ class MemberTable:
 
     def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
         """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
-        ``b``, in index order; kept until the bucket changes (a sync asks for the same buckets again
-        and again while a directory converges), except over a shared base (O(n) per node)."""
-        if self.base is not None:
-            recs, n = self.recs, len(self.recs)
-            if status:
-                sts = self.statuses
-                return tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
-                              for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
-            return tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
-        cache = self._status_entries if status else self._entries
-        got = cache[b]
-        if got is None:
-            recs = self.recs
-            n = len(recs)
-            idxs = [i for i in self.bucket_ids[b] if i < n and recs[i] is not None]
-            if status:
-                sts = self.statuses
-                vals = [(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
-                        for i in idxs if (r := recs[i]) is not None]
-            else:
-                vals = [(r.node_id, r.incarnation) for i in idxs if (r := recs[i]) is not None]
-            got = cache[b] = BucketEntries(idxs, vals)
-        return got.entries()
+        ``b``, in index order (built on demand: a per-bucket copy would cost O(n) per node)."""
+        recs, n = self.recs, len(self.recs)
+        if status:
+            sts = self.statuses
+            return tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                          for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
+        return tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
 
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:
@@ -400,10 +351,6 @@ class MemberTable:
         b = self._bucket_col[i]
         self.record_buckets[b] ^= (old.token if old is not None else 0) ^ rec.token
         self._records_hash = None
-        if old is None:
-            self._entries[b] = self._status_entries[b] = None
-        elif (e := self._entries[b]) is not None and not e.set(i, (rec.node_id, rec.incarnation)):
-            self._entries[b] = None
 
     def set_status(self, i: int, info: StatusInfo) -> None:
         old = self.statuses[i]
@@ -411,8 +358,6 @@ class MemberTable:
         b = self._bucket_col[i]
         self.status_buckets[b] ^= (old.token if old is not None else 0) ^ info.token
         self._statuses_hash = None
-        if (e := self._status_entries[b]) is not None and not e.set(i, (info.body.node_id, info.body.seq)):
-            self._status_entries[b] = None
 
     def set_liveness(self, i: int, code: int, now_ms: int, report: bool = True, source: str = "") -> None:
         old = self.liveness_codes[i]
@@ -454,7 +399,6 @@ class MemberTable:
         self.heard_ms.pop(i, None)
         self.cert_fingerprint -= rec.cert_hash
         b = self._bucket_col[i]
-        self._entries[b] = self._status_entries[b] = None
         self.record_buckets[b] ^= rec.token
         st = self.statuses[i]
         if st is not None:

@@ -286,13 +286,22 @@ class MemberTable:
 
     def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
         """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
-        ``b``, in index order (built on demand: a per-bucket copy would cost O(n) per node)."""
-        recs, n = self.recs, len(self.recs)
-        if status:
-            sts = self.statuses
-            return tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
-                          for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
-        return tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
+        ``b``, in index order.  Shared through the cache's ``entries`` by bucket content (its
+        anti-entropy values; a per-table copy would cost O(n) per node)."""
+        key = (b, int(status), self.record_buckets[b], self.status_buckets[b] if status else 0)
+        cache = self.cache.entries
+        got = cache.get(key)
+        if got is None:
+            recs, n = self.recs, len(self.recs)
+            if status:
+                sts = self.statuses
+                got = tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                             for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
+            else:
+                got = tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b]
+                             if i < n and (r := recs[i]) is not None])
+            cache.put(key, got)
+        return got
 
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:

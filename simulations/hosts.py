@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from protocol.authority import Authority
 from protocol.gossip_config import GossipConfig
-from protocol.membership import VerifyCache
+from protocol.membership import CACHE_MAX_BYTES, VerifyCache
 from protocol.metadata import payload_hash
 from protocol.node import Node
 from protocol.policy import PolicyDocument, Rule, validate_document
@@ -26,6 +26,9 @@ from .hostile import HostileNode
 from .identities import T0, NodeIdentity, make_node
 from .kernel import Process
 from .scenario import Scenario
+
+
+CACHE_BYTES_PER_NODE = 8 << 10  # a record, a status and a certificate, estimated as VerifyCache does
 
 
 @dataclass
@@ -128,7 +131,9 @@ class ProcessFactory:
         self.hosts = hosts
         self.seeds = seeds
         self.enrolled_policy = enrolled_policy
-        self.cache = VerifyCache()
+        # one record and status per member is held: size the cache for the whole fleet (its default
+        # suits one daemon; at 100,000 members it would clear and re-verify all the time)
+        self.cache = VerifyCache(max_bytes=max(CACHE_MAX_BYTES, sc.nodes.count * CACHE_BYTES_PER_NODE))
         # signature and format checks of roots and policies, shared by every node (see TrustedState)
         self.verified: dict[tuple[bytes, bytes], object] = {}
         self._flood_peers: list[tuple[str, str]] | None = None

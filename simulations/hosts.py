@@ -27,7 +27,6 @@ from .identities import T0, NodeIdentity, make_node
 from .kernel import Process
 from .scenario import Scenario
 
-
 CACHE_BYTES_PER_NODE = 8 << 10  # a record, a status and a certificate, estimated as VerifyCache does
 
 

@@ -4,6 +4,8 @@
                          [--duration-ms MS] [--json FILE] [--plot FILE.png] [--quiet] [--real [--keep-dir]]
     meshsim compare SCENARIO [same overrides]      (gossip vs central-pull vs flood, same seed)
     meshsim compare --real SCENARIO [overrides]    (the simulator and real daemons side by side)
+    meshsim sweep SCENARIO [--seeds 1,2,3] [--loss 0,0.1] [--nodes 100,1000] [--protocols gossip,flood]
+                           [--workers N] [--json FILE] [--csv FILE] [--plot FILE.png]   (parallel runs)
     meshsim list                                     (bundled scenarios)
 
 ``--real`` (root) runs the same scenario as a chaos drill on real ``meshnode`` processes, one network
@@ -89,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     _real_flags(cmp)
     cmp.add_argument("--json", metavar="FILE", help="write the three reports as one JSON list "
                                                     "(with --real: {\"sim\": ..., \"real\": ...})")
+    sw = sub.add_parser("sweep", help="run a scenario over seeds x loss x sizes x protocols on every core",
+                        description="Independent runs of one scenario over every combination of the lists "
+                                    "given, in parallel processes; one table (stdout, JSON, CSV) and a plot of "
+                                    "t100 against N with the Serf model and the ln N floor.")
+    sw.add_argument("scenario", help="scenario file, or the name of a bundled scenario (see `meshsim list`)")
+    sw.add_argument("--seeds", type=_int_list, default=None,
+                    help="comma-separated seeds (default: the scenario's seed)")
+    sw.add_argument("--loss", type=_loss_list, default=[None], help="comma-separated loss probabilities")
+    sw.add_argument("--nodes", type=_int_list, default=[None], help="comma-separated node counts")
+    sw.add_argument("--protocols", type=_protocol_list, default=["gossip"],
+                    help=f"comma-separated protocols ({', '.join(PROTOCOLS)}; default gossip)")
+    sw.add_argument("--duration-ms", type=_positive, help="override the virtual duration")
+    sw.add_argument("--workers", type=_positive, help="parallel processes (default: every core of this machine)")
+    sw.add_argument("--json", metavar="FILE", help="write the rows as one JSON list ('-' for stdout)")
+    sw.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    sw.add_argument("--plot", metavar="FILE.png", help="plot t100 against N (needs matplotlib)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="list bundled scenarios", description="List bundled scenarios.")
     return parser
 
@@ -99,6 +118,65 @@ def _real_flags(p: argparse.ArgumentParser) -> None:
                         "bridge, real nftables, loss/partitions as nftables drop rules, crashes as kill -9; "
                         "latency is not emulated")
     p.add_argument("--keep-dir", action="store_true", help="with --real: keep the drill's directory (logs, state)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _loss_list(text: str) -> list[float | None]:
+    return [_fraction(x) for x in text.split(",") if x.strip()] or [None]
+
+
+def _protocol_list(text: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in vals if v not in PROTOCOLS]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown protocol(s) {bad or text!r} (choose from {', '.join(PROTOCOLS)})")
+    return vals
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    if args.plot:
+        from .report import require_plotting
+
+        require_plotting()
+    base = load(args.scenario)
+    seeds = args.seeds or [base.seed]
+    todo = sweep.cases(args.scenario, seeds, args.loss, args.nodes, args.protocols, args.duration_ms)
+    for c in todo:  # every combination is valid before anything runs
+        sweep.scenario_of(c)
+    workers = min(args.workers or sweep.default_workers(), len(todo))
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="run", desc=f"sweep {base.name} ({workers} workers)", file=sys.stderr)
+        except ImportError:
+            bar = None
+    rows = sweep.run_all(todo, workers, on_done=(lambda _k: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    if args.json == "-":
+        sweep.write_json(rows, "-")
+    else:
+        print(sweep.table(rows))
+        if args.json:
+            sweep.write_json(rows, args.json)
+    if args.csv:
+        sweep.write_csv(rows, args.csv)
+    if args.plot:
+        sweep.plot(rows, args.plot)
+    return EXIT_VIOLATION if any(r["invariant_violations"] for r in rows) else 0
 
 
 def _summary(r: dict[str, Any]) -> str:
@@ -215,6 +293,8 @@ def _ok(v: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "list":
             for name in bundled():
                 print(name)

@@ -25,6 +25,7 @@ from protocol.gossip import (
     Enforce,
     FrameReceived,
     LivenessChanged,
+    Node,
     Now,
     PeerConnected,
     PeerDisconnected,
@@ -33,12 +34,13 @@ from protocol.gossip import (
     Send,
     SendFailed,
 )
+from protocol.gossip.member_base import ConvergedDirectory
 from protocol.trust import Certificate
 
 from .baselines import AuthorityServer
 from .drill.simfaults import SimDrill
 from .effects import execute
-from .faults import Faults, draw_skews
+from .faults import Faults, draw_skews, how_many
 from .hosts import ProcessFactory, Version, build_hosts, build_versions, pick_hostile, seed_addresses
 from .identities import make_authority
 from .invariants import Invariants
@@ -47,6 +49,8 @@ from .measure import Measurement
 from .network import NEVER, Network
 from .report import build_report
 from .scenario import Scenario
+
+EMPTY_DIRECTORY = ConvergedDirectory.empty()
 
 
 class Simulation:
@@ -83,6 +87,8 @@ class Simulation:
         self.policy_bytes = len(self.versions[-1].envelope)
         pick_hostile(sc, self.hosts, self.seeds, self.rng("hostile"))
         self.hostile_idx = frozenset(h.idx for h in self.hosts if h.hostile)
+        self.converged_base: ConvergedDirectory | None = None
+        self._converging = False  # nodes boot for a converged start (see _schedule_converged)
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
         self.processes = ProcessFactory(sc, self.cfg, self.anchor, self.hosts, self.seeds, self.v1)
         self._schedule()
@@ -97,10 +103,13 @@ class Simulation:
     def _schedule(self) -> None:
         sc, kernel, n = self.sc, self.kernel, self.n
         topology = self.rng("topology")  # after the skews (draw_skews)
-        # joins spread over join_spread_ms; seeds first
-        for h in self.hosts[:n]:
-            at = 0 if h.address in self.seeds else topology.randrange(max(1, sc.nodes.join_spread_ms))
-            kernel.schedule(at, self._boot_action, h.idx)
+        if sc.nodes.converged and sc.protocol == "gossip":
+            self._schedule_converged(topology)
+        else:
+            # joins spread over join_spread_ms; seeds first
+            for h in self.hosts[:n]:
+                at = 0 if h.address in self.seeds else topology.randrange(max(1, sc.nodes.join_spread_ms))
+                kernel.schedule(at, self._boot_action, h.idx)
         b = sc.baselines
         self.authority = AuthorityServer(b.request_bytes, b.not_modified_bytes, b.response_overhead_bytes)
         kernel.procs[n] = self.authority
@@ -119,6 +128,40 @@ class Simulation:
         self.sample_start = max(0, first - 5 * sc.measure.sample_ms)
         kernel.schedule(self.sample_start, self.measure.sample)
 
+    def _schedule_converged(self, topology: random.Random) -> None:
+        """Every node boots at 0 and adopts one shared converged directory, except ``nodes.joins``
+        of them (never seeds), which join during ``nodes.join_window_ms``."""
+        sc, kernel, n = self.sc, self.kernel, self.n
+        pool = [h.idx for h in self.hosts[:n] if h.address not in self.seeds]
+        joiners = set(topology.sample(pool, min(len(pool), how_many(0, sc.nodes.joins, n))))
+        lo, hi = sc.nodes.join_window_ms
+        for h in self.hosts[:n]:
+            at = lo + topology.randrange(max(1, hi - lo)) if h.idx in joiners else 0
+            kernel.schedule(at, self._boot_action, h.idx)
+        self._converging = True
+        kernel.schedule(0, self._converge)
+
+    def _converge(self, _i: int, _arg: Any) -> None:
+        """The nodes up now adopt one converged directory of their own signed records and statuses
+        (verified once, like any record a peer relays; see protocol.member_base)."""
+        self._converging = False
+        procs = [p for p in self.kernel.procs[: self.n] if isinstance(p, Node)]
+        if not procs:
+            return
+        records = procs[0].membership.records
+        wall = self.kernel.wall(0, self.kernel.now)
+        recs, statuses = [], []
+        for p in procs:
+            t = p.members
+            own = t.rec_at(t.me_index)
+            assert own is not None
+            recs.append(records.verify_record(own.record, wall))
+            statuses.append(t.statuses[t.me_index])
+        base = ConvergedDirectory(procs[0].members.ids, recs, statuses)
+        for p in procs:
+            p.members.adopt(base)
+        self.converged_base = base
+
     # -- processes -----------------------------------------------------------------------------------
     def boot(self, i: int) -> None:
         """Node ``i`` starts from what its host persisted (at first: the enrolled anchor and serial 1)."""
@@ -130,6 +173,10 @@ class Simulation:
         h.applied = trust.serial
         self.drill.applied(i, trust.serial)  # the boot apply of the persisted policy
         proc = self.processes.make(h, trust, kernel.epoch[i])
+        if self._converging and isinstance(proc, Node):
+            # booting side by side before the snapshot exists: overlays from the first record on
+            # (plain columns would grow to every id interned so far: O(n^2) in all)
+            proc.members.adopt(EMPTY_DIRECTORY)
         h.started_ms = kernel.now
         if not kernel.up[i] and not h.hostile:
             self.live_honest += 1

@@ -11,13 +11,21 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from protocol.gossip import PeerDisconnected
+from protocol.gossip import LeaveRequested, PeerDisconnected
 
 from .drill.schedule import FLUSH_REPAIR_MS
 from .network import NEVER, Cut
 
+LEAVE_GRACE_MS = 1000  # a leaving node stops this long after it signed its left record
+
 if TYPE_CHECKING:
     from .engine import Simulation
+
+
+def how_many(count: int, fraction: float, n: int) -> int:
+    """``count`` nodes, else ``fraction`` of ``n`` (at least one when the fraction is not 0: a scenario
+    scaled down keeps its churn)."""
+    return count or (max(1, int(round(fraction * n))) if fraction > 0 else 0)
 
 
 def draw_skews(sim: Simulation, topology: random.Random) -> None:
@@ -63,8 +71,7 @@ class Faults:
                 if f.kind == "region_outage":
                     victims = [h.idx for h in sim.hosts[:n] if sim.regions[h.region] in f.regions]
                 else:
-                    k = f.count or int(round(f.fraction * n))
-                    victims = sorted(self.rng.sample(range(n), k))
+                    victims = sorted(self.rng.sample(range(n), how_many(f.count, f.fraction, n)))
                 blackhole = f.kind == "region_outage"
                 for i in victims:
                     kernel.schedule(f.at_ms, self._crash, i, blackhole)
@@ -72,6 +79,9 @@ class Faults:
                         kernel.schedule(end, self._restart, i)
                         if end <= sc.duration_ms:
                             self.restartable.add(i)
+            elif f.kind == "leave":
+                for i in sorted(self.rng.sample(range(n), how_many(f.count, f.fraction, n))):
+                    kernel.schedule(f.at_ms, self._leave, i)
             elif f.kind == "authority_outage":
                 kernel.schedule(f.at_ms, self._authority_down, n)
                 if end != NEVER:
@@ -93,6 +103,15 @@ class Faults:
             delay = sim.sc.tcp.user_timeout_ms if blackhole else int(net.one_way(i, j)) + 1
             kernel.push(now + delay, j, PeerDisconnected(h.node_id), net.epoch[j])
         self._crashed_serial[i] = h.applied
+
+    def _leave(self, i: int, _arg: Any) -> None:
+        """Node ``i`` leaves the cluster gracefully (signs a left record and spreads it), and its
+        process ends a second later."""
+        sim = self.sim
+        if not sim.net.up[i]:
+            return
+        sim.kernel.feed(i, LeaveRequested())
+        sim.kernel.schedule(sim.kernel.now + LEAVE_GRACE_MS, self._crash, i, False)
 
     def _restart(self, i: int, _arg: Any) -> None:
         sim = self.sim

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from protocol.gossip import GossipConfig, Node
-from protocol.gossip.membership import VerifyCache
+from protocol.gossip.membership import CACHE_MAX_BYTES, VerifyCache
 from protocol.trust import (
     Authority,
     PolicyDocument,
@@ -29,6 +29,8 @@ from .hostile import HostileNode
 from .identities import T0, NodeIdentity, make_node
 from .kernel import Process
 from .scenario import Scenario
+
+CACHE_BYTES_PER_NODE = 8 << 10  # a record, a status and a certificate, estimated as VerifyCache does
 
 
 @dataclass
@@ -131,11 +133,15 @@ class ProcessFactory:
         self.hosts = hosts
         self.seeds = seeds
         self.enrolled_policy = enrolled_policy
-        self.cache = VerifyCache()
+        # one record and status per member is held: size the cache for the whole fleet (its default
+        # suits one daemon; at 100,000 members it would clear and re-verify all the time)
+        self.cache = VerifyCache(max_bytes=max(CACHE_MAX_BYTES, sc.nodes.count * CACHE_BYTES_PER_NODE))
+        # signature and format checks of roots and policies, shared by every node (see TrustedState)
+        self.verified: dict[tuple[bytes, bytes], object] = {}
         self._flood_peers: list[tuple[str, str]] | None = None
 
     def trust_from_disk(self, disk: Disk, wall: float) -> TrustedState:
-        trust = TrustedState(self.anchor)
+        trust = TrustedState(self.anchor, verified=self.verified)
         trust.update_root_chain(disk.roots)
         if disk.policy is not None:
             trust.accept_policy(disk.policy, wall)

@@ -116,7 +116,9 @@ class Invariants:
         """``after`` may be the node's own directory (an ``Enforce``'s members): it is only read."""
         if before is None or before is after:
             return
-        gone = before.keys() - after.keys()  # C-level; empty unless something was dropped
+        dropped = getattr(after, "dropped_from", None)  # a view over a shared converged directory
+        cheap = dropped(before) if dropped is not None else None
+        gone = set(cheap) if cheap is not None else before.keys() - after.keys()  # C-level; empty unless dropped
         if gone:
             gone -= self.revoked_nodes
             gone -= expired

@@ -37,6 +37,13 @@ class NodesCfg(_T):
     # (event loop, decrypt, decode, handle, persist) and the enforcement apply after a version is accepted.
     process_ms: float = 0.0
     apply_ms: int = 0
+    # Start from a converged directory: every node boots at 0 and holds every other's record and
+    # status from the start (one shared snapshot plus per-node overlays: memory O(n), not O(n^2)).
+    converged: bool = False
+    # With ``converged``: this fraction of the nodes is not in the snapshot and joins during the run,
+    # spread uniformly over ``join_window_ms`` (from, to).
+    joins: float = 0.0
+    join_window_ms: list[int] = msgspec.field(default_factory=lambda: [0, 0])
 
 
 class NetworkCfg(_T):
@@ -96,7 +103,7 @@ NODE_FAULTS = ("kill9", "disk_full", "clock_skew", "flush_ruleset", "fd_pressure
 
 
 class Fault(_T):
-    kind: Literal["partition", "region_outage", "crash", "authority_outage", "loss",
+    kind: Literal["partition", "region_outage", "crash", "leave", "authority_outage", "loss",
                   "kill9", "disk_full", "clock_skew", "flush_ruleset", "fd_pressure"]
     at_ms: int
     until_ms: int | None = None
@@ -222,8 +229,8 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
             raise bad(f"{where}: a partition needs regions, fraction or count")
         if f.kind == "region_outage" and not f.regions:
             raise bad(f"{where}: a region outage needs regions")
-        if f.kind == "crash" and not f.fraction and not f.count:
-            raise bad(f"{where}: a crash needs fraction or count")
+        if f.kind in ("crash", "leave") and not f.fraction and not f.count:
+            raise bad(f"{where}: a {f.kind} needs fraction or count")
         if not 0.0 <= f.fraction <= 1.0 or not 0.0 <= f.loss < 1.0:
             raise bad(f"{where}: fraction and loss must be within [0, 1]")
         if f.kind in NODE_FAULTS:
@@ -236,6 +243,11 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
         raise bad("policy.publish_at_ms must list at least one time")
     if any(t >= sc.duration_ms for t in sc.policy.publish_at_ms):
         raise bad("policy.publish_at_ms must be before duration_ms")
+    if not 0.0 <= sc.nodes.joins < 1.0 or (sc.nodes.joins and not sc.nodes.converged):
+        raise bad("nodes.joins must be in [0, 1), and only with nodes.converged (others join anyway)")
+    jw = sc.nodes.join_window_ms
+    if len(jw) != 2 or not 0 <= jw[0] <= jw[1] <= sc.duration_ms:
+        raise bad("nodes.join_window_ms must be [from, to] within the run")
     if sc.policy.rules < 1 or sc.policy.rules > 4096:
         raise bad("policy.rules must be 1..4096")
     sc.gossip_config()

@@ -70,7 +70,7 @@ class PolicyAcceptance:
         if peer is not None:
             # Cheap pre-filter against the trusted floor only (never against a claim): a body we
             # already hold, or one below the floor, costs no signature check.
-            peek = _peek(envelope)
+            peek = self.trust.verified_claims(envelope) or _peek(envelope)
             if peek is not None:  # a pull of something newer answered with something older is unserved
                 self.dissemination.body_from(peer, (peek[2], peek[0]), bytes.fromhex(peek[1]), now_ms)
             floor = self.trust.serial_floor  # the serial itself, except after a policy-key rotation

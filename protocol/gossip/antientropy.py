@@ -51,18 +51,10 @@ def differing_buckets(table: MemberTable, theirs: tuple[bytes, ...], status: boo
 def entries(table: MemberTable, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
     """(node id, incarnation) — or (node id, status seq) — of every member in ``buckets``."""
     out: list[tuple[str, int]] = []
-    recs = table.recs
-    n = len(recs)
     nb = len(table.bucket_ids)
     for b in buckets:
         if 0 <= b < nb:
-            ids = table.bucket_ids[b]
-            if status:
-                sts = table.statuses
-                out += [(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
-                        for i in ids if i < n and (r := recs[i]) is not None]
-            else:
-                out += [(r.node_id, r.incarnation) for i in ids if i < n and (r := recs[i]) is not None]
+            out += table.bucket_entries(b, status)
     return tuple(out)
 
 
@@ -100,8 +92,9 @@ def compare_entries(table: MemberTable, buckets: Iterable[int], theirs_entries: 
     else:
         want = [nid for nid, v in theirs.items() if v > get(nid, -1)]
     tget = theirs.get
+    # (a status entry of 0 is a member whose status we do not hold, unless it signed seq 0 itself)
     give = [nid for nid, v in mine.items() if v > tget(nid, -1)
-            and (not status or table.status_item_of(nid) is not None)]
+            and (not status or v > 0 or table.status_item_of(nid) is not None)]
     return want, give
 
 

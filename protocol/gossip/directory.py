@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from protocol.errors import RemoteProtocolError, TrustError
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.events import Effect, Enforce, MemberEntry, PersistMembers
+from protocol.gossip.member_base import DirectoryView, EntriesView
 from protocol.gossip.member_records import MemberRecords
 from protocol.gossip.member_table import MemberTable
 from protocol.trust.metadata import Certificate
@@ -79,6 +80,20 @@ class MemberDirectory:
         """The valid certificate directory (members, then certificates remembered from the last run
         that are still valid), and a digest of the certificates' exact bytes."""
         certs, fingerprint = self.table.certs()
+        if self._known_certs and isinstance(certs, DirectoryView):  # over a shared base: extend its overlay
+            certs = DirectoryView(certs.base, dict(certs.over), certs.gone)
+            over = certs.over
+            for nid, (cb, c) in list(self._known_certs.items()):
+                if nid in certs:
+                    continue
+                try:
+                    self.records.check_cert_valid(c, wall)
+                except TrustError:
+                    del self._known_certs[nid]
+                    continue
+                over[nid] = c
+                fingerprint += hash(cb)
+            return certs, fingerprint  # type: ignore[return-value]
         if self._known_certs:
             for nid, (cb, c) in list(self._known_certs.items()):
                 if nid in certs:
@@ -107,7 +122,10 @@ class MemberDirectory:
         self.table.peers_dirty = False
         self._persist_at = None
         entries = self.table.member_entries()
-        for nid, (cb, c) in self._known_certs.items():
-            if nid not in self.table:
-                entries.append(MemberEntry(nid, "", c.region, cb))
-        self.outbox.append(PersistMembers(tuple(entries)))
+        extra = [MemberEntry(nid, "", c.region, cb) for nid, (cb, c) in self._known_certs.items()
+                 if nid not in self.table]
+        if isinstance(entries, EntriesView):  # over a shared base: a view, not an O(n) copy
+            self.outbox.append(PersistMembers(EntriesView(entries.base, entries.over, entries.skip,
+                                                          entries.extra + extra) if extra else entries))
+            return
+        self.outbox.append(PersistMembers(tuple(entries + extra)))

@@ -8,7 +8,7 @@ verified and decoded by the core: the shell never decodes them again nor reads t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -172,9 +172,10 @@ class MemberEntry:
 
 @dataclass(frozen=True, slots=True)
 class PersistMembers:
-    """Write the member file atomically: for restarts without seeds, and so a reboot enforces full sets."""
+    """Write the member file atomically: for restarts without seeds, and so a reboot enforces full sets.
+    ``entries`` is a tuple, or (a simulated node over a shared converged directory) a read-only view."""
 
-    entries: tuple[MemberEntry, ...]
+    entries: Sequence[MemberEntry]
 
 
 class Verdict(StrEnum):

@@ -16,8 +16,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 
+from protocol.errors import LocalProtocolError
 from protocol.gossip.events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
+from protocol.gossip.member_base import (
+    ConvergedDirectory,
+    DirectoryView,
+    EntriesView,
+    OverlayColumn,
+    OverlayIntSet,
+)
 from protocol.gossip.members import IntSet, Member, Rec, StatusInfo, VerifyCache
 from protocol.gossip.wire import HASH_PREFIX, Status, StatusBody, Suspect
 from protocol.trust.metadata import Certificate
@@ -27,6 +37,7 @@ LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
 UNKNOWN_CODE, ALIVE_CODE, SUSPECT_CODE, DEAD_CODE, LEFT_CODE = range(5)  # the liveness column's bytes
 LIVENESS_NAME = ("", ALIVE, SUSPECT, DEAD, LEFT)  # by code
 NEVER_HEARD_MS = -(10**12)
+_cert_item, _entry = attrgetter("cert_item"), attrgetter("entry")
 
 
 @dataclass(slots=True)
@@ -69,6 +80,46 @@ class MemberTable:
         self.directory_dirty = True
         self.peers_dirty = True
         self.next_expiry = float("inf")  # earliest not_after in the table (kept by install)
+        self.cert_fingerprint = 0  # sum of the held records' cert_hash (kept by install and remove)
+        self.base: ConvergedDirectory | None = None  # see adopt
+
+    def adopt(self, base: ConvergedDirectory) -> None:
+        """Start from a converged directory shared with other tables (a simulator hosting many nodes
+        whose directories are the same; see ``protocol.member_base``): from now on the columns hold
+        only what this node hears differently.  Only at start: the table holds nothing, or nothing but
+        our own record (and status), which the base must hold with the same signed bytes unless it is
+        empty (``ConvergedDirectory.empty()``: overlays from the first record on, adopted again once
+        the real snapshot exists)."""
+        i = self.me_index
+        own = self.recs[i] if i < len(self.recs) else None
+        st = self.statuses[i] if i < len(self.statuses) else None
+        b = base.recs[i] if i < len(base.recs) else None
+        if self.count != (own is not None) or (own is not None and base.count and (b is None or b.record != own.record)):
+            raise LocalProtocolError("a table adopts a converged directory only at start, holding its own record")
+        n = max(len(self.recs), len(base.recs))
+        self.base = base
+        self.recs = OverlayColumn(base.recs, None, n)  # type: ignore[assignment]
+        self.statuses = OverlayColumn(base.statuses, None, n)  # type: ignore[assignment]
+        self.liveness_codes = OverlayColumn(base.codes, UNKNOWN_CODE, n)  # type: ignore[assignment]
+        self.alive = {r: OverlayIntSet(s) for r, s in base.alive.items()}  # type: ignore[misc]
+        self.alive_all = OverlayIntSet(base.alive_all)  # type: ignore[assignment]
+        self.dead, self.left = OverlayIntSet(), OverlayIntSet()  # type: ignore[assignment]
+        self.count = base.count
+        self.record_buckets, self.status_buckets = (list(v) for v in base.bucket_values(self._bucket_col,
+                                                                                       len(self.record_buckets)))
+        self._records_hash = self._statuses_hash = None
+        self.cert_fingerprint = base.cert_fingerprint
+        self.next_expiry = base.next_expiry
+        if b is not None:  # ourselves: in the base, never in our own alive sets
+            self.alive_all.discard(i)
+            self.alive[b.region].discard(i)
+        elif own is not None:
+            self.install(own, 0)
+        if st is not None and (base.statuses[i] if i < len(base.statuses) else None) is not st:
+            self.set_status(i, st)
+        for a in self._watched:
+            self._watched[a] = base.by_address.get(a, -1)
+        self.directory_dirty = self.peers_dirty = True
 
     # -- lookups -------------------------------------------------------------------------------------
     def index_of(self, node_id: str) -> int | None:
@@ -154,14 +205,46 @@ class MemberTable:
 
     def certs(self) -> tuple[dict[str, Certificate], int]:
         """Every member's certificate (ourselves included), and a digest of their exact bytes (a
-        re-signed certificate with the same content is a change too)."""
-        recs = [r for r in self.recs if r is not None]
-        return {r.node_id: r.cert for r in recs}, sum(hash(r.cert_bytes) for r in recs)
+        re-signed certificate with the same content is a change too).  Built in C (the liveness code
+        is 0 exactly where no record is held): the directory is rebuilt on every change of a mass join."""
+        if self.base is not None:
+            return self._certs_over_base(self.base)
+        return dict(map(_cert_item, compress(self.recs, self.liveness_codes))), self.cert_fingerprint  # type: ignore[arg-type]
+
+    def _changed_over_base(self, base: ConvergedDirectory) -> tuple[list[Rec], frozenset[str]]:
+        """Records held that differ from the base's (index order), and base members no longer held."""
+        over = self.recs.over  # type: ignore[attr-defined]
+        nb = len(base.recs)
+        changed: list[Rec] = []
+        gone: list[str] = []
+        for i in sorted(over):
+            r = over[i]
+            if r is None:
+                if i < nb and (b := base.recs[i]) is not None:
+                    gone.append(b.node_id)
+            else:
+                changed.append(r)
+        return changed, frozenset(gone)
+
+    def _certs_over_base(self, base: ConvergedDirectory) -> tuple[dict[str, Certificate], int]:
+        changed, gone = self._changed_over_base(base)
+        view = DirectoryView(base.certs, {r.node_id: r.cert for r in changed}, gone)
+        return view, self.cert_fingerprint  # type: ignore[return-value]
 
     def member_entries(self) -> list[MemberEntry]:
         """The member file's entries, ourselves excluded (built once per record)."""
-        me = self.me_index
-        return [r.entry for r in self.recs if r is not None and r.idx != me]
+        if self.base is not None:
+            changed, gone = self._changed_over_base(self.base)
+            known = self.base.certs
+            over = {r.node_id: r.entry for r in changed if r.node_id in known}
+            extra = [r.entry for r in changed if r.node_id not in known and r.idx != self.me_index]
+            skip = gone | {self.me} if self.me in known else gone  # (skip: base members only)
+            return EntriesView(self.base.entries, over, skip, extra)  # type: ignore[return-value]
+        mask = self.liveness_codes
+        if self.me_index < len(mask) and mask[self.me_index]:
+            mask = bytearray(mask)
+            mask[self.me_index] = UNKNOWN_CODE
+        return list(map(_entry, compress(self.recs, mask)))  # type: ignore[arg-type]
 
     # -- addresses -----------------------------------------------------------------------------------
     def watch_addresses(self, addresses: Iterable[str]) -> None:
@@ -207,10 +290,35 @@ class MemberTable:
             self._statuses_hash = self._summary(self.status_buckets)
         return self._statuses_hash
 
+    def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
+        """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
+        ``b``, in index order.  Shared through the cache's ``entries`` by bucket content (its
+        anti-entropy values; a per-table copy would cost O(n) per node)."""
+        key = (b, int(status), self.record_buckets[b], self.status_buckets[b] if status else 0)
+        cache = self.cache.entries
+        got = cache.get(key)
+        if got is None:
+            recs, n = self.recs, len(self.recs)
+            if status:
+                sts = self.statuses
+                got = tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
+                             for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
+            else:
+                got = tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b]
+                             if i < n and (r := recs[i]) is not None])
+            cache.put(key, got)
+        return got
+
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:
-        """Make room in the columns for member index ``i``."""
+        """Make room in the columns for member index ``i`` (for every id known so far, once the table
+        holds more than our own record: a table that only starts, as n simulated nodes booting side by
+        side do before they adopt a converged directory, stays O(1))."""
         if i >= len(self.recs):
+            if self.base is not None:  # overlays: no slots to allocate
+                n = max(i + 1, len(self.ids))
+                self.recs.n = self.statuses.n = self.liveness_codes.n = n  # type: ignore[attr-defined]
+                return
             k = max(i + 1, len(self.ids)) - len(self.recs)
             self.recs.extend([None] * k)
             self.statuses.extend([None] * k)
@@ -254,6 +362,7 @@ class MemberTable:
             self.set_liveness(i, LEFT_CODE if rec.left else ALIVE_CODE, now_ms)
         if rec.cert.not_after < self.next_expiry:
             self.next_expiry = rec.cert.not_after
+        self.cert_fingerprint += rec.cert_hash - (old.cert_hash if old is not None else 0)
         b = self._bucket_col[i]
         self.record_buckets[b] ^= (old.token if old is not None else 0) ^ rec.token
         self._records_hash = None
@@ -303,6 +412,7 @@ class MemberTable:
                 s.discard(i)
         self.suspicions.pop(i, None)
         self.heard_ms.pop(i, None)
+        self.cert_fingerprint -= rec.cert_hash
         b = self._bucket_col[i]
         self.record_buckets[b] ^= rec.token
         st = self.statuses[i]

@@ -89,7 +89,7 @@ class VerifyCache:
     superseded record is freed as soon as it is replaced.  A clear costs re-verification, never
     correctness."""
 
-    __slots__ = ("_d", "_weak", "_latest", "max_bytes", "nbytes", "clears", "index", "get", "weak_get")
+    __slots__ = ("_d", "_weak", "_latest", "max_bytes", "nbytes", "clears", "index", "get", "weak_get", "entries")
 
     def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self._d: dict[object, object] = {}
@@ -100,6 +100,8 @@ class VerifyCache:
         self.nbytes = 0
         self.clears = 0
         self.index = MemberIndex()
+        # sync bucket entries by (kind, bucket, bucket values): see MemberTable.bucket_entries
+        self.entries = BucketEntriesCache()
         self.get: Callable[[object], object | None] = self._d.get
         self.weak_get: Callable[[object], object | None] = self._weak.get
 
@@ -155,6 +157,28 @@ class VerifyCache:
             if cur is not None:
                 self._let_go(cur[1])
                 self.nbytes -= cur[2]
+
+
+class BucketEntriesCache:
+    """Sync entries of one bucket, keyed by what the bucket holds: the bucket index and its anti-entropy
+    values (XOR of 64-bit tokens of (node id, incarnation), and of (node id, status seq)), which is what
+    the sync protocol itself takes as "the same content".  Tables that hold the same bucket share one
+    tuple (the simulator's nodes share the cache); bounded: cleared when it passes ``max_entries``."""
+
+    __slots__ = ("_d", "max_entries", "get")
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._d: dict[tuple[int, int, int, int], tuple[tuple[str, int], ...]] = {}
+        self.max_entries = max_entries
+        self.get = self._d.get
+
+    def put(self, key: tuple[int, int, int, int], entries: tuple[tuple[str, int], ...]) -> None:
+        if len(self._d) >= self.max_entries:
+            self._d.clear()  # the same dict: ``get`` stays bound to it
+        self._d[key] = entries
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 class IndexedSet:
@@ -239,7 +263,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry", "__weakref__")
+                 "token", "entry", "cert_item", "cert_hash", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -254,6 +278,9 @@ class Rec:
         self.token = _token(rec.node_id, rec.incarnation)
         # the member's entry in the persisted member file
         self.entry = MemberEntry(rec.node_id, rec.address, cert.region, rec.cert)
+        # the member's entry in the directory handed to enforcement, and a digest of its exact bytes
+        self.cert_item = (rec.node_id, cert)
+        self.cert_hash = hash(rec.cert)
 
 
 class StatusInfo:

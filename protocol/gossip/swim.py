@@ -67,6 +67,28 @@ class Relay:
     nacked: bool = False
 
 
+class LazyRing:
+    """A random permutation of positions 0..n-1 (n = alive members + suspects when it was started),
+    drawn one at a time."""
+
+    __slots__ = ("alive_n", "suspects", "left", "_swaps")
+
+    def __init__(self, alive_n: int, suspects: list[int]) -> None:
+        self.alive_n = alive_n
+        self.suspects = suspects
+        self.left = alive_n + len(suspects)
+        self._swaps: dict[int, int] = {}
+
+    def draw(self, rng: Entropy) -> int:
+        swaps = self._swaps
+        j = rng.below(self.left)
+        self.left -= 1
+        k = self.left
+        got = swaps.get(j, j)
+        swaps[j] = swaps.pop(k, k)
+        return got
+
+
 class Swim:
     def __init__(self, config: GossipConfig, rng: Entropy, table: MemberTable, own: OwnRecord,
                  broadcasts: BroadcastQueue, piggyback: Piggyback, outbox: list[Effect], counters: dict[str, int],
@@ -86,6 +108,7 @@ class Swim:
         self.next_probe_ms = 0
         self._ring = array("i")
         self._ring_pos = 0
+        self._lazy: LazyRing | None = None
         self.relays: dict[int, Relay] = {}
         self.relays_of: dict[str, int] = {}  # requester -> relays open on its behalf
 
@@ -171,6 +194,8 @@ class Swim:
         return base * (1 + self.health) + dial
 
     def _next_target(self) -> Rec | None:
+        if self.table.base is not None:
+            return self._next_target_lazy()
         codes = self.table.liveness_codes
         for _ in range(2):
             ring = self._ring
@@ -185,6 +210,25 @@ class Swim:
             self._ring = ring
             self._ring_pos = 0
             if not ring:
+                return None
+        return None
+
+    def _next_target_lazy(self) -> Rec | None:
+        """The ring over a shared converged directory (a simulated node among n): drawn one position
+        at a time (Fisher-Yates from the end, O(draws) memory) instead of an O(n) shuffled copy per
+        node; each draw is the member at that position of the alive set now, or a suspect."""
+        codes, table = self.table.liveness_codes, self.table
+        for _ in range(2):
+            ring = self._lazy
+            while ring is not None and ring.left:
+                p = ring.draw(self.rng)
+                alive = table.alive_all
+                i = alive.items[p] if p < len(alive) else (
+                    ring.suspects[p - ring.alive_n] if ring.alive_n <= p < ring.alive_n + len(ring.suspects) else -1)
+                if 0 <= i < len(codes) and codes[i] in (ALIVE_CODE, SUSPECT_CODE):
+                    return table.recs[i]
+            self._lazy = ring = LazyRing(len(table.alive_all), list(table.suspicions))
+            if not ring.left:
                 return None
         return None
 

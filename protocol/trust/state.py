@@ -21,6 +21,7 @@ Takes bytes only; time (wall-clock seconds) is a parameter.  Load order and roll
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from protocol.errors import (
     EquivocationError,
@@ -41,7 +42,7 @@ from protocol.trust.metadata import (
     decode_root,
     payload_hash,
 )
-from protocol.trust.signing import decode_envelope, require_threshold
+from protocol.trust.signing import Envelope, decode_envelope, require_threshold
 
 DEFAULT_SKEW_S = 300
 MAX_ROOT_STEPS = 1024
@@ -75,11 +76,24 @@ def _role_signature(root: Root, role: str) -> tuple[frozenset[str], int, tuple[b
 
 
 class TrustedState:
-    def __init__(self, anchor: bytes, *, skew_s: int = DEFAULT_SKEW_S) -> None:
-        env = decode_envelope(anchor, "root")
-        root = decode_root(env.payload)
-        require_threshold(env, root.keys, root.role_keys("root"), root.roles["root"].threshold,
-                          f"root v{root.version} (trust anchor) self-signature")
+    def __init__(self, anchor: bytes, *, skew_s: int = DEFAULT_SKEW_S,
+                 verified: dict[tuple[bytes, bytes], Any] | None = None) -> None:
+        """``verified``: results of the signature and format checks, keyed by the exact bytes checked
+        and the exact root they were checked against, shared by the many nodes a simulator hosts in one
+        process (a check depends on nothing else).  Only what passed enters it; the rules that depend
+        on this node's state (serial floor, equivocation, expiry, root version) always run.  The
+        daemon passes none."""
+        self._verified = verified
+        hit = verified.get((anchor, b"anchor")) if verified is not None else None
+        if hit is not None:
+            env, root = hit
+        else:
+            env = decode_envelope(anchor, "root")
+            root = decode_root(env.payload)
+            require_threshold(env, root.keys, root.role_keys("root"), root.roles["root"].threshold,
+                              f"root v{root.version} (trust anchor) self-signature")
+            if verified is not None:
+                verified[(anchor, b"anchor")] = (env, root)
         self.skew_s = skew_s
         self._roots: list[tuple[Root, bytes]] = [(root, bytes(anchor))]
         self._policy: PolicyCheck | None = None
@@ -193,8 +207,26 @@ class TrustedState:
 
         ``allow_expired`` is only for re-loading the node's own last-known-good policy at boot
         (fail-static); new input from anywhere else is always checked for expiry."""
-        env = decode_envelope(data, "policy")
         root = self.root
+        key = (data, self._roots[-1][1])
+        hit = self._verified.get(key) if self._verified is not None else None
+        if hit is not None:  # the same bytes passed the same checks against the same root
+            env, pv, digest = hit
+        else:
+            env, pv, digest = self._check_policy_signed(data, root)
+            if self._verified is not None:
+                self._verified[key] = (env, pv, digest)
+        return self._check_policy_rules(data, pv, digest, root, now, allow_expired)
+
+    def verified_claims(self, data: bytes) -> tuple[int, str, int] | None:
+        """(serial, payload hash, root version) of a policy envelope whose exact bytes already passed
+        the signature and format checks against the trusted root (see ``verified``), else None."""
+        hit = self._verified.get((data, self._roots[-1][1])) if self._verified is not None else None
+        return None if hit is None else (hit[1].serial, hit[2], hit[1].root_version)
+
+    def _check_policy_signed(self, data: bytes, root: Root) -> tuple[Envelope, PolicyVersion, str]:
+        """The signature and format checks of ``check_policy`` (a function of the bytes and the root)."""
+        env = decode_envelope(data, "policy")
         # Peek at root_version/serial only after signatures verify: decode needs the payload, but we
         # verify signatures over the exact bytes first and refuse anything that does not verify.
         role = root.roles["policy"]
@@ -219,7 +251,11 @@ class TrustedState:
                 ) from None
             raise
         pv = decode_policy(env.payload)
-        digest = payload_hash(env.payload)
+        return env, pv, payload_hash(env.payload)
+
+    def _check_policy_rules(self, data: bytes, pv: PolicyVersion, digest: str, root: Root,
+                            now: float, allow_expired: bool) -> PolicyCheck:
+        """The rules of ``check_policy`` that depend on this node's state and clock."""
         if pv.cluster != root.cluster:
             raise SignatureError(f"policy serial {pv.serial} is for cluster {pv.cluster!r}, not {root.cluster!r}")
         if pv.root_version != root.version:

@@ -1,0 +1,147 @@
+"""Scale machinery of the simulator: overlays over a shared converged directory behave like the plain
+columns they replace, the `internet` scenario runs (scaled down) and converges, and `meshsim sweep`
+runs its cases in parallel into one table.  Small and fast; no timing asserts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from itertools import compress
+
+import pytest
+
+from protocol.entropy import Entropy
+from protocol.gossip.member_base import DirectoryView, OverlayColumn, OverlayIntSet
+from protocol.gossip.members import IntSet
+from simulations import sweep
+from simulations.baselines import ln_floor_ms, serf_model_ms
+from simulations.cli import main
+from simulations.engine import Simulation
+from simulations.scenario import load, override
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_overlay_intset_is_an_intset(trial: int) -> None:
+    """The same adds and discards give the same members at the same positions, and the same draws."""
+    r = random.Random(trial)
+    base = IntSet()
+    for i in r.sample(range(120), r.randrange(0, 80)):
+        base.add(i)
+    before = list(base)
+    plain = IntSet()
+    for i in base:
+        plain.add(i)
+    over = OverlayIntSet(base)
+    for _ in range(300):
+        i = r.randrange(130)
+        if r.random() < 0.5:
+            plain.add(i)
+            over.add(i)
+        else:
+            plain.discard(i)
+            over.discard(i)
+        assert list(over) == list(plain) and len(over) == len(plain)
+        assert [over.items[k] for k in range(len(over))] == list(plain.items)
+        assert all((k in over) == (k in plain) for k in range(135))
+    if len(plain):
+        a, b = Entropy(random.Random(trial)), Entropy(random.Random(trial))
+        assert [over.choice(a) for _ in range(20)] == [plain.choice(b) for _ in range(20)]
+    assert list(base) == before  # the shared base is never written
+
+
+def test_overlay_column_reads_through_and_drops_writes_of_the_base_value() -> None:
+    base = [None, "a", "b"]
+    col: OverlayColumn[str | None] = OverlayColumn(base, None)
+    col[1] = "x"
+    col.extend([None, None])
+    col[4] = "y"
+    assert list(col) == [None, "x", "b", None, "y"] and len(col) == 5
+    col[1] = "a"  # back to the base's own value: nothing of this node's is kept
+    assert col.over == {4: "y"}
+    with pytest.raises(IndexError):
+        col[5]
+    assert base == [None, "a", "b"]
+
+
+def _converged_sim(nodes: int) -> Simulation:
+    sc = override(load("internet"), nodes=nodes)
+    return Simulation(sc)
+
+
+def test_internet_scaled_down_converges_without_violations() -> None:
+    sc = override(load("internet"), nodes=60)
+    sim = Simulation(sc)
+    report = sim.run()
+    assert report["invariant_violations"] == 0, report["violations"]
+    assert report["converged_fraction"] == 1.0
+    assert all(v["t100_ms"] is not None for v in report["versions"])
+    assert sim.converged_base is not None
+
+
+def test_tables_over_a_base_answer_like_plain_tables() -> None:
+    """After a run with joins, leaves and crashes, each node's overlay table gives the directory, the
+    member file and the sync entries that plain columns holding the same entries would give."""
+    sim = _converged_sim(50)
+    sim.kernel.run_until(sim.sc.duration_ms)
+    checked, churn = 0, set()
+    for proc in sim.kernel.procs[: sim.n]:
+        table = getattr(proc, "members", None)
+        if table is None or table.base is None:
+            continue
+        recs, codes = list(table.recs), list(table.liveness_codes)
+        assert [r is not None for r in recs] == [c != 0 for c in codes]
+        present = list(compress(recs, codes))
+        certs, _ = table.certs()
+        assert isinstance(certs, DirectoryView)
+        assert dict(certs) == {r.node_id: r.cert for r in present}
+        assert len(certs) == len(present) == table.count
+        assert list(table.member_entries()) == [r.entry for r in present if r.idx != table.me_index]
+        for b in range(len(table.bucket_ids)):
+            assert table.bucket_entries(b) == tuple(
+                (r.node_id, r.incarnation) for i in table.bucket_ids[b] if i < len(recs) and (r := recs[i]))
+        assert sorted(table.alive_all) == sorted(
+            i for i, c in enumerate(codes) if c == 1 and i != table.me_index)
+        if table.count > table.base.count:
+            churn.add("join")
+        if 4 in codes:  # LEFT_CODE
+            churn.add("leave")
+        if any(c in (2, 3) for c in codes):  # SUSPECT_CODE, DEAD_CODE: the crashed node
+            churn.add("crash")
+        checked += 1
+    assert checked > 40
+    assert churn == {"join", "leave", "crash"}
+
+
+def test_serf_model_and_floor() -> None:
+    assert serf_model_ms(1000, 0.1) == 2400  # the report's fixed anchor is 2,390 ms
+    sizes = [12, 100, 1000, 10_000, 100_000]
+    assert [serf_model_ms(n, 0.1) for n in sizes] == sorted(serf_model_ms(n, 0.1) for n in sizes)
+    assert serf_model_ms(1000, 0.0) <= serf_model_ms(1000, 0.1)
+    assert ln_floor_ms(1000, 0.1, 0.25) < serf_model_ms(1000, 0.1)
+
+
+def test_sweep_runs_every_case_in_parallel_into_one_table(tmp_path: object) -> None:
+    from pathlib import Path
+
+    out = Path(str(tmp_path))
+    code = main(["sweep", "loopback-12", "--seeds", "1,2", "--loss", "0,0.1", "--protocols", "gossip,flood",
+                 "--workers", "2", "--quiet", "--json", str(out / "s.json"), "--csv", str(out / "s.csv")])
+    assert code == 0
+    rows = json.loads((out / "s.json").read_text())
+    assert [(r["protocol"], r["loss"], r["seed"]) for r in rows] == [
+        (p, loss, s) for p in ("gossip", "flood") for loss in (0.0, 0.1) for s in (1, 2)]
+    assert all(r["nodes"] == 12 and r["t100_ms"] is not None and r["serf_model_ms"] for r in rows)
+    with open(out / "s.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    # the same case in this process gives the same row (runs are deterministic)
+    again = sweep.run_case(sweep.cases("loopback-12", [2], [0.1], [None], ["flood"])[0])
+    assert {k: again[k] for k in ("t50_ms", "t100_ms", "bytes_per_node")} == \
+        {k: rows[-1][k] for k in ("t50_ms", "t100_ms", "bytes_per_node")}
+
+
+def test_sweep_refuses_a_bad_list_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "lan", "--protocols", "gossip,carrier-pigeon"])
+    assert exc.value.code == 2
+    assert "carrier-pigeon" in capsys.readouterr().err

@@ -36,6 +36,8 @@ from meshnode.checks.probe_plan import (
     plan_round,
 )
 from meshnode.checks.reachability import PEER_CHECK, REGION_CHECK, Reachability
+from meshnode.enforce.model import Packet, RenderOptions
+from meshnode.enforce.render import render
 from protocol.gossip.wire import MAX_VALIDATIONS
 from protocol.trust import TrustedState
 from protocol.trust.policy import parse_policy_toml
@@ -97,6 +99,20 @@ def test_expectations_follow_the_targets_rendered_ruleset(mesh) -> None:  # type
     assert expectations(policy, certs["db1"], members, MESH_PORT, "fd00::3", cands, now=T0)[1] == [5432, 6000, 6001]
     # A source that is no member's address is refused everything.
     assert expectations(policy, certs["db1"], members, MESH_PORT, "10.9.9.9", cands, now=T0)[1] == []
+
+
+@pytest.mark.parametrize("extra", ["", '\n[defaults]\ninbound = "reject"\n', '\n[defaults]\nmode = "log"\n',
+                                   '\n[[allow]]\nname = "trial"\nfrom = ["role:web"]\nto = ["role:db"]\n'
+                                   'ports = ["tcp/7000-7010"]\nmode = "log"\n'])
+def test_verdicts_agree_with_evaluate(mesh, extra: str) -> None:  # type: ignore[no-untyped-def]
+    _policy, certs, _adv = mesh
+    auth = make_authority()
+    doc, rev = parse_policy_toml(extra + POLICY if extra.startswith("\n[defaults]") else POLICY + extra)
+    policy = TrustedState(auth.root_bytes).accept_policy(auth.sign_policy(doc, 1, T0, T0 + 86400, rev), T0).policy
+    rs = render(policy, certs["db1"], list(certs.values()), RenderOptions(mesh_port=MESH_PORT), now=T0)
+    ports = [1, 22, 53, 5432, 6000, 6001, 6002, 7000, 7005, 7946, 8080, 9999, 65535]
+    for src in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::3", "10.9.9.9"):
+        assert rs.verdicts(src, "tcp", ports) == {p: rs.evaluate(Packet(src=src, proto="tcp", dport=p)) for p in ports}
 
 
 def test_only_certificate_addresses_are_probed(mesh) -> None:  # type: ignore[no-untyped-def]

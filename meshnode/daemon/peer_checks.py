@@ -15,6 +15,7 @@ held and re-probed, so a hole that closed while the daemon was down is resolved.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import Any
@@ -104,9 +105,11 @@ class PeerChecks:
         wall = time.time()
         self._forget(members, wall)
         advertised = self._advertised()
-        plan = plan_round(policy, self.identity.cert, members, advertised, self.rng, self.budget,
-                          held=self.validation.held(), source_address=self.config.cfg.mesh.source_address,
-                          now=wall, skew_s=self.skew_s)
+        # Off the event loop: it renders the targets' rulesets (a large policy or directory takes a while).
+        plan = await asyncio.to_thread(
+            plan_round, policy, self.identity.cert, members, advertised, self.rng, self.budget,
+            held=self.validation.held(), source_address=self.config.cfg.mesh.source_address, now=wall,
+            skew_s=self.skew_s)
         timeout_s = self.config.cfg.validate.peer_probe_timeout_s
         for target in plan:
             result = await probe_target(target, timeout_s=timeout_s, at=time.time())

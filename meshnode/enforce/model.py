@@ -18,8 +18,10 @@ Chain semantics, identical in every backend:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +235,18 @@ class Ruleset:
                 continue
             return r.verdict
         return "drop"
+
+    def verdicts(self, src: str, proto: str, ports: Iterable[int]) -> dict[int, str]:
+        """:meth:`evaluate` of a new ``proto`` connection from ``src`` to each of ``ports``, with each rule's
+        source set looked up once (not once per port)."""
+        addr = ipaddress.ip_address(src)
+        fam = "ip" if addr.version == 4 else "ip6"
+        probe = Packet(src=src, proto=proto)
+        relevant = [r for r in self.rules
+                    if r.verdict != "log" and _matches(self, dataclasses.replace(r, ports=()), probe, addr, fam)]
+        return {port: next((r.verdict for r in relevant
+                            if not r.ports or any(lo <= port <= hi for lo, hi in r.ports)), "drop")
+                for port in ports}
 
 
 def _matches(rs: Ruleset, r: FilterRule, pkt: Packet, src: Any, fam: str) -> bool:

@@ -262,7 +262,9 @@ def predict(n: int, loss: int, regions: int, publishes: int, seed: int) -> dict[
 
 def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
     regions = [f"region-{chr(ord('a') + r)}" for r in range(args.regions)]
-    lab = NetnsLab(n, prefix="pmbn", bridge_prefix="pmbnb", veth_prefix="pmbv", subnet=SUBNET,
+    # Names of its own per case: a deleted namespace's veths go away asynchronously.
+    case = f"{n % 1000}{loss % 100}"[-3:]
+    lab = NetnsLab(n, prefix=f"pmbn{case}", bridge_prefix=f"pmbb{case}", veth_prefix=f"pv{case}", subnet=SUBNET,
                    what="tests/bench_netns.py")
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")

@@ -227,11 +227,13 @@ def test_publish_json_and_refusal_exit_code(tmp_path: Path, monkeypatch: pytest.
 
     (tmp_path / "p.msgpack").write_bytes(b"signed")
     replies = iter([{"ok": True, "serial": 3}, {"ok": False, "reason": "rollback"}])
-    monkeypatch.setattr(meshnode.client, "publish", lambda *a, **k: next(replies))
+    monkeypatch.setattr(meshnode.client, "publish_first",
+                        lambda nodes, *a, **k: meshnode.client.Answer(nodes[0], next(replies), {}))
     argv = ["policy", "publish", str(tmp_path / "p.msgpack"), "--node", "127.0.0.1:1", "--identity", str(tmp_path),
             "--json"]
     assert meshctl_main(argv) == 0
-    assert json.loads(capsys.readouterr().out) == {"node": "127.0.0.1:1", "ok": True, "serial": 3}
+    assert json.loads(capsys.readouterr().out) == {"node": "127.0.0.1:1", "asked": ["127.0.0.1:1"], "unreachable": {},
+                                                   "ok": True, "serial": 3}
     assert meshctl_main(argv) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == "rollback"
     assert meshctl_main([*argv[:2], str(tmp_path / "missing"), *argv[3:]]) == 3

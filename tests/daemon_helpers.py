@@ -9,7 +9,7 @@ Every cluster takes a distinct `subnet` (the third octet of its addresses) and d
 it, so clusters in one run never share an address. Taken: tests/test_daemon.py 1, 11-15, 20-23;
 tests/test_daemon_rotation.py 40; tests/test_daemon_reload.py 41; tests/bench_daemon.py 60;
 tests/test_large_policy.py 70; tests/test_daemon_resilience.py 71-72; tests/test_rogue_peer.py 73-74;
-tests/test_systemd.py 80-81; tests/test_daemon_alerts.py 90-94; tests/test_daemon_member_bounds.py 150; tests/test_daemon_publish.py 170; tests/test_daemon_datagrams.py 171 (172 inside a namespace).
+tests/test_systemd.py 80-81; tests/test_daemon_alerts.py 90-94; tests/test_daemon_member_bounds.py 150; tests/test_daemon_publish.py 170; tests/test_daemon_datagrams.py 171 (172 inside a namespace); tests/bench_lossy.py 175 (inside a namespace).
 """
 
 from __future__ import annotations

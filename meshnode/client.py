@@ -29,6 +29,9 @@ from .identity import Identity, load_identity_dir
 from .transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
 
 CONNECT_TIMEOUT_S = 5.0
+HEDGE_AFTER_S = (0.3, 1.2)
+"""``request_first``: without any answer this long after the start, each silent node is asked again
+on a new connection (TCP's first SYN retransmission waits 1 s; a second connection does not)."""
 # After the reply: send our close and go, without waiting for the node's close frame.
 _WS_TIMEOUTS = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=0.0)
 
@@ -108,8 +111,9 @@ async def request(node: str, identity_dir: Path, req: dict[str, Any], timeout_s:
 async def request_first(nodes: Sequence[str], identity_dir: Path, req: dict[str, Any],
                         timeout_s: float = 20.0) -> Answer:
     """Send ``req`` to every node of ``nodes`` at once; the first reply with ``ok`` wins and the other
-    requests are cancelled. Without any ``ok``: the first refusal once every node answered or failed, or
-    OperatorError naming why each node could not answer."""
+    requests are cancelled. Silent nodes are asked again on new connections after each ``HEDGE_AFTER_S``
+    (``req`` must be idempotent: a publish is). Without any ``ok``: the first refusal once every attempt
+    answered or failed, or OperatorError naming why each node could not answer."""
     if not nodes:
         raise OperatorError("no node to send to")
     ident = load_identity_dir(identity_dir)
@@ -118,17 +122,31 @@ async def request_first(nodes: Sequence[str], identity_dir: Path, req: dict[str,
     refusal: Answer | None = None
     async with _http() as http:
         tasks = {asyncio.create_task(_ask(http, n, ident, req, timeout_s)): n for n in order}
+        hedges = list(HEDGE_AFTER_S)
+        started = time.monotonic()
         try:
             pending = set(tasks)
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                wait_s = max(0.0, started + hedges[0] - time.monotonic()) if hedges else None
+                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if not done and hedges:
+                    # Nobody answered yet: a lost SYN waits a second, a lost segment ~200 ms. Ask each
+                    # node still silent again on a new connection (a repeated publish is a duplicate).
+                    hedges.pop(0)
+                    silent = {tasks[t] for t in pending}
+                    for n in order:
+                        if n in silent:
+                            task = asyncio.create_task(_ask(http, n, ident, req, timeout_s))
+                            tasks[task] = n
+                            pending.add(task)
+                    continue
                 for task in sorted(done, key=lambda t: order.index(tasks[t])):
                     node = tasks[task]
                     exc = task.exception()
                     if exc is not None:
                         if not isinstance(exc, OperatorError):
                             raise exc
-                        errors[node] = str(exc)
+                        errors.setdefault(node, str(exc))
                         continue
                     reply = task.result()
                     if reply.get("ok"):

@@ -48,6 +48,43 @@ class BlackHole:
         self.sock.close()
 
 
+class FirstConnectionSwallowed:
+    """A TCP relay to ``target`` whose first connection is accepted and never answered (as if its
+    segments were lost); later connections are relayed both ways."""
+
+    def __init__(self, host: str, target: str) -> None:
+        self.sock = socket.create_server((host, 0))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        th, tp = target.rsplit(":", 1)
+        self.target = (th, int(tp))
+        self.connections = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        held = []
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                if self.connections == 1:
+                    held.append(conn)
+                    continue
+                upstream = socket.create_connection(self.target)
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, list[NodeProc]]]:
     c = Cluster(tmp_path_factory.mktemp("publish"), subnet=SUBNET)
@@ -126,3 +163,16 @@ def test_a_refusal_is_reported_and_no_node_at_all_is_an_error(cluster) -> None:
     with pytest.raises(OperatorError, match="cannot reach"):
         publish_first([f"{c.ip(10)}:9", f"{c.ip(10)}:7"], c.operator, data, timeout_s=10)
 
+
+
+def test_a_silent_first_connection_is_hedged_by_a_second_one(cluster) -> None:
+    c, nodes = cluster
+    relay = FirstConnectionSwallowed(c.ip(9), nodes[0].mesh)
+    try:
+        serial, data = c.sign()
+        answer = publish_first([relay.address], c.operator, data, timeout_s=60)
+        assert answer.reply["ok"] and answer.reply["serial"] == serial
+        assert relay.connections >= 2  # the request was asked again on a new connection
+        c.wait_serial(serial, nodes)
+    finally:
+        relay.close()

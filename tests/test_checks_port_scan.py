@@ -11,8 +11,16 @@ import pytest
 from meshnode.checks.local import PORT_SCAN, LocalChecks, deliver
 from meshnode.checks.port_scan import PortScanDetector, list_argv, parse_listing, probe_allowance, record_sets
 from meshnode.config import ValidateSection
-from meshnode.enforce import EnforcementError, Packet, RenderOptions, render, ruleset_digest, to_iptables
-from meshnode.enforce import to_nft_json, to_nft_text
+from meshnode.enforce import (
+    EnforcementError,
+    Packet,
+    RenderOptions,
+    render,
+    ruleset_digest,
+    to_iptables,
+    to_nft_json,
+    to_nft_text,
+)
 from meshnode.enforce.nft import normalize, normalized_hash
 from protocol.trust import PolicyVersion, TrustedState, parse_policy_toml
 from simulations.identities import T0, make_authority, make_node

@@ -146,25 +146,30 @@ def test_parse_listing() -> None:
 # -- episodes ------------------------------------------------------------------------------------------
 def test_one_episode_per_source_until_quiet() -> None:
     det = PortScanDetector(threshold=10, window_s=60)
-    assert det.observe({EVIL: set(range(9))}) == []  # below the threshold
-    assert det.observe({EVIL: set(range(10)), "10.0.0.5": {80}}) == [EVIL]
-    assert det.observe({EVIL: set(range(5, 40))}) == []  # still the same episode, however many ports
+    assert det.observe({EVIL: set(range(9))}, 0) == []  # below the threshold
+    assert det.observe({EVIL: set(range(10)), "10.0.0.5": {80}}, 10) == [EVIL]
+    assert det.observe({EVIL: set(range(5, 40))}, 20) == []  # still the same episode, however many ports
     f = det.findings()[EVIL]
     assert (f.check, f.subject, f.kind, f.severity) == ("port_scan", EVIL, "port_scan", "warning")
     assert f.details["ports"] == 40 and f.details["peak_ports_per_window"] == 35
     assert f.details["sample_ports"] == list(range(20))
-    assert det.observe({EVIL: {3}}) == []  # slowed down but not quiet: open
+    assert det.observe({EVIL: {3}}, 30) == []  # slowed down but not quiet: open
     assert list(det.findings()) == [EVIL]
-    assert det.observe({}) == [] and det.findings() == {}  # quiet for a window: closed
-    assert det.observe({EVIL: set(range(10))}) == [EVIL]  # a new episode
+    # Gone from the sets (its last attempt expired, or the table was replaced and the sets emptied): open
+    # for another window, then closed.
+    assert det.observe({}, 40) == [] and list(det.findings()) == [EVIL]
+    assert det.observe({EVIL: {4}}, 50) == [] and list(det.findings()) == [EVIL]  # back: the same episode
+    assert det.observe({}, 109) == [] and list(det.findings()) == [EVIL]
+    assert det.observe({}, 110) == [] and det.findings() == {}
+    assert det.observe({EVIL: set(range(10))}, 120) == [EVIL]  # a new episode
 
 
 def test_members_get_the_probe_allowance() -> None:
     allowance = probe_allowance(60, 30, 3)
     assert allowance == 12  # ceil(60 / 22.5) = 3 rounds of 3 refused ports + an open finding's port
     det = PortScanDetector(threshold=20, window_s=60)
-    assert det.observe({MEMBER: set(range(31))}, {MEMBER}, allowance) == []
-    assert det.observe({MEMBER: set(range(32))}, {MEMBER}, allowance) == [MEMBER]  # a member scanning
+    assert det.observe({MEMBER: set(range(31))}, 0, {MEMBER}, allowance) == []
+    assert det.observe({MEMBER: set(range(32))}, 1, {MEMBER}, allowance) == [MEMBER]  # a member scanning
 
 
 class Sink:
@@ -183,42 +188,48 @@ def test_local_checks_round_alerts_once_and_blocks() -> None:
     checks = LocalChecks(ValidateSection(port_scan_ports=10, block_abusers_s=300), table="policymesh", mesh_port=7946)
     sink = Sink()
     scan = [_listing(_scan(EVIL, 15) + _scan(MEMBER, 15)), _listing([], "dropped_v6")]
-    changes, blocks = checks.port_scan_round(scan, rs)
+    changes, blocks = checks.port_scan_round(scan, rs, 0.0)
     deliver(sink, PORT_SCAN, changes, 0.0)
     assert sink.calls == [("raise", "port_scan", EVIL, "warning", 15)]  # the member is within its allowance
     assert blocks == [(EVIL, ["nft", "add", "element", "inet", "policymesh", "abusers_v4", f"{{ {EVIL} timeout 300s }}"])]
-    for _ in range(3):  # it goes on: no repeat, no second block
-        changes, blocks = checks.port_scan_round(scan, rs)
-        deliver(sink, PORT_SCAN, changes, 1.0)
+    for t in (10.0, 20.0, 30.0):  # it goes on: no repeat, no second block
+        changes, blocks = checks.port_scan_round(scan, rs, t)
+        deliver(sink, PORT_SCAN, changes, t)
         assert blocks == []
-    changes, blocks = checks.port_scan_round([_listing([])], rs)
-    deliver(sink, PORT_SCAN, changes, 2.0)
+    for t in (40.0, 89.0):  # quiet, but not for a window yet (the last attempt listed at 30)
+        changes, blocks = checks.port_scan_round([_listing([])], rs, t)
+        deliver(sink, PORT_SCAN, changes, t)
+    assert len(sink.calls) == 1
+    changes, blocks = checks.port_scan_round([_listing([])], rs, 90.0)
+    deliver(sink, PORT_SCAN, changes, 90.0)
     assert sink.calls[1:] == [("resolve", "port_scan", EVIL)]
     # Without the block sets in force (or without block_abusers_s) nothing is blocked.
-    assert checks.port_scan_round(scan, _ruleset())[1] == []
+    assert checks.port_scan_round(scan, _ruleset(), 100.0)[1] == []
     quiet = LocalChecks(ValidateSection(port_scan_ports=10), table="policymesh", mesh_port=7946)
-    assert quiet.port_scan_round(scan, rs)[1] == []
+    assert quiet.port_scan_round(scan, rs, 0.0)[1] == []
     # Unreadable elements are skipped and counted.
     bad = _listing(_scan(EVIL, 3))
     bad["nftables"][1]["set"]["elem"].append({"concat": ["x", 1]})
-    checks.port_scan_round([bad], rs)
+    checks.port_scan_round([bad], rs, 200.0)
     assert checks.unreadable_elements == 1
 
 
 def test_restored_alerts_resolve_or_stay_without_a_repeat() -> None:
     rs = _ruleset()
     checks = LocalChecks(ValidateSection(port_scan_ports=10), table="policymesh", mesh_port=7946)
-    checks.restore_port_scans([(EVIL, "old summary"), ("198.51.100.7", "old summary")])
-    changes, _ = checks.port_scan_round([_listing(_scan(EVIL, 2))], rs)  # EVIL still at it, the other gone
+    checks.restore_port_scans([(EVIL, "old summary"), ("198.51.100.7", "old summary")], 0.0)
+    changes, _ = checks.port_scan_round([_listing(_scan(EVIL, 2))], rs, 10.0)
+    assert changes.raised == () and changes.resolved == ()  # restored: open, not raised again
+    changes, _ = checks.port_scan_round([_listing(_scan(EVIL, 2))], rs, 60.0)  # EVIL still at it, the other gone
     assert changes.raised == () and changes.resolved == ("198.51.100.7",)
-    changes, _ = checks.port_scan_round([_listing([])], rs)
+    changes, _ = checks.port_scan_round([_listing([])], rs, 120.0)
     assert changes.resolved == (EVIL,)
 
 
 def test_switched_off_resolves_what_was_open() -> None:
     rs = _ruleset()
     checks = LocalChecks(ValidateSection(port_scan_ports=10), table="policymesh", mesh_port=7946)
-    assert checks.port_scan_round([_listing(_scan(EVIL, 12))], rs)[0].raised
+    assert checks.port_scan_round([_listing(_scan(EVIL, 12))], rs, 0.0)[0].raised
     checks.reconfigure(ValidateSection(port_scan_ports=0), table="policymesh", mesh_port=7946)
     assert checks.scan_detector is None
-    assert checks.port_scan_round([], rs)[0].resolved == (EVIL,)
+    assert checks.port_scan_round([], rs, 1.0)[0].resolved == (EVIL,)

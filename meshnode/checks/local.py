@@ -5,7 +5,7 @@
     argv = checks.bad_handshake(source, reason, ruleset, time.monotonic())                  # mesh listener
     if argv: run it (nft add element ...); the block set drops the source for block_abusers_s
     deliver(pipeline, ABUSE, checks.abuse_round(time.monotonic()), time.time())              # timer
-    changes, blocks = checks.port_scan_round(listings, ruleset)  # listings: nft -j list set ... dropped_v4/v6
+    changes, blocks = checks.port_scan_round(listings, ruleset, time.monotonic())  # nft -j list set dropped_*
     deliver(pipeline, PORT_SCAN, changes, time.time()); run each (source, argv) of blocks
 
 Each round returns only what changed since the previous round of that check (see
@@ -122,16 +122,16 @@ class LocalChecks:
             return None
         return block_argv(self.table, source, seconds)
 
-    def restore_port_scans(self, open_alerts: Iterable[tuple[str, str]]) -> None:
-        """The port-scan alerts still open from the previous run ((subject, summary) pairs): the next
-        round resolves those whose source stopped, and does not raise again those still scanning."""
+    def restore_port_scans(self, open_alerts: Iterable[tuple[str, str]], now: float) -> None:
+        """The port-scan alerts still open from the previous run ((subject, summary) pairs): resolved once
+        their source has been quiet for a window, not raised again while it goes on."""
         for subject, summary in open_alerts:
             self._scans[subject] = Finding(PORT_SCAN, subject, "port_scan", "warning", summary)
         if self.scan_detector is not None:
-            self.scan_detector.adopt(self._scans)
+            self.scan_detector.adopt(self._scans, now)
 
-    def port_scan_round(self, listings: Iterable[Any],
-                        ruleset: Ruleset | None) -> tuple[FindingChanges, list[tuple[str, list[str]]]]:
+    def port_scan_round(self, listings: Iterable[Any], ruleset: Ruleset | None,
+                        now: float) -> tuple[FindingChanges, list[tuple[str, list[str]]]]:
         """One reading of the ``dropped_*`` sets (``nft -j list set`` documents): the changed port-scan
         findings, and (source, ``nft`` command) pairs that block the sources whose episode opened now (blocking on,
         block sets in force, and the source neither a member, a break-glass source nor loopback)."""
@@ -143,7 +143,7 @@ class LocalChecks:
         allowance = probe_allowance(v.port_scan_window_s, v.peer_probe_interval_s, v.peer_probe_refused) \
             if v.peer_probes else 0
         members = self._guard(ruleset).members if ruleset is not None else frozenset()
-        opened = self.scan_detector.observe(ports, members, allowance)
+        opened = self.scan_detector.observe(ports, now, members, allowance)
         current = self.scan_detector.findings()
         changes = diff_findings(self._scans, current)
         self._scans = current

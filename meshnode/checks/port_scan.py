@@ -4,7 +4,7 @@ kernel's dynamic sets ``dropped_v4`` / ``dropped_v6`` (nftables only).
     argv = list_argv("policymesh", "dropped_v4")                # nft -j list set inet policymesh dropped_v4
     ports, bad = parse_listing(json.loads(stdout))             # {"203.0.113.9": {22, 23, 80, ...}}, 0
     detector = PortScanDetector(threshold=20, window_s=60)
-    opened = detector.observe(ports)                           # sources whose episode opened this round
+    opened = detector.observe(ports, now)                      # sources whose episode opened this round
     findings = detector.findings()                             # {"203.0.113.9": Finding(...)}; the caller diffs
 
 The renderer puts a ``record`` rule just before the default drop (or reject): every TCP/UDP packet that
@@ -13,9 +13,11 @@ reaches it adds ``saddr . dport`` to the set, where it expires ``window_s`` afte
 the last window; the kernel does the counting and the daemon only lists the set every few seconds.
 
 An **episode** opens when a source has at least ``threshold`` distinct ports in one listing and stays open
-while the source has any dropped attempt in the set; it closes when a listing no longer holds the source
-(no dropped attempt for a whole window). Between the two it is one finding (check ``port_scan``, subject
-the source address). Memory is bounded by the kernel set's size (65535 elements per family).
+while the source has any dropped attempt in the sets; it closes when the listings have not held the source
+for another ``window_s`` (so a table replaced as a whole, which empties the sets, does not end an episode
+that goes on; an episode thus resolves between one and two windows after the last attempt). Between the
+two it is one finding (check ``port_scan``, subject the source address). Time is an argument (the daemon's
+monotonic clock). Memory is bounded by the kernel set's size (65535 elements per family).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def parse_listing(doc: Any, into: dict[str, set[int]] | None = None) -> tuple[di
 
 @dataclass(slots=True)
 class _Episode:
+    last_s: float  # when a listing last held the source
     ports: set[int] = field(default_factory=set)  # every port seen dropped while the episode is open
     peak: int = 0  # most distinct ports within one window
 
@@ -106,12 +109,12 @@ class PortScanDetector:
     def __len__(self) -> int:
         return len(self._open)
 
-    def observe(self, ports: Mapping[str, Collection[int]], members: Collection[str] = (),
+    def observe(self, ports: Mapping[str, Collection[int]], now: float, members: Collection[str] = (),
                 member_allowance: int = 0) -> list[str]:
         """One listing of the sets: dropped ports by source. Returns the sources whose episode opened
-        (sorted); closes the episodes of sources no longer in the listing. A source in ``members`` needs
+        (sorted); closes the episodes of sources the listings have not held for ``window_s``. A source in ``members`` needs
         ``member_allowance`` more ports (the refused ports the members' external probes try on purpose)."""
-        for source in [s for s in self._open if not ports.get(s)]:
+        for source in [s for s, ep in self._open.items() if not ports.get(s) and now - ep.last_s >= self.window_s]:
             del self._open[source]
         opened = []
         for source, seen in ports.items():
@@ -119,17 +122,20 @@ class PortScanDetector:
             if episode is None:
                 if len(seen) < self.threshold + (member_allowance if source in members else 0):
                     continue
-                episode = self._open[source] = _Episode()
+                episode = self._open[source] = _Episode(now)
                 opened.append(source)
+            if not seen:
+                continue
+            episode.last_s = now
             episode.ports.update(seen)
             episode.peak = max(episode.peak, len(seen))
         return sorted(opened)
 
-    def adopt(self, sources: Iterable[str]) -> None:
+    def adopt(self, sources: Iterable[str], now: float) -> None:
         """Treat ``sources`` as in an open episode (alerts restored after a restart): each stays open while
         the source is in the sets and closes when it is not."""
         for source in sources:
-            self._open.setdefault(source, _Episode())
+            self._open.setdefault(source, _Episode(now))
 
     def findings(self) -> dict[str, Finding]:
         out = {}

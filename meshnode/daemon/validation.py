@@ -45,8 +45,8 @@ class Validation:
         self.log = log
         self.checks = LocalChecks(config.cfg.validate, table=config.cfg.enforce.table, mesh_port=mesh_port,
                                   mesh_udp=mesh_udp)
-        self.checks.restore_port_scans((a.subject, a.summary) for a in alerts.pipeline.open_alerts()
-                                       if a.check == PORT_SCAN)
+        self.checks.restore_port_scans([(a.subject, a.summary) for a in alerts.pipeline.open_alerts()
+                                        if a.check == PORT_SCAN], time.monotonic())
         self._scanning = False
 
     def schedule(self) -> None:
@@ -134,7 +134,7 @@ class Validation:
                 self.log.warning("checks.port_scan_failed", error=f"{type(exc).__name__}: {exc}"[:200])
                 return
             unreadable = self.checks.unreadable_elements
-            changes, blocks = self.checks.port_scan_round(listings, ruleset)
+            changes, blocks = self.checks.port_scan_round(listings, ruleset, time.monotonic())
             if self.checks.unreadable_elements != unreadable:
                 self.metrics.internal_errors.labels("checks.port_scan_element").inc(
                     self.checks.unreadable_elements - unreadable)

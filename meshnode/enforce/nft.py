@@ -202,7 +202,9 @@ def set_json(table: str, s: AddressSet, with_elements: bool = True) -> dict[str,
     obj: dict[str, Any] = {"family": FAMILY, "table": table, "name": s.name,
                            "type": [ADDR_TYPE[s.family], "inet_service"] if s.with_port else ADDR_TYPE[s.family]}
     if s.interval or s.timeout:
-        obj["flags"] = ["interval"] if s.interval else ["dynamic", "timeout"] if s.with_port else ["timeout"]
+        # nft 1.0.6 refuses "dynamic" in JSON and sets it itself for a set a rule adds to (the text form
+        # names it; both load to the same kernel set)
+        obj["flags"] = ["interval"] if s.interval else ["timeout"]
     if s.timeout_s is not None:
         obj["timeout"] = s.timeout_s
     if s.size is not None:

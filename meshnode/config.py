@@ -119,6 +119,12 @@ class ValidateSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abuse_threshold: int = 20
     abuse_window_s: float = 60.0
     block_abusers_s: int = 0  # > 0: also drop such a source for this long (an nftables timeout set)
+    # Port scans (nftables only; other backends skip it): a source whose packets the default dropped on
+    # this many distinct ports within the window is one alert (blocked like handshake abuse with
+    # block_abusers_s), resolved after a window without any dropped attempt. 0: off (not rendered). A
+    # member's threshold is raised by what its external probes (peer_probe_*) may try within the window.
+    port_scan_ports: int = 20
+    port_scan_window_s: int = 60
     # External validation (meshnode/checks/peer_probe.py): every interval (jittered +-25%) probe a few
     # random members with real TCP connections, on ports the signed policy refuses to this node, ports it
     # opens to it, and the mesh port. Off only by peer_probes = false, which is an active override.
@@ -326,6 +332,10 @@ def _validate_checks(v: ValidateSection, backend: str, where: str) -> None:
         raise ConfigError(f"{where}: validate.block_abusers_s must be 0 (off) .. 604800 (a week)")
     if v.block_abusers_s and backend != "nftables":
         raise ConfigError(f"{where}: validate.block_abusers_s needs enforce.backend = \"nftables\" (a timeout set)")
+    if v.port_scan_ports != 0 and not 2 <= v.port_scan_ports <= 65535:
+        raise ConfigError(f"{where}: validate.port_scan_ports must be 0 (off) or 2..65535")
+    if not 10 <= v.port_scan_window_s <= 3600:
+        raise ConfigError(f"{where}: validate.port_scan_window_s must be 10..3600")
     if not 5 <= v.peer_probe_interval_s <= 86400:
         raise ConfigError(f"{where}: validate.peer_probe_interval_s must be 5..86400")
     if not 1 <= v.peer_probe_targets <= 8 or not 0 <= v.peer_probe_refused <= 16 \

@@ -36,6 +36,9 @@ def render_options(config: LoadedConfig) -> RenderOptions:
         log_rate=cfg.enforce.log_rate,
         mesh_join_cidrs=tuple(cfg.enforce.mesh_join_cidrs),
         abuse_block=cfg.validate.block_abusers_s > 0,
+        # the port-scan sets: nftables only (the iptables and file backends skip the check)
+        port_scan_window_s=cfg.validate.port_scan_window_s
+        if cfg.validate.port_scan_ports and cfg.enforce.backend == "nftables" else 0,
     )
 
 

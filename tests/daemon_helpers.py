@@ -12,7 +12,8 @@ tests/test_large_policy.py 70; tests/test_daemon_resilience.py 71-72; tests/test
 tests/test_systemd.py 80-81; tests/test_daemon_alerts.py 90-94; tests/test_validate_netns.py 96 (authority only:
 its nodes live in network namespaces); tests/test_daemon_validation.py 97; tests/test_daemon_member_bounds.py 150;
 tests/test_daemon_publish.py 170; tests/test_daemon_datagrams.py 171 (172 inside a namespace);
-tests/bench_lossy.py 175 (inside a namespace).
+tests/bench_lossy.py 175 (inside a namespace); tests/test_port_scan_netns.py 123 (authority only, like
+test_validate_netns.py).
 """
 
 from __future__ import annotations

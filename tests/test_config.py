@@ -102,3 +102,22 @@ def test_peer_probe_settings(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
     assert load_config(write(tmp_path, BASE + "\n[validate]\nunreachable_after_s = 0\n")).cfg.validate.unreachable_after_s == 0
+
+
+def test_port_scan_settings(tmp_path):
+    v = load_config(write(tmp_path, BASE)).cfg.validate
+    assert (v.port_scan_ports, v.port_scan_window_s) == (20, 60)  # on by default
+    off = load_config(write(tmp_path, BASE + "\n[validate]\nport_scan_ports = 0\n")).cfg.validate
+    assert off.port_scan_ports == 0
+    for bad in ("port_scan_ports = 1", "port_scan_ports = -3", "port_scan_ports = 70000"):
+        with pytest.raises(ConfigError, match="port_scan_ports"):
+            load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
+    for bad in ("port_scan_window_s = 5", "port_scan_window_s = 4000"):
+        with pytest.raises(ConfigError, match="port_scan_window_s"):
+            load_config(write(tmp_path, BASE + f"\n[validate]\n{bad}\n"))
+    # nftables only: the iptables backend loads the default (on) and renders no record sets
+    from meshnode.enforcer import render_options
+    iptables = BASE.replace('backend = "nftables"', 'backend = "iptables"')
+    assert render_options(load_config(write(tmp_path, iptables))).port_scan_window_s == 0
+    assert render_options(load_config(write(tmp_path, BASE))).port_scan_window_s == 60
+    assert render_options(load_config(write(tmp_path, BASE + "\n[validate]\nport_scan_ports = 0\n"))).port_scan_window_s == 0

@@ -10,7 +10,8 @@ pass?" without a kernel).
 Chain semantics, identical in every backend:
 
 * rules are evaluated in order; ``accept``, ``drop`` and ``reject`` end the evaluation, ``log`` logs
-  (rate-limited) and continues;
+  (rate-limited) and continues, ``record`` adds (source, destination port) of a TCP/UDP packet to a
+  dynamic set and continues (nftables only: the port-scan check reads that set);
 * the chain's own policy is always ``drop``: a packet that falls off the end is dropped;
 * ``accept`` only means "policymesh does not object": other firewalls on the host still see the packet
   (an nftables base chain accept, or an iptables ``RETURN`` from our chain).
@@ -30,7 +31,7 @@ from protocol.trust.names import parse_network
 
 TABLE_RE = re.compile(r"\A[a-z][a-z0-9_]{0,15}\Z", re.ASCII)
 LOG_RATE_RE = re.compile(r"\A([1-9][0-9]{0,5})/(second|minute|hour|day)\Z", re.ASCII)
-VERDICTS = ("accept", "drop", "reject", "log")
+VERDICTS = ("accept", "drop", "reject", "log", "record")
 INBOUND_ACTIONS = ("drop", "reject")
 # Essential ICMP (RFC 4890 for ICMPv6): errors, path MTU discovery, MLD.  Echo is not essential; a
 # policy opens it with the "icmp" port.  IPv6 neighbour discovery is always accepted: without it IPv6
@@ -74,6 +75,10 @@ class RenderOptions:
     # Noise handshake authenticates every connection). Empty: known members only.
     mesh_join_cidrs: tuple[str, ...] = ()
     default_inbound: str | None = None
+    # Record the (source, destination port) of every TCP/UDP packet the default drops in the dynamic sets
+    # ``dropped_v4`` / ``dropped_v6`` (elements expire after this many seconds; 0: not rendered). The
+    # port-scan check lists them. nftables only; a policy in log mode drops nothing and records nothing.
+    port_scan_window_s: int = 0
     # Render the dynamic abuse block sets (``abusers_v4`` / ``abusers_v6``, elements added at run time
     # with a timeout) and the rule that drops their sources; off: the ruleset is exactly as before.
     abuse_block: bool = False
@@ -92,6 +97,8 @@ class RenderOptions:
                 raise EnforcementError("the admin port must differ from the mesh port (admin stays on loopback)")
         if not LOG_RATE_RE.fullmatch(self.log_rate):
             raise EnforcementError(f"log rate {self.log_rate!r} is not N/second, N/minute, N/hour or N/day")
+        if not 0 <= self.port_scan_window_s <= 86400:
+            raise EnforcementError(f"port scan window {self.port_scan_window_s!r} is not 0..86400 seconds")
         if self.default_inbound is not None and self.default_inbound not in INBOUND_ACTIONS:
             raise EnforcementError(
                 f"default inbound action {self.default_inbound!r}: one of {', '.join(INBOUND_ACTIONS)}"
@@ -118,7 +125,9 @@ class AddressSet:
     """A named set of source addresses of one family.  ``interval`` sets hold prefixes (CIDR sources,
     break-glass); the others hold host addresses from certificates.  Elements are canonical and sorted.
     A ``timeout`` set is dynamic: rendered empty, filled at run time with elements that expire, and its
-    elements are not part of the ruleset's hash (they are not drift)."""
+    elements are not part of the ruleset's hash (they are not drift). A ``with_port`` set's elements are
+    (address, port) pairs (``ipv4_addr . inet_service``), added by a ``record`` rule; it has a default
+    ``timeout_s`` for its elements and at most ``size`` of them."""
 
     name: str
     family: str
@@ -126,6 +135,9 @@ class AddressSet:
     elements: tuple[str, ...]
     purpose: str = ""
     timeout: bool = False
+    with_port: bool = False
+    timeout_s: int | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +161,7 @@ class FilterRule:
     icmp_types: tuple[str, ...] = ()
     limit: str | None = None
     log_prefix: str | None = None
+    record_set: str | None = None  # ``record``: the (address . port) set that gets (saddr, dport)
 
     def is_unconditional(self) -> bool:
         return not (self.family or self.iif or self.ct_state or self.source_set or self.proto)
@@ -204,6 +217,10 @@ class Ruleset:
                 raise EnforcementError(f"rule refers to unknown set {r.source_set!r}")
             if r.source_set is not None and r.family is not None and known[r.source_set].family != r.family:
                 raise EnforcementError(f"rule family {r.family} does not match set {r.source_set!r}")
+            if (r.verdict == "record") != (r.record_set is not None):
+                raise EnforcementError("a record rule needs a record set, and only a record rule has one")
+            if r.record_set is not None and (r.record_set not in known or not known[r.record_set].with_port):
+                raise EnforcementError(f"record rule refers to {r.record_set!r}, not an address . port set")
 
     # -- views --------------------------------------------------------------------------------------
     def set_by_name(self, name: str) -> AddressSet:
@@ -227,11 +244,12 @@ class Ruleset:
 
     # -- reference semantics ------------------------------------------------------------------------
     def evaluate(self, pkt: Packet) -> str:
-        """Final verdict (accept, drop or reject) of the chain for ``pkt``; ``log`` rules are skipped."""
+        """Final verdict (accept, drop or reject) of the chain for ``pkt``; ``log`` and ``record`` rules
+        are skipped."""
         src = ipaddress.ip_address(pkt.src)
         fam = "ip" if src.version == 4 else "ip6"
         for r in self.rules:
-            if r.verdict == "log" or not _matches(self, r, pkt, src, fam):
+            if r.verdict in ("log", "record") or not _matches(self, r, pkt, src, fam):
                 continue
             return r.verdict
         return "drop"

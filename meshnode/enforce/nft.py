@@ -40,7 +40,15 @@ def _ports_text(ports: tuple[tuple[int, int], ...]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+def _record_text(rs: Ruleset, r: FilterRule) -> str:
+    fam = rs.set_by_name(r.record_set or "").family
+    return (f"meta l4proto {{ tcp, udp }} add @{r.record_set} {{ {fam} saddr . th dport }}"
+            + (f' comment "{r.comment}"' if r.comment else ""))
+
+
 def _rule_text(rs: Ruleset, r: FilterRule) -> str:
+    if r.verdict == "record":
+        return _record_text(rs, r)
     parts: list[str] = []
     fam = rs.rule_family(r)
     if r.iif is not None:
@@ -73,11 +81,17 @@ def _rule_text(rs: Ruleset, r: FilterRule) -> str:
 
 
 def _set_text(s: AddressSet) -> list[str]:
-    lines = [f"\tset {s.name} {{", f"\t\ttype {ADDR_TYPE[s.family]}"]
+    lines = [f"\tset {s.name} {{", f"\t\ttype {ADDR_TYPE[s.family]}" + (" . inet_service" if s.with_port else "")]
     if s.interval:
         lines.append("\t\tflags interval")
-    if s.timeout:
+    if s.with_port:  # filled by a rule (dynamic); the kernel lists the flags in this order
+        lines.append("\t\tflags dynamic,timeout")
+    elif s.timeout:
         lines.append("\t\tflags timeout")
+    if s.timeout_s is not None:
+        lines.append(f"\t\ttimeout {s.timeout_s}s")
+    if s.size is not None:
+        lines.append(f"\t\tsize {s.size}")
     if s.elements:
         lines.append("\t\telements = { " + ", ".join(s.elements) + " }")
     lines.append("\t}")
@@ -132,7 +146,16 @@ def _port_items(ports: tuple[tuple[int, int], ...]) -> list[Any]:
     return [lo if lo == hi else {"range": [lo, hi]} for lo, hi in ports]
 
 
+def _record_expr(rs: Ruleset, r: FilterRule) -> list[dict[str, Any]]:
+    fam = rs.set_by_name(r.record_set or "").family
+    key = {"concat": [_payload(fam, "saddr"), _payload("th", "dport")]}
+    return [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            {"set": {"op": "add", "elem": key, "set": f"@{r.record_set}"}}]
+
+
 def _rule_expr(rs: Ruleset, r: FilterRule) -> list[dict[str, Any]]:
+    if r.verdict == "record":
+        return _record_expr(rs, r)
     expr: list[dict[str, Any]] = []
     fam = rs.rule_family(r)
     if r.iif is not None:
@@ -176,9 +199,16 @@ def _elem_json(e: str, interval: bool) -> Any:
 
 
 def set_json(table: str, s: AddressSet, with_elements: bool = True) -> dict[str, Any]:
-    obj: dict[str, Any] = {"family": FAMILY, "table": table, "name": s.name, "type": ADDR_TYPE[s.family]}
+    obj: dict[str, Any] = {"family": FAMILY, "table": table, "name": s.name,
+                           "type": [ADDR_TYPE[s.family], "inet_service"] if s.with_port else ADDR_TYPE[s.family]}
     if s.interval or s.timeout:
+        # nft 1.0.6 refuses "dynamic" in JSON and sets it itself for a set a rule adds to (the text form
+        # names it; both load to the same kernel set)
         obj["flags"] = ["interval"] if s.interval else ["timeout"]
+    if s.timeout_s is not None:
+        obj["timeout"] = s.timeout_s
+    if s.size is not None:
+        obj["size"] = s.size
     if with_elements and s.elements:
         obj["elem"] = [_elem_json(e, s.interval) for e in s.elements]
     return obj
@@ -310,13 +340,17 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
         elif "set" in obj:
             s = obj["set"]
             flags = s.get("flags", [])
-            flags = [flags] if isinstance(flags, str) else list(flags)
+            # "dynamic" (filled by a rule) is implied by the rule and not listed by every nft version
+            flags = [f for f in ([flags] if isinstance(flags, str) else flags) if f != "dynamic"]
             dynamic = "timeout" in flags  # elements added at run time, expiring: not part of the ruleset
-            table_of(s)["sets"][s["name"]] = {
+            body = table_of(s)["sets"][s["name"]] = {
                 "type": s.get("type"),
                 "flags": sorted(flags),
                 "elem": [] if dynamic else sorted({canonical_element(e) for e in s.get("elem", [])}),
             }
+            for key in ("timeout", "size"):  # only when set: the hashes of sets without them stay as they were
+                if s.get(key) is not None:
+                    body[key] = s[key]
         elif "chain" in obj:
             c = obj["chain"]
             chain = table_of(c)["chains"].setdefault(c["name"], {"rules": []})

@@ -13,7 +13,10 @@ The chain, in order:
    sets per role / node / rule-CIDRs and per family, so the rule count depends on the policy only;
 6. per-rule mode exceptions: a ``log`` rule in an enforcing policy logs and accepts other sources on its
    ports (log-then-drop rollout of that rule); an ``enforce`` rule in a logging policy drops them;
-7. the default: drop or reject (``enforce``), or log (rate-limited) and accept (``mode = "log"``).
+7. with ``port_scan_window_s``, record (source, destination port) of every TCP/UDP packet that reaches
+   the default in the dynamic ``dropped_v4`` / ``dropped_v6`` timeout sets (the port-scan check counts
+   distinct ports per source there; not in log mode, which drops nothing);
+8. the default: drop or reject (``enforce``), or log (rate-limited) and accept (``mode = "log"``).
 
 No policy renders steps 1-4 and a dropping default.  Defence in depth: certificates revoked by the
 policy (node id or cert id), of another cluster, or (when ``now`` is given) outside their validity are
@@ -55,6 +58,8 @@ from .model import (
 
 MEMBERS = "members"
 ABUSERS = "abusers"  # the dynamic block sets: abusers_v4, abusers_v6
+DROPPED = "dropped"  # the dynamic (source . port) sets of the port-scan check: dropped_v4, dropped_v6
+DROPPED_SIZE = 65535  # elements per family at most; when full, further attempts are not recorded
 FAMILY_SUFFIX = {"ip": "v4", "ip6": "v6"}
 
 
@@ -304,6 +309,13 @@ def render(
         rules.append(FilterRule("accept", "default (log mode)"))
         default_action = "log"
     else:
+        if options.port_scan_window_s:
+            for fam in ("ip", "ip6"):
+                name = f"{DROPPED}_{FAMILY_SUFFIX[fam]}"
+                sets[name] = AddressSet(name, fam, False, (), "dropped attempts by source and port (port-scan check)",
+                                        timeout=True, with_port=True, timeout_s=options.port_scan_window_s,
+                                        size=DROPPED_SIZE)
+                rules.append(FilterRule("record", "port scan record", family=fam, record_set=name))
         rules.extend(_default_rules(inbound, "default"))
         default_action = inbound
 

@@ -64,6 +64,15 @@ def test_overlay_column_reads_through_and_drops_writes_of_the_base_value() -> No
     assert base == [None, "a", "b"]
 
 
+def test_directory_views_compare_without_building_dicts() -> None:
+    base = {f"n{i}": object() for i in range(5)}
+    a = DirectoryView(base, {}, frozenset({"n1"}))  # type: ignore[arg-type]
+    b = DirectoryView(base, {}, frozenset({"n1"}))  # type: ignore[arg-type]
+    assert a == b and a != DirectoryView(base, {}, frozenset())  # type: ignore[arg-type]
+    assert a == {k: v for k, v in base.items() if k != "n1"} and a != base
+    assert DirectoryView({}, {"n9": base["n0"]}, frozenset()) != a  # type: ignore[arg-type]
+
+
 def _converged_sim(nodes: int) -> Simulation:
     sc = override(load("internet"), nodes=nodes)
     return Simulation(sc)

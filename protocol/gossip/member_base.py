@@ -260,6 +260,10 @@ class DirectoryView(Mapping[str, Certificate]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, DirectoryView) and other.base is self.base:
             return self.over == other.over and self.gone == other.gone
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(self) != len(other):  # O(overlay): a directory before and after a snapshot differ here
+            return False
         return Mapping.__eq__(self, other)
 
     def __hash__(self) -> int:  # a Mapping is not hashable; keep it so

@@ -1,6 +1,6 @@
 """Authenticated peer connections: one WebSocket per connection, one Noise frame per binary message.
 
-The shell side of protocol/channel.py: it moves frames between the socket and a SecureSession, bounds
+The shell side of protocol/channel/session.py: it moves frames between the socket and a SecureSession, bounds
 what a peer may cost (frame size cap, handshake deadline, bounded send queue), and reports sessions to
 the daemon. A peer's bad input closes that peer's connection, never the node.
 """

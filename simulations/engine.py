@@ -143,7 +143,7 @@ class Simulation:
 
     def _converge(self, _i: int, _arg: Any) -> None:
         """The nodes up now adopt one converged directory of their own signed records and statuses
-        (verified once, like any record a peer relays; see protocol.member_base)."""
+        (verified once, like any record a peer relays; see protocol.gossip.member_base)."""
         self._converging = False
         procs = [p for p in self.kernel.procs[: self.n] if isinstance(p, Node)]
         if not procs:

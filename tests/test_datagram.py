@@ -1,4 +1,4 @@
-"""Encrypted datagrams (protocol.datagram): keys from a real Noise XX handshake, sealing and opening,
+"""Encrypted datagrams (protocol.channel.datagram): keys from a real Noise XX handshake, sealing and opening,
 and every refusal counted by reason: replayed, too old, forged, truncated, oversize, another session."""
 
 from __future__ import annotations

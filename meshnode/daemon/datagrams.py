@@ -1,4 +1,4 @@
-"""Small gossip over encrypted UDP datagrams: the shell side of protocol.datagram.
+"""Small gossip over encrypted UDP datagrams: the shell side of protocol.channel.datagram.
 
 Every authenticated gossip channel (WebSocket + Noise XX over TCP) also gets a datagram path to the same
 peer, keyed from that channel's handshake.  Small dissemination messages (announces, pulls, small policy
@@ -40,7 +40,7 @@ from ..transport import Conn
 PROBE, PROBE_ACK, FRAME, FRAME_ACK = 1, 2, 3, 4
 _ID = struct.Struct("<BQ")  # kind, probe nonce or message id
 MAX_FRAME = MAX_PAYLOAD - _ID.size
-# Dissemination messages by their wire tag (protocol.gossip_wire): Announce, PolicyPull, PolicyPush,
+# Dissemination messages by their wire tag (protocol.gossip.wire): Announce, PolicyPull, PolicyPush,
 # RootPull, RootPush.  Probes stay on the stream (their timeouts are tuned for it).
 DATAGRAM_TAGS = frozenset({5, 6, 7, 8, 9})
 PROBE_TRIES = 3  # unanswered probes before the path counts as blocked

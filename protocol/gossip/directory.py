@@ -80,32 +80,24 @@ class MemberDirectory:
         """The valid certificate directory (members, then certificates remembered from the last run
         that are still valid), and a digest of the certificates' exact bytes."""
         certs, fingerprint = self.table.certs()
-        if self._known_certs and isinstance(certs, DirectoryView):  # over a shared base: extend its overlay
+        if not self._known_certs:
+            return certs, fingerprint
+        if isinstance(certs, DirectoryView):  # over a shared base: extend a copy of its overlay
             certs = DirectoryView(certs.base, dict(certs.over), certs.gone)
-            over = certs.over
-            for nid, (cb, c) in list(self._known_certs.items()):
-                if nid in certs:
-                    continue
-                try:
-                    self.records.check_cert_valid(c, wall)
-                except TrustError:
-                    del self._known_certs[nid]
-                    continue
-                over[nid] = c
-                fingerprint += hash(cb)
-            return certs, fingerprint  # type: ignore[return-value]
-        if self._known_certs:
-            for nid, (cb, c) in list(self._known_certs.items()):
-                if nid in certs:
-                    continue
-                try:
-                    self.records.check_cert_valid(c, wall)
-                except TrustError:
-                    del self._known_certs[nid]
-                    continue
-                certs[nid] = c
-                fingerprint += hash(cb)
-        return certs, fingerprint
+            add_to = certs.over
+        else:
+            add_to = certs
+        for nid, (cb, c) in list(self._known_certs.items()):
+            if nid in certs:
+                continue
+            try:
+                self.records.check_cert_valid(c, wall)
+            except TrustError:
+                del self._known_certs[nid]
+                continue
+            add_to[nid] = c
+            fingerprint += hash(cb)
+        return certs, fingerprint  # type: ignore[return-value]
 
     def _emit(self, wall: float) -> None:
         self.table.directory_dirty = False

@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed-$(cat pyproject.toml deploy/constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check -c deploy/constraints.txt -e ".[test,sim]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -c deploy/constraints.txt -e ".[test,sim,cluster]"
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -5,7 +5,8 @@
     meshsim compare SCENARIO [same overrides]      (gossip vs central-pull vs flood, same seed)
     meshsim compare --real SCENARIO [overrides]    (the simulator and real daemons side by side)
     meshsim sweep SCENARIO [--seeds 1,2,3] [--loss 0,0.1] [--nodes 100,1000] [--protocols gossip,flood]
-                           [--workers N] [--json FILE] [--csv FILE] [--plot FILE.png]   (parallel runs)
+                           [--workers N] [--scheduler tcp://HOST:PORT|local]
+                           [--json FILE] [--csv FILE] [--plot FILE.png]   (parallel runs; Dask with --scheduler)
     meshsim list                                     (bundled scenarios)
 
 ``--real`` (root) runs the same scenario as a chaos drill on real ``meshnode`` processes, one network
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated protocols ({', '.join(PROTOCOLS)}; default gossip)")
     sw.add_argument("--duration-ms", type=_positive, help="override the virtual duration")
     sw.add_argument("--workers", type=_positive, help="parallel processes (default: every core of this machine)")
+    sw.add_argument("--scheduler", metavar="ADDRESS",
+                    help="run the cases on the Dask distributed cluster at ADDRESS (tcp://HOST:8786; needs the "
+                         "'cluster' extra here and on the workers), or 'local' for a local Dask cluster of "
+                         "--workers processes")
     sw.add_argument("--json", metavar="FILE", help="write the rows as one JSON list ('-' for stdout)")
     sw.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     sw.add_argument("--plot", metavar="FILE.png", help="plot t100 against N (needs matplotlib)")
@@ -160,10 +165,18 @@ def _sweep(args: argparse.Namespace) -> int:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), unit="run", desc=f"sweep {base.name} ({workers} workers)", file=sys.stderr)
+            where = f"Dask at {args.scheduler}" if args.scheduler and args.scheduler != "local" else f"{workers} workers"
+            bar = tqdm(total=len(todo), unit="run", desc=f"sweep {base.name} ({where})", file=sys.stderr)
         except ImportError:
             bar = None
-    rows = sweep.run_all(todo, workers, on_done=(lambda _k: bar.update(1)) if bar is not None else None)
+    try:
+        rows = sweep.run_all(todo, workers, on_done=(lambda _k: bar.update(1)) if bar is not None else None,
+                             scheduler=args.scheduler)
+    except sweep.ClusterUnavailable as e:
+        if bar is not None:
+            bar.close()
+        print(f"meshsim sweep: {e}", file=sys.stderr)
+        return 2
     if bar is not None:
         bar.close()
     if args.json == "-":

@@ -8,6 +8,12 @@ convergence times of the last version, bytes, idle traffic, wall time and peak m
 figure at that size and loss (``serf_model_ms``).  Output: a table on stdout, ``--json`` / ``--csv``,
 and ``--plot`` (t100 against N per protocol, the median over seeds, with the Serf model and the
 ln N floor drawn in).
+
+Where a sweep outgrows one machine it runs on a Dask distributed cluster instead (``--scheduler
+tcp://HOST:8786``: the optional ``cluster`` extra, ``pip install 'policymesh[cluster]'``, on this machine
+and on every worker, which must have the same version of this package installed): the same cases, the
+same rows in the same order.  ``--scheduler local`` starts a throwaway local Dask cluster of
+``--workers`` single-threaded processes (no memory limit, no dashboard); it is how the backend is tested.
 """
 
 from __future__ import annotations
@@ -83,8 +89,11 @@ def _mean_one_way_ms(sc: Scenario) -> float:
 
 
 def run_all(todo: Sequence[Case], workers: int, on_done: Callable[[int], None] | None = None,
-            runner: Callable[[Case], dict[str, Any]] = run_case) -> list[dict[str, Any]]:
-    """Run every case on ``workers`` processes (1: in this process); rows in case order."""
+            runner: Callable[[Case], dict[str, Any]] = run_case, scheduler: str | None = None) -> list[dict[str, Any]]:
+    """Run every case on ``workers`` processes (1: in this process), or on the Dask cluster at
+    ``scheduler`` (``"local"``: a local one of ``workers`` processes); rows in case order."""
+    if scheduler is not None:
+        return _run_on_dask(todo, scheduler, workers, on_done, runner)
     rows: list[dict[str, Any] | None] = [None] * len(todo)
     if workers <= 1:
         for k, c in enumerate(todo):
@@ -101,6 +110,44 @@ def run_all(todo: Sequence[Case], workers: int, on_done: Callable[[int], None] |
                 rows[k] = f.result()
                 if on_done:
                     on_done(k)
+    return [r for r in rows if r is not None]
+
+
+class ClusterUnavailable(RuntimeError):
+    """The Dask backend was asked for but cannot be used (not installed, scheduler unreachable)."""
+
+
+def _run_on_dask(todo: Sequence[Case], scheduler: str, workers: int, on_done: Callable[[int], None] | None,
+                 runner: Callable[[Case], dict[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as e:
+        raise ClusterUnavailable("--scheduler needs Dask distributed: pip install 'policymesh[cluster]'") from e
+    cluster = None
+    try:
+        if scheduler == "local":
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
+                                   dashboard_address=None, host="127.0.0.1")
+            client = Client(cluster)
+        else:
+            client = Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError) as e:
+        if cluster is not None:
+            cluster.close()
+        raise ClusterUnavailable(f"cannot reach the Dask scheduler at {scheduler}: {e}") from e
+    rows: list[dict[str, Any] | None] = [None] * len(todo)
+    try:
+        # pure=False: two equal cases are still two runs (the table has one row per case)
+        futures = {client.submit(runner, c, pure=False): k for k, c in enumerate(todo)}
+        for f in as_completed(futures):
+            k = futures[f]
+            rows[k] = f.result()
+            if on_done:
+                on_done(k)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
     return [r for r in rows if r is not None]
 
 

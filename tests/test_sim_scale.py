@@ -149,6 +149,37 @@ def test_sweep_runs_every_case_in_parallel_into_one_table(tmp_path: object) -> N
         {k: rows[-1][k] for k in ("t50_ms", "t100_ms", "bytes_per_node")}
 
 
+def test_sweep_on_a_local_dask_cluster_gives_the_same_rows_as_the_process_pool(tmp_path: object) -> None:
+    """The distributed backend (``--scheduler``) runs the same cases into the same table: tested here
+    with a real local Dask cluster of two worker processes, compared with the process pool."""
+    pytest.importorskip("distributed")
+    from pathlib import Path
+
+    out = Path(str(tmp_path))
+    base = ["sweep", "loopback-12", "--seeds", "3,4", "--loss", "0.1", "--protocols", "gossip,flood",
+            "--workers", "2", "--quiet"]
+    assert main([*base, "--scheduler", "local", "--json", str(out / "dask.json")]) == 0
+    assert main([*base, "--json", str(out / "pool.json")]) == 0
+    on_dask = json.loads((out / "dask.json").read_text())
+    in_pool = json.loads((out / "pool.json").read_text())
+    machine = {"wall_s", "max_rss_mb"}  # where and how fast it ran, not what it found
+    assert [(r["protocol"], r["seed"]) for r in on_dask] == [(p, s) for p in ("gossip", "flood") for s in (3, 4)]
+    assert [{k: v for k, v in r.items() if k not in machine} for r in on_dask] == \
+        [{k: v for k, v in r.items() if k not in machine} for r in in_pool]
+
+
+def test_sweep_names_an_unreachable_scheduler_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("distributed")
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["sweep", "loopback-12", "--quiet", "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert code == 2
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_sweep_refuses_a_bad_list_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["sweep", "lan", "--protocols", "gossip,carrier-pigeon"])

@@ -7,7 +7,8 @@
 * ``identity``    who a side is: static key, authority-signed certificate, connection kind.
 * ``rate_limit``  the per-source handshake rate limiter.
 * ``session``     ``SecureSession``: Noise XX with certificates checked against the trusted root, then
-                  chunked, rekeyed transport; sans-IO (frames in, events and frames out).
+                  the transport; sans-IO (frames in, events and frames out).
+* ``transport``   the established phase: messages as encrypted, chunked, rekeyed frames.
 * ``errors``      what a session raises besides the Noise layer's errors.
 * ``events``      the session state and the events it returns to its shell.
 

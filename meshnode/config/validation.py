@@ -45,9 +45,9 @@ def is_loopback(hostport: str) -> bool:
         return False
 
 
-def validate(lc: LoadedConfig) -> None:
-    c = lc.cfg
-    where = str(lc.path)
+def validate(loaded: LoadedConfig) -> None:
+    c = loaded.cfg
+    where = str(loaded.path)
     split_hostport(c.mesh.listen, f"{where}: mesh.listen")
     if c.mesh.advertise:
         split_hostport(c.mesh.advertise, f"{where}: mesh.advertise")
@@ -103,7 +103,7 @@ def validate(lc: LoadedConfig) -> None:
     if not c.alerts.pagerduty_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: alerts.pagerduty_url: {c.alerts.pagerduty_url!r} is not an http(s) URL")
     _validate_checks(c.validate, c.enforce.backend, where)
-    lc.pagerduty_routing_key()  # a missing, unsafe or empty key file is an error at load, not at the first page
+    loaded.pagerduty_routing_key()  # a missing, unsafe or empty key file is an error at load, not at the first page
 
 
 def _validate_checks(v: ValidateSection, backend: str, where: str) -> None:

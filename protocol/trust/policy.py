@@ -10,7 +10,6 @@ Errors name the rule and the field, so an operator can fix the file without read
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from typing import Any
@@ -260,10 +259,6 @@ _encoder = msgspec.msgpack.Encoder()
 def canonical_bytes(doc: PolicyDocument) -> bytes:
     """Deterministic MessagePack of the canonical document (the same policy always hashes the same)."""
     return _encoder.encode(validate_document(doc))
-
-
-def document_hash(doc: PolicyDocument) -> str:
-    return hashlib.sha256(canonical_bytes(doc)).hexdigest()
 
 
 def to_toml(doc: PolicyDocument, rev: Revocations | None = None) -> str:

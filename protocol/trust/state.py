@@ -327,10 +327,3 @@ class TrustedState:
             raise RevokedError(f"node {cert.node_id} is revoked by policy serial {pol.serial}")
         if cert.cert_id in pol.revocations.certs:
             raise RevokedError(f"certificate {cert.cert_id} of {cert.node_id} is revoked by policy serial {pol.serial}")
-
-    def is_revoked(self, cert: Certificate) -> bool:
-        try:
-            self.check_revoked(cert)
-        except RevokedError:
-            return True
-        return False

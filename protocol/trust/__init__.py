@@ -2,7 +2,7 @@
 
 * ``signing``   envelopes (payload + Ed25519 signatures), thresholds, key ids.
 * ``metadata``  the signed types: root, policy version, node/operator certificate.
-* ``policy``    the policy document operators write in TOML: validation, canonical form, hash.
+* ``policy``    the policy document operators write in TOML: validation, canonical form.
 * ``names``     names, addresses and numbers as signed objects spell them, checked whole.
 * ``authority`` building and signing roots, certificates and policy versions (the operator's side).
 * ``roots``     ``RootChain``: the verified roots from the pinned anchor on (rotation, rollback,

@@ -31,6 +31,7 @@ from protocol.trust import (
     sign,
     sign_certificate,
 )
+from protocol.trust.roots import RootChain
 from simulations.identities import T0, derive_seed, make_authority, make_node
 from tests.fixtures import sample_document, sign_sample
 
@@ -283,6 +284,18 @@ def test_rotation_3_of_5():
         trust.update_root(bad.rotate(T0, new_seeds=new, sign_with_new=2))
     assert trust.update_root(auth.rotate(T0, new_seeds=new))
     assert trust.root_version == 2
+
+
+def test_root_chain_keeps_the_exact_bytes_of_every_trusted_root(auth):
+    anchor = auth.root_bytes
+    chain = RootChain(anchor)
+    r2, r3 = auth.rotate(T0), auth.rotate(T0)
+    assert chain.add(r2) and chain.add(r3) and not chain.add(r2)  # r2 again: a duplicate, no change
+    assert chain.envelopes() == [anchor, r2, r3] and chain.root_envelope == r3
+    assert chain.envelope(1) == anchor and chain.envelope(4) is None and chain.root.version == 3
+    chain.check_fresh(chain.root.expires, 0)
+    with pytest.raises(ExpiredError, match="trusted root v3 expired"):
+        chain.check_fresh(chain.root.expires + 301, 300)
 
 
 def test_root_version_must_step_by_one(auth, trust):

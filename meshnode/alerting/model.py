@@ -47,10 +47,6 @@ class AlertEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     opens_episode: bool = False
 
 
-def is_severity(value: str) -> bool:
-    return value in SEVERITY_RANK
-
-
 def dedup_key(cluster: str, node: str, check: str, subject: str) -> str:
     """``policymesh/<cluster>/<node>/<check>[/<subject>]``: stable, at most 255 safe characters.
 

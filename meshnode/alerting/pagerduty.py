@@ -23,9 +23,7 @@ import msgspec
 from .model import AlertEvent
 
 DEFAULT_PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
-ROUTING_KEY_CHARS = 32
 CLIENT_NAME = "policymesh"
-ACCEPTED_STATUS = 202
 
 
 def iso8601(at: float) -> str:

@@ -36,11 +36,11 @@ OPEN_ALERTS_FILE = "open.json"  # in the outbox directory: the open alerts, so a
 DEFAULT_QUIET_S = 600.0  # a one-shot finding's episode ends after this long without a repeat
 
 
-def destinations_from_config(lc: LoadedConfig) -> list[Destination]:
+def destinations_from_config(loaded: LoadedConfig) -> list[Destination]:
     """PagerDuty (when a routing key file is configured) and every webhook URL, in config order."""
-    alerts = lc.cfg.alerts
+    alerts = loaded.cfg.alerts
     out = [Destination.webhook(url) for url in alerts.webhook_urls]
-    key = lc.pagerduty_routing_key()
+    key = loaded.pagerduty_routing_key()
     if key is not None:
         out.insert(0, Destination.pagerduty(alerts.pagerduty_url, key))
     return out
@@ -79,13 +79,13 @@ class AlertPipeline:
         self._sync_metrics()
 
     @classmethod
-    def from_config(cls, lc: LoadedConfig, node_id: str, *, log: Any, metrics: Metrics | None = None,
+    def from_config(cls, loaded: LoadedConfig, node_id: str, *, log: Any, metrics: Metrics | None = None,
                     max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES) -> AlertPipeline:
         """The node's pipeline: outbox in ``<data_dir>/alerts-outbox`` (pending events loaded)."""
-        destinations = destinations_from_config(lc)
-        outbox = Outbox(Path(lc.resolve(lc.cfg.node.data_dir)) / OUTBOX_DIR, [d.id for d in destinations],
+        destinations = destinations_from_config(loaded)
+        outbox = Outbox(Path(loaded.resolve(loaded.cfg.node.data_dir)) / OUTBOX_DIR, [d.id for d in destinations],
                         log=log, max_events=max_events, max_bytes=max_bytes)
-        return cls(AlertBook(lc.cfg.cluster, node_id), outbox, destinations, log=log, metrics=metrics)
+        return cls(AlertBook(loaded.cfg.cluster, node_id), outbox, destinations, log=log, metrics=metrics)
 
     # -- what the daemon reports ---------------------------------------------------------------------------
     def raise_(self, check: str, subject: str, severity: Severity, summary: str,

@@ -71,9 +71,6 @@ class PeerValidation:
                     out.setdefault(parsed[0], set()).add(parsed[1])
         return out
 
-    def open_findings(self, check: str) -> dict[str, Finding]:
-        return dict(self._open[check])
-
     def record(self, result: ProbeResult) -> dict[str, FindingChanges]:
         """Judge one probe and return, per check, what to raise and resolve."""
         mesh_open = any(p.expect == MESH and p.outcome == OPEN for p in result.ports)

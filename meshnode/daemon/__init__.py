@@ -10,6 +10,7 @@ connections.ConnectionRegistry  authenticated channels: register, serve, send, d
 mesh_listener.MeshListener   the mesh port: pre-auth bounds, rate limits, handshakes, hand-off
 operator_api.OperatorApi     publish and status requests on operator channels
 admin_http.AdminHttp         /healthz, /readyz, /v1/status, /metrics
+status.DaemonStatus          the status document, open alerts, and the gauges read at scrape time
 alerts.AlertSender           alerts: metrics, log, webhooks
 readiness.Readiness          what systemd hears: READY once enforcing, STATUS lines, watchdog pings, STOPPING
 state_writes.StateWriter     state writes retried with backoff when the disk fails

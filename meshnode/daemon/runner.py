@@ -37,7 +37,7 @@ from . import boot
 from .admin_http import AdminHttp
 from .alerts import AlertSender
 from .connections import ConnectionRegistry
-from .core_driver import CoreDriver, now
+from .core_driver import CoreDriver
 from .effects import EffectExecutor
 from .logs import LibraryLogCounter, LogBudget
 from .mesh_listener import MeshListener
@@ -47,6 +47,7 @@ from .readiness import Readiness
 from .ruleset_watch import RulesetWatch
 from .scheduler import Deadline, Every, Scheduler
 from .state_writes import StateWriter
+from .status import DaemonStatus
 from .tasks import TaskSpawner
 from .validation import Validation
 
@@ -95,9 +96,12 @@ class MeshDaemon:
         self.connections = ConnectionRegistry(config=config, identity=self.identity, trust=self.trust,
                                               core=self.core, tasks=self.tasks, log_budget=log_budget,
                                               alert=self.alerts.alert, **parts)
+        self.report = DaemonStatus(identity=self.identity, trust=self.trust, enforcer=self.enforcer,
+                                   connections=self.connections, core=self.core, alerts=self.alerts,
+                                   metrics=self.metrics, overrides=lambda: self.overrides)
         operator_api = OperatorApi(submit_policy=self.core.submit_policy, not_durable=self.state.not_durable,
-                                   status=self.status,
-                                   alerts=self.open_alerts, **parts)
+                                   status=self.report.status,
+                                   alerts=self.report.open_alerts, **parts)
         self.validation = Validation(config=config, identity=self.identity, trust=self.trust, enforcer=self.enforcer,
                                      alerts=self.alerts, tasks=self.tasks, scheduler=self.scheduler,
                                      mesh_port=self.listen_port, mesh_udp=cfg.mesh.datagrams, **parts)
@@ -106,8 +110,8 @@ class MeshDaemon:
         self.listener = MeshListener(config=config, connections=self.connections, operator_api=operator_api,
                                      tasks=self.tasks, log_budget=log_budget, alert=self.alerts.alert,
                                      on_bad_handshake=self.validation.on_bad_handshake, **parts)
-        self.admin = AdminHttp(status=self.status, alerts=self.open_alerts, enforcer=self.enforcer, trust=self.trust,
-                               metrics=self.metrics, observe=self._observe)
+        self.admin = AdminHttp(status=self.report.status, alerts=self.report.open_alerts, enforcer=self.enforcer,
+                               trust=self.trust, metrics=self.metrics, observe=self.report.observe)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
                                       connections=self.connections,
                                       alert=self.alerts.alert, **parts)
@@ -115,7 +119,6 @@ class MeshDaemon:
         self._stop = asyncio.Event()
         self._runners: list[web.BaseRunner] = []
         self._sources: list[DropDirSource | UrlSource] = []
-        self.started_at = time.time()
         self.bound_mesh_port: int | None = None
         self.bound_admin_port: int | None = None
 
@@ -313,50 +316,11 @@ class MeshDaemon:
         self.connections.revalidate()
         self.metrics.observe_policy(self.trust, time.time())
 
-    def open_alerts(self) -> list[dict[str, Any]]:
-        """This node's open alerts (``/v1/alerts``, the operator request ``alerts``)."""
-        return [a.to_dict() for a in self.alerts.pipeline.open_alerts()]
-
-    def _observe(self) -> None:
-        """Gauges read at scrape time: policy, convergence lag, peers."""
-        wall = time.time()
-        self.metrics.observe_policy(self.trust, wall)
-        lag = self.enforcer.lag_s(wall)
-        self.metrics.convergence_lag.set(lag)
-        summary = self.core.node.member_summary() if self.core.node is not None else []
-        connected = sum(1 for channels in self.connections.gossip.values() if channels)
-        self.metrics.observe_peers(connected, [{"node_id": n, "liveness": lv} for n, _r, lv, _a in summary],
-                                   self.identity.node_id)
-
     def _on_ruleset_applied(self, serial: int, ruleset_hash: str, policy_hash: str) -> None:
         self.metrics.applied_serial.set(serial)
         self.readiness.enforced(serial, policy_hash, self.enforcer.applied_members)
         if self.core.node is not None:
             self.core.feed(RulesetApplied(serial=serial, ruleset_hash=ruleset_hash, policy_hash=policy_hash))
-
-    def status(self) -> dict[str, Any]:
-        """The node's status as the operator API and ``/v1/status`` show it."""
-        current = now()
-        core = self.core.node.status(current) if self.core.node is not None else {}
-        policy = self.trust.policy
-        return {
-            "node": self.identity.node_id,
-            "region": self.identity.cert.region,
-            "cluster": self.trust.cluster,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "root_version": self.trust.root_version,
-            "policy": {
-                "serial": self.trust.serial,
-                "hash": self.trust.policy_hash,
-                "expires_at": policy.expires_at if policy else None,
-                "state": self.trust.policy_state(current.wall),
-            },
-            "enforcement": self.enforcer.status(),
-            "overrides": self.overrides,
-            "connections": {"gossip": self.connections.gossip_count(), "operator": len(self.connections.operators)},
-            "datagrams": self.connections.datagrams.status(),
-            "cluster_view": core,
-        }
 
 
 class _Shutdown(Exception):

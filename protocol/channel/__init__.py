@@ -1,12 +1,14 @@
 """Channel: the encrypted, mutually authenticated link between two members (or an operator and a node).
 
-* ``noise_cipher``, ``noise_patterns``, ``noise``, ``noise_errors``: the Noise Protocol Framework
-  (revision 34) on PyNaCl: cipher and symmetric state, the pattern tables, the handshake interpreter
-  (XX for the mesh; NN and IK for the test vectors), and its errors.
+* ``noise_cipher``, ``noise_patterns``, ``noise_handshake``, ``noise``, ``noise_errors``: the Noise
+  Protocol Framework (revision 34) on PyNaCl: cipher and symmetric state, the pattern tables, the
+  handshake interpreter, the named handshakes (XX for the mesh; NN and IK for the test vectors), and
+  its errors.
 * ``identity``    who a side is: static key, authority-signed certificate, connection kind.
 * ``rate_limit``  the per-source handshake rate limiter.
 * ``session``     ``SecureSession``: Noise XX with certificates checked against the trusted root, then
-                  chunked, rekeyed transport; sans-IO (frames in, events and frames out).
+                  the transport; sans-IO (frames in, events and frames out).
+* ``transport``   the established phase: messages as encrypted, chunked, rekeyed frames.
 * ``errors``      what a session raises besides the Noise layer's errors.
 * ``events``      the session state and the events it returns to its shell.
 

@@ -18,21 +18,22 @@ Noise remote static key; then the connection kind: the responder is always a nod
 certificate decides between `ConnectionKind.GOSSIP` (node to node) and `ConnectionKind.OPERATOR`
 (operator to node: publish, status), which must be among the kinds the session accepts.
 
-Transport: each frame decrypts (in strict nonce order: a replayed, reordered, truncated or altered frame
-kills the session) to one type byte and a body. An application message is sent as zero or more
-`_CHUNK_MORE` frames and one `_CHUNK_END` frame, reassembled under `max_message_bytes` (one cap, or
-one per connection kind: a node reassembles gossip messages under the gossip message cap and operator
-requests under the operator request cap). `_CLOSE` carries
-a reason. Every `rekey_interval` frames in a direction both ends Rekey() that direction's key.
+Transport (`protocol.channel.transport`): each frame decrypts (in strict nonce order: a replayed,
+reordered, truncated or altered frame kills the session) to one type byte and a body. An application
+message is sent as one or more chunk frames, reassembled under `max_message_bytes` (one cap, or one per
+connection kind: a node reassembles gossip messages under the gossip message cap and operator requests
+under the operator request cap); a close frame carries a reason. Every `rekey_interval` frames in a
+direction both ends Rekey() that direction's key.
 
 Errors (all `MeshError`): `RemoteProtocolError` or `TrustError` - the peer is to blame, drop it;
 `LocalProtocolError` - the caller misused the session. Any error kills the session; later calls raise
 `SessionClosedError`.
 
-This module owns the session; its events are in `protocol.channel.events`, its error types in
-`protocol.channel.errors`, `LocalIdentity` and
-`ConnectionKind` in `protocol.channel.identity`, the `HandshakeRateLimiter` in `protocol.channel.rate_limit`.
-All are re-exported here.
+This module owns the session: the handshake, the peer's certificate and the session's state; the
+established phase's framing is `Transport` in `protocol.channel.transport`. Its events are in
+`protocol.channel.events`, its error types in `protocol.channel.errors`, `LocalIdentity` and
+`ConnectionKind` in `protocol.channel.identity`, the `HandshakeRateLimiter` in
+`protocol.channel.rate_limit`. All are re-exported here.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ from protocol.channel.errors import (
 )
 from protocol.channel.events import Event, HandshakeComplete, MessageReceived, PeerClosed, SessionState
 from protocol.channel.identity import ConnectionKind, LocalIdentity, is_operator
-from protocol.channel.noise import MAX_MESSAGE_LEN, TAG_LEN, CipherState, DecryptError, Entropy, NoiseXX
+from protocol.channel.noise import DecryptError, Entropy, NoiseXX
 from protocol.channel.rate_limit import HandshakeRateLimiter
+from protocol.channel.transport import CHUNK_BYTES, MAX_CLOSE_REASON_BYTES, REKEY_INTERVAL_FRAMES, Transport
 from protocol.errors import LocalProtocolError, MeshError, RoleError
 from protocol.trust.metadata import Certificate
 from protocol.trust.state import TrustedState
@@ -88,14 +90,6 @@ __all__ = [
 PROTOCOL_VERSION: Final = b"policymesh/v1"
 HANDSHAKE_TIMEOUT_MS: Final = 10_000
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
-REKEY_INTERVAL_FRAMES: Final = 1 << 14
-MAX_CLOSE_REASON_BYTES: Final = 256
-
-_CHUNK_MORE: Final = b"\x00"
-_CHUNK_END: Final = b"\x01"
-_CLOSE: Final = b"\x02"
-CHUNK_BYTES: Final = MAX_MESSAGE_LEN - TAG_LEN - 1
-"""Application bytes per transport frame: 65535 minus the AEAD tag and the type byte."""
 
 
 def prologue_for(cluster: str) -> bytes:
@@ -180,11 +174,8 @@ class SecureSession:
         self.handshake_hash: bytes | None = None
         self._exporter: bytes | None = None
         self._remote_static: bytes | None = None
-        self._send: CipherState | None = None
-        self._recv: CipherState | None = None
+        self._transport: Transport | None = None
         self._outbox: list[bytes] = []
-        self._partial: list[bytes | memoryview] = []
-        self._partial_len = 0
         self._failure: str | None = None
         self._closed_locally = False
         if initiator:
@@ -198,7 +189,7 @@ class SecureSession:
         return self._max_message
 
     def datagram_keys(self) -> DatagramKeys:
-        """This side's datagram keys for the peer of this open session (see protocol.datagram)."""
+        """This side's datagram keys for the peer of this open session (see protocol.channel.datagram)."""
         if self._exporter is None:
             raise LocalProtocolError("datagram keys before the handshake completed")
         return derive_keys(self._exporter, self.initiator)
@@ -245,18 +236,9 @@ class SecureSession:
         size = len(data)
         if size > self._max_message:
             raise MessageTooLargeError(f"message of {size} bytes exceeds the {self._max_message}-byte cap")
-        out = self._outbox
-        if size <= CHUNK_BYTES:
-            out.append(self._encrypt(_CHUNK_END + data))
-        else:
-            view = memoryview(data)
-            last = size - CHUNK_BYTES
-            for offset in range(0, size, CHUNK_BYTES):
-                out.append(
-                    self._encrypt(
-                        (_CHUNK_MORE if offset < last else _CHUNK_END) + view[offset : offset + CHUNK_BYTES]
-                    )
-                )
+        transport = self._transport
+        assert transport is not None
+        transport.write_message(data, self._outbox)
         return self.frames_to_send()
 
     def close(self, reason: str = "") -> list[bytes]:
@@ -265,7 +247,8 @@ class SecureSession:
         if len(encoded) > MAX_CLOSE_REASON_BYTES:
             raise LocalProtocolError(f"close reason longer than {MAX_CLOSE_REASON_BYTES} bytes")
         if self.state is SessionState.OPEN:
-            self._outbox.append(self._encrypt(_CLOSE + encoded))
+            assert self._transport is not None
+            self._outbox.append(self._transport.close_frame(encoded))
         elif self.state is SessionState.HANDSHAKE:
             self._outbox = []  # an unfinished handshake is simply abandoned
         if self.state is SessionState.FAILED:
@@ -274,7 +257,7 @@ class SecureSession:
         self._failure = self._failure or "closed locally"
         self.state = SessionState.CLOSED
         self._noise = None
-        self._send = self._recv = None
+        self._transport = None
         return self.frames_to_send()
 
     def revalidate(self, wall_s: float) -> None:
@@ -312,12 +295,15 @@ class SecureSession:
         if not noise.complete:
             self._outbox.append(noise.write_message(self._identity.certificate))
         assert noise.complete
-        self._send, self._recv = noise.split()
+        send, recv = noise.split()
         self.handshake_hash = noise.handshake_hash
         self._exporter = noise.exporter_secret
         self._remote_static = noise.remote_static
         self.peer, self.peer_certificate, self.kind = peer, payload, kind
         self._max_message = self._caps[kind]
+        self._transport = Transport(
+            send, recv, rekey_interval=self._rekey_interval, max_message_bytes=self._max_message
+        )
         self.state = SessionState.OPEN
         self._noise = None
         return [HandshakeComplete(peer, kind, self.handshake_hash)]
@@ -349,50 +335,16 @@ class SecureSession:
 
     # ------------------------------------------------------------------ transport
 
-    def _encrypt(self, plaintext: bytes) -> bytes:
-        send = self._send
-        assert send is not None
-        frame = send.encrypt(b"", plaintext)
-        if send.nonce % self._rekey_interval == 0:
-            send.rekey()
-        return frame
-
     def _receive_transport(self, frame: bytes) -> list[Event]:
-        recv = self._recv
-        assert recv is not None
-        plaintext = recv.decrypt(b"", frame)
-        if recv.nonce % self._rekey_interval == 0:
-            recv.rekey()
-        if not plaintext:
-            raise FrameError("empty transport frame")
-        kind = plaintext[:1]
-        if kind == _CHUNK_END:
-            if not self._partial:
-                return [MessageReceived(plaintext[1:])]
-            self._add_chunk(memoryview(plaintext)[1:])
-            data = b"".join(self._partial)
-            self._partial, self._partial_len = [], 0
-            return [MessageReceived(data)]
-        if kind == _CHUNK_MORE:
-            if len(plaintext) == 1:
-                raise FrameError("empty continuation chunk")
-            self._add_chunk(memoryview(plaintext)[1:])
+        transport = self._transport
+        assert transport is not None
+        event = transport.receive(frame)
+        if event is None:
             return []
-        if kind == _CLOSE:
-            if self._partial:
-                raise FrameError("close in the middle of a chunked message")
-            if len(plaintext) - 1 > MAX_CLOSE_REASON_BYTES:
-                raise FrameError("close reason too long")
+        if isinstance(event, PeerClosed):
             self.state = SessionState.CLOSED
             self._failure = "closed by the peer"
-            return [PeerClosed(plaintext[1:].decode("utf-8", errors="replace"))]
-        raise FrameError(f"unknown frame type {kind.hex()}")
-
-    def _add_chunk(self, chunk: memoryview) -> None:
-        self._partial_len += len(chunk)
-        if self._partial_len > self._max_message:
-            raise PeerMessageTooLargeError(f"peer message exceeds the {self._max_message}-byte cap")
-        self._partial.append(chunk)
+        return [event]
 
     # ------------------------------------------------------------------ state
 
@@ -406,6 +358,5 @@ class SecureSession:
         self.state = SessionState.FAILED
         self._failure = why
         self._noise = None
-        self._send = self._recv = None
-        self._partial, self._partial_len = [], 0
+        self._transport = None
         self._outbox = []

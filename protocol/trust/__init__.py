@@ -2,11 +2,13 @@
 
 * ``signing``   envelopes (payload + Ed25519 signatures), thresholds, key ids.
 * ``metadata``  the signed types: root, policy version, node/operator certificate.
-* ``policy``    the policy document operators write in TOML: validation, canonical form, hash.
+* ``policy``    the policy document operators write in TOML: validation, canonical form.
 * ``names``     names, addresses and numbers as signed objects spell them, checked whole.
 * ``authority`` building and signing roots, certificates and policy versions (the operator's side).
-* ``state``     ``TrustedState``: the verified root chain and policy a node holds, and the checks that
-                keep a forged, older or tampered version out.
+* ``roots``     ``RootChain``: the verified roots from the pinned anchor on (rotation, rollback,
+                equivocation, expiry of the final root).
+* ``state``     ``TrustedState``: the root chain and the policy a node holds, and the checks that keep
+                a forged, older, equivocated or tampered version out; certificates checked against both.
 
 The shells import from here (``from protocol.trust import TrustedState, decode_envelope``).
 """

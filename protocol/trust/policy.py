@@ -1,4 +1,4 @@
-"""The policy document operators write in TOML: validation, canonical form, hash.
+"""The policy document operators write in TOML: parsing, validation, canonical form, and back to TOML.
 
     [defaults]  inbound = "drop" | "reject"; mode = "enforce" | "log"
     [[allow]]   name, from = [selectors], to = [selectors], ports = ["tcp/N", "udp/N-M", "icmp"], mode?
@@ -10,7 +10,6 @@ Errors name the rule and the field, so an operator can fix the file without read
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from typing import Any
@@ -252,18 +251,6 @@ def parse_policy_toml(text: str) -> tuple[PolicyDocument, Revocations]:
     except msgspec.ValidationError as exc:
         raise PolicyError(f"invalid policy: {exc}") from None
     return validate_document(doc), validate_revocations(rev)
-
-
-_encoder = msgspec.msgpack.Encoder()
-
-
-def canonical_bytes(doc: PolicyDocument) -> bytes:
-    """Deterministic MessagePack of the canonical document (the same policy always hashes the same)."""
-    return _encoder.encode(validate_document(doc))
-
-
-def document_hash(doc: PolicyDocument) -> str:
-    return hashlib.sha256(canonical_bytes(doc)).hexdigest()
 
 
 def to_toml(doc: PolicyDocument, rev: Revocations | None = None) -> str:

@@ -2,10 +2,9 @@
 
 Takes bytes only; time (wall-clock seconds) is a parameter.  Load order and rollback rules:
 
-* The trust anchor (root N, pinned out of band) must be signed by a threshold of its own root keys.
-* Root N+1 needs a threshold of root N's root keys AND of its own; versions step by exactly one.
-  Expiry is checked on the final root only (``check_root_fresh``), so an offline node catches up
-  through any number of expired intermediate roots.
+* Roots: the anchor (pinned out of band) and each root N+1 signed by a threshold of root N's root keys
+  and of its own, versions stepping by one; expiry checked on the final root only
+  (``check_root_fresh``).  The chain and its rules are ``RootChain`` in ``protocol.trust.roots``.
 * A policy needs a threshold of the ``policy`` role, the trusted root's version and cluster, a serial
   above the stored one (equal serial + same payload = duplicate), and must be within its validity
   (``skew_s`` tolerance both ways).
@@ -39,9 +38,9 @@ from protocol.trust.metadata import (
     Root,
     decode_certificate,
     decode_policy,
-    decode_root,
     payload_hash,
 )
+from protocol.trust.roots import RootChain
 from protocol.trust.signing import Envelope, decode_envelope, require_threshold
 
 DEFAULT_SKEW_S = 300
@@ -84,18 +83,8 @@ class TrustedState:
         on this node's state (serial floor, equivocation, expiry, root version) always run.  The
         daemon passes none."""
         self._verified = verified
-        hit = verified.get((anchor, b"anchor")) if verified is not None else None
-        if hit is not None:
-            env, root = hit
-        else:
-            env = decode_envelope(anchor, "root")
-            root = decode_root(env.payload)
-            require_threshold(env, root.keys, root.role_keys("root"), root.roles["root"].threshold,
-                              f"root v{root.version} (trust anchor) self-signature")
-            if verified is not None:
-                verified[(anchor, b"anchor")] = (env, root)
+        self._chain = RootChain(anchor, verified)
         self.skew_s = skew_s
-        self._roots: list[tuple[Root, bytes]] = [(root, bytes(anchor))]
         self._policy: PolicyCheck | None = None
         # Serial floor: policies must exceed it. Reset when the policy role's keys change.
         self._floor_serial = 0
@@ -106,7 +95,7 @@ class TrustedState:
     # -- roots --------------------------------------------------------------------------------------
     @property
     def root(self) -> Root:
-        return self._roots[-1][0]
+        return self._chain.root
 
     @property
     def cluster(self) -> str:
@@ -118,49 +107,21 @@ class TrustedState:
 
     def root_chain(self) -> list[bytes]:
         """Exact signed bytes of every trusted root, oldest first (the anchor included)."""
-        return [b for _, b in self._roots]
+        return self._chain.envelopes()
 
     def root_bytes(self, version: int) -> bytes | None:
-        first = self._roots[0][0].version
-        idx = version - first
-        if 0 <= idx < len(self._roots):
-            return self._roots[idx][1]
-        return None
+        return self._chain.envelope(version)
 
     def update_root(self, data: bytes) -> bool:
         """Trust root N+1. Returns False for a duplicate of a trusted root; raises TrustError otherwise."""
-        env = decode_envelope(data, "root")
-        new = decode_root(env.payload)
-        cur = self.root
-        if new.version <= cur.version:
-            known = self.root_bytes(new.version)
-            if known is not None and decode_envelope(known, "root").payload == env.payload:
-                return False
-            if new.version < cur.version:
-                raise RollbackError(f"root v{new.version} is older than the trusted root v{cur.version}")
-            # Same version, other content: equivocation only if it carries valid root signatures.
-            require_threshold(env, cur.keys, cur.role_keys("root"), cur.roles["root"].threshold,
-                              f"root v{new.version}")
-            raise EquivocationError(
-                f"root v{new.version} differs from the trusted root v{new.version}: the root keys are compromised"
-            )
-        if new.version != cur.version + 1:
-            raise RootMismatchError(
-                f"root v{new.version} cannot follow trusted root v{cur.version}: roots step by one",
-                needed_version=cur.version + 1,
-            )
-        if new.cluster != cur.cluster:
-            raise SignatureError(f"root v{new.version} is for cluster {new.cluster!r}, not {cur.cluster!r}")
-        require_threshold(env, cur.keys, cur.role_keys("root"), cur.roles["root"].threshold,
-                          f"root v{new.version} signed by the keys of root v{cur.version}")
-        require_threshold(env, new.keys, new.role_keys("root"), new.roles["root"].threshold,
-                          f"root v{new.version} signed by its own root keys")
-        if _role_signature(cur, "policy") != _role_signature(new, "policy"):
+        before = self.root
+        if not self._chain.add(data):
+            return False
+        if _role_signature(before, "policy") != _role_signature(self.root, "policy"):
             # Fast-forward recovery: a leaked policy key could have pushed the serial to 2^62.
             self._floor_serial = 0
             self._floor_hash = None
             self._policy_under_current_keys = False
-        self._roots.append((new, bytes(data)))
         return True
 
     def update_root_chain(self, chain: list[bytes]) -> int:
@@ -172,12 +133,7 @@ class TrustedState:
         return added
 
     def check_root_fresh(self, now: float) -> None:
-        root = self.root
-        if root.expires < now - self.skew_s:
-            raise ExpiredError(
-                f"trusted root v{root.version} expired at {root.expires} (unix); "
-                "new input is refused until a newer root arrives"
-            )
+        self._chain.check_fresh(now, self.skew_s)
 
     # -- policy -------------------------------------------------------------------------------------
     @property
@@ -208,7 +164,7 @@ class TrustedState:
         ``allow_expired`` is only for re-loading the node's own last-known-good policy at boot
         (fail-static); new input from anywhere else is always checked for expiry."""
         root = self.root
-        key = (data, self._roots[-1][1])
+        key = (data, self._chain.root_envelope)
         hit = self._verified.get(key) if self._verified is not None else None
         if hit is not None:  # the same bytes passed the same checks against the same root
             env, pv, digest = hit
@@ -221,7 +177,7 @@ class TrustedState:
     def verified_claims(self, data: bytes) -> tuple[int, str, int] | None:
         """(serial, payload hash, root version) of a policy envelope whose exact bytes already passed
         the signature and format checks against the trusted root (see ``verified``), else None."""
-        hit = self._verified.get((data, self._roots[-1][1])) if self._verified is not None else None
+        hit = self._verified.get((data, self._chain.root_envelope)) if self._verified is not None else None
         return None if hit is None else (hit[1].serial, hit[2], hit[1].root_version)
 
     def _check_policy_signed(self, data: bytes, root: Root) -> tuple[Envelope, PolicyVersion, str]:
@@ -371,10 +327,3 @@ class TrustedState:
             raise RevokedError(f"node {cert.node_id} is revoked by policy serial {pol.serial}")
         if cert.cert_id in pol.revocations.certs:
             raise RevokedError(f"certificate {cert.cert_id} of {cert.node_id} is revoked by policy serial {pol.serial}")
-
-    def is_revoked(self, cert: Certificate) -> bool:
-        try:
-            self.check_revoked(cert)
-        except RevokedError:
-            return True
-        return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class Proxy:
     async def start(self) -> None:
         for n in self.nodes:
             self.region_of_ip[n.ip] = n.region
-            server = await asyncio.start_server(lambda r, w, n=n: self._handle(n, r, w), n.ip, n.proxy_port)
+            server = await asyncio.start_server(functools.partial(self._handle, n), n.ip, n.proxy_port)
             self.servers.append(server)
 
     async def _handle(self, node: DemoNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -47,7 +48,7 @@ class LibraryLogBudget(logging.Filter):
         return True
 
 
-def _library_event(logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _library_event(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A stdlib record's message becomes a field; its event name is ``<logger>.<level>``."""
     record = event_dict.get("_record")
     if record is not None:

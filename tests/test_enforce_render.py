@@ -6,6 +6,7 @@ and review the diff.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from meshnode.enforce import (
 )
 from meshnode.enforce.iptables import MULTIPORT_SLOTS
 from meshnode.enforce.model import MAX_LOG_PREFIX
+from meshnode.examples import sample_policy_toml
 from protocol.errors import RevokedError
 from protocol.trust import (
     Certificate,
@@ -145,6 +147,49 @@ def test_golden_log_mode_reject(sample: Sample) -> None:
     ))
     rs = render(sample.policy(doc=doc), sample.a, sample.members, RenderOptions(mesh_port=MESH, icmp_essential=False))
     golden("enforce_logmode.nft", to_nft_text(rs))
+
+
+# -- pinned digests of the option variants the golden files do not show ------------------------------
+# sha256 of the nftables text and the iptables rendering (or its refusal) of the sample members under each
+# variant.  A change here changes what operators' kernels hold: review the rendered diff, then re-pin.
+PINNED_VARIANTS: dict[str, tuple[str, RenderOptions, str]] = {
+    "abuse-block-and-port-scan": (
+        "sample", RenderOptions(mesh_port=MESH, abuse_block=True, port_scan_window_s=120),
+        "cfb9f5ec5101953474eceaa9e85d436791f54026405a1df9a45e0aaf21a4883f"),
+    "mesh-join-any-reject": (
+        "sample", RenderOptions(mesh_port=MESH, mesh_join_cidrs=("0.0.0.0/0", "::/0"), default_inbound="reject"),
+        "90aafd3d421733760835198d754a1cc29b00090bfc726c50670cd2a507d95e71"),
+    "mesh-join-and-break-glass": (
+        "example", RenderOptions(mesh_port=MESH, mesh_join_cidrs=("10.9.0.0/16", "2001:db8::/32"),
+                                 break_glass_cidrs=("198.51.100.0/24", "2001:db8:1::/48"), icmp_essential=False),
+        "d83db222792788cd6646c854a78c632ebc3a12997f53ae0b96d76544777be5d4"),
+    "log-mode-enforced-exception": (
+        "log-mode", RenderOptions(mesh_port=MESH, port_scan_window_s=60),
+        "4cb688884a058f9b13340fed0f18b47e2ea6cef49160a2c3e3715b544469ded8"),
+}
+
+
+def _variant_policy(sample: Sample, name: str) -> PolicyVersion:
+    if name == "sample":
+        return sample.policy()
+    if name == "example":
+        doc, rev = parse_policy_toml(sample_policy_toml())
+        return sample.policy(doc=doc, rev=rev)
+    allow = (*sample.doc.allow, sample.doc.allow[0].__class__(
+        name="db-strict", sources=("role:app",), to=("role:db",), ports=("tcp/5432", "udp/53"), mode="enforce"))
+    return sample.policy(doc=PolicyDocument(defaults=Defaults(inbound="reject", mode="log"), allow=allow))
+
+
+@pytest.mark.parametrize("variant", sorted(PINNED_VARIANTS))
+def test_pinned_rendering_of_option_variants(sample: Sample, variant: str) -> None:
+    policy_name, opts, pinned = PINNED_VARIANTS[variant]
+    rs = render(_variant_policy(sample, policy_name), sample.a, sample.members, opts, now=T0 + 1000)
+    try:
+        iptables = to_iptables(rs).text()
+    except EnforcementError as exc:
+        iptables = f"refused: {exc}"
+    digest = hashlib.sha256(f"{to_nft_text(rs)}\n{iptables}".encode()).hexdigest()
+    assert digest == pinned, f"rendering of {variant} changed: {digest}"
 
 
 # -- structure -----------------------------------------------------------------------------------------

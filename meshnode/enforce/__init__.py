@@ -8,7 +8,8 @@
 Modules, in dependency order (each imports only those above it):
 
     model.py             the backend-neutral ruleset: address sets, filter rules, reference semantics
-    render.py            signed policy + certificates -> this node's Ruleset
+    members.py           which member certificates count, their addresses by family, role and node
+    render.py            signed policy + certificates -> this node's Ruleset, step by step
     nft.py               Ruleset -> nftables text / JSON; normalisation and the ruleset's hash
     iptables.py          Ruleset -> ipset + iptables-restore inputs
     backend.py           what every backend does the same way: apply, set updates, drift, bookkeeping

@@ -161,13 +161,23 @@ def _rule_lines(rs: Ruleset, r: FilterRule, fam: str, chain: str, names: dict[st
     return [" ".join(x for x in [*head, v, *tail] if x) for v in variants]
 
 
+def restore_text(chain: str, rule_lines: list[str]) -> str:
+    """``iptables-restore --noflush`` input that declares ``chain`` (replacing its rules) with ``rule_lines``."""
+    return "\n".join(["*filter", f":{chain} - [0:0]", *rule_lines, "COMMIT", ""])
+
+
 def restore_input(rs: Ruleset, fam: str, chain: str, names: dict[str, str]) -> str:
-    lines = ["*filter", f":{chain} - [0:0]"]
+    lines: list[str] = []
     for r in rs.rules:
         lines += _rule_lines(rs, r, fam, chain, names)
     # the chain's own "policy": anything that falls through is dropped
-    lines += [f'-A {chain} -m comment --comment "policy drop" -j DROP', "COMMIT", ""]
-    return "\n".join(lines)
+    lines.append(f'-A {chain} -m comment --comment "policy drop" -j DROP')
+    return restore_text(chain, lines)
+
+
+def ipset_names(rs: Ruleset, generation: str) -> dict[str, str]:
+    """Logical set name -> ipset name of ``generation``."""
+    return {s.name: ipset_name(rs.table, generation, s.name) for s in rs.sets}
 
 
 def to_iptables(rs: Ruleset, generation: str = "a") -> IptablesRules:
@@ -175,7 +185,7 @@ def to_iptables(rs: Ruleset, generation: str = "a") -> IptablesRules:
     if any(s.timeout for s in rs.sets):
         raise EnforcementError("the abuse block sets ([validate] block_abusers_s) need the nftables backend")
     chain = chain_name(rs.table)
-    names = {s.name: ipset_name(rs.table, generation, s.name) for s in rs.sets}
+    names = ipset_names(rs, generation)
     ipset_lines: list[str] = []
     for s in rs.sets:
         ipset_lines += ipset_fill(names[s.name], s)

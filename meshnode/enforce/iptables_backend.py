@@ -12,7 +12,15 @@ import re
 from typing import Any
 
 from .backend import Backend, CommandRunner, Readback, SetChanges, sha256_hex
-from .iptables import chain_name, ipset_elements, ipset_fill, ipset_prefix, to_iptables
+from .iptables import (
+    chain_name,
+    ipset_elements,
+    ipset_fill,
+    ipset_names,
+    ipset_prefix,
+    restore_text,
+    to_iptables,
+)
 from .model import EnforcementError, Ruleset
 from .nft import RulesetDigest, canonical_element
 
@@ -85,7 +93,7 @@ class IptablesBackend(Backend):
     @staticmethod
     def _sets_exact(rs: Ruleset, generation: str, kernel_sets: dict[str, dict[str, Any]]) -> bool:
         """The kernel's ipsets hold exactly the rendered elements."""
-        for logical, name in to_iptables(rs, generation).set_names.items():
+        for logical, name in ipset_names(rs, generation).items():
             want = {canonical_element(e) for e in ipset_elements(rs.set_by_name(logical))}
             got = {canonical_element(e) for e in kernel_sets.get(name, {}).get("elem", [])}
             if want != got:
@@ -109,16 +117,18 @@ class IptablesBackend(Backend):
         for pos in sorted((p + 1 for p in positions), reverse=True):  # old ones moved down by one
             self.runner.run([tool, "-D", "INPUT", str(pos)])
 
-    def _restore_chain(self, fam: str, text: str) -> None:
-        self.runner.run([f"{self.tools[fam]}-restore", "--noflush"], stdin=text.encode())
+    def _restore_chain(self, fam: str, text: str, check: bool = True) -> None:
+        self.runner.run([f"{self.tools[fam]}-restore", "--noflush"], stdin=text.encode(), check=check)
+
+    def _delete_chain(self, fam: str) -> None:
+        self.runner.run([self.tools[fam], "-F", self.chain], check=False)
+        self.runner.run([self.tools[fam], "-X", self.chain], check=False)
 
     def _rollback_v4(self, previous: dict[str, Any]) -> None:
         if previous["declared"]:
-            text = "\n".join(["*filter", f":{self.chain} - [0:0]", *previous["rules"], "COMMIT", ""])
-            self.runner.run([f"{self.tools['ip']}-restore", "--noflush"], stdin=text.encode(), check=False)
+            self._restore_chain("ip", restore_text(self.chain, previous["rules"]), check=False)
         else:
-            self.runner.run([self.tools["ip"], "-F", self.chain], check=False)
-            self.runner.run([self.tools["ip"], "-X", self.chain], check=False)
+            self._delete_chain("ip")
 
     def _in_place_possible(self) -> bool:
         return self.generation is not None
@@ -186,7 +196,6 @@ class IptablesBackend(Backend):
                 if self.runner.run([tool, "-D", "INPUT", "-j", self.chain], check=False).returncode != 0:
                     break
             if state["declared"]:
-                self.runner.run([tool, "-F", self.chain], check=False)
-                self.runner.run([tool, "-X", self.chain], check=False)
+                self._delete_chain(fam)
         self._destroy_sets(list(self._our_sets()))
         self.generation = None

@@ -104,20 +104,18 @@ class RenderOptions:
                 f"default inbound action {self.default_inbound!r}: one of {', '.join(INBOUND_ACTIONS)}"
                 " (an allow-all default is never accepted)"
             )
-        cidrs = []
-        for c in self.break_glass_cidrs:
-            try:
-                cidrs.append(str(parse_network(c, strict=True)))
-            except ValueError as exc:
-                raise EnforcementError(f"break-glass CIDR {c!r}: {exc}") from None
-        object.__setattr__(self, "break_glass_cidrs", tuple(cidrs))
-        join = []
-        for c in self.mesh_join_cidrs:
-            try:
-                join.append(str(parse_network(c, strict=True)))
-            except ValueError as exc:
-                raise EnforcementError(f"mesh join CIDR {c!r}: {exc}") from None
-        object.__setattr__(self, "mesh_join_cidrs", tuple(join))
+        object.__setattr__(self, "break_glass_cidrs", _canonical_cidrs("break-glass", self.break_glass_cidrs))
+        object.__setattr__(self, "mesh_join_cidrs", _canonical_cidrs("mesh join", self.mesh_join_cidrs))
+
+
+def _canonical_cidrs(what: str, cidrs: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for c in cidrs:
+        try:
+            out.append(str(parse_network(c, strict=True)))
+        except ValueError as exc:
+            raise EnforcementError(f"{what} CIDR {c!r}: {exc}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

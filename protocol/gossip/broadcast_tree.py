@@ -49,6 +49,17 @@ def push_targets(table: MemberTable, degree: int, sender: str | None) -> list[st
 
 
 def _neighbours(table: MemberTable, degree: int) -> tuple[list[str], list[str]]:
+    """(tree neighbours, other regions' roots), remembered until the alive sets change (a sort of the
+    region's alive members per call: asked at every housekeeping and every accepted version)."""
+    memo = table.tree_memo
+    if memo is not None and memo[0] == table.alive_version and memo[1] == degree:
+        return list(memo[2]), list(memo[3])
+    tree, roots = _compute(table, degree)
+    table.tree_memo = (table.alive_version, degree, tuple(tree), tuple(roots))
+    return tree, roots
+
+
+def _compute(table: MemberTable, degree: int) -> tuple[list[str], list[str]]:
     ids = table.ids
     me = table.me
     mine = table.alive.get(table.region)

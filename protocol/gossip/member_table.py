@@ -72,6 +72,8 @@ class MemberTable:
         self.alive_all = IntSet()
         self.dead = IntSet()
         self.left = IntSet()
+        self.alive_version = 0  # bumped whenever the alive sets may have changed (memo key, see broadcast_tree)
+        self.tree_memo: tuple[int, int, tuple[str, ...], tuple[str, ...]] | None = None  # broadcast_tree's
         self._bucket_col, self.bucket_ids = self.index.buckets(sync_buckets)
         self.record_buckets = [0] * sync_buckets  # records: (node_id, incarnation)
         self.status_buckets = [0] * sync_buckets  # status: (node_id, status seq)
@@ -120,6 +122,7 @@ class MemberTable:
         for a in self._watched:
             self._watched[a] = base.by_address.get(a, -1)
         self.directory_dirty = self.peers_dirty = True
+        self.alive_version += 1
 
     # -- lookups -------------------------------------------------------------------------------------
     def index_of(self, node_id: str) -> int | None:
@@ -336,6 +339,7 @@ class MemberTable:
             self._watch(old, rec)
         if old is None:
             self.count += 1
+            self.alive_version += 1
             self.directory_dirty = True
             self.peers_dirty = True
             if rec.left:
@@ -355,6 +359,7 @@ class MemberTable:
             if old.address != rec.address:
                 self.peers_dirty = True
             if old.region != rec.region and i != self.me_index:
+                self.alive_version += 1
                 moved = self.alive.get(old.region)
                 if moved is not None and i in moved:
                     moved.discard(i)
@@ -384,6 +389,7 @@ class MemberTable:
         rec = self.recs[i]
         assert rec is not None
         self.liveness_codes[i] = code
+        self.alive_version += 1
         rs = self.alive.get(rec.region)
         if rs is None:
             rs = self.alive[rec.region] = IntSet()
@@ -410,6 +416,7 @@ class MemberTable:
         for s in (self.alive.get(rec.region), self.alive_all, self.dead, self.left):
             if s is not None:
                 s.discard(i)
+        self.alive_version += 1
         self.suspicions.pop(i, None)
         self.heard_ms.pop(i, None)
         self.cert_fingerprint -= rec.cert_hash

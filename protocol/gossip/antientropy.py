@@ -85,7 +85,11 @@ def compare_entries(table: MemberTable, buckets: Iterable[int], theirs_entries: 
     record/status they lack)."""
     theirs = dict(theirs_entries)
     theirs.pop(table.me, None)
-    mine = dict(entries(table, buckets, status))
+    mine: dict[str, int] = {}  # dict(entries(...)), without the intermediate tuples
+    nb = len(table.bucket_ids)
+    for b in buckets:
+        if 0 <= b < nb:
+            mine.update(table.bucket_entries(b, status))
     get = mine.get
     if status:
         want = [nid for nid, v in theirs.items() if nid in mine and v > mine[nid]]

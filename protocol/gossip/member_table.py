@@ -307,8 +307,7 @@ class MemberTable:
                 got = tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
                              for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
             else:
-                got = tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b]
-                             if i < n and (r := recs[i]) is not None])
+                got = tuple([r.sync_entry for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
             cache.put(key, got)
         return got
 

@@ -256,7 +256,9 @@ class Node:
         ms = now.ms
         self.membership.swim.tick(ms)
         self.dissemination.tick(ms)
-        self.anti_entropy.tick(ms, held_digest(self.trust), self.trust.root_version)
+        anti_entropy = self.anti_entropy
+        if ms >= anti_entropy.next_deadline():  # (its tick does nothing before: skip building the digest)
+            anti_entropy.tick(ms, held_digest(self.trust), self.trust.root_version)
         if ms >= self._house_at:
             self._house_at = ms + self.cfg.housekeeping_interval_ms
             self._housekeeping(now)

@@ -24,7 +24,6 @@ Ordering: within one returned list, ``PersistPolicy`` and ``Enforce`` of a new p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -290,7 +289,9 @@ class Node:
 
     def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
         try:
-            key = (hashlib.sha256(cert_bytes).digest(), self.trust.root_version, "cert")
+            # keyed by the exact bytes (a bytes object caches its hash: the same certificate presented
+            # again costs no digest) and the root they were checked against
+            key = (bytes(cert_bytes), self.trust.root_version, "cert")
             hit = self.cache.get(key)
             if hit is None:
                 hit = self.trust.check_certificate(cert_bytes)

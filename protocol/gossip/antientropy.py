@@ -263,16 +263,22 @@ class AntiEntropy:
                 self._send(peer, Members(tuple(records), tuple(statuses)))
             records, statuses, size = [], [], 0
 
+        of, recs, infos = table.index.of, table.recs, table.statuses
+        nrecs, ninfos = len(recs), len(infos)
         for n in rec_ids:
-            r = table.record_of(n)
-            if r is not None:
+            i = of.get(n)  # (table.record_of, inlined: one call per record served)
+            rec = recs[i] if i is not None and i < nrecs else None
+            if rec is not None:
+                r = rec.record
                 if len(records) >= cap or size + len(r) > MEMBERS_CHUNK_BYTES:
                     flush()
                 records.append(r)
                 size += len(r)
         for n in st_ids:
-            st = table.status_item_of(n)
-            if st is not None:
+            i = of.get(n)  # (table.status_item_of, inlined)
+            info = infos[i] if i is not None and i < ninfos else None
+            if info is not None:
+                st = info.item
                 if len(statuses) >= cap or size + len(st.payload) + STATUS_ITEM_OVERHEAD_BYTES > MEMBERS_CHUNK_BYTES:
                     flush()
                 statuses.append(st)

@@ -33,7 +33,7 @@ class Entropy:
             self._gen = source
             cls = type(source)
             if cls.__module__ == "random" and cls.__name__ == "Random":
-                self._bits = source.getrandbits
+                self._bits = getattr(source, "getrandbits")  # noqa: B009 (not on the _Generator protocol)
         elif callable(source):
             self._bytes = source
         else:

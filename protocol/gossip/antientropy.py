@@ -119,6 +119,7 @@ class AntiEntropy:
         self.cross_sync_at = 0
         self.retry_dead_at = 0
         self.retry_seeds_at = 0
+        self.due = 0  # the earliest of the four timers above (kept by start and tick: asked on every step)
         self.status_sync_at = 0
 
     def _send(self, peer: str, msg: Any) -> None:
@@ -131,6 +132,7 @@ class AntiEntropy:
         self.cross_sync_at = now_ms + self.rng.below(self.cfg.cross_region_sync_interval_ms)
         self.retry_dead_at = now_ms + self.cfg.dead_retry_interval_ms
         self.retry_seeds_at = now_ms + self.cfg.seed_retry_lonely_ms
+        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
 
     def join(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """Contact one seed (and a few remembered peers after a restart): that is enough to join; the
@@ -158,9 +160,10 @@ class AntiEntropy:
             self.retry_seeds_at = now_ms + rng.jitter(
                 cfg.seed_retry_lonely_ms if lonely else cfg.seed_retry_interval_ms)
             self._retry_seeds(lonely, now_ms, digest, root_version)
+        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
 
     def next_deadline(self) -> int:
-        return min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
+        return self.due
 
     def _retry_dead(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """Partitioned members are retried forever: one random dead member, plus one in every region

@@ -216,7 +216,7 @@ class Node:
     def next_deadline(self) -> int | None:
         if not self.started:
             return None
-        d = min(self.membership.next_deadline(), self.anti_entropy.next_deadline(), self._house_at)
+        d = min(self.membership.swim.next_deadline(), self.anti_entropy.due, self._house_at)
         for extra in (self.dissemination.next_deadline(), self.directory.next_deadline(),
                       self.enforcement.next_deadline()):
             if extra is not None and extra < d:
@@ -256,7 +256,7 @@ class Node:
         self.membership.swim.tick(ms)
         self.dissemination.tick(ms)
         anti_entropy = self.anti_entropy
-        if ms >= anti_entropy.next_deadline():  # (its tick does nothing before: skip building the digest)
+        if ms >= anti_entropy.due:  # (its tick does nothing before: skip building the digest)
             anti_entropy.tick(ms, held_digest(self.trust), self.trust.root_version)
         if ms >= self._house_at:
             self._house_at = ms + self.cfg.housekeeping_interval_ms

@@ -291,7 +291,7 @@ class Node:
         try:
             # keyed by the exact bytes (a bytes object caches its hash: the same certificate presented
             # again costs no digest) and the root they were checked against
-            key = (bytes(cert_bytes), self.trust.root_version, "cert")
+            key = ("cert", bytes(cert_bytes), self.trust.root_version)
             hit = self.cache.get(key)
             if hit is None:
                 hit = self.trust.check_certificate(cert_bytes)

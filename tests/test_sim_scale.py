@@ -14,6 +14,7 @@ import pytest
 from protocol.entropy import Entropy
 from protocol.gossip.broadcast_tree import _neighbours as tree_sides
 from protocol.gossip.broadcast_tree import _RankedRing
+from protocol.gossip.directory import table_certificates, table_member_entries
 from protocol.gossip.member_base import DirectoryView, OverlayColumn, OverlayIntSet
 from protocol.gossip.members import IntSet
 from simulations import sweep
@@ -103,14 +104,14 @@ def test_tables_over_a_base_answer_like_plain_tables() -> None:
         recs, codes = list(table.recs), list(table.liveness_codes)
         assert [r is not None for r in recs] == [c != 0 for c in codes]
         present = list(compress(recs, codes))
-        certs, _ = table.certs()
+        certs, _ = table_certificates(table)
         assert isinstance(certs, DirectoryView)
         assert dict(certs) == {r.node_id: r.cert for r in present}
         assert len(certs) == len(present) == table.count
-        assert list(table.member_entries()) == [r.entry for r in present if r.idx != table.me_index]
-        for b in range(len(table.bucket_ids)):
+        assert list(table_member_entries(table)) == [r.entry for r in present if r.idx != table.me_index]
+        for b in range(len(table.digest.bucket_ids)):
             assert table.bucket_entries(b) == tuple(
-                (r.node_id, r.incarnation) for i in table.bucket_ids[b] if i < len(recs) and (r := recs[i]))
+                (r.node_id, r.incarnation) for i in table.digest.bucket_ids[b] if i < len(recs) and (r := recs[i]))
         assert sorted(table.alive_all) == sorted(
             i for i, c in enumerate(codes) if c == 1 and i != table.me_index)
         mine = table.alive.get(table.region)

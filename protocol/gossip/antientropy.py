@@ -38,11 +38,11 @@ STATUS_ITEM_OVERHEAD_BYTES = 72  # a status item's signature and framing, beyond
 
 # -- bucket digests ----------------------------------------------------------------------------------
 def bucket_hashes(table: MemberTable, status: bool = False) -> tuple[bytes, ...]:
-    return tuple(v.to_bytes(8, "big") for v in (table.status_buckets if status else table.record_buckets))
+    return tuple(v.to_bytes(8, "big") for v in (table.digest.statuses if status else table.digest.records))
 
 
 def differing_buckets(table: MemberTable, theirs: tuple[bytes, ...], status: bool = False) -> list[int]:
-    vals = table.status_buckets if status else table.record_buckets
+    vals = table.digest.statuses if status else table.digest.records
     if len(theirs) != len(vals):
         raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {len(vals)}")
     return [i for i, v in enumerate(vals) if v.to_bytes(8, "big") != theirs[i]]
@@ -51,7 +51,7 @@ def differing_buckets(table: MemberTable, theirs: tuple[bytes, ...], status: boo
 def entries(table: MemberTable, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
     """(node id, incarnation) — or (node id, status seq) — of every member in ``buckets``."""
     out: list[tuple[str, int]] = []
-    nb = len(table.bucket_ids)
+    nb = len(table.digest.bucket_ids)
     for b in buckets:
         if 0 <= b < nb:
             out += table.bucket_entries(b, status)
@@ -86,7 +86,7 @@ def compare_entries(table: MemberTable, buckets: Iterable[int], theirs_entries: 
     theirs = dict(theirs_entries)
     theirs.pop(table.me, None)
     mine: dict[str, int] = {}  # dict(entries(...)), without the intermediate tuples
-    nb = len(table.bucket_ids)
+    nb = len(table.digest.bucket_ids)
     for b in buckets:
         if 0 <= b < nb:
             mine.update(table.bucket_entries(b, status))

@@ -100,7 +100,7 @@ class VerifyCache:
         self.nbytes = 0
         self.clears = 0
         self.index = MemberIndex()
-        # sync bucket entries by (kind, bucket, bucket values): see MemberTable.bucket_entries
+        # sync bucket entries by (kind, bucket, bucket values): see SyncDigest.entries
         self.entries = BucketEntriesCache()
         self.get: Callable[[object], object | None] = self._d.get
         self.weak_get: Callable[[object], object | None] = self._weak.get
@@ -281,7 +281,7 @@ class Rec:
         # the member's entry in the directory handed to enforcement, and a digest of its exact bytes
         self.cert_item = (rec.node_id, cert)
         self.cert_hash = hash(rec.cert)
-        self.sync_entry = (rec.node_id, rec.incarnation)  # its anti-entropy entry (see MemberTable.bucket_entries)
+        self.sync_entry = (rec.node_id, rec.incarnation)  # its anti-entropy entry (see SyncDigest.entries)
 
 
 class StatusInfo:

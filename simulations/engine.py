@@ -2,8 +2,10 @@
 
 The parts: ``kernel`` (the event loop), ``hosts`` (set-up from the scenario), ``network`` (the network
 model: latency, loss, TCP connections, partitions), ``faults``, ``effects`` (what a node's effects
-do), ``measure`` and ``report``, ``invariants``.  ``Simulation`` wires them together and is the
-``World`` the effects reach: sends go through the network model, applies through the enforcer model.
+do), ``world`` (the ``World`` those effects reach: sends through the network model, applies through
+the enforcer model), ``measure`` and ``report``, ``invariants``.  ``Simulation`` wires them together,
+boots the nodes and publishes the versions; the parts see it through the narrow protocols of
+``simulations.context`` (none of them imports this module).
 
 One master seed is split per subsystem (``random.Random(f"{seed}:{name}")``: topology, network,
 faults, hostile, publisher, and one per node and restart); the network decides each message's fate
@@ -17,25 +19,14 @@ import gc
 import random
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from protocol.gossip import (
-    Alert,
-    Enforce,
-    FrameReceived,
-    LivenessChanged,
     Node,
     Now,
-    PeerConnected,
-    PeerDisconnected,
     PolicySubmitted,
-    RulesetApplied,
-    Send,
-    SendFailed,
 )
 from protocol.gossip.member_base import ConvergedDirectory
-from protocol.trust import Certificate
 
 from .baselines import AuthorityServer
 from .drill.simfaults import SimDrill
@@ -46,9 +37,10 @@ from .identities import make_authority
 from .invariants import Invariants
 from .kernel import Kernel
 from .measure import Measurement
-from .network import NEVER, Network
+from .network import Network
 from .report import build_report
 from .scenario import Scenario
+from .world import SimWorld
 
 EMPTY_DIRECTORY = ConvergedDirectory.empty()
 
@@ -89,7 +81,6 @@ class Simulation:
         self.hostile_idx = frozenset(h.idx for h in self.hosts if h.hostile)
         self.converged_base: ConvergedDirectory | None = None
         self._converging = False  # nodes boot for a converged start (see _schedule_converged)
-        self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
         self.processes = ProcessFactory(sc, self.cfg, self.anchor, self.hosts, self.seeds, self.v1)
         self._schedule()
 
@@ -120,6 +111,7 @@ class Simulation:
         self.faults.schedule()
         self.drill = SimDrill(self)  # the chaos drill's node faults, kernel model and invariants
         self.drill.schedule()
+        self.world = SimWorld(self, self.measure, self.drill, self.by_addr, self.cert_of, self.hostile_idx, self.process_ms)
         for h in self.hosts:
             h.disk.keep_members = h.idx in self.faults.restartable
         first = self.versions[0].publish_ms
@@ -187,7 +179,7 @@ class Simulation:
         self.boot(i)
 
     def _execute(self, i: int, effects: list[Any]) -> None:
-        execute(i, self.hosts[i].disk, effects, self)
+        execute(i, self.hosts[i].disk, effects, self.world)
 
     # -- publishing ----------------------------------------------------------------------------------
     def publish(self, _i: int, v: Version) -> None:
@@ -217,86 +209,6 @@ class Simulation:
             if others:
                 kernel.feed(prng.choice(others), PolicySubmitted(v.twin, "operator"))
         self.drill.submitted(target, v, kernel.feed(target, PolicySubmitted(v.envelope, "operator")))
-
-    # -- the World of simulations.effects ------------------------------------------------------------
-    def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
-        if i >= self.n:
-            return
-        h = self.hosts[i]
-        kernel = self.kernel
-        serial = eff.policy.serial
-        if self.sc.protocol == "gossip":
-            # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
-            kernel.schedule(kernel.now + self.sc.nodes.apply_ms, self._confirm, i,
-                            (kernel.epoch[i], serial, eff.policy_hash))
-        if not h.hostile:
-            h.applied = self.inv.check_effects(self.seed, kernel.now, h.node_id, h.applied, effects)
-            self.drill.applied(i, h.applied)
-        else:
-            h.applied = max(h.applied, serial)
-        self.measure.converged(h)
-
-    def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
-        epoch, serial, policy_hash = arg
-        if self.net.up[i] and self.net.epoch[i] == epoch:
-            self.kernel.feed(i, RulesetApplied(serial, "", policy_hash))
-
-    def send(self, i: int, eff: Send) -> None:
-        kernel, net = self.kernel, self.net
-        now, epoch = kernel.now, net.epoch
-        peer = eff.peer
-        j = self.by_id.get(peer) if peer else self.by_addr.get(eff.address)
-        if j is None:
-            kernel.push(now + self.sc.tcp.connect_timeout_ms, i, SendFailed(peer, eff.address), epoch[i])
-            return
-        if j == i:
-            return
-        data = eff.data
-        if j in self.hostile_idx and i not in self.hostile_idx and len(data) > 1 and data[1] == 7:
-            self.bodies_to_hostile += 1
-        deliver, fail = net.transmit(i, j, net.wire_bytes(len(data)), now, self._on_connect, self._on_break)
-        if deliver != NEVER:
-            deliver += self.process_ms
-            frame = FrameReceived(self.ids[i], data)
-            kernel.push(deliver, j, frame, epoch[j])
-            if net.datagram:
-                dup = net.duplicate_delay(i, j)
-                if dup is not None:
-                    kernel.push(deliver + dup, j, frame, epoch[j])
-        elif fail != NEVER:
-            kernel.push(fail, i, SendFailed(peer, eff.address), epoch[i])
-
-    def disconnect(self, i: int, peer: str) -> None:
-        j = self.by_id.get(peer)
-        net = self.net
-        if j is not None and net.close(i, j):
-            now = self.kernel.now
-            self.kernel.push(now + int(net.one_way(i, j)) + 1, j, PeerDisconnected(self.ids[i]), net.epoch[j])
-            self.kernel.push(now, i, PeerDisconnected(self.ids[j]), net.epoch[i])
-
-    def directory_changed(self, i: int, before: Mapping[str, Certificate] | None,
-                          after: Mapping[str, Certificate]) -> None:
-        self.inv.check_directory(self.seed, self.kernel.now, self.ids[i], before, after)
-
-    def liveness_changed(self, i: int, eff: LivenessChanged) -> None:
-        if eff.liveness in ("dead", "suspect"):
-            self.measure.detection(i, eff)
-
-    def alert(self, i: int, eff: Alert) -> None:
-        self.measure.alert(eff)
-
-    def write_failed(self, i: int) -> None:
-        self.drill.write_failed(i)
-
-    def _on_connect(self, a: int, b: int, at: int) -> None:
-        epoch = self.net.epoch
-        self.kernel.push(at, a, PeerConnected(self.ids[b], self.cert_of[b]), epoch[a])
-        self.kernel.push(at, b, PeerConnected(self.ids[a], self.cert_of[a]), epoch[b])
-
-    def _on_break(self, a: int, b: int, at: int) -> None:
-        epoch = self.net.epoch
-        self.kernel.push(at, a, PeerDisconnected(self.ids[b]), epoch[a])
-        self.kernel.push(at, b, PeerDisconnected(self.ids[a]), epoch[b])
 
     # -- running -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -364,6 +276,11 @@ class Simulation:
         shown = sum(1 for h in live if procs[h.idx].status(status_now)["convergence"]["state"] == "equivocation")
         return missing, {"serial": last.serial, "kept": keep, "on_kept": len(live) - len(other),
                          "status_shows_equivocation": shown, "alerts": self.measure.alerts.get("policy.equivocation", 0)}
+
+    @property
+    def bodies_to_hostile(self) -> int:
+        """Policy bodies honest nodes sent to hostile ones (flood: pulls)."""
+        return self.world.bodies_to_hostile
 
     @property
     def restartable(self) -> set[int]:

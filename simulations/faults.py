@@ -19,7 +19,7 @@ from .network import NEVER, Cut
 LEAVE_GRACE_MS = 1000  # a leaving node stops this long after it signed its left record
 
 if TYPE_CHECKING:
-    from .engine import Simulation
+    from .context import FaultsSim
 
 
 def how_many(count: int, fraction: float, n: int) -> int:
@@ -28,7 +28,7 @@ def how_many(count: int, fraction: float, n: int) -> int:
     return count or (max(1, int(round(fraction * n))) if fraction > 0 else 0)
 
 
-def draw_skews(sim: Simulation, topology: random.Random) -> None:
+def draw_skews(sim: FaultsSim, topology: random.Random) -> None:
     """Each node's wall clock is off by up to ``clock_skew_s`` either way."""
     skew = sim.sc.clock_skew_s
     if skew:
@@ -37,7 +37,7 @@ def draw_skews(sim: Simulation, topology: random.Random) -> None:
 
 
 class Faults:
-    def __init__(self, sim: Simulation, rng: random.Random) -> None:
+    def __init__(self, sim: FaultsSim, rng: random.Random) -> None:
         self.sim = sim
         self.rng = rng
         self.windows: list[tuple[int, int, str]] = []  # (start, end, label) for the report and the plot

@@ -3,7 +3,8 @@
 A process is anything with ``handle(now, input) -> effects`` and ``next_deadline()`` (``Process``):
 the real ``protocol.gossip.node.Node``, the hostile node wrapping it, and the baselines.  The kernel keeps a
 heap of events ``(at_ms << SEQ_BITS | seq, node, epoch, input)``: one int key orders by time, then by
-push order; ``input`` is what the node is fed (``FrameReceived``, ``PeerConnected``, ``TimerFired``...)
+push order; the heap holds the int keys only (an int compare per heap step, not a tuple compare) and a
+dict maps each key to its ``(node, epoch, input)``; ``input`` is what the node is fed (``FrameReceived``, ``PeerConnected``, ``TimerFired``...)
 or an ``Action`` the simulation itself runs at that time (boot, crash, publish, sample).  ``epoch``
 is the node's restart count when the event was sent: an event for an earlier life of the node is
 dropped.  Each node has at most one live timer (its ``next_deadline()``); the time is integer
@@ -53,7 +54,8 @@ class Kernel:
 
     def __init__(self, nodes: int, execute: Callable[[int, list[Any]], None],
                  on_frame: Callable[[int, bytes], None] | None = None) -> None:
-        self.heap: list[tuple[int, int, int, Any]] = []
+        self.heap: list[int] = []  # event keys: at_ms << SEQ_BITS | seq (unique)
+        self.pending: dict[int, tuple[int, int, Any]] = {}  # event key -> (node, epoch, input)
         self._next_seq = itertools.count(1).__next__
         self.now = 0
         self.events = 0
@@ -78,10 +80,14 @@ class Kernel:
 
     def push(self, at: int, node: int, inp: Any, epoch: int = 0) -> None:
         """Feed ``inp`` to ``node`` at ``at`` if the node is still up in the same ``epoch``."""
-        heapq.heappush(self.heap, ((at << SEQ_BITS) | self._next_seq(), node, epoch, inp))
+        key = (at << SEQ_BITS) | self._next_seq()
+        self.pending[key] = (node, epoch, inp)
+        heapq.heappush(self.heap, key)
 
     def schedule(self, at: int, run: Callable[[int, Any], None], node: int = 0, arg: Any = None) -> None:
-        heapq.heappush(self.heap, ((at << SEQ_BITS) | self._next_seq(), node, 0, Action(run, arg)))
+        key = (at << SEQ_BITS) | self._next_seq()
+        self.pending[key] = (node, 0, Action(run, arg))
+        heapq.heappush(self.heap, key)
 
     def wall(self, node: int, ms: int) -> float:
         return T0 + ms / 1000.0 + self.skew_s[node]
@@ -118,21 +124,25 @@ class Kernel:
                 d = now
             if self.timer_at[i] != d:
                 self.timer_at[i] = d
-                heapq.heappush(self.heap, ((d << SEQ_BITS) | self._next_seq(), i, 0, TIMER_FIRED))
+                key = (d << SEQ_BITS) | self._next_seq()
+                self.pending[key] = (i, 0, TIMER_FIRED)
+                heapq.heappush(self.heap, key)
         return effects
 
     def run_until(self, end: int, tick: Callable[[int], None] | None = None) -> None:
         """Process every event up to ``end`` ms (inclusive); ``tick(at)`` sees each event's time."""
         heap = self.heap
         pop = heapq.heappop
+        take = self.pending.pop
         up, epoch, timer_at = self.up, self.epoch, self.timer_at
         on_frame = self.on_frame
         feed = self.feed
         events = self.events
         while heap:
-            if heap[0][0] >> SEQ_BITS > end:
+            if heap[0] >> SEQ_BITS > end:
                 break
-            key, i, ep, inp = pop(heap)
+            key = pop(heap)
+            i, ep, inp = take(key)
             at = key >> SEQ_BITS
             self.now = at
             if tick is not None:

@@ -13,11 +13,11 @@ from .hosts import Host, Version
 from .wire import DISSEMINATION_KINDS, KIND_NAMES, NKINDS, frame_kind
 
 if TYPE_CHECKING:
-    from .engine import Simulation
+    from .context import MeasureSim
 
 
 class Measurement:
-    def __init__(self, sim: Simulation) -> None:
+    def __init__(self, sim: MeasureSim) -> None:
         self.sim = sim
         self.wire_bytes = sim.net.wire_bytes
         n = sim.n

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .wire import KIND_NAMES
 
 if TYPE_CHECKING:
-    from .engine import Simulation
+    from .context import ReportSim
     from .hosts import Host, Version
 
 DRILL_KEYS = ("mode", "invariants", "fault_schedule", "fault_timeline", "drill")
@@ -21,7 +21,7 @@ DRILL_KEYS = ("mode", "invariants", "fault_schedule", "fault_timeline", "drill")
 SERF_MODEL_MS = 2390  # memberlist/Serf convergence model: fanout 3, 200 ms interval, 10% loss, 99.99% of 1000
 
 
-def build_report(sim: Simulation) -> dict[str, Any]:
+def build_report(sim: ReportSim) -> dict[str, Any]:
     """The report at the end of a run (after the end-of-run invariants)."""
     sc, n, m = sim.sc, sim.n, sim.measure
     live = sim.live_hosts()
@@ -87,7 +87,7 @@ def build_report(sim: Simulation) -> dict[str, Any]:
     }
 
 
-def _version_stats(sim: Simulation, v: Version, live: list[Host]) -> dict[str, Any]:
+def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, Any]:
     n = sim.n
     pub = v.published_at
     out: dict[str, Any] = {"serial": v.serial, "publish_ms": v.publish_ms, "published_at_ms": pub}
@@ -140,7 +140,7 @@ def require_plotting() -> None:
             "--plot needs matplotlib: install the simulator extra (pip install -e '.[sim]')")
 
 
-def plot(sim: Simulation, report: dict[str, Any], path: str) -> None:
+def plot(sim: ReportSim, report: dict[str, Any], path: str) -> None:
     plot_series(report, sim.measure.series_t, sim.measure.series, path)
 
 

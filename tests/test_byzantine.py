@@ -21,8 +21,8 @@ from protocol.gossip import (
     RulesetApplied,
     Send,
 )
+from protocol.gossip.claim_book import CLAIM_TTL_MS, MAX_CLAIMS
 from protocol.gossip.conduct import EPISODE_QUIET_MS, PeerConduct
-from protocol.gossip.dissemination import CLAIM_TTL_MS, MAX_CLAIMS
 from protocol.gossip.wire import (
     Ack,
     Announce,

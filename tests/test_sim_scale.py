@@ -12,6 +12,9 @@ from itertools import compress
 import pytest
 
 from protocol.entropy import Entropy
+from protocol.gossip.broadcast_tree import _neighbours as tree_sides
+from protocol.gossip.broadcast_tree import _RankedRing
+from protocol.gossip.directory import table_certificates, table_member_entries
 from protocol.gossip.member_base import DirectoryView, OverlayColumn, OverlayIntSet
 from protocol.gossip.members import IntSet
 from simulations import sweep
@@ -101,16 +104,26 @@ def test_tables_over_a_base_answer_like_plain_tables() -> None:
         recs, codes = list(table.recs), list(table.liveness_codes)
         assert [r is not None for r in recs] == [c != 0 for c in codes]
         present = list(compress(recs, codes))
-        certs, _ = table.certs()
+        certs, _ = table_certificates(table)
         assert isinstance(certs, DirectoryView)
         assert dict(certs) == {r.node_id: r.cert for r in present}
         assert len(certs) == len(present) == table.count
-        assert list(table.member_entries()) == [r.entry for r in present if r.idx != table.me_index]
-        for b in range(len(table.bucket_ids)):
+        assert list(table_member_entries(table)) == [r.entry for r in present if r.idx != table.me_index]
+        for b in range(len(table.digest.bucket_ids)):
             assert table.bucket_entries(b) == tuple(
-                (r.node_id, r.incarnation) for i in table.bucket_ids[b] if i < len(recs) and (r := recs[i]))
+                (r.node_id, r.incarnation) for i in table.digest.bucket_ids[b] if i < len(recs) and (r := recs[i]))
         assert sorted(table.alive_all) == sorted(
             i for i, c in enumerate(codes) if c == 1 and i != table.me_index)
+        mine = table.alive.get(table.region)
+        ring = sorted([table.ids[i] for i in mine] + [table.me])  # the broadcast tree, by definition
+        assert _RankedRing.over_base(table, mine) is not None
+        for degree in (2, 3, 5):
+            table.tree_memo = None
+            tree, roots = tree_sides(table, degree)
+            pos = ring.index(table.me)
+            want = ([ring[(pos - 1) // degree]] if pos else []) + ring[degree * pos + 1:degree * pos + 1 + degree]
+            assert tree == want
+            assert bool(roots) == (pos == 0)
         if table.count > table.base.count:
             churn.add("join")
         if 4 in codes:  # LEFT_CODE
@@ -120,6 +133,21 @@ def test_tables_over_a_base_answer_like_plain_tables() -> None:
         checked += 1
     assert checked > 40
     assert churn == {"join", "leave", "crash"}
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_ranked_ring_is_the_sorted_ring(trial: int) -> None:
+    """The broadcast tree's ring over a shared base (ranks by bisection) is the sorted list."""
+    rng = random.Random(trial)
+    base = sorted(f"n{rng.randrange(10**6):06d}" for _ in range(rng.randrange(1, 300)))
+    base = sorted(set(base))
+    removed = sorted(rng.sample(base, rng.randrange(0, min(20, len(base)))))
+    added = sorted({f"m{rng.randrange(10**6):06d}" for _ in range(rng.randrange(0, 20))})
+    ring = sorted((set(base) - set(removed)) | set(added))
+    rr = _RankedRing(base, removed, added)
+    assert len(rr) == len(ring)
+    assert [rr.at(r) for r in range(len(ring))] == ring
+    assert [rr.rank(x) for x in ring] == list(range(len(ring)))
 
 
 def test_serf_model_and_floor() -> None:

@@ -38,11 +38,11 @@ STATUS_ITEM_OVERHEAD_BYTES = 72  # a status item's signature and framing, beyond
 
 # -- bucket digests ----------------------------------------------------------------------------------
 def bucket_hashes(table: MemberTable, status: bool = False) -> tuple[bytes, ...]:
-    return tuple(v.to_bytes(8, "big") for v in (table.status_buckets if status else table.record_buckets))
+    return tuple(v.to_bytes(8, "big") for v in (table.digest.statuses if status else table.digest.records))
 
 
 def differing_buckets(table: MemberTable, theirs: tuple[bytes, ...], status: bool = False) -> list[int]:
-    vals = table.status_buckets if status else table.record_buckets
+    vals = table.digest.statuses if status else table.digest.records
     if len(theirs) != len(vals):
         raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {len(vals)}")
     return [i for i, v in enumerate(vals) if v.to_bytes(8, "big") != theirs[i]]
@@ -51,7 +51,7 @@ def differing_buckets(table: MemberTable, theirs: tuple[bytes, ...], status: boo
 def entries(table: MemberTable, buckets: Iterable[int], status: bool = False) -> tuple[tuple[str, int], ...]:
     """(node id, incarnation) — or (node id, status seq) — of every member in ``buckets``."""
     out: list[tuple[str, int]] = []
-    nb = len(table.bucket_ids)
+    nb = len(table.digest.bucket_ids)
     for b in buckets:
         if 0 <= b < nb:
             out += table.bucket_entries(b, status)
@@ -85,7 +85,11 @@ def compare_entries(table: MemberTable, buckets: Iterable[int], theirs_entries: 
     record/status they lack)."""
     theirs = dict(theirs_entries)
     theirs.pop(table.me, None)
-    mine = dict(entries(table, buckets, status))
+    mine: dict[str, int] = {}  # dict(entries(...)), without the intermediate tuples
+    nb = len(table.digest.bucket_ids)
+    for b in buckets:
+        if 0 <= b < nb:
+            mine.update(table.bucket_entries(b, status))
     get = mine.get
     if status:
         want = [nid for nid, v in theirs.items() if nid in mine and v > mine[nid]]
@@ -115,6 +119,7 @@ class AntiEntropy:
         self.cross_sync_at = 0
         self.retry_dead_at = 0
         self.retry_seeds_at = 0
+        self.due = 0  # the earliest of the four timers above (kept by start and tick: asked on every step)
         self.status_sync_at = 0
 
     def _send(self, peer: str, msg: Any) -> None:
@@ -127,6 +132,7 @@ class AntiEntropy:
         self.cross_sync_at = now_ms + self.rng.below(self.cfg.cross_region_sync_interval_ms)
         self.retry_dead_at = now_ms + self.cfg.dead_retry_interval_ms
         self.retry_seeds_at = now_ms + self.cfg.seed_retry_lonely_ms
+        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
 
     def join(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """Contact one seed (and a few remembered peers after a restart): that is enough to join; the
@@ -154,9 +160,10 @@ class AntiEntropy:
             self.retry_seeds_at = now_ms + rng.jitter(
                 cfg.seed_retry_lonely_ms if lonely else cfg.seed_retry_interval_ms)
             self._retry_seeds(lonely, now_ms, digest, root_version)
+        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
 
     def next_deadline(self) -> int:
-        return min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
+        return self.due
 
     def _retry_dead(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """Partitioned members are retried forever: one random dead member, plus one in every region
@@ -259,16 +266,22 @@ class AntiEntropy:
                 self._send(peer, Members(tuple(records), tuple(statuses)))
             records, statuses, size = [], [], 0
 
+        of, recs, infos = table.index.of, table.recs, table.statuses
+        nrecs, ninfos = len(recs), len(infos)
         for n in rec_ids:
-            r = table.record_of(n)
-            if r is not None:
+            i = of.get(n)  # (table.record_of, inlined: one call per record served)
+            rec = recs[i] if i is not None and i < nrecs else None
+            if rec is not None:
+                r = rec.record
                 if len(records) >= cap or size + len(r) > MEMBERS_CHUNK_BYTES:
                     flush()
                 records.append(r)
                 size += len(r)
         for n in st_ids:
-            st = table.status_item_of(n)
-            if st is not None:
+            i = of.get(n)  # (table.status_item_of, inlined)
+            info = infos[i] if i is not None and i < ninfos else None
+            if info is not None:
+                st = info.item
                 if len(statuses) >= cap or size + len(st.payload) + STATUS_ITEM_OVERHEAD_BYTES > MEMBERS_CHUNK_BYTES:
                     flush()
                 statuses.append(st)

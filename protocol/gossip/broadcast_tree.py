@@ -28,6 +28,8 @@ does not wait for a dial (three round trips, a lost SYN waits a second).
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from protocol.gossip.member_table import MemberTable
 
 
@@ -49,16 +51,29 @@ def push_targets(table: MemberTable, degree: int, sender: str | None) -> list[st
 
 
 def _neighbours(table: MemberTable, degree: int) -> tuple[list[str], list[str]]:
+    """(tree neighbours, other regions' roots), remembered until the alive sets change (a sort of the
+    region's alive members per call: asked at every housekeeping and every accepted version)."""
+    memo = table.tree_memo
+    if memo is not None and memo[0] == table.alive_version and memo[1] == degree:
+        return list(memo[2]), list(memo[3])
+    tree, roots = _compute(table, degree)
+    table.tree_memo = (table.alive_version, degree, tuple(tree), tuple(roots))
+    return tree, roots
+
+
+def _compute(table: MemberTable, degree: int) -> tuple[list[str], list[str]]:
     ids = table.ids
     me = table.me
     mine = table.alive.get(table.region)
-    ring = sorted([ids[i] for i in mine] + [me]) if mine is not None else [me]
-    pos = ring.index(me)
+    ring: _RankedRing | _SortedRing | None = _RankedRing.over_base(table, mine)
+    if ring is None:
+        ring = _SortedRing(sorted([ids[i] for i in mine] + [me]) if mine is not None else [me])
+    pos = ring.rank(me)
     tree: list[str] = []
     if pos > 0:
-        tree.append(ring[(pos - 1) // degree])
+        tree.append(ring.at((pos - 1) // degree))
     first = degree * pos + 1
-    tree.extend(ring[first:first + degree])
+    tree.extend(ring.at(r) for r in range(first, min(first + degree, len(ring))))
     roots: list[str] = []
     if pos == 0:  # a region root: linked to every other region's root
         for region in sorted(table.alive):
@@ -66,3 +81,103 @@ def _neighbours(table: MemberTable, degree: int) -> tuple[list[str], list[str]]:
             if region != table.region and len(members):
                 roots.append(min(ids[i] for i in members))
     return tree, roots
+
+
+class _SortedRing:
+    """The region's ring as a sorted list (O(m log m) to build: the daemon, and tables without a base)."""
+
+    __slots__ = ("ring",)
+
+    def __init__(self, ring: list[str]) -> None:
+        self.ring = ring
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+    def rank(self, node_id: str) -> int:
+        return self.ring.index(node_id)
+
+    def at(self, r: int) -> str:
+        return self.ring[r]
+
+
+# base alive set (by identity; immutable, see ConvergedDirectory) -> (the set, its members' ids sorted)
+_BASE_RINGS: dict[int, tuple[object, list[str]]] = {}
+
+
+class _RankedRing:
+    """The same ring over a shared converged base (a simulator hosting many nodes): the base's alive
+    members sorted once for every table, and this table's few differences (members it believes dead
+    or gone, members that joined since) as two small sorted lists.  A rank is three bisections; the
+    ring is never built (a 10,000-member region costs a sort per node per change otherwise)."""
+
+    __slots__ = ("base", "removed", "gone", "added", "n")
+
+    def __init__(self, base: list[str], removed: list[str], added: list[str]) -> None:
+        self.base = base  # sorted
+        self.removed = removed  # sorted, a subset of base
+        self.gone = frozenset(removed)
+        self.added = added  # sorted, disjoint from base
+        self.n = len(base) - len(removed) + len(added)
+
+    @classmethod
+    def over_base(cls, table: MemberTable, mine: object) -> _RankedRing | None:
+        """The ring of ``mine`` (the table's alive set of its region) if it is an overlay over a base
+        set with few differences and without ourselves (else None: sort it)."""
+        from protocol.gossip.member_base import OverlayIntSet
+
+        if type(mine) is not OverlayIntSet or table.base is None or table.me_index in mine:
+            return None
+        base_set = mine.base
+        if len(mine.pos) > 64 + len(base_set) // 16:
+            return None
+        ids = table.ids
+        got = _BASE_RINGS.get(id(base_set))
+        if got is None or got[0] is not base_set:
+            if len(_BASE_RINGS) > 64:
+                _BASE_RINGS.clear()
+            got = _BASE_RINGS[id(base_set)] = (base_set, sorted([ids[i] for i in base_set.items]))
+        bp = base_set._pos
+        removed: list[str] = []
+        added: list[str] = []
+        me = table.me_index
+        for i, p in mine.pos.items():
+            in_base = 0 <= i < len(bp) and bp[i] >= 0
+            if p < 0:
+                if in_base and i != me:
+                    removed.append(ids[i])
+            elif not in_base:
+                added.append(ids[i])
+        if not (0 <= me < len(bp) and bp[me] >= 0):
+            added.append(ids[me])  # the ring holds ourselves
+        elif me not in mine.pos:
+            return None  # (the base set lacks a discard of ourselves: not a table's overlay)
+        removed.sort()
+        added.sort()
+        return cls(got[1], removed, added)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _below(self, node_id: str) -> int:
+        """How many ring members sort before ``node_id``."""
+        return (bisect_left(self.base, node_id) - bisect_left(self.removed, node_id)
+                + bisect_left(self.added, node_id))
+
+    def rank(self, node_id: str) -> int:
+        return self._below(node_id)
+
+    def at(self, r: int) -> str:
+        for a in self.added:
+            if self._below(a) == r:
+                return a
+        base, lo, hi = self.base, 0, len(self.base)
+        while lo < hi:  # the first base member with r ring members before it
+            mid = (lo + hi) // 2
+            if self._below(base[mid]) < r:
+                lo = mid + 1
+            else:
+                hi = mid
+        while base[lo] in self.gone:
+            lo += 1
+        return base[lo]

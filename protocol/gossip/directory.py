@@ -11,13 +11,16 @@ directory (the restart path).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import compress
+from operator import attrgetter
 
 from protocol.errors import RemoteProtocolError, TrustError
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.events import Effect, Enforce, MemberEntry, PersistMembers
-from protocol.gossip.member_base import DirectoryView, EntriesView
+from protocol.gossip.member_base import ConvergedDirectory, DirectoryView, EntriesView
 from protocol.gossip.member_records import MemberRecords
-from protocol.gossip.member_table import MemberTable
+from protocol.gossip.member_table import UNKNOWN_CODE, MemberTable
+from protocol.gossip.members import Rec
 from protocol.trust.metadata import Certificate
 from protocol.trust.state import TrustedState
 
@@ -79,7 +82,7 @@ class MemberDirectory:
     def current(self, wall: float) -> tuple[dict[str, Certificate], int]:
         """The valid certificate directory (members, then certificates remembered from the last run
         that are still valid), and a digest of the certificates' exact bytes."""
-        certs, fingerprint = self.table.certs()
+        certs, fingerprint = table_certificates(self.table)
         if not self._known_certs:
             return certs, fingerprint
         if isinstance(certs, DirectoryView):  # over a shared base: extend a copy of its overlay
@@ -113,7 +116,7 @@ class MemberDirectory:
     def _persist(self) -> None:
         self.table.peers_dirty = False
         self._persist_at = None
-        entries = self.table.member_entries()
+        entries = table_member_entries(self.table)
         extra = [MemberEntry(nid, "", c.region, cb) for nid, (cb, c) in self._known_certs.items()
                  if nid not in self.table]
         if isinstance(entries, EntriesView):  # over a shared base: a view, not an O(n) copy
@@ -121,3 +124,53 @@ class MemberDirectory:
                                                           entries.extra + extra) if extra else entries))
             return
         self.outbox.append(PersistMembers(tuple(entries + extra)))
+
+
+# -- the table as enforcement and the member file see it -------------------------------------------
+_cert_item, _entry = attrgetter("cert_item"), attrgetter("entry")
+
+
+def table_certificates(table: MemberTable) -> tuple[dict[str, Certificate], int]:
+    """Every member's certificate (ourselves included), and a digest of their exact bytes (a
+    re-signed certificate with the same content is a change too).  Built in C (the liveness code
+    is 0 exactly where no record is held): the directory is rebuilt on every change of a mass join.
+    Over a converged base: a view of the base's plus what the table holds differently."""
+    base = table.base
+    if base is not None:
+        changed, gone = _changed_over_base(table, base)
+        view = DirectoryView(base.certs, {r.node_id: r.cert for r in changed}, gone)
+        return view, table.cert_fingerprint  # type: ignore[return-value]
+    return dict(map(_cert_item, compress(table.recs, table.liveness_codes))), table.cert_fingerprint  # type: ignore[arg-type]
+
+
+def table_member_entries(table: MemberTable) -> list[MemberEntry]:
+    """The member file's entries, ourselves excluded (built once per record)."""
+    base = table.base
+    if base is not None:
+        changed, gone = _changed_over_base(table, base)
+        known = base.certs
+        over = {r.node_id: r.entry for r in changed if r.node_id in known}
+        extra = [r.entry for r in changed if r.node_id not in known and r.idx != table.me_index]
+        skip = gone | {table.me} if table.me in known else gone  # (skip: base members only)
+        return EntriesView(base.entries, over, skip, extra)  # type: ignore[return-value]
+    mask = table.liveness_codes
+    if table.me_index < len(mask) and mask[table.me_index]:
+        mask = bytearray(mask)
+        mask[table.me_index] = UNKNOWN_CODE
+    return list(map(_entry, compress(table.recs, mask)))  # type: ignore[arg-type]
+
+
+def _changed_over_base(table: MemberTable, base: ConvergedDirectory) -> tuple[list[Rec], frozenset[str]]:
+    """Records held that differ from the base's (index order), and base members no longer held."""
+    over = table.recs.over  # type: ignore[attr-defined]
+    nb = len(base.recs)
+    changed: list[Rec] = []
+    gone: list[str] = []
+    for i in sorted(over):
+        r = over[i]
+        if r is None:
+            if i < nb and (b := base.recs[i]) is not None:
+                gone.append(b.node_id)
+        else:
+            changed.append(r)
+    return changed, frozenset(gone)

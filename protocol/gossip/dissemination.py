@@ -9,7 +9,7 @@ peers ``announce_interval_ms`` later (at once when it pushed to nobody), then ag
 serial already or pushed to; a peer the tree missed pulls from whoever announced (Plumtree's graft).  Periodic push-pull anti-entropy (in the node)
 feeds the same ``offer`` path, which is what guarantees convergence after a partition heals.
 
-**Peers are claims, not facts.**  What a peer says it holds (an announce, a sync digest, the serial
+**Peers are claims, not facts** (the ledger of claims is ``protocol.gossip.claim_book``).  What a peer says it holds (an announce, a sync digest, the serial
 on a probe) is a *claim*: a candidate version ``(root version, serial, hash)`` with that peer as one
 of its sources.
 
@@ -34,37 +34,17 @@ What dissemination sends, alerts or disconnects goes to ``outbox`` (the node's o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.entropy import Entropy
 from protocol.gossip.broadcast_tree import push_targets, tree_neighbours
+from protocol.gossip.claim_book import CLAIM_TTL_MS, Claim, ClaimBook, ClaimId, Key, Pull
 from protocol.gossip.conduct import PeerConduct
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.connected_peers import ConnectedPeers
 from protocol.gossip.events import Disconnect, Effect
 from protocol.gossip.membership import Membership
 from protocol.gossip.wire import Announce, Digest, PolicyPull
-
-Key = tuple[int, int]  # Digest.key: (root version, serial)
-ClaimId = tuple[Key, bytes]  # (key, payload hash); hash b"" = learned from a probe (serial only)
-MAX_CLAIMS = 32  # candidate versions held at once (each peer backs at most one)
-CLAIM_TTL_MS = 15_000  # a claim the peer does not repeat is forgotten (probes repeat it every second)
-
-
-@dataclass(slots=True)
-class _Pull:
-    peer: str
-    deadline_ms: int
-
-
-@dataclass(slots=True)
-class _Claim:
-    digest: Digest
-    sources: dict[str, int] = field(default_factory=dict)  # peer -> claim expiry (ms)
-    tried: dict[str, int] = field(default_factory=dict)  # peer -> when we last pulled this from it
-    pull: _Pull | None = None
-    not_before: int = 0  # no pull before this time (a probe's or sync's claim waits for the tree)
 
 
 class Dissemination:
@@ -82,13 +62,14 @@ class Dissemination:
         self.announcing: Digest | None = None
         self.rounds_left = 0
         self.next_round_ms: int | None = None
-        self.claims: dict[ClaimId, _Claim] = {}
-        self.claim_of: dict[str, ClaimId] = {}  # peer -> its one live claim
         self.failed: dict[str, tuple[ClaimId, int]] = {}  # peer -> claim it did not serve, until when
         self.unserved: dict[str, int] = {}  # peer -> claims it did not serve (never reset; members only)
         self.retry_after_ms = 4 * config.cross_region_pull_timeout_ms
         self.counters = {"announces_sent": 0, "pulls_sent": 0, "pull_timeouts": 0, "bodies_served": 0,
                          "bodies_pushed": 0, "unserved_claims": 0, "claims_evicted": 0}
+        self.book = ClaimBook(self.counters)
+        self.claims = self.book.claims  # candidate -> its claim (the book's, shared)
+        self.claim_of = self.book.claim_of  # peer -> its one live claim
 
     def _send(self, peer: str, msg: Any) -> None:
         self.outbox.append(self.membership.piggyback.send(peer, msg))
@@ -167,7 +148,7 @@ class Dissemination:
         the tree push of that version: a new candidate is pulled only after that long (Plumtree's
         graft timer), unless the push arrives first or an announce asks for a pull at once."""
         self.note_has(peer, digest.key)
-        cid = self._claim_id(digest)
+        cid = self.book.id_for(digest)
         bad = self.failed.get(peer)
         if bad is not None:
             if now_ms < bad[1] and bad[0][0] == cid[0] and (bad[0][1] == cid[1] or not cid[1] or not bad[0][1]):
@@ -176,82 +157,20 @@ class Dissemination:
                 del self.failed[peer]
         claim = self.claims.get(cid)
         if claim is None:
-            if not self._make_room(digest):
+            if not self.book.make_room(digest):
                 return
-            claim = self.claims[cid] = _Claim(digest, not_before=now_ms + wait_ms)
+            claim = self.claims[cid] = Claim(digest, not_before=now_ms + wait_ms)
         elif not wait_ms and claim.not_before > now_ms:
             claim.not_before = now_ms
         if digest.hash and not claim.digest.hash:
             claim.digest = digest
         old = self.claim_of.get(peer)
         if old is not None and old != cid:
-            self._drop_source(peer, old)
+            self.book.drop_source(peer, old)
         claim.sources[peer] = now_ms + CLAIM_TTL_MS
         self.claim_of[peer] = cid
         if claim.pull is None:
             self._start_pull(claim, now_ms)
-
-    def _claim_id(self, digest: Digest) -> ClaimId:
-        key = digest.key
-        if digest.hash:
-            hint = self.claims.pop((key, b""), None)  # a full digest upgrades a probe's serial-only claim
-            if hint is not None:
-                hint.digest = digest
-                cid = (key, digest.hash)
-                if cid in self.claims:
-                    self._merge(self.claims[cid], hint)
-                else:
-                    self.claims[cid] = hint
-                for p, c in list(self.claim_of.items()):
-                    if c == (key, b""):
-                        self.claim_of[p] = cid
-            return (key, digest.hash)
-        # A probe names no hash: back the candidate we would converge on at that version, if any.
-        hashed = sorted(h for (k, h) in self.claims if k == key and h)
-        return (key, hashed[0]) if hashed else (key, b"")
-
-    @staticmethod
-    def _merge(into: _Claim, other: _Claim) -> None:
-        for p, exp in other.sources.items():
-            into.sources[p] = max(exp, into.sources.get(p, 0))
-        for p, t in other.tried.items():
-            into.tried[p] = max(t, into.tried.get(p, t))
-        if into.pull is None:
-            into.pull = other.pull
-
-    def _make_room(self, digest: Digest) -> bool:
-        """Keep at most MAX_CLAIMS candidates: evict the one with the fewest sources, then the highest
-        version (a lie is usually absurdly high); refuse the newcomer if it would be that one."""
-        if len(self.claims) < MAX_CLAIMS:
-            return True
-
-        def badness(cid: ClaimId, c: _Claim) -> tuple[int, Key, bytes]:
-            return (-len(c.sources), cid[0], cid[1])
-
-        worst = max(self.claims, key=lambda cid: badness(cid, self.claims[cid]))
-        self.counters["claims_evicted"] += 1
-        if badness(worst, self.claims[worst]) < (-1, digest.key, digest.hash):
-            return False
-        self._drop_claim(worst)
-        return True
-
-    def _drop_source(self, peer: str, cid: ClaimId) -> None:
-        claim = self.claims.get(cid)
-        if self.claim_of.get(peer) == cid:
-            del self.claim_of[peer]
-        if claim is None:
-            return
-        claim.sources.pop(peer, None)
-        if not claim.sources and claim.pull is None:
-            del self.claims[cid]
-
-    def _drop_claim(self, cid: ClaimId) -> None:
-        claim = self.claims.pop(cid, None)
-        if claim is None:
-            return
-        for p in claim.sources:
-            if self.claim_of.get(p) == cid:
-                del self.claim_of[p]
 
     # -- pulling -------------------------------------------------------------------------------------
     def _timeout(self, peer: str) -> int:
@@ -260,7 +179,7 @@ class Dissemination:
             return self.cfg.cross_region_pull_timeout_ms
         return self.cfg.pull_timeout_ms
 
-    def _start_pull(self, claim: _Claim, now_ms: int) -> None:
+    def _start_pull(self, claim: Claim, now_ms: int) -> None:
         claim.pull = None
         if now_ms < claim.not_before:
             return
@@ -282,7 +201,7 @@ class Dissemination:
         choices = sorted(p for p in fresh if rank(p) == best)
         peer = self.rng.choice(choices)
         claim.tried[peer] = now_ms
-        claim.pull = _Pull(peer, now_ms + self._timeout(peer))
+        claim.pull = Pull(peer, now_ms + self._timeout(peer))
         self.counters["pulls_sent"] += 1
         d = claim.digest
         self._send(peer, PolicyPull(d.serial, d.hash))
@@ -305,11 +224,11 @@ class Dissemination:
                     claim.pull = None  # answered: the node accepts or refuses the body itself
                 elif key == cid[0]:
                     claim.pull = None
-                    self._drop_source(peer, cid)
+                    self.book.drop_source(peer, cid)
                 else:
                     self._pull_over(cid, claim, now_ms, unserved=True)
 
-    def _pull_over(self, cid: ClaimId, claim: _Claim, now_ms: int, unserved: bool) -> None:
+    def _pull_over(self, cid: ClaimId, claim: Claim, now_ms: int, unserved: bool) -> None:
         assert claim.pull is not None
         peer = claim.pull.peer
         claim.pull = None
@@ -317,7 +236,7 @@ class Dissemination:
             self.counters["unserved_claims"] += 1
             self.unserved[peer] = self.unserved.get(peer, 0) + 1
             self.failed[peer] = (cid, now_ms + self.retry_after_ms)
-            self._drop_source(peer, cid)
+            self.book.drop_source(peer, cid)
             d = claim.digest
             facts = {"serial": d.serial, "root_version": d.root_version, "hash": d.hash.hex()[:16]}
             effects = self.conduct.charge(peer, "unserved_claim", facts, now_ms, self.connected)
@@ -327,12 +246,10 @@ class Dissemination:
         if cid in self.claims:
             self._start_pull(claim, now_ms)
             if claim.pull is None and not any(exp > now_ms for exp in claim.sources.values()):
-                self._drop_claim(cid)
+                self.book.drop(cid)
 
     def forget_source(self, peer: str) -> None:
-        cid = self.claim_of.get(peer)
-        if cid is not None:
-            self._drop_source(peer, cid)
+        self.book.forget_source(peer)
 
     def forget_peer(self, peer: str) -> None:
         """The peer left the directory: nothing of it is kept."""
@@ -341,23 +258,21 @@ class Dissemination:
             m.pop(peer, None)
 
     def done(self, key: Key, digest_hash: bytes = b"") -> None:
-        """We hold ``key`` (with ``digest_hash``): every candidate at or below it is settled, except
-        other hashes at exactly that version (equivocations the node still has to fetch and verify)."""
-        for cid in [c for c in self.claims if c[0] < key or (c[0] == key and c[1] in (digest_hash, b""))]:
-            self._drop_claim(cid)
+        """We hold ``key`` (with ``digest_hash``): see ``ClaimBook.done``."""
+        self.book.done(key, digest_hash)
 
     def drop_candidate(self, key: Key, digest_hash: bytes) -> None:
-        self._drop_claim((key, digest_hash))
-
-    @property
-    def pull(self) -> _Pull | None:
-        """The outstanding pull of the highest candidate (for tests and diagnostics)."""
-        live = [(cid, c) for cid, c in self.claims.items() if c.pull is not None]
-        return max(live, key=lambda x: x[0])[1].pull if live else None
+        self.book.drop((key, digest_hash))
 
     @property
     def wanted(self) -> list[Digest]:
-        return [c.digest for _, c in sorted(self.claims.items())]
+        return self.book.wanted
+
+    @property
+    def pull(self) -> Pull | None:
+        """The outstanding pull of the highest candidate (for tests and diagnostics)."""
+        live = [(cid, c) for cid, c in self.claims.items() if c.pull is not None]
+        return max(live, key=lambda x: x[0])[1].pull if live else None
 
     # -- timers --------------------------------------------------------------------------------------
     def tick(self, now_ms: int) -> None:
@@ -374,7 +289,7 @@ class Dissemination:
                     self._pull_over(cid, claim, now_ms, unserved=True)
                 continue
             for p in [p for p, exp in claim.sources.items() if exp <= now_ms]:
-                self._drop_source(p, cid)
+                self.book.drop_source(p, cid)
             if cid in self.claims:
                 self._start_pull(claim, now_ms)
 

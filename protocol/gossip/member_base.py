@@ -44,10 +44,11 @@ def _same(a: object, b: object) -> bool:
 class OverlayColumn(Generic[T]):
     """A column indexed by member index: the base's values, except where this node wrote its own."""
 
-    __slots__ = ("base", "over", "n", "empty")
+    __slots__ = ("base", "over", "n", "empty", "nb")
 
     def __init__(self, base: Sequence[T], empty: T, n: int = 0) -> None:
         self.base = base
+        self.nb = len(base)  # (the base is immutable)
         self.over: dict[int, T] = {}
         self.n = max(n, len(base))
         self.empty = empty
@@ -59,9 +60,11 @@ class OverlayColumn(Generic[T]):
         v = self.over.get(i, _MISSING)
         if v is not _MISSING:
             return v  # type: ignore[no-any-return]
+        if 0 <= i < self.nb and i < self.n:
+            return self.base[i]
         if i < 0 or i >= self.n:
             raise IndexError(i)
-        return self.base[i] if i < len(self.base) else self.empty
+        return self.empty
 
     def __setitem__(self, i: int, v: T) -> None:
         if i < 0 or i >= self.n:

@@ -169,10 +169,14 @@ class MemberRecords:
         non-member, and nothing unverified, is kept: a status is checked against the identity key of
         the member's current record before it is cached or installed."""
         key = ("st", item.sig, item.payload)
-        info = self.cache.get(key) or self.cache.weak_get(key)
+        info = self.cache.get(key)
+        held = info is not None  # held by the cache: the latest it verified for this member (see put_member)
+        if info is None:
+            info = self.cache.weak_get(key)
         if isinstance(info, StatusInfo):
             body = info.body
         else:
+            held = False
             if len(item.payload) + len(item.sig) > MAX_STATUS_BYTES:
                 raise RemoteProtocolError(f"status item of {len(item.payload) + len(item.sig)} bytes exceeds the cap")
             decoded = decode_payload(item.payload)
@@ -195,7 +199,9 @@ class MemberRecords:
             info = StatusInfo(body, item)
         if not _verify_status(info, rec.cert.identity_key):
             raise SignatureError(f"status of {body.node_id} is not signed by its identity key")
-        self.cache.put_member("s", i, body.seq, key, info, len(item.payload) + len(item.sig) + STATUS_OVERHEAD_BYTES)
+        if not held:
+            self.cache.put_member("s", i, body.seq, key, info,
+                                  len(item.payload) + len(item.sig) + STATUS_OVERHEAD_BYTES)
         table.set_status(i, info)
         return True
 

@@ -2,9 +2,11 @@
 
 Per member it holds the verified record (``Rec``), the verified status (``StatusInfo``), a liveness
 byte, the suspicion under way (if any) and when we last heard from it; per region the set of alive
-members; and the anti-entropy bucket values (XOR of per-member tokens over (node_id, incarnation) and
-(node_id, status seq)), so a directory digest costs O(1) to maintain.  The storage types (``Rec``,
-``IntSet``, the shared ``VerifyCache`` and ``MemberIndex``) live in ``protocol.gossip.members``.
+members.  Two small parts ride along, told of every install and removal: the anti-entropy digest
+(``protocol.gossip.sync_digest``: bucket values, so a directory digest costs O(1) to maintain) and
+the watch of the seeds' addresses (``protocol.gossip.address_watch``).  What enforcement and the
+member file get from the table is built in ``protocol.gossip.directory``.  The storage types
+(``Rec``, ``IntSet``, the shared ``VerifyCache`` and ``MemberIndex``) live in ``protocol.gossip.members``.
 
 The table verifies nothing (``protocol.gossip.member_records`` does, before anything is installed) and
 decides nothing: it installs, reports liveness changes (``LivenessChanged``) and expulsions
@@ -13,24 +15,21 @@ decides nothing: it installs, reports liveness changes (``LivenessChanged``) and
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import compress
 from operator import attrgetter
 
 from protocol.errors import LocalProtocolError
-from protocol.gossip.events import Alert, Disconnect, Effect, LivenessChanged, MemberEntry
+from protocol.gossip.address_watch import AddressWatch
+from protocol.gossip.events import Alert, Disconnect, Effect, LivenessChanged
 from protocol.gossip.member_base import (
     ConvergedDirectory,
-    DirectoryView,
-    EntriesView,
     OverlayColumn,
     OverlayIntSet,
 )
 from protocol.gossip.members import IntSet, Member, Rec, StatusInfo, VerifyCache
-from protocol.gossip.wire import HASH_PREFIX, Status, StatusBody, Suspect
-from protocol.trust.metadata import Certificate
+from protocol.gossip.sync_digest import SyncDigest
+from protocol.gossip.wire import Status, StatusBody, Suspect
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 LIVENESS = (ALIVE, SUSPECT, DEAD, LEFT)
@@ -67,16 +66,14 @@ class MemberTable:
         self.heard_ms: dict[int, int] = {}  # recent frames only (pruned)
         self._heard_cap = 512
         self.suspicions: dict[int, Suspicion] = {}
-        self._watched: dict[str, int] = {}  # address -> member index advertising it (-1: nobody yet)
+        self.addresses = AddressWatch()  # the seeds' addresses, looked up on every retry
         self.alive: dict[str, IntSet] = {}  # region -> alive member indexes (self excluded)
         self.alive_all = IntSet()
         self.dead = IntSet()
         self.left = IntSet()
-        self._bucket_col, self.bucket_ids = self.index.buckets(sync_buckets)
-        self.record_buckets = [0] * sync_buckets  # records: (node_id, incarnation)
-        self.status_buckets = [0] * sync_buckets  # status: (node_id, status seq)
-        self._records_hash: bytes | None = None
-        self._statuses_hash: bytes | None = None
+        self.alive_version = 0  # bumped whenever the alive sets may have changed (memo key, see broadcast_tree)
+        self.tree_memo: tuple[int, int, tuple[str, ...], tuple[str, ...]] | None = None  # broadcast_tree's
+        self.digest = SyncDigest(self.index, sync_buckets)  # the anti-entropy digest of what is held
         self.directory_dirty = True
         self.peers_dirty = True
         self.next_expiry = float("inf")  # earliest not_after in the table (kept by install)
@@ -105,9 +102,7 @@ class MemberTable:
         self.alive_all = OverlayIntSet(base.alive_all)  # type: ignore[assignment]
         self.dead, self.left = OverlayIntSet(), OverlayIntSet()  # type: ignore[assignment]
         self.count = base.count
-        self.record_buckets, self.status_buckets = (list(v) for v in base.bucket_values(self._bucket_col,
-                                                                                       len(self.record_buckets)))
-        self._records_hash = self._statuses_hash = None
+        self.digest.adopt(base.bucket_values(self.digest.bucket_of, len(self.digest.records)))
         self.cert_fingerprint = base.cert_fingerprint
         self.next_expiry = base.next_expiry
         if b is not None:  # ourselves: in the base, never in our own alive sets
@@ -117,9 +112,9 @@ class MemberTable:
             self.install(own, 0)
         if st is not None and (base.statuses[i] if i < len(base.statuses) else None) is not st:
             self.set_status(i, st)
-        for a in self._watched:
-            self._watched[a] = base.by_address.get(a, -1)
+        self.addresses.rebase(base.by_address)
         self.directory_dirty = self.peers_dirty = True
+        self.alive_version += 1
 
     # -- lookups -------------------------------------------------------------------------------------
     def index_of(self, node_id: str) -> int | None:
@@ -203,111 +198,27 @@ class MemberTable:
         assert rec is not None
         return Suspect(rec.node_id, rec.incarnation, self.me)
 
-    def certs(self) -> tuple[dict[str, Certificate], int]:
-        """Every member's certificate (ourselves included), and a digest of their exact bytes (a
-        re-signed certificate with the same content is a change too).  Built in C (the liveness code
-        is 0 exactly where no record is held): the directory is rebuilt on every change of a mass join."""
-        if self.base is not None:
-            return self._certs_over_base(self.base)
-        return dict(map(_cert_item, compress(self.recs, self.liveness_codes))), self.cert_fingerprint  # type: ignore[arg-type]
-
-    def _changed_over_base(self, base: ConvergedDirectory) -> tuple[list[Rec], frozenset[str]]:
-        """Records held that differ from the base's (index order), and base members no longer held."""
-        over = self.recs.over  # type: ignore[attr-defined]
-        nb = len(base.recs)
-        changed: list[Rec] = []
-        gone: list[str] = []
-        for i in sorted(over):
-            r = over[i]
-            if r is None:
-                if i < nb and (b := base.recs[i]) is not None:
-                    gone.append(b.node_id)
-            else:
-                changed.append(r)
-        return changed, frozenset(gone)
-
-    def _certs_over_base(self, base: ConvergedDirectory) -> tuple[dict[str, Certificate], int]:
-        changed, gone = self._changed_over_base(base)
-        view = DirectoryView(base.certs, {r.node_id: r.cert for r in changed}, gone)
-        return view, self.cert_fingerprint  # type: ignore[return-value]
-
-    def member_entries(self) -> list[MemberEntry]:
-        """The member file's entries, ourselves excluded (built once per record)."""
-        if self.base is not None:
-            changed, gone = self._changed_over_base(self.base)
-            known = self.base.certs
-            over = {r.node_id: r.entry for r in changed if r.node_id in known}
-            extra = [r.entry for r in changed if r.node_id not in known and r.idx != self.me_index]
-            skip = gone | {self.me} if self.me in known else gone  # (skip: base members only)
-            return EntriesView(self.base.entries, over, skip, extra)  # type: ignore[return-value]
-        mask = self.liveness_codes
-        if self.me_index < len(mask) and mask[self.me_index]:
-            mask = bytearray(mask)
-            mask[self.me_index] = UNKNOWN_CODE
-        return list(map(_entry, compress(self.recs, mask)))  # type: ignore[arg-type]
-
     # -- addresses -----------------------------------------------------------------------------------
     def watch_addresses(self, addresses: Iterable[str]) -> None:
         """Keep ``by_address`` O(1) for these addresses (the seeds, looked up on every retry)."""
-        for a in addresses:
-            self._watched.setdefault(a, -1)
-        for r in self.records():
-            if r.address in self._watched:
-                self._watched[r.address] = r.idx
-
-    def _watch(self, old: Rec | None, new: Rec | None) -> None:
-        w = self._watched
-        if old is not None and old.address in w and w[old.address] == old.idx and (new is None or new.address != old.address):
-            w[old.address] = -1
-        if new is not None and new.address in w:
-            w[new.address] = new.idx
+        self.addresses.watch(addresses, self.records())
 
     def by_address(self, address: str) -> str | None:
         """The member (node id) advertising ``address``, if any."""
-        i = self._watched.get(address)
-        if i is not None:
-            r = self.recs[i] if i >= 0 else None
-            return r.node_id if r is not None and r.address == address else None
-        for r in self.records():
-            if r.address == address:
-                return r.node_id
-        return None
+        return self.addresses.find(address, self.recs, self.records())
 
-    # -- anti-entropy digest -------------------------------------------------------------------------
-    def _summary(self, vals: list[int]) -> bytes:
-        raw = b"".join(v.to_bytes(8, "big") for v in vals)
-        return hashlib.blake2b(raw + self.count.to_bytes(4, "big"), digest_size=HASH_PREFIX).digest()
-
+    # -- anti-entropy digest (see protocol.gossip.sync_digest) -----------------------------------------
     def records_hash(self) -> bytes:
         """A digest of every member's (node id, incarnation)."""
-        if self._records_hash is None:
-            self._records_hash = self._summary(self.record_buckets)
-        return self._records_hash
+        return self.digest.records_hash(self.count)
 
     def statuses_hash(self) -> bytes:
         """A digest of every member's (node id, status seq)."""
-        if self._statuses_hash is None:
-            self._statuses_hash = self._summary(self.status_buckets)
-        return self._statuses_hash
+        return self.digest.statuses_hash(self.count)
 
     def bucket_entries(self, b: int, status: bool = False) -> tuple[tuple[str, int], ...]:
-        """(node id, incarnation) — or (node id, status seq, 0 if none) — of every member in bucket
-        ``b``, in index order.  Shared through the cache's ``entries`` by bucket content (its
-        anti-entropy values; a per-table copy would cost O(n) per node)."""
-        key = (b, int(status), self.record_buckets[b], self.status_buckets[b] if status else 0)
-        cache = self.cache.entries
-        got = cache.get(key)
-        if got is None:
-            recs, n = self.recs, len(self.recs)
-            if status:
-                sts = self.statuses
-                got = tuple([(r.node_id, st.body.seq if (st := sts[i]) is not None else 0)
-                             for i in self.bucket_ids[b] if i < n and (r := recs[i]) is not None])
-            else:
-                got = tuple([(r.node_id, r.incarnation) for i in self.bucket_ids[b]
-                             if i < n and (r := recs[i]) is not None])
-            cache.put(key, got)
-        return got
+        """The sync entries of bucket ``b`` (``SyncDigest.entries``)."""
+        return self.digest.entries(b, status, self.recs, self.statuses, self.cache.entries)
 
     # -- changes -------------------------------------------------------------------------------------
     def grow(self, i: int) -> None:
@@ -331,11 +242,12 @@ class MemberTable:
             self.grow(i)
         old = self.recs[i]
         self.recs[i] = rec
-        w = self._watched
+        w = self.addresses
         if w and (rec.address in w or (old is not None and old.address in w)):
-            self._watch(old, rec)
+            w.changed(old, rec)
         if old is None:
             self.count += 1
+            self.alive_version += 1
             self.directory_dirty = True
             self.peers_dirty = True
             if rec.left:
@@ -355,6 +267,7 @@ class MemberTable:
             if old.address != rec.address:
                 self.peers_dirty = True
             if old.region != rec.region and i != self.me_index:
+                self.alive_version += 1
                 moved = self.alive.get(old.region)
                 if moved is not None and i in moved:
                     moved.discard(i)
@@ -363,16 +276,12 @@ class MemberTable:
         if rec.cert.not_after < self.next_expiry:
             self.next_expiry = rec.cert.not_after
         self.cert_fingerprint += rec.cert_hash - (old.cert_hash if old is not None else 0)
-        b = self._bucket_col[i]
-        self.record_buckets[b] ^= (old.token if old is not None else 0) ^ rec.token
-        self._records_hash = None
+        self.digest.record_changed(i, old.token if old is not None else 0, rec.token)
 
     def set_status(self, i: int, info: StatusInfo) -> None:
         old = self.statuses[i]
         self.statuses[i] = info
-        b = self._bucket_col[i]
-        self.status_buckets[b] ^= (old.token if old is not None else 0) ^ info.token
-        self._statuses_hash = None
+        self.digest.status_changed(i, old.token if old is not None else 0, info.token)
 
     def set_liveness(self, i: int, code: int, now_ms: int, report: bool = True, source: str = "") -> None:
         old = self.liveness_codes[i]
@@ -384,6 +293,7 @@ class MemberTable:
         rec = self.recs[i]
         assert rec is not None
         self.liveness_codes[i] = code
+        self.alive_version += 1
         rs = self.alive.get(rec.region)
         if rs is None:
             rs = self.alive[rec.region] = IntSet()
@@ -410,22 +320,20 @@ class MemberTable:
         for s in (self.alive.get(rec.region), self.alive_all, self.dead, self.left):
             if s is not None:
                 s.discard(i)
+        self.alive_version += 1
         self.suspicions.pop(i, None)
         self.heard_ms.pop(i, None)
         self.cert_fingerprint -= rec.cert_hash
-        b = self._bucket_col[i]
-        self.record_buckets[b] ^= rec.token
         st = self.statuses[i]
-        if st is not None:
-            self.status_buckets[b] ^= st.token
+        self.digest.record_changed(i, rec.token, 0)
+        self.digest.status_changed(i, st.token if st is not None else 0, 0)  # (the count changes both digests)
         self.recs[i] = None
         self.statuses[i] = None
         self.liveness_codes[i] = UNKNOWN_CODE
         self.cache.forget_member(i)
-        if rec.address in self._watched:
-            self._watch(rec, None)
+        if rec.address in self.addresses:
+            self.addresses.changed(rec, None)
         self.count -= 1
-        self._records_hash = self._statuses_hash = None
         self.directory_dirty = True
         self.peers_dirty = True
         self.outbox.append(Disconnect(node_id, reason))

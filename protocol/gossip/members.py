@@ -100,7 +100,7 @@ class VerifyCache:
         self.nbytes = 0
         self.clears = 0
         self.index = MemberIndex()
-        # sync bucket entries by (kind, bucket, bucket values): see MemberTable.bucket_entries
+        # sync bucket entries by (kind, bucket, bucket values): see SyncDigest.entries
         self.entries = BucketEntriesCache()
         self.get: Callable[[object], object | None] = self._d.get
         self.weak_get: Callable[[object], object | None] = self._weak.get
@@ -263,7 +263,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry", "cert_item", "cert_hash", "__weakref__")
+                 "token", "entry", "cert_item", "cert_hash", "sync_entry", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -281,6 +281,7 @@ class Rec:
         # the member's entry in the directory handed to enforcement, and a digest of its exact bytes
         self.cert_item = (rec.node_id, cert)
         self.cert_hash = hash(rec.cert)
+        self.sync_entry = (rec.node_id, rec.incarnation)  # its anti-entropy entry (see SyncDigest.entries)
 
 
 class StatusInfo:

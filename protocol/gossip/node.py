@@ -24,7 +24,6 @@ Ordering: within one returned list, ``PersistPolicy`` and ``Enforce`` of a new p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -217,7 +216,7 @@ class Node:
     def next_deadline(self) -> int | None:
         if not self.started:
             return None
-        d = min(self.membership.next_deadline(), self.anti_entropy.next_deadline(), self._house_at)
+        d = min(self.membership.swim.next_deadline(), self.anti_entropy.due, self._house_at)
         for extra in (self.dissemination.next_deadline(), self.directory.next_deadline(),
                       self.enforcement.next_deadline()):
             if extra is not None and extra < d:
@@ -256,7 +255,9 @@ class Node:
         ms = now.ms
         self.membership.swim.tick(ms)
         self.dissemination.tick(ms)
-        self.anti_entropy.tick(ms, held_digest(self.trust), self.trust.root_version)
+        anti_entropy = self.anti_entropy
+        if ms >= anti_entropy.due:  # (its tick does nothing before: skip building the digest)
+            anti_entropy.tick(ms, held_digest(self.trust), self.trust.root_version)
         if ms >= self._house_at:
             self._house_at = ms + self.cfg.housekeeping_interval_ms
             self._housekeeping(now)
@@ -288,7 +289,9 @@ class Node:
 
     def _on_connected(self, peer: str, cert_bytes: bytes) -> None:
         try:
-            key = (hashlib.sha256(cert_bytes).digest(), self.trust.root_version, "cert")
+            # keyed by the exact bytes (a bytes object caches its hash: the same certificate presented
+            # again costs no digest) and the root they were checked against
+            key = ("cert", bytes(cert_bytes), self.trust.root_version)
             hit = self.cache.get(key)
             if hit is None:
                 hit = self.trust.check_certificate(cert_bytes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from protocol.entropy import Entropy
-from protocol.gossip.member_table import MemberTable
+from protocol.gossip.member_table import ALIVE_CODE, MemberTable
 from protocol.gossip.members import IndexedSet
 
 
@@ -44,10 +44,15 @@ def pick(table: MemberTable, rng: Entropy, k: int, exclude: Callable[[str], bool
     pref = preferred if prefer is not None else None
     if pref is not None and len(pref):
         # An open channel saves a dial (3 round trips, more under loss): draw from those first.
+        of, recs, codes = table.index.of, table.recs, table.liveness_codes
+
         def pref_choice(local_wanted: bool) -> str | None:
             nid = pref.choice(rng)
-            r = table.rec(nid)
-            if r is None or not table.is_alive(nid) or (r.region == region) != local_wanted:
+            i = of.get(nid)  # (table.rec and table.is_alive, one lookup)
+            if i is None or i >= len(recs) or i >= len(codes):
+                return None
+            r = recs[i]
+            if r is None or codes[i] != ALIVE_CODE or (r.region == region) != local_wanted:
                 return None
             return nid
 

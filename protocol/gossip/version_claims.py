@@ -9,6 +9,8 @@ equivocation, fetched unless we already verified and refused it.
 
 from __future__ import annotations
 
+import functools
+
 from protocol.gossip.broadcasts import Piggyback
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.dissemination import Dissemination
@@ -26,13 +28,19 @@ def held_key(trust: TrustedState) -> tuple[int, int]:
 
 
 def held_digest(trust: TrustedState) -> Digest | None:
-    """The digest of the policy this node holds, if any."""
+    """The digest of the policy this node holds, if any (asked on every step of the node: one
+    immutable ``Digest`` per policy, shared)."""
     h = trust.policy_hash
     if h is None:
         return None
     pol = trust.policy
     assert pol is not None
-    return Digest(pol.serial, bytes.fromhex(h), pol.root_version)
+    return _digest(pol.serial, h, pol.root_version)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(serial: int, policy_hash: str, root_version: int) -> Digest:
+    return Digest(serial, bytes.fromhex(policy_hash), root_version)
 
 
 class VersionClaims:

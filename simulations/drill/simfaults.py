@@ -27,7 +27,7 @@ from .checks import SAMPLE_MS, DrillChecks, Sample
 from .schedule import Episode, last_heal_ms, plan
 
 if TYPE_CHECKING:
-    from ..engine import Simulation
+    from ..context import DrillSim
     from ..hosts import Version
 
 DRIFT_DETECT_MS = 100  # the daemon's nft monitor settle time (meshnode.daemon.ruleset_watch.SETTLE_S)
@@ -36,7 +36,7 @@ FD_BASELINE = 40  # descriptors a meshnode process holds besides its peer connec
 
 
 class SimDrill:
-    def __init__(self, sim: Simulation) -> None:
+    def __init__(self, sim: DrillSim) -> None:
         self.sim = sim
         n = sim.n
         self.episodes: list[Episode] = plan(sim.sc, n)

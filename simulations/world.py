@@ -1,0 +1,128 @@
+"""The ``World`` of ``simulations.effects`` around the simulated hosts: what a node's effects reach.
+
+Sends go through the network model (``simulations.network``) and arrive as ``FrameReceived`` after
+the per-message processing time, or come back as ``SendFailed``; connections opening and breaking
+reach both ends as ``PeerConnected`` / ``PeerDisconnected``.  The ``Enforce`` of a newly accepted
+policy goes to the enforcer model: it confirms what it loaded after ``apply_ms`` (``RulesetApplied``).
+The observers hear of the rest: the invariants (every ``Enforce``'s members, the effects of an
+apply), the measurement (applies, detections, alerts) and the chaos drill (applies, failed writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from protocol.gossip import (
+    Alert,
+    Enforce,
+    FrameReceived,
+    LivenessChanged,
+    PeerConnected,
+    PeerDisconnected,
+    RulesetApplied,
+    Send,
+    SendFailed,
+)
+from protocol.trust import Certificate
+
+from .network import NEVER
+
+if TYPE_CHECKING:
+    from .context import SimState
+    from .drill.simfaults import SimDrill
+    from .measure import Measurement
+
+
+class SimWorld:
+    def __init__(self, sim: SimState, measure: Measurement, drill: SimDrill, by_addr: dict[str, int], cert_of: list[bytes],
+                 hostile_idx: frozenset[int], process_ms: int) -> None:
+        self.sc, self.seed, self.n = sim.sc, sim.seed, sim.n
+        self.kernel, self.net, self.hosts = sim.kernel, sim.net, sim.hosts
+        self.ids, self.by_id, self.by_addr, self.cert_of = sim.ids, sim.by_id, by_addr, cert_of
+        self.inv, self.measure, self.drill = sim.inv, measure, drill
+        self.hostile_idx = hostile_idx
+        self.process_ms = process_ms
+        self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
+
+    # -- the enforcer model -------------------------------------------------------------------------
+    def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
+        if i >= self.n:
+            return
+        h = self.hosts[i]
+        kernel = self.kernel
+        serial = eff.policy.serial
+        if self.sc.protocol == "gossip":
+            # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
+            kernel.schedule(kernel.now + self.sc.nodes.apply_ms, self._confirm, i,
+                            (kernel.epoch[i], serial, eff.policy_hash))
+        if not h.hostile:
+            h.applied = self.inv.check_effects(self.seed, kernel.now, h.node_id, h.applied, effects)
+            self.drill.applied(i, h.applied)
+        else:
+            h.applied = max(h.applied, serial)
+        self.measure.converged(h)
+
+    def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
+        epoch, serial, policy_hash = arg
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self.kernel.feed(i, RulesetApplied(serial, "", policy_hash))
+
+    # -- the wire ------------------------------------------------------------------------------------
+    def send(self, i: int, eff: Send) -> None:
+        kernel, net = self.kernel, self.net
+        now, epoch = kernel.now, net.epoch
+        peer = eff.peer
+        j = self.by_id.get(peer) if peer else self.by_addr.get(eff.address)
+        if j is None:
+            kernel.push(now + self.sc.tcp.connect_timeout_ms, i, SendFailed(peer, eff.address), epoch[i])
+            return
+        if j == i:
+            return
+        data = eff.data
+        if j in self.hostile_idx and i not in self.hostile_idx and len(data) > 1 and data[1] == 7:
+            self.bodies_to_hostile += 1
+        deliver, fail = net.transmit(i, j, net.wire_bytes(len(data)), now, self._on_connect, self._on_break)
+        if deliver != NEVER:
+            deliver += self.process_ms
+            frame = FrameReceived(self.ids[i], data)
+            kernel.push(deliver, j, frame, epoch[j])
+            if net.datagram:
+                dup = net.duplicate_delay(i, j)
+                if dup is not None:
+                    kernel.push(deliver + dup, j, frame, epoch[j])
+        elif fail != NEVER:
+            kernel.push(fail, i, SendFailed(peer, eff.address), epoch[i])
+
+    def disconnect(self, i: int, peer: str) -> None:
+        j = self.by_id.get(peer)
+        net = self.net
+        if j is not None and net.close(i, j):
+            now = self.kernel.now
+            self.kernel.push(now + int(net.one_way(i, j)) + 1, j, PeerDisconnected(self.ids[i]), net.epoch[j])
+            self.kernel.push(now, i, PeerDisconnected(self.ids[j]), net.epoch[i])
+
+    # -- the observers -------------------------------------------------------------------------------
+    def directory_changed(self, i: int, before: Mapping[str, Certificate] | None,
+                          after: Mapping[str, Certificate]) -> None:
+        self.inv.check_directory(self.seed, self.kernel.now, self.ids[i], before, after)
+
+    def liveness_changed(self, i: int, eff: LivenessChanged) -> None:
+        if eff.liveness in ("dead", "suspect"):
+            self.measure.detection(i, eff)
+
+    def alert(self, i: int, eff: Alert) -> None:
+        self.measure.alert(eff)
+
+    def write_failed(self, i: int) -> None:
+        self.drill.write_failed(i)
+
+    def _on_connect(self, a: int, b: int, at: int) -> None:
+        epoch = self.net.epoch
+        self.kernel.push(at, a, PeerConnected(self.ids[b], self.cert_of[b]), epoch[a])
+        self.kernel.push(at, b, PeerConnected(self.ids[a], self.cert_of[a]), epoch[b])
+
+    def _on_break(self, a: int, b: int, at: int) -> None:
+        epoch = self.net.epoch
+        self.kernel.push(at, a, PeerDisconnected(self.ids[b]), epoch[a])
+        self.kernel.push(at, b, PeerDisconnected(self.ids[a]), epoch[b])

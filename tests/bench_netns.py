@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meshnode.client import publish  # noqa: E402
 from meshnode.demo_netns import NetnsLab  # noqa: E402
 from simulations.drill import netfaults as nf  # noqa: E402
-from simulations.drill.nodes import RealCluster  # noqa: E402
+from simulations.drill.nodes import RealCluster, admin_status  # noqa: E402
 from simulations.drill.policydoc import document_toml  # noqa: E402
 from simulations.drill.serf_agents import SerfAgents  # noqa: E402
 from simulations.engine import run_scenario  # noqa: E402
@@ -63,12 +63,16 @@ DELIVER_TIMEOUT_S = 60.0
 
 
 class LogTail:
-    """``policy.applied`` times (wall s) per serial from one node's JSON log, read incrementally."""
+    """Per serial, from one node's JSON log (read incrementally; wall s, the node's own timestamps):
+    ``policy.accepted`` (verified and stored: the core's Enforce effect ran), ``policy.applied`` (the kernel
+    holds the ruleset: ``nft`` loaded it and the read-back matched) and the apply's own duration (ms)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
         self.applied: dict[int, float] = {}
+        self.accepted: dict[int, float] = {}
+        self.apply_ms: dict[int, float] = {}
         self.started = False
 
     def poll(self) -> None:
@@ -82,9 +86,14 @@ class LogTail:
                     ev = json.loads(line)
                     if ev.get("event") == "meshnode.started":
                         self.started = True
-                    elif ev.get("event") == "policy.applied" and isinstance(ev.get("serial"), int):
+                    elif ev.get("event") in ("policy.applied", "policy.accepted") and isinstance(ev.get("serial"), int):
                         ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
-                        self.applied.setdefault(ev["serial"], ts)
+                        if ev["event"] == "policy.accepted":
+                            self.accepted.setdefault(ev["serial"], ts)
+                        else:
+                            self.applied.setdefault(ev["serial"], ts)
+                            if isinstance(ev.get("ms"), (int, float)):
+                                self.apply_ms.setdefault(ev["serial"], float(ev["ms"]))
 
 
 def _cpu_s(pid: int) -> float:
@@ -102,14 +111,31 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _retrans(lab: NetnsLab) -> int:
-    total = 0
+SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"))
+TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans")
+
+
+def _net_counters(lab: NetnsLab) -> dict[str, int]:
+    """Kernel counters summed over every namespace: TCP segments sent and retransmitted (and why), UDP
+    datagrams (``/proc/net/snmp``, ``/proc/net/netstat``)."""
+    total: dict[str, int] = {}
     for i in range(lab.count):
-        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp"], check=False).stdout.decode()
-        lines = [ln.split() for ln in out.splitlines() if ln.startswith("Tcp:")]
-        if len(lines) == 2:
-            total += int(dict(zip(lines[0], lines[1], strict=False)).get("RetransSegs", 0))
+        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                     check=False).stdout.decode()
+        rows: dict[str, dict[str, str]] = {}
+        lines = out.splitlines()
+        for head, vals in zip(lines, lines[1:], strict=False):
+            h, v = head.split(), vals.split()
+            if h and v and h[0] == v[0] and not h[1].isdigit() and v[1].lstrip("-").isdigit():
+                rows[h[0].rstrip(":")] = dict(zip(h[1:], v[1:], strict=False))
+        for proto, key in (*SNMP_KEYS, *(("TcpExt", k) for k in TCP_EXT_KEYS)):
+            name = f"{proto.lower()}_{key}"
+            total[name] = total.get(name, 0) + int(rows.get(proto, {}).get(key, 0))
     return total
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
 def _in_netns(ns: str, fn: Any) -> Any:
@@ -148,6 +174,51 @@ def _summary(times_ms: list[float]) -> dict[str, float | None]:
             "max_ms": round(s[-1], 1)}
 
 
+def _split(tails: list[LogTail], serial: int, t0: float, n: int) -> dict[str, Any]:
+    """Where one version's time went: the publish hop (start -> first node stored it), inside the mesh
+    (first node stored -> last node applied) and on each node (stored -> the kernel holds it)."""
+    got = [t.applied[serial] for t in tails if serial in t.applied]
+    acc = [t.accepted[serial] for t in tails if serial in t.accepted]
+    on_node = sorted(t.applied[serial] - t.accepted[serial] for t in tails
+                     if serial in t.applied and serial in t.accepted)
+    apply_ms = sorted(t.apply_ms[serial] for t in tails if serial in t.apply_ms)
+    complete = len(got) == n
+    return {"delivered": len(got),
+            "all_ms": round((max(got) - t0) * 1000, 1) if complete else None,
+            "first_ms": round((min(got) - t0) * 1000, 1) if got else None,
+            "hop_ms": round((min(acc) - t0) * 1000, 1) if acc else None,
+            "mesh_ms": round((max(got) - min(acc)) * 1000, 1) if complete and acc else None,
+            "last_accepted_ms": round((max(acc) - t0) * 1000, 1) if acc else None,
+            "on_node_ms": {"median": round(statistics.median(on_node) * 1000, 1),
+                           "max": round(on_node[-1] * 1000, 1)} if on_node else None,
+            "apply_ms": {"median": round(statistics.median(apply_ms), 1), "max": round(apply_ms[-1], 1)}
+            if apply_ms else None}
+
+
+def _split_summary(versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the versions of the split, and the publish hop's share of publish -> all applied."""
+    def med(key: str) -> float | None:
+        vals = [v[key] for v in versions if v.get(key) is not None]
+        return round(statistics.median(vals), 1) if vals else None
+    done = [v for v in versions if v.get("all_ms")]
+    hop_share = sum(v["hop_ms"] for v in done) / sum(v["all_ms"] for v in done) if done else None
+    return {"hop_median_ms": med("hop_ms"), "mesh_median_ms": med("mesh_ms"), "ack_median_ms": med("ack_ms"),
+            "hop_share": round(hop_share, 3) if hop_share is not None else None,
+            "on_node_median_ms": round(statistics.median(v["on_node_ms"]["median"] for v in versions
+                                                         if v.get("on_node_ms")), 1) if versions else None}
+
+
+def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
+    """The datagram layer's counters (sent, received, retransmits, fallbacks...) summed over the nodes."""
+    total: dict[str, int] = {}
+    for node in cluster.nodes:
+        st = _in_netns(node.ns, admin_status) or {}
+        for k, v in (st.get("datagrams") or {}).items():
+            if isinstance(v, int):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
 def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
                  rng: random.Random) -> dict[str, Any]:
     receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
@@ -181,7 +252,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
             raise RuntimeError(f"serial 1 not applied everywhere in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
         time.sleep(3.0)  # let the directory settle
         pids = [node.proc.pid for node in cluster.nodes if node.proc is not None]
-        cpu0, retrans0, wall0 = sum(_cpu_s(p) for p in pids), _retrans(lab), time.monotonic()
+        dg0 = _datagram_counts(cluster)
+        cpu0, net0, wall0 = sum(_cpu_s(p) for p in pids), _net_counters(lab), time.monotonic()
         versions = []
         for serial in range(2, publishes + 2):
             via = cluster.nodes[rng.randrange(n)]
@@ -190,15 +262,14 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                                                                        timeout_s=30))
             ack_ms = (time.time() - t0) * 1000
             _wait(lambda s=serial: all_applied(s), DELIVER_TIMEOUT_S)
-            got = [t.applied[serial] for t in tails if serial in t.applied]
             versions.append({"serial": serial, "via": via.node_id, "ok": bool(reply.get("ok")),
-                             "ack_ms": round(ack_ms, 1), "delivered": len(got),
-                             "all_ms": round((max(got) - t0) * 1000, 1) if len(got) == n else None,
-                             "first_ms": round((min(got) - t0) * 1000, 1) if got else None})
+                             "ack_ms": round(ack_ms, 1), **_split(tails, serial, t0, n)})
             time.sleep(1.0)
         busy_wall = time.monotonic() - wall0
         cpu_busy = sum(_cpu_s(p) for p in pids) - cpu0
-        retrans = _retrans(lab) - retrans0
+        net = _delta(_net_counters(lab), net0)
+        dg1 = _datagram_counts(cluster)
+        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]
@@ -208,7 +279,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                 "complete": f"{len(done)}/{len(versions)}",
                 "ack_median_ms": round(statistics.median(v["ack_ms"] for v in versions), 1),
                 "daemon_cpu_during_publishes_cores": round(cpu_busy / busy_wall, 2),
-                "tcp_retrans_segs": retrans,
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams,
+                "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
     finally:
@@ -226,7 +298,7 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
         time.sleep(3.0)
         alive_at_start = agents.alive_members()
-        retrans0 = _retrans(lab)
+        net0 = _net_counters(lab)
         out = []
         for k in range(events):
             payload = f"v{k}-{rng.randrange(1 << 30)}"
@@ -235,10 +307,11 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             out.append({"event": payload, "delivered": len(got),
                         "all_ms": round((max(got.values()) - t0) * 1000, 1) if len(got) == n else None})
             time.sleep(1.0)
+        net = _delta(_net_counters(lab), net0)
         done = [e["all_ms"] for e in out if e["all_ms"] is not None]
         return {"events": out, **_summary(done), "complete": f"{len(done)}/{len(out)}",
                 "alive_seen_by_agent_0_at_start": alive_at_start,
-                "tcp_retrans_segs": _retrans(lab) - retrans0}
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net}
     finally:
         agents.stop()
 
@@ -317,18 +390,22 @@ def _print_one(r: dict[str, Any]) -> None:
     m = r["meshnode"]
     print(f"{r['nodes']} nodes, {r['loss_pct']}% loss")
     for v in m["versions"]:
-        print(f"  meshnode serial {v['serial']} via {v['via']}: ack {v['ack_ms']} ms, first {v['first_ms']} ms, "
-              f"all {v['all_ms']} ms ({v['delivered']}/{r['nodes']})")
+        print(f"  meshnode serial {v['serial']} via {v['via']}: ack {v['ack_ms']} ms, hop {v['hop_ms']} ms, "
+              f"first applied {v['first_ms']} ms, all {v['all_ms']} ms ({v['delivered']}/{r['nodes']}); in mesh "
+              f"{v['mesh_ms']} ms, last stored {v['last_accepted_ms']} ms, on node {v['on_node_ms']}, "
+              f"nft apply {v['apply_ms']}")
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
+    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
     if "serf" in r:
         s = r["serf"]
         for e in s["events"]:
             print(f"  serf {e['event']}: all {e['all_ms']} ms ({e['delivered']}/{r['nodes']})")
         print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
               f"tcp retrans {s['tcp_retrans_segs']}, alive at start {s['alive_seen_by_agent_0_at_start']}/{r['nodes']}")
+        print(f"  serf kernel {s['net']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
     p = r["simulator"]
     print(f"  simulator, same topology: median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "

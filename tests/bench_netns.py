@@ -103,6 +103,27 @@ def _cpu_s(pid: int) -> float:
     return 0.0
 
 
+def _cpu_tree_s(pid: int) -> float:
+    """CPU seconds of a daemon with its children: the ones it waited for (``nft`` runs: cutime+cstime)
+    and the ones still running (its ``nft monitor``)."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = sum(int(f) for f in fields[11:15]) / CLK_TCK
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += sum(int(f) for f in fields[11:15]) / CLK_TCK
+    return total
+
+
+def _host_busy_s() -> float:
+    """CPU seconds the whole host spent busy (all processes, every core: /proc/stat)."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK  # minus idle and iowait
+
+
 def _rss_mib(pid: int) -> float:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -254,6 +275,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         pids = [node.proc.pid for node in cluster.nodes if node.proc is not None]
         dg0 = _datagram_counts(cluster)
         cpu0, net0, wall0 = sum(_cpu_s(p) for p in pids), _net_counters(lab), time.monotonic()
+        tree0, host0 = sum(_cpu_tree_s(p) for p in pids), _host_busy_s()
         versions = []
         for serial in range(2, publishes + 2):
             via = cluster.nodes[rng.randrange(n)]
@@ -267,6 +289,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
             time.sleep(1.0)
         busy_wall = time.monotonic() - wall0
         cpu_busy = sum(_cpu_s(p) for p in pids) - cpu0
+        tree_busy, host_busy = sum(_cpu_tree_s(p) for p in pids) - tree0, _host_busy_s() - host0
         net = _delta(_net_counters(lab), net0)
         dg1 = _datagram_counts(cluster)
         datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
@@ -279,6 +302,9 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                 "complete": f"{len(done)}/{len(versions)}",
                 "ack_median_ms": round(statistics.median(v["ack_ms"] for v in versions), 1),
                 "daemon_cpu_during_publishes_cores": round(cpu_busy / busy_wall, 2),
+                "cpu_s_per_version": {"daemons": round(cpu_busy / len(versions), 3),
+                                      "daemons_with_nft": round(tree_busy / len(versions), 3),
+                                      "host_all_processes": round(host_busy / len(versions), 3)},
                 "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams,
                 "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
@@ -298,7 +324,8 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
         time.sleep(3.0)
         alive_at_start = agents.alive_members()
-        net0 = _net_counters(lab)
+        net0, host0 = _net_counters(lab), _host_busy_s()
+        agents0 = sum(_cpu_tree_s(p.pid) for p in agents.procs)
         out = []
         for k in range(events):
             payload = f"v{k}-{rng.randrange(1 << 30)}"
@@ -307,11 +334,13 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             out.append({"event": payload, "delivered": len(got),
                         "all_ms": round((max(got.values()) - t0) * 1000, 1) if len(got) == n else None})
             time.sleep(1.0)
-        net = _delta(_net_counters(lab), net0)
+        net, host_busy = _delta(_net_counters(lab), net0), _host_busy_s() - host0
         done = [e["all_ms"] for e in out if e["all_ms"] is not None]
         return {"events": out, **_summary(done), "complete": f"{len(done)}/{len(out)}",
                 "alive_seen_by_agent_0_at_start": alive_at_start,
-                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net}
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net,
+                "host_cpu_s_per_event": round(host_busy / len(out), 3),
+                "agents_cpu_s_per_event": round((sum(_cpu_tree_s(p.pid) for p in agents.procs) - agents0) / len(out), 3)}
     finally:
         agents.stop()
 
@@ -399,13 +428,15 @@ def _print_one(r: dict[str, Any]) -> None:
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
     print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
+    print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")
     if "serf" in r:
         s = r["serf"]
         for e in s["events"]:
             print(f"  serf {e['event']}: all {e['all_ms']} ms ({e['delivered']}/{r['nodes']})")
         print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
               f"tcp retrans {s['tcp_retrans_segs']}, alive at start {s['alive_seen_by_agent_0_at_start']}/{r['nodes']}")
-        print(f"  serf kernel {s['net']}")
+        print(f"  serf kernel {s['net']}; CPU s per event (fire + 1 s pause): agents "
+              f"with handlers {s['agents_cpu_s_per_event']}, host {s['host_cpu_s_per_event']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
     p = r["simulator"]
     print(f"  simulator, same topology: median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "

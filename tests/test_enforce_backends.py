@@ -415,7 +415,10 @@ def test_nft_deferred_read_back_confirms_or_catches_drift(lab: Lab, ns: str, sc:
     assert be.read_kernel_hash() == res.hash  # the kernel holds it already
     ok = be.check_drift()
     assert ok.checked and not ok.drifted and not be.read_back_pending and be.drift_count == 0
-    res = be.apply(sc.ruleset(serial=3), read_back_later=True)
+    same = be.apply(sc.ruleset(KITCHEN_SINK, serial=3), read_back_later=True)  # renders the same ruleset
+    assert same.mode == "sets" and same.hash == res.hash and not same.verified and be.read_back_pending
+    assert not be.check_drift().drifted and not be.read_back_pending
+    res = be.apply(sc.ruleset(serial=4), read_back_later=True)
     assert not res.verified
     lab.exec("k", ["nft", "insert rule inet policymesh input tcp dport 22 accept"])
     d = be.check_drift()

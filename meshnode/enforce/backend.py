@@ -145,7 +145,7 @@ class Backend:
             digest = self._checked_digest(ruleset)
             if self._can_update_in_place(digest):
                 try:
-                    return self._set_elements(ruleset, digest)
+                    return self._set_elements(ruleset, digest, read_back_later)
                 except EnforcementError:
                     pass  # the table was edited or removed behind our back: replace it whole
             return self._replace_all(ruleset, digest, read_back_later)
@@ -195,10 +195,18 @@ class Backend:
         nothing was done and :meth:`_replace` runs)."""
         return False
 
+    def _may_read_back_later(self) -> bool:
+        """Whether the kernel's listing can be compared with the rendered hash later (see ``_check_drift``)."""
+        return False
+
     # -- shared -----------------------------------------------------------------------------------------
     def _checked_digest(self, ruleset: Ruleset) -> RulesetDigest:
         if ruleset.table != self.table:
             raise EnforcementError(f"ruleset is for table {ruleset.table!r}, this backend manages {self.table!r}")
+        applied = self.applied
+        if (applied is not None and self._applied_digest is not None and applied.sets == ruleset.sets
+                and applied.rules == ruleset.rules):  # the same sets and rules: the same digest, not recomputed
+            return self._applied_digest
         return ruleset_digest(ruleset)
 
     def _can_update_in_place(self, digest: RulesetDigest) -> bool:
@@ -214,10 +222,16 @@ class Backend:
         return ApplyResult(self.name, "full", digest.hash, readback.kernel_hash, readback.exact,
                            verified=readback.verified)
 
-    def _set_elements(self, ruleset: Ruleset, digest: RulesetDigest) -> ApplyResult:
-        assert self.applied is not None
+    def _set_elements(self, ruleset: Ruleset, digest: RulesetDigest, read_back_later: bool = False) -> ApplyResult:
+        assert self.applied is not None and self._applied_digest is not None
         before = {s.name: s for s in self.applied.sets}
         changes = [(before[s.name], s) for s in ruleset.sets if before[s.name].elements != s.elements]
+        if (not changes and read_back_later and digest.hash == self._applied_digest.hash
+                and self._may_read_back_later()):
+            # nothing to load (e.g. a new policy version that renders the same ruleset here): the kernel
+            # holds it since the last load; the next drift check reads it back as after a deferred load
+            self._record(ruleset, digest, Readback(None, True, verified=False))
+            return ApplyResult(self.name, "sets", digest.hash, None, True, (), verified=False)
         readback = self._update_in_place(ruleset, digest, changes)
         self._record(ruleset, digest, readback)
         return ApplyResult(self.name, "sets", digest.hash, readback.kernel_hash, True,

@@ -68,10 +68,14 @@ class NftBackend(Backend):
         self.proven_exact = self.proven_exact or self.exact
         return Readback(kernel, self.exact)
 
+    def _may_read_back_later(self) -> bool:
+        """Once this nft proved it lists what we load exactly (the deferred read-back compares the kernel's
+        listing with the rendered hash)."""
+        return self.exact and self.proven_exact and self.json_supported()
+
     def _load_only(self, ruleset: Ruleset) -> bool:
-        """One ``nft -j -f`` transaction, no read-back: only once this nft proved it lists what we load
-        exactly (so the deferred read-back can compare with the rendered hash)."""
-        if not (self.exact and self.proven_exact and self.json_supported()):
+        """One ``nft -j -f`` transaction, no read-back (see :meth:`_may_read_back_later`)."""
+        if not self._may_read_back_later():
             return False
         self._load(to_nft_json(ruleset))
         return True

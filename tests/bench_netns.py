@@ -240,14 +240,23 @@ def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
     return total
 
 
+def _changing_rule(serial: int) -> str:
+    """A rule every node enforces, with a port of its own per version: each version changes every node's
+    ruleset (a full ``nft`` load everywhere), not only some nodes' (or none, as the same document does)."""
+    return (f'\n[[allow]]\nname = "bench-v{serial}"\nfrom = ["role:svc0"]\nto = ["role:*"]\n'
+            f'ports = ["tcp/{40000 + serial}"]\n')
+
+
 def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
-                 rng: random.Random) -> dict[str, Any]:
+                 rng: random.Random, changing_rules: bool = False) -> dict[str, Any]:
     receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
     cluster = RealCluster(root, lab, n, regions, {}, receiver.url)
     try:
-        doc = root / "policy.toml"
-        doc.write_text(document_toml(50))
-        envelopes = {s: cluster.sign(doc, s).read_bytes() for s in range(1, publishes + 2)}
+        envelopes = {}
+        for serial in range(1, publishes + 2):
+            doc = root / f"policy-{serial}.toml"
+            doc.write_text(document_toml(50) + (_changing_rule(serial) if changing_rules else ""))
+            envelopes[serial] = cluster.sign(doc, serial).read_bytes()
         tails = [LogTail(node.dir / "meshnode.log") for node in cluster.nodes]
         t_boot = time.monotonic()
         for node in cluster.nodes:
@@ -389,7 +398,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
                    what="tests/bench_netns.py")
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
-    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions}
+    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules}
     try:
         lab.setup()
         for i in range(n):
@@ -402,7 +411,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
             print(f"--- {n} nodes, {loss}% loss: serf ...", flush=True)
             out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
         print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
-        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng)
+        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules)
         if not args.no_serf:
             m, s = out["meshnode"]["median_ms"], out["serf"]["median_ms"]
             out["ratio_of_medians"] = round(m / s, 3) if m and s else None
@@ -453,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=10.0, help="idle window for CPU per daemon (default 10 s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-serf", action="store_true", help="skip the Serf baseline")
+    p.add_argument("--changing-rules", action="store_true",
+                   help="every version changes every node's ruleset (default: the same document, new serials)")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

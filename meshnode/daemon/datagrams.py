@@ -9,7 +9,9 @@ retransmission timed from the path's measured round trip (milliseconds on a LAN)
 * Path check: the side that knows the peer's UDP endpoint (the dialer: the peer's mesh address; the
   acceptor once an authentic datagram arrived) sends a probe; the path carries frames once a probe was
   answered.  Unanswered after ``PROBE_TRIES`` tries (UDP blocked, a NAT): the peer stays on the stream
-  (``stream_only`` in status) and is probed again every ``REPROBE_S``.
+  (``stream_only`` in status) and is probed again after ``REPROBE_MIN_S``, doubling up to ``REPROBE_MAX_S``
+  (a node too busy to answer for a second, as at start, must not keep its peers on TCP for long); an
+  authentic probe from the peer of a blocked path makes it probe back at once.
 * Reliability: each frame carries a message id; the receiver hands it to the core once (ids seen are
   remembered per path) and acknowledges it; the sender retransmits after ``rto`` (from the smoothed
   probe and ack round trips) up to ``SEND_TRIES`` times in all, then sends it on the stream.
@@ -45,7 +47,7 @@ MAX_FRAME = MAX_PAYLOAD - _ID.size
 DATAGRAM_TAGS = frozenset({5, 6, 7, 8, 9})
 PROBE_TRIES = 3  # unanswered probes before the path counts as blocked
 PROBE_TIMEOUT_S = (0.1, 0.3, 0.9)  # per try (the first probe may beat the acceptor's end of the handshake)
-REPROBE_S = 30.0
+REPROBE_MIN_S, REPROBE_MAX_S = 2.0, 30.0  # a blocked path is probed again after this, doubling per episode
 SEND_TRIES = 3
 RTO_MIN_S, RTO_MAX_S, RTO_INITIAL_S = 0.005, 0.5, 0.1
 SEEN_IDS = 512
@@ -69,6 +71,7 @@ class _Path:
     probe_nonce: int = 0
     probe_sent: float = 0.0
     srtt_s: float | None = None
+    reprobe_s: float = REPROBE_MIN_S
     seen: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
 
     @property
@@ -219,7 +222,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     self._log.info("datagram.path_blocked", peer=path.conn.peer, endpoint=str(path.endpoint))
                     self._metrics.datagrams.labels("path_blocked").inc()
                 path.probes = 0
-                path.probe_at = now + REPROBE_S
+                path.probe_at = now + path.reprobe_s
+                path.reprobe_s = min(REPROBE_MAX_S, 2 * path.reprobe_s)
 
     # -- receiving ------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -251,10 +255,13 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 self._probe(path, now)
         if kind == PROBE:
             self._seal_to(path, _ID.pack(PROBE_ACK, number))
+            if not path.up and path.probes == 0 and path.probe_at > now:  # blocked, waiting: it is open now
+                self._probe(path, now)
         elif kind == PROBE_ACK:
             if number == path.probe_nonce and not path.up:
                 path.up = True
                 path.probe_at = 0.0
+                path.reprobe_s = REPROBE_MIN_S
                 path.rtt_sample(now - path.probe_sent)
                 self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - path.probe_sent), 2))
         elif kind == FRAME:

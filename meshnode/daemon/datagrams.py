@@ -4,7 +4,9 @@ Every authenticated gossip channel (WebSocket + Noise XX over TCP) also gets a d
 peer, keyed from that channel's handshake.  Small dissemination messages (announces, pulls, small policy
 and root bodies: up to ``MAX_FRAME`` bytes) then go as one datagram each, so a lost packet costs one
 retransmission timed from the path's measured round trip (milliseconds on a LAN) instead of TCP's
-~200 ms timer.  Everything else (probes, directory sync, large bodies) stays on the stream.
+~200 ms timer.  Bodies up to ``MAX_FRAGMENTED`` bytes (a policy of a few kilobytes) go as several
+datagrams, each acknowledged and retransmitted on its own (``datagram_frags``).  Everything else (probes,
+directory sync, larger bodies) stays on the stream.
 
 * Path check: the side that knows the peer's UDP endpoint (the dialer: the peer's mesh address; the
   acceptor once an authentic datagram arrived) sends a probe; the path carries frames once a probe was
@@ -38,10 +40,12 @@ from protocol.gossip.events import FrameReceived
 
 from ..metrics import Metrics
 from ..transport import Conn
+from .datagram_frags import FragmentRefused, Reassembly, max_message, split
 
-PROBE, PROBE_ACK, FRAME, FRAME_ACK = 1, 2, 3, 4
-_ID = struct.Struct("<BQ")  # kind, probe nonce or message id
+PROBE, PROBE_ACK, FRAME, FRAME_ACK, FRAG = 1, 2, 3, 4, 5
+_ID = struct.Struct("<BQ")  # kind, probe nonce or message id (a fragment's own id: acked as a frame)
 MAX_FRAME = MAX_PAYLOAD - _ID.size
+MAX_FRAGMENTED = max_message(MAX_FRAME)  # ~18 KB: larger bodies go on the stream
 # Dissemination messages by their wire tag (protocol.gossip.wire): Announce, PolicyPull, PolicyPush,
 # RootPull, RootPush.  Probes stay on the stream (their timeouts are tuned for it).
 DATAGRAM_TAGS = frozenset({5, 6, 7, 8, 9})
@@ -56,8 +60,9 @@ MAX_SOURCES = 4096
 
 
 def datagram_worthy(data: bytes) -> bool:
-    """A small dissemination message (a MessagePack array whose first element is one of its tags)."""
-    return len(data) <= MAX_FRAME and len(data) > 1 and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
+    """A dissemination message (a MessagePack array whose first element is one of its tags) that fits in
+    one datagram, or in ``MAX_FRAGMENTED`` bytes of fragments."""
+    return 1 < len(data) <= MAX_FRAGMENTED and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
 
 
 @dataclass(eq=False)
@@ -72,6 +77,7 @@ class _Path:
     probe_sent: float = 0.0
     srtt_s: float | None = None
     reprobe_s: float = REPROBE_MIN_S
+    reassembly: Reassembly = field(default_factory=Reassembly)
     seen: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
 
     @property
@@ -89,6 +95,9 @@ class _Pending:
     first_sent: float
     retry_at: float
     tries: int = 1
+    kind: int = FRAME
+    message: int = 0  # a fragment's message id (0: a whole frame)
+    whole: bytes = b""  # a fragment's whole message: what the stream carries if a fragment gets through
 
 
 class DatagramPaths(asyncio.DatagramProtocol):
@@ -108,7 +117,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._limiter = HandshakeRateLimiter(SOURCE_RATE_PER_S, SOURCE_BURST, max_sources=MAX_SOURCES)
-        self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0}
+        self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0, "fragmented": 0,
+                       "reassembled": 0}
         self.refused: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -160,10 +170,19 @@ class DatagramPaths(asyncio.DatagramProtocol):
         path = self._by_conn.get(conn)
         if path is None or not path.up or not datagram_worthy(data):
             return False
-        mid = next(self._ids)
         now = self._clock()
-        self._pending[mid] = _Pending(path, data, now, now + path.rto_s)
-        self._seal_to(path, _ID.pack(FRAME, mid) + data)
+        if len(data) <= MAX_FRAME:
+            mid = next(self._ids)
+            self._pending[mid] = _Pending(path, data, now, now + path.rto_s)
+            self._seal_to(path, _ID.pack(FRAME, mid) + data)
+        else:
+            message = next(self._ids)
+            self.counts["fragmented"] += 1
+            for frag in split(data, message, MAX_FRAME):
+                fid = next(self._ids)
+                self._pending[fid] = _Pending(path, frag, now, now + path.rto_s, kind=FRAG, message=message,
+                                              whole=data)
+                self._seal_to(path, _ID.pack(FRAG, fid) + frag)
         self._wake()
         return True
 
@@ -198,18 +217,23 @@ class DatagramPaths(asyncio.DatagramProtocol):
         for mid, p in list(self._pending.items()):
             if now < p.retry_at:
                 continue
+            if mid not in self._pending:  # a fragment of a message that fell back just now
+                continue
             if p.tries >= SEND_TRIES or p.path.conn.closed:
                 del self._pending[mid]
+                if p.message:  # the whole message goes on the stream once; its other fragments stop
+                    for other in [k for k, q in self._pending.items() if q.message == p.message]:
+                        del self._pending[other]
                 self.counts["fallbacks"] += 1
                 self._metrics.datagrams.labels("fallback").inc()
                 if not p.path.conn.closed:
-                    self._stream_send(p.path.conn, p.data)
+                    self._stream_send(p.path.conn, p.whole or p.data)
                 continue
             p.tries += 1
             p.retry_at = now + p.path.rto_s * p.tries
             self.counts["retransmits"] += 1
             self._metrics.datagrams.labels("retransmit").inc()
-            self._seal_to(p.path, _ID.pack(FRAME, mid) + p.data)
+            self._seal_to(p.path, _ID.pack(p.kind, mid) + p.data)
         for path in list(self._by_conn.values()):
             if not path.probe_at or now < path.probe_at:
                 continue
@@ -264,7 +288,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 path.reprobe_s = REPROBE_MIN_S
                 path.rtt_sample(now - path.probe_sent)
                 self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - path.probe_sent), 2))
-        elif kind == FRAME:
+        elif kind in (FRAME, FRAG):
             self._seal_to(path, _ID.pack(FRAME_ACK, number))
             if number in path.seen:
                 self._metrics.datagrams.labels("duplicate").inc()
@@ -272,7 +296,17 @@ class DatagramPaths(asyncio.DatagramProtocol):
             path.seen[number] = None
             if len(path.seen) > SEEN_IDS:
                 path.seen.popitem(last=False)
-            self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])))
+            if kind == FRAME:
+                self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])))
+                return
+            try:
+                whole = path.reassembly.add(payload[_ID.size:], now)
+            except FragmentRefused as exc:
+                self._refuse(exc.reason)
+                return
+            if whole is not None:
+                self.counts["reassembled"] += 1
+                self._feed(FrameReceived(peer=path.conn.peer, data=whole))
         elif kind == FRAME_ACK:
             p = self._pending.pop(number, None)
             if p is not None and p.path is path:

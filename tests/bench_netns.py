@@ -1,7 +1,8 @@
 """Real daemons in network namespaces under kernel packet loss, against real Serf in the same namespaces.
 
     sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
-                                                [--regions 3] [--idle-s 10] [--no-serf] [--json FILE]
+                                                [--regions 3] [--idle-s 10] [--no-serf] [--changing-rules]
+                                                [--json FILE]
 
 Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
 (``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
@@ -12,15 +13,25 @@ the bridge's.  For each size and loss:
 1. meshnode: every node up and enforcing serial 1, then ``--publishes`` versions, each through a node
    drawn from a seeded generator, published from inside that node's namespace (as ``serf event`` is
    fired at a local agent); per version, the time from the start of the publish to the last node logging
-   ``policy.applied`` for it (the nodes' own log timestamps: one host clock), the operator's
-   acknowledgement, and how many nodes got it.  Then an idle window: CPU per daemon (utime+stime from
+   ``policy.applied`` for it (the nodes' own log timestamps: one host clock; "applied" is the kernel
+   holding the version's ruleset: its ``nft`` transaction committed), the operator's acknowledgement,
+   and how many nodes got it.  Each version's time is split into the publish hop (start -> first node
+   stored it: ``policy.accepted``), in the mesh (first stored -> last applied) and on each node (stored
+   -> applied: render and ``nft`` load).  By default every version is the same document with a new
+   serial (a node's ruleset need not change); ``--changing-rules`` adds a rule per version that every
+   node enforces (a full ``nft`` load on every node).  The versions are published with the client
+   library from inside the node's namespace; one more version goes through the ``meshctl`` CLI (its
+   Python start-up included) and is reported on its own line.  Then an idle window: CPU per daemon (utime+stime from
    /proc, % of one core) and RSS.  The daemons' CPU seconds during the publishes say how much of the
    time is the 2-core host's contention.
 2. Serf, run first in the same namespaces (Debian's ``serf``, ``simulations/drill/serf_agents.py``): one agent per namespace, the same loss
    rules; ``--publishes`` user events, each fired through a seeded agent; per event the time from firing
    (the ``serf event`` client's start included) to the last agent's handler run.
 4. The simulator on the same topology (``predict``): its median next to the measured one.
-3. TCP retransmitted segments (``/proc/net/snmp`` of every namespace) during each side's publishes.
+3. Kernel counters summed over the namespaces during each side's publishes (TCP segments sent and
+   retransmitted and why, UDP datagrams), the daemons' datagram counters (sent, retransmits, fallbacks
+   to the stream, fragmented bodies), and CPU seconds per version: the daemons, the daemons with their
+   ``nft`` children, and the whole host (other users of the 2 cores included).
 
 Prints per-version figures, the medians, p99, max, delivery completeness and the policymesh/Serf ratio
 of medians.  A benchmark (root only), not a test: pytest does not collect it.
@@ -35,6 +46,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -229,6 +241,27 @@ def _split_summary(versions: list[dict[str, Any]]) -> dict[str, Any]:
                                                          if v.get("on_node_ms")), 1) if versions else None}
 
 
+def _cli_version(cluster: RealCluster, tails: list[LogTail], rng: random.Random, serial: int, n: int
+                 ) -> dict[str, Any]:
+    """One more version published as an operator does, ``meshctl policy publish`` run in the node's namespace
+    (the CLI's Python start-up included, as ``serf event``'s start-up is in Serf's figures)."""
+    via = cluster.nodes[rng.randrange(n)]
+    envelope = cluster.root / f"policy-{serial}.msgpack"
+    argv = ["ip", "netns", "exec", via.ns, sys.executable, "-m", "meshnode.cli", "policy", "publish", str(envelope),
+            "--node", via.mesh, "--identity", str(cluster.operator)]
+    t0 = time.time()
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    ack_ms = (time.time() - t0) * 1000
+
+    def applied() -> bool:
+        for t in tails:
+            t.poll()
+        return all(serial in t.applied for t in tails)
+
+    _wait(applied, DELIVER_TIMEOUT_S)
+    return {"serial": serial, "ok": proc.returncode == 0, "ack_ms": round(ack_ms, 1), **_split(tails, serial, t0, n)}
+
+
 def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
     """The datagram layer's counters (sent, received, retransmits, fallbacks...) summed over the nodes."""
     total: dict[str, int] = {}
@@ -253,7 +286,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
     cluster = RealCluster(root, lab, n, regions, {}, receiver.url)
     try:
         envelopes = {}
-        for serial in range(1, publishes + 2):
+        for serial in range(1, publishes + 3):  # the last one is published with the meshctl CLI
             doc = root / f"policy-{serial}.toml"
             doc.write_text(document_toml(50) + (_changing_rule(serial) if changing_rules else ""))
             envelopes[serial] = cluster.sign(doc, serial).read_bytes()
@@ -297,6 +330,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                              "ack_ms": round(ack_ms, 1), **_split(tails, serial, t0, n)})
             time.sleep(1.0)
         busy_wall = time.monotonic() - wall0
+        cli = _cli_version(cluster, tails, rng, publishes + 2, n)
         cpu_busy = sum(_cpu_s(p) for p in pids) - cpu0
         tree_busy, host_busy = sum(_cpu_tree_s(p) for p in pids) - tree0, _host_busy_s() - host0
         net = _delta(_net_counters(lab), net0)
@@ -314,7 +348,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                 "cpu_s_per_version": {"daemons": round(cpu_busy / len(versions), 3),
                                       "daemons_with_nft": round(tree_busy / len(versions), 3),
                                       "host_all_processes": round(host_busy / len(versions), 3)},
-                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams,
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams, "meshctl_cli": cli,
                 "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
@@ -438,6 +472,9 @@ def _print_one(r: dict[str, Any]) -> None:
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
     print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
     print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")
+    c = m["meshctl_cli"]
+    print(f"  one more version through the meshctl CLI (its Python start-up included): ok {c['ok']}, ack {c['ack_ms']} ms, "
+          f"hop {c['hop_ms']} ms, all {c['all_ms']} ms ({c['delivered']}/{r['nodes']})")
     if "serf" in r:
         s = r["serf"]
         for e in s["events"]:

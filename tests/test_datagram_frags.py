@@ -68,3 +68,38 @@ def test_which_messages_travel_as_datagrams() -> None:
     assert datagram_worthy(push + bytes(MAX_FRAME - 2)) and datagram_worthy(push + bytes(MAX_FRAGMENTED - 2))
     assert not datagram_worthy(push + bytes(MAX_FRAGMENTED))  # larger bodies stay on the stream
     assert not datagram_worthy(bytes([0x93, 1]) + bytes(100))  # not a dissemination message
+
+
+class _Log:
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *a, **k: None
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, object]] = []
+
+    def sendto(self, data: bytes, addr: object) -> None:
+        self.sent.append((data, addr))
+
+    def close(self) -> None:
+        pass
+
+
+def test_unauthenticated_datagrams_are_rate_limited_counted_and_never_answered() -> None:
+    """Before any crypto: a source over its rate is refused as ``rate_limited``; junk and forged
+    datagrams are refused with their reason; nothing is ever sent back (no amplification)."""
+    from meshnode.daemon import datagrams as dg
+    from meshnode.metrics import Metrics
+
+    now = [100.0]
+    paths = dg.DatagramPaths(feed=lambda ev: None, stream_send=lambda c, d: None, metrics=Metrics(), log=_Log(),
+                             clock=lambda: now[0])
+    transport = _Transport()
+    paths.connection_made(transport)  # type: ignore[arg-type]
+    junk = [b"", b"\x01", bytes([1]) + os.urandom(8) + bytes(8) + os.urandom(40)]
+    for i in range(dg.SOURCE_BURST + 500):
+        paths.datagram_received(junk[i % len(junk)], ("10.9.9.9", 4000))
+    assert paths.refused["rate_limited"] >= 500 - 1
+    assert paths.refused["truncated"] > 0 and paths.refused["unknown_session"] > 0
+    assert transport.sent == []

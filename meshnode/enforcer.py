@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from protocol.errors import MeshError
@@ -42,6 +43,12 @@ def render_options(config: LoadedConfig) -> RenderOptions:
     )
 
 
+# A full replacement is confirmed by its committed ``nft`` transaction; the kernel is read back (and
+# compared with the rendered hash) this long after, by the drift check, so the read-back's CPU is spent
+# after a version has spread, not while every node applies it.
+READ_BACK_AFTER_S = 1.0
+
+
 class Enforcer:
     """Renders and applies what the daemon wants enforced, confirms what the kernel holds
     (``on_applied(serial, ruleset_hash, policy_hash)``) and reports it in ``status()``. Alert events go to
@@ -71,6 +78,7 @@ class Enforcer:
         self.wanted_since: float | None = None  # wall time the current wish's policy was first asked for
         self._event = asyncio.Event()
         self._drift_wanted = asyncio.Event()  # check drift now, without waiting for the timer
+        self._read_back_timer: asyncio.TimerHandle | None = None  # the deferred read-back of the last load
         self.applied_serial = 0
         self.applied_hash: str | None = None  # of the ruleset
         self.applied_policy_hash = ""  # payload hash of the policy that ruleset enforces
@@ -142,7 +150,7 @@ class Enforcer:
         try:
             ruleset = render(policy, self.identity.cert, members, self.options, now=time.time(),
                              skew_s=self.trust.skew_s)
-            result = await asyncio.to_thread(backend.apply, ruleset)
+            result = await asyncio.to_thread(partial(backend.apply, ruleset, read_back_later=True))
         except MeshError as exc:
             self.last_error = str(exc)
             self.metrics.apply_failures.inc()
@@ -159,10 +167,15 @@ class Enforcer:
         self.applied_serial, self.applied_hash, self.applied_policy_hash = policy.serial, result.hash, policy_hash
         self.applied_at = time.time()
         self.applied_members = len(members)
+        if not result.verified:  # committed; read back off the critical path, before the next drift tick
+            if self._read_back_timer is not None:
+                self._read_back_timer.cancel()
+            self._read_back_timer = asyncio.get_running_loop().call_later(READ_BACK_AFTER_S, self._drift_wanted.set)
         self.metrics.applied_serial.set(policy.serial)
         if changed:
             self.log.info("policy.applied", serial=policy.serial, ruleset_hash=result.hash[:16], mode=result.mode,
-                          backend=result.backend, rules=ruleset.rule_count, ms=round(elapsed * 1000, 1))
+                          backend=result.backend, rules=ruleset.rule_count, ms=round(elapsed * 1000, 1),
+                          read_back="pending" if not result.verified else "done")
             self.on_applied(policy.serial, result.hash, policy_hash)
         return True
 
@@ -176,7 +189,11 @@ class Enforcer:
                 await self.apply_now(*want)
 
     def check_drift_soon(self) -> None:
-        """Run the drift check now instead of at the next tick (another tool changed the ruleset)."""
+        """Run the drift check now instead of at the next tick (another tool changed the ruleset).  While
+        the read-back of our own last load is pending (due within ``READ_BACK_AFTER_S``: the change seen
+        is most likely that load), that read-back is the check."""
+        if self.backend is not None and self.backend.read_back_pending:
+            return
         self._drift_wanted.set()
 
     async def drift_loop(self) -> None:

@@ -1,7 +1,8 @@
 """Real daemons in network namespaces under kernel packet loss, against real Serf in the same namespaces.
 
     sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
-                                                [--regions 3] [--idle-s 10] [--no-serf] [--json FILE]
+                                                [--regions 3] [--idle-s 10] [--no-serf] [--changing-rules]
+                                                [--json FILE]
 
 Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
 (``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
@@ -12,15 +13,25 @@ the bridge's.  For each size and loss:
 1. meshnode: every node up and enforcing serial 1, then ``--publishes`` versions, each through a node
    drawn from a seeded generator, published from inside that node's namespace (as ``serf event`` is
    fired at a local agent); per version, the time from the start of the publish to the last node logging
-   ``policy.applied`` for it (the nodes' own log timestamps: one host clock), the operator's
-   acknowledgement, and how many nodes got it.  Then an idle window: CPU per daemon (utime+stime from
+   ``policy.applied`` for it (the nodes' own log timestamps: one host clock; "applied" is the kernel
+   holding the version's ruleset: its ``nft`` transaction committed), the operator's acknowledgement,
+   and how many nodes got it.  Each version's time is split into the publish hop (start -> first node
+   stored it: ``policy.accepted``), in the mesh (first stored -> last applied) and on each node (stored
+   -> applied: render and ``nft`` load).  By default every version is the same document with a new
+   serial (a node's ruleset need not change); ``--changing-rules`` adds a rule per version that every
+   node enforces (a full ``nft`` load on every node).  The versions are published with the client
+   library from inside the node's namespace; one more version goes through the ``meshctl`` CLI (its
+   Python start-up included) and is reported on its own line.  Then an idle window: CPU per daemon (utime+stime from
    /proc, % of one core) and RSS.  The daemons' CPU seconds during the publishes say how much of the
    time is the 2-core host's contention.
 2. Serf, run first in the same namespaces (Debian's ``serf``, ``simulations/drill/serf_agents.py``): one agent per namespace, the same loss
    rules; ``--publishes`` user events, each fired through a seeded agent; per event the time from firing
    (the ``serf event`` client's start included) to the last agent's handler run.
 4. The simulator on the same topology (``predict``): its median next to the measured one.
-3. TCP retransmitted segments (``/proc/net/snmp`` of every namespace) during each side's publishes.
+3. Kernel counters summed over the namespaces during each side's publishes (TCP segments sent and
+   retransmitted and why, UDP datagrams), the daemons' datagram counters (sent, retransmits, fallbacks
+   to the stream, fragmented bodies), and CPU seconds per version: the daemons, the daemons with their
+   ``nft`` children, and the whole host (other users of the 2 cores included).
 
 Prints per-version figures, the medians, p99, max, delivery completeness and the policymesh/Serf ratio
 of medians.  A benchmark (root only), not a test: pytest does not collect it.
@@ -35,6 +46,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meshnode.client import publish  # noqa: E402
 from meshnode.demo_netns import NetnsLab  # noqa: E402
 from simulations.drill import netfaults as nf  # noqa: E402
-from simulations.drill.nodes import RealCluster  # noqa: E402
+from simulations.drill.nodes import RealCluster, admin_status  # noqa: E402
 from simulations.drill.policydoc import document_toml  # noqa: E402
 from simulations.drill.serf_agents import SerfAgents  # noqa: E402
 from simulations.engine import run_scenario  # noqa: E402
@@ -63,12 +75,16 @@ DELIVER_TIMEOUT_S = 60.0
 
 
 class LogTail:
-    """``policy.applied`` times (wall s) per serial from one node's JSON log, read incrementally."""
+    """Per serial, from one node's JSON log (read incrementally; wall s, the node's own timestamps):
+    ``policy.accepted`` (verified and stored: the core's Enforce effect ran), ``policy.applied`` (the kernel
+    holds the ruleset: ``nft`` loaded it and the read-back matched) and the apply's own duration (ms)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
         self.applied: dict[int, float] = {}
+        self.accepted: dict[int, float] = {}
+        self.apply_ms: dict[int, float] = {}
         self.started = False
 
     def poll(self) -> None:
@@ -82,9 +98,14 @@ class LogTail:
                     ev = json.loads(line)
                     if ev.get("event") == "meshnode.started":
                         self.started = True
-                    elif ev.get("event") == "policy.applied" and isinstance(ev.get("serial"), int):
+                    elif ev.get("event") in ("policy.applied", "policy.accepted") and isinstance(ev.get("serial"), int):
                         ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
-                        self.applied.setdefault(ev["serial"], ts)
+                        if ev["event"] == "policy.accepted":
+                            self.accepted.setdefault(ev["serial"], ts)
+                        else:
+                            self.applied.setdefault(ev["serial"], ts)
+                            if isinstance(ev.get("ms"), (int, float)):
+                                self.apply_ms.setdefault(ev["serial"], float(ev["ms"]))
 
 
 def _cpu_s(pid: int) -> float:
@@ -92,6 +113,27 @@ def _cpu_s(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
     return 0.0
+
+
+def _cpu_tree_s(pid: int) -> float:
+    """CPU seconds of a daemon with its children: the ones it waited for (``nft`` runs: cutime+cstime)
+    and the ones still running (its ``nft monitor``)."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = sum(int(f) for f in fields[11:15]) / CLK_TCK
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += sum(int(f) for f in fields[11:15]) / CLK_TCK
+    return total
+
+
+def _host_busy_s() -> float:
+    """CPU seconds the whole host spent busy (all processes, every core: /proc/stat)."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK  # minus idle and iowait
 
 
 def _rss_mib(pid: int) -> float:
@@ -102,14 +144,31 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _retrans(lab: NetnsLab) -> int:
-    total = 0
+SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"))
+TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans")
+
+
+def _net_counters(lab: NetnsLab) -> dict[str, int]:
+    """Kernel counters summed over every namespace: TCP segments sent and retransmitted (and why), UDP
+    datagrams (``/proc/net/snmp``, ``/proc/net/netstat``)."""
+    total: dict[str, int] = {}
     for i in range(lab.count):
-        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp"], check=False).stdout.decode()
-        lines = [ln.split() for ln in out.splitlines() if ln.startswith("Tcp:")]
-        if len(lines) == 2:
-            total += int(dict(zip(lines[0], lines[1], strict=False)).get("RetransSegs", 0))
+        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                     check=False).stdout.decode()
+        rows: dict[str, dict[str, str]] = {}
+        lines = out.splitlines()
+        for head, vals in zip(lines, lines[1:], strict=False):
+            h, v = head.split(), vals.split()
+            if h and v and h[0] == v[0] and not h[1].isdigit() and v[1].lstrip("-").isdigit():
+                rows[h[0].rstrip(":")] = dict(zip(h[1:], v[1:], strict=False))
+        for proto, key in (*SNMP_KEYS, *(("TcpExt", k) for k in TCP_EXT_KEYS)):
+            name = f"{proto.lower()}_{key}"
+            total[name] = total.get(name, 0) + int(rows.get(proto, {}).get(key, 0))
     return total
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
 def _in_netns(ns: str, fn: Any) -> Any:
@@ -148,14 +207,89 @@ def _summary(times_ms: list[float]) -> dict[str, float | None]:
             "max_ms": round(s[-1], 1)}
 
 
+def _split(tails: list[LogTail], serial: int, t0: float, n: int) -> dict[str, Any]:
+    """Where one version's time went: the publish hop (start -> first node stored it), inside the mesh
+    (first node stored -> last node applied) and on each node (stored -> the kernel holds it)."""
+    got = [t.applied[serial] for t in tails if serial in t.applied]
+    acc = [t.accepted[serial] for t in tails if serial in t.accepted]
+    on_node = sorted(t.applied[serial] - t.accepted[serial] for t in tails
+                     if serial in t.applied and serial in t.accepted)
+    apply_ms = sorted(t.apply_ms[serial] for t in tails if serial in t.apply_ms)
+    complete = len(got) == n
+    return {"delivered": len(got),
+            "all_ms": round((max(got) - t0) * 1000, 1) if complete else None,
+            "first_ms": round((min(got) - t0) * 1000, 1) if got else None,
+            "hop_ms": round((min(acc) - t0) * 1000, 1) if acc else None,
+            "mesh_ms": round((max(got) - min(acc)) * 1000, 1) if complete and acc else None,
+            "last_accepted_ms": round((max(acc) - t0) * 1000, 1) if acc else None,
+            "on_node_ms": {"median": round(statistics.median(on_node) * 1000, 1),
+                           "max": round(on_node[-1] * 1000, 1)} if on_node else None,
+            "apply_ms": {"median": round(statistics.median(apply_ms), 1), "max": round(apply_ms[-1], 1)}
+            if apply_ms else None}
+
+
+def _split_summary(versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the versions of the split, and the publish hop's share of publish -> all applied."""
+    def med(key: str) -> float | None:
+        vals = [v[key] for v in versions if v.get(key) is not None]
+        return round(statistics.median(vals), 1) if vals else None
+    done = [v for v in versions if v.get("all_ms")]
+    hop_share = sum(v["hop_ms"] for v in done) / sum(v["all_ms"] for v in done) if done else None
+    return {"hop_median_ms": med("hop_ms"), "mesh_median_ms": med("mesh_ms"), "ack_median_ms": med("ack_ms"),
+            "hop_share": round(hop_share, 3) if hop_share is not None else None,
+            "on_node_median_ms": round(statistics.median(v["on_node_ms"]["median"] for v in versions
+                                                         if v.get("on_node_ms")), 1) if versions else None}
+
+
+def _cli_version(cluster: RealCluster, tails: list[LogTail], rng: random.Random, serial: int, n: int
+                 ) -> dict[str, Any]:
+    """One more version published as an operator does, ``meshctl policy publish`` run in the node's namespace
+    (the CLI's Python start-up included, as ``serf event``'s start-up is in Serf's figures)."""
+    via = cluster.nodes[rng.randrange(n)]
+    envelope = cluster.root / f"policy-{serial}.msgpack"
+    argv = ["ip", "netns", "exec", via.ns, sys.executable, "-m", "meshnode.cli", "policy", "publish", str(envelope),
+            "--node", via.mesh, "--identity", str(cluster.operator)]
+    t0 = time.time()
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    ack_ms = (time.time() - t0) * 1000
+
+    def applied() -> bool:
+        for t in tails:
+            t.poll()
+        return all(serial in t.applied for t in tails)
+
+    _wait(applied, DELIVER_TIMEOUT_S)
+    return {"serial": serial, "ok": proc.returncode == 0, "ack_ms": round(ack_ms, 1), **_split(tails, serial, t0, n)}
+
+
+def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
+    """The datagram layer's counters (sent, received, retransmits, fallbacks...) summed over the nodes."""
+    total: dict[str, int] = {}
+    for node in cluster.nodes:
+        st = _in_netns(node.ns, admin_status) or {}
+        for k, v in (st.get("datagrams") or {}).items():
+            if isinstance(v, int):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def _changing_rule(serial: int) -> str:
+    """A rule every node enforces, with a port of its own per version: each version changes every node's
+    ruleset (a full ``nft`` load everywhere), not only some nodes' (or none, as the same document does)."""
+    return (f'\n[[allow]]\nname = "bench-v{serial}"\nfrom = ["role:svc0"]\nto = ["role:*"]\n'
+            f'ports = ["tcp/{40000 + serial}"]\n')
+
+
 def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
-                 rng: random.Random) -> dict[str, Any]:
+                 rng: random.Random, changing_rules: bool = False) -> dict[str, Any]:
     receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
     cluster = RealCluster(root, lab, n, regions, {}, receiver.url)
     try:
-        doc = root / "policy.toml"
-        doc.write_text(document_toml(50))
-        envelopes = {s: cluster.sign(doc, s).read_bytes() for s in range(1, publishes + 2)}
+        envelopes = {}
+        for serial in range(1, publishes + 3):  # the last one is published with the meshctl CLI
+            doc = root / f"policy-{serial}.toml"
+            doc.write_text(document_toml(50) + (_changing_rule(serial) if changing_rules else ""))
+            envelopes[serial] = cluster.sign(doc, serial).read_bytes()
         tails = [LogTail(node.dir / "meshnode.log") for node in cluster.nodes]
         t_boot = time.monotonic()
         for node in cluster.nodes:
@@ -181,7 +315,9 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
             raise RuntimeError(f"serial 1 not applied everywhere in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
         time.sleep(3.0)  # let the directory settle
         pids = [node.proc.pid for node in cluster.nodes if node.proc is not None]
-        cpu0, retrans0, wall0 = sum(_cpu_s(p) for p in pids), _retrans(lab), time.monotonic()
+        dg0 = _datagram_counts(cluster)
+        cpu0, net0, wall0 = sum(_cpu_s(p) for p in pids), _net_counters(lab), time.monotonic()
+        tree0, host0 = sum(_cpu_tree_s(p) for p in pids), _host_busy_s()
         versions = []
         for serial in range(2, publishes + 2):
             via = cluster.nodes[rng.randrange(n)]
@@ -190,15 +326,16 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                                                                        timeout_s=30))
             ack_ms = (time.time() - t0) * 1000
             _wait(lambda s=serial: all_applied(s), DELIVER_TIMEOUT_S)
-            got = [t.applied[serial] for t in tails if serial in t.applied]
             versions.append({"serial": serial, "via": via.node_id, "ok": bool(reply.get("ok")),
-                             "ack_ms": round(ack_ms, 1), "delivered": len(got),
-                             "all_ms": round((max(got) - t0) * 1000, 1) if len(got) == n else None,
-                             "first_ms": round((min(got) - t0) * 1000, 1) if got else None})
+                             "ack_ms": round(ack_ms, 1), **_split(tails, serial, t0, n)})
             time.sleep(1.0)
         busy_wall = time.monotonic() - wall0
+        cli = _cli_version(cluster, tails, rng, publishes + 2, n)
         cpu_busy = sum(_cpu_s(p) for p in pids) - cpu0
-        retrans = _retrans(lab) - retrans0
+        tree_busy, host_busy = sum(_cpu_tree_s(p) for p in pids) - tree0, _host_busy_s() - host0
+        net = _delta(_net_counters(lab), net0)
+        dg1 = _datagram_counts(cluster)
+        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]
@@ -208,7 +345,11 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                 "complete": f"{len(done)}/{len(versions)}",
                 "ack_median_ms": round(statistics.median(v["ack_ms"] for v in versions), 1),
                 "daemon_cpu_during_publishes_cores": round(cpu_busy / busy_wall, 2),
-                "tcp_retrans_segs": retrans,
+                "cpu_s_per_version": {"daemons": round(cpu_busy / len(versions), 3),
+                                      "daemons_with_nft": round(tree_busy / len(versions), 3),
+                                      "host_all_processes": round(host_busy / len(versions), 3)},
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams, "meshctl_cli": cli,
+                "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
     finally:
@@ -226,7 +367,8 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
         time.sleep(3.0)
         alive_at_start = agents.alive_members()
-        retrans0 = _retrans(lab)
+        net0, host0 = _net_counters(lab), _host_busy_s()
+        agents0 = sum(_cpu_tree_s(p.pid) for p in agents.procs)
         out = []
         for k in range(events):
             payload = f"v{k}-{rng.randrange(1 << 30)}"
@@ -235,10 +377,13 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
             out.append({"event": payload, "delivered": len(got),
                         "all_ms": round((max(got.values()) - t0) * 1000, 1) if len(got) == n else None})
             time.sleep(1.0)
+        net, host_busy = _delta(_net_counters(lab), net0), _host_busy_s() - host0
         done = [e["all_ms"] for e in out if e["all_ms"] is not None]
         return {"events": out, **_summary(done), "complete": f"{len(done)}/{len(out)}",
                 "alive_seen_by_agent_0_at_start": alive_at_start,
-                "tcp_retrans_segs": _retrans(lab) - retrans0}
+                "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net,
+                "host_cpu_s_per_event": round(host_busy / len(out), 3),
+                "agents_cpu_s_per_event": round((sum(_cpu_tree_s(p.pid) for p in agents.procs) - agents0) / len(out), 3)}
     finally:
         agents.stop()
 
@@ -287,7 +432,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
                    what="tests/bench_netns.py")
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
-    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions}
+    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules}
     try:
         lab.setup()
         for i in range(n):
@@ -300,7 +445,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
             print(f"--- {n} nodes, {loss}% loss: serf ...", flush=True)
             out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
         print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
-        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng)
+        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules)
         if not args.no_serf:
             m, s = out["meshnode"]["median_ms"], out["serf"]["median_ms"]
             out["ratio_of_medians"] = round(m / s, 3) if m and s else None
@@ -317,18 +462,27 @@ def _print_one(r: dict[str, Any]) -> None:
     m = r["meshnode"]
     print(f"{r['nodes']} nodes, {r['loss_pct']}% loss")
     for v in m["versions"]:
-        print(f"  meshnode serial {v['serial']} via {v['via']}: ack {v['ack_ms']} ms, first {v['first_ms']} ms, "
-              f"all {v['all_ms']} ms ({v['delivered']}/{r['nodes']})")
+        print(f"  meshnode serial {v['serial']} via {v['via']}: ack {v['ack_ms']} ms, hop {v['hop_ms']} ms, "
+              f"first applied {v['first_ms']} ms, all {v['all_ms']} ms ({v['delivered']}/{r['nodes']}); in mesh "
+              f"{v['mesh_ms']} ms, last stored {v['last_accepted_ms']} ms, on node {v['on_node_ms']}, "
+              f"nft apply {v['apply_ms']}")
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
+    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
+    print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")
+    c = m["meshctl_cli"]
+    print(f"  one more version through the meshctl CLI (its Python start-up included): ok {c['ok']}, ack {c['ack_ms']} ms, "
+          f"hop {c['hop_ms']} ms, all {c['all_ms']} ms ({c['delivered']}/{r['nodes']})")
     if "serf" in r:
         s = r["serf"]
         for e in s["events"]:
             print(f"  serf {e['event']}: all {e['all_ms']} ms ({e['delivered']}/{r['nodes']})")
         print(f"  serf: median {s['median_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms, complete {s['complete']}, "
               f"tcp retrans {s['tcp_retrans_segs']}, alive at start {s['alive_seen_by_agent_0_at_start']}/{r['nodes']}")
+        print(f"  serf kernel {s['net']}; CPU s per event (fire + 1 s pause): agents "
+              f"with handlers {s['agents_cpu_s_per_event']}, host {s['host_cpu_s_per_event']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
     p = r["simulator"]
     print(f"  simulator, same topology: median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "
@@ -345,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=10.0, help="idle window for CPU per daemon (default 10 s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-serf", action="store_true", help="skip the Serf baseline")
+    p.add_argument("--changing-rules", action="store_true",
+                   help="every version changes every node's ruleset (default: the same document, new serials)")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

@@ -4,6 +4,7 @@ clock) and the nft monitor line filter / restart of the ruleset watcher."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +105,31 @@ def test_the_watcher_triggers_on_our_table_and_restarts_a_dead_monitor(monkeypat
 
     asyncio.run(main())
     assert len(changes) >= 2 and watch.changes_seen == len(changes)
+
+
+def test_the_watcher_checks_a_burst_of_lines_once() -> None:
+    """One load of our table prints a line per set and rule: one drift check for the burst, not one per line
+    (a check per line kept nodes busy for seconds after every apply); a later change is checked again."""
+    script = ("import sys, time\n"
+              "for i in range(200): print(f'add rule inet policymesh input tcp dport {i} accept')\n"
+              "sys.stdout.flush(); time.sleep(0.5)\n"
+              "print('delete table inet policymesh', flush=True); time.sleep(5)\n")
+    changes: list[int] = []
+    watch = RulesetWatch("policymesh", lambda: changes.append(1), Log(), command=(sys.executable, "-c", script))
+
+    async def main() -> None:
+        task = asyncio.create_task(watch.run())
+        for _ in range(300):
+            if watch.changes_seen == 201 and len(changes) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert watch.changes_seen == 201 and changes == [1, 1]
 
 
 def test_peers_gauge_counts_open_channels_and_other_members_by_liveness() -> None:

@@ -399,3 +399,29 @@ def test_apply_and_drift_checks_from_two_threads_never_see_false_drift(lab: Lab,
     assert not errors
     assert results and not any(r.drifted for r in results) and be.drift_count == 0
     assert be.read_kernel_hash() == be.applied_hash == ruleset_digest(versions[11 % 3]).hash
+
+
+@pytest.mark.root
+@pytest.mark.skipif(NFT_SKIP is not None, reason=NFT_SKIP or "")
+def test_nft_deferred_read_back_confirms_or_catches_drift(lab: Lab, ns: str, sc: Scenario) -> None:
+    """``read_back_later``: only after a read-back proved this nft lists our rulesets exactly; the kernel
+    holds the ruleset once the load returns; the next drift check reads it back (and repairs a change made
+    in between, as drift)."""
+    be = NftBackend("policymesh", netns=ns)
+    first = be.apply(sc.ruleset(serial=1), read_back_later=True)
+    assert first.verified and first.kernel_hash == first.hash  # not proven yet: read back at once
+    res = be.apply(sc.ruleset(KITCHEN_SINK, serial=2), read_back_later=True)
+    assert not res.verified and res.kernel_hash is None and be.read_back_pending
+    assert be.read_kernel_hash() == res.hash  # the kernel holds it already
+    ok = be.check_drift()
+    assert ok.checked and not ok.drifted and not be.read_back_pending and be.drift_count == 0
+    same = be.apply(sc.ruleset(KITCHEN_SINK, serial=3), read_back_later=True)  # renders the same ruleset
+    assert same.mode == "sets" and same.hash == res.hash and not same.verified and be.read_back_pending
+    assert not be.check_drift().drifted and not be.read_back_pending
+    res = be.apply(sc.ruleset(serial=4), read_back_later=True)
+    assert not res.verified
+    lab.exec("k", ["nft", "insert rule inet policymesh input tcp dport 22 accept"])
+    d = be.check_drift()
+    assert d.drifted and d.repaired and d.drift_count == 1 and d.expected_hash == res.hash
+    assert [e.name for e in d.events] == ["enforce.drift_detected", "enforce.drift_repaired"]
+    assert be.read_kernel_hash() == res.hash and not be.read_back_pending

@@ -4,12 +4,16 @@ Every authenticated gossip channel (WebSocket + Noise XX over TCP) also gets a d
 peer, keyed from that channel's handshake.  Small dissemination messages (announces, pulls, small policy
 and root bodies: up to ``MAX_FRAME`` bytes) then go as one datagram each, so a lost packet costs one
 retransmission timed from the path's measured round trip (milliseconds on a LAN) instead of TCP's
-~200 ms timer.  Everything else (probes, directory sync, large bodies) stays on the stream.
+~200 ms timer.  Bodies up to ``MAX_FRAGMENTED`` bytes (a policy of a few kilobytes) go as several
+datagrams, each acknowledged and retransmitted on its own (``datagram_frags``).  Everything else (probes,
+directory sync, larger bodies) stays on the stream.
 
 * Path check: the side that knows the peer's UDP endpoint (the dialer: the peer's mesh address; the
   acceptor once an authentic datagram arrived) sends a probe; the path carries frames once a probe was
   answered.  Unanswered after ``PROBE_TRIES`` tries (UDP blocked, a NAT): the peer stays on the stream
-  (``stream_only`` in status) and is probed again every ``REPROBE_S``.
+  (``stream_only`` in status) and is probed again after ``REPROBE_MIN_S``, doubling up to ``REPROBE_MAX_S``
+  (a node too busy to answer for a second, as at start, must not keep its peers on TCP for long); an
+  authentic probe from the peer of a blocked path makes it probe back at once.
 * Reliability: each frame carries a message id; the receiver hands it to the core once (ids seen are
   remembered per path) and acknowledges it; the sender retransmits after ``rto`` (from the smoothed
   probe and ack round trips) up to ``SEND_TRIES`` times in all, then sends it on the stream.
@@ -36,16 +40,18 @@ from protocol.gossip.events import FrameReceived
 
 from ..metrics import Metrics
 from ..transport import Conn
+from .datagram_frags import FragmentRefused, Reassembly, max_message, split
 
-PROBE, PROBE_ACK, FRAME, FRAME_ACK = 1, 2, 3, 4
-_ID = struct.Struct("<BQ")  # kind, probe nonce or message id
+PROBE, PROBE_ACK, FRAME, FRAME_ACK, FRAG = 1, 2, 3, 4, 5
+_ID = struct.Struct("<BQ")  # kind, probe nonce or message id (a fragment's own id: acked as a frame)
 MAX_FRAME = MAX_PAYLOAD - _ID.size
+MAX_FRAGMENTED = max_message(MAX_FRAME)  # ~18 KB: larger bodies go on the stream
 # Dissemination messages by their wire tag (protocol.gossip.wire): Announce, PolicyPull, PolicyPush,
 # RootPull, RootPush.  Probes stay on the stream (their timeouts are tuned for it).
 DATAGRAM_TAGS = frozenset({5, 6, 7, 8, 9})
 PROBE_TRIES = 3  # unanswered probes before the path counts as blocked
 PROBE_TIMEOUT_S = (0.1, 0.3, 0.9)  # per try (the first probe may beat the acceptor's end of the handshake)
-REPROBE_S = 30.0
+REPROBE_MIN_S, REPROBE_MAX_S = 2.0, 30.0  # a blocked path is probed again after this, doubling per episode
 SEND_TRIES = 3
 RTO_MIN_S, RTO_MAX_S, RTO_INITIAL_S = 0.005, 0.5, 0.1
 SEEN_IDS = 512
@@ -54,8 +60,9 @@ MAX_SOURCES = 4096
 
 
 def datagram_worthy(data: bytes) -> bool:
-    """A small dissemination message (a MessagePack array whose first element is one of its tags)."""
-    return len(data) <= MAX_FRAME and len(data) > 1 and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
+    """A dissemination message (a MessagePack array whose first element is one of its tags) that fits in
+    one datagram, or in ``MAX_FRAGMENTED`` bytes of fragments."""
+    return 1 < len(data) <= MAX_FRAGMENTED and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
 
 
 @dataclass(eq=False)
@@ -69,6 +76,8 @@ class _Path:
     probe_nonce: int = 0
     probe_sent: float = 0.0
     srtt_s: float | None = None
+    reprobe_s: float = REPROBE_MIN_S
+    reassembly: Reassembly = field(default_factory=Reassembly)
     seen: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
 
     @property
@@ -86,6 +95,9 @@ class _Pending:
     first_sent: float
     retry_at: float
     tries: int = 1
+    kind: int = FRAME
+    message: int = 0  # a fragment's message id (0: a whole frame)
+    whole: bytes = b""  # a fragment's whole message: what the stream carries if a fragment gets through
 
 
 class DatagramPaths(asyncio.DatagramProtocol):
@@ -105,7 +117,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._limiter = HandshakeRateLimiter(SOURCE_RATE_PER_S, SOURCE_BURST, max_sources=MAX_SOURCES)
-        self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0}
+        self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0, "fragmented": 0,
+                       "reassembled": 0}
         self.refused: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -157,10 +170,19 @@ class DatagramPaths(asyncio.DatagramProtocol):
         path = self._by_conn.get(conn)
         if path is None or not path.up or not datagram_worthy(data):
             return False
-        mid = next(self._ids)
         now = self._clock()
-        self._pending[mid] = _Pending(path, data, now, now + path.rto_s)
-        self._seal_to(path, _ID.pack(FRAME, mid) + data)
+        if len(data) <= MAX_FRAME:
+            mid = next(self._ids)
+            self._pending[mid] = _Pending(path, data, now, now + path.rto_s)
+            self._seal_to(path, _ID.pack(FRAME, mid) + data)
+        else:
+            message = next(self._ids)
+            self.counts["fragmented"] += 1
+            for frag in split(data, message, MAX_FRAME):
+                fid = next(self._ids)
+                self._pending[fid] = _Pending(path, frag, now, now + path.rto_s, kind=FRAG, message=message,
+                                              whole=data)
+                self._seal_to(path, _ID.pack(FRAG, fid) + frag)
         self._wake()
         return True
 
@@ -195,18 +217,23 @@ class DatagramPaths(asyncio.DatagramProtocol):
         for mid, p in list(self._pending.items()):
             if now < p.retry_at:
                 continue
+            if mid not in self._pending:  # a fragment of a message that fell back just now
+                continue
             if p.tries >= SEND_TRIES or p.path.conn.closed:
                 del self._pending[mid]
+                if p.message:  # the whole message goes on the stream once; its other fragments stop
+                    for other in [k for k, q in self._pending.items() if q.message == p.message]:
+                        del self._pending[other]
                 self.counts["fallbacks"] += 1
                 self._metrics.datagrams.labels("fallback").inc()
                 if not p.path.conn.closed:
-                    self._stream_send(p.path.conn, p.data)
+                    self._stream_send(p.path.conn, p.whole or p.data)
                 continue
             p.tries += 1
             p.retry_at = now + p.path.rto_s * p.tries
             self.counts["retransmits"] += 1
             self._metrics.datagrams.labels("retransmit").inc()
-            self._seal_to(p.path, _ID.pack(FRAME, mid) + p.data)
+            self._seal_to(p.path, _ID.pack(p.kind, mid) + p.data)
         for path in list(self._by_conn.values()):
             if not path.probe_at or now < path.probe_at:
                 continue
@@ -219,7 +246,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     self._log.info("datagram.path_blocked", peer=path.conn.peer, endpoint=str(path.endpoint))
                     self._metrics.datagrams.labels("path_blocked").inc()
                 path.probes = 0
-                path.probe_at = now + REPROBE_S
+                path.probe_at = now + path.reprobe_s
+                path.reprobe_s = min(REPROBE_MAX_S, 2 * path.reprobe_s)
 
     # -- receiving ------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -251,13 +279,16 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 self._probe(path, now)
         if kind == PROBE:
             self._seal_to(path, _ID.pack(PROBE_ACK, number))
+            if not path.up and path.probes == 0 and path.probe_at > now:  # blocked, waiting: it is open now
+                self._probe(path, now)
         elif kind == PROBE_ACK:
             if number == path.probe_nonce and not path.up:
                 path.up = True
                 path.probe_at = 0.0
+                path.reprobe_s = REPROBE_MIN_S
                 path.rtt_sample(now - path.probe_sent)
                 self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - path.probe_sent), 2))
-        elif kind == FRAME:
+        elif kind in (FRAME, FRAG):
             self._seal_to(path, _ID.pack(FRAME_ACK, number))
             if number in path.seen:
                 self._metrics.datagrams.labels("duplicate").inc()
@@ -265,7 +296,17 @@ class DatagramPaths(asyncio.DatagramProtocol):
             path.seen[number] = None
             if len(path.seen) > SEEN_IDS:
                 path.seen.popitem(last=False)
-            self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])))
+            if kind == FRAME:
+                self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])))
+                return
+            try:
+                whole = path.reassembly.add(payload[_ID.size:], now)
+            except FragmentRefused as exc:
+                self._refuse(exc.reason)
+                return
+            if whole is not None:
+                self.counts["reassembled"] += 1
+                self._feed(FrameReceived(peer=path.conn.peer, data=whole))
         elif kind == FRAME_ACK:
             p = self._pending.pop(number, None)
             if p is not None and p.path is path:

@@ -4,8 +4,10 @@ reload does ``flush ruleset``), instead of leaving the host open until the next 
 
 ``nft monitor`` prints one line per change, e.g. ``delete table inet policymesh`` or ``add rule inet
 policymesh input tcp dport 22 accept``; a flush of the ruleset shows as the deletion of every chain and
-table (older versions print ``flush ruleset``). Our own applies show up too: the drift check after them
-finds nothing. The monitor is restarted with backoff when it dies.
+table (older versions print ``flush ruleset``). One replacement of our table is a burst of lines (one per
+set, element and rule): the burst is one change, checked once when the monitor has been quiet for
+``SETTLE_S`` (or ``SETTLE_MAX_S`` after its first line, however long it goes on).  Our own applies show up
+too: the drift check after them finds nothing.  The monitor is restarted with backoff when it dies.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
-SETTLE_S = 0.1  # a flush is a burst of lines: wait this long after the first one, then check once
+SETTLE_S = 0.1  # a flush or a load is a burst of lines: check once the monitor was quiet this long
+SETTLE_MAX_S = 1.0  # ... or this long after the burst's first line
 VERBS = frozenset({"add", "insert", "replace", "delete", "destroy", "flush", "reset"})
 
 
@@ -60,14 +63,30 @@ class RulesetWatch:
             return 0
         self.log.info("ruleset_watch.started", pid=proc.pid, table=self.table)
         lines = 0
+        loop = asyncio.get_running_loop()
+        burst_since: float | None = None  # first line of a burst that touched our table, not yet checked
         try:
             assert proc.stdout is not None
-            while raw := await proc.stdout.readline():
+            while True:
+                if burst_since is None:
+                    raw = await proc.stdout.readline()
+                else:
+                    wait_s = min(SETTLE_S, burst_since + SETTLE_MAX_S - loop.time())
+                    try:
+                        raw = await asyncio.wait_for(proc.stdout.readline(), max(0.0, wait_s))
+                    except TimeoutError:  # quiet (or long enough): one check for the whole burst
+                        burst_since = None
+                        self.on_change()
+                        continue
+                if not raw:
+                    break
                 lines += 1
                 if touches_table(raw.decode(errors="replace"), self.table):
                     self.changes_seen += 1
-                    await asyncio.sleep(SETTLE_S)
-                    self.on_change()
+                    if burst_since is None:
+                        burst_since = loop.time()
+            if burst_since is not None:
+                self.on_change()
             stderr = await proc.stderr.read() if proc.stderr is not None else b""
             rc = await proc.wait()
             self.log.warning("ruleset_watch.exited", rc=rc, error=stderr.decode(errors="replace")[:300],

@@ -46,9 +46,10 @@ class ApplyResult:
     backend: str
     mode: str  # "full": table/chain replaced; "sets": set elements updated in place
     hash: str  # ruleset_digest(ruleset).hash of what is now enforced
-    kernel_hash: str | None  # what the kernel reads back as (drift baseline)
+    kernel_hash: str | None  # what the kernel reads back as (drift baseline); None until read back
     exact: bool  # kernel readback equals the rendered normalised form
     changed_sets: tuple[str, ...] = ()
+    verified: bool = True  # False: committed, the read-back is left to the next check_drift()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class Readback:
 
     kernel_hash: str | None
     exact: bool = True
+    verified: bool = True  # False: loaded (the transaction committed), read back later by check_drift()
 
 
 SetChanges = list[tuple[AddressSet, AddressSet]]  # (applied, wanted) for every set whose elements changed
@@ -123,6 +125,7 @@ class Backend:
         self._lock = threading.RLock()
         self._applied_digest: RulesetDigest | None = None
         self._baseline: str | None = None  # kernel hash expected by check_drift
+        self._unverified = False  # the last full replacement committed but was not read back yet
         self.temps_removed: list[Path] = []  # stale temp files removed at setup (backends that write files)
 
     @property
@@ -130,17 +133,22 @@ class Backend:
         return self._applied_digest.hash if self._applied_digest is not None else None
 
     # -- public: serialised, so the daemon's apply worker and drift timer never interleave -------------
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
+    def apply(self, ruleset: Ruleset, *, read_back_later: bool = False) -> ApplyResult:
         """Make the kernel hold ``ruleset`` (in place when only set elements changed); EnforcementError
-        leaves the previous ruleset in force."""
+        leaves the previous ruleset in force.
+
+        ``read_back_later``: a full replacement returns once its transaction committed (the kernel holds
+        it) and leaves reading the kernel back to the next :meth:`check_drift`, when the backend allows it
+        (nftables, once a read-back proved it prints our rulesets exactly); a mismatch found then is
+        drift, alerted and repaired."""
         with self._lock:
             digest = self._checked_digest(ruleset)
             if self._can_update_in_place(digest):
                 try:
-                    return self._set_elements(ruleset, digest)
+                    return self._set_elements(ruleset, digest, read_back_later)
                 except EnforcementError:
                     pass  # the table was edited or removed behind our back: replace it whole
-            return self._replace_all(ruleset, digest)
+            return self._replace_all(ruleset, digest, read_back_later)
 
     def update_sets(self, ruleset: Ruleset) -> ApplyResult:
         """Only the in-place path; EnforcementError if the rules themselves changed."""
@@ -182,25 +190,48 @@ class Backend:
     def _remove_objects(self) -> None:
         raise NotImplementedError
 
+    def _load_only(self, ruleset: Ruleset) -> bool:
+        """Replace all our objects without reading the kernel back; False when this backend cannot (then
+        nothing was done and :meth:`_replace` runs)."""
+        return False
+
+    def _may_read_back_later(self) -> bool:
+        """Whether the kernel's listing can be compared with the rendered hash later (see ``_check_drift``)."""
+        return False
+
     # -- shared -----------------------------------------------------------------------------------------
     def _checked_digest(self, ruleset: Ruleset) -> RulesetDigest:
         if ruleset.table != self.table:
             raise EnforcementError(f"ruleset is for table {ruleset.table!r}, this backend manages {self.table!r}")
+        applied = self.applied
+        if (applied is not None and self._applied_digest is not None and applied.sets == ruleset.sets
+                and applied.rules == ruleset.rules):  # the same sets and rules: the same digest, not recomputed
+            return self._applied_digest
         return ruleset_digest(ruleset)
 
     def _can_update_in_place(self, digest: RulesetDigest) -> bool:
         return (self._applied_digest is not None and self._in_place_possible()
                 and digest.structure_hash == self._applied_digest.structure_hash)
 
-    def _replace_all(self, ruleset: Ruleset, digest: RulesetDigest) -> ApplyResult:
-        readback = self._replace(ruleset, digest)
+    def _replace_all(self, ruleset: Ruleset, digest: RulesetDigest, read_back_later: bool = False) -> ApplyResult:
+        if read_back_later and self._load_only(ruleset):
+            readback = Readback(None, True, verified=False)
+        else:
+            readback = self._replace(ruleset, digest)
         self._record(ruleset, digest, readback)
-        return ApplyResult(self.name, "full", digest.hash, readback.kernel_hash, readback.exact)
+        return ApplyResult(self.name, "full", digest.hash, readback.kernel_hash, readback.exact,
+                           verified=readback.verified)
 
-    def _set_elements(self, ruleset: Ruleset, digest: RulesetDigest) -> ApplyResult:
-        assert self.applied is not None
+    def _set_elements(self, ruleset: Ruleset, digest: RulesetDigest, read_back_later: bool = False) -> ApplyResult:
+        assert self.applied is not None and self._applied_digest is not None
         before = {s.name: s for s in self.applied.sets}
         changes = [(before[s.name], s) for s in ruleset.sets if before[s.name].elements != s.elements]
+        if (not changes and read_back_later and digest.hash == self._applied_digest.hash
+                and self._may_read_back_later()):
+            # nothing to load (e.g. a new policy version that renders the same ruleset here): the kernel
+            # holds it since the last load; the next drift check reads it back as after a deferred load
+            self._record(ruleset, digest, Readback(None, True, verified=False))
+            return ApplyResult(self.name, "sets", digest.hash, None, True, (), verified=False)
         readback = self._update_in_place(ruleset, digest, changes)
         self._record(ruleset, digest, readback)
         return ApplyResult(self.name, "sets", digest.hash, readback.kernel_hash, True,
@@ -208,19 +239,31 @@ class Backend:
 
     def _record(self, ruleset: Ruleset, digest: RulesetDigest, readback: Readback) -> None:
         self.applied, self._applied_digest, self._baseline = ruleset, digest, readback.kernel_hash
+        self._unverified = not readback.verified
+
+    @property
+    def read_back_pending(self) -> bool:
+        """The last full replacement committed and was not read back yet (see ``read_back_later``)."""
+        return self._unverified
 
     def _check_drift(self, repair: bool) -> DriftResult:
         if self.applied is None or self._applied_digest is None:
             return DriftResult(checked=False, drifted=False, expected_hash=None, actual_hash=None,
                                drift_count=self.drift_count)
-        expected = self._baseline
+        # not read back yet: the kernel must hold exactly what was rendered (the backend only defers
+        # once a read-back proved that it prints our rulesets exactly)
+        expected = self._applied_digest.hash if self._unverified else self._baseline
         try:
             actual = self.read_kernel_hash()
         except EnforcementError as exc:
             actual = f"unreadable: {exc}"
         if actual == expected:
+            self._baseline, self._unverified = actual, False
             return DriftResult(checked=True, drifted=False, expected_hash=expected, actual_hash=actual,
                                drift_count=self.drift_count)
+        # not read back yet and listed differently: either drift, or this ruleset only prints differently
+        # (then the read-back of a fresh load lists what the kernel listed before)
+        deferred = self._unverified
         self.drift_count += 1
         facts = {"backend": self.name, "table": self.table, "expected": expected, "actual": actual,
                  "serial": self.applied.policy_serial, "drift_count": self.drift_count}
@@ -233,6 +276,10 @@ class Backend:
             events.append(EnforcementEvent("enforce.drift_repair_failed", {**facts, "error": str(exc)}))
             return DriftResult(True, True, expected, actual, repaired=False, error=str(exc),
                                drift_count=self.drift_count, events=tuple(events))
+        if deferred and result.kernel_hash == actual:
+            self.drift_count -= 1
+            return DriftResult(checked=True, drifted=False, expected_hash=expected, actual_hash=actual,
+                               drift_count=self.drift_count)
         events.append(EnforcementEvent("enforce.drift_repaired", {**facts, "kernel_hash": result.kernel_hash}))
         return DriftResult(True, True, expected, actual, repaired=True, drift_count=self.drift_count,
                            events=tuple(events))

@@ -22,6 +22,7 @@ class NftBackend(Backend):
         self.runner = CommandRunner(netns)
         self.nft = nft
         self.exact = True  # False if this nft prints our ruleset differently from how we render it
+        self.proven_exact = False  # a read-back after a full load matched the rendered ruleset exactly
         self._json: bool | None = None  # probed on first use
 
     def json_supported(self) -> bool:
@@ -64,7 +65,20 @@ class NftBackend(Backend):
             self.runner.run([self.nft, "-f", "-"], stdin=to_nft_text(ruleset, digest.hash).encode())
         kernel = self.read_kernel_hash()
         self.exact = kernel == digest.hash
+        self.proven_exact = self.proven_exact or self.exact
         return Readback(kernel, self.exact)
+
+    def _may_read_back_later(self) -> bool:
+        """Once this nft proved it lists what we load exactly (the deferred read-back compares the kernel's
+        listing with the rendered hash)."""
+        return self.exact and self.proven_exact and self.json_supported()
+
+    def _load_only(self, ruleset: Ruleset) -> bool:
+        """One ``nft -j -f`` transaction, no read-back (see :meth:`_may_read_back_later`)."""
+        if not self._may_read_back_later():
+            return False
+        self._load(to_nft_json(ruleset))
+        return True
 
     def _update_in_place(self, ruleset: Ruleset, digest: RulesetDigest, changes: SetChanges) -> Readback:
         if changes:

@@ -170,6 +170,8 @@ class Simulation:
             # (plain columns would grow to every id interned so far: O(n^2) in all)
             proc.members.adopt(EMPTY_DIRECTORY)
         h.started_ms = kernel.now
+        if h.joined_ms is None:
+            h.joined_ms = kernel.now
         if not kernel.up[i] and not h.hostile:
             self.live_honest += 1
         self.net.host_up[i] = True

@@ -43,7 +43,8 @@ class Host:
     applied: int = 0  # the highest serial its node applied
     disk: Disk = field(default_factory=Disk)
     hostile: bool = False
-    started_ms: int = 0
+    started_ms: int = 0  # its process's latest start
+    joined_ms: int | None = None  # its first start (a node joining the fleet)
 
 
 @dataclass

@@ -87,6 +87,16 @@ def build_report(sim: ReportSim) -> dict[str, Any]:
     }
 
 
+def _delay(v: Version, h: Host, pub: int) -> int:
+    """How long host ``h`` took to apply version ``v``: from the publish, or, for a node that joined the
+    fleet (first started) after the publish, from its join: it could not have had the version any
+    earlier, and counting its absence as propagation time would make t100 the join time of the last
+    joiner.  A node that was down and restarted still counts from the publish."""
+    at = v.applied[h.idx]
+    joined = h.joined_ms
+    return at - (joined if joined is not None and pub < joined <= at else pub)
+
+
 def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, Any]:
     n = sim.n
     pub = v.published_at
@@ -95,7 +105,7 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
         out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
                    messages_per_node=None, dissemination_bytes_per_node=None, by_region={})
         return out
-    times = sorted(v.applied[h.idx] - pub for h in live if h.idx in v.applied)
+    times = sorted(_delay(v, h, pub) for h in live if h.idx in v.applied)
     frac = len(times) / len(live)
 
     def pct(p: float) -> int | None:
@@ -107,7 +117,7 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
     by_region = {}
     for r, name in enumerate(sim.regions):
         lr = [h for h in live if h.region == r]
-        tr = sorted(v.applied[h.idx] - pub for h in lr if h.idx in v.applied)
+        tr = sorted(_delay(v, h, pub) for h in lr if h.idx in v.applied)
         by_region[name] = {"live": len(lr), "converged": len(tr),
                            "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
     out.update(

@@ -213,3 +213,25 @@ def test_sweep_refuses_a_bad_list_in_one_line(capsys: pytest.CaptureFixture[str]
         main(["sweep", "lan", "--protocols", "gossip,carrier-pigeon"])
     assert exc.value.code == 2
     assert "carrier-pigeon" in capsys.readouterr().err
+
+
+def test_a_node_joining_after_a_publish_counts_from_its_join_not_from_the_publish() -> None:
+    """The internet scenario's joiners arrive 1-12 s into the run, after the first publish (4 s): the
+    first version's t100 is how long the nodes that existed took, and each joiner's own delay is
+    measured from its join (it could not have had the version before it existed)."""
+    from simulations.engine import run_scenario
+
+    sc = override(load("internet"), nodes=300)
+    report, sim = run_scenario(sc)
+    first = report["versions"][0]
+    v = sim.versions[0]
+    pub = v.published_at
+    assert pub is not None
+    joiners = [h for h in sim.hosts[: sim.n] if h.joined_ms is not None and h.joined_ms > pub and h.idx in v.applied]
+    assert joiners, "the scenario should have nodes joining after the first publish"
+    late_join = max(h.joined_ms - pub for h in joiners if h.joined_ms is not None)
+    # the version reached everyone, and its t100 is not the last joiner's arrival
+    assert first["t100_ms"] is not None
+    assert first["t100_ms"] < late_join + min(v.applied[h.idx] - (h.joined_ms or 0) for h in joiners)
+    for h in joiners:
+        assert h.joined_ms is not None and v.applied[h.idx] >= h.joined_ms

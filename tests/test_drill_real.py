@@ -49,6 +49,8 @@ def test_chaos_drill_on_real_daemons_holds_every_invariant(tmp_path):
     r, sim = both["real"], both["sim"]
     assert sim["mode"] == "sim" and all(v["ok"] for v in sim["invariants"].values()), sim["invariants"]
     assert sim["fault_schedule"] == r["fault_schedule"]  # one seeded schedule, both modes
+    assert set(r) == set(sim), set(r) ^ set(sim)  # one report schema, both modes
+    assert [set(v) for v in r["versions"]] == [set(v) for v in sim["versions"]]
     assert "simulator" in proc.stdout and "real" in proc.stdout and "kernel_holds_ruleset" in proc.stdout
     print(f"chaos --real: {took:.1f} s, kills {r['drill']['kills']}, versions {len(r['versions'])}, "
           f"t100 {r['t100_ms']} ms, kernel gaps {r['drill']['kernel_gaps']}")

@@ -36,7 +36,7 @@ def version_stats(drill: RealDrill, serial: int, live: list[int]) -> dict[str, A
     pub = drill.published.get(serial)
     out: dict[str, Any] = {"serial": serial, "publish_ms": publish_ms, "published_at_ms": pub}
     empty: dict[str, Any] = dict(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
-                 messages_per_node=None, dissemination_bytes_per_node=None, dissemination_bytes_per_node_max=None,
+                 messages_per_node=None, dissemination_bytes_per_node=None,
                  by_region={})
     if pub is None or not live:
         out.update(empty)
@@ -90,7 +90,6 @@ def real_report(drill: RealDrill, invariants: dict[str, Any], live: list[int], w
         "bytes_per_node": None,
         "messages_per_node": None,
         "dissemination_bytes_per_node": None,
-        "dissemination_bytes_per_node_max": None,
         "bytes_budget_per_node": int(1.2 * drill.policy_bytes + 2048),
         "idle_bytes_per_node_s": None,
         "idle_bytes_per_node_s_by_kind": {},

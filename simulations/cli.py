@@ -25,7 +25,7 @@ from meshnode import version_string
 
 from .drill.real import DrillError
 from .report import PlotUnavailableError
-from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
+from .scenario import PROTOCOLS, TRANSPORTS, ScenarioError, bundled, load, override
 
 EXIT_ERROR = 2
 EXIT_VIOLATION = 3
@@ -65,6 +65,10 @@ def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
     p.add_argument("--loss", type=_fraction, help="override the per-segment loss probability (0..1)")
     p.add_argument("--duration-ms", type=_positive,
                    help="override the duration (virtual ms; with --real, wall-clock ms)")
+    p.add_argument("--transport", choices=TRANSPORTS,
+                   help="override the transport model: tcp (every message on TCP), mixed (as the daemon: small "
+                        "dissemination messages as acknowledged datagrams, the rest on TCP) or datagram "
+                        "(every message a lossy datagram)")
     if protocol:
         p.add_argument("--protocol", choices=PROTOCOLS, help="gossip (default), central-pull or flood")
     p.add_argument("--quiet", action="store_true",
@@ -229,7 +233,7 @@ def _summary(r: dict[str, Any]) -> str:
 
 def _scenario(args: argparse.Namespace, protocol: str | None, nodes: int | None) -> Any:
     return override(load(args.scenario), nodes=nodes, seed=args.seed, loss=args.loss, protocol=protocol,
-                    duration_ms=args.duration_ms)
+                    duration_ms=args.duration_ms, transport=getattr(args, "transport", None))
 
 
 def _run_one(args: argparse.Namespace, protocol: str | None, nodes: int | None = None) -> tuple[dict[str, Any], Any]:

@@ -46,8 +46,13 @@ class NodesCfg(_T):
     join_window_ms: list[int] = msgspec.field(default_factory=lambda: [0, 0])
 
 
+TRANSPORTS = ("tcp", "mixed", "datagram")
+
+
 class NetworkCfg(_T):
-    transport: Literal["tcp", "datagram"] = "tcp"
+    # "tcp": every message on the TCP model; "mixed": as the daemon, small dissemination messages as
+    # datagrams (simulations.datagrams), the rest on TCP; "datagram": every message a lossy datagram
+    transport: Literal["tcp", "mixed", "datagram"] = "tcp"
     loss: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
@@ -269,7 +274,7 @@ def _validate_node_fault(f: Fault, where: str, n: int, bad: Callable[[str], Scen
 
 
 def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None, loss: float | None = None,
-             protocol: str | None = None, duration_ms: int | None = None) -> Scenario:
+             protocol: str | None = None, duration_ms: int | None = None, transport: str | None = None) -> Scenario:
     changes: dict = {}
     if seed is not None:
         changes["seed"] = seed
@@ -281,8 +286,15 @@ def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None,
         changes["duration_ms"] = duration_ms
     if nodes is not None:
         changes["nodes"] = msgspec.structs.replace(sc.nodes, count=nodes)
+    network = sc.network
     if loss is not None:
-        changes["network"] = msgspec.structs.replace(sc.network, loss=loss)
+        network = msgspec.structs.replace(network, loss=loss)
+    if transport is not None:
+        if transport not in TRANSPORTS:
+            raise ScenarioError(f"unknown transport {transport!r} (choose from {', '.join(TRANSPORTS)})")
+        network = msgspec.structs.replace(network, transport=transport)
+    if network is not sc.network:
+        changes["network"] = network
     new = msgspec.structs.replace(sc, **changes)
     validate(new, f"scenario {sc.name} (with overrides)")
     return new

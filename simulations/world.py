@@ -1,7 +1,8 @@
 """The ``World`` of ``simulations.effects`` around the simulated hosts: what a node's effects reach.
 
-Sends go through the network model (``simulations.network``) and arrive as ``FrameReceived`` after
-the per-message processing time, or come back as ``SendFailed``; connections opening and breaking
+Sends go through the network model (``simulations.network``; with ``transport = "mixed"``, small
+dissemination messages between connected peers as datagrams, ``simulations.datagrams``) and arrive as
+``FrameReceived`` after the per-message processing time, or come back as ``SendFailed``; connections opening and breaking
 reach both ends as ``PeerConnected`` / ``PeerDisconnected``.  The ``Enforce`` of a newly accepted
 policy goes to the enforcer model: it confirms what it loaded after ``apply_ms`` (``RulesetApplied``).
 The observers hear of the rest: the invariants (every ``Enforce``'s members, the effects of an
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from protocol.channel.datagram_policy import datagram_worthy
 from protocol.gossip import (
     Alert,
     Enforce,
@@ -26,7 +28,9 @@ from protocol.gossip import (
 )
 from protocol.trust import Certificate
 
+from .datagrams import datagram_plan
 from .network import NEVER
+from .wire import frame_kind
 
 if TYPE_CHECKING:
     from .context import SimState
@@ -82,6 +86,14 @@ class SimWorld:
         data = eff.data
         if j in self.hostile_idx and i not in self.hostile_idx and len(data) > 1 and data[1] == 7:
             self.bodies_to_hostile += 1
+        if net.mixed and datagram_worthy(data) and net.datagram_path(i, j, now):
+            self._send_datagrams(i, j, eff)
+            return
+        self._stream(i, j, eff.peer, eff.address, data)
+
+    def _stream(self, i: int, j: int, peer: str, address: str, data: bytes) -> None:
+        kernel, net = self.kernel, self.net
+        now, epoch = kernel.now, net.epoch
         deliver, fail = net.transmit(i, j, net.wire_bytes(len(data)), now, self._on_connect, self._on_break)
         if deliver != NEVER:
             deliver += self.process_ms
@@ -92,7 +104,36 @@ class SimWorld:
                 if dup is not None:
                     kernel.push(deliver + dup, j, frame, epoch[j])
         elif fail != NEVER:
-            kernel.push(fail, i, SendFailed(peer, eff.address), epoch[i])
+            kernel.push(fail, i, SendFailed(peer, address), epoch[i])
+
+    # -- datagrams (transport = "mixed") -------------------------------------------------------------
+    def _send_datagrams(self, i: int, j: int, eff: Send) -> None:
+        kernel, net = self.kernel, self.net
+        data = eff.data
+        plan = datagram_plan(net, i, j, len(data), kernel.now)
+        kind = frame_kind(data)
+        for at, node, nbytes in plan.arrivals:
+            kernel.schedule(at, self._datagram_arrived, node, (net.epoch[node], nbytes, kind))
+        if plan.deliver_at != NEVER:
+            kernel.schedule(plan.deliver_at + self.process_ms, self._datagram_delivered, j, (net.epoch[j], i, data))
+        if plan.fallback_at != NEVER:  # some datagram was never acknowledged: the whole message on the stream
+            kernel.schedule(plan.fallback_at, self._datagram_fallback, i, (net.epoch[i], j, eff))
+
+    def _datagram_arrived(self, node: int, arg: tuple[int, int, int]) -> None:
+        epoch, nbytes, kind = arg
+        if self.net.up[node] and self.net.epoch[node] == epoch:
+            self.measure.datagram_bytes(node, nbytes, kind)
+
+    def _datagram_delivered(self, j: int, arg: tuple[int, int, bytes]) -> None:
+        epoch, i, data = arg
+        if self.net.up[j] and self.net.epoch[j] == epoch:
+            self.measure.datagram_message(j, data)
+            self.kernel.feed(j, FrameReceived(self.ids[i], data))
+
+    def _datagram_fallback(self, i: int, arg: tuple[int, int, Send]) -> None:
+        epoch, j, eff = arg
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self._stream(i, j, eff.peer, eff.address, eff.data)
 
     def disconnect(self, i: int, peer: str) -> None:
         j = self.by_id.get(peer)

@@ -39,7 +39,6 @@ PROBE_TIMEOUT_S: Final = (0.1, 0.3, 0.9)  # per try (the first probe may beat th
 REPROBE_MIN_S: Final = 2.0  # a blocked path is probed again after this, doubling per episode
 REPROBE_MAX_S: Final = 30.0
 UDP_IP_HEADER: Final = 28  # IPv4 + UDP, per datagram on the wire
-ACK_PAYLOAD: Final = ID_HEADER.size  # an acknowledgement: kind + the acknowledged id
 
 
 def max_message(max_frame: int) -> int:

@@ -56,7 +56,9 @@ class Plan:
     deliver_at: int = NEVER
     fallback_at: int = NEVER
     arrivals: list[tuple[int, int, int]] = field(default_factory=list)
-    sends: int = 0
+    fragments: int = 1
+    sends: int = 0  # datagrams sent, retransmissions included
+    acks: int = 0  # acks sent: one per datagram that arrived (copies included)
 
 
 def path_rto_ms(net: Network, a: int, b: int) -> float:
@@ -107,7 +109,7 @@ def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
     rto = path_rto_ms(net, src, dst)
     count = fragment_count(size)
     chunk = MAX_FRAME - FRAG_HEADER.size
-    plan = Plan()
+    plan = Plan(fragments=count)
     last = 0.0  # the latest first arrival over the fragments
     lost = False  # some fragment never arrived
     for f in range(count):
@@ -126,6 +128,7 @@ def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
                 arrive = send_at + lat * (1.0 + jitter * rng.random()) + wire_ms
                 plan.arrivals.append((int(arrive) + 1, dst, nbytes))
                 first = min(first, arrive)
+                plan.acks += 1
                 back = int(arrive)
                 if net.reachable(dst, src, back) and net.up[src] and rng.random() >= net.loss_at(back):
                     ack = arrive + lat * (1.0 + jitter * rng.random())

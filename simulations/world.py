@@ -48,6 +48,9 @@ class SimWorld:
         self.hostile_idx = hostile_idx
         self.process_ms = process_ms
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
+        # transport = "mixed": messages sent as datagrams, datagrams sent (retransmissions included),
+        # acks sent, retransmissions, messages that went on the stream after unanswered tries
+        self.datagram_counts = {"messages": 0, "sent": 0, "acks": 0, "retransmits": 0, "fallbacks": 0}
 
     # -- the enforcer model -------------------------------------------------------------------------
     def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
@@ -112,6 +115,12 @@ class SimWorld:
         data = eff.data
         plan = datagram_plan(net, i, j, len(data), kernel.now)
         kind = frame_kind(data)
+        counts = self.datagram_counts
+        counts["messages"] += 1
+        counts["sent"] += plan.sends
+        counts["acks"] += plan.acks
+        counts["retransmits"] += plan.sends - plan.fragments
+        counts["fallbacks"] += plan.fallback_at != NEVER
         for at, node, nbytes in plan.arrivals:
             kernel.schedule(at, self._datagram_arrived, node, (net.epoch[node], nbytes, kind))
         if plan.deliver_at != NEVER:

@@ -11,6 +11,8 @@ apply), the measurement (applies, detections, alerts) and the chaos drill (appli
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from .measure import Measurement
 
 
+BODY_TAGS = (7, 9)  # PolicyPush, RootPush (protocol.gossip.wire): verified, stored and forwarded
+
+
 class SimWorld:
     def __init__(self, sim: SimState, measure: Measurement, drill: SimDrill, by_addr: dict[str, int], cert_of: list[bytes],
                  hostile_idx: frozenset[int], process_ms: int) -> None:
@@ -48,6 +53,10 @@ class SimWorld:
         self.hostile_idx = hostile_idx
         self.process_ms = process_ms
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
+        # [nodes] host_cores > 0: every node shares that many cores (float ms when each is free next)
+        self.host_cores = sim.sc.nodes.host_cores
+        self.cores = [0.0] * self.host_cores
+        self.node_free: dict[int, float] = {}
         # transport = "mixed": messages sent as datagrams, datagrams sent (retransmissions included),
         # acks sent, retransmissions, messages that went on the stream after unanswered tries
         self.datagram_counts = {"messages": 0, "sent": 0, "acks": 0, "retransmits": 0, "fallbacks": 0}
@@ -99,9 +108,12 @@ class SimWorld:
         now, epoch = kernel.now, net.epoch
         deliver, fail = net.transmit(i, j, net.wire_bytes(len(data)), now, self._on_connect, self._on_break)
         if deliver != NEVER:
-            deliver += self.process_ms
             frame = FrameReceived(self.ids[i], data)
-            kernel.push(deliver, j, frame, epoch[j])
+            if self.host_cores:
+                kernel.schedule(deliver, self._host_cpu, j, (epoch[j], frame, False))
+            else:
+                kernel.push(deliver + self.process_ms, j, frame, epoch[j])
+            deliver += self.process_ms
             if net.datagram:
                 dup = net.duplicate_delay(i, j)
                 if dup is not None:
@@ -124,7 +136,11 @@ class SimWorld:
         for at, node, nbytes in plan.arrivals:
             kernel.schedule(at, self._datagram_arrived, node, (net.epoch[node], nbytes, kind))
         if plan.deliver_at != NEVER:
-            kernel.schedule(plan.deliver_at + self.process_ms, self._datagram_delivered, j, (net.epoch[j], i, data))
+            frame = FrameReceived(self.ids[i], data)
+            if self.host_cores:
+                kernel.schedule(plan.deliver_at, self._host_cpu, j, (net.epoch[j], frame, True))
+            else:
+                kernel.schedule(plan.deliver_at + self.process_ms, self._datagram_delivered, j, (net.epoch[j], frame))
         if plan.fallback_at != NEVER:  # some datagram was never acknowledged: the whole message on the stream
             kernel.schedule(plan.fallback_at, self._datagram_fallback, i, (net.epoch[i], j, eff))
 
@@ -133,11 +149,34 @@ class SimWorld:
         if self.net.up[node] and self.net.epoch[node] == epoch:
             self.measure.datagram_bytes(node, nbytes, kind)
 
-    def _datagram_delivered(self, j: int, arg: tuple[int, int, bytes]) -> None:
-        epoch, i, data = arg
+    def _datagram_delivered(self, j: int, arg: tuple[int, FrameReceived]) -> None:
+        epoch, frame = arg
         if self.net.up[j] and self.net.epoch[j] == epoch:
-            self.measure.datagram_message(j, data)
-            self.kernel.feed(j, FrameReceived(self.ids[i], data))
+            self.measure.datagram_message(j, frame.data)
+            self.kernel.feed(j, frame)
+
+    # -- one host's cores ([nodes] host_cores) ------------------------------------------------------
+    def _host_cpu(self, j: int, arg: tuple[int, FrameReceived, bool]) -> None:
+        """A message arrived at node j: it is handled after ``process_ms`` of CPU (a policy or root body:
+        ``body_process_ms``) on one of the host's cores, once node j (one event loop) and a core are free,
+        in order of arrival."""
+        epoch, frame, datagram = arg
+        if not self.net.up[j] or self.net.epoch[j] != epoch:
+            return
+        now = self.kernel.now
+        nodes = self.sc.nodes
+        data = frame.data
+        body = nodes.body_process_ms is not None and len(data) > 1 and data[1] in BODY_TAGS
+        core = heapq.heappop(self.cores)
+        start = max(float(now), core, self.node_free.get(j, 0.0))
+        done = start + (nodes.body_process_ms if body else nodes.process_ms)  # type: ignore[operator]
+        heapq.heappush(self.cores, done)
+        self.node_free[j] = done
+        at = max(now, math.ceil(done))
+        if datagram:
+            self.kernel.schedule(at, self._datagram_delivered, j, (epoch, frame))
+        else:
+            self.kernel.push(at, j, frame, epoch)
 
     def _datagram_fallback(self, i: int, arg: tuple[int, int, Send]) -> None:
         epoch, j, eff = arg

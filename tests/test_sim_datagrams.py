@@ -4,6 +4,7 @@ daemon's timer, fragments for bodies up to ~18 KB, the stream after the last try
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -23,10 +24,12 @@ from protocol.channel.datagram_policy import (
     rto_s,
     wire_bytes,
 )
+from protocol.gossip import FrameReceived
 from simulations.datagrams import ACK_BYTES, NEVER, datagram_plan, path_rto_ms, probe_up_at
 from simulations.engine import run_scenario
+from simulations.kernel import SEQ_BITS
 from simulations.network import Network
-from simulations.scenario import NetworkCfg, TcpCfg, load, override
+from simulations.scenario import NetworkCfg, ScenarioError, TcpCfg, from_dict, load, override
 
 ONE_WAY_MS = 10.0
 
@@ -145,3 +148,42 @@ def test_a_lossy_run_with_the_mixed_transport_converges_and_counts_its_datagrams
     assert dg["sent"] - dg["retransmits"] >= dg["messages"]  # fragments add datagrams
     tcp, _ = run_scenario(override(sc, transport="tcp"))
     assert "datagrams" not in tcp  # the default reports stay as they were
+
+
+# -- one host's shared cores ([nodes] host_cores), as in the netns benchmark -------------------------------
+def _handled_at(cores: int, arrivals: list[tuple[int, bytes]]) -> list[int]:
+    """Feed messages arriving now at the given nodes through a finished netns-12 run's host model; the
+    times the nodes get them."""
+    sc = override(load("netns-12"), nodes=4)
+    _, sim = run_scenario(sc)
+    world, kernel = sim.world, sim.kernel
+    world.cores = [0.0] * cores
+    world.node_free = {}
+    frames = []
+    for node, data in arrivals:
+        frame = FrameReceived(sim.ids[0], data)
+        frames.append(frame)
+        world._host_cpu(node, (sim.net.epoch[node], frame, False))
+    at = {id(inp): key >> SEQ_BITS for key, (_, _, inp) in kernel.pending.items()}
+    return [at[id(f)] - kernel.now for f in frames]
+
+
+PING = bytes([0x92, 1, 0])
+BODY = bytes([0x93, 7, 0])
+
+
+def test_messages_queue_for_the_hosts_cores_and_each_daemons_event_loop() -> None:
+    sc = load("netns-12").nodes
+    c, body = sc.process_ms, sc.body_process_ms
+    assert sc.host_cores == 2 and body is not None and body > c
+    # two cores: two daemons handle a message each at once; a third waits for a core
+    assert _handled_at(2, [(1, BODY), (2, BODY), (3, BODY)]) == [math.ceil(body), math.ceil(body), math.ceil(2 * body)]
+    # one daemon is one event loop: its second message waits for its first, whatever the cores
+    assert _handled_at(2, [(1, PING), (1, PING)]) == [math.ceil(c), math.ceil(2 * c)]
+    # one core: everything in order of arrival
+    assert _handled_at(1, [(1, PING), (2, BODY)]) == [math.ceil(c), math.ceil(c + body)]
+
+
+def test_host_cores_must_not_be_negative() -> None:
+    with pytest.raises(ScenarioError, match="host_cores"):
+        from_dict({"name": "x", "nodes": {"count": 3, "host_cores": -1}})

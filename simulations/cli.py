@@ -213,6 +213,10 @@ def _summary(r: dict[str, Any]) -> str:
             f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
             f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
         ]
+        if "datagrams" in r:
+            d = r["datagrams"]
+            lines.append(f"  datagrams: {d['messages']} messages, {d['sent']} sent, {d['acks']} acks, "
+                         f"{d['retransmits']} retransmitted, {d['fallbacks']} to the stream")
     else:
         lines.append(f"  versions {len(r['versions'])}  live at end {r['live_nodes']}  wall {r['wall_s']} s  "
                      f"invariant violations {r['invariant_violations']}")

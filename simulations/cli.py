@@ -25,7 +25,7 @@ from meshnode import version_string
 
 from .drill.real import DrillError
 from .report import PlotUnavailableError
-from .scenario import PROTOCOLS, ScenarioError, bundled, load, override
+from .scenario import PROTOCOLS, TRANSPORTS, ScenarioError, bundled, load, override
 
 EXIT_ERROR = 2
 EXIT_VIOLATION = 3
@@ -65,6 +65,10 @@ def _overrides(p: argparse.ArgumentParser, protocol: bool = True) -> None:
     p.add_argument("--loss", type=_fraction, help="override the per-segment loss probability (0..1)")
     p.add_argument("--duration-ms", type=_positive,
                    help="override the duration (virtual ms; with --real, wall-clock ms)")
+    p.add_argument("--transport", choices=TRANSPORTS,
+                   help="override the transport model: tcp (every message on TCP), mixed (as the daemon: small "
+                        "dissemination messages as acknowledged datagrams, the rest on TCP) or datagram "
+                        "(every message a lossy datagram)")
     if protocol:
         p.add_argument("--protocol", choices=PROTOCOLS, help="gossip (default), central-pull or flood")
     p.add_argument("--quiet", action="store_true",
@@ -209,6 +213,10 @@ def _summary(r: dict[str, Any]) -> str:
             f"  false detections {r['false_detections']} ({r['false_detections_per_node_hour']}/node-hour)  "
             f"events {r['events']}  wall {r['wall_s']} s  invariant violations {r['invariant_violations']}",
         ]
+        if "datagrams" in r:
+            d = r["datagrams"]
+            lines.append(f"  datagrams: {d['messages']} messages, {d['sent']} sent, {d['acks']} acks, "
+                         f"{d['retransmits']} retransmitted, {d['fallbacks']} to the stream")
     else:
         lines.append(f"  versions {len(r['versions'])}  live at end {r['live_nodes']}  wall {r['wall_s']} s  "
                      f"invariant violations {r['invariant_violations']}")
@@ -229,7 +237,7 @@ def _summary(r: dict[str, Any]) -> str:
 
 def _scenario(args: argparse.Namespace, protocol: str | None, nodes: int | None) -> Any:
     return override(load(args.scenario), nodes=nodes, seed=args.seed, loss=args.loss, protocol=protocol,
-                    duration_ms=args.duration_ms)
+                    duration_ms=args.duration_ms, transport=getattr(args, "transport", None))
 
 
 def _run_one(args: argparse.Namespace, protocol: str | None, nodes: int | None = None) -> tuple[dict[str, Any], Any]:

@@ -285,6 +285,11 @@ class Simulation:
         return self.world.bodies_to_hostile
 
     @property
+    def datagram_counts(self) -> dict[str, int]:
+        """transport = "mixed": what went as datagrams (simulations.world)."""
+        return self.world.datagram_counts
+
+    @property
     def restartable(self) -> set[int]:
         return self.faults.restartable
 

@@ -49,6 +49,18 @@ class Measurement:
         if k in DISSEMINATION_KINDS:
             self.recv_diss[i] += n
 
+    def datagram_bytes(self, i: int, nbytes: int, kind: int) -> None:
+        """One datagram (a message's frame or fragment, a copy, an ack) arrived at node i."""
+        self.recv_bytes[i] += nbytes
+        self.kind_bytes[kind] += nbytes
+        if kind in DISSEMINATION_KINDS:
+            self.recv_diss[i] += nbytes
+
+    def datagram_message(self, i: int, data: bytes) -> None:
+        """A message carried as datagrams was delivered (its bytes came with ``datagram_bytes``)."""
+        self.recv_msgs[i] += 1
+        self.kind_msgs[frame_kind(data)] += 1
+
     def snapshot(self) -> list[int]:
         """Bytes, messages and dissemination bytes the nodes received so far."""
         n = self.sim.n

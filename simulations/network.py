@@ -5,8 +5,10 @@ host outages, and the transport the daemon really uses.
 as a retransmission delay (RTO = RTT + min RTO, doubling per repeated loss) and head-of-line blocking,
 never as a lost message; a partition or a dead host breaks the connection after the user timeout;
 dialling costs ``connect_rtts`` round trips and fails after the connect timeout (unreachable) or one
-RTT (refused); a failed dial backs off exponentially.  ``datagram`` delivers each message on its own
-(lost, duplicated or reordered), which stresses the protocol beyond what TCP lets through.
+RTT (refused); a failed dial backs off exponentially.  ``mixed`` is what the daemon does: small
+dissemination messages between peers with a connection go as acknowledged, retransmitted datagrams
+(``simulations.datagrams``), the rest on the TCP model.  ``datagram`` delivers every message on its
+own (lost, duplicated or reordered), which stresses the protocol beyond what any transport lets through.
 
 All randomness comes from the ``random.Random`` given in; every time is integer milliseconds.
 """
@@ -17,9 +19,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .datagrams import NEVER, probe_up_at
 from .scenario import NetworkCfg, TcpCfg
-
-NEVER = 1 << 62
 
 
 @dataclass(slots=True)
@@ -39,6 +40,8 @@ class Conn:
     last_ba: int = 0
     fail_at: int = NEVER  # a dial that fails, or a connection that breaks, at this time
     broken: bool = False
+    dgram_lo: int = NEVER  # ``mixed``: when the lower node's datagram path to the higher is up
+    dgram_hi: int = NEVER
 
 
 class Network:
@@ -69,6 +72,7 @@ class Network:
         self.conn_cap: dict[int, int] = {}  # the chaos drill's fd_pressure: node -> most connections it can hold
         self.bits_per_ms = cfg.bandwidth_mbps * 1000.0
         self.datagram = cfg.transport == "datagram"
+        self.mixed = cfg.transport == "mixed"
         self._overhead = tcp.frame_overhead_bytes
         self._mss = tcp.mss
         self._header = tcp.header_bytes
@@ -170,6 +174,15 @@ class Network:
             return self._broken(conn, src, dst, start, on_break)
         return self._order(conn, src, dst, start + self._delay(src, dst, nbytes, start)), NEVER
 
+    def datagram_path(self, src: int, dst: int, t: int) -> bool:
+        """``mixed``: src and dst have a live connection and src's datagram path to dst is up."""
+        lo, hi = (src, dst) if src < dst else (dst, src)
+        conn = self.conns.get(lo * self.stride + hi)
+        if (conn is None or conn.broken or t >= conn.fail_at or conn.ready_at > t
+                or conn.epoch_a != self.epoch[lo] or conn.epoch_b != self.epoch[hi]):
+            return False
+        return (conn.dgram_lo if src == lo else conn.dgram_hi) <= t
+
     def _uncut(self, a: int, b: int, t: int) -> bool:
         for c in self.cuts:
             if c.start <= t < c.end and c.side[a] != c.side[b]:
@@ -236,6 +249,9 @@ class Network:
                         setup += self.tcp.syn_rto_ms if i < 2 else rtt + self.tcp.min_rto_ms
             ready = t + int(setup) + 1
             conn = Conn(ready, ea, eb, ready, ready)
+            if self.mixed:
+                up_src, up_dst = probe_up_at(self, src, dst, ready)
+                conn.dgram_lo, conn.dgram_hi = (up_src, up_dst) if src == lo else (up_dst, up_src)
             self._remember(key, lo, hi, conn)
             self.backoff.pop((src, dst), None)
             on_connect(src, dst, ready)

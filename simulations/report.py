@@ -48,6 +48,7 @@ def build_report(sim: ReportSim) -> dict[str, Any]:
         "regions": sim.regions,
         "loss": sc.network.loss,
         "transport": sc.network.transport,
+        **({"datagrams": dict(sim.datagram_counts)} if sc.network.transport == "mixed" else {}),
         "policy_bytes": sim.policy_bytes,
         "duration_ms": sc.duration_ms,
         "live_nodes": len(live),

@@ -37,6 +37,13 @@ class NodesCfg(_T):
     # (event loop, decrypt, decode, handle, persist) and the enforcement apply after a version is accepted.
     process_ms: float = 0.0
     apply_ms: int = 0
+    # 0: each node has a CPU of its own (process_ms is a delay).  N > 0: the nodes share one host's N cores
+    # (as the benchmarks' daemons do): a message is handled after process_ms of CPU once its node's event
+    # loop and a core are free, in order of arrival, so a burst of messages across the host queues.
+    host_cores: int = 0
+    # With host_cores: the CPU of a message carrying a policy or root body (decrypt, verify, store, forward);
+    # None: process_ms like any other message.
+    body_process_ms: float | None = None
     # Start from a converged directory: every node boots at 0 and holds every other's record and
     # status from the start (one shared snapshot plus per-node overlays: memory O(n), not O(n^2)).
     converged: bool = False
@@ -46,8 +53,13 @@ class NodesCfg(_T):
     join_window_ms: list[int] = msgspec.field(default_factory=lambda: [0, 0])
 
 
+TRANSPORTS = ("tcp", "mixed", "datagram")
+
+
 class NetworkCfg(_T):
-    transport: Literal["tcp", "datagram"] = "tcp"
+    # "tcp": every message on the TCP model; "mixed": as the daemon, small dissemination messages as
+    # datagrams (simulations.datagrams), the rest on TCP; "datagram": every message a lossy datagram
+    transport: Literal["tcp", "mixed", "datagram"] = "tcp"
     loss: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
@@ -206,6 +218,8 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
 
     if sc.nodes.count < 1:
         raise bad("nodes.count must be >= 1")
+    if sc.nodes.host_cores < 0:
+        raise bad(f"nodes.host_cores must be >= 0 (0: a CPU per node), got {sc.nodes.host_cores}")
     if not sc.nodes.regions or len(set(sc.nodes.regions)) != len(sc.nodes.regions):
         raise bad("nodes.regions must be a non-empty list of distinct names")
     if sc.duration_ms < 1:
@@ -269,7 +283,7 @@ def _validate_node_fault(f: Fault, where: str, n: int, bad: Callable[[str], Scen
 
 
 def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None, loss: float | None = None,
-             protocol: str | None = None, duration_ms: int | None = None) -> Scenario:
+             protocol: str | None = None, duration_ms: int | None = None, transport: str | None = None) -> Scenario:
     changes: dict = {}
     if seed is not None:
         changes["seed"] = seed
@@ -281,8 +295,15 @@ def override(sc: Scenario, *, nodes: int | None = None, seed: int | None = None,
         changes["duration_ms"] = duration_ms
     if nodes is not None:
         changes["nodes"] = msgspec.structs.replace(sc.nodes, count=nodes)
+    network = sc.network
     if loss is not None:
-        changes["network"] = msgspec.structs.replace(sc.network, loss=loss)
+        network = msgspec.structs.replace(network, loss=loss)
+    if transport is not None:
+        if transport not in TRANSPORTS:
+            raise ScenarioError(f"unknown transport {transport!r} (choose from {', '.join(TRANSPORTS)})")
+        network = msgspec.structs.replace(network, transport=transport)
+    if network is not sc.network:
+        changes["network"] = network
     new = msgspec.structs.replace(sc, **changes)
     validate(new, f"scenario {sc.name} (with overrides)")
     return new

@@ -1,7 +1,8 @@
 """The ``World`` of ``simulations.effects`` around the simulated hosts: what a node's effects reach.
 
-Sends go through the network model (``simulations.network``) and arrive as ``FrameReceived`` after
-the per-message processing time, or come back as ``SendFailed``; connections opening and breaking
+Sends go through the network model (``simulations.network``; with ``transport = "mixed"``, small
+dissemination messages between connected peers as datagrams, ``simulations.datagrams``) and arrive as
+``FrameReceived`` after the per-message processing time, or come back as ``SendFailed``; connections opening and breaking
 reach both ends as ``PeerConnected`` / ``PeerDisconnected``.  The ``Enforce`` of a newly accepted
 policy goes to the enforcer model: it confirms what it loaded after ``apply_ms`` (``RulesetApplied``).
 The observers hear of the rest: the invariants (every ``Enforce``'s members, the effects of an
@@ -10,9 +11,12 @@ apply), the measurement (applies, detections, alerts) and the chaos drill (appli
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from protocol.channel.datagram_policy import datagram_worthy
 from protocol.gossip import (
     Alert,
     Enforce,
@@ -26,12 +30,17 @@ from protocol.gossip import (
 )
 from protocol.trust import Certificate
 
+from .datagrams import datagram_plan
 from .network import NEVER
+from .wire import frame_kind
 
 if TYPE_CHECKING:
     from .context import SimState
     from .drill.simfaults import SimDrill
     from .measure import Measurement
+
+
+BODY_TAGS = (7, 9)  # PolicyPush, RootPush (protocol.gossip.wire): verified, stored and forwarded
 
 
 class SimWorld:
@@ -44,6 +53,13 @@ class SimWorld:
         self.hostile_idx = hostile_idx
         self.process_ms = process_ms
         self.bodies_to_hostile = 0  # policy bodies honest nodes sent to hostile ones (flood: pulls)
+        # [nodes] host_cores > 0: every node shares that many cores (float ms when each is free next)
+        self.host_cores = sim.sc.nodes.host_cores
+        self.cores = [0.0] * self.host_cores
+        self.node_free: dict[int, float] = {}
+        # transport = "mixed": messages sent as datagrams, datagrams sent (retransmissions included),
+        # acks sent, retransmissions, messages that went on the stream after unanswered tries
+        self.datagram_counts = {"messages": 0, "sent": 0, "acks": 0, "retransmits": 0, "fallbacks": 0}
 
     # -- the enforcer model -------------------------------------------------------------------------
     def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
@@ -82,17 +98,90 @@ class SimWorld:
         data = eff.data
         if j in self.hostile_idx and i not in self.hostile_idx and len(data) > 1 and data[1] == 7:
             self.bodies_to_hostile += 1
+        if net.mixed and datagram_worthy(data) and net.datagram_path(i, j, now):
+            self._send_datagrams(i, j, eff)
+            return
+        self._stream(i, j, eff.peer, eff.address, data)
+
+    def _stream(self, i: int, j: int, peer: str, address: str, data: bytes) -> None:
+        kernel, net = self.kernel, self.net
+        now, epoch = kernel.now, net.epoch
         deliver, fail = net.transmit(i, j, net.wire_bytes(len(data)), now, self._on_connect, self._on_break)
         if deliver != NEVER:
-            deliver += self.process_ms
             frame = FrameReceived(self.ids[i], data)
-            kernel.push(deliver, j, frame, epoch[j])
+            if self.host_cores:
+                kernel.schedule(deliver, self._host_cpu, j, (epoch[j], frame, False))
+            else:
+                kernel.push(deliver + self.process_ms, j, frame, epoch[j])
+            deliver += self.process_ms
             if net.datagram:
                 dup = net.duplicate_delay(i, j)
                 if dup is not None:
                     kernel.push(deliver + dup, j, frame, epoch[j])
         elif fail != NEVER:
-            kernel.push(fail, i, SendFailed(peer, eff.address), epoch[i])
+            kernel.push(fail, i, SendFailed(peer, address), epoch[i])
+
+    # -- datagrams (transport = "mixed") -------------------------------------------------------------
+    def _send_datagrams(self, i: int, j: int, eff: Send) -> None:
+        kernel, net = self.kernel, self.net
+        data = eff.data
+        plan = datagram_plan(net, i, j, len(data), kernel.now)
+        kind = frame_kind(data)
+        counts = self.datagram_counts
+        counts["messages"] += 1
+        counts["sent"] += plan.sends
+        counts["acks"] += plan.acks
+        counts["retransmits"] += plan.sends - plan.fragments
+        counts["fallbacks"] += plan.fallback_at != NEVER
+        for at, node, nbytes in plan.arrivals:
+            kernel.schedule(at, self._datagram_arrived, node, (net.epoch[node], nbytes, kind))
+        if plan.deliver_at != NEVER:
+            frame = FrameReceived(self.ids[i], data)
+            if self.host_cores:
+                kernel.schedule(plan.deliver_at, self._host_cpu, j, (net.epoch[j], frame, True))
+            else:
+                kernel.schedule(plan.deliver_at + self.process_ms, self._datagram_delivered, j, (net.epoch[j], frame))
+        if plan.fallback_at != NEVER:  # some datagram was never acknowledged: the whole message on the stream
+            kernel.schedule(plan.fallback_at, self._datagram_fallback, i, (net.epoch[i], j, eff))
+
+    def _datagram_arrived(self, node: int, arg: tuple[int, int, int]) -> None:
+        epoch, nbytes, kind = arg
+        if self.net.up[node] and self.net.epoch[node] == epoch:
+            self.measure.datagram_bytes(node, nbytes, kind)
+
+    def _datagram_delivered(self, j: int, arg: tuple[int, FrameReceived]) -> None:
+        epoch, frame = arg
+        if self.net.up[j] and self.net.epoch[j] == epoch:
+            self.measure.datagram_message(j, frame.data)
+            self.kernel.feed(j, frame)
+
+    # -- one host's cores ([nodes] host_cores) ------------------------------------------------------
+    def _host_cpu(self, j: int, arg: tuple[int, FrameReceived, bool]) -> None:
+        """A message arrived at node j: it is handled after ``process_ms`` of CPU (a policy or root body:
+        ``body_process_ms``) on one of the host's cores, once node j (one event loop) and a core are free,
+        in order of arrival."""
+        epoch, frame, datagram = arg
+        if not self.net.up[j] or self.net.epoch[j] != epoch:
+            return
+        now = self.kernel.now
+        nodes = self.sc.nodes
+        data = frame.data
+        body = nodes.body_process_ms is not None and len(data) > 1 and data[1] in BODY_TAGS
+        core = heapq.heappop(self.cores)
+        start = max(float(now), core, self.node_free.get(j, 0.0))
+        done = start + (nodes.body_process_ms if body else nodes.process_ms)  # type: ignore[operator]
+        heapq.heappush(self.cores, done)
+        self.node_free[j] = done
+        at = max(now, math.ceil(done))
+        if datagram:
+            self.kernel.schedule(at, self._datagram_delivered, j, (epoch, frame))
+        else:
+            self.kernel.push(at, j, frame, epoch)
+
+    def _datagram_fallback(self, i: int, arg: tuple[int, int, Send]) -> None:
+        epoch, j, eff = arg
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self._stream(i, j, eff.peer, eff.address, eff.data)
 
     def disconnect(self, i: int, peer: str) -> None:
         j = self.by_id.get(peer)

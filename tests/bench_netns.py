@@ -27,7 +27,11 @@ the bridge's.  For each size and loss:
 2. Serf, run first in the same namespaces (Debian's ``serf``, ``simulations/drill/serf_agents.py``): one agent per namespace, the same loss
    rules; ``--publishes`` user events, each fired through a seeded agent; per event the time from firing
    (the ``serf event`` client's start included) to the last agent's handler run.
-4. The simulator on the same topology (``predict``): its median next to the measured one.
+4. The simulator on the same topology (``predict``): its median next to the measured one, from the
+   ``netns-12`` scenario (the daemon's transport, ``mixed``: small dissemination messages as acknowledged
+   datagrams, the rest on TCP; the daemons sharing the host's 2 cores) and, for comparison, from
+   ``loopback-12`` (every message on TCP, a CPU per node: the older prediction).  ``--predict-only``
+   prints the predictions alone (no root, no namespaces).
 3. Kernel counters summed over the namespaces during each side's publishes (TCP segments sent and
    retransmitted and why, UDP datagrams), the daemons' datagram counters (sent, retransmits, fallbacks
    to the stream, fragmented bodies), and CPU seconds per version: the daemons, the daemons with their
@@ -388,11 +392,13 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
         agents.stop()
 
 
-def predict(n: int, loss: int, regions: int, publishes: int, seed: int) -> dict[str, Any]:
-    """The simulator's prediction for the same topology: the calibrated ``loopback-12`` host model (one
-    host's cores, per-message processing, apply time; no added latency, as on the bridge) at ``n`` nodes
-    in ``regions`` regions with ``loss`` on every message, ``publishes`` versions one per 10 s."""
-    sc = override(load("loopback-12"), nodes=n, seed=seed, loss=loss / 100)
+def predict(n: int, loss: int, regions: int, publishes: int, seed: int, base: str = "netns-12") -> dict[str, Any]:
+    """The simulator's prediction for the same topology (no added latency, as on the bridge) at ``n`` nodes
+    in ``regions`` regions with ``loss`` on every packet, ``publishes`` versions one per 10 s, from the
+    ``base`` scenario: ``netns-12`` (the daemon's transport, ``mixed``, and one host's 2 shared cores,
+    calibrated on this benchmark) or ``loopback-12`` (the older prediction: every message on TCP, a CPU
+    per node)."""
+    sc = override(load(base), nodes=n, seed=seed, loss=loss / 100)
     names = [f"region-{chr(ord('a') + r)}" for r in range(regions)]
     start = 30_000
     sc = msgspec.structs.replace(
@@ -452,6 +458,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         lab.teardown()
     out["simulator"] = predict(n, loss, args.regions, args.publishes, args.seed)
+    out["simulator_old"] = predict(n, loss, args.regions, args.publishes, args.seed, base="loopback-12")
     measured, predicted = out["meshnode"]["median_ms"], out["simulator"]["median_ms"]
     out["predicted_over_measured"] = round(predicted / measured, 3) if measured and predicted else None
     _print_one(out)
@@ -484,9 +491,10 @@ def _print_one(r: dict[str, Any]) -> None:
         print(f"  serf kernel {s['net']}; CPU s per event (fire + 1 s pause): agents "
               f"with handlers {s['agents_cpu_s_per_event']}, host {s['host_cpu_s_per_event']}")
         print(f"  ratio of medians policymesh/serf: {r['ratio_of_medians']}")
-    p = r["simulator"]
-    print(f"  simulator, same topology: median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "
-          f"predicted/measured {r['predicted_over_measured']}")
+    p, q = r["simulator"], r["simulator_old"]
+    print(f"  simulator, same topology (netns-12): median {p['median_ms']} / max {p['max_ms']} ms ({p['complete']}); "
+          f"predicted/measured {r['predicted_over_measured']}; loopback-12 model (TCP only, a CPU per node): "
+          f"median {q['median_ms']} / max {q['max_ms']} ms")
     sys.stdout.flush()
 
 
@@ -502,7 +510,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--changing-rules", action="store_true",
                    help="every version changes every node's ruleset (default: the same document, new serials)")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--predict-only", action="store_true",
+                   help="only the simulator's predictions for each size and loss (netns-12 and loopback-12 models)")
     args = p.parse_args(argv)
+    if args.predict_only:
+        for n in args.sizes.split(","):
+            for loss in args.loss.split(","):
+                new = predict(int(n), int(loss), args.regions, args.publishes, args.seed)
+                old = predict(int(n), int(loss), args.regions, args.publishes, args.seed, base="loopback-12")
+                print(f"  {n:>4} {loss:>3}% | netns-12 median {new['median_ms']} / max {new['max_ms']} ms "
+                      f"({new['complete']}) | loopback-12 median {old['median_ms']} / max {old['max_ms']} ms", flush=True)
+        return 0
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, nftables)")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop still tears the namespaces down

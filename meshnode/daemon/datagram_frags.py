@@ -15,11 +15,11 @@ each fragment is acknowledged and retransmitted on its own, timed from the path'
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
-FRAG_HEADER = struct.Struct("<QBB")  # message id, index, count
-MAX_FRAGMENTS = 16
+from protocol.channel.datagram_policy import FRAG_HEADER, MAX_FRAGMENTS, max_message
+
+__all__ = ["FRAG_HEADER", "MAX_FRAGMENTS", "FragmentRefused", "Reassembly", "max_message", "split"]
 MAX_PARTIAL = 4  # incomplete messages kept per path
 PARTIAL_TTL_S = 5.0
 
@@ -31,11 +31,6 @@ def split(message: bytes, message_id: int, max_frame: int) -> list[bytes]:
     if not 2 <= count <= MAX_FRAGMENTS:
         raise ValueError(f"a message of {len(message)} bytes is not {2}..{MAX_FRAGMENTS} fragments")
     return [FRAG_HEADER.pack(message_id, i, count) + message[i * chunk:(i + 1) * chunk] for i in range(count)]
-
-
-def max_message(max_frame: int) -> int:
-    """The largest message that goes as fragments."""
-    return MAX_FRAGMENTS * (max_frame - FRAG_HEADER.size)
 
 
 class FragmentRefused(ValueError):

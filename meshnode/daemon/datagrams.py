@@ -27,42 +27,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.channel.datagram import MAX_PAYLOAD, DatagramChannel, DatagramRefused, receiver_id
+from protocol.channel.datagram import DatagramChannel, DatagramRefused, receiver_id
+from protocol.channel.datagram_policy import ID_HEADER as _ID
+from protocol.channel.datagram_policy import (
+    MAX_FRAGMENTED as MAX_FRAGMENTED,  # re-exported: the largest body that goes as datagrams
+)
+from protocol.channel.datagram_policy import (
+    MAX_FRAME,
+    PROBE_TIMEOUT_S,
+    PROBE_TRIES,
+    REPROBE_MAX_S,
+    REPROBE_MIN_S,
+    SEND_TRIES,
+    datagram_worthy,
+    retry_after_s,
+    smoothed_rtt,
+)
+from protocol.channel.datagram_policy import rto_s as _rto
 from protocol.channel.rate_limit import HandshakeRateLimiter
 from protocol.errors import LocalProtocolError
 from protocol.gossip.events import FrameReceived
 
 from ..metrics import Metrics
 from ..transport import Conn
-from .datagram_frags import FragmentRefused, Reassembly, max_message, split
+from .datagram_frags import FragmentRefused, Reassembly, split
 
 PROBE, PROBE_ACK, FRAME, FRAME_ACK, FRAG = 1, 2, 3, 4, 5
-_ID = struct.Struct("<BQ")  # kind, probe nonce or message id (a fragment's own id: acked as a frame)
-MAX_FRAME = MAX_PAYLOAD - _ID.size
-MAX_FRAGMENTED = max_message(MAX_FRAME)  # ~18 KB: larger bodies go on the stream
-# Dissemination messages by their wire tag (protocol.gossip.wire): Announce, PolicyPull, PolicyPush,
-# RootPull, RootPush.  Probes stay on the stream (their timeouts are tuned for it).
-DATAGRAM_TAGS = frozenset({5, 6, 7, 8, 9})
-PROBE_TRIES = 3  # unanswered probes before the path counts as blocked
-PROBE_TIMEOUT_S = (0.1, 0.3, 0.9)  # per try (the first probe may beat the acceptor's end of the handshake)
-REPROBE_MIN_S, REPROBE_MAX_S = 2.0, 30.0  # a blocked path is probed again after this, doubling per episode
-SEND_TRIES = 3
-RTO_MIN_S, RTO_MAX_S, RTO_INITIAL_S = 0.005, 0.5, 0.1
+# Which messages go as datagrams (DATAGRAM_TAGS, MAX_FRAME, MAX_FRAGMENTED), the probe and
+# retransmission timers: protocol.channel.datagram_policy (shared with the simulator's model).
 SEEN_IDS = 512
 SOURCE_RATE_PER_S, SOURCE_BURST = 2000.0, 4000  # per source address, before any crypto
 MAX_SOURCES = 4096
-
-
-def datagram_worthy(data: bytes) -> bool:
-    """A dissemination message (a MessagePack array whose first element is one of its tags) that fits in
-    one datagram, or in ``MAX_FRAGMENTED`` bytes of fragments."""
-    return 1 < len(data) <= MAX_FRAGMENTED and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
 
 
 @dataclass(eq=False)
@@ -82,10 +82,10 @@ class _Path:
 
     @property
     def rto_s(self) -> float:
-        return RTO_INITIAL_S if self.srtt_s is None else min(RTO_MAX_S, max(RTO_MIN_S, 3 * self.srtt_s))
+        return _rto(self.srtt_s)
 
     def rtt_sample(self, rtt_s: float) -> None:
-        self.srtt_s = rtt_s if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * rtt_s
+        self.srtt_s = smoothed_rtt(self.srtt_s, rtt_s)
 
 
 @dataclass(eq=False)
@@ -230,7 +230,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     self._stream_send(p.path.conn, p.whole or p.data)
                 continue
             p.tries += 1
-            p.retry_at = now + p.path.rto_s * p.tries
+            p.retry_at = now + retry_after_s(p.path.rto_s, p.tries)
             self.counts["retransmits"] += 1
             self._metrics.datagrams.labels("retransmit").inc()
             self._seal_to(p.path, _ID.pack(p.kind, mid) + p.data)

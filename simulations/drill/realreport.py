@@ -10,14 +10,32 @@ sample (every ``SAMPLE_MS``) that shows it enforcing the version, so real times 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..report import SERF_MODEL_MS
-from .checks import SAMPLE_MS
-from .schedule import fault_windows
+from ..scenario import Scenario
+from .checks import SAMPLE_MS, DrillChecks
+from .schedule import Episode, fault_windows
 
-if TYPE_CHECKING:
-    from .real import RealDrill
+
+class RealDrill(Protocol):
+    """What the report reads of a finished real drill (``simulations.drill.real.RealDrill``), so this
+    module does not import the drill that imports it."""
+
+    sc: Scenario
+    n: int
+    regions: list[str]
+    ids: list[str]
+    episodes: list[Episode]
+    checks: DrillChecks
+    timeline: list[dict[str, Any]]
+    history: list[list[tuple[int, bool, int, int | None]]]  # per node: (ms, up, serial, applied_at)
+    latest: list[dict[str, Any] | None]
+    published: dict[int, int]
+    alert_counts: dict[str, int]
+    kills: int
+    restarts: int
+    policy_bytes: int
 
 
 def applied_at(history: list[tuple[int, bool, int, int | None]], serial: int, since: int) -> int | None:

@@ -22,8 +22,9 @@ All randomness comes from the network's ``random.Random``; every time is integer
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from protocol.channel.datagram_policy import (
     FRAG_HEADER,
@@ -39,8 +40,23 @@ from protocol.channel.datagram_policy import (
     wire_bytes,
 )
 
-if TYPE_CHECKING:
-    from .network import Network
+from .scenario import NetworkCfg
+
+
+class Network(Protocol):
+    """What the datagram model reads of the network model (``simulations.network.Network``, which
+    imports this module): its latency, loss, reachability and the seeded generator."""
+
+    cfg: NetworkCfg
+    rng: random.Random
+    up: list[bool]
+    bits_per_ms: float
+
+    def one_way(self, a: int, b: int) -> float: ...
+
+    def loss_at(self, t: int) -> float: ...
+
+    def reachable(self, a: int, b: int, t: int) -> bool: ...
 
 NEVER = 1 << 62
 ACK_BYTES = wire_bytes(0)  # an ack: the id header alone

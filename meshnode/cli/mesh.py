@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 from ..status_view import alert_counts_text, format_status, members_of
@@ -41,6 +40,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def publish_targets(args: argparse.Namespace) -> list[str]:
     """The nodes a publish goes to: every ``--node``, else the ``[mesh] seeds`` of the operator's config
     (``--config``, by default ``operator.toml`` in the identity directory)."""
+    import tomllib
+
     from ..authority_store import CliError, UsageError
     from ..config import ConfigError, split_hostport
 

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..status_view import alert_counts_text, format_status, members_of
 from .common import EXIT_INVALID, out, read
 
 OPERATOR_CONFIG = "operator.toml"
@@ -64,6 +63,7 @@ def publish_targets(args: argparse.Namespace) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ..client import status
+    from ..status_view import format_status
 
     st = status(args.node, Path(args.identity), timeout_s=args.timeout)
     if args.json:
@@ -79,6 +79,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     import asyncio
 
     from ..client import OperatorError, request
+    from ..status_view import alert_counts_text, members_of
 
     reply = asyncio.run(request(args.node, Path(args.identity), {"op": "alerts"}, args.timeout))
     if not reply.get("ok"):

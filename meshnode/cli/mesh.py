@@ -39,13 +39,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def publish_targets(args: argparse.Namespace) -> list[str]:
     """The nodes a publish goes to: every ``--node``, else the ``[mesh] seeds`` of the operator's config
     (``--config``, by default ``operator.toml`` in the identity directory)."""
+    if args.node:
+        return list(dict.fromkeys(args.node))
     import tomllib
 
     from ..authority_store import CliError, UsageError
     from ..config import ConfigError, split_hostport
 
-    if args.node:
-        return list(dict.fromkeys(args.node))
     path = Path(args.config) if args.config else Path(args.identity) / OPERATOR_CONFIG
     if not path.is_file():
         raise UsageError(f"no --node given and no operator config at {path} (a TOML file with [mesh] seeds)")

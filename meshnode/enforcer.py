@@ -111,6 +111,8 @@ class Enforcer:
             file_path=self.config.resolve(cfg.enforce.file),
             allow_file_backend=cfg.overrides.allow_file_backend,
         )
+        if getattr(self.backend, "in_process", False):
+            self.log.info("enforce.backend", backend=self.backend.name, nft="libnftables (in-process)")
         for path in self.backend.temps_removed:  # left by a write killed mid-way (file backend)
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from .backend import Backend, CommandRunner, Readback, SetChanges, first_lines, sha256_hex
+from .libnft import InProcessNft
 from .model import EnforcementError, Ruleset
 from .nft import (
     FAMILY,
@@ -26,9 +27,13 @@ from .nft import (
 class NftBackend(Backend):
     name = "nftables"
 
-    def __init__(self, table: str, *, netns: str | None = None, nft: str = "nft") -> None:
+    def __init__(self, table: str, *, netns: str | None = None, nft: str = "nft", in_process: bool = True) -> None:
+        """``in_process``: in the caller's own namespace run the commands through libnftables when it
+        loads (see :mod:`.libnft`), else (or with a ``netns``, or another ``nft`` tool) the ``nft`` tool."""
         super().__init__(table)
-        self.runner = CommandRunner(netns)
+        lib = InProcessNft.open() if in_process and netns is None and nft == "nft" else None
+        self.runner: CommandRunner | InProcessNft = lib if lib is not None else CommandRunner(netns)
+        self.in_process = lib is not None
         self.nft = nft
         self.exact = True  # False if this nft prints our ruleset differently from how we render it
         self.proven_exact = False  # a read-back after a full load matched the rendered ruleset exactly

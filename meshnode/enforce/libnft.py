@@ -57,7 +57,7 @@ class InProcessNft:
         try:
             lib = ctypes.CDLL(LIBRARY)
             _bind(lib)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, MemoryError):  # not installed, too old, or refused by a sandbox
             return None
         return cls(lib)
 

@@ -11,29 +11,34 @@ requests (measured, 10% loss).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from protocol.channel import ConnectionKind, MessageReceived, PeerClosed, SecureSession
+from protocol.channel import (
+    ConnectionKind,
+    HandshakeComplete,
+    MessageReceived,
+    PeerClosed,
+    SecureSession,
+    SessionState,
+)
+from protocol.channel.noise import MAX_MESSAGE_LEN
 from protocol.errors import MeshError
 from protocol.trust import TrustedState
 
-from . import transport
 from .identity import Identity, load_identity_dir
-from .transport import MESH_PATH, WS_MAX_MSG_BYTES, Conn
+from .wsclient import MESH_PATH, REFUSED_CLOSE_CODE, WebSocketClient, WsMessage
 
 CONNECT_TIMEOUT_S = 5.0
 HEDGE_AFTER_S = (0.3, 1.2)
 """``request_first``: without any answer this long after the start, each silent node is asked again
 on a new connection (TCP's first SYN retransmission waits 1 s; a second connection does not)."""
-# After the reply: send our close and go, without waiting for the node's close frame.
-_WS_TIMEOUTS = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=0.0)
 
 
 class OperatorError(MeshError):
@@ -49,35 +54,50 @@ class Answer:
     errors: dict[str, str]  # the nodes that could not answer, and why (the others were cancelled)
 
 
-def _noop(direction: str, n: int) -> None:
-    return None
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
-async def _ask(http: aiohttp.ClientSession, node: str, ident: Identity, req: dict[str, Any],
-               timeout_s: float) -> dict[str, Any]:
+async def _receive(ws: WebSocketClient, node: str, deadline: float) -> bytes:
+    """The next binary message before ``deadline`` (monotonic); OperatorError for anything else."""
+    async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+        msg: WsMessage = await ws.receive()
+    if msg.kind == "binary":
+        return msg.data
+    if msg.kind == "close" and msg.code == REFUSED_CLOSE_CODE:
+        raise OperatorError(f"{node}: the node refused our handshake: {msg.reason or 'no reason given'}")
+    raise OperatorError(f"{node} closed the connection")
+
+
+async def _ask(node: str, ident: Identity, req: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """One request on one new channel to ``node``; its reply, or OperatorError."""
     deadline = time.monotonic() + timeout_s
     try:
         ws = await asyncio.wait_for(
-            http.ws_connect(f"http://{node}{MESH_PATH}", max_msg_size=WS_MAX_MSG_BYTES, timeout=_WS_TIMEOUTS),
+            WebSocketClient.connect(node, MESH_PATH, max_msg_size=MAX_MESSAGE_LEN + 1,
+                                    connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s)),
             timeout_s,
         )
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:
         raise OperatorError(f"cannot reach {node}: {str(exc) or type(exc).__name__}") from None
     session = SecureSession(
         initiator=True, trust=TrustedState(ident.anchor), static_private=ident.static_private,
-        certificate=ident.cert_bytes, entropy=transport.entropy, now_ms=transport.now_ms(),
+        certificate=ident.cert_bytes, entropy=os.urandom, now_ms=_now_ms(),
         accept=frozenset({ConnectionKind.OPERATOR}),
     )
-    conn = Conn(ws=ws, session=session, inbound=False, address=node)
     try:
-        await asyncio.wait_for(transport.handshake(conn, _noop), max(0.01, deadline - time.monotonic()))
-        await transport.send_frames(conn, session.send_message(msgspec.msgpack.encode(req)), _noop)
+        for f in session.frames_to_send():
+            await ws.send_bytes(f)
+        while session.state is SessionState.HANDSHAKE:
+            events = session.receive_frame(await _receive(ws, node, deadline), _now_ms(), time.time())
+            for f in session.frames_to_send():
+                await ws.send_bytes(f)
+            if any(isinstance(e, HandshakeComplete) for e in events):
+                break
+        for f in session.send_message(msgspec.msgpack.encode(req)):
+            await ws.send_bytes(f)
         while True:
-            msg = await asyncio.wait_for(ws.receive(), max(0.01, deadline - time.monotonic()))
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise OperatorError(f"{node} closed the connection")
-            for ev in session.receive_frame(msg.data, transport.now_ms(), time.time()):
+            for ev in session.receive_frame(await _receive(ws, node, deadline), _now_ms(), time.time()):
                 if isinstance(ev, MessageReceived):
                     try:
                         return msgspec.msgpack.decode(ev.data, type=dict)
@@ -87,25 +107,25 @@ async def _ask(http: aiohttp.ClientSession, node: str, ident: Identity, req: dic
                     raise OperatorError(f"{node} closed the channel: {ev.reason}")
     except TimeoutError:
         raise OperatorError(f"{node}: no answer within {timeout_s:.0f} s") from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         raise OperatorError(f"{node}: {str(exc) or type(exc).__name__}") from None
     except MeshError as exc:
         if isinstance(exc, OperatorError):
             raise
         raise OperatorError(f"{node}: channel refused: {exc}") from None
     finally:
-        await transport.close(conn, "done")
-
-
-def _http() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S))
+        try:
+            for f in session.close("done") if session.state is SessionState.OPEN else []:
+                await ws.send_bytes(f)
+        except (MeshError, OSError):
+            pass
+        await ws.close()
 
 
 async def request(node: str, identity_dir: Path, req: dict[str, Any], timeout_s: float = 20.0) -> dict[str, Any]:
     """Send ``req`` to ``node`` and return its reply (OperatorError when unreachable or broken)."""
     ident = load_identity_dir(identity_dir)
-    async with _http() as http:
-        return await _ask(http, node, ident, req, timeout_s)
+    return await _ask(node, ident, req, timeout_s)
 
 
 async def request_first(nodes: Sequence[str], identity_dir: Path, req: dict[str, Any],
@@ -120,42 +140,41 @@ async def request_first(nodes: Sequence[str], identity_dir: Path, req: dict[str,
     order = list(dict.fromkeys(nodes))
     errors: dict[str, str] = {}
     refusal: Answer | None = None
-    async with _http() as http:
-        tasks = {asyncio.create_task(_ask(http, n, ident, req, timeout_s)): n for n in order}
-        hedges = list(HEDGE_AFTER_S)
-        started = time.monotonic()
-        try:
-            pending = set(tasks)
-            while pending:
-                wait_s = max(0.0, started + hedges[0] - time.monotonic()) if hedges else None
-                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-                if not done and hedges:
-                    # Nobody answered yet: a lost SYN waits a second, a lost segment ~200 ms. Ask each
-                    # node still silent again on a new connection (a repeated publish is a duplicate).
-                    hedges.pop(0)
-                    silent = {tasks[t] for t in pending}
-                    for n in order:
-                        if n in silent:
-                            task = asyncio.create_task(_ask(http, n, ident, req, timeout_s))
-                            tasks[task] = n
-                            pending.add(task)
+    tasks = {asyncio.create_task(_ask(n, ident, req, timeout_s)): n for n in order}
+    hedges = list(HEDGE_AFTER_S)
+    started = time.monotonic()
+    try:
+        pending = set(tasks)
+        while pending:
+            wait_s = max(0.0, started + hedges[0] - time.monotonic()) if hedges else None
+            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done and hedges:
+                # Nobody answered yet: a lost SYN waits a second, a lost segment ~200 ms. Ask each
+                # node still silent again on a new connection (a repeated publish is a duplicate).
+                hedges.pop(0)
+                silent = {tasks[t] for t in pending}
+                for n in order:
+                    if n in silent:
+                        task = asyncio.create_task(_ask(n, ident, req, timeout_s))
+                        tasks[task] = n
+                        pending.add(task)
+                continue
+            for task in sorted(done, key=lambda t: order.index(tasks[t])):
+                node = tasks[task]
+                exc = task.exception()
+                if exc is not None:
+                    if not isinstance(exc, OperatorError):
+                        raise exc
+                    errors.setdefault(node, str(exc))
                     continue
-                for task in sorted(done, key=lambda t: order.index(tasks[t])):
-                    node = tasks[task]
-                    exc = task.exception()
-                    if exc is not None:
-                        if not isinstance(exc, OperatorError):
-                            raise exc
-                        errors.setdefault(node, str(exc))
-                        continue
-                    reply = task.result()
-                    if reply.get("ok"):
-                        return Answer(node, reply, errors)
-                    refusal = refusal or Answer(node, reply, errors)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                reply = task.result()
+                if reply.get("ok"):
+                    return Answer(node, reply, errors)
+                refusal = refusal or Answer(node, reply, errors)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     if refusal is not None:
         return Answer(refusal.node, refusal.reply, errors)
     raise OperatorError("; ".join(errors[n] for n in order))

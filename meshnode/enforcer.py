@@ -47,6 +47,12 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 # compared with the rendered hash) this long after, by the drift check, so the read-back's CPU is spent
 # after a version has spread, not while every node applies it.
 READ_BACK_AFTER_S = 1.0
+INLINE_APPLY_MAX_ELEMENTS = 2_000
+"""An apply through libnftables (in-process) of a ruleset with up to this many set elements runs on the
+event loop: ~3 ms for the bench's 12-member / 50-rule ruleset.  In a worker thread the same apply waited
+for the interpreter lock behind the busy loop at every hand-over (16 ms median with a busy main thread,
+measured; 40-100 ms per node in the 12-node netns bench).  Larger rulesets, and the ``nft`` tool's
+process, go to a worker thread."""
 
 
 class Enforcer:
@@ -111,6 +117,8 @@ class Enforcer:
             file_path=self.config.resolve(cfg.enforce.file),
             allow_file_backend=cfg.overrides.allow_file_backend,
         )
+        if getattr(self.backend, "in_process", False):
+            self.log.info("enforce.backend", backend=self.backend.name, nft="libnftables (in-process)")
         for path in self.backend.temps_removed:  # left by a write killed mid-way (file backend)
             self.metrics.state_problems.inc()
             self.log.warning("state.problem", problem=f"removed {path} left by an interrupted write")
@@ -150,7 +158,10 @@ class Enforcer:
         try:
             ruleset = render(policy, self.identity.cert, members, self.options, now=time.time(),
                              skew_s=self.trust.skew_s)
-            result = await asyncio.to_thread(partial(backend.apply, ruleset, read_back_later=True))
+            if getattr(backend, "in_process", False) and ruleset.element_count <= INLINE_APPLY_MAX_ELEMENTS:
+                result = backend.apply(ruleset, read_back_later=True)
+            else:
+                result = await asyncio.to_thread(partial(backend.apply, ruleset, read_back_later=True))
         except MeshError as exc:
             self.last_error = str(exc)
             self.metrics.apply_failures.inc()

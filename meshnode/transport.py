@@ -28,7 +28,9 @@ from protocol.channel import (
 from protocol.channel.noise import MAX_MESSAGE_LEN
 from protocol.errors import MeshError, TrustError
 
-MESH_PATH = "/mesh"
+from .wsclient import MESH_PATH as MESH_PATH  # re-exported: the daemon's listener and dialer
+from .wsclient import REFUSED_CLOSE_CODE
+
 MAX_FRAME_BYTES = MAX_MESSAGE_LEN
 """The largest frame on the wire: one Noise message (the channel fills frames exactly up to it)."""
 WS_MAX_MSG_BYTES = MAX_FRAME_BYTES + 1
@@ -190,7 +192,6 @@ async def reader(
     return "socket closed"
 
 
-REFUSED_CLOSE_CODE = 4403  # WebSocket close code: the handshake was refused; the message is the reason label
 
 
 async def close(conn: Conn, reason: str, *, refused: bool = False) -> None:

@@ -8,12 +8,15 @@ import getpass
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from protocol.trust.names import is_name
+if TYPE_CHECKING:
+    from ..authority_store import KeyFile, NewPassphrases
+    from ..keyfile import Passphrase
 
-from ..authority_store import CliError, KeyFile, NewPassphrases, UnreadableInput, UsageError, read_key
-from ..keyfile import Passphrase
+# The errors, key files and names are imported where they are used: ``meshctl`` imports this module
+# for its parser, and its start-up (``--help``, ``policy publish``) should not pay for nacl and the
+# trust layer until a command needs them.
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -37,8 +40,25 @@ class CliParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up (importlib.metadata) only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from .. import version_string
+
+        out(version_string(parser.prog.split()[0]))
+        parser.exit()
+
+
 def exit_code(exc: BaseException) -> int:
     """The exit code for an error a command raised."""
+    from ..authority_store import UnreadableInput, UsageError
+
     if isinstance(exc, UnreadableInput):
         return EXIT_UNREADABLE
     if isinstance(exc, UsageError):
@@ -59,6 +79,8 @@ def now() -> int:
 
 
 def read(path: str | Path, what: str, limit: int = READ_LIMIT_BYTES) -> bytes:
+    from ..authority_store import CliError, UnreadableInput
+
     p = Path(path)
     try:
         if p.stat().st_size > limit:
@@ -70,6 +92,8 @@ def read(path: str | Path, what: str, limit: int = READ_LIMIT_BYTES) -> bytes:
 
 def read_passphrase_file(path: str | Path) -> bytes:
     """The passphrase in ``path``: its first line, without the line ending."""
+    from ..authority_store import CliError
+
     data = read(path, "passphrase file", MAX_PASSPHRASE_BYTES)
     phrase = data.split(b"\n", 1)[0].rstrip(b"\r")
     if not phrase:
@@ -90,6 +114,8 @@ def passphrase_source(passphrase_file: str | None) -> Passphrase | None:
 
 def signing_keys(paths: list[str] | None, passphrase_file: str | None, what: str) -> list[KeyFile]:
     """The key files named with --key, opened; none named is a usage error that says how to name them."""
+    from ..authority_store import UsageError, read_key
+
     if not paths:
         raise UsageError(f"name the {what} key(s) to sign with: --key KEYFILE (repeatable); "
                          "no key is used unless it is named")
@@ -99,6 +125,10 @@ def signing_keys(paths: list[str] | None, passphrase_file: str | None, what: str
 
 def new_key_passphrases(values: list[str] | None) -> NewPassphrases:
     """``[HOLDER=]FILE`` values: the passphrase for HOLDER's new keys, or (no HOLDER) for every new key."""
+    from protocol.trust.names import is_name
+
+    from ..authority_store import UsageError
+
     phrases: NewPassphrases = {}
     for value in values or []:
         holder, sep, file = value.partition("=")

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
-from ..status_view import alert_counts_text, format_status, members_of
 from .common import EXIT_INVALID, out, read
 
 OPERATOR_CONFIG = "operator.toml"
@@ -41,11 +39,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def publish_targets(args: argparse.Namespace) -> list[str]:
     """The nodes a publish goes to: every ``--node``, else the ``[mesh] seeds`` of the operator's config
     (``--config``, by default ``operator.toml`` in the identity directory)."""
+    if args.node:
+        return list(dict.fromkeys(args.node))
+    import tomllib
+
     from ..authority_store import CliError, UsageError
     from ..config import ConfigError, split_hostport
 
-    if args.node:
-        return list(dict.fromkeys(args.node))
     path = Path(args.config) if args.config else Path(args.identity) / OPERATOR_CONFIG
     if not path.is_file():
         raise UsageError(f"no --node given and no operator config at {path} (a TOML file with [mesh] seeds)")
@@ -63,6 +63,7 @@ def publish_targets(args: argparse.Namespace) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ..client import status
+    from ..status_view import format_status
 
     st = status(args.node, Path(args.identity), timeout_s=args.timeout)
     if args.json:
@@ -78,6 +79,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     import asyncio
 
     from ..client import OperatorError, request
+    from ..status_view import alert_counts_text, members_of
 
     reply = asyncio.run(request(args.node, Path(args.identity), {"op": "alerts"}, args.timeout))
     if not reply.get("ok"):

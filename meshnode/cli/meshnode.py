@@ -12,17 +12,16 @@ from pathlib import Path
 from protocol.errors import MeshError
 from protocol.trust import TrustedState
 
-from .. import version_string
 from ..config import load_config
 from ..identity import load_identity
 from ..state import StateStore
-from .common import CliParser, exit_code, read
+from .common import CliParser, VersionAction, exit_code, read
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="meshnode", description="policymesh node daemon: verifies, stores, gossips and enforces "
                 "signed policy versions.")
-    p.add_argument("--version", action="version", version=version_string("meshnode"))
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=CliParser)
     r = sub.add_parser("run", help="run the daemon (SIGTERM stops it gracefully, SIGHUP reloads the config)")
     r.add_argument("--config", required=True, metavar="node.toml")

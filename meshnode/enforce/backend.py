@@ -207,6 +207,9 @@ class Backend:
         if (applied is not None and self._applied_digest is not None and applied.sets == ruleset.sets
                 and applied.rules == ruleset.rules):  # the same sets and rules: the same digest, not recomputed
             return self._applied_digest
+        return self._digest(ruleset)
+
+    def _digest(self, ruleset: Ruleset) -> RulesetDigest:
         return ruleset_digest(ruleset)
 
     def _can_update_in_place(self, digest: RulesetDigest) -> bool:

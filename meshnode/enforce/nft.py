@@ -391,6 +391,8 @@ class RulesetDigest:
     structure_hash: str  # of everything but set elements: equal structure means a set update is enough
 
 
-def ruleset_digest(rs: Ruleset) -> RulesetDigest:
-    norm = normalize(to_nft_json(rs))
+def ruleset_digest(rs: Ruleset, doc: dict[str, Any] | None = None) -> RulesetDigest:
+    """The digest of ``rs``; ``doc``: its :func:`to_nft_json` when the caller built it already (the
+    nftables backend loads that same document: built once per apply)."""
+    norm = normalize(doc if doc is not None else to_nft_json(rs))
     return RulesetDigest(normalized_hash(norm), normalized_hash(strip_elements(norm)))

@@ -10,26 +10,50 @@ import json
 from typing import Any
 
 from .backend import Backend, CommandRunner, Readback, SetChanges, first_lines, sha256_hex
+from .libnft import InProcessNft
 from .model import EnforcementError, Ruleset
-from .nft import FAMILY, RulesetDigest, normalize, normalized_hash, set_update_json, to_nft_json, to_nft_text
+from .nft import (
+    FAMILY,
+    RulesetDigest,
+    normalize,
+    normalized_hash,
+    ruleset_digest,
+    set_update_json,
+    to_nft_json,
+    to_nft_text,
+)
 
 
 class NftBackend(Backend):
     name = "nftables"
 
-    def __init__(self, table: str, *, netns: str | None = None, nft: str = "nft") -> None:
+    def __init__(self, table: str, *, netns: str | None = None, nft: str = "nft", in_process: bool = True) -> None:
+        """``in_process``: in the caller's own namespace run the commands through libnftables when it
+        loads (see :mod:`.libnft`), else (or with a ``netns``, or another ``nft`` tool) the ``nft`` tool."""
         super().__init__(table)
-        self.runner = CommandRunner(netns)
+        lib = InProcessNft.open() if in_process and netns is None and nft == "nft" else None
+        self.runner: CommandRunner | InProcessNft = lib if lib is not None else CommandRunner(netns)
+        self.in_process = lib is not None
         self.nft = nft
         self.exact = True  # False if this nft prints our ruleset differently from how we render it
         self.proven_exact = False  # a read-back after a full load matched the rendered ruleset exactly
         self._json: bool | None = None  # probed on first use
+        self._doc: tuple[Ruleset, dict[str, Any]] | None = None  # the last ruleset's nft JSON (see _nft_json)
 
     def json_supported(self) -> bool:
         if self._json is None:
             proc = self.runner.run([self.nft, "-j", "list", "tables"], check=False)
             self._json = not (proc.returncode != 0 and b"JSON" in proc.stderr)
         return self._json
+
+    def _nft_json(self, ruleset: Ruleset) -> dict[str, Any]:
+        """``to_nft_json(ruleset)``, built once per apply: the digest normalises it, the load sends it."""
+        if self._doc is None or self._doc[0] is not ruleset:
+            self._doc = (ruleset, to_nft_json(ruleset))
+        return self._doc[1]
+
+    def _digest(self, ruleset: Ruleset) -> RulesetDigest:
+        return ruleset_digest(ruleset, self._nft_json(ruleset))
 
     def _load(self, doc: dict[str, Any]) -> None:
         self.runner.run([self.nft, "-j", "-f", "-"], stdin=json.dumps(doc).encode())
@@ -60,7 +84,7 @@ class NftBackend(Backend):
 
     def _replace(self, ruleset: Ruleset, digest: RulesetDigest) -> Readback:
         if self.json_supported():
-            self._load(to_nft_json(ruleset))
+            self._load(self._nft_json(ruleset))
         else:
             self.runner.run([self.nft, "-f", "-"], stdin=to_nft_text(ruleset, digest.hash).encode())
         kernel = self.read_kernel_hash()
@@ -77,7 +101,7 @@ class NftBackend(Backend):
         """One ``nft -j -f`` transaction, no read-back (see :meth:`_may_read_back_later`)."""
         if not self._may_read_back_later():
             return False
-        self._load(to_nft_json(ruleset))
+        self._load(self._nft_json(ruleset))
         return True
 
     def _update_in_place(self, ruleset: Ruleset, digest: RulesetDigest, changes: SetChanges) -> Readback:

@@ -120,3 +120,61 @@ def test_ws_client_reports_the_close_code_and_reason_and_refuses_oversize() -> N
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_ws_client_takes_text_and_a_message_just_under_the_cap_and_refuses_one_over_it_across_reads() -> None:
+    cap = 256 * 1024
+
+    async def send(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("héllo")
+        await ws.send_bytes(b"u" * (cap - 1))
+        await ws.send_bytes(b"o" * (4 * cap))  # several socket reads: refused as the cap is crossed
+        await ws.receive()
+        return ws
+
+    async def main() -> None:
+        runner, node = await _server(send)
+        try:
+            ws = await WebSocketClient.connect(node, "/mesh", max_msg_size=cap, connect_timeout_s=5)
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert (msg.kind, msg.data) == ("text", "héllo".encode())
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert (msg.kind, len(msg.data)) == ("binary", cap - 1)
+            with pytest.raises(WebSocketError, match="over the cap"):
+                await asyncio.wait_for(ws.receive(), 10)
+            assert ws.closed
+            with pytest.raises(WebSocketError, match="closed WebSocket"):
+                await ws.send_bytes(b"late")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_ws_client_refuses_a_wrong_accept_key_and_an_early_end_with_a_clear_reason() -> None:
+    async def main() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            if port_of["wrong"] == writer.get_extra_info("sockname")[1]:
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n")
+                await writer.drain()
+            writer.close()
+
+        wrong = await asyncio.start_server(answer, "127.0.0.1", 0)
+        early = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port_of = {"wrong": wrong.sockets[0].getsockname()[1]}
+        try:
+            with pytest.raises(WebSocketError, match="bad WebSocket upgrade response: .*accept"):
+                await WebSocketClient.connect(f"127.0.0.1:{port_of['wrong']}", "/mesh", max_msg_size=4096,
+                                              connect_timeout_s=5)
+            with pytest.raises(WebSocketError, match="closed during the WebSocket upgrade"):
+                await WebSocketClient.connect(f"127.0.0.1:{early.sockets[0].getsockname()[1]}", "/mesh",
+                                              max_msg_size=4096, connect_timeout_s=5)
+        finally:
+            wrong.close()
+            early.close()
+
+    asyncio.run(main())

@@ -1,5 +1,5 @@
-"""Encrypted datagrams on real daemons: peers carry small dissemination messages over UDP once a probe
-was answered; junk sent to the UDP port is refused, counted and never answered; and with nftables
+"""Encrypted datagrams on real daemons: peers carry SWIM probes and small dissemination messages over UDP
+once a path probe was answered; junk sent to the UDP port is refused, counted and never answered; and with nftables
 dropping one node's UDP (in a network namespace) every node still converges over the stream, with that
 node reported as stream-only."""
 
@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def test_paths_come_up_and_junk_datagrams_are_refused_counted_and_unanswered(tmp
         others = {n.node_id for n in nodes}
         wait_until(lambda: all(set(n.status()["datagrams"]["peers_datagram"]) == others - {n.node_id}
                                for n in nodes), 30, "every path up", interval_s=0.2)
+        # SWIM probes and acks travel as datagrams too: in a quiet window (no publish, paths up) every
+        # node still sends and receives datagrams, about two per probe round (1 s)
+        before = {n.node_id: n.status()["datagrams"] for n in nodes}
+        time.sleep(4.0)
+        for n in nodes:
+            now = n.status()["datagrams"]
+            assert now["sent"] - before[n.node_id]["sent"] >= 4, (n.node_id, before[n.node_id], now)
+            assert now["received"] - before[n.node_id]["received"] >= 4, (n.node_id, before[n.node_id], now)
+            view = n.status()["cluster_view"]["members"]
+            assert all(m["liveness"] == "alive" for m in view), view
         target = nodes[0]
         st = target.status()["datagrams"]
         assert st["udp"] == target.mesh and st["received"] > 0

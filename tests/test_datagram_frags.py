@@ -22,6 +22,7 @@ from meshnode.daemon.datagram_frags import (
     split,
 )
 from meshnode.daemon.datagrams import MAX_FRAGMENTED, MAX_FRAME, datagram_worthy
+from protocol.gossip.wire import Ack, Nack, Ping, PingReq, Sync, encode
 
 FRAME = 1191
 
@@ -67,7 +68,11 @@ def test_which_messages_travel_as_datagrams() -> None:
     push = bytes([0x93, 7])  # a MessagePack array of 3 whose first element is PolicyPush's tag
     assert datagram_worthy(push + bytes(MAX_FRAME - 2)) and datagram_worthy(push + bytes(MAX_FRAGMENTED - 2))
     assert not datagram_worthy(push + bytes(MAX_FRAGMENTED))  # larger bodies stay on the stream
-    assert not datagram_worthy(bytes([0x93, 1]) + bytes(100))  # not a dissemination message
+    assert not datagram_worthy(bytes([0x9F, 10]) + bytes(100))  # a Sync: on the stream
+    # SWIM probes and their answers too: on the stream a lost segment waits for TCP's 200 ms timer
+    for msg in (Ping(7, "n2", serial=3), Ack(7, serial=3), PingReq(8, "n3", "10.0.0.3:7946"), Nack(8)):
+        assert datagram_worthy(encode(msg)), msg
+    assert not datagram_worthy(encode(Sync(False, None, 0, b"", b"", None, None)))
 
 
 class _Log:

@@ -3,8 +3,8 @@
 The facts the daemon's datagram layer (``meshnode/daemon/datagrams.py``, ``datagram_frags.py``) and the
 simulator's model of it (``simulations/datagrams.py``) must agree on, in one place, sans-IO:
 
-* Dissemination messages (wire tags ``DATAGRAM_TAGS``: Announce, PolicyPull, PolicyPush, RootPull,
-  RootPush) of at most ``MAX_FRAME`` bytes go as one datagram; up to ``MAX_FRAGMENTED`` bytes as
+* SWIM probes and dissemination messages (wire tags ``DATAGRAM_TAGS``: Ping, Ack, PingReq, Nack,
+  Announce, PolicyPull, PolicyPush, RootPull, RootPush) of at most ``MAX_FRAME`` bytes go as one datagram; up to ``MAX_FRAGMENTED`` bytes as
   ``fragment_count`` fragments of at most ``MAX_FRAME`` bytes each (a ``FRAG_HEADER`` plus a chunk),
   each acknowledged on its own; everything else goes on the stream.  Only on a path that answered a
   probe (``PROBE_TRIES`` tries, ``PROBE_TIMEOUT_S`` each; a blocked path is probed again after
@@ -25,9 +25,12 @@ ID_HEADER: Final = struct.Struct("<BQ")  # kind, probe nonce or message id (a fr
 FRAG_HEADER: Final = struct.Struct("<QBB")  # message id, index, count (inside a fragment's payload)
 MAX_FRAME: Final = MAX_PAYLOAD - ID_HEADER.size  # the largest message in one datagram
 MAX_FRAGMENTS: Final = 16
-# Dissemination messages by their wire tag (protocol.gossip.wire).  Probes stay on the stream (their
-# timeouts are tuned for it).
-DATAGRAM_TAGS: Final = frozenset({5, 6, 7, 8, 9})
+# SWIM probes (Ping 1, Ack 2, PingReq 3, Nack 4) and dissemination messages (Announce 5, PolicyPull 6,
+# PolicyPush 7, RootPull 8, RootPush 9) by their wire tag (protocol.gossip.wire).  On the stream a lost
+# segment of a probe or its ack waits for TCP's >= 200 ms retransmission timer, most of a probe's
+# timeout: under loss that made members suspect each other falsely; as datagrams a loss is repaired
+# after 3 x the path's round trip.
+DATAGRAM_TAGS: Final = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9})
 SEND_TRIES: Final = 3
 RTO_MIN_S: Final = 0.005
 RTO_MAX_S: Final = 0.5
@@ -50,8 +53,8 @@ MAX_FRAGMENTED: Final = max_message(MAX_FRAME)  # ~18 KB: larger bodies go on th
 
 
 def datagram_worthy(data: bytes) -> bool:
-    """A dissemination message (a MessagePack array whose first element is one of its tags) that fits in
-    one datagram, or in ``MAX_FRAGMENTED`` bytes of fragments."""
+    """A probe or dissemination message (a MessagePack array whose first element is one of its tags) that
+    fits in one datagram, or in ``MAX_FRAGMENTED`` bytes of fragments."""
     return 1 < len(data) <= MAX_FRAGMENTED and 0x90 <= data[0] <= 0x9F and data[1] in DATAGRAM_TAGS
 
 

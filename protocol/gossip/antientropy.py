@@ -12,12 +12,14 @@ them by address (and to a few members remembered from the last run), and retries
 nobody answers.
 
 One member reconciliation at a time: a reply whose buckets differ while the entries sent to another
-peer are still being answered (its ``Members`` not in yet, or still coming) waits for that one to end
-(``MAX_WAITING_REPLIES``, the newest per peer), and is then compared against what we hold by then.  A
-node that joins through many seeds answering at once (its first answer slow, it retried them all)
-so pulls the directory about once instead of from every seed; a peer that never answers, or keeps
-answering, holds the others up for ``RECONCILE_MAX_MS`` at most (a peer initiating a sync is answered
-at once, as before: it reconciles on its side).
+peer are still being answered waits for that one to end (``MAX_WAITING_REPLIES``, the newest per
+peer), and is then compared against what we hold by then.  A reconciliation ends when the peer's first
+``Members`` has not come within twice the cross-region pull timeout, or when its last ``Members`` that
+taught us something is that long ago (a directory comes in chunks; under loss they come slowly), and
+after ``RECONCILE_MAX_MS`` in any case.  A node that joins through many seeds answering at once (its
+first answer slow, it retried them all) so pulls the directory about once instead of from every seed;
+a peer that sends nothing, or nothing new, holds the others up for a few seconds only (a peer
+initiating a sync is answered at once, as before: it reconciles on its side).
 
 Partitioned members are retried forever: one random dead member, plus one in every region where
 nobody is alive.
@@ -44,7 +46,7 @@ from protocol.gossip.wire import Digest, MemberPull, Members, Sync, SyncEntries,
 
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 MAX_WAITING_REPLIES = 8  # sync replies held while another reconciliation is under way
-RECONCILE_MAX_MS = 5000  # a reconciliation holds the waiting replies up for this long at most
+RECONCILE_MAX_MS = 30_000  # a reconciliation holds the waiting replies up for this long at most
 STATUS_ITEM_OVERHEAD_BYTES = 72  # a status item's signature and framing, beyond its payload
 
 
@@ -288,7 +290,7 @@ class AntiEntropy:
                     self._send(peer, SyncEntries(status, group, batch))
                     sent = True
         if sent:
-            wait = 2 * self.cfg.cross_region_pull_timeout_ms  # its first Members
+            wait = 2 * self.cfg.cross_region_pull_timeout_ms  # for its first Members
             self.reconciling = (peer, now_ms + wait, now_ms + RECONCILE_MAX_MS)
             self._set_due()
 
@@ -349,11 +351,12 @@ class AntiEntropy:
         self._send_members(peer, msg.records, msg.statuses)
 
     def on_members(self, peer: str, msg: Members, now_ms: int, wall: float) -> None:
+        learned = False
         for rec in msg.records:
-            self.records.learn_relayed_record(rec, now_ms, wall, rebroadcast=False)
+            learned |= self.records.learn_relayed_record(rec, now_ms, wall, rebroadcast=False)
         for st in msg.statuses:
-            self.records.learn_status(st)
+            learned |= self.records.learn_status(st)
         r = self.reconciling
-        if r is not None and r[0] == peer:  # its answer is coming: the rest of its chunks, shortly
-            self.reconciling = (peer, min(now_ms + self.cfg.pull_timeout_ms, r[2]), r[2])
+        if r is not None and r[0] == peer and learned:  # its answer is coming: wait for its next chunk
+            self.reconciling = (peer, min(now_ms + self.cfg.cross_region_pull_timeout_ms, r[2]), r[2])
             self._set_due()

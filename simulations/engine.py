@@ -151,7 +151,7 @@ class Simulation:
             statuses.append(t.statuses[t.me_index])
         base = ConvergedDirectory(procs[0].members.ids, recs, statuses)
         for p in procs:
-            p.members.adopt(base)
+            p.membership.adopt(base)  # (what the base holds is not re-announced: a fleet that has been running)
         self.converged_base = base
 
     # -- processes -----------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Simulation:
         if self._converging and isinstance(proc, Node):
             # booting side by side before the snapshot exists: overlays from the first record on
             # (plain columns would grow to every id interned so far: O(n^2) in all)
-            proc.members.adopt(EMPTY_DIRECTORY)
+            proc.membership.adopt(EMPTY_DIRECTORY)
         h.started_ms = kernel.now
         if h.joined_ms is None:
             h.joined_ms = kernel.now

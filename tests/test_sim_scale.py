@@ -216,7 +216,7 @@ def test_sweep_refuses_a_bad_list_in_one_line(capsys: pytest.CaptureFixture[str]
 
 
 def test_a_node_joining_after_a_publish_counts_from_its_join_not_from_the_publish() -> None:
-    """The internet scenario's joiners arrive 1-12 s into the run, after the first publish (4 s): the
+    """The internet scenario's joiners arrive 6-14 s into the run, from the first publish (6 s) on: the
     first version's t100 is how long the nodes that existed took, and each joiner's own delay is
     measured from its join (it could not have had the version before it existed)."""
     from simulations.engine import run_scenario

@@ -9,8 +9,20 @@ with its own, plus its bucket values where the digests differ; the first side th
 
 Joining: at start a node knows seed addresses only; it sends ``Sync(record=own record)`` to one of
 them by address (and to a few members remembered from the last run), and retries the others while
-nobody answers.  Partitioned members are retried forever: one random dead member, plus one in every
-region where nobody is alive.
+nobody answers.
+
+One member reconciliation at a time: a reply whose buckets differ while the entries sent to another
+peer are still being answered waits for that one to end (``MAX_WAITING_REPLIES``, the newest per
+peer), and is then compared against what we hold by then.  A reconciliation ends when the peer's first
+``Members`` has not come within twice the cross-region pull timeout, or when its last ``Members`` that
+taught us something is that long ago (a directory comes in chunks; under loss they come slowly), and
+after ``RECONCILE_MAX_MS`` in any case.  A node that joins through many seeds answering at once (its
+first answer slow, it retried them all) so pulls the directory about once instead of from every seed;
+a peer that sends nothing, or nothing new, holds the others up for a few seconds only (a peer
+initiating a sync is answered at once, as before: it reconciles on its side).
+
+Partitioned members are retried forever: one random dead member, plus one in every region where
+nobody is alive.
 
 Sends go to the membership ``outbox`` in order; ``next_deadline()`` is the earliest of the timers.
 """
@@ -33,6 +45,8 @@ from protocol.gossip.peer_selection import pick, pick_cross_region
 from protocol.gossip.wire import Digest, MemberPull, Members, Sync, SyncEntries, View, encode
 
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
+MAX_WAITING_REPLIES = 8  # sync replies held while another reconciliation is under way
+RECONCILE_MAX_MS = 30_000  # a reconciliation holds the waiting replies up for this long at most
 STATUS_ITEM_OVERHEAD_BYTES = 72  # a status item's signature and framing, beyond its payload
 
 
@@ -119,8 +133,10 @@ class AntiEntropy:
         self.cross_sync_at = 0
         self.retry_dead_at = 0
         self.retry_seeds_at = 0
-        self.due = 0  # the earliest of the four timers above (kept by start and tick: asked on every step)
+        self.due = 0  # the earliest of the timers (kept by start and tick: asked on every step)
         self.status_sync_at = 0
+        self.reconciling: tuple[str, int, int] | None = None  # (peer, until ms, end at the latest)
+        self.waiting: dict[str, tuple[tuple[bytes, ...] | None, tuple[bytes, ...] | None]] = {}  # peer -> buckets
 
     def _send(self, peer: str, msg: Any) -> None:
         self.outbox.append(self.piggyback.send(peer, msg))
@@ -132,7 +148,12 @@ class AntiEntropy:
         self.cross_sync_at = now_ms + self.rng.below(self.cfg.cross_region_sync_interval_ms)
         self.retry_dead_at = now_ms + self.cfg.dead_retry_interval_ms
         self.retry_seeds_at = now_ms + self.cfg.seed_retry_lonely_ms
-        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
+        self._set_due()
+
+    def _set_due(self) -> None:
+        r = self.reconciling
+        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at,
+                       r[1] if r is not None else self.sync_at)
 
     def join(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """Contact one seed (and a few remembered peers after a restart): that is enough to join; the
@@ -144,6 +165,10 @@ class AntiEntropy:
 
     def tick(self, now_ms: int, digest: Digest | None, root_version: int) -> None:
         cfg, rng = self.cfg, self.rng
+        r = self.reconciling
+        if r is not None and now_ms >= r[1]:
+            self.reconciling = None
+            self._next_waiting(now_ms)
         if now_ms >= self.sync_at:
             self.sync_at = now_ms + rng.jitter(cfg.sync_interval_ms)
             for peer in pick(self.table, rng, 1, lambda p: False, None, cross=0):
@@ -160,7 +185,7 @@ class AntiEntropy:
             self.retry_seeds_at = now_ms + rng.jitter(
                 cfg.seed_retry_lonely_ms if lonely else cfg.seed_retry_interval_ms)
             self._retry_seeds(lonely, now_ms, digest, root_version)
-        self.due = min(self.sync_at, self.cross_sync_at, self.retry_dead_at, self.retry_seeds_at)
+        self._set_due()
 
     def next_deadline(self) -> int:
         return self.due
@@ -223,9 +248,10 @@ class AntiEntropy:
                 msg.you.liveness in (SUSPECT, DEAD, LEFT) and not self.own.left_cluster:
             self.own.refute(now_ms, msg.you.incarnation)
 
-    def answer_sync(self, peer: str, msg: Sync, digest: Digest | None, root_version: int) -> None:
+    def answer_sync(self, peer: str, msg: Sync, digest: Digest | None, root_version: int, now_ms: int) -> None:
         """After the policy half: answer a first ``Sync`` with ours (and our bucket values where the
-        digests differ); answer a reply with the entries of the buckets that differ."""
+        digests differ); answer a reply with the entries of the buckets that differ (one
+        reconciliation at a time: see the module docstring)."""
         table = self.table
         if not msg.reply:
             view = table.view_of(peer)
@@ -238,10 +264,43 @@ class AntiEntropy:
                                   bucket_hashes(table, True) if msg.shash and smine != msg.shash else None))
             return
         for status, theirs in ((False, msg.buckets), (True, msg.sbuckets)):
+            n = len(table.digest.statuses if status else table.digest.records)
+            if theirs is not None and len(theirs) != n:
+                raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {n}")
+        if msg.buckets is None and msg.sbuckets is None:
+            return
+        r = self.reconciling
+        if r is not None and now_ms < r[1]:
+            if peer in self.waiting or len(self.waiting) < MAX_WAITING_REPLIES:
+                self.waiting.pop(peer, None)  # (the newest goes to the back: a chatty peer waits its turn)
+                self.waiting[peer] = (msg.buckets, msg.sbuckets)
+            return
+        self._reconcile(peer, msg.buckets, msg.sbuckets, now_ms)
+
+    def _reconcile(self, peer: str, buckets: tuple[bytes, ...] | None, sbuckets: tuple[bytes, ...] | None,
+                   now_ms: int) -> None:
+        """Send ``peer`` the entries of the buckets where its values differ from ours: it sends what
+        we lack (``Members``), and asks for what it lacks (``MemberPull``)."""
+        table = self.table
+        sent = False
+        for status, theirs in ((False, buckets), (True, sbuckets)):
             if theirs is not None:
                 diff = differing_buckets(table, theirs, status)
-                for buckets, batch in entry_batches(table, diff, status, wire.MAX_BATCH):
-                    self._send(peer, SyncEntries(status, buckets, batch))
+                for group, batch in entry_batches(table, diff, status, wire.MAX_BATCH):
+                    self._send(peer, SyncEntries(status, group, batch))
+                    sent = True
+        if sent:
+            wait = 2 * self.cfg.cross_region_pull_timeout_ms  # for its first Members
+            self.reconciling = (peer, now_ms + wait, now_ms + RECONCILE_MAX_MS)
+            self._set_due()
+
+    def _next_waiting(self, now_ms: int) -> None:
+        """The reconciliation under way ended: the oldest waiting reply that still differs is next."""
+        while self.reconciling is None and self.waiting:
+            peer = next(iter(self.waiting))
+            buckets, sbuckets = self.waiting.pop(peer)
+            if self.table.index_of(peer) is not None:
+                self._reconcile(peer, buckets, sbuckets, now_ms)
 
     def on_sync_entries(self, peer: str, msg: SyncEntries) -> None:
         want, give = compare_entries(self.table, msg.buckets, msg.entries, msg.status)
@@ -291,8 +350,13 @@ class AntiEntropy:
     def on_member_pull(self, peer: str, msg: MemberPull) -> None:
         self._send_members(peer, msg.records, msg.statuses)
 
-    def on_members(self, msg: Members, now_ms: int, wall: float) -> None:
+    def on_members(self, peer: str, msg: Members, now_ms: int, wall: float) -> None:
+        learned = False
         for rec in msg.records:
-            self.records.learn_relayed_record(rec, now_ms, wall, rebroadcast=False)
+            learned |= self.records.learn_relayed_record(rec, now_ms, wall, rebroadcast=False)
         for st in msg.statuses:
-            self.records.learn_status(st)
+            learned |= self.records.learn_status(st)
+        r = self.reconciling
+        if r is not None and r[0] == peer and learned:  # its answer is coming: wait for its next chunk
+            self.reconciling = (peer, min(now_ms + self.cfg.cross_region_pull_timeout_ms, r[2]), r[2])
+            self._set_due()

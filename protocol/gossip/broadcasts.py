@@ -4,6 +4,7 @@ outgoing message that puts them on the probes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -45,6 +46,15 @@ class BroadcastQueue:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def drop_known(self, known: Callable[[str, GossipItem], bool]) -> int:
+        """Drop the queued items that every peer holds already: ``known(node_id, item)`` is asked of
+        each item about a member (keys ``(kind, node_id)``).  Returns how many were dropped."""
+        gone = [key for key, entry in self._items.items()
+                if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str) and known(key[1], entry[0])]
+        for key in gone:
+            self.nbytes -= self._items.pop(key)[1]
+        return len(gone)
 
     def take(self, budget: int, limit: int) -> tuple[GossipItem, ...]:
         if not self._items:

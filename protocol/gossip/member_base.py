@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from protocol.entropy import Entropy
 from protocol.gossip.events import MemberEntry
 from protocol.gossip.members import IntSet, Rec, StatusInfo
+from protocol.gossip.wire import Alive, GossipItem, Status
 from protocol.trust.metadata import Certificate
 
 T = TypeVar("T")
@@ -210,6 +211,19 @@ class ConvergedDirectory:
     @classmethod
     def empty(cls) -> ConvergedDirectory:
         return cls((), (), ())
+
+    def holds(self, i: int | None, item: GossipItem) -> bool:
+        """Whether ``item`` is member ``i``'s entry here, byte for byte: its signed record (``Alive``)
+        or its signed status (``Status``).  Every table that adopts this base holds such an item."""
+        if i is None or not 0 <= i < len(self.recs):
+            return False
+        if type(item) is Alive:
+            rec = self.recs[i]
+            return rec is not None and rec.record == item.record
+        if type(item) is Status:
+            st = self.statuses[i]
+            return st is not None and st.item == item
+        return False  # a suspicion or a death: the base holds every member alive
 
     def bucket_values(self, bucket_col: Sequence[int], nb: int) -> tuple[list[int], list[int]]:
         """The anti-entropy bucket values (XOR of record tokens, of status tokens) of the whole base."""

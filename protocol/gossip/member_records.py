@@ -224,12 +224,13 @@ class MemberRecords:
             except TrustError:
                 table.remove(rec.node_id, "certificate_invalid")
 
-    def learn_relayed_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> None:
+    def learn_relayed_record(self, data: bytes, now_ms: int, wall: float, rebroadcast: bool = True) -> bool:
         """``learn_record`` of a record a peer relayed: a forged or malformed one is the peer's fault
         (raised); an expired or revoked one was relayed in good faith, just not for us (counted)."""
         try:
-            self.learn_record(data, now_ms, wall, rebroadcast)
+            return self.learn_record(data, now_ms, wall, rebroadcast)
         except (SignatureError, FormatError):
             raise
         except TrustError:
             self.counters["records_rejected"] += 1
+            return False

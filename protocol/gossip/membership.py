@@ -26,6 +26,7 @@ from protocol.gossip.antientropy import AntiEntropy
 from protocol.gossip.broadcasts import MAX_BROADCAST_BYTES, MAX_BROADCASTS, BroadcastQueue, Piggyback
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.events import Effect, MemberEntry
+from protocol.gossip.member_base import ConvergedDirectory
 from protocol.gossip.member_records import MemberRecords
 from protocol.gossip.member_table import ALIVE, DEAD, LEFT, LIVENESS, SUSPECT, MemberTable
 from protocol.gossip.members import (
@@ -99,6 +100,17 @@ class Membership:
     def start(self, now_ms: int, wall: float) -> None:
         self.own.start(now_ms, wall)
         self.swim.start(now_ms)
+
+    def adopt(self, base: ConvergedDirectory) -> int:
+        """Start from a converged directory shared with other nodes (``MemberTable.adopt``): the node
+        of a fleet that has been running.  Such a fleet holds this node's record and status already, so
+        the rumours the base holds with the same signed bytes (the start announcements: our record and
+        first status) are dropped from the broadcast queue instead of being gossiped
+        ``retransmit_limit`` times to peers that hold them.  Returns how many were dropped.  Only the
+        simulator adopts a base: a daemon (re)starting announces its new record and status."""
+        self.table.adopt(base)
+        of = self.table.index.of
+        return self.broadcasts.drop_known(lambda node_id, item: base.holds(of.get(node_id), item))
 
     def next_deadline(self) -> int:
         return self.swim.next_deadline()

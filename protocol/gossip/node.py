@@ -327,10 +327,10 @@ class Node:
         self.anti_entropy.on_sync_view(msg, now.ms, now.wall)
         self.claims.on_root_claim(peer, msg.root_version, now.ms)
         self.claims.on_digest(peer, msg.digest, not msg.reply, now.ms, announce=False)
-        self.anti_entropy.answer_sync(peer, msg, held_digest(self.trust), self.trust.root_version)
+        self.anti_entropy.answer_sync(peer, msg, held_digest(self.trust), self.trust.root_version, now.ms)
 
     def _on_members(self, peer: str, msg: Members) -> None:
-        self.anti_entropy.on_members(msg, self._now.ms, self._now.wall)
+        self.anti_entropy.on_members(peer, msg, self._now.ms, self._now.wall)
 
     def _on_policy_pull(self, peer: str, msg: PolicyPull) -> None:
         self.acceptance.serve_policy_pull(peer, msg, self._now.ms)

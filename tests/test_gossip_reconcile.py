@@ -4,8 +4,9 @@ does not answer, or keeps answering, holds the waiting replies up for a bounded 
 
 from __future__ import annotations
 
-from protocol.gossip.antientropy import RECONCILE_MAX_MS
-from protocol.gossip.wire import Members, decode
+from protocol.gossip.antientropy import RECONCILE_MAX_MS, bucket_hashes
+from protocol.gossip.events import FrameReceived, Send
+from protocol.gossip.wire import Members, Sync, SyncEntries, decode, encode
 from simulations.fakelink import FakeLink
 
 SEEDS = 7
@@ -91,3 +92,29 @@ def test_a_peer_that_keeps_sending_nothing_new_cannot_hold_the_others_up() -> No
     assert ae.due <= now + 2400
     ae.tick(now + 2400, None, 1)
     assert ae.reconciling is None and not ae.waiting  # (n2's empty reply had nothing to reconcile)
+
+
+def test_a_sync_reply_nobody_asked_for_is_refused_and_counted() -> None:
+    """A lying member pushes sync replies we never asked for (differing bucket values, as if its
+    directory differed): they start no reconciliation and take no waiting place; a reply to a Sync
+    we did send is reconciled."""
+    link = FakeLink(n=3)
+    link.start()
+    link.run_for(8000)
+    node = link.hosts["n0"].node
+    ae = node.anti_entropy
+    ae.asked.clear()
+    ae.asked_any_until = 0
+    zeros = tuple(bytes(8) for _ in bucket_hashes(node.members))  # every bucket "differs"
+    reply = Sync(True, None, 0, b"\x01" * 8, b"", None, None, zeros, None)
+    before = node.membership.counters["sync_replies_unasked"]
+    for _ in range(20):
+        out = node.handle(link.now(), FrameReceived(peer="n1", data=encode(reply)))
+        assert not [e for e in out if isinstance(e, Send) and isinstance(decode(e.data), SyncEntries)]
+    assert node.membership.counters["sync_replies_unasked"] == before + 20
+    assert ae.reconciling is None and not ae.waiting
+    ae.sync_peer("n1", link.now_ms, None, 0)  # now we ask n1
+    node.outbox.clear()
+    out = node.handle(link.now(), FrameReceived(peer="n1", data=encode(reply)))
+    assert [e for e in out if isinstance(e, Send) and isinstance(decode(e.data), SyncEntries)]
+    assert ae.reconciling is not None and ae.reconciling[0] == "n1"

@@ -19,7 +19,10 @@ taught us something is that long ago (a directory comes in chunks; under loss th
 after ``RECONCILE_MAX_MS`` in any case.  A node that joins through many seeds answering at once (its
 first answer slow, it retried them all) so pulls the directory about once instead of from every seed;
 a peer that sends nothing, or nothing new, holds the others up for a few seconds only (a peer
-initiating a sync is answered at once, as before: it reconciles on its side).
+initiating a sync is answered at once, as before: it reconciles on its side).  Only replies to a
+``Sync`` we sent (to that peer, or by address while joining, within ``ASKED_WINDOW_MS``) reconcile or
+wait; an unasked reply is refused and counted (``sync_replies_unasked``), so a lying member can hold
+up at most the reconciliations we start with it.
 
 Partitioned members are retried forever: one random dead member, plus one in every region where
 nobody is alive.
@@ -47,6 +50,8 @@ from protocol.gossip.wire import Digest, MemberPull, Members, Sync, SyncEntries,
 MEMBERS_CHUNK_BYTES = 256 << 10  # records per Members message: well under the message cap
 MAX_WAITING_REPLIES = 8  # sync replies held while another reconciliation is under way
 RECONCILE_MAX_MS = 30_000  # a reconciliation holds the waiting replies up for this long at most
+ASKED_WINDOW_MS = 30_000  # a peer's sync reply is one we asked for this long after our Sync to it
+MAX_ASKED = 64  # peers we remember asking (a few syncs per interval: the oldest go first)
 STATUS_ITEM_OVERHEAD_BYTES = 72  # a status item's signature and framing, beyond its payload
 
 
@@ -137,6 +142,8 @@ class AntiEntropy:
         self.status_sync_at = 0
         self.reconciling: tuple[str, int, int] | None = None  # (peer, until ms, end at the latest)
         self.waiting: dict[str, tuple[tuple[bytes, ...] | None, tuple[bytes, ...] | None]] = {}  # peer -> buckets
+        self.asked: dict[str, int] = {}  # peer -> until when its sync reply is one we asked for
+        self.asked_any_until = 0  # a Sync sent by address (seeds): any member's reply counts as asked
 
     def _send(self, peer: str, msg: Any) -> None:
         self.outbox.append(self.piggyback.send(peer, msg))
@@ -233,10 +240,23 @@ class AntiEntropy:
 
     def sync_peer(self, peer: str, now_ms: int, digest: Digest | None, root_version: int,
                   with_record: bool = False) -> None:
+        self._note_asked(peer, now_ms)
         self._send(peer, self._sync_msg(peer, with_record, now_ms, digest, root_version))
+
+    def _note_asked(self, peer: str, now_ms: int) -> None:
+        asked = self.asked
+        asked.pop(peer, None)
+        asked[peer] = now_ms + ASKED_WINDOW_MS
+        if len(asked) > MAX_ASKED:
+            for p in [p for p, until in asked.items() if until <= now_ms] or [next(iter(asked))]:
+                del asked[p]
+
+    def _was_asked(self, peer: str, now_ms: int) -> bool:
+        return now_ms < self.asked_any_until or now_ms < self.asked.get(peer, 0)
 
     def _sync_addr(self, address: str, now_ms: int, digest: Digest | None, root_version: int) -> None:
         """"Dial this address, whoever it is" (bootstrapping from seed addresses)."""
+        self.asked_any_until = now_ms + ASKED_WINDOW_MS
         self.outbox.append(Send("", address, encode(self._sync_msg(None, True, now_ms, digest, root_version))))
 
     def on_sync_view(self, msg: Sync, now_ms: int, wall: float) -> None:
@@ -268,6 +288,11 @@ class AntiEntropy:
             if theirs is not None and len(theirs) != n:
                 raise RemoteProtocolError(f"peer uses {len(theirs)} sync buckets, we use {n}")
         if msg.buckets is None and msg.sbuckets is None:
+            return
+        if not self._was_asked(peer, now_ms):
+            # a reply to a Sync we never sent: refused and counted, so that members who push
+            # unasked replies cannot hold our reconciliations or fill the waiting replies
+            self.records.counters["sync_replies_unasked"] += 1
             return
         r = self.reconciling
         if r is not None and now_ms < r[1]:

@@ -56,7 +56,8 @@ __all__ = [  # the parts live in their own modules; these names stay importable 
 ]
 
 COUNTERS = ("probes", "probe_failures", "suspicions", "deaths_declared", "refutations", "records_rejected",
-            "absurd_incarnations", "incarnation_saturated", "status_unknown_member", "relays_refused")
+            "absurd_incarnations", "incarnation_saturated", "status_unknown_member", "relays_refused",
+            "sync_replies_unasked")
 
 
 class Membership:

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
                                                 [--regions 3] [--idle-s 10] [--no-serf] [--changing-rules]
-                                                [--json FILE]
+                                                [--timeline] [--json FILE]
 
 Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
 (``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
@@ -89,6 +89,7 @@ class LogTail:
         self.applied: dict[int, float] = {}
         self.accepted: dict[int, float] = {}
         self.apply_ms: dict[int, float] = {}
+        self.origin: dict[int, dict[str, Any]] = {}  # serial -> where the body came from (peer, via, wait_ms)
         self.started = False
 
     def poll(self) -> None:
@@ -106,6 +107,8 @@ class LogTail:
                         ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
                         if ev["event"] == "policy.accepted":
                             self.accepted.setdefault(ev["serial"], ts)
+                            self.origin.setdefault(ev["serial"], {k: ev[k] for k in ("peer", "via", "wait_ms")
+                                                                  if k in ev})
                         else:
                             self.applied.setdefault(ev["serial"], ts)
                             if isinstance(ev.get("ms"), (int, float)):
@@ -220,7 +223,12 @@ def _split(tails: list[LogTail], serial: int, t0: float, n: int) -> dict[str, An
                      if serial in t.applied and serial in t.accepted)
     apply_ms = sorted(t.apply_ms[serial] for t in tails if serial in t.apply_ms)
     complete = len(got) == n
-    return {"delivered": len(got),
+    timeline = sorted(({"node": t.path.parent.name,
+                        "stored_ms": round((t.accepted[serial] - t0) * 1000, 1) if serial in t.accepted else None,
+                        "applied_ms": round((t.applied[serial] - t0) * 1000, 1) if serial in t.applied else None,
+                        "nft_ms": t.apply_ms.get(serial), **t.origin.get(serial, {})} for t in tails),
+                      key=lambda e: (e["stored_ms"] is None, e["stored_ms"] or 0.0))
+    return {"delivered": len(got), "timeline": timeline,
             "all_ms": round((max(got) - t0) * 1000, 1) if complete else None,
             "first_ms": round((min(got) - t0) * 1000, 1) if got else None,
             "hop_ms": round((min(acc) - t0) * 1000, 1) if acc else None,
@@ -444,7 +452,8 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
                    what="tests/bench_netns.py")
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
-    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules}
+    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules,
+                           "timeline": args.timeline}
     try:
         lab.setup()
         for i in range(n):
@@ -479,6 +488,11 @@ def _print_one(r: dict[str, Any]) -> None:
               f"first applied {v['first_ms']} ms, all {v['all_ms']} ms ({v['delivered']}/{r['nodes']}); in mesh "
               f"{v['mesh_ms']} ms, last stored {v['last_accepted_ms']} ms, on node {v['on_node_ms']}, "
               f"nft apply {v['apply_ms']}")
+        if r.get("timeline"):
+            for e in v["timeline"]:
+                print(f"      {e['node']} stored {e['stored_ms']} applied {e['applied_ms']} (nft {e['nft_ms']}) "
+                      f"from {e.get('peer', '-')} via {e.get('via', '-')}"
+                      + (f" (fragments waited {e['wait_ms']} ms)" if "wait_ms" in e else ""))
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
@@ -515,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-serf", action="store_true", help="skip the Serf baseline")
     p.add_argument("--changing-rules", action="store_true",
                    help="every version changes every node's ruleset (default: the same document, new serials)")
+    p.add_argument("--timeline", action="store_true",
+                   help="print each version's per-node timeline: stored and applied (ms after the publish "
+                        "started), from which peer, by which transport (stream, datagram, fragments: the "
+                        "wait from the first fragment to the last)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--predict-only", action="store_true",
                    help="only the simulator's predictions for each size and loss (netns-12 and loopback-12 models)")

@@ -117,7 +117,7 @@ class ConnectionRegistry:
         self._metrics.connections.labels("gossip").set(self.gossip_count())
 
     async def _on_gossip(self, conn: Conn, data: bytes) -> None:
-        self._core.feed(FrameReceived(peer=conn.peer, data=data))
+        self._core.feed(FrameReceived(peer=conn.peer, data=data), {"peer": conn.peer, "via": "stream"})
 
     async def serve_gossip(self, conn: Conn, pending: Sequence[bytes] = ()) -> None:
         """Register an authenticated gossip channel, queue ``pending`` (messages that waited for its dial)

@@ -101,7 +101,7 @@ class _Pending:
 
 
 class DatagramPaths(asyncio.DatagramProtocol):
-    def __init__(self, *, feed: Callable[[Any], Any], stream_send: Callable[[Conn, bytes], None], metrics: Metrics,
+    def __init__(self, *, feed: Callable[..., Any], stream_send: Callable[[Conn, bytes], None], metrics: Metrics,
                  log: Any, wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic
                  ) -> None:
         self._feed = feed  # the core driver's feed
@@ -297,7 +297,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
             if len(path.seen) > SEEN_IDS:
                 path.seen.popitem(last=False)
             if kind == FRAME:
-                self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])))
+                self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])),
+                           {"peer": path.conn.peer, "via": "datagram"})
                 return
             try:
                 whole = path.reassembly.add(payload[_ID.size:], now)
@@ -306,7 +307,9 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 return
             if whole is not None:
                 self.counts["reassembled"] += 1
-                self._feed(FrameReceived(peer=path.conn.peer, data=whole))
+                self._feed(FrameReceived(peer=path.conn.peer, data=whole),
+                           {"peer": path.conn.peer, "via": "fragments",
+                            "wait_ms": round(1000 * path.reassembly.last_wait_s, 1)})
         elif kind == FRAME_ACK:
             p = self._pending.pop(number, None)
             if p is not None and p.path is path:

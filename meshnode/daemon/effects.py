@@ -29,7 +29,8 @@ from .state_writes import StateWriter
 class EffectExecutor:
     def __init__(self, *, trust: TrustedState, store: StateStore, state: StateWriter, enforcer: Enforcer,
                  connections: ConnectionRegistry, metrics: Metrics, log: Any,
-                 alert: Callable[[str, dict[str, Any]], None]) -> None:
+                 alert: Callable[[str, dict[str, Any]], None],
+                 origin: Callable[[], dict[str, Any]] = dict) -> None:
         self.trust = trust
         self.store = store
         self.state = state
@@ -38,6 +39,7 @@ class EffectExecutor:
         self.metrics = metrics
         self.log = log
         self.alert = alert
+        self.origin = origin  # where the input being handled came from (peer, transport...), for the logs
 
     def execute(self, effects: Sequence[Any]) -> None:
         """The one place effects run. Durable effects come first in the list and run synchronously.
@@ -66,7 +68,7 @@ class EffectExecutor:
                 new_policy = policy_hash != self.enforcer.wanted_hash
                 self.enforcer.want(policy, list(members.values()), policy_hash)
                 if new_policy:
-                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16])
+                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16], **self.origin())
                     self.metrics.observe_policy(self.trust, time.time())
                     self.connections.revalidate()
             case Send(peer=peer, address=address, data=data):

@@ -113,7 +113,7 @@ class MeshDaemon:
         self.admin = AdminHttp(status=self.report.status, alerts=self.report.open_alerts, enforcer=self.enforcer,
                                trust=self.trust, metrics=self.metrics, observe=self.report.observe)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
-                                      connections=self.connections,
+                                      connections=self.connections, origin=lambda: self.core.origin,
                                       alert=self.alerts.alert, **parts)
         self._enforce_retry_s = RESTART_MIN_S
         self._stop = asyncio.Event()

@@ -353,6 +353,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         tree_busy, host_busy = sum(_cpu_tree_s(p) for p in pids) - tree0, _host_busy_s() - host0
         net = _delta(_net_counters(lab), net0)
         dg1 = _datagram_counts(cluster)
+        rto_ms = sorted(v for node in cluster.nodes
+                        for v in ((_in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
         datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
@@ -367,6 +369,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                                       "daemons_with_nft": round(tree_busy / len(versions), 3),
                                       "host_all_processes": round(host_busy / len(versions), 3)},
                 "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams, "meshctl_cli": cli,
+                "datagram_rto_ms": {"median": statistics.median(rto_ms), "p90": rto_ms[int(0.9 * len(rto_ms))],
+                                    "max": rto_ms[-1]} if rto_ms else None,
                 "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
@@ -497,7 +501,8 @@ def _print_one(r: dict[str, Any]) -> None:
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
-    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
+    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']} (retransmission timers after the "
+          f"publishes, ms: {m.get('datagram_rto_ms')}); kernel {m['net']}")
     print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")
     c = m["meshctl_cli"]
     print(f"  one more version through the meshctl CLI (its Python start-up included, bytecode cached): ok {c['ok']}, ack {c['ack_ms']} ms, "

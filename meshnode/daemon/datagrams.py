@@ -4,8 +4,10 @@ Every authenticated gossip channel (WebSocket + Noise XX over TCP) also gets a d
 peer, keyed from that channel's handshake.  Small dissemination messages (announces, pulls, small policy
 and root bodies: up to ``MAX_FRAME`` bytes) then go as one datagram each, so a lost packet costs one
 retransmission timed from the path's measured round trip (milliseconds on a LAN) instead of TCP's
-~200 ms timer.  Bodies up to ``MAX_FRAGMENTED`` bytes (a policy of a few kilobytes) go as several
-datagrams, each acknowledged and retransmitted on its own (``datagram_frags``).  Everything else (probes,
+~200 ms timer.  Bodies up to ``MAX_FRAGMENTED`` bytes (a policy of a few kilobytes) go zlib-compressed
+when that takes fewer datagrams (to peers whose probe said they inflate: ``ZFRAME``, ``ZFRAG``), and as
+several datagrams when still larger than one, each acknowledged and retransmitted on its own
+(``datagram_frags``).  Everything else (probes,
 directory sync, larger bodies) stays on the stream.
 
 * Path check: the side that knows the peer's UDP endpoint (the dialer: the peer's mesh address; the
@@ -33,20 +35,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.channel.datagram import DatagramChannel, DatagramRefused, receiver_id
-from protocol.channel.datagram_policy import ID_HEADER as _ID
 from protocol.channel.datagram_policy import (
-    MAX_FRAGMENTED as MAX_FRAGMENTED,  # re-exported: the largest body that goes as datagrams
-)
-from protocol.channel.datagram_policy import (
+    FEATURE_ZLIB,
     MAX_FRAME,
     PROBE_TIMEOUT_S,
     PROBE_TRIES,
     REPROBE_MAX_S,
     REPROBE_MIN_S,
     SEND_TRIES,
+    compressed,
     datagram_worthy,
+    inflated,
     retry_after_s,
     smoothed_rtt,
+)
+from protocol.channel.datagram_policy import ID_HEADER as _ID
+from protocol.channel.datagram_policy import (
+    MAX_FRAGMENTED as MAX_FRAGMENTED,  # re-exported: the largest body that goes as datagrams
 )
 from protocol.channel.datagram_policy import rto_s as _rto
 from protocol.channel.rate_limit import HandshakeRateLimiter
@@ -57,7 +62,8 @@ from ..metrics import Metrics
 from ..transport import Conn
 from .datagram_frags import FragmentRefused, Reassembly, split
 
-PROBE, PROBE_ACK, FRAME, FRAME_ACK, FRAG = 1, 2, 3, 4, 5
+PROBE, PROBE_ACK, FRAME, FRAME_ACK, FRAG, ZFRAME, ZFRAG = 1, 2, 3, 4, 5, 6, 7
+FEATURES = bytes([FEATURE_ZLIB])  # after a probe's id header: what this node takes (compressed messages)
 # Which messages go as datagrams (DATAGRAM_TAGS, MAX_FRAME, MAX_FRAGMENTED), the probe and
 # retransmission timers: protocol.channel.datagram_policy (shared with the simulator's model).
 SEEN_IDS = 512
@@ -76,6 +82,7 @@ class _Path:
     probe_nonce: int = 0
     probe_sent: float = 0.0
     srtt_s: float | None = None
+    zlib: bool = False  # the peer inflates compressed messages (its probe or probe answer said so)
     reprobe_s: float = REPROBE_MIN_S
     reassembly: Reassembly = field(default_factory=Reassembly)
     seen: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
@@ -97,7 +104,7 @@ class _Pending:
     tries: int = 1
     kind: int = FRAME
     message: int = 0  # a fragment's message id (0: a whole frame)
-    whole: bytes = b""  # a fragment's whole message: what the stream carries if a fragment gets through
+    whole: bytes = b""  # the whole message, when ``data`` is a fragment or compressed: what the stream carries
 
 
 class DatagramPaths(asyncio.DatagramProtocol):
@@ -118,7 +125,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._ids = itertools.count(1)
         self._limiter = HandshakeRateLimiter(SOURCE_RATE_PER_S, SOURCE_BURST, max_sources=MAX_SOURCES)
         self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0, "fragmented": 0,
-                       "reassembled": 0}
+                       "reassembled": 0, "compressed": 0}
         self.refused: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -171,18 +178,23 @@ class DatagramPaths(asyncio.DatagramProtocol):
         if path is None or not path.up or not datagram_worthy(data):
             return False
         now = self._clock()
-        if len(data) <= MAX_FRAME:
+        packed = compressed(data) if path.zlib else None
+        body, whole_kind, frag_kind = (data, FRAME, FRAG) if packed is None else (packed, ZFRAME, ZFRAG)
+        if packed is not None:
+            self.counts["compressed"] += 1
+        if len(body) <= MAX_FRAME:
             mid = next(self._ids)
-            self._pending[mid] = _Pending(path, data, now, now + path.rto_s)
-            self._seal_to(path, _ID.pack(FRAME, mid) + data)
+            self._pending[mid] = _Pending(path, body, now, now + path.rto_s, kind=whole_kind,
+                                          whole=data if packed is not None else b"")
+            self._seal_to(path, _ID.pack(whole_kind, mid) + body)
         else:
             message = next(self._ids)
             self.counts["fragmented"] += 1
-            for frag in split(data, message, MAX_FRAME):
+            for frag in split(body, message, MAX_FRAME):
                 fid = next(self._ids)
-                self._pending[fid] = _Pending(path, frag, now, now + path.rto_s, kind=FRAG, message=message,
+                self._pending[fid] = _Pending(path, frag, now, now + path.rto_s, kind=frag_kind, message=message,
                                               whole=data)
-                self._seal_to(path, _ID.pack(FRAG, fid) + frag)
+                self._seal_to(path, _ID.pack(frag_kind, fid) + frag)
         self._wake()
         return True
 
@@ -203,7 +215,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         path.probe_nonce = next(self._ids)
         path.probe_sent = now
         path.probe_at = now + PROBE_TIMEOUT_S[min(path.probes, len(PROBE_TIMEOUT_S)) - 1]
-        self._seal_to(path, _ID.pack(PROBE, path.probe_nonce))
+        self._seal_to(path, _ID.pack(PROBE, path.probe_nonce) + FEATURES)
         self._wake()
 
     # -- timers ---------------------------------------------------------------------------------------
@@ -277,8 +289,10 @@ class DatagramPaths(asyncio.DatagramProtocol):
             path.endpoint = addr
             if not known and not path.up:
                 self._probe(path, now)
-        if kind == PROBE:
-            self._seal_to(path, _ID.pack(PROBE_ACK, number))
+        if kind in (PROBE, PROBE_ACK) and len(payload) > _ID.size:
+            path.zlib = bool(payload[_ID.size] & FEATURE_ZLIB)
+        if kind == PROBE:  # answered with our features only when it carried the peer's: never larger
+            self._seal_to(path, _ID.pack(PROBE_ACK, number) + (FEATURES if len(payload) > _ID.size else b""))
             if not path.up and path.probes == 0 and path.probe_at > now:  # blocked, waiting: it is open now
                 self._probe(path, now)
         elif kind == PROBE_ACK:
@@ -288,7 +302,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 path.reprobe_s = REPROBE_MIN_S
                 path.rtt_sample(now - path.probe_sent)
                 self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - path.probe_sent), 2))
-        elif kind in (FRAME, FRAG):
+        elif kind in (FRAME, FRAG, ZFRAME, ZFRAG):
             self._seal_to(path, _ID.pack(FRAME_ACK, number))
             if number in path.seen:
                 self._metrics.datagrams.labels("duplicate").inc()
@@ -296,20 +310,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
             path.seen[number] = None
             if len(path.seen) > SEEN_IDS:
                 path.seen.popitem(last=False)
-            if kind == FRAME:
-                self._feed(FrameReceived(peer=path.conn.peer, data=bytes(payload[_ID.size:])),
-                           {"peer": path.conn.peer, "via": "datagram"})
-                return
-            try:
-                whole = path.reassembly.add(payload[_ID.size:], now)
-            except FragmentRefused as exc:
-                self._refuse(exc.reason)
-                return
-            if whole is not None:
-                self.counts["reassembled"] += 1
-                self._feed(FrameReceived(peer=path.conn.peer, data=whole),
-                           {"peer": path.conn.peer, "via": "fragments",
-                            "wait_ms": round(1000 * path.reassembly.last_wait_s, 1)})
+            self._on_frame(path, kind, bytes(payload[_ID.size:]), now)
         elif kind == FRAME_ACK:
             p = self._pending.pop(number, None)
             if p is not None and p.path is path:
@@ -318,6 +319,29 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     path.rtt_sample(now - p.first_sent)
         else:
             self._refuse("malformed")
+
+    def _on_frame(self, path: _Path, kind: int, body: bytes, now: float) -> None:
+        """A new frame or fragment (acknowledged already): reassembled, inflated and fed to the core."""
+        origin: dict[str, Any] = {"peer": path.conn.peer, "via": "datagram"}
+        if kind in (FRAG, ZFRAG):
+            try:
+                whole = path.reassembly.add(body, now)
+            except FragmentRefused as exc:
+                self._refuse(exc.reason)
+                return
+            if whole is None:
+                return
+            self.counts["reassembled"] += 1
+            body = whole
+            origin.update(via="fragments", wait_ms=round(1000 * path.reassembly.last_wait_s, 1))
+        if kind in (ZFRAME, ZFRAG):
+            try:
+                body = inflated(body)
+            except ValueError:
+                self._refuse("inflate_failed")
+                return
+            origin["compressed"] = True
+        self._feed(FrameReceived(peer=path.conn.peer, data=body), origin)
 
     def error_received(self, exc: Exception) -> None:  # ICMP unreachable and the like: the stream carries on
         self._metrics.datagrams.labels("icmp_error").inc()
@@ -336,6 +360,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
             "udp": self.bound or "unavailable",
             "peers_datagram": sorted({p.conn.peer for p in paths if p.up}),
             "peers_stream_only": sorted({p.conn.peer for p in paths if not p.up} - {p.conn.peer for p in paths if p.up}),
+            # the retransmission timers of the paths that carry datagrams (from their smoothed round trips)
+            "rto_ms": sorted(round(1000 * p.rto_s, 1) for p in paths if p.up),
             **self.counts,
             "refused": dict(sorted(self.refused.items())),
         }

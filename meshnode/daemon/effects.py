@@ -40,14 +40,21 @@ class EffectExecutor:
         self.log = log
         self.alert = alert
         self.origin = origin  # where the input being handled came from (peer, transport...), for the logs
+        self._revalidated_for: tuple[int, Any] | None = None  # (root version, revocations) channels were checked for
 
     def execute(self, effects: Sequence[Any]) -> None:
-        """The one place effects run. Durable effects come first in the list and run synchronously.
+        """The one place effects run, all synchronously, in the core's order except that the state writes
+        of the list run last: a version this node verified goes on to its peers (the eager pushes) before
+        the write (an fsync of the file and of its directory: milliseconds on every hop, more on a busy
+        disk).  What the node acknowledges still waits for the write: an operator's publish is answered
+        after this returns, and only when the state is durable.  A crash between the two loses nothing a
+        peer relies on: the node boots with the version before, and learns this one again.
 
         No effect can stop the daemon or the effects after it: a failed state write is kept pending and
         retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
         state is not durable), and anything else is logged, counted and alerted."""
-        for eff in effects:
+        writes = [eff for eff in effects if isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))]
+        for eff in [eff for eff in effects if not isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))] + writes:
             try:
                 self.execute_one(eff)
             except Exception as exc:  # noqa: BLE001 - the bulkhead: one failed effect must not stop the node
@@ -70,7 +77,12 @@ class EffectExecutor:
                 if new_policy:
                     self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16], **self.origin())
                     self.metrics.observe_policy(self.trust, time.time())
-                    self.connections.revalidate()
+                    # Open channels are re-checked when what a certificate is checked against changed:
+                    # the revocations (they travel in the policy) or the root (expiry: a periodic job).
+                    checked_against = (policy.root_version, policy.revocations)
+                    if checked_against != self._revalidated_for:
+                        self._revalidated_for = checked_against
+                        self.connections.revalidate()
             case Send(peer=peer, address=address, data=data):
                 self.connections.send(peer, address, data)
             case Disconnect(peer=peer, reason=reason):

@@ -1,0 +1,161 @@
+"""Compressed dissemination datagrams: a body that would take several datagrams goes zlib-compressed when
+that takes fewer (a policy body: one datagram instead of five), only to a peer whose probe said it
+inflates; inflating is bounded (a small datagram never makes the receiver hold more than the largest
+message it would take uncompressed) and a broken or oversize stream is refused and counted, never fed.
+
+Two datagram layers of the daemon (``DatagramPaths``) talk through in-memory transports, with the keys
+of a real Noise XX handshake; the channels they belong to are stand-ins carrying only those keys."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from meshnode.daemon import datagrams as dg
+from meshnode.metrics import Metrics
+from protocol.channel.datagram import derive_keys
+from protocol.channel.datagram_policy import MAX_FRAGMENTED, MAX_FRAME, compressed, inflated, sent_size
+from protocol.gossip.events import FrameReceived
+from tests.test_datagram import handshake
+
+PUSH = bytes([0x93, 7])  # a MessagePack array of 3 whose first element is PolicyPush's tag
+
+
+def body(size: int) -> bytes:
+    """A dissemination message as compressible as a policy document (repeated rule text, some noise)."""
+    rules = b"".join(b'[[allow]] name = "rule-%d" from = ["role:app"] to = ["role:db"] ports = ["tcp/%d"] '
+                     % (k, 5000 + k) + os.urandom(4).hex().encode() for k in range(size // 80 + 1))
+    return PUSH + rules[:size - len(PUSH)]
+
+
+class _Log:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+class _Wire:
+    """An in-memory UDP transport: what was sent, delivered on request."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+    def close(self) -> None:
+        pass
+
+
+class _Channel:
+    """Stands in for the authenticated gossip channel a path belongs to: its peer and datagram keys."""
+
+    def __init__(self, peer: str, keys: Any) -> None:
+        self.peer = peer
+        self.closed = False
+        self.session = SimpleNamespace(datagram_keys=lambda: keys)
+
+
+class Side:
+    def __init__(self, name: str, peer: str, keys: Any, addr: tuple[str, int], features: bool = True) -> None:
+        self.addr = addr
+        self.fed: list[tuple[FrameReceived, dict[str, Any]]] = []
+        self.wire = _Wire()
+        self.paths = dg.DatagramPaths(feed=lambda ev, origin=None: self.fed.append((ev, origin or {})),
+                                      stream_send=lambda c, d: self.streamed.append(d), metrics=Metrics(),
+                                      log=_Log(), clock=lambda: 100.0)
+        self.streamed: list[bytes] = []
+        self.paths.connection_made(self.wire)  # type: ignore[arg-type]
+        if not features:  # an older node: no features byte after its probes or probe answers
+            seal = self.paths._seal_to
+
+            def old_seal(path: Any, payload: bytes) -> None:
+                kind = payload[0]
+                seal(path, payload[:dg._ID.size] if kind in (dg.PROBE, dg.PROBE_ACK) else payload)
+
+            self.paths._seal_to = old_seal  # type: ignore[method-assign]
+        self.conn = _Channel(peer, keys)
+
+
+def pair(features_a: bool = True, features_b: bool = True) -> tuple[Side, Side]:
+    i, r = handshake()
+    a = Side("a", "node-b", derive_keys(i.exporter_secret, True), ("10.0.0.1", 7946), features_a)
+    b = Side("b", "node-a", derive_keys(r.exporter_secret, False), ("10.0.0.2", 7946), features_b)
+    a.paths.attach(a.conn, b.addr)  # type: ignore[arg-type]  # the dialer knows the peer's endpoint
+    b.paths.attach(b.conn, None)  # type: ignore[arg-type]
+    return a, b
+
+
+def deliver(a: Side, b: Side) -> int:
+    """Deliver every datagram in flight both ways until none is left; how many went from a to b."""
+    count = 0
+    while a.wire.sent or b.wire.sent:
+        for src, dst in ((a, b), (b, a)):
+            out, src.wire.sent = src.wire.sent, []
+            for data, _ in out:
+                count += src is a
+                dst.paths.datagram_received(data, src.addr)
+    return count
+
+
+def test_a_policy_sized_body_goes_compressed_as_one_datagram_and_arrives_exactly() -> None:
+    a, b = pair()
+    deliver(a, b)  # the probes: both paths up, each knows the other inflates
+    message = body(5300)
+    assert len(message) > 4 * MAX_FRAME and len(compressed(message) or b"") <= MAX_FRAME
+    assert a.paths.send(a.conn, message)  # type: ignore[arg-type]
+    assert deliver(a, b) == 1
+    assert [(ev.peer, ev.data) for ev, _ in b.fed] == [("node-a", message)]
+    assert b.fed[0][1] == {"peer": "node-a", "via": "datagram", "compressed": True}
+    assert a.paths.counts["compressed"] == 1 and a.paths.counts["fragmented"] == 0 and not a.paths._pending
+
+
+def test_a_larger_body_goes_compressed_in_fewer_fragments() -> None:
+    a, b = pair()
+    deliver(a, b)
+    message = body(MAX_FRAGMENTED - 100)
+    assert deliver(a, b) == 0 and a.paths.send(a.conn, message)  # type: ignore[arg-type]
+    sent = deliver(a, b)
+    assert 2 <= sent < -(-len(message) // MAX_FRAME)
+    assert [ev.data for ev, _ in b.fed] == [message] and b.fed[0][1]["via"] == "fragments"
+
+
+def test_an_incompressible_body_and_an_older_peer_get_plain_fragments() -> None:
+    a, b = pair()
+    deliver(a, b)
+    noise = PUSH + os.urandom(3000)
+    assert compressed(noise) is None and sent_size(noise) == len(noise)
+    assert a.paths.send(a.conn, noise)  # type: ignore[arg-type]
+    assert deliver(a, b) == 3 and [ev.data for ev, _ in b.fed] == [noise]
+    old_a, new_b = pair(features_a=False)  # an older node: no features in its probes and answers
+    deliver(old_a, new_b)
+    message = body(5300)
+    assert new_b.paths.send(new_b.conn, message)  # type: ignore[arg-type]
+    assert deliver(new_b, old_a) == 5 and new_b.paths.counts["compressed"] == 0
+    assert [ev.data for ev, _ in old_a.fed] == [message] and old_a.fed[0][1]["via"] == "fragments"
+
+
+def test_inflating_is_bounded_and_a_broken_stream_is_refused_and_counted() -> None:
+    bomb = zlib.compress(bytes(50 * MAX_FRAGMENTED), 9)
+    assert len(bomb) < MAX_FRAME
+    for bad in (bomb, zlib.compress(body(3000))[:-5], zlib.compress(body(3000)) + b"x", b"not zlib"):
+        with pytest.raises(ValueError):
+            inflated(bad)
+    a, b = pair()
+    deliver(a, b)
+    path = a.paths._by_conn[a.conn]  # type: ignore[index]
+    a.paths._seal_to(path, dg._ID.pack(dg.ZFRAME, 999) + bomb)  # an authenticated peer sends a bomb
+    deliver(a, b)
+    assert b.paths.refused == {"inflate_failed": 1} and b.fed == []
+    assert a.paths.send(a.conn, body(5300)) and deliver(a, b) == 1 and len(b.fed) == 1  # type: ignore[arg-type]
+
+
+def test_a_probe_answer_is_never_larger_than_the_probe() -> None:
+    for features in (True, False):
+        a, b = pair(features_a=features)
+        probe = a.wire.sent[0][0]
+        b.paths.datagram_received(probe, a.addr)
+        assert len(b.wire.sent[-1][0]) == len(probe)  # the answer (after b's own first probe to a)

@@ -11,7 +11,7 @@ What goes as datagrams, fragment sizes, the retransmission timer and the number 
 * A message (``datagram_plan``): ``fragment_count`` datagrams, each lost independently (the loss of the
   moment, a cut, a dead receiver), each arriving after one-way latency with jitter plus serialisation,
   each acknowledged (the ack lost independently too).  An unacknowledged datagram is sent again after
-  ``retry_after_s(rto, sends)``, with rto from the path's round trip (2 x one-way latency, jitter on
+  ``retry_after_s(rto, sends, body)``, with rto from the path's round trip (2 x one-way latency, jitter on
   average) by the daemon's rule; after ``SEND_TRIES`` sends without an ack the whole message goes on the
   stream (the TCP model) at that moment.  The message is delivered when every fragment has arrived once
   (a message that arrived but whose acks were all lost is delivered twice, as by the daemon).  Every
@@ -117,8 +117,9 @@ def probe_up_at(net: Network, dialer: int, acceptor: int, ready: int) -> tuple[i
             int(up_acceptor) + 1 if up_acceptor != NEVER else NEVER)
 
 
-def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
-    """Send a datagram-worthy message of ``size`` bytes from ``src`` to ``dst`` at ``t`` (path up)."""
+def datagram_plan(net: Network, src: int, dst: int, size: int, t: int, body: bool = False) -> Plan:
+    """Send a datagram-worthy message of ``size`` bytes (as sent: compressed when that saves datagrams)
+    from ``src`` to ``dst`` at ``t`` (path up); ``body``: a policy or root body (its first wait is shorter)."""
     rng = net.rng
     lat = net.one_way(src, dst)
     jitter = net.cfg.jitter
@@ -150,7 +151,7 @@ def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
                     ack = arrive + lat * (1.0 + jitter * rng.random())
                     plan.arrivals.append((int(ack) + 1, src, ACK_BYTES))
                     acked = min(acked, ack)
-            send_at += retry_after_s(rto, k)
+            send_at += 1000.0 * retry_after_s(rto / 1000.0, k, body)
         if acked > send_at:  # no ack before the last timer: the whole message goes on the stream
             plan.fallback_at = min(plan.fallback_at, int(send_at) + 1)
         if first == NEVER:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from protocol.channel.datagram_policy import MAX_FRAME, datagram_worthy, sent_size
+from protocol.channel.datagram_policy import MAX_FRAME, datagram_worthy, is_body, sent_size
 from protocol.gossip import (
     Alert,
     Enforce,
@@ -138,7 +138,7 @@ class SimWorld:
     def _send_datagrams(self, i: int, j: int, eff: Send) -> None:
         kernel, net = self.kernel, self.net
         data = eff.data
-        plan = datagram_plan(net, i, j, self._sent_size(data), kernel.now)
+        plan = datagram_plan(net, i, j, self._sent_size(data), kernel.now, is_body(data))
         kind = frame_kind(data)
         counts = self.datagram_counts
         counts["messages"] += 1

@@ -288,6 +288,8 @@ def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
         for k, v in (st.get("datagrams") or {}).items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
+        total["stream_only_paths"] = total.get("stream_only_paths", 0) + len(
+            (st.get("datagrams") or {}).get("peers_stream_only") or [])
     return total
 
 
@@ -355,7 +357,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         dg1 = _datagram_counts(cluster)
         rto_ms = sorted(v for node in cluster.nodes
                         for v in ((_in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
-        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
+        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1) if k != "stream_only_paths"}
+        datagrams["stream_only_paths_before_after"] = [dg0.get("stream_only_paths", 0), dg1.get("stream_only_paths", 0)]
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]

@@ -1,4 +1,4 @@
-"""Compressed dissemination datagrams: a body that would take several datagrams goes zlib-compressed when
+"""Compressed dissemination datagrams, and a lost body sent again soon: a body that would take several datagrams goes zlib-compressed when
 that takes fewer (a policy body: one datagram instead of five), only to a peer whose probe said it
 inflates; inflating is bounded (a small datagram never makes the receiver hold more than the largest
 message it would take uncompressed) and a broken or oversize stream is refused and counted, never fed.
@@ -18,7 +18,14 @@ import pytest
 from meshnode.daemon import datagrams as dg
 from meshnode.metrics import Metrics
 from protocol.channel.datagram import derive_keys
-from protocol.channel.datagram_policy import MAX_FRAGMENTED, MAX_FRAME, compressed, inflated, sent_size
+from protocol.channel.datagram_policy import (
+    BODY_FIRST_RETRY_S,
+    MAX_FRAGMENTED,
+    MAX_FRAME,
+    compressed,
+    inflated,
+    sent_size,
+)
 from protocol.gossip.events import FrameReceived
 from tests.test_datagram import handshake
 
@@ -62,11 +69,13 @@ class _Channel:
 class Side:
     def __init__(self, name: str, peer: str, keys: Any, addr: tuple[str, int], features: bool = True) -> None:
         self.addr = addr
+        self.now = 100.0
         self.fed: list[tuple[FrameReceived, dict[str, Any]]] = []
         self.wire = _Wire()
         self.paths = dg.DatagramPaths(feed=lambda ev, origin=None: self.fed.append((ev, origin or {})),
                                       stream_send=lambda c, d: self.streamed.append(d), metrics=Metrics(),
-                                      log=_Log(), clock=lambda: 100.0)
+                                      log=_Log(), clock=lambda: self.now)
+        self.now = 100.0
         self.streamed: list[bytes] = []
         self.paths.connection_made(self.wire)  # type: ignore[arg-type]
         if not features:  # an older node: no features byte after its probes or probe answers
@@ -159,3 +168,24 @@ def test_a_probe_answer_is_never_larger_than_the_probe() -> None:
         probe = a.wire.sent[0][0]
         b.paths.datagram_received(probe, a.addr)
         assert len(b.wire.sent[-1][0]) == len(probe)  # the answer (after b's own first probe to a)
+
+
+def test_a_lost_body_is_sent_again_soon_whatever_the_paths_timer_says() -> None:
+    """The round trip behind the timer is sampled from acks, which wait while a busy loop (an ``nft``
+    load) holds them: a lost body is sent again ``BODY_FIRST_RETRY_S`` later, a lost announce after the
+    path's timer."""
+    a, b = pair()
+    deliver(a, b)
+    path = a.paths._by_conn[a.conn]  # type: ignore[index]
+    path.srtt_s = 0.1  # inflated by a busy moment: rto 300 ms
+    for message, wait in ((body(5300), BODY_FIRST_RETRY_S), (bytes([0x92, 5]) + bytes(40), path.rto_s)):
+        assert a.paths.send(a.conn, message)  # type: ignore[arg-type]
+        a.wire.sent.clear()  # lost
+        a.now += wait - 0.001
+        a.paths.tick()
+        assert a.wire.sent == []
+        a.now += 0.002
+        a.paths.tick()
+        assert len(a.wire.sent) == 1 and a.paths.counts["retransmits"] >= 1
+        deliver(a, b)
+        assert b.fed[-1][0].data == message and not a.paths._pending

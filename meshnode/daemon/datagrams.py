@@ -46,6 +46,7 @@ from protocol.channel.datagram_policy import (
     compressed,
     datagram_worthy,
     inflated,
+    is_body,
     retry_after_s,
     smoothed_rtt,
 )
@@ -105,6 +106,7 @@ class _Pending:
     kind: int = FRAME
     message: int = 0  # a fragment's message id (0: a whole frame)
     whole: bytes = b""  # the whole message, when ``data`` is a fragment or compressed: what the stream carries
+    body: bool = False  # a policy or root body (a shorter first wait: ``retry_after_s``)
 
 
 class DatagramPaths(asyncio.DatagramProtocol):
@@ -178,22 +180,23 @@ class DatagramPaths(asyncio.DatagramProtocol):
         if path is None or not path.up or not datagram_worthy(data):
             return False
         now = self._clock()
+        first_wait = retry_after_s(path.rto_s, 1, is_body(data))
         packed = compressed(data) if path.zlib else None
         body, whole_kind, frag_kind = (data, FRAME, FRAG) if packed is None else (packed, ZFRAME, ZFRAG)
         if packed is not None:
             self.counts["compressed"] += 1
         if len(body) <= MAX_FRAME:
             mid = next(self._ids)
-            self._pending[mid] = _Pending(path, body, now, now + path.rto_s, kind=whole_kind,
-                                          whole=data if packed is not None else b"")
+            self._pending[mid] = _Pending(path, body, now, now + first_wait, kind=whole_kind,
+                                          whole=data if packed is not None else b"", body=is_body(data))
             self._seal_to(path, _ID.pack(whole_kind, mid) + body)
         else:
             message = next(self._ids)
             self.counts["fragmented"] += 1
             for frag in split(body, message, MAX_FRAME):
                 fid = next(self._ids)
-                self._pending[fid] = _Pending(path, frag, now, now + path.rto_s, kind=frag_kind, message=message,
-                                              whole=data)
+                self._pending[fid] = _Pending(path, frag, now, now + first_wait, kind=frag_kind, message=message,
+                                              whole=data, body=is_body(data))
                 self._seal_to(path, _ID.pack(frag_kind, fid) + frag)
         self._wake()
         return True
@@ -242,7 +245,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     self._stream_send(p.path.conn, p.whole or p.data)
                 continue
             p.tries += 1
-            p.retry_at = now + retry_after_s(p.path.rto_s, p.tries)
+            p.retry_at = now + retry_after_s(p.path.rto_s, p.tries, p.body)
             self.counts["retransmits"] += 1
             self._metrics.datagrams.labels("retransmit").inc()
             self._seal_to(p.path, _ID.pack(p.kind, mid) + p.data)

@@ -22,6 +22,7 @@ from protocol.channel.datagram_policy import (
     BODY_FIRST_RETRY_S,
     MAX_FRAGMENTED,
     MAX_FRAME,
+    PROBE_TIMEOUT_S,
     compressed,
     inflated,
     sent_size,
@@ -189,3 +190,20 @@ def test_a_lost_body_is_sent_again_soon_whatever_the_paths_timer_says() -> None:
         assert len(a.wire.sent) == 1 and a.paths.counts["retransmits"] >= 1
         deliver(a, b)
         assert b.fed[-1][0].data == message and not a.paths._pending
+
+
+def test_a_late_probe_answer_still_puts_the_path_up_without_a_round_trip_sample() -> None:
+    """A peer busy at start answers a probe after its timeout, even after the path counted as blocked:
+    the answer proves the path (authentic, to a nonce we sent), so bodies need not wait for a re-probe
+    on the stream; the late round trip is not taken as the path's."""
+    a, b = pair()
+    first = a.wire.sent.pop()
+    for timeout in PROBE_TIMEOUT_S:
+        a.now += timeout + 0.001
+        a.paths.tick()
+    path = a.paths._by_conn[a.conn]  # type: ignore[index]
+    assert not path.up and a.paths.status()["peers_stream_only"] == ["node-b"]
+    a.wire.sent.clear()  # the later probes are lost too
+    b.paths.datagram_received(first[0], a.addr)
+    deliver(a, b)
+    assert path.up and path.srtt_s is None and a.paths.status()["peers_datagram"] == ["node-b"]

@@ -14,6 +14,8 @@ directory sync, larger bodies) stays on the stream.
   acceptor once an authentic datagram arrived) sends a probe; the path carries frames once a probe was
   answered.  Unanswered after ``PROBE_TRIES`` tries (UDP blocked, a NAT): the peer stays on the stream
   (``stream_only`` in status) and is probed again after ``REPROBE_MIN_S``, doubling up to ``REPROBE_MAX_S``
+  (an answer to any of the recent probes, however late, puts the path up: a peer busy at start answers
+  after the timeout, and the answer still proves the path)
   (a node too busy to answer for a second, as at start, must not keep its peers on TCP for long); an
   authentic probe from the peer of a blocked path makes it probe back at once.
 * Reliability: each frame carries a message id; the receiver hands it to the core once (ids seen are
@@ -80,8 +82,9 @@ class _Path:
     up: bool = False
     probes: int = 0
     probe_at: float = 0.0  # next probe (monotonic s); 0: none due
-    probe_nonce: int = 0
-    probe_sent: float = 0.0
+    # the probes sent lately, nonce -> when: an answer to any of them puts the path up (a peer busy at
+    # start answers after its probe's timeout; the answer still proves the path)
+    probes_out: dict[int, float] = field(default_factory=dict)
     srtt_s: float | None = None
     zlib: bool = False  # the peer inflates compressed messages (its probe or probe answer said so)
     reprobe_s: float = REPROBE_MIN_S
@@ -215,10 +218,12 @@ class DatagramPaths(asyncio.DatagramProtocol):
 
     def _probe(self, path: _Path, now: float) -> None:
         path.probes += 1
-        path.probe_nonce = next(self._ids)
-        path.probe_sent = now
+        nonce = next(self._ids)
+        path.probes_out[nonce] = now
+        while len(path.probes_out) > 2 * PROBE_TRIES:
+            del path.probes_out[next(iter(path.probes_out))]
         path.probe_at = now + PROBE_TIMEOUT_S[min(path.probes, len(PROBE_TIMEOUT_S)) - 1]
-        self._seal_to(path, _ID.pack(PROBE, path.probe_nonce) + FEATURES)
+        self._seal_to(path, _ID.pack(PROBE, nonce) + FEATURES)
         self._wake()
 
     # -- timers ---------------------------------------------------------------------------------------
@@ -299,12 +304,15 @@ class DatagramPaths(asyncio.DatagramProtocol):
             if not path.up and path.probes == 0 and path.probe_at > now:  # blocked, waiting: it is open now
                 self._probe(path, now)
         elif kind == PROBE_ACK:
-            if number == path.probe_nonce and not path.up:
+            sent = path.probes_out.pop(number, None)
+            if sent is not None and not path.up:
                 path.up = True
                 path.probe_at = 0.0
+                path.probes_out.clear()
                 path.reprobe_s = REPROBE_MIN_S
-                path.rtt_sample(now - path.probe_sent)
-                self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - path.probe_sent), 2))
+                if now - sent <= PROBE_TIMEOUT_S[0]:  # a late answer says the peer was busy, not the path's round trip
+                    path.rtt_sample(now - sent)
+                self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - sent), 2))
         elif kind in (FRAME, FRAG, ZFRAME, ZFRAG):
             self._seal_to(path, _ID.pack(FRAME_ACK, number))
             if number in path.seen:

@@ -46,7 +46,8 @@ RTO_RTTS: Final = 3  # rto = this many smoothed round trips
 SRTT_GAIN: Final = 0.125
 PROBE_TRIES: Final = 3  # unanswered probes before the path counts as blocked
 PROBE_TIMEOUT_S: Final = (0.1, 0.3, 0.9)  # per try (the first probe may beat the acceptor's end of the handshake)
-REPROBE_MIN_S: Final = 2.0  # a blocked path is probed again after this, doubling per episode
+REPROBE_MIN_S: Final = 0.5  # a blocked path is probed again after this, doubling per episode (a peer busy
+# at start, or whose end of the channel was not registered yet when the probes came, is soon found)
 REPROBE_MAX_S: Final = 30.0
 UDP_IP_HEADER: Final = 28  # IPv4 + UDP, per datagram on the wire
 FEATURE_ZLIB: Final = 0x01  # in the features byte after a probe's (or its answer's) id header

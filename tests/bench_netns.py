@@ -90,6 +90,7 @@ class LogTail:
         self.accepted: dict[int, float] = {}
         self.apply_ms: dict[int, float] = {}
         self.origin: dict[int, dict[str, Any]] = {}  # serial -> where the body came from (peer, via, wait_ms)
+        self.pushed: dict[int, list[str]] = {}  # serial -> where it pushed the body on ("peer:transport")
         self.started = False
 
     def poll(self) -> None:
@@ -103,6 +104,8 @@ class LogTail:
                     ev = json.loads(line)
                     if ev.get("event") == "meshnode.started":
                         self.started = True
+                    elif ev.get("event") == "policy.pushed" and isinstance(ev.get("serial"), int):
+                        self.pushed.setdefault(ev["serial"], ev.get("to") or [])
                     elif ev.get("event") in ("policy.applied", "policy.accepted") and isinstance(ev.get("serial"), int):
                         ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
                         if ev["event"] == "policy.accepted":
@@ -226,7 +229,8 @@ def _split(tails: list[LogTail], serial: int, t0: float, n: int) -> dict[str, An
     timeline = sorted(({"node": t.path.parent.name,
                         "stored_ms": round((t.accepted[serial] - t0) * 1000, 1) if serial in t.accepted else None,
                         "applied_ms": round((t.applied[serial] - t0) * 1000, 1) if serial in t.applied else None,
-                        "nft_ms": t.apply_ms.get(serial), **t.origin.get(serial, {})} for t in tails),
+                        "nft_ms": t.apply_ms.get(serial), "pushed": t.pushed.get(serial, []),
+                        **t.origin.get(serial, {})} for t in tails),
                       key=lambda e: (e["stored_ms"] is None, e["stored_ms"] or 0.0))
     return {"delivered": len(got), "timeline": timeline,
             "all_ms": round((max(got) - t0) * 1000, 1) if complete else None,
@@ -499,7 +503,8 @@ def _print_one(r: dict[str, Any]) -> None:
             for e in v["timeline"]:
                 print(f"      {e['node']} stored {e['stored_ms']} applied {e['applied_ms']} (nft {e['nft_ms']}) "
                       f"from {e.get('peer', '-')} via {e.get('via', '-')}"
-                      + (f" (fragments waited {e['wait_ms']} ms)" if "wait_ms" in e else ""))
+                      + (f" (fragments waited {e['wait_ms']} ms)" if "wait_ms" in e else "")
+                      + (f"; pushed to {' '.join(e['pushed'])}" if e.get("pushed") else ""))
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._limiter = HandshakeRateLimiter(SOURCE_RATE_PER_S, SOURCE_BURST, max_sources=MAX_SOURCES)
+        self._bodies_settled = asyncio.Event()  # set whenever a body datagram stops being in flight
         self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0, "fragmented": 0,
                        "reassembled": 0, "compressed": 0}
         self.refused: dict[str, int] = {}
@@ -175,6 +177,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         for mid, p in list(self._pending.items()):
             if p.path is path:
                 del self._pending[mid]
+        self._bodies_settled.set()
 
     # -- sending --------------------------------------------------------------------------------------
     def send(self, conn: Conn, data: bytes) -> bool:
@@ -226,6 +229,22 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._seal_to(path, _ID.pack(PROBE, nonce) + FEATURES)
         self._wake()
 
+    def bodies_in_flight(self) -> bool:
+        """Some body (policy or root) sent as datagrams is not acknowledged yet (nor gone to the stream)."""
+        return any(p.body for p in self._pending.values())
+
+    async def bodies_delivered(self, timeout_s: float) -> None:
+        """Wait, at most ``timeout_s``, until every body sent as datagrams is acknowledged or went to the
+        stream: the enforcer waits for this before it applies, so a busy apply does not hold up the
+        retransmission of a lost push (its subtree's version)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.bodies_in_flight() and (left := deadline - loop.time()) > 0:
+            self._bodies_settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._bodies_settled.wait()
+
     # -- timers ---------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         due = [p.retry_at for p in self._pending.values()]
@@ -241,6 +260,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 continue
             if p.tries >= SEND_TRIES or p.path.conn.closed:
                 del self._pending[mid]
+                self._bodies_settled.set()
                 if p.message:  # the whole message goes on the stream once; its other fragments stop
                     for other in [k for k, q in self._pending.items() if q.message == p.message]:
                         del self._pending[other]
@@ -324,6 +344,8 @@ class DatagramPaths(asyncio.DatagramProtocol):
             self._on_frame(path, kind, bytes(payload[_ID.size:]), now)
         elif kind == FRAME_ACK:
             p = self._pending.pop(number, None)
+            if p is not None and p.body:
+                self._bodies_settled.set()
             if p is not None and p.path is path:
                 self.counts["acked"] += 1
                 if p.tries == 1:

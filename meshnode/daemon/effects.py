@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from protocol.channel.datagram_policy import is_body
 from protocol.gossip import (
     Alert,
     Disconnect,
@@ -40,6 +41,7 @@ class EffectExecutor:
         self.log = log
         self.alert = alert
         self.origin = origin  # where the input being handled came from (peer, transport...), for the logs
+        self._pushed: tuple[int, list[str]] | None = None  # a new version's eager pushes: (serial, ["peer:via"])
         self._revalidated_for: tuple[int, Any] | None = None  # (root version, revocations) channels were checked for
 
     def execute(self, effects: Sequence[Any]) -> None:
@@ -54,7 +56,11 @@ class EffectExecutor:
         retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
         state is not durable), and anything else is logged, counted and alerted."""
         writes = [eff for eff in effects if isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))]
+        self._pushed = None
         for eff in [eff for eff in effects if not isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))] + writes:
+            if isinstance(eff, PersistPolicy) and self._pushed is not None:  # the sends are done: say where it went
+                self.log.info("policy.pushed", serial=self._pushed[0], to=self._pushed[1])
+                self._pushed = None
             try:
                 self.execute_one(eff)
             except Exception as exc:  # noqa: BLE001 - the bulkhead: one failed effect must not stop the node
@@ -76,6 +82,7 @@ class EffectExecutor:
                 self.enforcer.want(policy, list(members.values()), policy_hash)
                 if new_policy:
                     self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16], **self.origin())
+                    self._pushed = (policy.serial, [])  # the bodies sent on in this batch (eager pushes)
                     self.metrics.observe_policy(self.trust, time.time())
                     # Open channels are re-checked when what a certificate is checked against changed:
                     # the revocations (they travel in the policy) or the root (expiry: a periodic job).
@@ -84,7 +91,9 @@ class EffectExecutor:
                         self._revalidated_for = checked_against
                         self.connections.revalidate()
             case Send(peer=peer, address=address, data=data):
-                self.connections.send(peer, address, data)
+                via = self.connections.send(peer, address, data)
+                if self._pushed is not None and is_body(data):
+                    self._pushed[1].append(f"{peer}:{via}")
             case Disconnect(peer=peer, reason=reason):
                 self.metrics.frames_refused.labels("peer_misbehaved").inc()
                 self.log.warning("peer.disconnected", peer=peer, reason=reason)

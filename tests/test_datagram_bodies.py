@@ -1,4 +1,6 @@
-"""Compressed dissemination datagrams, and a lost body sent again soon: a body that would take several datagrams goes zlib-compressed when
+"""Policy bodies as datagrams: compressed, a lost one sent again soon, and the apply waiting for them.
+
+Compressed dissemination datagrams: a body that would take several datagrams goes zlib-compressed when
 that takes fewer (a policy body: one datagram instead of five), only to a peer whose probe said it
 inflates; inflating is bounded (a small datagram never makes the receiver hold more than the largest
 message it would take uncompressed) and a broken or oversize stream is refused and counted, never fed.
@@ -8,6 +10,7 @@ of a real Noise XX handshake; the channels they belong to are stand-ins carrying
 
 from __future__ import annotations
 
+import asyncio
 import os
 import zlib
 from types import SimpleNamespace
@@ -207,3 +210,27 @@ def test_a_late_probe_answer_still_puts_the_path_up_without_a_round_trip_sample(
     b.paths.datagram_received(first[0], a.addr)
     deliver(a, b)
     assert path.up and path.srtt_s is None and a.paths.status()["peers_datagram"] == ["node-b"]
+
+
+def test_the_enforcer_can_wait_for_the_bodies_pushed_on_but_not_longer_than_asked() -> None:
+    """An apply holds the event loop: the enforcer first waits until this node's pushes are acknowledged
+    (so a lost one's retransmission is not held up behind the apply), at most the time it asks for."""
+    a, b = pair()
+    deliver(a, b)
+
+    async def scenario() -> None:
+        assert not a.paths.bodies_in_flight()
+        await asyncio.wait_for(a.paths.bodies_delivered(10.0), 1.0)  # nothing in flight: no wait
+        assert a.paths.send(a.conn, bytes([0x92, 5]) + bytes(40))  # an announce is no body  # type: ignore[arg-type]
+        assert a.paths.send(a.conn, body(5300))  # type: ignore[arg-type]
+        assert a.paths.bodies_in_flight()
+        await asyncio.wait_for(a.paths.bodies_delivered(0.05), 5.0)  # unacknowledged: gives up as asked
+        assert a.paths.bodies_in_flight()
+        waiter = asyncio.ensure_future(a.paths.bodies_delivered(30.0))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        deliver(a, b)  # the acks arrive: the waiter returns at once
+        await asyncio.wait_for(waiter, 5.0)
+        assert not a.paths.bodies_in_flight() and len(b.fed) == 2
+
+    asyncio.run(scenario())

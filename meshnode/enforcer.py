@@ -45,8 +45,10 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 
 # A full replacement is confirmed by its committed ``nft`` transaction; the kernel is read back (and
 # compared with the rendered hash) this long after, by the drift check, so the read-back's CPU is spent
-# after a version has spread, not while every node applies it.
-READ_BACK_AFTER_S = 1.0
+# after a version has spread, not while every node applies it.  Half a second: a version reaches 12
+# nodes in ~0.2 s, and a read-back one second after collided with the next version of a burst of
+# publishes (the bench publishes every ~1.3 s; each read-back costs about as much CPU as the apply).
+READ_BACK_AFTER_S = 0.5
 PUSHES_FIRST_MAX_S = 0.03
 """Before an apply the worker waits, at most this long, until the bodies this node pushed on were
 acknowledged: an apply holds the event loop (~5 ms; 50-100 ms on a saturated host), and a lost push's

@@ -154,8 +154,10 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"))
-TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans")
+SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"),
+             ("Udp", "NoPorts"), ("Udp", "InErrors"), ("Udp", "RcvbufErrors"))
+TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans", "TCPSpuriousRtxHostQueues",
+                "TCPLossProbeRecovery", "DelayedACKs", "TCPDSACKRecv")
 
 
 def _net_counters(lab: NetnsLab) -> dict[str, int]:

@@ -50,12 +50,11 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 # publishes (the bench publishes every ~1.3 s; each read-back costs about as much CPU as the apply).
 READ_BACK_AFTER_S = 0.5
 PUSHES_FIRST_MAX_S = 0.03
-"""Before an apply the worker waits, at most this long, until the bodies this node pushed on were
-acknowledged: an apply holds the event loop (~5 ms; 50-100 ms on a saturated host), and a lost push's
-retransmission (due 10 ms after it) would wait behind it, and with it the version for the whole subtree
-behind that peer.  Acknowledgements come back in about a millisecond on a LAN, and a node with no push
-in flight (a leaf of the tree, a version that came from a local source with every push acknowledged)
-does not wait."""
+"""Before an apply the worker waits, at most this long, until each body this node pushed on was
+acknowledged or sent a second time: an apply holds the event loop (~5 ms; 50-100 ms on a saturated
+host), and a lost push's retransmission (due 10 ms after it) would wait behind it, and with it the
+version for the whole subtree behind that peer.  Acknowledgements come back in about a millisecond on a
+LAN, and a node with no push in flight (a leaf of the tree) does not wait."""
 INLINE_APPLY_MAX_ELEMENTS = 2_000
 """An apply through libnftables (in-process) of a ruleset with up to this many set elements runs on the
 event loop: ~3 ms for the bench's 12-member / 50-rule ruleset.  In a worker thread the same apply waited

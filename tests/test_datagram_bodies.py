@@ -232,5 +232,15 @@ def test_the_enforcer_can_wait_for_the_bodies_pushed_on_but_not_longer_than_aske
         deliver(a, b)  # the acks arrive: the waiter returns at once
         await asyncio.wait_for(waiter, 5.0)
         assert not a.paths.bodies_in_flight() and len(b.fed) == 2
+        # A lost body's second send also ends the wait (its acknowledgement may be slow to come).
+        assert a.paths.send(a.conn, body(5300))  # type: ignore[arg-type]
+        a.wire.sent.clear()
+        waiter = asyncio.ensure_future(a.paths.bodies_delivered(30.0))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        a.now += BODY_FIRST_RETRY_S + 0.001
+        a.paths.tick()
+        await asyncio.wait_for(waiter, 5.0)
+        assert len(a.wire.sent) == 1 and not a.paths.bodies_in_flight()
 
     asyncio.run(scenario())

@@ -5,7 +5,7 @@ What goes as datagrams, fragment sizes, the retransmission timer and the number 
 
 * A path: once a pair's connection is up, the dialer probes the peer's UDP endpoint; a probe is
   answered with probability (1 - loss)^2 (probe and answer), else tried again after ``PROBE_TIMEOUT_S``,
-  and after ``PROBE_TRIES`` the path is blocked until a re-probe ``REPROBE_MIN_S`` later (doubling).  The
+  and after ``PROBE_TRIES`` the path is blocked until a re-probe ``reprobe_after_s`` later.  The
   acceptor learns the endpoint from the dialer's first probe that arrives and probes back the same way.
   Each side sends datagrams once its own probe was answered (``probe_up_at``).
 * A message (``datagram_plan``): ``fragment_count`` datagrams, each lost independently (the loss of the
@@ -31,10 +31,9 @@ from protocol.channel.datagram_policy import (
     MAX_FRAME,
     PROBE_TIMEOUT_S,
     PROBE_TRIES,
-    REPROBE_MAX_S,
-    REPROBE_MIN_S,
     SEND_TRIES,
     fragment_count,
+    reprobe_after_s,
     retry_after_s,
     rto_s,
     wire_bytes,
@@ -60,7 +59,7 @@ class Network(Protocol):
 
 NEVER = 1 << 62
 ACK_BYTES = wire_bytes(0)  # an ack: the id header alone
-_REPROBE_EPISODES = 16  # beyond this a path counts as never up
+_REPROBE_EPISODES = 24  # beyond this a path counts as never up
 
 
 @dataclass(slots=True)
@@ -95,15 +94,13 @@ def _probe_answered(net: Network, src: int, dst: int, t: float) -> float | None:
 
 def _first_answer(net: Network, src: int, dst: int, t: float) -> float:
     """When ``src``'s path to ``dst`` is up if it starts probing at ``t`` (NEVER: not within the episodes)."""
-    reprobe = REPROBE_MIN_S * 1000
-    for _ in range(_REPROBE_EPISODES):
+    for episode in range(1, _REPROBE_EPISODES + 1):
         for k in range(PROBE_TRIES):
             answered = _probe_answered(net, src, dst, t)
             if answered is not None:
                 return answered
             t += PROBE_TIMEOUT_S[min(k, len(PROBE_TIMEOUT_S) - 1)] * 1000
-        t += reprobe  # blocked after the last probe's timeout: probed again this much later
-        reprobe = min(REPROBE_MAX_S * 1000, 2 * reprobe)
+        t += reprobe_after_s(episode) * 1000  # blocked after the last probe's timeout: probed again later
     return NEVER
 
 

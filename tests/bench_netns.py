@@ -296,6 +296,8 @@ def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
                 total[k] = total.get(k, 0) + v
         total["stream_only_paths"] = total.get("stream_only_paths", 0) + len(
             (st.get("datagrams") or {}).get("peers_stream_only") or [])
+        for reason, count in ((st.get("datagrams") or {}).get("refused") or {}).items():
+            total[f"refused_{reason}"] = total.get(f"refused_{reason}", 0) + int(count)
     return total
 
 
@@ -365,6 +367,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                         for v in ((_in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
         datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1) if k != "stream_only_paths"}
         datagrams["stream_only_paths_before_after"] = [dg0.get("stream_only_paths", 0), dg1.get("stream_only_paths", 0)]
+        datagrams["refused_before"] = {k: v for k, v in dg0.items() if k.startswith("refused_")}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]

@@ -13,7 +13,8 @@ directory sync, larger bodies) stays on the stream.
 * Path check: the side that knows the peer's UDP endpoint (the dialer: the peer's mesh address; the
   acceptor once an authentic datagram arrived) sends a probe; the path carries frames once a probe was
   answered.  Unanswered after ``PROBE_TRIES`` tries (UDP blocked, a NAT): the peer stays on the stream
-  (``stream_only`` in status) and is probed again after ``REPROBE_MIN_S``, doubling up to ``REPROBE_MAX_S``
+  (``stream_only`` in status) and is probed again after ``reprobe_after_s`` (0.5 s for ~15 s: a peer
+  drops our datagrams until its firewall lists us as a member, then doubling up to 30 s)
   (an answer to any of the recent probes, however late, puts the path up: a peer busy at start answers
   after the timeout, and the answer still proves the path)
   (a node too busy to answer for a second, as at start, must not keep its peers on TCP for long); an
@@ -43,13 +44,13 @@ from protocol.channel.datagram_policy import (
     MAX_FRAME,
     PROBE_TIMEOUT_S,
     PROBE_TRIES,
-    REPROBE_MAX_S,
-    REPROBE_MIN_S,
+    REPROBE_FLAT_EPISODES,
     SEND_TRIES,
     compressed,
     datagram_worthy,
     inflated,
     is_body,
+    reprobe_after_s,
     retry_after_s,
     smoothed_rtt,
 )
@@ -88,7 +89,7 @@ class _Path:
     probes_out: dict[int, float] = field(default_factory=dict)
     srtt_s: float | None = None
     zlib: bool = False  # the peer inflates compressed messages (its probe or probe answer said so)
-    reprobe_s: float = REPROBE_MIN_S
+    episodes: int = 0  # blocked episodes in a row (3 unanswered probes each)
     reassembly: Reassembly = field(default_factory=Reassembly)
     seen: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
 
@@ -286,12 +287,13 @@ class DatagramPaths(asyncio.DatagramProtocol):
             elif path.probes < PROBE_TRIES:
                 self._probe(path, now)
             else:  # blocked: stay on the stream, look again later
-                if path.probes == PROBE_TRIES:
-                    self._log.info("datagram.path_blocked", peer=path.conn.peer, endpoint=str(path.endpoint))
-                    self._metrics.datagrams.labels("path_blocked").inc()
+                self._metrics.datagrams.labels("path_blocked").inc()
+                if path.episodes in (0, REPROBE_FLAT_EPISODES):  # logged when blocked, and when backing off
+                    self._log.info("datagram.path_blocked", peer=path.conn.peer, endpoint=str(path.endpoint),
+                                   episodes=path.episodes + 1)
                 path.probes = 0
-                path.probe_at = now + path.reprobe_s
-                path.reprobe_s = min(REPROBE_MAX_S, 2 * path.reprobe_s)
+                path.episodes += 1
+                path.probe_at = now + reprobe_after_s(path.episodes)
 
     # -- receiving ------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -333,7 +335,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                 path.up = True
                 path.probe_at = 0.0
                 path.probes_out.clear()
-                path.reprobe_s = REPROBE_MIN_S
+                path.episodes = 0
                 if now - sent <= PROBE_TIMEOUT_S[0]:  # a late answer says the peer was busy, not the path's round trip
                     path.rtt_sample(now - sent)
                 self._log.debug("datagram.path_up", peer=path.conn.peer, rtt_ms=round(1000 * (now - sent), 2))

@@ -8,7 +8,7 @@ simulator's model of it (``simulations/datagrams.py``) must agree on, in one pla
   ``fragment_count`` fragments of at most ``MAX_FRAME`` bytes each (a ``FRAG_HEADER`` plus a chunk),
   each acknowledged on its own; everything else goes on the stream.  Only on a path that answered a
   probe (``PROBE_TRIES`` tries, ``PROBE_TIMEOUT_S`` each; a blocked path is probed again after
-  ``REPROBE_MIN_S``, doubling up to ``REPROBE_MAX_S``).
+  ``reprobe_after_s``).
 * A message that would take more than one datagram goes zlib-compressed when that takes fewer datagrams
   (``compressed``; a 5.3 KB policy body of 52 rules: 1.1 KB, one datagram instead of five), to peers
   whose probe or probe answer carried ``FEATURE_ZLIB``; the receiver inflates it to at most
@@ -46,8 +46,8 @@ RTO_RTTS: Final = 3  # rto = this many smoothed round trips
 SRTT_GAIN: Final = 0.125
 PROBE_TRIES: Final = 3  # unanswered probes before the path counts as blocked
 PROBE_TIMEOUT_S: Final = (0.1, 0.3, 0.9)  # per try (the first probe may beat the acceptor's end of the handshake)
-REPROBE_MIN_S: Final = 0.5  # a blocked path is probed again after this, doubling per episode (a peer busy
-# at start, or whose end of the channel was not registered yet when the probes came, is soon found)
+REPROBE_MIN_S: Final = 0.5  # a blocked path is probed again after this (see reprobe_after_s)
+REPROBE_FLAT_EPISODES: Final = 8  # ... for this many episodes, then doubling
 REPROBE_MAX_S: Final = 30.0
 UDP_IP_HEADER: Final = 28  # IPv4 + UDP, per datagram on the wire
 FEATURE_ZLIB: Final = 0x01  # in the features byte after a probe's (or its answer's) id header
@@ -73,6 +73,18 @@ def fragment_count(size: int) -> int:
     if size <= MAX_FRAME:
         return 1
     return -(-size // (MAX_FRAME - FRAG_HEADER.size))
+
+
+def reprobe_after_s(episodes: int) -> float:
+    """How long a path waits after its ``episodes``-th blocked episode (3 unanswered probes) before it is
+    probed again: ``REPROBE_MIN_S`` for the first ``REPROBE_FLAT_EPISODES`` (~15 s), then doubling up to
+    ``REPROBE_MAX_S``.  A peer drops our datagrams until its own firewall lists us as a member (a new
+    member, or every member at a cluster's start, until the directory has spread and been applied:
+    seconds), so a path blocked at first is soon found; a path UDP never crosses costs 3 probes per
+    1.8 s for that while, then fewer."""
+    if episodes <= REPROBE_FLAT_EPISODES:
+        return REPROBE_MIN_S
+    return min(REPROBE_MAX_S, REPROBE_MIN_S * 2 ** (episodes - REPROBE_FLAT_EPISODES))
 
 
 def rto_s(srtt_s: float | None) -> float:

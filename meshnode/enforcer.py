@@ -49,10 +49,10 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 # nodes in ~0.2 s, and a read-back one second after collided with the next version of a burst of
 # publishes (the bench publishes every ~1.3 s; each read-back costs about as much CPU as the apply).
 READ_BACK_AFTER_S = 0.5
-PUSHES_FIRST_MAX_S = 0.03
+PUSHES_FIRST_MAX_S = 0.035
 """Before an apply the worker waits, at most this long, until each body this node pushed on was
-acknowledged or sent a second time: an apply holds the event loop (~5 ms; 50-100 ms on a saturated
-host), and a lost push's retransmission (due 10 ms after it) would wait behind it, and with it the
+acknowledged or sent its last time (10 and 30 ms after the first): an apply holds the event loop (~5 ms;
+50-100 ms on a saturated host), and a lost push's retransmission would wait behind it, and with it the
 version for the whole subtree behind that peer.  Acknowledgements come back in about a millisecond on a
 LAN, and a node with no push in flight (a leaf of the tree) does not wait."""
 INLINE_APPLY_MAX_ELEMENTS = 2_000

@@ -176,13 +176,14 @@ def test_a_probe_answer_is_never_larger_than_the_probe() -> None:
 
 def test_a_lost_body_is_sent_again_soon_whatever_the_paths_timer_says() -> None:
     """The round trip behind the timer is sampled from acks, which wait while a busy loop (an ``nft``
-    load) holds them: a lost body is sent again ``BODY_FIRST_RETRY_S`` later, a lost announce after the
-    path's timer."""
+    load) holds them: a lost body is sent again ``BODY_FIRST_RETRY_S`` later (and twice that after), a
+    lost announce after the path's timer."""
     a, b = pair()
     deliver(a, b)
     path = a.paths._by_conn[a.conn]  # type: ignore[index]
     path.srtt_s = 0.1  # inflated by a busy moment: rto 300 ms
     for message, wait in ((body(5300), BODY_FIRST_RETRY_S), (bytes([0x92, 5]) + bytes(40), path.rto_s)):
+        # a body: sent again 10 ms after, and 20 ms after that; an announce after the path's timer
         assert a.paths.send(a.conn, message)  # type: ignore[arg-type]
         a.wire.sent.clear()  # lost
         a.now += wait - 0.001
@@ -240,7 +241,11 @@ def test_the_enforcer_can_wait_for_the_bodies_pushed_on_but_not_longer_than_aske
         assert not waiter.done()
         a.now += BODY_FIRST_RETRY_S + 0.001
         a.paths.tick()
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and len(a.wire.sent) == 1  # sent again; once more to come
+        a.now += 2 * BODY_FIRST_RETRY_S
+        a.paths.tick()
         await asyncio.wait_for(waiter, 5.0)
-        assert len(a.wire.sent) == 1 and not a.paths.bodies_in_flight()
+        assert len(a.wire.sent) == 2 and not a.paths.bodies_in_flight()
 
     asyncio.run(scenario())

@@ -231,15 +231,15 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._wake()
 
     def bodies_in_flight(self) -> bool:
-        """Some body (policy or root) sent as datagrams once is not acknowledged yet (nor sent again, nor
-        gone to the stream)."""
-        return any(p.body and p.tries < 2 for p in self._pending.values())
+        """Some body (policy or root) sent as datagrams is not acknowledged yet and has a retransmission
+        to come (not sent ``SEND_TRIES`` times, not gone to the stream)."""
+        return any(p.body and p.tries < SEND_TRIES for p in self._pending.values())
 
     async def bodies_delivered(self, timeout_s: float) -> None:
-        """Wait, at most ``timeout_s``, until every body sent as datagrams is acknowledged or was sent a
-        second time (``BODY_FIRST_RETRY_S`` after the first): the enforcer waits for this before it
-        applies, so a busy apply does not hold up the retransmission of a lost push (its subtree's
-        version), and does not wait for the acknowledgements of a peer that is slow to send them."""
+        """Wait, at most ``timeout_s``, until every body sent as datagrams is acknowledged or was sent its
+        last time (10 and 30 ms after the first: ``retry_after_s``): the enforcer waits for this before
+        it applies, so a busy apply does not hold up the retransmission of a lost push (its subtree's
+        version), and does not wait longer for the acknowledgements of a peer that is slow to send them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.bodies_in_flight() and (left := deadline - loop.time()) > 0:

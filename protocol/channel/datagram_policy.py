@@ -16,7 +16,7 @@ simulator's model of it (``simulations/datagrams.py``) must agree on, in one pla
   compressed on its own (no dictionary across messages), and only the authority-signed bodies every
   member receives are large enough to be compressed.
 * Every datagram (frame or fragment) is retransmitted while unacknowledged: the wait after the k-th
-  send is ``retry_after_s(rto, k)`` (a body's first wait at most ``BODY_FIRST_RETRY_S``); after
+  send is ``retry_after_s(rto, k)`` (a body's rto at most ``BODY_FIRST_RETRY_S``); after
   ``SEND_TRIES`` sends the whole message goes on the stream.
   ``rto_s`` is 3 x the smoothed round trip (``smoothed_rtt``), clamped to [``RTO_MIN_S``, ``RTO_MAX_S``].
 """
@@ -38,7 +38,7 @@ MAX_FRAGMENTS: Final = 16
 DATAGRAM_TAGS: Final = frozenset({5, 6, 7, 8, 9})
 SEND_TRIES: Final = 3
 BODY_TAGS: Final = frozenset({7, 9})  # PolicyPush, RootPush
-BODY_FIRST_RETRY_S: Final = 0.01  # the longest a body waits for its acknowledgement before its second send
+BODY_FIRST_RETRY_S: Final = 0.01  # a body's retransmission timer at most (see retry_after_s)
 RTO_MIN_S: Final = 0.005
 RTO_MAX_S: Final = 0.5
 RTO_INITIAL_S: Final = 0.1  # before the path's first round-trip sample
@@ -104,13 +104,14 @@ def is_body(data: bytes) -> bool:
 def retry_after_s(rto: float, sends: int, body: bool = False) -> float:
     """How long an unacknowledged datagram waits after its ``sends``-th send (linear backoff): with
     ``SEND_TRIES`` = 3 the sends are at 0, rto, 3 rto and the message falls back to the stream at 6 rto.
-    A body's first wait is at most ``BODY_FIRST_RETRY_S``: the round trip is sampled from acknowledgements,
-    which wait while either end's event loop is busy (an ``nft`` load, a burst of messages), so a busy
-    moment inflates the timer for a while after; a lost body is sent again after a LAN's round trip
-    plus a busy moment instead, at the cost of a duplicate (dropped by the receiver's ids) when its
-    acknowledgement is slower than that."""
-    if body and sends == 1:
-        return min(rto, BODY_FIRST_RETRY_S)
+    A body's timer is at most ``BODY_FIRST_RETRY_S`` (sends at 0, 10 and 30 ms, to the stream at 60 ms):
+    the round trip is sampled from acknowledgements, which wait while either end's event loop is busy
+    (an ``nft`` load, a burst of messages), so a busy moment inflates the timer for a while after (the
+    12-node bench: 3 x SRTT up to 200 ms, and a body lost twice reached its subtree ~160 ms late); a lost
+    body is sent again after a LAN's round trip plus a busy moment instead, at the cost of a duplicate
+    (dropped by the receiver's ids) when its acknowledgement is slower than that."""
+    if body:
+        rto = min(rto, BODY_FIRST_RETRY_S)
     return rto * sends
 
 

@@ -176,7 +176,14 @@ def _net_counters(lab: NetnsLab) -> dict[str, int]:
         for proto, key in (*SNMP_KEYS, *(("TcpExt", k) for k in TCP_EXT_KEYS)):
             name = f"{proto.lower()}_{key}"
             total[name] = total.get(name, 0) + int(rows.get(proto, {}).get(key, 0))
+    total["host_backlog_dropped"] = _softnet_dropped()
     return total
+
+
+def _softnet_dropped() -> int:
+    """Packets the host dropped because a CPU's input backlog was full (``/proc/net/softnet_stat``, all
+    namespaces: a veth hands every packet to that backlog), counted for the whole host."""
+    return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

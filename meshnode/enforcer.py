@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -45,8 +45,16 @@ def render_options(config: LoadedConfig) -> RenderOptions:
 
 # A full replacement is confirmed by its committed ``nft`` transaction; the kernel is read back (and
 # compared with the rendered hash) this long after, by the drift check, so the read-back's CPU is spent
-# after a version has spread, not while every node applies it.
-READ_BACK_AFTER_S = 1.0
+# after a version has spread, not while every node applies it.  Half a second: a version reaches 12
+# nodes in ~0.2 s, and a read-back one second after collided with the next version of a burst of
+# publishes (the bench publishes every ~1.3 s; each read-back costs about as much CPU as the apply).
+READ_BACK_AFTER_S = 0.5
+PUSHES_FIRST_MAX_S = 0.035
+"""Before an apply the worker waits, at most this long, until each body this node pushed on was
+acknowledged or sent its last time (10 and 30 ms after the first): an apply holds the event loop (~5 ms;
+50-100 ms on a saturated host), and a lost push's retransmission would wait behind it, and with it the
+version for the whole subtree behind that peer.  Acknowledgements come back in about a millisecond on a
+LAN, and a node with no push in flight (a leaf of the tree) does not wait."""
 INLINE_APPLY_MAX_ELEMENTS = 2_000
 """An apply through libnftables (in-process) of a ruleset with up to this many set elements runs on the
 event loop: ~3 ms for the bench's 12-member / 50-rule ruleset.  In a worker thread the same apply waited
@@ -70,6 +78,7 @@ class Enforcer:
         log: Any,
         on_applied: Callable[[int, str, str], None],
         on_event: Callable[[str, dict[str, Any]], None],
+        pushes_delivered: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.identity = identity
         self.trust = trust
@@ -77,6 +86,7 @@ class Enforcer:
         self.log = log.bind(component="enforce")
         self.on_applied = on_applied
         self.on_event = on_event
+        self.pushes_delivered = pushes_delivered  # waits (at most its argument, s) for this node's pushes
         self.backend: Backend | None = None
         self._want: tuple[PolicyVersion, list[Certificate], str] | None = None  # queued for run()
         # the latest (policy, member certificates, policy hash) the core asked for (its Enforce effect)
@@ -195,6 +205,8 @@ class Enforcer:
         while True:
             await self._event.wait()
             self._event.clear()
+            if self._want is not None and self.pushes_delivered is not None:
+                await self.pushes_delivered(PUSHES_FIRST_MAX_S)
             want, self._want = self._want, None
             if want is not None:
                 await self.apply_now(*want)

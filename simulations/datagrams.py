@@ -5,13 +5,13 @@ What goes as datagrams, fragment sizes, the retransmission timer and the number 
 
 * A path: once a pair's connection is up, the dialer probes the peer's UDP endpoint; a probe is
   answered with probability (1 - loss)^2 (probe and answer), else tried again after ``PROBE_TIMEOUT_S``,
-  and after ``PROBE_TRIES`` the path is blocked until a re-probe ``REPROBE_MIN_S`` later (doubling).  The
+  and after ``PROBE_TRIES`` the path is blocked until a re-probe ``reprobe_after_s`` later.  The
   acceptor learns the endpoint from the dialer's first probe that arrives and probes back the same way.
   Each side sends datagrams once its own probe was answered (``probe_up_at``).
 * A message (``datagram_plan``): ``fragment_count`` datagrams, each lost independently (the loss of the
   moment, a cut, a dead receiver), each arriving after one-way latency with jitter plus serialisation,
   each acknowledged (the ack lost independently too).  An unacknowledged datagram is sent again after
-  ``retry_after_s(rto, sends)``, with rto from the path's round trip (2 x one-way latency, jitter on
+  ``retry_after_s(rto, sends, body)``, with rto from the path's round trip (2 x one-way latency, jitter on
   average) by the daemon's rule; after ``SEND_TRIES`` sends without an ack the whole message goes on the
   stream (the TCP model) at that moment.  The message is delivered when every fragment has arrived once
   (a message that arrived but whose acks were all lost is delivered twice, as by the daemon).  Every
@@ -31,10 +31,9 @@ from protocol.channel.datagram_policy import (
     MAX_FRAME,
     PROBE_TIMEOUT_S,
     PROBE_TRIES,
-    REPROBE_MAX_S,
-    REPROBE_MIN_S,
     SEND_TRIES,
     fragment_count,
+    reprobe_after_s,
     retry_after_s,
     rto_s,
     wire_bytes,
@@ -60,7 +59,7 @@ class Network(Protocol):
 
 NEVER = 1 << 62
 ACK_BYTES = wire_bytes(0)  # an ack: the id header alone
-_REPROBE_EPISODES = 16  # beyond this a path counts as never up
+_REPROBE_EPISODES = 24  # beyond this a path counts as never up
 
 
 @dataclass(slots=True)
@@ -95,15 +94,13 @@ def _probe_answered(net: Network, src: int, dst: int, t: float) -> float | None:
 
 def _first_answer(net: Network, src: int, dst: int, t: float) -> float:
     """When ``src``'s path to ``dst`` is up if it starts probing at ``t`` (NEVER: not within the episodes)."""
-    reprobe = REPROBE_MIN_S * 1000
-    for _ in range(_REPROBE_EPISODES):
+    for episode in range(1, _REPROBE_EPISODES + 1):
         for k in range(PROBE_TRIES):
             answered = _probe_answered(net, src, dst, t)
             if answered is not None:
                 return answered
             t += PROBE_TIMEOUT_S[min(k, len(PROBE_TIMEOUT_S) - 1)] * 1000
-        t += reprobe  # blocked after the last probe's timeout: probed again this much later
-        reprobe = min(REPROBE_MAX_S * 1000, 2 * reprobe)
+        t += reprobe_after_s(episode) * 1000  # blocked after the last probe's timeout: probed again later
     return NEVER
 
 
@@ -117,8 +114,9 @@ def probe_up_at(net: Network, dialer: int, acceptor: int, ready: int) -> tuple[i
             int(up_acceptor) + 1 if up_acceptor != NEVER else NEVER)
 
 
-def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
-    """Send a datagram-worthy message of ``size`` bytes from ``src`` to ``dst`` at ``t`` (path up)."""
+def datagram_plan(net: Network, src: int, dst: int, size: int, t: int, body: bool = False) -> Plan:
+    """Send a datagram-worthy message of ``size`` bytes (as sent: compressed when that saves datagrams)
+    from ``src`` to ``dst`` at ``t`` (path up); ``body``: a policy or root body (its first wait is shorter)."""
     rng = net.rng
     lat = net.one_way(src, dst)
     jitter = net.cfg.jitter
@@ -150,7 +148,7 @@ def datagram_plan(net: Network, src: int, dst: int, size: int, t: int) -> Plan:
                     ack = arrive + lat * (1.0 + jitter * rng.random())
                     plan.arrivals.append((int(ack) + 1, src, ACK_BYTES))
                     acked = min(acked, ack)
-            send_at += retry_after_s(rto, k)
+            send_at += 1000.0 * retry_after_s(rto / 1000.0, k, body)
         if acked > send_at:  # no ack before the last timer: the whole message goes on the stream
             plan.fallback_at = min(plan.fallback_at, int(send_at) + 1)
         if first == NEVER:

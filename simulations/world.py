@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from protocol.channel.datagram_policy import datagram_worthy
+from protocol.channel.datagram_policy import MAX_FRAME, datagram_worthy, is_body, sent_size
 from protocol.gossip import (
     Alert,
     Enforce,
@@ -60,6 +60,7 @@ class SimWorld:
         # transport = "mixed": messages sent as datagrams, datagrams sent (retransmissions included),
         # acks sent, retransmissions, messages that went on the stream after unanswered tries
         self.datagram_counts = {"messages": 0, "sent": 0, "acks": 0, "retransmits": 0, "fallbacks": 0}
+        self._sent_sizes: dict[bytes, int] = {}  # a body's size as datagrams (compressed), per body
 
     # -- the enforcer model -------------------------------------------------------------------------
     def apply_policy(self, i: int, eff: Enforce, effects: list[Any]) -> None:
@@ -122,10 +123,22 @@ class SimWorld:
             kernel.push(fail, i, SendFailed(peer, address), epoch[i])
 
     # -- datagrams (transport = "mixed") -------------------------------------------------------------
+    def _sent_size(self, data: bytes) -> int:
+        """What a message takes as datagrams: compressed when that saves datagrams, as the daemon sends it
+        (compressed once per body: the same body goes to many peers)."""
+        if len(data) <= MAX_FRAME:
+            return len(data)
+        size = self._sent_sizes.get(data)
+        if size is None:
+            if len(self._sent_sizes) >= 256:
+                self._sent_sizes.clear()
+            size = self._sent_sizes[data] = sent_size(data)
+        return size
+
     def _send_datagrams(self, i: int, j: int, eff: Send) -> None:
         kernel, net = self.kernel, self.net
         data = eff.data
-        plan = datagram_plan(net, i, j, len(data), kernel.now)
+        plan = datagram_plan(net, i, j, self._sent_size(data), kernel.now, is_body(data))
         kind = frame_kind(data)
         counts = self.datagram_counts
         counts["messages"] += 1

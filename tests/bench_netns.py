@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
                                                 [--regions 3] [--idle-s 10] [--no-serf] [--changing-rules]
-                                                [--json FILE]
+                                                [--timeline] [--json FILE]
 
 Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
 (``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
@@ -89,6 +89,8 @@ class LogTail:
         self.applied: dict[int, float] = {}
         self.accepted: dict[int, float] = {}
         self.apply_ms: dict[int, float] = {}
+        self.origin: dict[int, dict[str, Any]] = {}  # serial -> where the body came from (peer, via, wait_ms)
+        self.pushed: dict[int, list[str]] = {}  # serial -> where it pushed the body on ("peer:transport")
         self.started = False
 
     def poll(self) -> None:
@@ -102,10 +104,14 @@ class LogTail:
                     ev = json.loads(line)
                     if ev.get("event") == "meshnode.started":
                         self.started = True
+                    elif ev.get("event") == "policy.pushed" and isinstance(ev.get("serial"), int):
+                        self.pushed.setdefault(ev["serial"], ev.get("to") or [])
                     elif ev.get("event") in ("policy.applied", "policy.accepted") and isinstance(ev.get("serial"), int):
                         ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
                         if ev["event"] == "policy.accepted":
                             self.accepted.setdefault(ev["serial"], ts)
+                            self.origin.setdefault(ev["serial"], {k: ev[k] for k in ("peer", "via", "wait_ms")
+                                                                  if k in ev})
                         else:
                             self.applied.setdefault(ev["serial"], ts)
                             if isinstance(ev.get("ms"), (int, float)):
@@ -148,8 +154,10 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"))
-TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans")
+SNMP_KEYS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("Udp", "OutDatagrams"), ("Udp", "InDatagrams"),
+             ("Udp", "NoPorts"), ("Udp", "InErrors"), ("Udp", "RcvbufErrors"))
+TCP_EXT_KEYS = ("TCPLossProbes", "TCPTimeouts", "TCPFastRetrans", "TCPSynRetrans", "TCPSpuriousRtxHostQueues",
+                "TCPLossProbeRecovery", "DelayedACKs", "TCPDSACKRecv")
 
 
 def _net_counters(lab: NetnsLab) -> dict[str, int]:
@@ -168,7 +176,14 @@ def _net_counters(lab: NetnsLab) -> dict[str, int]:
         for proto, key in (*SNMP_KEYS, *(("TcpExt", k) for k in TCP_EXT_KEYS)):
             name = f"{proto.lower()}_{key}"
             total[name] = total.get(name, 0) + int(rows.get(proto, {}).get(key, 0))
+    total["host_backlog_dropped"] = _softnet_dropped()
     return total
+
+
+def _softnet_dropped() -> int:
+    """Packets the host dropped because a CPU's input backlog was full (``/proc/net/softnet_stat``, all
+    namespaces: a veth hands every packet to that backlog), counted for the whole host."""
+    return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -220,7 +235,13 @@ def _split(tails: list[LogTail], serial: int, t0: float, n: int) -> dict[str, An
                      if serial in t.applied and serial in t.accepted)
     apply_ms = sorted(t.apply_ms[serial] for t in tails if serial in t.apply_ms)
     complete = len(got) == n
-    return {"delivered": len(got),
+    timeline = sorted(({"node": t.path.parent.name,
+                        "stored_ms": round((t.accepted[serial] - t0) * 1000, 1) if serial in t.accepted else None,
+                        "applied_ms": round((t.applied[serial] - t0) * 1000, 1) if serial in t.applied else None,
+                        "nft_ms": t.apply_ms.get(serial), "pushed": t.pushed.get(serial, []),
+                        **t.origin.get(serial, {})} for t in tails),
+                      key=lambda e: (e["stored_ms"] is None, e["stored_ms"] or 0.0))
+    return {"delivered": len(got), "timeline": timeline,
             "all_ms": round((max(got) - t0) * 1000, 1) if complete else None,
             "first_ms": round((min(got) - t0) * 1000, 1) if got else None,
             "hop_ms": round((min(acc) - t0) * 1000, 1) if acc else None,
@@ -280,6 +301,10 @@ def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
         for k, v in (st.get("datagrams") or {}).items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
+        total["stream_only_paths"] = total.get("stream_only_paths", 0) + len(
+            (st.get("datagrams") or {}).get("peers_stream_only") or [])
+        for reason, count in ((st.get("datagrams") or {}).get("refused") or {}).items():
+            total[f"refused_{reason}"] = total.get(f"refused_{reason}", 0) + int(count)
     return total
 
 
@@ -345,7 +370,11 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         tree_busy, host_busy = sum(_cpu_tree_s(p) for p in pids) - tree0, _host_busy_s() - host0
         net = _delta(_net_counters(lab), net0)
         dg1 = _datagram_counts(cluster)
-        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1)}
+        rto_ms = sorted(v for node in cluster.nodes
+                        for v in ((_in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
+        datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1) if k != "stream_only_paths"}
+        datagrams["stream_only_paths_before_after"] = [dg0.get("stream_only_paths", 0), dg1.get("stream_only_paths", 0)]
+        datagrams["refused_before"] = {k: v for k, v in dg0.items() if k.startswith("refused_")}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]
@@ -359,6 +388,8 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                                       "daemons_with_nft": round(tree_busy / len(versions), 3),
                                       "host_all_processes": round(host_busy / len(versions), 3)},
                 "tcp_retrans_segs": net["tcp_RetransSegs"], "net": net, "datagrams": datagrams, "meshctl_cli": cli,
+                "datagram_rto_ms": {"median": statistics.median(rto_ms), "p90": rto_ms[int(0.9 * len(rto_ms))],
+                                    "max": rto_ms[-1]} if rto_ms else None,
                 "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
@@ -444,7 +475,8 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
                    what="tests/bench_netns.py")
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
-    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules}
+    out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules,
+                           "timeline": args.timeline}
     try:
         lab.setup()
         for i in range(n):
@@ -479,11 +511,18 @@ def _print_one(r: dict[str, Any]) -> None:
               f"first applied {v['first_ms']} ms, all {v['all_ms']} ms ({v['delivered']}/{r['nodes']}); in mesh "
               f"{v['mesh_ms']} ms, last stored {v['last_accepted_ms']} ms, on node {v['on_node_ms']}, "
               f"nft apply {v['apply_ms']}")
+        if r.get("timeline"):
+            for e in v["timeline"]:
+                print(f"      {e['node']} stored {e['stored_ms']} applied {e['applied_ms']} (nft {e['nft_ms']}) "
+                      f"from {e.get('peer', '-')} via {e.get('via', '-')}"
+                      + (f" (fragments waited {e['wait_ms']} ms)" if "wait_ms" in e else "")
+                      + (f"; pushed to {' '.join(e['pushed'])}" if e.get("pushed") else ""))
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
           f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
-    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']}; kernel {m['net']}")
+    print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']} (retransmission timers after the "
+          f"publishes, ms: {m.get('datagram_rto_ms')}); kernel {m['net']}")
     print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")
     c = m["meshctl_cli"]
     print(f"  one more version through the meshctl CLI (its Python start-up included, bytecode cached): ok {c['ok']}, ack {c['ack_ms']} ms, "
@@ -515,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-serf", action="store_true", help="skip the Serf baseline")
     p.add_argument("--changing-rules", action="store_true",
                    help="every version changes every node's ruleset (default: the same document, new serials)")
+    p.add_argument("--timeline", action="store_true",
+                   help="print each version's per-node timeline: stored and applied (ms after the publish "
+                        "started), from which peer, by which transport (stream, datagram, fragments: the "
+                        "wait from the first fragment to the last)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--predict-only", action="store_true",
                    help="only the simulator's predictions for each size and loss (netns-12 and loopback-12 models)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.daemon.datagrams import MAX_FRAGMENTED, MAX_FRAME
+from protocol.channel.datagram_policy import compressed
 from tests.daemon_helpers import Cluster, metric_sum, wait_until
 from tests.netns import skip_reason
 
@@ -66,16 +67,21 @@ def test_paths_come_up_and_junk_datagrams_are_refused_counted_and_unanswered(tmp
         assert set(refused) <= {"truncated", "unknown_session"}, refused
         assert metric_sum(target.metrics(), "policymesh_frames_refused_total", reason="datagram_unknown_session") >= 1
         assert target.alive
-        # The mesh still works after the junk; a policy of several datagrams goes as fragments.
-        extra = "".join(f'\n[[allow]]\nname = "bulk-{i}"\nfrom = ["role:web"]\nto = ["role:web"]\n'
-                        f'ports = ["tcp/{20000 + i}"]\n' for i in range(40))
+        # The mesh still works after the junk; a policy of several datagrams goes compressed, as
+        # fragments when still larger than one (random rule names: it does not shrink to one datagram).
+        extra = "".join(f'\n[[allow]]\nname = "bulk-{os.urandom(24).hex()}"\nfrom = ["role:web"]\n'
+                        f'to = ["role:web"]\nports = ["tcp/{20000 + i}"]\n' for i in range(60))
         serial, data = cluster.sign(extra)
-        assert MAX_FRAME < len(data) <= MAX_FRAGMENTED
-        before = sum(n.status()["datagrams"]["reassembled"] for n in nodes)
+        packed = compressed(data)
+        assert MAX_FRAME < len(data) <= MAX_FRAGMENTED and packed is not None and len(packed) > MAX_FRAME
+
+        def total(key: str) -> int:
+            return sum(n.status()["datagrams"][key] for n in nodes)
+        before = (total("reassembled"), total("compressed"))
         assert cluster.publish(nodes[1], data)["ok"]
         cluster.wait_serial(serial, nodes)
-        wait_until(lambda: sum(n.status()["datagrams"]["reassembled"] for n in nodes) > before, 10,
-                   "a body reassembled from fragments", interval_s=0.1)
+        wait_until(lambda: total("reassembled") > before[0] and total("compressed") > before[1], 10,
+                   "a compressed body reassembled from fragments", interval_s=0.1)
     finally:
         cluster.close()
 

@@ -117,7 +117,7 @@ class ConnectionRegistry:
         self._metrics.connections.labels("gossip").set(self.gossip_count())
 
     async def _on_gossip(self, conn: Conn, data: bytes) -> None:
-        self._core.feed(FrameReceived(peer=conn.peer, data=data))
+        self._core.feed(FrameReceived(peer=conn.peer, data=data), {"peer": conn.peer, "via": "stream"})
 
     async def serve_gossip(self, conn: Conn, pending: Sequence[bytes] = ()) -> None:
         """Register an authenticated gossip channel, queue ``pending`` (messages that waited for its dial)
@@ -192,22 +192,27 @@ class ConnectionRegistry:
             self._metrics.connections.labels("operator").set(len(self.operators))
 
     # -- sending and dialing ----------------------------------------------------------------------------
-    def send(self, peer: str, address: str, data: bytes) -> None:
-        """Queue a message on the peer's newest channel (or the one to ``address``), else dial it."""
+    def send(self, peer: str, address: str, data: bytes) -> str:
+        """Send a message as a datagram on a channel to the peer whose datagram path is up (the newest
+        first), else queue it on the newest channel's stream (or the one to ``address``), else dial it.
+        Returns how it went: ``datagram``, ``stream``, ``dial`` or ``failed``."""
         channels = self.gossip.get(peer) if peer else None
+        for channel in reversed(channels or ()):
+            if not channel.closed and self.datagrams.send(channel, data):
+                return "datagram"
         conn = channels[-1] if channels else self._by_address.get(address)
         if conn is not None and not conn.closed:
-            if not self.datagrams.send(conn, data):
-                self._enqueue(conn, data)
-            return
+            self._enqueue(conn, data)
+            return "stream"
         if not address:
             self._core.feed_later(SendFailed(peer=peer, address=address))
-            return
+            return "failed"
         if address in self._dialing:
             self._dialing[address].append(data)
-            return
+            return "dial"
         self._dialing[address] = [data]
         self._tasks.spawn(self._dial(address, peer))
+        return "dial"
 
     def _enqueue(self, conn: Conn, data: bytes) -> None:
         """Queue a message on the stream of ``conn``; a peer too slow to drain its queue is closed."""

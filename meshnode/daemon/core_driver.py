@@ -29,6 +29,9 @@ class CoreDriver:
         self._metrics = metrics
         self._log = log
         self._wake = wake
+        # Where the input being handled came from (transport, try, reassembly wait): logged with the
+        # ``policy.accepted`` it may cause, for the per-node timeline of a version.
+        self.origin: dict[str, Any] = {}
 
     def wake(self) -> None:
         """Have the scheduler re-read every deadline (e.g. the datagram layer's)."""
@@ -38,16 +41,20 @@ class CoreDriver:
         self.node = node
         self._execute = execute
 
-    def feed(self, inp: Any) -> list[Any]:
+    def feed(self, inp: Any, origin: dict[str, Any] | None = None) -> list[Any]:
         assert self.node is not None and self._execute is not None
         effects = self.node.handle(now(), inp)
-        self._execute(effects)
+        self.origin = origin or {}
+        try:
+            self._execute(effects)
+        finally:
+            self.origin = {}
         self._wake()
         return effects
 
-    def feed_if_running(self, inp: Any) -> None:
+    def feed_if_running(self, inp: Any, origin: dict[str, Any] | None = None) -> None:
         if self.node is not None and self._tasks.serving:
-            self.feed(inp)
+            self.feed(inp, origin)
 
     def feed_later(self, inp: Any) -> None:
         asyncio.get_running_loop().call_soon(self.feed_if_running, inp)
@@ -68,7 +75,7 @@ class CoreDriver:
                     self._metrics.policies_refused.labels("bad_root").inc()
                     return eff
         result = PolicyResult(source, False, 0, Verdict.NO_VERDICT, "no verdict from the core")
-        for eff in self.feed(PolicySubmitted(envelope=envelope, source=source)):
+        for eff in self.feed(PolicySubmitted(envelope=envelope, source=source), {"via": source}):
             if isinstance(eff, PolicyResult) and eff.source == source:
                 result = eff
         if not result.accepted:

@@ -52,6 +52,7 @@ class Reassembly:
 
     partial: dict[int, _Partial] = field(default_factory=dict)
     done: dict[int, None] = field(default_factory=dict)  # recently completed ids (late duplicates ignored)
+    last_wait_s: float = 0.0  # the last completed message: its first fragment's arrival -> its last one's
 
     def add(self, payload: bytes, now: float) -> bytes | None:
         """Take one fragment; the whole message once its last fragment arrived, else None
@@ -75,6 +76,7 @@ class Reassembly:
         if len(p.parts) < p.count:
             return None
         del self.partial[mid]
+        self.last_wait_s = now - p.first_at
         self.done[mid] = None
         if len(self.done) > 4 * MAX_PARTIAL:
             del self.done[next(iter(self.done))]

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from protocol.channel.datagram_policy import is_body
 from protocol.gossip import (
     Alert,
     Disconnect,
@@ -29,7 +30,8 @@ from .state_writes import StateWriter
 class EffectExecutor:
     def __init__(self, *, trust: TrustedState, store: StateStore, state: StateWriter, enforcer: Enforcer,
                  connections: ConnectionRegistry, metrics: Metrics, log: Any,
-                 alert: Callable[[str, dict[str, Any]], None]) -> None:
+                 alert: Callable[[str, dict[str, Any]], None],
+                 origin: Callable[[], dict[str, Any]] = dict) -> None:
         self.trust = trust
         self.store = store
         self.state = state
@@ -38,14 +40,27 @@ class EffectExecutor:
         self.metrics = metrics
         self.log = log
         self.alert = alert
+        self.origin = origin  # where the input being handled came from (peer, transport...), for the logs
+        self._pushed: tuple[int, list[str]] | None = None  # a new version's eager pushes: (serial, ["peer:via"])
+        self._revalidated_for: tuple[int, Any] | None = None  # (root version, revocations) channels were checked for
 
     def execute(self, effects: Sequence[Any]) -> None:
-        """The one place effects run. Durable effects come first in the list and run synchronously.
+        """The one place effects run, all synchronously, in the core's order except that the state writes
+        of the list run last: a version this node verified goes on to its peers (the eager pushes) before
+        the write (an fsync of the file and of its directory: milliseconds on every hop, more on a busy
+        disk).  What the node acknowledges still waits for the write: an operator's publish is answered
+        after this returns, and only when the state is durable.  A crash between the two loses nothing a
+        peer relies on: the node boots with the version before, and learns this one again.
 
         No effect can stop the daemon or the effects after it: a failed state write is kept pending and
         retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
         state is not durable), and anything else is logged, counted and alerted."""
-        for eff in effects:
+        writes = [eff for eff in effects if isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))]
+        self._pushed = None
+        for eff in [eff for eff in effects if not isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))] + writes:
+            if isinstance(eff, PersistPolicy) and self._pushed is not None:  # the sends are done: say where it went
+                self.log.info("policy.pushed", serial=self._pushed[0], to=self._pushed[1])
+                self._pushed = None
             try:
                 self.execute_one(eff)
             except Exception as exc:  # noqa: BLE001 - the bulkhead: one failed effect must not stop the node
@@ -66,11 +81,19 @@ class EffectExecutor:
                 new_policy = policy_hash != self.enforcer.wanted_hash
                 self.enforcer.want(policy, list(members.values()), policy_hash)
                 if new_policy:
-                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16])
+                    self.log.info("policy.accepted", serial=policy.serial, hash=policy_hash[:16], **self.origin())
+                    self._pushed = (policy.serial, [])  # the bodies sent on in this batch (eager pushes)
                     self.metrics.observe_policy(self.trust, time.time())
-                    self.connections.revalidate()
+                    # Open channels are re-checked when what a certificate is checked against changed:
+                    # the revocations (they travel in the policy) or the root (expiry: a periodic job).
+                    checked_against = (policy.root_version, policy.revocations)
+                    if checked_against != self._revalidated_for:
+                        self._revalidated_for = checked_against
+                        self.connections.revalidate()
             case Send(peer=peer, address=address, data=data):
-                self.connections.send(peer, address, data)
+                via = self.connections.send(peer, address, data)
+                if self._pushed is not None and is_body(data):
+                    self._pushed[1].append(f"{peer}:{via}")
             case Disconnect(peer=peer, reason=reason):
                 self.metrics.frames_refused.labels("peer_misbehaved").inc()
                 self.log.warning("peer.disconnected", peer=peer, reason=reason)

@@ -21,6 +21,7 @@ RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 SETTLE_S = 0.1  # a flush or a load is a burst of lines: check once the monitor was quiet this long
 SETTLE_MAX_S = 1.0  # ... or this long after the burst's first line
+READ_CHUNK = 65536
 VERBS = frozenset({"add", "insert", "replace", "delete", "destroy", "flush", "reset"})
 
 
@@ -65,26 +66,32 @@ class RulesetWatch:
         lines = 0
         loop = asyncio.get_running_loop()
         burst_since: float | None = None  # first line of a burst that touched our table, not yet checked
+        partial = b""  # a line not complete yet
         try:
             assert proc.stdout is not None
             while True:
+                # What the monitor printed so far, whole (a load of our table is a burst of ~100 lines:
+                # read as a few chunks, not a wake-up per line, while the host is busy applying).
                 if burst_since is None:
-                    raw = await proc.stdout.readline()
+                    raw = await proc.stdout.read(READ_CHUNK)
                 else:
                     wait_s = min(SETTLE_S, burst_since + SETTLE_MAX_S - loop.time())
                     try:
-                        raw = await asyncio.wait_for(proc.stdout.readline(), max(0.0, wait_s))
+                        async with asyncio.timeout(max(0.0, wait_s)):
+                            raw = await proc.stdout.read(READ_CHUNK)
                     except TimeoutError:  # quiet (or long enough): one check for the whole burst
                         burst_since = None
                         self.on_change()
                         continue
                 if not raw:
                     break
-                lines += 1
-                if touches_table(raw.decode(errors="replace"), self.table):
-                    self.changes_seen += 1
-                    if burst_since is None:
-                        burst_since = loop.time()
+                *complete, partial = (partial + raw).split(b"\n")
+                for line in complete:
+                    lines += 1
+                    if touches_table(line.decode(errors="replace"), self.table):
+                        self.changes_seen += 1
+                        if burst_since is None:
+                            burst_since = loop.time()
             if burst_since is not None:
                 self.on_change()
             stderr = await proc.stderr.read() if proc.stderr is not None else b""

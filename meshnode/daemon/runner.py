@@ -89,7 +89,8 @@ class MeshDaemon:
             raise ConfigError(f"{config.path}: the alert outbox in node.data_dir: {exc.strerror or exc}") from None
         self.alerts = AlertSender(pipeline, self.metrics, self.log, wake=self.scheduler.wake)
         self.enforcer = Enforcer(config, self.identity, self.trust, self.metrics, self.log, self._on_ruleset_applied,
-                                 self.alerts.alert)
+                                 self.alerts.alert,
+                                 pushes_delivered=lambda s: self.connections.datagrams.bodies_delivered(s))
         self.state = StateWriter(self.trust, self.metrics, self.log, log_budget, self.alerts.alert)
         self.core = CoreDriver(self.tasks, self.metrics, self.log, wake=self.scheduler.wake)
         parts: dict[str, Any] = dict(metrics=self.metrics, log=self.log)
@@ -113,7 +114,7 @@ class MeshDaemon:
         self.admin = AdminHttp(status=self.report.status, alerts=self.report.open_alerts, enforcer=self.enforcer,
                                trust=self.trust, metrics=self.metrics, observe=self.report.observe)
         self.effects = EffectExecutor(trust=self.trust, store=self.store, state=self.state, enforcer=self.enforcer,
-                                      connections=self.connections,
+                                      connections=self.connections, origin=lambda: self.core.origin,
                                       alert=self.alerts.alert, **parts)
         self._enforce_retry_s = RESTART_MIN_S
         self._stop = asyncio.Event()

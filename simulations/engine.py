@@ -140,16 +140,7 @@ class Simulation:
         procs = [p for p in self.kernel.procs[: self.n] if isinstance(p, Node)]
         if not procs:
             return
-        records = procs[0].membership.records
-        wall = self.kernel.wall(0, self.kernel.now)
-        recs, statuses = [], []
-        for p in procs:
-            t = p.members
-            own = t.rec_at(t.me_index)
-            assert own is not None
-            recs.append(records.verify_record(own.record, wall))
-            statuses.append(t.statuses[t.me_index])
-        base = ConvergedDirectory(procs[0].members.ids, recs, statuses)
+        base = converged_base(procs, self.kernel.wall(0, self.kernel.now))
         for p in procs:
             p.membership.adopt(base)  # (what the base holds is not re-announced: a fleet that has been running)
         self.converged_base = base
@@ -307,3 +298,17 @@ def run_scenario(sc: Scenario, progress: bool = False) -> tuple[dict[str, Any], 
 
 def replay_hint(report: dict[str, Any]) -> str:
     return f"seed={report['seed']} scenario={report['scenario']} protocol={report['protocol']} nodes={report['nodes']}"
+
+
+def converged_base(nodes: list[Node], wall: float) -> ConvergedDirectory:
+    """One converged directory of ``nodes``' own signed records and statuses, each record verified
+    once (like any record a peer relays; see protocol.gossip.member_base)."""
+    records = nodes[0].membership.records
+    recs, statuses = [], []
+    for node in nodes:
+        t = node.members
+        own = t.rec_at(t.me_index)
+        assert own is not None
+        recs.append(records.verify_record(own.record, wall))
+        statuses.append(t.statuses[t.me_index])
+    return ConvergedDirectory(nodes[0].members.ids, recs, statuses)

@@ -9,6 +9,7 @@ from protocol.gossip.broadcasts import BroadcastQueue
 from protocol.gossip.member_base import ConvergedDirectory
 from protocol.gossip.wire import Alive, GossipItem, Status, Suspect, decode
 from simulations.engine import Simulation
+from simulations.engine import converged_base as engine_converged_base
 from simulations.fakelink import FakeLink
 from simulations.scenario import load, override
 
@@ -32,16 +33,7 @@ def started(n: int) -> FakeLink:
 
 def converged_base(nodes: list[Node]) -> ConvergedDirectory:
     """What the simulator builds (simulations.engine._converge): every node's own record and status."""
-    records = nodes[0].membership.records
-    wall = nodes[0]._now.wall
-    recs, statuses = [], []
-    for node in nodes:
-        t = node.members
-        own = t.rec_at(t.me_index)
-        assert own is not None
-        recs.append(records.verify_record(own.record, wall))
-        statuses.append(t.statuses[t.me_index])
-    return ConvergedDirectory(nodes[0].members.ids, recs, statuses)
+    return engine_converged_base(nodes, nodes[0]._now.wall)
 
 
 def test_a_started_node_announces_its_record_and_status() -> None:

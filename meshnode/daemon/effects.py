@@ -26,6 +26,8 @@ from ..state import StateStore
 from .connections import ConnectionRegistry
 from .state_writes import StateWriter
 
+STATE_WRITES = (PersistPolicy, PersistRoot, PersistMembers)  # run after the batch's other effects
+
 
 class EffectExecutor:
     def __init__(self, *, trust: TrustedState, store: StateStore, state: StateWriter, enforcer: Enforcer,
@@ -55,9 +57,12 @@ class EffectExecutor:
         No effect can stop the daemon or the effects after it: a failed state write is kept pending and
         retried (the policy is still enforced: trusted and enforced never drift apart, the alert says the
         state is not durable), and anything else is logged, counted and alerted."""
-        writes = [eff for eff in effects if isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))]
+        rest: list[Any] = []
+        writes: list[Any] = []
+        for eff in effects:
+            (writes if isinstance(eff, STATE_WRITES) else rest).append(eff)
         self._pushed = None
-        for eff in [eff for eff in effects if not isinstance(eff, (PersistPolicy, PersistRoot, PersistMembers))] + writes:
+        for eff in rest + writes:
             if isinstance(eff, PersistPolicy) and self._pushed is not None:  # the sends are done: say where it went
                 self.log.info("policy.pushed", serial=self._pushed[0], to=self._pushed[1])
                 self._pushed = None

@@ -32,7 +32,8 @@ from meshnode.enforce import (  # noqa: E402
     to_nft_json,
     to_nft_text,
 )
-from meshnode.enforce.nft import normalize, normalized_hash, set_update_json  # noqa: E402
+from meshnode.enforce.nft import set_update_json  # noqa: E402
+from meshnode.enforce.nft_digest import normalize, normalized_hash  # noqa: E402
 from meshnode.enforce.render import _port_groups, _targets_me  # noqa: E402
 from protocol.trust import (  # noqa: E402  # noqa: E402
     Certificate,

@@ -8,7 +8,7 @@ from meshnode.checks import diff_findings
 from meshnode.checks.abuse import AbuseDetector, BlockGuard, block_argv
 from meshnode.enforce import RenderOptions, render, ruleset_digest, to_iptables, to_nft_json, to_nft_text
 from meshnode.enforce.model import EnforcementError, Packet
-from meshnode.enforce.nft import normalize, normalized_hash
+from meshnode.enforce.nft_digest import normalize, normalized_hash
 from simulations.identities import make_authority, make_node
 
 EVIL, OTHER = "203.0.113.9", "198.51.100.7"

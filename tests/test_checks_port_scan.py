@@ -21,7 +21,7 @@ from meshnode.enforce import (
     to_nft_json,
     to_nft_text,
 )
-from meshnode.enforce.nft import normalize, normalized_hash
+from meshnode.enforce.nft_digest import normalize, normalized_hash
 from protocol.trust import PolicyVersion, TrustedState, parse_policy_toml
 from simulations.identities import T0, make_authority, make_node
 

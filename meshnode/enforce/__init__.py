@@ -10,10 +10,12 @@ Modules, in dependency order (each imports only those above it):
     model.py             the backend-neutral ruleset: address sets, filter rules, reference semantics
     members.py           which member certificates count, their addresses by family, role and node
     render.py            signed policy + certificates -> this node's Ruleset, step by step
-    nft.py               Ruleset -> nftables text / JSON; normalisation and the ruleset's hash
+    nft.py               Ruleset -> nftables text / JSON
+    nft_digest.py        normalisation of our JSON and the kernel's listing; the ruleset's hash
     iptables.py          Ruleset -> ipset + iptables-restore inputs
     backend.py           what every backend does the same way: apply, set updates, drift, bookkeeping
-    nft_backend.py       nft -j -f, element transactions, kernel readback
+    nft_edit.py          a new ruleset as an edit of the applied one (changed rules and sets only)
+    nft_backend.py       nft -j -f, element and rule edits, kernel readback
     iptables_backend.py  ipset generations and swaps, iptables-restore, the INPUT hook
     file_backend.py      an atomically written file (development; enforces nothing)
     backends.py          which backends exist and building the configured one
@@ -25,8 +27,9 @@ from .file_backend import FileBackend
 from .iptables import to_iptables
 from .iptables_backend import IptablesBackend
 from .model import AddressSet, EnforcementError, Exclusion, FilterRule, Packet, RenderOptions, Ruleset
-from .nft import RulesetDigest, ruleset_digest, to_nft_json, to_nft_text
+from .nft import to_nft_json, to_nft_text
 from .nft_backend import NftBackend
+from .nft_digest import RulesetDigest, ruleset_digest
 from .render import render
 
 __all__ = [

@@ -4,8 +4,10 @@ A backend puts a :class:`Ruleset` into the kernel and keeps it there.  Its publi
 calls: the daemon runs them in a thread executor, one at a time):
 
 * ``apply(ruleset) -> ApplyResult``: make the kernel hold ``ruleset``.  When only set elements changed
-  (member certificates), the sets are updated in place; otherwise the whole table/chain is replaced in
-  one transaction.  On failure it raises :class:`EnforcementError` and the previous ruleset stays.
+  (member certificates), the sets are updated in place; when a few rules changed and the backend can
+  edit (nftables, knowing the kernel's rule handles), only those rules and sets change; otherwise the
+  whole table/chain is replaced.  Each is one transaction.  On failure it raises
+  :class:`EnforcementError` and the previous ruleset stays.
 * ``update_sets(ruleset) -> ApplyResult``: the in-place path only (EnforcementError when the rules
   themselves changed).
 * ``check_drift(repair=True) -> DriftResult``: read the kernel back, compare its hash with the one read
@@ -14,7 +16,7 @@ calls: the daemon runs them in a thread executor, one at a time):
 
 :class:`Backend` implements that surface once; a subclass says only how to replace everything
 (``_replace``), how to change set elements in place (``_update_in_place``), when it can
-(``_in_place_possible``), how to read the kernel back (``read_kernel_hash``) and how to remove its
+(``_in_place_possible``), optionally how to edit only the rules that changed (``_edit_rules``), how to read the kernel back (``read_kernel_hash``) and how to remove its
 objects (``_remove_objects``).
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import AddressSet, EnforcementError, Ruleset
-from .nft import RulesetDigest, ruleset_digest
+from .nft_digest import RulesetDigest, ruleset_digest
 
 COMMAND_TIMEOUT_S = 60.0
 
@@ -44,7 +46,7 @@ class EnforcementEvent:
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     backend: str
-    mode: str  # "full": table/chain replaced; "sets": set elements updated in place
+    mode: str  # "full": table/chain replaced; "sets": set elements updated in place; "rules": edited
     hash: str  # ruleset_digest(ruleset).hash of what is now enforced
     kernel_hash: str | None  # what the kernel reads back as (drift baseline); None until read back
     exact: bool  # kernel readback equals the rendered normalised form
@@ -137,7 +139,7 @@ class Backend:
         """Make the kernel hold ``ruleset`` (in place when only set elements changed); EnforcementError
         leaves the previous ruleset in force.
 
-        ``read_back_later``: a full replacement returns once its transaction committed (the kernel holds
+        ``read_back_later``: a full replacement or an edit returns once its transaction committed (the kernel holds
         it) and leaves reading the kernel back to the next :meth:`check_drift`, when the backend allows it
         (nftables, once a read-back proved it prints our rulesets exactly); a mismatch found then is
         drift, alerted and repaired."""
@@ -148,6 +150,15 @@ class Backend:
                     return self._set_elements(ruleset, digest, read_back_later)
                 except EnforcementError:
                     pass  # the table was edited or removed behind our back: replace it whole
+            else:
+                try:
+                    readback = self._edit_rules(ruleset, digest, read_back_later)
+                except EnforcementError:
+                    readback = None  # a rule or set is not where the last read-back saw it: replace all
+                if readback is not None:
+                    self._record(ruleset, digest, readback)
+                    return ApplyResult(self.name, "rules", digest.hash, readback.kernel_hash, readback.exact,
+                                       verified=readback.verified)
             return self._replace_all(ruleset, digest, read_back_later)
 
     def update_sets(self, ruleset: Ruleset) -> ApplyResult:
@@ -189,6 +200,12 @@ class Backend:
 
     def _remove_objects(self) -> None:
         raise NotImplementedError
+
+    def _edit_rules(self, ruleset: Ruleset, digest: RulesetDigest, read_back_later: bool) -> Readback | None:
+        """Change only the rules and sets that differ from the applied ruleset, in one transaction; None
+        when this backend cannot (then nothing was done).  EnforcementError when the kernel refused the
+        edit or does not hold ``ruleset`` after it (the caller then replaces everything)."""
+        return None
 
     def _load_only(self, ruleset: Ruleset) -> bool:
         """Replace all our objects without reading the kernel back; False when this backend cannot (then

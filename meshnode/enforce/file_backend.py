@@ -9,7 +9,8 @@ from pathlib import Path
 from ..fsutil import atomic_write, remove_stale_temps
 from .backend import Backend, Readback, SetChanges, sha256_hex
 from .model import EnforcementError, Ruleset
-from .nft import RulesetDigest, to_nft_json, to_nft_text
+from .nft import to_nft_json, to_nft_text
+from .nft_digest import RulesetDigest
 
 FILE_FORMATS = ("nft", "json")
 

@@ -22,7 +22,7 @@ from .iptables import (
     to_iptables,
 )
 from .model import EnforcementError, Ruleset
-from .nft import RulesetDigest, canonical_element
+from .nft_digest import RulesetDigest, canonical_element
 
 _MATCH_SET_RE = re.compile(r"--match-set (\S+) ")
 

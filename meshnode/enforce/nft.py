@@ -1,4 +1,4 @@
-"""nftables serialisation of a :class:`Ruleset`, and normalisation of the kernel's JSON listing.
+"""nftables serialisation of a :class:`Ruleset` (its normalisation and hash: :mod:`.nft_digest`).
 
 Both forms are one idempotent transaction that touches only ``table inet <name>``::
 
@@ -8,19 +8,11 @@ Both forms are one idempotent transaction that touches only ``table inet <name>`
 
 nft applies a file as one kernel transaction: either all of it takes effect or none of it does.
 
-``normalize()`` turns either our rendered JSON or ``nft -j list table inet <name>`` into the same
-canonical structure (handles, counter values and element order dropped; addresses canonical), so the
-kernel's hash equals ``ruleset_digest(rs).hash`` exactly when the kernel holds that ruleset.  That hash
-is every backend's name for a ruleset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
-import socket
-from dataclasses import dataclass
 from typing import Any
 
 from .model import AddressSet, FilterRule, Ruleset
@@ -104,7 +96,7 @@ def to_nft_text(rs: Ruleset, ruleset_hash: str | None = None) -> str:
     t = rs.table
     lines = [
         f"# policymesh ruleset for node {rs.node_id or '-'}, policy serial {rs.policy_serial or 'none'}",
-        f"# ruleset hash {ruleset_hash or ruleset_digest(rs).hash}",
+        f"# ruleset hash {ruleset_hash or _digest_of(rs)}",
         f"# {rs.rule_count} rules, {len(rs.sets)} sets, {rs.element_count} set elements",
     ]
     for ex in rs.excluded:
@@ -228,13 +220,17 @@ def to_nft_json(rs: Ruleset) -> dict[str, Any]:
         cmds.append({"add": {"set": set_json(t, s)}})
     cmds.append({"add": {"chain": {"family": FAMILY, "table": t, "name": CHAIN, "type": "filter",
                                    "hook": "input", "prio": PRIORITY, "policy": "drop"}}})
-    for r in rs.rules:
-        rule: dict[str, Any] = {"family": FAMILY, "table": t, "chain": CHAIN}
-        if r.comment:
-            rule["comment"] = r.comment
-        rule["expr"] = _rule_expr(rs, r)
-        cmds.append({"add": {"rule": rule}})
+    cmds += [{"add": {"rule": rule_json(rs, r)}} for r in rs.rules]
     return {"nftables": cmds}
+
+
+def rule_json(rs: Ruleset, r: FilterRule) -> dict[str, Any]:
+    """One rule of ``rs``'s chain as an nft JSON rule object."""
+    rule: dict[str, Any] = {"family": FAMILY, "table": rs.table, "chain": CHAIN}
+    if r.comment:
+        rule["comment"] = r.comment
+    rule["expr"] = _rule_expr(rs, r)
+    return rule
 
 
 def set_update_json(table: str, changes: list[tuple[AddressSet, AddressSet]]) -> dict[str, Any]:
@@ -254,145 +250,7 @@ def set_update_json(table: str, changes: list[tuple[AddressSet, AddressSet]]) ->
     return {"nftables": cmds}
 
 
-# -- normalisation ---------------------------------------------------------------------------------
-def canonical_address(text: str) -> tuple[str, str, bytes] | None:
-    """(family, canonical text, packed bytes) of a host address, or None if it is not one (or scoped).
+def _digest_of(rs: Ruleset) -> str:
+    from .nft_digest import ruleset_digest  # the digest is computed from this module's forms
 
-    inet_pton/inet_ntop: the same canonical text nft prints, and fast enough for 10^5 addresses."""
-    if "%" in text:
-        return None
-    af = socket.AF_INET6 if ":" in text else socket.AF_INET
-    try:
-        packed = socket.inet_pton(af, text)
-    except OSError:
-        return None
-    return ("ip6" if af == socket.AF_INET6 else "ip"), socket.inet_ntop(af, packed), packed
-
-
-def _canon_prefix(addr: str, plen: int) -> str:
-    parsed = canonical_address(addr)
-    if parsed is None:
-        return f"{addr}/{plen}"
-    fam, text, _ = parsed
-    if plen == (32 if fam == "ip" else 128):
-        return text
-    return str(ipaddress.ip_network(f"{text}/{plen}", strict=False))
-
-
-def canonical_element(e: Any) -> str:
-    """Canonical text of a set element (address, prefix or range; host prefixes as plain addresses)."""
-    if isinstance(e, dict) and "elem" in e:  # element with options (timeout, comment...)
-        e = e["elem"].get("val")
-    if isinstance(e, str):
-        if "/" in e:
-            addr, _, plen = e.partition("/")
-            return _canon_prefix(addr, int(plen)) if plen.isdigit() else e
-        parsed = canonical_address(e)
-        return parsed[1] if parsed else e
-    if isinstance(e, dict) and "prefix" in e:
-        return _canon_prefix(str(e["prefix"]["addr"]), int(e["prefix"]["len"]))
-    if isinstance(e, dict) and "range" in e:
-        lo, hi = (str(ipaddress.ip_address(x)) for x in e["range"])
-        nets: list[Any] = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
-        if len(nets) == 1:
-            return canonical_element({"prefix": {"addr": str(nets[0].network_address), "len": nets[0].prefixlen}})
-        return f"{lo}-{hi}"
-    return json.dumps(e, sort_keys=True)
-
-
-def _canon_expr(x: Any) -> Any:
-    """Recursively drop counter values; sort anonymous sets (their order has no meaning)."""
-    if isinstance(x, dict):
-        out: dict[str, Any] = {}
-        for k, v in x.items():
-            if k == "counter":
-                out[k] = None
-            elif k == "set" and isinstance(v, list):
-                items = [_canon_expr(i) for i in v]
-                out[k] = sorted(items, key=lambda i: json.dumps(i, sort_keys=True))
-            else:
-                out[k] = _canon_expr(v)
-        return out
-    if isinstance(x, list):
-        return [_canon_expr(i) for i in x]
-    return x
-
-
-def normalize(doc: dict[str, Any]) -> dict[str, Any]:
-    """Canonical form of an nft JSON document (our transaction or the kernel's listing of one table)."""
-    tables: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def table_of(obj: dict[str, Any]) -> dict[str, Any]:
-        key = (obj.get("family", ""), obj.get("table", obj.get("name", "")))
-        return tables.setdefault(key, {"sets": {}, "chains": {}})
-
-    for entry in doc.get("nftables", []):
-        if "metainfo" in entry:
-            continue
-        if "delete" in entry:
-            obj = entry["delete"]
-            if "table" in obj:
-                tables.pop((obj["table"].get("family", ""), obj["table"].get("name", "")), None)
-            continue
-        obj = entry.get("add", entry)
-        if "table" in obj:
-            table_of(obj["table"])
-        elif "set" in obj:
-            s = obj["set"]
-            flags = s.get("flags", [])
-            # "dynamic" (filled by a rule) is implied by the rule and not listed by every nft version
-            flags = [f for f in ([flags] if isinstance(flags, str) else flags) if f != "dynamic"]
-            dynamic = "timeout" in flags  # elements added at run time, expiring: not part of the ruleset
-            body = table_of(s)["sets"][s["name"]] = {
-                "type": s.get("type"),
-                "flags": sorted(flags),
-                "elem": [] if dynamic else sorted({canonical_element(e) for e in s.get("elem", [])}),
-            }
-            for key in ("timeout", "size"):  # only when set: the hashes of sets without them stay as they were
-                if s.get(key) is not None:
-                    body[key] = s[key]
-        elif "chain" in obj:
-            c = obj["chain"]
-            chain = table_of(c)["chains"].setdefault(c["name"], {"rules": []})
-            chain.update({k: c.get(k) for k in ("type", "hook", "prio", "policy")})
-        elif "rule" in obj:
-            r = obj["rule"]
-            chain = table_of(r)["chains"].setdefault(r["chain"], {"rules": []})
-            chain["rules"].append({"comment": r.get("comment"), "expr": _canon_expr(r.get("expr", []))})
-        elif "element" in obj:
-            e = obj["element"]
-            target = table_of(e)["sets"].get(e["name"])
-            if target is not None and "timeout" not in target["flags"]:
-                target["elem"] = sorted(set(target["elem"]) | {canonical_element(x) for x in e.get("elem", [])})
-    return {f"{fam} {name}": body for (fam, name), body in sorted(tables.items())}
-
-
-def normalized_hash(norm: dict[str, Any]) -> str:
-    """SHA-256 of a normalised document (see :func:`normalize`)."""
-    return hashlib.sha256(json.dumps(norm, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def strip_elements(norm: dict[str, Any]) -> dict[str, Any]:
-    """A normalised document without set elements (its structure)."""
-    out: dict[str, Any] = {}
-    for key, body in norm.items():
-        out[key] = {
-            "sets": {n: {k: v for k, v in s.items() if k != "elem"} for n, s in body["sets"].items()},
-            "chains": body["chains"],
-        }
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class RulesetDigest:
-    """The two hashes of a ruleset, computed from one normalisation (the costly part at 10^4 members)."""
-
-    hash: str  # of the normalised nftables form: equal to the kernel's when it holds this ruleset
-    structure_hash: str  # of everything but set elements: equal structure means a set update is enough
-
-
-def ruleset_digest(rs: Ruleset, doc: dict[str, Any] | None = None) -> RulesetDigest:
-    """The digest of ``rs``; ``doc``: its :func:`to_nft_json` when the caller built it already (the
-    nftables backend loads that same document: built once per apply)."""
-    norm = normalize(doc if doc is not None else to_nft_json(rs))
-    return RulesetDigest(normalized_hash(norm), normalized_hash(strip_elements(norm)))
+    return ruleset_digest(rs).hash

@@ -1,5 +1,6 @@
 """The nftables backend: ``table inet <table>``, replaced atomically with ``nft -j -f -``; sets updated in
-place with one element transaction.
+place with one element transaction; a few changed rules edited in place with one transaction (see
+:mod:`.nft_edit`; needs the rule handles of a read-back that matched the applied ruleset).
 
 With an nft built without JSON support it falls back to the text form (``nft -f -``) and compares the
 kernel's text listing with the one read right after applying (no in-place set updates then)."""
@@ -12,16 +13,9 @@ from typing import Any
 from .backend import Backend, CommandRunner, Readback, SetChanges, first_lines, sha256_hex
 from .libnft import InProcessNft
 from .model import EnforcementError, Ruleset
-from .nft import (
-    FAMILY,
-    RulesetDigest,
-    normalize,
-    normalized_hash,
-    ruleset_digest,
-    set_update_json,
-    to_nft_json,
-    to_nft_text,
-)
+from .nft import FAMILY, set_update_json, to_nft_json, to_nft_text
+from .nft_digest import RulesetDigest, listing_hash
+from .nft_edit import plan_edit, rule_handles
 
 
 class NftBackend(Backend):
@@ -39,6 +33,8 @@ class NftBackend(Backend):
         self.proven_exact = False  # a read-back after a full load matched the rendered ruleset exactly
         self._json: bool | None = None  # probed on first use
         self._doc: tuple[Ruleset, dict[str, Any]] | None = None  # the last ruleset's nft JSON (see _nft_json)
+        # (hash, rule handles) of the kernel's last JSON listing; forgotten at every write of ours
+        self._listed: tuple[str, tuple[int, ...]] | None = None
 
     def json_supported(self) -> bool:
         if self._json is None:
@@ -47,15 +43,13 @@ class NftBackend(Backend):
         return self._json
 
     def _nft_json(self, ruleset: Ruleset) -> dict[str, Any]:
-        """``to_nft_json(ruleset)``, built once per apply: the digest normalises it, the load sends it."""
+        """``to_nft_json(ruleset)``, built once per ruleset (a drift repair loads it again)."""
         if self._doc is None or self._doc[0] is not ruleset:
             self._doc = (ruleset, to_nft_json(ruleset))
         return self._doc[1]
 
-    def _digest(self, ruleset: Ruleset) -> RulesetDigest:
-        return ruleset_digest(ruleset, self._nft_json(ruleset))
-
     def _load(self, doc: dict[str, Any]) -> None:
+        self._listed = None
         self.runner.run([self.nft, "-j", "-f", "-"], stdin=json.dumps(doc).encode())
 
     def _list(self, as_json: bool) -> bytes | None:
@@ -77,7 +71,12 @@ class NftBackend(Backend):
             out = self._list(as_json=False)
             return None if out is None else sha256_hex(out)
         doc = self.read_kernel()
-        return None if doc is None else normalized_hash(normalize(doc))
+        if doc is None:
+            self._listed = None
+            return None
+        kernel = listing_hash(doc, self.applied)
+        self._listed = (kernel, rule_handles(doc, self.table))
+        return kernel
 
     def _in_place_possible(self) -> bool:
         return self.exact
@@ -86,6 +85,7 @@ class NftBackend(Backend):
         if self.json_supported():
             self._load(self._nft_json(ruleset))
         else:
+            self._listed = None
             self.runner.run([self.nft, "-f", "-"], stdin=to_nft_text(ruleset, digest.hash).encode())
         kernel = self.read_kernel_hash()
         self.exact = kernel == digest.hash
@@ -104,6 +104,24 @@ class NftBackend(Backend):
         self._load(self._nft_json(ruleset))
         return True
 
+    def _edit_rules(self, ruleset: Ruleset, digest: RulesetDigest, read_back_later: bool) -> Readback | None:
+        """Only when the kernel's last listing was of the applied ruleset (so its handles are the applied
+        rules'), and the edit is small enough to be worth it (:func:`.nft_edit.plan_edit`)."""
+        applied, listed = self.applied, self._listed
+        if (applied is None or listed is None or self._applied_digest is None
+                or listed[0] != self._applied_digest.hash or not self.json_supported()):
+            return None
+        doc = plan_edit(applied, listed[1], ruleset)
+        if doc is None:
+            return None
+        self._load(doc)
+        if read_back_later and self._may_read_back_later():
+            return Readback(None, True, verified=False)
+        kernel = self.read_kernel_hash()
+        if kernel != digest.hash:
+            raise EnforcementError(f"after the rule edit the kernel holds {kernel}, not {digest.hash}")
+        return Readback(kernel)
+
     def _update_in_place(self, ruleset: Ruleset, digest: RulesetDigest, changes: SetChanges) -> Readback:
         if changes:
             self._load(set_update_json(self.table, changes))
@@ -113,5 +131,6 @@ class NftBackend(Backend):
         return Readback(kernel)
 
     def _remove_objects(self) -> None:
+        self._listed = None
         self.runner.run([self.nft, "-f", "-"],
                         stdin=f"table {FAMILY} {self.table} {{}}\ndelete table {FAMILY} {self.table}\n".encode())

@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from protocol.trust import (  # noqa: E402  # noqa: E402
     build_policy,  # noqa: E402
     validate_document,
 )
+from simulations.drill.netfaults import enter_netns  # noqa: E402
 from simulations.identities import T0  # noqa: E402
 from tests.netns import Lab, skip_reason  # noqa: E402
 
@@ -107,6 +109,46 @@ def timed(fn, repeat: int = 5) -> tuple[float, object]:  # type: ignore[no-untyp
         result = fn()
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times), result
+
+
+def _in_netns(ns: str, fn):  # type: ignore[no-untyped-def]
+    """``fn()`` in a thread that entered namespace ``ns`` (libnftables works in the caller's namespace)."""
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            enter_netns(ns)
+            box["v"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller
+            box["e"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]  # type: ignore[misc]
+    return box["v"]
+
+
+def edit_vs_full(pv: PolicyVersion, own: Certificate, certs: list[Certificate], opts: RenderOptions,
+                 rules: int, roles: int) -> tuple[float, float]:
+    """Median ms of applying the next version (one rule more) as a full load and as an edit, in-process,
+    each from the same read-back state (the backend's apply() path, deferred read-back as the daemon)."""
+    nxt = policy(rules + 1, roles)
+    full: list[float] = []
+    edit: list[float] = []
+    for _ in range(5):
+        for as_edit, out in ((False, full), (True, edit)):
+            be = NftBackend(opts.table)
+            be.apply(render(pv, own, certs, opts, now=T0))  # read back: handles known
+            if not as_edit:
+                be._listed = None  # forget the handles: the full-load path
+            t = time.perf_counter()
+            res = be.apply(render(nxt, own, certs, opts, now=T0), read_back_later=True)
+            out.append((time.perf_counter() - t) * 1000)
+            assert res.mode == ("rules" if as_edit else "full"), res.mode
+            assert not be.check_drift().drifted
+    return statistics.median(full), statistics.median(edit)
 
 
 def main() -> int:
@@ -185,6 +227,10 @@ def main() -> int:
         print(f"set delta load:    {delta_ms:8.1f} ms   (one member left: {len(delta)} sets changed in place, nft only)")
         print(f"apply() set path:  {update_ms:8.1f} ms   ({upd.mode}: delta + read back + verify hash)")
         print(f"check_drift():     {drift_ms:8.1f} ms   (drifted={getattr(drift, 'drifted', None)})")
+        full_ms, edit_ms = _in_netns(ns, lambda: edit_vs_full(pv, own, certs, opts, args.rules, args.roles))
+        print(f"next version, full:{full_ms:8.1f} ms   (one rule added: render + digest + full load, libnftables in-process)")
+        print(f"next version, edit:{edit_ms:8.1f} ms   (the same version as an edit of the rules that changed; "
+              f"ratio {edit_ms / full_ms:.2f})")
         if not skip_reason("iptables-restore", "ipset"):
             lab.reset_firewall("bench")
             ipt = IptablesBackend(opts.table, netns=ns)

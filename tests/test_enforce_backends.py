@@ -416,9 +416,14 @@ def test_nft_deferred_read_back_confirms_or_catches_drift(lab: Lab, ns: str, sc:
     ok = be.check_drift()
     assert ok.checked and not ok.drifted and not be.read_back_pending and be.drift_count == 0
     same = be.apply(sc.ruleset(KITCHEN_SINK, serial=3), read_back_later=True)  # renders the same ruleset
-    assert same.mode == "sets" and same.hash == res.hash and not same.verified and be.read_back_pending
+    # nothing loaded, and the last read-back found exactly this ruleset: nothing to read back
+    assert same.mode == "sets" and same.hash == res.hash and same.verified and not be.read_back_pending
+    edited = be.apply(sc.ruleset(KITCHEN_SINK.replace("tcp/8080", "tcp/8081"), serial=4), read_back_later=True)
+    assert edited.mode == "rules" and not edited.verified
+    again = be.apply(sc.ruleset(KITCHEN_SINK.replace("tcp/8080", "tcp/8081"), serial=5), read_back_later=True)
+    assert again.mode == "sets" and not again.verified and be.read_back_pending  # the edit is not read back yet
     assert not be.check_drift().drifted and not be.read_back_pending
-    res = be.apply(sc.ruleset(serial=4), read_back_later=True)
+    res = be.apply(sc.ruleset(serial=6), read_back_later=True)
     assert not res.verified
     lab.exec("k", ["nft", "insert rule inet policymesh input tcp dport 22 accept"])
     d = be.check_drift()

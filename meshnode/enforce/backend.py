@@ -246,6 +246,11 @@ class Backend:
         assert self.applied is not None and self._applied_digest is not None
         before = {s.name: s for s in self.applied.sets}
         changes = [(before[s.name], s) for s in ruleset.sets if before[s.name].elements != s.elements]
+        if not changes and digest.hash == self._applied_digest.hash == self._baseline and not self._unverified:
+            # nothing to load, and the last read-back found exactly this ruleset: the kernel still holds
+            # it unless something changed it since, which the drift check (timer, nft monitor) catches
+            self._record(ruleset, digest, Readback(self._baseline))
+            return ApplyResult(self.name, "sets", digest.hash, self._baseline, True, ())
         if (not changes and read_back_later and digest.hash == self._applied_digest.hash
                 and self._may_read_back_later()):
             # nothing to load (e.g. a new policy version that renders the same ruleset here): the kernel

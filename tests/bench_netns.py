@@ -165,10 +165,12 @@ def _net_counters(lab: NetnsLab) -> dict[str, int]:
     datagrams (``/proc/net/snmp``, ``/proc/net/netstat``)."""
     total: dict[str, int] = {}
     for i in range(lab.count):
-        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp", "/proc/net/netstat"],
-                     check=False).stdout.decode()
+        out = nf.run(["ip", "netns", "exec", lab.ns(i), "cat", "/proc/net/snmp", "/proc/net/netstat",
+                      "/proc/net/stat/nf_conntrack"], check=False).stdout.decode()
         rows: dict[str, dict[str, str]] = {}
         lines = out.splitlines()
+        for name, value in _conntrack_stats(lines).items():
+            total[name] = total.get(name, 0) + value
         for head, vals in zip(lines, lines[1:], strict=False):
             h, v = head.split(), vals.split()
             if h and v and h[0] == v[0] and not h[1].isdigit() and v[1].lstrip("-").isdigit():
@@ -178,6 +180,24 @@ def _net_counters(lab: NetnsLab) -> dict[str, int]:
             total[name] = total.get(name, 0) + int(rows.get(proto, {}).get(key, 0))
     total["host_backlog_dropped"] = _softnet_dropped()
     return total
+
+
+def _conntrack_stats(lines: list[str]) -> dict[str, int]:
+    """Conntrack's per-CPU counters of one namespace (``/proc/net/stat/nf_conntrack``, hexadecimal, one row
+    per CPU), summed: packets it found invalid (the ruleset's ``ct state invalid drop`` drops them),
+    insertions that failed, and entries it dropped when full."""
+    out = {"conntrack_invalid": 0, "conntrack_insert_failed": 0, "conntrack_drop": 0}
+    for i, line in enumerate(lines):
+        head = line.split()
+        if head[:1] != ["entries"]:
+            continue
+        for row in lines[i + 1:]:
+            vals = row.split()
+            if len(vals) != len(head) or not all(all(c in "0123456789abcdefABCDEF" for c in v) for v in vals):
+                break
+            for key in ("invalid", "insert_failed", "drop"):
+                out[f"conntrack_{key}"] += int(vals[head.index(key)], 16)
+    return out
 
 
 def _softnet_dropped() -> int:

@@ -10,7 +10,8 @@ apart from it, at their encoded size (the carrier keeps the rest, headers includ
 or status item is "already held" when the receiver held that member's record at the same incarnation
 (status: the same sequence number) before the frame arrived.  Windows: ``idle`` (per second, from the
 idle snapshot to the first publish), each version (from its publish until every live node applied it,
-the report's window), and the whole run.  Figures are per node (bytes / nodes).
+the report's window), and the whole run.  Figures are per node (bytes / nodes).  Scenarios on the tcp
+transport only (the bundled ones).
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def _held_status(table: Any, item: W.Status) -> bool:
 def measure(scenario: str, nodes: int | None, seed: int | None) -> dict[str, Any]:
     sc = load(scenario)
     sc = override(sc, nodes=nodes, seed=seed)
+    if sc.network.transport != "tcp":  # datagrams are counted as they arrive, not as decoded frames
+        raise ValueError(f"{scenario}: only the tcp transport is decoded here, not {sc.network.transport!r}")
     sim = Simulation(sc)
     kc = KindCounter(sim)
     report = sim.run()

@@ -302,3 +302,22 @@ def test_a_reference_signed_by_someone_else_is_blamed():
     data = encode_envelope(sign("member", encode_record(rec), [derive_seed("someone else")]))
     out = link.feed("n0", FrameReceived("n2", encode(Ping(1, "n0", (ref_of(data),)))))
     assert blamed(out, "n2") and n0.members.rec("n1").address == n1.advertise
+
+
+# -- the measurement behind the README's bytes table (tests/bench_bytes.py) -----------------------------
+@pytest.mark.simulation
+def test_bytes_by_kind_add_up_to_the_report_and_churn_records_go_without_certificate():
+    from tests.bench_bytes import ROWS, measure
+
+    out = measure("internet", 100, 1)
+    parts = [r for r in ROWS if not r.startswith("  ") and r != "total"]
+    for window, rows in out["per_node"].items():
+        assert abs(sum(rows[r] for r in parts) - rows["total"]) < 1.0, window
+    last = out["versions"][-1]
+    assert out["per_node"][f"version {last['serial']} B"]["total"] == pytest.approx(last["bytes_per_node"], abs=0.1)
+    run = out["per_node"]["run B"]
+    assert run["total"] == pytest.approx(out["report"]["run_bytes_per_node"], abs=0.1)
+    assert run["member records on probes and acks"] > 0
+    assert run["  records without certificate"] > 0.9 * run["member records on probes and acks"]
+    assert out["counters_summed"]["record_refs_unknown_member"] + out["counters_summed"]["record_refs_other_cert"] == 0
+    assert out["report"]["invariant_violations"] == 0

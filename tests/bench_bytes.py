@@ -1,7 +1,8 @@
 """Bytes received per node, by kind (not a test of behaviour): the figures of the README's "Idle traffic
 and bytes per version" table.
 
-    .venv/bin/python tests/bench_bytes.py [--scenario internet] [--nodes 1000] [--seed S] [--json FILE]
+    .venv/bin/python tests/bench_bytes.py [--scenario internet] [--nodes 1000] [--seed S] [--duration-ms MS]
+                                          [--json FILE]
 
 Runs one scenario in the simulator and decodes every frame delivered to a node of the fleet (the frames
 the report's ``bytes_per_node`` counts): each one's wire bytes (``Network.wire_bytes``: framing and
@@ -153,9 +154,9 @@ def _held_status(table: Any, item: W.Status) -> bool:
     return st is not None and st.body.seq == body.seq
 
 
-def measure(scenario: str, nodes: int | None, seed: int | None) -> dict[str, Any]:
+def measure(scenario: str, nodes: int | None, seed: int | None, duration_ms: int | None = None) -> dict[str, Any]:
     sc = load(scenario)
-    sc = override(sc, nodes=nodes, seed=seed)
+    sc = override(sc, nodes=nodes, seed=seed, duration_ms=duration_ms)
     if sc.network.transport != "tcp":  # datagrams are counted as they arrive, not as decoded frames
         raise ValueError(f"{scenario}: only the tcp transport is decoded here, not {sc.network.transport!r}")
     sim = Simulation(sc)
@@ -198,9 +199,10 @@ def main() -> None:
     p.add_argument("--scenario", default="internet")
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--duration-ms", type=int, default=None, help="run longer: queued rumours drain")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    out = measure(a.scenario, a.nodes, a.seed)
+    out = measure(a.scenario, a.nodes, a.seed, a.duration_ms)
     print(json.dumps(out["report"]))
     print(json.dumps(out["versions"]))
     print("items received over the run:", out["items_received_run"])

@@ -165,7 +165,7 @@ class MemberRecords:
             # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
             # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).  With
             # the certificate unchanged, members that read references get it without the certificate.
-            same_cert = known.cert_ref == rec.cert_ref and known.cert_bytes == rec.cert_bytes
+            same_cert = known.cert_bytes == rec.cert_bytes
             self.broadcasts.add(("m", rec.node_id), Alive(rec.record), compact(rec) if same_cert else None)
         return True
 

@@ -321,3 +321,29 @@ def test_bytes_by_kind_add_up_to_the_report_and_churn_records_go_without_certifi
     assert run["  records without certificate"] > 0.9 * run["member records on probes and acks"]
     assert out["counters_summed"]["record_refs_unknown_member"] + out["counters_summed"]["record_refs_other_cert"] == 0
     assert out["report"]["invariant_violations"] == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "take"]), st.integers(0, 5), st.booleans(), st.integers(60, 1500)),
+                max_size=120), st.integers(1, 6))
+@settings(max_examples=150, deadline=None)
+def test_property_the_queue_sends_each_record_at_most_limit_times_in_either_form(ops, limit):
+    from protocol.gossip.broadcasts import BroadcastQueue
+
+    queue = BroadcastQueue()
+    whole = {k: Alive(bytes([k]) * 500) for k in range(6)}
+    small = {k: AliveRef(f"n{k}", 1, "10.0.0.1:1", False, 1, bytes([k]) * CERT_REF_BYTES, b"\0" * 64) for k in range(6)}
+    sent: dict[int, int] = {}
+    has_compact: dict[int, bool] = {}
+    for op, k, flag, budget in ops:
+        if op == "add":  # a newer record about member k: its transmits start again
+            queue.add(("m", f"n{k}"), whole[k], small[k] if flag else None)
+            sent[k] = 0
+            has_compact[k] = flag
+            continue
+        items = queue.take(budget, limit, refs=flag)
+        assert sum(len(encode(x)) for x in items) <= budget
+        for x in items:
+            j = next(m for m in whole if x in (whole[m], small[m]))
+            assert (x == small[j]) == (flag and has_compact[j])
+            sent[j] += 1
+            assert sent[j] <= limit

@@ -11,7 +11,7 @@ tests/test_daemon_rotation.py 40; tests/test_daemon_reload.py 41; tests/bench_da
 tests/test_large_policy.py 70; tests/test_daemon_resilience.py 71-72; tests/test_rogue_peer.py 73-74;
 tests/test_systemd.py 80-81; tests/test_daemon_alerts.py 90-94; tests/test_validate_netns.py 96 (authority only:
 its nodes live in network namespaces); tests/test_daemon_validation.py 97; tests/test_daemon_member_bounds.py 150;
-tests/test_daemon_publish.py 170; tests/test_daemon_datagrams.py 171 (172 inside a namespace);
+tests/test_daemon_publish.py 170; tests/test_daemon_datagrams.py 171 (172 inside a namespace); tests/test_daemon_record_refs.py 177;
 tests/bench_lossy.py 175 (inside a namespace); tests/test_port_scan_netns.py 123 (authority only, like
 test_validate_netns.py).
 """

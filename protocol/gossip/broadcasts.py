@@ -1,6 +1,8 @@
 """Piggybacked gossip: the queue of member rumours (records, suspicions, deaths, statuses) that ride
 on probes, with a transmit limit (memberlist's TransmitLimitedQueue), and the encoding of every
-outgoing message that puts them on the probes."""
+outgoing message that puts them on the probes.  A record may be queued with a compact form (an
+``AliveRef``, without the certificate: ``protocol.gossip.record_refs``), which goes instead to the
+members whose record says they read it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,17 @@ import msgspec
 from protocol.gossip.config import GossipConfig
 from protocol.gossip.events import Send
 from protocol.gossip.member_table import MemberTable
-from protocol.gossip.wire import MAX_GOSSIP_ITEMS, Ack, GossipItem, Ping, PingReq, Suspect, encode
+from protocol.gossip.wire import (
+    MAX_GOSSIP_ITEMS,
+    READS_RECORD_REFS,
+    Ack,
+    AliveRef,
+    GossipItem,
+    Ping,
+    PingReq,
+    Suspect,
+    encode,
+)
 from protocol.trust.state import TrustedState
 
 MAX_BROADCASTS = 256
@@ -23,22 +35,26 @@ BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 
 class BroadcastQueue:
     """Piggybacked gossip with a transmit limit (memberlist's TransmitLimitedQueue): a newer item about
-    the same member replaces the older one; the least-transmitted items go first."""
+    the same member replaces the older one; the least-transmitted items go first.  ``compact``: the
+    same record as an ``AliveRef``, taken instead of ``item`` for a peer that reads it (one transmit
+    either way)."""
 
     __slots__ = ("_items", "_order", "nbytes")
 
     def __init__(self) -> None:
-        self._items: dict[object, list] = {}  # key -> [item, size, transmits, order]
+        # key -> [item, size, transmits, order, compact form or None, its size]
+        self._items: dict[object, list] = {}
         self._order = 0
         self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
 
-    def add(self, key: object, item: GossipItem) -> None:
+    def add(self, key: object, item: GossipItem, compact: AliveRef | None = None) -> None:
         self._order += 1
         size = len(encode(item))
+        csize = len(encode(compact)) if compact is not None else size
         old = self._items.get(key)
         if old is not None:
             self.nbytes -= old[1]
-        self._items[key] = [item, size, 0, self._order]
+        self._items[key] = [item, size, 0, self._order, compact, csize]
         self.nbytes += size
         while len(self._items) > MAX_BROADCASTS or self.nbytes > MAX_BROADCAST_BYTES:
             worst = max(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))[0]
@@ -56,17 +72,21 @@ class BroadcastQueue:
             self.nbytes -= self._items.pop(key)[1]
         return len(gone)
 
-    def take(self, budget: int, limit: int) -> tuple[GossipItem, ...]:
+    def take(self, budget: int, limit: int, refs: bool = False) -> tuple[GossipItem, ...]:
+        """Items for one message within ``budget`` encoded bytes; ``refs``: the receiver reads
+        ``AliveRef`` items (records go in their compact form where they have one)."""
         if not self._items:
             return ()
         ranked = sorted(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))
         out: list[GossipItem] = []
         used = 0
         for key, entry in ranked:
-            if used + entry[1] > budget:
+            small = refs and entry[4] is not None
+            size = entry[5] if small else entry[1]
+            if used + size > budget:
                 continue
-            out.append(entry[0])
-            used += entry[1]
+            out.append(entry[4] if small else entry[0])
+            used += size
             entry[2] += 1
             if entry[2] >= limit:
                 del self._items[key]
@@ -91,11 +111,13 @@ class Piggyback:
         """The ``Send`` of ``msg`` to ``peer``.  Lifeguard's buddy system: a ping to a member we
         suspect carries that suspicion first, so the member hears of it (and refutes) even when the
         queue is crowded after a heal."""
+        r = self.table.rec(peer)
         if isinstance(msg, PIGGYBACK_CARRIERS):
             buddy = self.table.suspicion_item(peer) if isinstance(msg, Ping) else None
             budget = self.cfg.gossip_budget_bytes - (BUDDY_BYTES if buddy is not None else 0)
             queue = self.queue
-            items = queue.take(budget, self.cfg.retransmit_limit(self.table.count)) if len(queue) else ()
+            refs = r is not None and bool(r.features & READS_RECORD_REFS)
+            items = queue.take(budget, self.cfg.retransmit_limit(self.table.count), refs) if len(queue) else ()
             if buddy is not None:
                 items = (buddy, *(x for x in items if not (isinstance(x, Suspect) and x.node_id == peer)))
             pol = self.trust.policy if isinstance(msg, (Ping, Ack)) else None
@@ -103,5 +125,4 @@ class Piggyback:
             if items or serial:
                 msg = msgspec.structs.replace(msg, gossip=items, serial=serial, root_version=root_v) if serial \
                     else msgspec.structs.replace(msg, gossip=items)
-        r = self.table.rec(peer)
         return Send(peer, r.address if r is not None else "", encode(msg))

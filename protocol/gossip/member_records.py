@@ -1,7 +1,9 @@
 """Verifying and merging what peers say about members: signed records, signed statuses, certificates.
 
 Nothing from a peer is kept before it is verified: a status about a non-member is counted and dropped,
-a record no newer than the one held is dropped unchecked.  A member holds one record
+a record no newer than the one held is dropped unchecked.  A record without its certificate
+(``AliveRef``) is rebuilt around the certificate held for its member and verified like a full one
+(``learn_ref``; see ``protocol.gossip.record_refs``).  A member holds one record
 (<= MAX_RECORD_BYTES) and one status (<= MAX_STATUS_BYTES); a newer one releases the older from the
 table and the ``VerifyCache``.  Only verified results enter the cache, keyed by the exact bytes and the
 trusted root they were checked against.
@@ -16,10 +18,12 @@ from protocol.gossip.broadcasts import BroadcastQueue
 from protocol.gossip.member_table import MemberTable
 from protocol.gossip.members import Rec, StatusInfo, VerifyCache
 from protocol.gossip.own_record import INCARNATION_SLACK, OwnRecord
+from protocol.gossip.record_refs import compact, rebuild
 from protocol.gossip.wire import (
     MAX_RECORD_BYTES,
     MAX_STATUS_BYTES,
     Alive,
+    AliveRef,
     MemberRecord,
     Status,
     StatusBody,
@@ -159,9 +163,32 @@ class MemberRecords:
         table.install(rec, now_ms)
         if rebroadcast and known is not None:
             # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
-            # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).
-            self.broadcasts.add(("m", rec.node_id), Alive(rec.record))
+            # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).  With
+            # the certificate unchanged, members that read references get it without the certificate.
+            same_cert = known.cert_bytes == rec.cert_bytes
+            self.broadcasts.add(("m", rec.node_id), Alive(rec.record), compact(rec) if same_cert else None)
         return True
+
+    def learn_ref(self, item: AliveRef, now_ms: int, wall: float) -> bool:
+        """A record relayed without its certificate: rebuilt around the certificate of the record held
+        for its member and learned as a relayed record (verified the same way; a forged one is the
+        peer's fault).  Not newer than the record held: dropped unchecked.  No record of the member, or
+        one with another certificate: refused and counted (not the peer's fault: anti-entropy or a
+        later full copy brings it)."""
+        held = self.table.rec(item.node_id)
+        if held is None:
+            self.counters["record_refs_unknown_member"] += 1
+            return False
+        mine = held.idx == self.table.me_index
+        if item.incarnation <= (self.own.incarnation if mine else held.incarnation):
+            return False
+        if item.cert_ref != held.cert_ref:
+            self.counters["record_refs_other_cert"] += 1
+            return False
+        data = rebuild(item, held.cert_bytes, held.cert.identity_key)
+        learned = self.learn_relayed_record(data, now_ms, wall)
+        self.counters["record_refs_learned"] += learned
+        return learned
 
     # -- statuses ------------------------------------------------------------------------------------
     def learn_status(self, item: Status) -> bool:

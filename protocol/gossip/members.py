@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from protocol.entropy import Entropy
 from protocol.gossip.events import MemberEntry
-from protocol.gossip.wire import MemberRecord, Status, StatusBody
+from protocol.gossip.wire import MemberRecord, Status, StatusBody, cert_ref
 from protocol.trust.metadata import Certificate
 
 CACHE_MAX_BYTES = 64 << 20  # VerifyCache: estimated bytes before a generation clear
@@ -262,8 +262,8 @@ class IntSet:
 class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
-    __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "record", "cert", "cert_bytes",
-                 "token", "entry", "cert_item", "cert_hash", "sync_entry", "__weakref__")
+    __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "features", "record", "cert",
+                 "cert_bytes", "cert_ref", "token", "entry", "cert_item", "cert_hash", "sync_entry", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -272,9 +272,11 @@ class Rec:
         self.address = rec.address
         self.incarnation = rec.incarnation
         self.left = rec.left
+        self.features = rec.features  # what the member reads (wire.READS_RECORD_REFS)
         self.record = record
         self.cert = cert
         self.cert_bytes = rec.cert
+        self.cert_ref = cert_ref(rec.cert)  # the name of its certificate in an AliveRef
         self.token = _token(rec.node_id, rec.incarnation)
         # the member's entry in the persisted member file
         self.entry = MemberEntry(rec.node_id, rec.address, cert.region, rec.cert)

@@ -44,7 +44,7 @@ from protocol.gossip.members import (
 from protocol.gossip.own_record import OwnRecord
 from protocol.gossip.peer_selection import pick
 from protocol.gossip.swim import MAX_RELAYS, MAX_RELAYS_PER_PEER, Swim
-from protocol.gossip.wire import Alive, Dead, GossipItem, Suspect
+from protocol.gossip.wire import Alive, AliveRef, Dead, GossipItem, Suspect
 from protocol.trust.metadata import Certificate
 from protocol.trust.state import TrustedState
 
@@ -57,7 +57,7 @@ __all__ = [  # the parts live in their own modules; these names stay importable 
 
 COUNTERS = ("probes", "probe_failures", "suspicions", "deaths_declared", "refutations", "records_rejected",
             "absurd_incarnations", "incarnation_saturated", "status_unknown_member", "relays_refused",
-            "sync_replies_unasked")
+            "sync_replies_unasked", "record_refs_learned", "record_refs_unknown_member", "record_refs_other_cert")
 
 
 class Membership:
@@ -133,6 +133,8 @@ class Membership:
             try:
                 if isinstance(item, Alive):
                     self.records.learn_record(item.record, now_ms, wall)
+                elif isinstance(item, AliveRef):
+                    self.records.learn_ref(item, now_ms, wall)
                 elif isinstance(item, Suspect):
                     self.swim.on_suspect(item, now_ms)
                 elif isinstance(item, Dead):

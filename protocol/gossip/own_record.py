@@ -1,7 +1,9 @@
 """This node's own member record and status: signing them, and refuting claims about itself.
 
-A member record (node_id, incarnation, address, certificate, left) is signed by the member's own
-Ed25519 identity key (``member`` envelope) and carries its authority-signed certificate.  Only the
+A member record (node_id, incarnation, address, certificate, left, features) is signed by the
+member's own Ed25519 identity key (``member`` envelope) and carries its authority-signed certificate.
+Our start record travels whole; our refutations and our leave also as ``AliveRef`` (without the
+certificate, to members that read it: see ``protocol.gossip.record_refs``).  Only the
 member can raise its incarnation, so only it can refute a suspicion or a death: it signs a record
 above the claimed incarnation and queues it as gossip.  Incarnations start at the wall clock in ms and
 never exceed MAX_INCARNATION; an unsigned claim about ours far beyond what we ever signed is refused.
@@ -13,15 +15,17 @@ from protocol.errors import RemoteProtocolError
 from protocol.gossip.broadcasts import BroadcastQueue
 from protocol.gossip.member_table import LEFT_CODE, MemberTable
 from protocol.gossip.members import Rec, StatusInfo
+from protocol.gossip.record_refs import compact
 from protocol.gossip.wire import (
     HASH_PREFIX,
     MAX_INCARNATION,
+    READS_RECORD_REFS,
     Alive,
     MemberRecord,
     ProbeReport,
     Status,
     StatusBody,
-    encode,
+    encode_record,
     encode_status,
 )
 from protocol.trust.metadata import Certificate
@@ -32,6 +36,7 @@ from protocol.trust.signing import encode_envelope, sign
 # ms, so one further than this above where we started is a lie.  A record signed with an incarnation
 # this far ahead of the wall clock is refused the same way.
 INCARNATION_SLACK = 1 << 40  # ms, about 35 years
+FEATURES = READS_RECORD_REFS  # what this release reads, listed in our record
 
 
 class OwnRecord:
@@ -57,10 +62,12 @@ class OwnRecord:
         self._sign_record(now_ms)
         self.broadcasts.add(("m", self.me), Alive(self.record))
 
-    def _sign_record(self, now_ms: int, left: bool = False) -> None:
-        rec = MemberRecord(self.me, self.incarnation, self.advertise, self.cert_bytes, left)
-        self.record = encode_envelope(sign("member", encode(rec), [self.identity_seed]))
-        self.table.install(Rec(self.table.me_index, rec, self.cert, self.record), now_ms)
+    def _sign_record(self, now_ms: int, left: bool = False) -> Rec:
+        rec = MemberRecord(self.me, self.incarnation, self.advertise, self.cert_bytes, left, FEATURES)
+        self.record = encode_envelope(sign("member", encode_record(rec), [self.identity_seed]))
+        signed = Rec(self.table.me_index, rec, self.cert, self.record)
+        self.table.install(signed, now_ms)
+        return signed
 
     def sign_status(self, serial: int, policy_hash: bytes, ruleset_hash: bytes, state: str, wall: float,
                     trusted: tuple[int, bytes] = (0, b""), equivocation: tuple[int, tuple[bytes, ...]] = (0, ()),
@@ -100,14 +107,14 @@ class OwnRecord:
             self.counters["incarnation_saturated"] += 1
         self.incarnation = nxt
         self.counters["refutations"] += 1
-        self._sign_record(now_ms)
-        self.broadcasts.add(("m", self.me), Alive(self.record))
+        signed = self._sign_record(now_ms)
+        self.broadcasts.add(("m", self.me), Alive(self.record), compact(signed))
 
     def leave(self, now_ms: int) -> Alive:
         self.incarnation = min(self.incarnation + 1, MAX_INCARNATION)
-        self._sign_record(now_ms, left=True)
+        signed = self._sign_record(now_ms, left=True)
         item = Alive(self.record)
-        self.broadcasts.add(("m", self.me), item)
+        self.broadcasts.add(("m", self.me), item, compact(signed))
         return item
 
     @property

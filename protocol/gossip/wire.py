@@ -7,11 +7,16 @@ Decoding untrusted bytes validates types in one step; any failure is a :class:`R
 Signed member payloads (``MemberRecord``, ``StatusBody``) use the ``member`` envelope domain
 (``protocol.trust.signing``): records travel as full envelopes (they carry the member's certificate),
 status travels as ``Status(payload, sig)``, the same domain-separated signature without the envelope
-framing, because it is small and frequent.
+framing, because it is small and frequent.  A record about a member the receiver knows may travel as
+``AliveRef``: its fields and signature, the certificate named by a hash; the receiver rebuilds the exact
+signed envelope around the certificate it holds (``protocol.gossip.record_refs``).  Only members whose
+own record lists ``READS_RECORD_REFS`` in its ``features`` are sent one: a release before them cannot
+decode the item.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 import msgspec
@@ -29,6 +34,10 @@ MAX_VALIDATIONS = 16  # probe reports in one status: the peers its member valida
 MAX_REPORT_PORTS = 8  # ports listed per finding of one probe report
 SEVERITIES = ("critical", "error", "warning", "info")  # the order of StatusBody.alerts_open
 MAX_NODE_ID_CHARS = 64  # a node id (NAME_RE): the names a rumour carries are kept and relayed
+MAX_ADDRESS_CHARS = 255  # an advertised address in an AliveRef (a longer one travels in a full record)
+CERT_REF_BYTES = 16  # an AliveRef names its member's certificate by this much of the SHA-256 of its bytes
+SIG_BYTES = 64  # an Ed25519 signature
+READS_RECORD_REFS = 0x01  # MemberRecord.features: this member decodes AliveRef items
 
 NodeId = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID_CHARS)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -41,13 +50,34 @@ class _S(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 # -- signed member payloads (inside a "member" signature domain) ------------------------------------
 class MemberRecord(_S, frozen=True, array_like=True, gc=False, tag=1):
-    """Who a member is and where to reach it, signed by the member's own identity key."""
+    """Who a member is and where to reach it, signed by the member's own identity key.  ``features``:
+    the wire features the member reads (bits, ``READS_RECORD_REFS``); added after the first release,
+    which ignores it (a trailing field of an array-like struct) and decodes it as 0 from a record that
+    lacks it.  ``encode_record`` writes a record without features exactly as the first release did."""
 
     node_id: str
     incarnation: int
     address: str
     cert: bytes
     left: bool = False
+    features: Count = 0
+
+
+class _MemberRecordV1(_S, frozen=True, array_like=True, gc=False, tag=1):
+    """``MemberRecord`` as the first release wrote it (no features): see ``encode_record``."""
+
+    node_id: str
+    incarnation: int
+    address: str
+    cert: bytes
+    left: bool
+
+
+def encode_record(rec: MemberRecord) -> bytes:
+    """The signed bytes of a member record: the first release's form when it lists no features."""
+    if rec.features:
+        return encode(rec)
+    return encode(_MemberRecordV1(rec.node_id, rec.incarnation, rec.address, rec.cert, rec.left))
 
 
 class ProbeReport(_S, frozen=True, array_like=True, gc=False):
@@ -138,7 +168,26 @@ class Status(_S, frozen=True, array_like=True, gc=False, tag=4):
     sig: bytes
 
 
-GossipItem = Alive | Suspect | Dead | Status
+class AliveRef(_S, frozen=True, array_like=True, gc=False, tag=5):
+    """A member record without its certificate: the ``MemberRecord`` fields, ``cert_ref`` (the first
+    ``CERT_REF_BYTES`` of the SHA-256 of the certificate's bytes) and the member's signature.  Sent only
+    to members that read it (``READS_RECORD_REFS``); see ``protocol.gossip.record_refs``."""
+
+    node_id: NodeId
+    incarnation: Annotated[int, msgspec.Meta(ge=0)]  # (at most MAX_INCARNATION: a MessagePack integer)
+    address: Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_CHARS)]
+    left: bool
+    features: Count
+    cert_ref: Annotated[bytes, msgspec.Meta(min_length=CERT_REF_BYTES, max_length=CERT_REF_BYTES)]
+    sig: Annotated[bytes, msgspec.Meta(min_length=SIG_BYTES, max_length=SIG_BYTES)]
+
+
+def cert_ref(cert_bytes: bytes) -> bytes:
+    """The name of a certificate in an ``AliveRef``: a prefix of the SHA-256 of its exact bytes."""
+    return hashlib.sha256(cert_bytes).digest()[:CERT_REF_BYTES]
+
+
+GossipItem = Alive | Suspect | Dead | Status | AliveRef
 
 
 class Digest(_S, frozen=True, array_like=True, gc=False):

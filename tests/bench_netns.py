@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python tests/bench_netns.py [--sizes 12,50,100] [--loss 0,10] [--publishes 6]
                                                 [--regions 3] [--idle-s 10] [--no-serf] [--changing-rules]
-                                                [--timeline] [--json FILE]
+                                                [--timeline] [--gossip NAME=INT] [--json FILE]
 
 Built on the chaos drill's real mode (``simulations/drill``): one network namespace per node on a bridge
 (``NetnsLab``), every node a real ``meshnode run`` with nftables enforcement (``RealCluster``), random
@@ -336,9 +336,10 @@ def _changing_rule(serial: int) -> str:
 
 
 def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
-                 rng: random.Random, changing_rules: bool = False) -> dict[str, Any]:
+                 rng: random.Random, changing_rules: bool = False, gossip: dict[str, int] | None = None
+                 ) -> dict[str, Any]:
     receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
-    cluster = RealCluster(root, lab, n, regions, {}, receiver.url)
+    cluster = RealCluster(root, lab, n, regions, dict(gossip or {}), receiver.url)
     try:
         envelopes = {}
         for serial in range(1, publishes + 3):  # the last one is published with the meshctl CLI
@@ -449,13 +450,16 @@ def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random)
         agents.stop()
 
 
-def predict(n: int, loss: int, regions: int, publishes: int, seed: int, base: str = "netns-12") -> dict[str, Any]:
+def predict(n: int, loss: int, regions: int, publishes: int, seed: int, base: str = "netns-12",
+            gossip: dict[str, int] | None = None) -> dict[str, Any]:
     """The simulator's prediction for the same topology (no added latency, as on the bridge) at ``n`` nodes
     in ``regions`` regions with ``loss`` on every packet, ``publishes`` versions one per 10 s, from the
     ``base`` scenario: ``netns-12`` (the daemon's transport, ``mixed``, and one host's 2 shared cores,
     calibrated on this benchmark) or ``loopback-12`` (the older prediction: every message on TCP, a CPU
     per node)."""
     sc = override(load(base), nodes=n, seed=seed, loss=loss / 100)
+    if gossip:
+        sc = msgspec.structs.replace(sc, gossip={**sc.gossip, **gossip})
     names = [f"region-{chr(ord('a') + r)}" for r in range(regions)]
     start = 30_000
     sc = msgspec.structs.replace(
@@ -496,7 +500,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
     out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules,
-                           "timeline": args.timeline}
+                           "gossip": args.gossip, "timeline": args.timeline}
     try:
         lab.setup()
         for i in range(n):
@@ -509,14 +513,16 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
             print(f"--- {n} nodes, {loss}% loss: serf ...", flush=True)
             out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
         print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
-        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules)
+        out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules,
+                                       args.gossip)
         if not args.no_serf:
             m, s = out["meshnode"]["median_ms"], out["serf"]["median_ms"]
             out["ratio_of_medians"] = round(m / s, 3) if m and s else None
     finally:
         lab.teardown()
-    out["simulator"] = predict(n, loss, args.regions, args.publishes, args.seed)
-    out["simulator_old"] = predict(n, loss, args.regions, args.publishes, args.seed, base="loopback-12")
+    out["simulator"] = predict(n, loss, args.regions, args.publishes, args.seed, gossip=args.gossip)
+    out["simulator_old"] = predict(n, loss, args.regions, args.publishes, args.seed, base="loopback-12",
+                                   gossip=args.gossip)
     measured, predicted = out["meshnode"]["median_ms"], out["simulator"]["median_ms"]
     out["predicted_over_measured"] = round(predicted / measured, 3) if measured and predicted else None
     _print_one(out)
@@ -578,10 +584,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="print each version's per-node timeline: stored and applied (ms after the publish "
                         "started), from which peer, by which transport (stream, datagram, fragments: the "
                         "wait from the first fragment to the last)")
+    p.add_argument("--gossip", action="append", default=[], metavar="NAME=INT",
+                   help="a [gossip] setting for every daemon and the simulator's prediction (repeatable), e.g. "
+                        "announce_rounds=2")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--predict-only", action="store_true",
                    help="only the simulator's predictions for each size and loss (netns-12 and loopback-12 models)")
     args = p.parse_args(argv)
+    try:
+        args.gossip = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.gossip)}
+    except ValueError:
+        p.error("--gossip takes NAME=INT, e.g. announce_rounds=2")
     if args.predict_only:
         for n in args.sizes.split(","):
             for loss in args.loss.split(","):

@@ -44,7 +44,7 @@ from protocol.errors import (
     TrustError,
 )
 from protocol.trust import DAY_S, Authority, Revocations, TrustedState
-from simulations.identities import T0, NodeIdentity, make_authority, make_node
+from simulations.identities import T0, NodeIdentity, derive_seed, make_authority, make_node
 from tests.fixtures import sign_sample
 
 NOW_MS = 5_000
@@ -303,6 +303,18 @@ def test_revalidate_after_new_policy(mesh: Mesh) -> None:
     b.revalidate(T0)
     with pytest.raises(ExpiredError):
         b.revalidate(T0 + 2 * 365 * DAY_S)
+
+
+def test_revalidate_checks_the_signature_again_only_under_a_new_root(mesh: Mesh) -> None:
+    """Periodic revalidation under the same root re-checks what time and policy change (not the signature,
+    checked at the handshake over the same bytes); once a new root replaces the enroll keys, the peer's
+    certificate, signed by the old key, no longer holds."""
+    a, _ = open_pair(mesh)
+    a.revalidate(T0 + 10)
+    a._trust.update_root(mesh.auth.rotate(T0, new_seeds={"enroll": [derive_seed("enroll-rotated")]}))
+    with pytest.raises(SignatureError):
+        a.revalidate(T0 + 10)
+    assert a.state is SessionState.FAILED
 
 
 def test_wrong_cluster_name_fails_in_the_noise_layer(mesh: Mesh) -> None:

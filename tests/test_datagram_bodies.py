@@ -249,3 +249,18 @@ def test_the_enforcer_can_wait_for_the_bodies_pushed_on_but_not_longer_than_aske
         assert len(a.wire.sent) == 2 and not a.paths.bodies_in_flight()
 
     asyncio.run(scenario())
+
+
+def test_the_same_body_to_several_peers_is_compressed_once_and_arrives_exactly_at_each() -> None:
+    """A node pushes one body to each tree child: the zlib form of the last message is reused (the same
+    bytes give the same datagrams), and a different message is compressed on its own."""
+    message, other = body(5300), body(5300)
+    assert message != other
+    packed = compressed(message)
+    assert packed is not None and compressed(bytes(message)) is packed
+    assert inflated(compressed(other) or b"") == other and inflated(compressed(message) or b"") == message
+    for _ in range(2):
+        a, b = pair()
+        deliver(a, b)
+        assert a.paths.send(a.conn, message)  # type: ignore[arg-type]
+        assert deliver(a, b) == 1 and [ev.data for ev, _ in b.fed] == [message]

@@ -397,3 +397,19 @@ def test_truncated_envelope(auth, trust):
     for cut in (0, 1, len(data) // 2, len(data) - 1):
         with pytest.raises(FormatError):
             trust.accept_policy(data[:cut], T0)
+
+
+def test_decode_policy_keeps_the_last_result_and_still_refuses_what_differs(auth):
+    """The last decoded payload's result is reused (a body is decoded twice in a row when it arrives):
+    the same bytes give the same policy, and any other bytes (truncated, altered) are decoded and checked
+    on their own."""
+    from protocol.trust.metadata import decode_policy
+    from protocol.trust.signing import decode_envelope
+
+    payload = decode_envelope(sign_sample(auth, 3), "policy").payload
+    first = decode_policy(payload)
+    assert decode_policy(bytes(payload)) is first and first.serial == 3
+    with pytest.raises(FormatError):
+        decode_policy(payload[:-3])
+    other = decode_envelope(sign_sample(auth, 4), "policy").payload
+    assert decode_policy(other).serial == 4 and decode_policy(payload).serial == 3

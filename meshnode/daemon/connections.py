@@ -61,6 +61,7 @@ class ConnectionRegistry:
         self.handshaking: set[Conn] = set()  # inbound channels still in their handshake
         self._by_address: dict[str, Conn] = {}
         self._dialing: dict[str, list[bytes]] = {}  # address -> messages waiting for the dial
+        self._bytes_counted: dict[str, Any] = {}  # direction -> its child of the bytes counter
         self.datagrams = DatagramPaths(feed=core.feed_if_running, stream_send=self._enqueue, metrics=metrics, log=log,
                                        wake=core.wake)
 
@@ -75,7 +76,10 @@ class ConnectionRegistry:
         return all(c.queue.empty() for cs in self.gossip.values() for c in cs)
 
     def on_bytes(self, direction: str, n: int) -> None:
-        self._metrics.bytes.labels(direction).inc(n)
+        counter = self._bytes_counted.get(direction)
+        if counter is None:  # looked up once per direction: this runs for every frame
+            counter = self._bytes_counted[direction] = self._metrics.bytes.labels(direction)
+        counter.inc(n)
 
     def new_session(self, *, initiator: bool, expected_peer: str | None = None) -> SecureSession:
         mesh = self.config.cfg.mesh

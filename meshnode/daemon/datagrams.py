@@ -129,12 +129,16 @@ class DatagramPaths(asyncio.DatagramProtocol):
         self._by_id: dict[bytes, _Path] = {}
         self._by_conn: dict[Conn, _Path] = {}
         self._pending: dict[int, _Pending] = {}
+        self._probing: dict[_Path, None] = {}  # the paths with a probe due (probe_at set), in order
         self._ids = itertools.count(1)
         self._limiter = HandshakeRateLimiter(SOURCE_RATE_PER_S, SOURCE_BURST, max_sources=MAX_SOURCES)
         self._bodies_settled = asyncio.Event()  # set whenever a body datagram stops being in flight
         self.counts = {"sent": 0, "received": 0, "retransmits": 0, "fallbacks": 0, "acked": 0, "fragmented": 0,
                        "reassembled": 0, "compressed": 0}
         self.refused: dict[str, int] = {}
+        # the per-datagram counters' children, looked up once (a label lookup takes a lock and a dict walk)
+        self._counted = {event: metrics.datagrams.labels(event)
+                         for event in ("sent", "received", "retransmit", "fallback", "duplicate")}
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> None:
@@ -164,7 +168,9 @@ class DatagramPaths(asyncio.DatagramProtocol):
             channel = DatagramChannel(conn.session.datagram_keys())
         except LocalProtocolError:
             return
-        path = _Path(conn, channel, endpoint, probe_at=self._clock() if endpoint else 0.0)
+        path = _Path(conn, channel, endpoint)
+        if endpoint is not None:
+            self._probe_at(path, self._clock())
         self._by_id[channel.keys.recv_id] = path
         self._by_conn[conn] = path
         if endpoint is not None:
@@ -175,6 +181,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         if path is None:
             return
         self._by_id.pop(path.channel.keys.recv_id, None)
+        self._probing.pop(path, None)
         for mid, p in list(self._pending.items()):
             if p.path is path:
                 del self._pending[mid]
@@ -218,7 +225,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
             self._log.debug("datagram.send_failed", peer=path.conn.peer, error=str(exc)[:200])
             return
         self.counts["sent"] += 1
-        self._metrics.datagrams.labels("sent").inc()
+        self._counted["sent"].inc()
 
     def _probe(self, path: _Path, now: float) -> None:
         path.probes += 1
@@ -226,9 +233,17 @@ class DatagramPaths(asyncio.DatagramProtocol):
         path.probes_out[nonce] = now
         while len(path.probes_out) > 2 * PROBE_TRIES:
             del path.probes_out[next(iter(path.probes_out))]
-        path.probe_at = now + PROBE_TIMEOUT_S[min(path.probes, len(PROBE_TIMEOUT_S)) - 1]
+        self._probe_at(path, now + PROBE_TIMEOUT_S[min(path.probes, len(PROBE_TIMEOUT_S)) - 1])
         self._seal_to(path, _ID.pack(PROBE, nonce) + FEATURES)
         self._wake()
+
+    def _probe_at(self, path: _Path, when: float) -> None:
+        """Set (``when`` > 0) or clear (0) the path's next probe; ``_probing`` keeps the paths that have one."""
+        path.probe_at = when
+        if when:
+            self._probing[path] = None
+        else:
+            self._probing.pop(path, None)
 
     def bodies_in_flight(self) -> bool:
         """Some body (policy or root) sent as datagrams is not acknowledged yet and has a retransmission
@@ -250,9 +265,11 @@ class DatagramPaths(asyncio.DatagramProtocol):
 
     # -- timers ---------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        due = [p.retry_at for p in self._pending.values()]
-        due += [p.probe_at for p in self._by_conn.values() if p.probe_at]
-        return min(due) if due else None
+        due = min((p.retry_at for p in self._pending.values()), default=None)
+        for p in self._probing:  # (the paths not up yet, or probed a moment ago: few once the mesh is up)
+            if due is None or p.probe_at < due:
+                due = p.probe_at
+        return due
 
     def tick(self) -> None:
         now = self._clock()
@@ -268,7 +285,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                     for other in [k for k, q in self._pending.items() if q.message == p.message]:
                         del self._pending[other]
                 self.counts["fallbacks"] += 1
-                self._metrics.datagrams.labels("fallback").inc()
+                self._counted["fallback"].inc()
                 if not p.path.conn.closed:
                     self._stream_send(p.path.conn, p.whole or p.data)
                 continue
@@ -277,13 +294,13 @@ class DatagramPaths(asyncio.DatagramProtocol):
             if p.body:
                 self._bodies_settled.set()
             self.counts["retransmits"] += 1
-            self._metrics.datagrams.labels("retransmit").inc()
+            self._counted["retransmit"].inc()
             self._seal_to(p.path, _ID.pack(p.kind, mid) + p.data)
-        for path in list(self._by_conn.values()):
-            if not path.probe_at or now < path.probe_at:
+        for path in list(self._probing):
+            if now < path.probe_at:
                 continue
             if path.up:
-                path.probe_at = 0.0
+                self._probe_at(path, 0.0)
             elif path.probes < PROBE_TRIES:
                 self._probe(path, now)
             else:  # blocked: stay on the stream, look again later
@@ -293,7 +310,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
                                    episodes=path.episodes + 1)
                 path.probes = 0
                 path.episodes += 1
-                path.probe_at = now + reprobe_after_s(path.episodes)
+                self._probe_at(path, now + reprobe_after_s(path.episodes))
 
     # -- receiving ------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -316,7 +333,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
             return
         kind, number = _ID.unpack_from(payload)
         self.counts["received"] += 1
-        self._metrics.datagrams.labels("received").inc()
+        self._counted["received"].inc()
         now = self._clock()
         if path.endpoint != addr:  # learned (acceptor) or moved: authentic, so follow it (as WireGuard)
             known = path.endpoint is not None
@@ -333,7 +350,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
             sent = path.probes_out.pop(number, None)
             if sent is not None and not path.up:
                 path.up = True
-                path.probe_at = 0.0
+                self._probe_at(path, 0.0)
                 path.probes_out.clear()
                 path.episodes = 0
                 if now - sent <= PROBE_TIMEOUT_S[0]:  # a late answer says the peer was busy, not the path's round trip
@@ -342,7 +359,7 @@ class DatagramPaths(asyncio.DatagramProtocol):
         elif kind in (FRAME, FRAG, ZFRAME, ZFRAG):
             self._seal_to(path, _ID.pack(FRAME_ACK, number))
             if number in path.seen:
-                self._metrics.datagrams.labels("duplicate").inc()
+                self._counted["duplicate"].inc()
                 return
             path.seen[number] = None
             if len(path.seen) > SEEN_IDS:

@@ -3,7 +3,8 @@
 A job says when it is next due (``time.monotonic()`` seconds, or None for "not now") and runs when that
 time has passed. The loop sleeps until the earliest due time or until :meth:`Scheduler.wake` (called
 after every input to the core, whose deadline may have moved), then runs every job that is due, in the
-order they were added. The enforcer's own worker and drift check are not jobs here: they are tasks of
+order they were added.  It keeps one loop timer for the earliest due time and re-arms it only when that
+time moves (a wake happens after every message: it must cost little). The enforcer's own worker and drift check are not jobs here: they are tasks of
 the enforcer.
 """
 
@@ -27,6 +28,10 @@ class Scheduler:
     def __init__(self) -> None:
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
+        # The one timer armed for the earliest due time: (that time, its handle); re-armed only when the
+        # earliest due time moves.  A wake after every input to the core is the common case: it costs
+        # re-reading the due times, not a new timer and a cancellation each time.
+        self._armed: tuple[float, asyncio.TimerHandle] | None = None
 
     def add(self, job: Job) -> None:
         self._jobs.append(job)
@@ -35,24 +40,52 @@ class Scheduler:
         """Re-read every job's due time now (an input may have moved the core's deadline)."""
         self._wake.set()
 
-    def _timeout_s(self, now: float) -> float | None:
-        due = [d for d in (job.next_due() for job in self._jobs) if d is not None]
-        return max(0.0, min(due) - now) if due else None
+    def next_due(self) -> float | None:
+        """The earliest due time of the jobs (``time.monotonic()`` seconds), None when nothing is due."""
+        earliest: float | None = None
+        for job in self._jobs:
+            due = job.next_due()
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        return earliest
+
+    def _fire(self) -> None:
+        self._armed = None
+        self._wake.set()
+
+    def _arm(self, due: float | None, now: float) -> None:
+        armed = self._armed
+        if armed is not None:
+            if armed[0] == due:
+                return
+            armed[1].cancel()
+            self._armed = None
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._armed = (due, loop.call_at(loop.time() + (due - now), self._fire))
+
+    def _run_due(self, now: float) -> None:
+        for job in self._jobs:
+            due = job.next_due()
+            if due is not None and due <= now:
+                job.run()
 
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for turns a cancellation that races the
-            # deadline into TimeoutError, and the loop would then run jobs during shutdown.
-            try:
-                async with asyncio.timeout(self._timeout_s(time.monotonic())):
-                    await self._wake.wait()
-            except TimeoutError:
+        try:
+            while True:
+                self._wake.clear()
                 now = time.monotonic()
-                for job in self._jobs:
-                    due = job.next_due()
-                    if due is not None and due <= now:
-                        job.run()
+                due = self.next_due()
+                if due is not None and due <= now:
+                    self._run_due(now)
+                    await asyncio.sleep(0)  # what the jobs started (and other tasks) run before the next round
+                    continue
+                self._arm(due, now)
+                await self._wake.wait()
+        finally:
+            if self._armed is not None:
+                self._armed[1].cancel()
+                self._armed = None
 
 
 class Deadline:

@@ -116,7 +116,25 @@ def decode_root(payload: bytes) -> Root:
     return validate_root(_decode(payload, Root, "root metadata"))
 
 
+_LAST_POLICY: list[tuple[bytes, PolicyVersion]] = []  # the payload decoded last, and its (immutable) result
+
+
 def decode_policy(payload: bytes) -> PolicyVersion:
+    """Decode and validate a policy payload (``FormatError`` when it is not a valid, canonical one).
+
+    The result of the last payload is kept: a node decodes each new body twice in a row (the unverified
+    peek that lets a duplicate skip the signature check, then the decode after the signatures verified),
+    and the canonical-form check costs ~0.3 ms for 50 rules.  A pure function of the bytes; the result is
+    a frozen struct of tuples, so sharing it is safe."""
+    last = _LAST_POLICY
+    if last and last[0][0] == payload:
+        return last[0][1]
+    pv = _decode_policy(payload)
+    last[:] = [(bytes(payload), pv)]
+    return pv
+
+
+def _decode_policy(payload: bytes) -> PolicyVersion:
     pv = _decode(payload, PolicyVersion, "policy version")
     if not 1 <= pv.serial <= MAX_SERIAL:
         raise FormatError(f"policy: serial {pv.serial} out of range")

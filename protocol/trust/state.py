@@ -312,12 +312,17 @@ class TrustedState:
 
     def verify_certificate(self, data: bytes, now: float) -> Certificate:
         cert = self.check_certificate(data)
+        self.check_certificate_now(cert, now)
+        return cert
+
+    def check_certificate_now(self, cert: Certificate, now: float) -> None:
+        """What of ``verify_certificate`` changes with time and policy, for a certificate whose signature
+        and format ``check_certificate`` accepted under the current root: its validity window, revocation."""
         if cert.not_before > now + self.skew_s:
             raise NotYetValidError(f"certificate {cert.node_id} ({cert.cert_id}) is not valid before {cert.not_before}")
         if cert.not_after < now - self.skew_s:
             raise ExpiredError(f"certificate {cert.node_id} ({cert.cert_id}) expired at {cert.not_after}")
         self.check_revoked(cert)
-        return cert
 
     def check_revoked(self, cert: Certificate) -> None:
         pol = self.policy

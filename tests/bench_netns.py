@@ -397,8 +397,11 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         datagrams["stream_only_paths_before_after"] = [dg0.get("stream_only_paths", 0), dg1.get("stream_only_paths", 0)]
         datagrams["refused_before"] = {k: v for k, v in dg0.items() if k.startswith("refused_")}
         cpu_idle0 = {p: _cpu_s(p) for p in pids}
+        dg_idle0 = _datagram_counts(cluster)
         time.sleep(idle_s)
         idle = [(_cpu_s(p) - cpu_idle0[p]) / idle_s * 100 for p in pids]
+        # what the idle CPU pays for: datagrams received per daemon per second (SWIM probes and acks)
+        idle_received = (_datagram_counts(cluster).get("received", 0) - dg_idle0.get("received", 0)) / n / idle_s
         rss = [_rss_mib(p) for p in pids]
         done = [v["all_ms"] for v in versions if v["all_ms"] is not None]
         return {"boot_s": round(boot_s, 1), "versions": versions, **_summary(done),
@@ -413,6 +416,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
                                     "max": rto_ms[-1]} if rto_ms else None,
                 "split": _split_summary(versions),
                 "idle_cpu_pct_per_daemon": {"median": round(statistics.median(idle), 2), "max": round(max(idle), 2)},
+                "idle_datagrams_received_per_daemon_s": round(idle_received, 2),
                 "rss_mib_per_daemon": {"median": round(statistics.median(rss), 1), "max": round(max(rss), 1)}}
     finally:
         for node in cluster.nodes:
@@ -546,7 +550,7 @@ def _print_one(r: dict[str, Any]) -> None:
     print(f"  meshnode: median {m['median_ms']} / p99 {m['p99_ms']} / max {m['max_ms']} ms, complete {m['complete']}, "
           f"ack median {m['ack_median_ms']} ms, tcp retrans {m['tcp_retrans_segs']}, daemons used "
           f"{m['daemon_cpu_during_publishes_cores']} cores during publishes; idle CPU/daemon "
-          f"{m['idle_cpu_pct_per_daemon']} %, RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
+          f"{m['idle_cpu_pct_per_daemon']} % ({m.get('idle_datagrams_received_per_daemon_s')} datagrams received/s), RSS {m['rss_mib_per_daemon']} MiB; boot {m['boot_s']} s")
     print(f"  meshnode split: {m['split']}; datagrams {m['datagrams']} (retransmission timers after the "
           f"publishes, ms: {m.get('datagram_rto_ms')}); kernel {m['net']}")
     print(f"  meshnode CPU s per version (publish + 1 s pause): {m['cpu_s_per_version']}")

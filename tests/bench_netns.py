@@ -336,8 +336,8 @@ def _changing_rule(serial: int) -> str:
 
 
 def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishes: int, idle_s: float,
-                 rng: random.Random, changing_rules: bool = False, gossip: dict[str, int] | None = None
-                 ) -> dict[str, Any]:
+                 rng: random.Random, changing_rules: bool = False, gossip: dict[str, int] | None = None,
+                 settle_s: float = 3.0) -> dict[str, Any]:
     receiver = nf.AlertReceiver(lab.bridge_ip, lambda *_a: None)
     cluster = RealCluster(root, lab, n, regions, dict(gossip or {}), receiver.url)
     try:
@@ -369,7 +369,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
 
         if not _wait(lambda: all_applied(1), BOOT_TIMEOUT_S, 0.2):
             raise RuntimeError(f"serial 1 not applied everywhere in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
-        time.sleep(3.0)  # let the directory settle
+        time.sleep(settle_s)  # let the directory settle (and, given longer, the channels form)
         pids = [node.proc.pid for node in cluster.nodes if node.proc is not None]
         dg0 = _datagram_counts(cluster)
         cpu0, net0, wall0 = sum(_cpu_s(p) for p in pids), _net_counters(lab), time.monotonic()
@@ -504,7 +504,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-netns-{n}-{loss}-"))
     rng = random.Random(f"{args.seed}:{n}:{loss}")
     out: dict[str, Any] = {"nodes": n, "loss_pct": loss, "regions": args.regions, "changing_rules": args.changing_rules,
-                           "gossip": args.gossip, "timeline": args.timeline}
+                           "gossip": args.gossip, "timeline": args.timeline, "settle_s": args.settle_s}
     try:
         lab.setup()
         for i in range(n):
@@ -518,7 +518,7 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
             out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
         print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
         out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules,
-                                       args.gossip)
+                                       args.gossip, args.settle_s)
         if not args.no_serf:
             m, s = out["meshnode"]["median_ms"], out["serf"]["median_ms"]
             out["ratio_of_medians"] = round(m / s, 3) if m and s else None
@@ -591,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gossip", action="append", default=[], metavar="NAME=INT",
                    help="a [gossip] setting for every daemon and the simulator's prediction (repeatable), e.g. "
                         "announce_rounds=2")
+    p.add_argument("--settle-s", type=float, default=3.0,
+                   help="wait this long after the first version reached every node before publishing (default 3 s; "
+                        "a daemon opens a channel to a peer when it first probes or pushes to it, about one peer a "
+                        "second, so at 100 nodes the mesh forms its channels for ~100 s)")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--predict-only", action="store_true",
                    help="only the simulator's predictions for each size and loss (netns-12 and loopback-12 models)")

@@ -140,6 +140,7 @@ def edit_vs_full(pv: PolicyVersion, own: Certificate, certs: list[Certificate], 
     for _ in range(5):
         for as_edit, out in ((False, full), (True, edit)):
             be = NftBackend(opts.table)
+            be.edit_min_rules = 0  # measure the edit at any size
             be.apply(render(pv, own, certs, opts, now=T0))  # read back: handles known
             if not as_edit:
                 be._listed = None  # forget the handles: the full-load path

@@ -408,6 +408,7 @@ def test_nft_deferred_read_back_confirms_or_catches_drift(lab: Lab, ns: str, sc:
     holds the ruleset once the load returns; the next drift check reads it back (and repairs a change made
     in between, as drift)."""
     be = NftBackend("policymesh", netns=ns)
+    be.edit_min_rules = 0  # edits at any size
     first = be.apply(sc.ruleset(serial=1), read_back_later=True)
     assert first.verified and first.kernel_hash == first.hash  # not proven yet: read back at once
     res = be.apply(sc.ruleset(KITCHEN_SINK, serial=2), read_back_later=True)

@@ -148,6 +148,7 @@ def test_an_edit_leaves_the_kernel_holding_exactly_the_new_ruleset(lab: Lab, pai
                                                                   certs: list[Certificate]) -> None:
     lab.reset_firewall("e")
     be = NftBackend("policymesh", netns=lab.ns["e"])
+    be.edit_min_rules = 0  # edits at any size (the default edits only large rulesets)
     old, new = rendered(pair[0], certs), rendered(pair[1], certs, serial=2)
     first = be.apply(old)
     assert first.verified and first.kernel_hash == first.hash
@@ -170,6 +171,7 @@ def test_an_edit_leaves_the_kernel_holding_exactly_the_new_ruleset(lab: Lab, pai
 def test_edits_in_a_row_with_deferred_read_back_and_a_rule_removed_behind_our_back(lab: Lab) -> None:
     lab.reset_firewall("e")
     be = NftBackend("policymesh", netns=lab.ns["e"])
+    be.edit_min_rules = 0  # edits at any size (the default edits only large rulesets)
     versions = [rendered(_doc(*[_rule(i, (f"tcp/{1000 + i + k}",) if i == k else (f"tcp/{1000 + i}",))
                                 for i in range(10)]), CERTS, serial=k + 1) for k in range(4)]
     assert be.apply(versions[0]).mode == "full"  # read back at once: nft lists our rulesets exactly
@@ -190,3 +192,7 @@ def test_edits_in_a_row_with_deferred_read_back_and_a_rule_removed_behind_our_ba
     assert tampered is not None and listing_hash(tampered, versions[3]) == normalized_hash(normalize(tampered)) != res.hash
     res = be.apply(versions[0])
     assert res.mode == "full" and res.kernel_hash == ruleset_digest(versions[0]).hash
+    # by default a ruleset this small is loaded whole (cheaper than an edit below edit_min_rules)
+    small = NftBackend("policymesh", netns=lab.ns["e"])
+    assert small.apply(versions[1]).mode == "full" and small.apply(versions[2]).mode == "full"
+    assert len(versions[2].rules) < small.edit_min_rules

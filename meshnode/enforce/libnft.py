@@ -43,14 +43,21 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 
 class InProcessNft:
-    """One libnftables context; :meth:`open` returns None where the library cannot be loaded."""
+    """One libnftables context; :meth:`open` returns None where the library cannot be loaded.
+
+    Calls are serialised across every context of the process, not only per context: libnftables keeps
+    state shared by all contexts (datatypes of concatenated set keys, reference-counted without
+    locks), and two threads listing at once through contexts of their own (the drill's per-namespace
+    samplers) crashed it (``set_dtype_json: Assertion `__out' failed``, the process aborted)."""
+
+    _lock = threading.Lock()  # one for the process (see above)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
-        self._ctx = lib.nft_ctx_new(0)
+        with self._lock:
+            self._ctx = lib.nft_ctx_new(0)
         if not self._ctx:
             raise EnforcementError("libnftables: cannot create a context")
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls) -> InProcessNft | None:

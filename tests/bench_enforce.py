@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from protocol.trust import (  # noqa: E402  # noqa: E402
     build_policy,  # noqa: E402
     validate_document,
 )
-from simulations.drill.netfaults import enter_netns  # noqa: E402
+from simulations.drill.netfaults import in_netns  # noqa: E402
 from simulations.identities import T0  # noqa: E402
 from tests.netns import Lab, skip_reason  # noqa: E402
 
@@ -109,25 +108,6 @@ def timed(fn, repeat: int = 5) -> tuple[float, object]:  # type: ignore[no-untyp
         result = fn()
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times), result
-
-
-def _in_netns(ns: str, fn):  # type: ignore[no-untyped-def]
-    """``fn()`` in a thread that entered namespace ``ns`` (libnftables works in the caller's namespace)."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            enter_netns(ns)
-            box["v"] = fn()
-        except Exception as exc:  # noqa: BLE001 - handed back to the caller
-            box["e"] = exc
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]  # type: ignore[misc]
-    return box["v"]
 
 
 def edit_vs_full(pv: PolicyVersion, own: Certificate, certs: list[Certificate], opts: RenderOptions,
@@ -228,7 +208,7 @@ def main() -> int:
         print(f"set delta load:    {delta_ms:8.1f} ms   (one member left: {len(delta)} sets changed in place, nft only)")
         print(f"apply() set path:  {update_ms:8.1f} ms   ({upd.mode}: delta + read back + verify hash)")
         print(f"check_drift():     {drift_ms:8.1f} ms   (drifted={getattr(drift, 'drifted', None)})")
-        full_ms, edit_ms = _in_netns(ns, lambda: edit_vs_full(pv, own, certs, opts, args.rules, args.roles))
+        full_ms, edit_ms = in_netns(ns, lambda: edit_vs_full(pv, own, certs, opts, args.rules, args.roles))
         print(f"next version, full:{full_ms:8.1f} ms   (one rule added: render + digest + full load, libnftables in-process)")
         print(f"next version, edit:{edit_ms:8.1f} ms   (the same version as an edit of the rules that changed; "
               f"ratio {edit_ms / full_ms:.2f})")

@@ -53,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -210,25 +209,6 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def _in_netns(ns: str, fn: Any) -> Any:
-    """Run ``fn()`` in a thread that entered namespace ``ns``; return its result (or raise its error)."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            nf.enter_netns(ns)
-            box["v"] = fn()
-        except Exception as exc:  # noqa: BLE001 - handed back to the caller
-            box["e"] = exc
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box.get("v")
-
-
 def _wait(cond: Any, timeout_s: float, step_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -317,7 +297,7 @@ def _datagram_counts(cluster: RealCluster) -> dict[str, int]:
     """The datagram layer's counters (sent, received, retransmits, fallbacks...) summed over the nodes."""
     total: dict[str, int] = {}
     for node in cluster.nodes:
-        st = _in_netns(node.ns, admin_status) or {}
+        st = nf.in_netns(node.ns, admin_status) or {}
         for k, v in (st.get("datagrams") or {}).items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
@@ -360,7 +340,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
             raise RuntimeError(f"not every node started in {BOOT_TIMEOUT_S:.0f} s (logs under {root})")
         boot_s = time.monotonic() - t_boot
         first = cluster.nodes[0]
-        _in_netns(first.ns, lambda: publish(first.mesh, cluster.operator, envelopes[1], timeout_s=30))
+        nf.in_netns(first.ns, lambda: publish(first.mesh, cluster.operator, envelopes[1], timeout_s=30))
 
         def all_applied(serial: int) -> bool:
             for t in tails:
@@ -378,7 +358,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         for serial in range(2, publishes + 2):
             via = cluster.nodes[rng.randrange(n)]
             t0 = time.time()
-            reply = _in_netns(via.ns, lambda v=via, s=serial: publish(v.mesh, cluster.operator, envelopes[s],
+            reply = nf.in_netns(via.ns, lambda v=via, s=serial: publish(v.mesh, cluster.operator, envelopes[s],
                                                                        timeout_s=30))
             ack_ms = (time.time() - t0) * 1000
             _wait(lambda s=serial: all_applied(s), DELIVER_TIMEOUT_S)
@@ -392,7 +372,7 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         net = _delta(_net_counters(lab), net0)
         dg1 = _datagram_counts(cluster)
         rto_ms = sorted(v for node in cluster.nodes
-                        for v in ((_in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
+                        for v in ((nf.in_netns(node.ns, admin_status) or {}).get("datagrams") or {}).get("rto_ms", []))
         datagrams = {k: dg1.get(k, 0) - dg0.get(k, 0) for k in sorted(dg1) if k != "stream_only_paths"}
         datagrams["stream_only_paths_before_after"] = [dg0.get("stream_only_paths", 0), dg1.get("stream_only_paths", 0)]
         datagrams["refused_before"] = {k: v for k, v in dg0.items() if k.startswith("refused_")}

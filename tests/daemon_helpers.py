@@ -452,6 +452,20 @@ async def open_session(target: str, identity_dir: Path, *, anchor_dir: Path | No
     return ws, session, http
 
 
+async def send_as(target: str, identity_dir: Path, messages: list[bytes]) -> None:
+    """Open a session as the peer enrolled in ``identity_dir``, send ``messages`` (framed by the session)
+    and close it a second later."""
+    ws, session, http = await open_session(target, identity_dir)
+    try:
+        for m in messages:
+            for frame in session.send_message(m):
+                await ws.send_bytes(frame)
+        await asyncio.sleep(1.0)
+    finally:
+        await ws.close()
+        await http.close()
+
+
 def _serial_of(envelope: bytes) -> int:
     """The serial a signed policy file claims (unverified: for naming what a test published)."""
     from protocol.trust import decode_envelope, decode_policy

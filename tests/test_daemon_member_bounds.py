@@ -29,7 +29,7 @@ from protocol.gossip.wire import (
     encode,
 )
 from protocol.trust import encode_envelope, sign
-from tests.daemon_helpers import Cluster, meshctl, open_session, wait_until
+from tests.daemon_helpers import Cluster, meshctl, send_as, wait_until
 
 RSS_BUDGET_MIB = 32  # issue 10: a rogue enrolled peer cannot raise a daemon's RSS by more than this
 
@@ -39,17 +39,6 @@ def rss_mib(pid: int) -> float:
         line = next(x for x in f if x.startswith("VmRSS"))
     return int(line.split()[1]) / 1024
 
-
-async def send_as(target: str, identity_dir: Path, messages: list[bytes]) -> None:
-    ws, session, http = await open_session(target, identity_dir)
-    try:
-        for m in messages:
-            for frame in session.send_message(m):
-                await ws.send_bytes(frame)
-        await asyncio.sleep(1.0)
-    finally:
-        await ws.close()
-        await http.close()
 
 
 @pytest.mark.slow

@@ -31,21 +31,10 @@ from protocol.gossip.wire import (
     encode_record,
 )
 from protocol.trust import encode_envelope, sign
-from tests.daemon_helpers import Cluster, meshctl, metric_sum, open_session, wait_until
+from tests.daemon_helpers import Cluster, meshctl, metric_sum, send_as, wait_until
 
 SUBNET = 177
 
-
-async def send_as(target: str, identity_dir: Path, messages: list[bytes]) -> None:
-    ws, session, http = await open_session(target, identity_dir)
-    try:
-        for m in messages:
-            for frame in session.send_message(m):
-                await ws.send_bytes(frame)
-        await asyncio.sleep(1.0)
-    finally:
-        await ws.close()
-        await http.close()
 
 
 def signed(ident: Any, incarnation: int, address: str) -> tuple[bytes, AliveRef]:

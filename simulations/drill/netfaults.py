@@ -57,6 +57,26 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
+def in_netns(name: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a thread that entered namespace ``name`` (this one stays where it is); its result, or
+    its exception raised here."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            enter_netns(name)
+            box["v"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller
+            box["e"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
 class DrillTable:
     """The drill's table in one namespace: loss, cut peers, blackhole."""
 

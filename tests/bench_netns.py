@@ -405,13 +405,14 @@ def run_meshnode(lab: NetnsLab, root: Path, n: int, regions: list[str], publishe
         receiver.server.shutdown()
 
 
-def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random) -> dict[str, Any]:
+def run_serf(lab: NetnsLab, root: Path, n: int, events: int, rng: random.Random,
+             settle_s: float = 3.0) -> dict[str, Any]:
     agents = SerfAgents(n, lab.exec_argv, lab.ip, root / "serf")
     try:
         agents.start()
         if not agents.wait_formed(BOOT_TIMEOUT_S):
             raise RuntimeError(f"serf: only {agents.alive_members()} of {n} agents alive")
-        time.sleep(3.0)
+        time.sleep(settle_s)  # as long as the daemons are given
         alive_at_start = agents.alive_members()
         net0, host0 = _net_counters(lab), _host_busy_s()
         agents0 = sum(_cpu_tree_s(p.pid) for p in agents.procs)
@@ -495,7 +496,8 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
         # it does not open Serf's port.
         if not args.no_serf:
             print(f"--- {n} nodes, {loss}% loss: serf ...", flush=True)
-            out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"))
+            out["serf"] = run_serf(lab, root, n, args.publishes, random.Random(f"{args.seed}:{n}:{loss}:serf"),
+                                   args.settle_s)
         print(f"--- {n} nodes, {loss}% loss: meshnode ...", flush=True)
         out["meshnode"] = run_meshnode(lab, root, n, regions, args.publishes, args.idle_s, rng, args.changing_rules,
                                        args.gossip, args.settle_s)
@@ -572,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a [gossip] setting for every daemon and the simulator's prediction (repeatable), e.g. "
                         "announce_rounds=2")
     p.add_argument("--settle-s", type=float, default=3.0,
-                   help="wait this long after the first version reached every node before publishing (default 3 s; "
+                   help="wait this long after the first version reached every node before publishing (default 3 s; Serf's "
+                        "agents get as long once they have formed; "
                         "a daemon opens a channel to a peer when it first probes or pushes to it, about one peer a "
                         "second, so at 100 nodes the mesh forms its channels for ~100 s)")
     p.add_argument("--json", help="write every figure to this file")

@@ -44,6 +44,10 @@ class NodesCfg(_T):
     # With host_cores: the CPU of a message carrying a policy or root body (decrypt, verify, store, forward);
     # None: process_ms like any other message.
     body_process_ms: float | None = None
+    # With host_cores: the CPU of applying a newly accepted version (store, render, load, sign the status),
+    # on the host's cores after the message that brought it (the daemon forwards first); the node counts
+    # it applied when that is done (plus apply_ms).  None: no CPU charged (apply_ms alone).
+    apply_cpu_ms: float | None = None
     # Start from a converged directory: every node boots at 0 and holds every other's record and
     # status from the start (one shared snapshot plus per-node overlays: memory O(n), not O(n^2)).
     converged: bool = False
@@ -220,6 +224,9 @@ def validate(sc: Scenario, origin: str = "scenario") -> None:
         raise bad("nodes.count must be >= 1")
     if sc.nodes.host_cores < 0:
         raise bad(f"nodes.host_cores must be >= 0 (0: a CPU per node), got {sc.nodes.host_cores}")
+    for name, cost in (("body_process_ms", sc.nodes.body_process_ms), ("apply_cpu_ms", sc.nodes.apply_cpu_ms)):
+        if cost is not None and cost < 0:
+            raise bad(f"nodes.{name} must be >= 0, got {cost}")
     if not sc.nodes.regions or len(set(sc.nodes.regions)) != len(sc.nodes.regions):
         raise bad("nodes.regions must be a non-empty list of distinct names")
     if sc.duration_ms < 1:

@@ -69,16 +69,29 @@ class SimWorld:
         h = self.hosts[i]
         kernel = self.kernel
         serial = eff.policy.serial
+        done = kernel.now
+        apply_cpu = self.sc.nodes.apply_cpu_ms
+        if self.host_cores and apply_cpu is not None:
+            # the apply runs on the host's cores after the message that accepted the version (whose
+            # pushes are already out): the node is busy, and the version applied, when it is done
+            done = math.ceil(self._charge(i, apply_cpu))
         if self.sc.protocol == "gossip":
             # the enforcer confirms what it loaded after apply_ms (RulesetApplied)
-            kernel.schedule(kernel.now + self.sc.nodes.apply_ms, self._confirm, i,
+            kernel.schedule(done + self.sc.nodes.apply_ms, self._confirm, i,
                             (kernel.epoch[i], serial, eff.policy_hash))
         if not h.hostile:
             h.applied = self.inv.check_effects(self.seed, kernel.now, h.node_id, h.applied, effects)
             self.drill.applied(i, h.applied)
         else:
             h.applied = max(h.applied, serial)
-        self.measure.converged(h)
+        if done > kernel.now:
+            kernel.schedule(done, self._converged, i, kernel.epoch[i])
+        else:
+            self.measure.converged(h)
+
+    def _converged(self, i: int, epoch: int) -> None:
+        if self.net.up[i] and self.net.epoch[i] == epoch:
+            self.measure.converged(self.hosts[i])
 
     def _confirm(self, i: int, arg: tuple[int, int, str]) -> None:
         epoch, serial, policy_hash = arg
@@ -180,16 +193,20 @@ class SimWorld:
         nodes = self.sc.nodes
         data = frame.data
         body = nodes.body_process_ms is not None and len(data) > 1 and data[1] in BODY_TAGS
-        core = heapq.heappop(self.cores)
-        start = max(float(now), core, self.node_free.get(j, 0.0))
-        done = start + (nodes.body_process_ms if body else nodes.process_ms)  # type: ignore[operator]
-        heapq.heappush(self.cores, done)
-        self.node_free[j] = done
+        done = self._charge(j, nodes.body_process_ms if body else nodes.process_ms)  # type: ignore[arg-type]
         at = max(now, math.ceil(done))
         if datagram:
             self.kernel.schedule(at, self._datagram_delivered, j, (epoch, frame))
         else:
             self.kernel.push(at, j, frame, epoch)
+
+    def _charge(self, j: int, cost_ms: float) -> float:
+        """``cost_ms`` of CPU for node j on the first free core, once its event loop is free: when done."""
+        core = heapq.heappop(self.cores)
+        done = max(float(self.kernel.now), core, self.node_free.get(j, 0.0)) + cost_ms
+        heapq.heappush(self.cores, done)
+        self.node_free[j] = done
+        return done
 
     def _datagram_fallback(self, i: int, arg: tuple[int, int, Send]) -> None:
         epoch, j, eff = arg

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -184,6 +185,28 @@ def test_messages_queue_for_the_hosts_cores_and_each_daemons_event_loop() -> Non
     assert _handled_at(1, [(1, PING), (2, BODY)]) == [math.ceil(c), math.ceil(c + body)]
 
 
+def test_an_apply_takes_the_hosts_cpu_after_the_pushes() -> None:
+    """``apply_cpu_ms``: each node's apply of a new version holds a core and its event loop after the
+    message that brought the version (its pushes are out first): every node's applied time moves by at
+    least the charge, the version's spread through the tree does not wait for the applies, and the
+    host's 2 cores queue the applies of a burst."""
+    base = override(load("netns-12"), nodes=6)
+    base = msgspec.structs.replace(base, nodes=msgspec.structs.replace(base.nodes, apply_cpu_ms=0.0))
+    slow = msgspec.structs.replace(base, nodes=msgspec.structs.replace(base.nodes, apply_cpu_ms=100.0))
+    (fast_report, fast), (slow_report, slow_sim) = run_scenario(base, progress=False), run_scenario(slow, progress=False)
+    for v0, v1 in zip(fast.versions, slow_sim.versions, strict=True):
+        assert v0.published_at is not None and v1.published_at is not None
+        d0 = sorted(at - v0.published_at for at in v0.applied.values())
+        d1 = sorted(at - v1.published_at for at in v1.applied.values())
+        assert len(d0) == len(d1) == 6
+        assert all(b >= a + 100 for a, b in zip(d0, d1, strict=True))
+        # six applies of 100 ms on 2 cores: the last is done at least 300 ms after the first node got it
+        assert d1[-1] - d0[0] >= 300
+    assert fast_report["versions"][0]["t100_ms"] < slow_report["versions"][0]["t100_ms"]
+
+
 def test_host_cores_must_not_be_negative() -> None:
     with pytest.raises(ScenarioError, match="host_cores"):
         from_dict({"name": "x", "nodes": {"count": 3, "host_cores": -1}})
+    with pytest.raises(ScenarioError, match="apply_cpu_ms"):
+        from_dict({"name": "x", "nodes": {"count": 3, "host_cores": 2, "apply_cpu_ms": -1}})

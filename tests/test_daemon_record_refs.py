@@ -4,7 +4,10 @@ Three daemons and a validly enrolled rogue peer speaking over a real Noise chann
 reaches the other daemons as a reference they rebuild and verify; a reference to a member a daemon
 holds is learned, one to a member it does not hold is refused and counted (also when an honest daemon
 relays it to a peer that never heard of that member), and a forged one costs the rogue its channel,
-never the daemon.  Anti-entropy is slowed to a minute so that it does not race the gossip under test.
+never the daemon.  Anti-entropy is slowed to once a day so that it does not race the gossip under test:
+a node's first sync falls at a random time within one interval, and a sync between a and b after the
+rogue joined would hand b the rogue's whole record before a relays the reference (with a one-minute
+interval the window is a few per cent of runs, and a CI run hit it).
 Uses subnet 177 (see tests/daemon_helpers.py).
 """
 
@@ -34,6 +37,7 @@ from protocol.trust import encode_envelope, sign
 from tests.daemon_helpers import Cluster, meshctl, metric_sum, send_as, wait_until
 
 SUBNET = 177
+DAY_MS = 86_400_000
 
 
 
@@ -68,7 +72,7 @@ def enroll(cluster: Cluster, tmp_path: Path, node_id: str, host: int) -> Any:
 @pytest.mark.slow
 def test_records_without_certificate_between_real_daemons(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, subnet=SUBNET,
-                      gossip={"sync_interval_ms": 60_000, "cross_region_sync_interval_ms": 60_000})
+                      gossip={"sync_interval_ms": DAY_MS, "cross_region_sync_interval_ms": DAY_MS})
     try:
         a = cluster.add_node("node-a", "region-a")
         b = cluster.add_node("node-b", "region-a")
@@ -100,7 +104,7 @@ def test_records_without_certificate_between_real_daemons(tmp_path: Path) -> Non
         assert counters(a).get("record_refs_unknown_member", 0) >= 1
         assert member(a, "ghost-1") is None
         # a relays the rogue's update without its certificate; b never heard of rogue-1 (joins are not
-        # relayed, anti-entropy is a minute away): refused and counted
+        # relayed, anti-entropy is a day away): refused and counted
         wait_until(lambda: counters(b).get("record_refs_unknown_member", 0) >= 1, 20, "b refused the relayed reference")
         assert member(b, "rogue-1") is None
 

@@ -48,9 +48,14 @@ class BroadcastQueue:
         self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
 
     def add(self, key: object, item: GossipItem, compact: AliveRef | None = None) -> None:
+        self.add_sized(key, item, len(encode(item)), compact, len(encode(compact)) if compact is not None else 0)
+
+    def add_sized(self, key: object, item: GossipItem, size: int, compact: AliveRef | None, csize: int) -> None:
+        """``add`` with the encoded sizes known (a member record's relay forms, computed once per
+        record: ``record_refs.relay_forms``)."""
         self._order += 1
-        size = len(encode(item))
-        csize = len(encode(compact)) if compact is not None else size
+        if compact is None:
+            csize = size
         old = self._items.get(key)
         if old is not None:
             self.nbytes -= old[1]

@@ -18,11 +18,10 @@ from protocol.gossip.broadcasts import BroadcastQueue
 from protocol.gossip.member_table import MemberTable
 from protocol.gossip.members import Rec, StatusInfo, VerifyCache
 from protocol.gossip.own_record import INCARNATION_SLACK, OwnRecord
-from protocol.gossip.record_refs import compact, rebuild
+from protocol.gossip.record_refs import rebuild, relay_forms
 from protocol.gossip.wire import (
     MAX_RECORD_BYTES,
     MAX_STATUS_BYTES,
-    Alive,
     AliveRef,
     MemberRecord,
     Status,
@@ -165,8 +164,9 @@ class MemberRecords:
             # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
             # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).  With
             # the certificate unchanged, members that read references get it without the certificate.
+            item, size, ref, ref_size = relay_forms(rec)
             same_cert = known.cert_bytes == rec.cert_bytes
-            self.broadcasts.add(("m", rec.node_id), Alive(rec.record), compact(rec) if same_cert else None)
+            self.broadcasts.add_sized(("m", rec.node_id), item, size, ref if same_cert else None, ref_size)
         return True
 
     def learn_ref(self, item: AliveRef, now_ms: int, wall: float) -> bool:

@@ -263,7 +263,7 @@ class Rec:
     """One verified member record: immutable and shared by every node that holds it."""
 
     __slots__ = ("node_id", "idx", "region", "address", "incarnation", "left", "features", "record", "cert",
-                 "cert_bytes", "cert_ref", "token", "entry", "cert_item", "cert_hash", "sync_entry", "__weakref__")
+                 "cert_bytes", "cert_ref", "token", "entry", "cert_item", "cert_hash", "sync_entry", "relay", "__weakref__")
 
     def __init__(self, idx: int, rec: MemberRecord, cert: Certificate, record: bytes) -> None:
         self.node_id = rec.node_id
@@ -284,6 +284,9 @@ class Rec:
         self.cert_item = (rec.node_id, cert)
         self.cert_hash = hash(rec.cert)
         self.sync_entry = (rec.node_id, rec.incarnation)  # its anti-entropy entry (see SyncDigest.entries)
+        # its piggyback forms, made on its first relay (record_refs.relay_forms): one copy however many
+        # nodes relay it (in the simulator, every node of the mesh)
+        self.relay: tuple | None = None
 
 
 class StatusInfo:

@@ -59,6 +59,7 @@ class Dissemination:
         self.outbox = outbox
         self.has: dict[str, Key] = {}  # peer -> newest version it is known to hold
         self.told: dict[str, Key] = {}  # peer -> newest version we announced to it
+        self._last_key: Key = (0, 0)  # the key stored last: the entries of has/told share one tuple
         self.announcing: Digest | None = None
         self.rounds_left = 0
         self.next_round_ms: int | None = None
@@ -75,9 +76,18 @@ class Dissemination:
         self.outbox.append(self.membership.piggyback.send(peer, msg))
 
     # -- what peers hold -----------------------------------------------------------------------------
+    def _shared(self, key: Key) -> Key:
+        """``key``, or the equal tuple stored last: nearly every entry of ``has`` and ``told`` names the
+        same version or two, and each ``Digest.key`` is a new tuple (~60 B a peer, x every node in the
+        simulator)."""
+        if key == self._last_key:
+            return self._last_key
+        self._last_key = key
+        return key
+
     def note_has(self, peer: str, key: Key) -> None:
         if key > self.has.get(peer, (0, 0)):
-            self.has[peer] = key
+            self.has[peer] = self._shared(key)
 
     def holds(self, peer: str, d: Digest) -> bool:
         key = d.key
@@ -106,7 +116,7 @@ class Dissemination:
         eager: list[str] = []
         for peer in push_targets(self.members, self.cfg.tree_degree, sender):
             if not self.holds(peer, digest):
-                self.told[peer] = digest.key
+                self.told[peer] = self._shared(digest.key)
                 eager.append(peer)
         self.counters["bodies_pushed"] += len(eager)
         self.next_round_ms = now_ms + self.cfg.announce_interval_ms  # the tree first, then the announces
@@ -126,7 +136,7 @@ class Dissemination:
         self.rounds_left -= 1
         targets = self.membership.pick(self.cfg.fanout, lambda p: self.holds(p, d), self.connected.__contains__)
         for peer in targets:
-            self.told[peer] = d.key
+            self.told[peer] = self._shared(d.key)
             self.counters["announces_sent"] += 1
             self._send(peer, Announce(d))
         self.next_round_ms = now_ms + self.cfg.announce_interval_ms if self.rounds_left > 0 else None
@@ -136,7 +146,7 @@ class Dissemination:
         ``force``: it holds the same version with another hash (an equivocation it must resolve)."""
         if self.told.get(peer, (0, 0)) >= digest.key and not force:
             return
-        self.told[peer] = digest.key
+        self.told[peer] = self._shared(digest.key)
         self.counters["announces_sent"] += 1
         self._send(peer, Announce(digest))
 

@@ -9,10 +9,13 @@ meshnode only ever replaces its own table, so the two coexist.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .authority_store import CliError
 
@@ -26,6 +29,57 @@ def _run(argv: Sequence[str], stdin: bytes | None = None, check: bool = True) ->
     if check and proc.returncode != 0:
         raise CliError(f"{' '.join(argv[:6])} failed: {proc.stderr.decode(errors='replace').strip()[:300]}")
     return proc
+
+
+LAB_ALIAS = "policymesh-lab"  # the bridge's alias: "policymesh-lab <owner pid> <owner start time>"
+
+
+def _bridges() -> list[dict[str, Any]]:
+    out = _run(["ip", "-j", "-d", "addr", "show", "type", "bridge"], check=False).stdout
+    try:
+        links = json.loads(out or b"[]")
+    except ValueError:
+        return []
+    return [link for link in links if isinstance(link, dict)]
+
+
+def _netns_names() -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False).stdout.decode(errors="replace")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _netns_pids(ns: str) -> list[str]:
+    return _run(["ip", "netns", "pids", ns], check=False).stdout.decode().split()
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time in clock ticks since boot (``/proc/PID/stat`` field 22): with the pid,
+    it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _owner(alias: str) -> tuple[int, str] | None:
+    parts = alias.split()
+    if len(parts) != 3 or parts[0] != LAB_ALIAS or not parts[1].isdigit():
+        return None
+    return int(parts[1]), parts[2]
+
+
+def _alive(pid: int, start: str) -> bool:
+    return _start_time(pid) == start
+
+
+def _remove(namespaces: Sequence[str], bridge: str) -> None:
+    """Kill what runs in ``namespaces``, delete them (their veth pairs go with them) and ``bridge``."""
+    for ns in namespaces:
+        for pid in _netns_pids(ns):
+            _run(["kill", "-9", pid], check=False)
+        _run(["ip", "netns", "delete", ns], check=False)
+    _run(["ip", "link", "delete", bridge], check=False)
 
 
 class NetnsLab:
@@ -45,7 +99,9 @@ class NetnsLab:
         self.veth_prefix = veth_prefix
         self.subnet = subnet
         self.bridge_ip = f"{subnet}.1"
+        self.bridge_prefix = bridge_prefix
         self.bridge = f"{bridge_prefix}{self.tag}"[:15]
+        self.cleared: list[str] = []  # stale labs removed by setup (clear_stale)
         self.count = count
         self.namespaces: list[str] = []
 
@@ -56,7 +112,10 @@ class NetnsLab:
         return f"{self.subnet}.{10 + i}"
 
     def setup(self) -> None:
+        """Build the lab, after removing what a killed lab left on our subnet (see ``clear_stale``)."""
+        self.cleared = self.clear_stale()
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        _run(["ip", "link", "set", self.bridge, "alias", f"{LAB_ALIAS} {os.getpid()} {_start_time(os.getpid())}"])
         _run(["ip", "addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         for i in range(self.count):
@@ -116,11 +175,41 @@ class NetnsLab:
             listener.wait()
 
     def teardown(self) -> None:
-        for ns in self.namespaces:
-            _run(["ip", "netns", "pids", ns], check=False)
-            pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            for pid in pids:
-                _run(["kill", "-9", pid.decode()], check=False)
-            _run(["ip", "netns", "delete", ns], check=False)
-        _run(["ip", "link", "delete", self.bridge], check=False)
+        _remove(self.namespaces, self.bridge)
         self.namespaces = []
+
+    def clear_stale(self) -> list[str]:
+        """Remove the labs a killed owner left behind (SIGKILL, a CI timeout: no teardown ran): their
+        namespaces, the processes still running in them, their bridge.  A bridge left holding our
+        subnet's address would take the operator's traffic to the new nodes, so the new lab could not
+        work beside it.  A lab is stale when the process that built it (recorded in the bridge's alias)
+        is gone; one whose owner still runs is live, and we refuse to start beside it.  Only bridges
+        named with our prefix, or holding our bridge address, are looked at.  Returns what was removed."""
+        namespaces = _netns_names()
+        removed: list[str] = []
+        for link in _bridges():
+            name = str(link.get("ifname", ""))
+            ours = name.startswith(self.bridge_prefix) and name != self.bridge
+            holds = any(a.get("local") == self.bridge_ip for a in link.get("addr_info", ()))
+            if not (ours or holds) or name == self.bridge:
+                continue
+            tag = name[len(self.bridge_prefix):] if name.startswith(self.bridge_prefix) else None
+            nss = [ns for ns in namespaces if tag is not None and ns.startswith(f"{self.prefix}{tag}-")]
+            owner = _owner(str(link.get("ifalias", "")))
+            if owner is not None and _alive(*owner):
+                if holds:
+                    raise CliError(f"another lab is running on {self.subnet}.0/24 (bridge {name}, process {owner[0]}): "
+                                   "stop it first")
+                continue
+            if owner is None and tag is None:
+                raise CliError(f"bridge {name} holds {self.bridge_ip}, the lab's address, and is not a lab's: "
+                               f"remove it (ip link delete {name}) or stop what uses it")
+            if owner is None and any(_netns_pids(ns) for ns in nss):
+                # built before labs recorded their owner: processes still run in it, so it may be live
+                if holds:
+                    raise CliError(f"another lab is running on {self.subnet}.0/24 (bridge {name}, namespaces "
+                                   f"{self.prefix}{tag}-*): stop it first")
+                continue
+            _remove(nss, name)
+            removed.append(f"{name} ({len(nss)} namespaces)")
+        return removed

@@ -18,6 +18,7 @@ Errors are one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Any
 
@@ -326,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.plot:
                 require_plotting()
             report, sim = _run_real(args) if args.real else _run_one(args, args.protocol)
+            # One run per process: the simulated world (about 10^8 objects at 100,000 nodes) goes with the
+            # exit.  Frozen, the cyclic collector no longer scans it: after the run it took 2 of 35
+            # minutes at 100,000 nodes, and raised the peak RSS by 0.7 GB.
+            gc.freeze()
 
             if args.json == "-":
                 sys.stdout.write(to_json(report))

@@ -76,7 +76,7 @@ def test_the_drop_needs_the_same_bytes() -> None:
     q.add(("m", "b"), Alive(b"record-b"))
     held = {"a": {Alive(b"record-a"), Status(b"status-a", b"other-sig")}, "b": {Alive(b"record-b2")}}
     assert q.drop_known(lambda node_id, item: item in held.get(node_id, ())) == 1
-    assert len(q) == 2 and q.nbytes == sum(e[1] for e in q._items.values())
+    assert len(q) == 2 and q.nbytes == sum(e.size for e in q._items.values())
 
 
 def _gossip_items(data: bytes) -> tuple[GossipItem, ...]:

@@ -233,9 +233,9 @@ def test_broadcast_queue_is_bounded_in_bytes():
     for k in range(1000):
         q.add(("m", f"n{k}"), Alive(bytes(7000)))
         assert q.nbytes <= MAX_BROADCAST_BYTES
-    assert q.nbytes == sum(e[1] for e in q._items.values())
+    assert q.nbytes == sum(e.size for e in q._items.values())
     q.take(1 << 30, 1)
-    assert q.nbytes == sum(e[1] for e in q._items.values())
+    assert q.nbytes == sum(e.size for e in q._items.values())
 
 
 def test_suspicion_confirmations_come_only_from_members_and_names_are_capped():

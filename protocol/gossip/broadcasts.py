@@ -33,6 +33,25 @@ PIGGYBACK_CARRIERS = (Ping, Ack, PingReq)  # the messages that carry gossip item
 BUDDY_BYTES = 64  # an encoded Suspect item, with room to spare
 
 
+class _Entry:
+    """One queued item: its encoded size, how often it was sent, when it was queued (the newest go first
+    among the least sent), and its compact form (an ``AliveRef``) with that size.  A slotted object:
+    the simulator holds ~100 of them per node after churn, at 100,000 nodes."""
+
+    __slots__ = ("item", "size", "transmits", "order", "compact", "csize")
+
+    def __init__(self, item: GossipItem, size: int, order: int, compact: AliveRef | None, csize: int) -> None:
+        self.item = item
+        self.size = size
+        self.transmits = 0
+        self.order = order
+        self.compact = compact
+        self.csize = csize
+
+    def rank(self) -> tuple[int, int]:
+        return (self.transmits, -self.order)
+
+
 class BroadcastQueue:
     """Piggybacked gossip with a transmit limit (memberlist's TransmitLimitedQueue): a newer item about
     the same member replaces the older one; the least-transmitted items go first.  ``compact``: the
@@ -42,8 +61,7 @@ class BroadcastQueue:
     __slots__ = ("_items", "_order", "nbytes")
 
     def __init__(self) -> None:
-        # key -> [item, size, transmits, order, compact form or None, its size]
-        self._items: dict[object, list] = {}
+        self._items: dict[object, _Entry] = {}
         self._order = 0
         self.nbytes = 0  # encoded bytes queued (bounded by MAX_BROADCAST_BYTES)
 
@@ -58,12 +76,12 @@ class BroadcastQueue:
             csize = size
         old = self._items.get(key)
         if old is not None:
-            self.nbytes -= old[1]
-        self._items[key] = [item, size, 0, self._order, compact, csize]
+            self.nbytes -= old.size
+        self._items[key] = _Entry(item, size, self._order, compact, csize)
         self.nbytes += size
         while len(self._items) > MAX_BROADCASTS or self.nbytes > MAX_BROADCAST_BYTES:
-            worst = max(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))[0]
-            self.nbytes -= self._items.pop(worst)[1]
+            worst = max(self._items.items(), key=lambda kv: kv[1].rank())[0]
+            self.nbytes -= self._items.pop(worst).size
 
     def __len__(self) -> int:
         return len(self._items)
@@ -72,9 +90,9 @@ class BroadcastQueue:
         """Drop the queued items that every peer holds already: ``known(node_id, item)`` is asked of
         each item about a member (keys ``(kind, node_id)``).  Returns how many were dropped."""
         gone = [key for key, entry in self._items.items()
-                if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str) and known(key[1], entry[0])]
+                if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str) and known(key[1], entry.item)]
         for key in gone:
-            self.nbytes -= self._items.pop(key)[1]
+            self.nbytes -= self._items.pop(key).size
         return len(gone)
 
     def take(self, budget: int, limit: int, refs: bool = False) -> tuple[GossipItem, ...]:
@@ -82,20 +100,20 @@ class BroadcastQueue:
         ``AliveRef`` items (records go in their compact form where they have one)."""
         if not self._items:
             return ()
-        ranked = sorted(self._items.items(), key=lambda kv: (kv[1][2], -kv[1][3]))
+        ranked = sorted(self._items.items(), key=lambda kv: kv[1].rank())
         out: list[GossipItem] = []
         used = 0
         for key, entry in ranked:
-            small = refs and entry[4] is not None
-            size = entry[5] if small else entry[1]
+            small = refs and entry.compact is not None
+            size = entry.csize if small else entry.size
             if used + size > budget:
                 continue
-            out.append(entry[4] if small else entry[0])
+            out.append(entry.compact if small and entry.compact is not None else entry.item)
             used += size
-            entry[2] += 1
-            if entry[2] >= limit:
+            entry.transmits += 1
+            if entry.transmits >= limit:
                 del self._items[key]
-                self.nbytes -= entry[1]
+                self.nbytes -= entry.size
             if used >= budget - 16 or len(out) >= MAX_GOSSIP_ITEMS - 1:  # one slot stays free (buddy)
                 break
         return tuple(out)

@@ -164,9 +164,9 @@ class MemberRecords:
             # A refutation or a leave must travel fast; a join spreads by the joiner's own gossip and
             # by anti-entropy (re-broadcasting every join costs O(n) piggyback bytes per node).  With
             # the certificate unchanged, members that read references get it without the certificate.
-            item, size, ref, ref_size = relay_forms(rec)
+            qkey, item, size, ref, ref_size = relay_forms(rec)
             same_cert = known.cert_bytes == rec.cert_bytes
-            self.broadcasts.add_sized(("m", rec.node_id), item, size, ref if same_cert else None, ref_size)
+            self.broadcasts.add_sized(qkey, item, size, ref if same_cert else None, ref_size)
         return True
 
     def learn_ref(self, item: AliveRef, now_ms: int, wall: float) -> bool:

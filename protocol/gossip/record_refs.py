@@ -48,19 +48,21 @@ def rebuild(item: AliveRef, cert_bytes: bytes, identity_key: bytes) -> bytes:
     return encode_envelope(env)
 
 
-RelayForms = tuple[Alive, int, AliveRef | None, int]  # the item, its encoded size, its compact form, that size
+# the broadcast queue's key, the item, its encoded size, its compact form, that size
+RelayForms = tuple[tuple[str, str], Alive, int, AliveRef | None, int]
 
 
 def relay_forms(rec: Rec) -> RelayForms:
-    """``rec`` as a piggyback item (``Alive``) and as an ``AliveRef`` (None where ``compact`` gives
-    none), with their encoded sizes: made once per record and kept on it.  A ``Rec`` is immutable and
-    shared by every node that holds it, so the simulator's nodes relaying one leave share one copy
-    instead of a hundred thousand (at 100,000 nodes, 50 leaves held ~2 GB of identical items)."""
+    """``rec`` as a piggyback item (``Alive``, with its queue key) and as an ``AliveRef`` (None where
+    ``compact`` gives none), with their encoded sizes: made once per record and kept on it.  A ``Rec``
+    is immutable and shared by every node that holds it, so the simulator's nodes relaying one leave
+    share one copy instead of one each (made per node, they added ~1 GB to the peak RSS of the
+    100,000-node run)."""
     forms = rec.relay
     if forms is None:
         item = Alive(rec.record)
         ref = compact(rec)
-        forms = rec.relay = (item, len(encode(item)), ref, len(encode(ref)) if ref is not None else 0)
+        forms = rec.relay = (("m", rec.node_id), item, len(encode(item)), ref, len(encode(ref)) if ref is not None else 0)
     return forms
 
 

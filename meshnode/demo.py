@@ -181,8 +181,6 @@ class Demo(DemoMesh):
         try:
             if self.lab is not None:
                 self.lab.setup()
-                if self.lab.cleared:
-                    self._say(f"removed what a killed lab left behind: {', '.join(self.lab.cleared)}")
             self.setup()
             return asyncio.run(self._run_async())
         finally:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,11 @@ class NetnsLab:
         return f"{self.subnet}.{10 + i}"
 
     def setup(self) -> None:
-        """Build the lab, after removing what a killed lab left on our subnet (see ``clear_stale``)."""
+        """Build the lab, after removing what a killed lab left on our subnet (see ``clear_stale``; said
+        on stderr)."""
         self.cleared = self.clear_stale()
+        if self.cleared:
+            sys.stderr.write(f"removed what a killed lab left behind: {', '.join(self.cleared)}\n")
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
         _run(["ip", "link", "set", self.bridge, "alias", f"{LAB_ALIAS} {os.getpid()} {_start_time(os.getpid())}"])
         _run(["ip", "addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge])
@@ -189,11 +193,10 @@ class NetnsLab:
         removed: list[str] = []
         for link in _bridges():
             name = str(link.get("ifname", ""))
-            ours = name.startswith(self.bridge_prefix) and name != self.bridge
-            holds = any(a.get("local") == self.bridge_ip for a in link.get("addr_info", ()))
-            if not (ours or holds) or name == self.bridge:
-                continue
             tag = name[len(self.bridge_prefix):] if name.startswith(self.bridge_prefix) else None
+            holds = any(a.get("local") == self.bridge_ip for a in link.get("addr_info", ()))
+            if name == self.bridge or (tag is None and not holds):
+                continue
             nss = [ns for ns in namespaces if tag is not None and ns.startswith(f"{self.prefix}{tag}-")]
             owner = _owner(str(link.get("ifalias", "")))
             if owner is not None and _alive(*owner):

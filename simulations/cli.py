@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 require_plotting()
             report, sim = _run_real(args) if args.real else _run_one(args, args.protocol)
             # One run per process: the simulated world (about 10^8 objects at 100,000 nodes) goes with the
-            # exit.  Frozen, the cyclic collector no longer scans it: after the run it took 2 of 35
-            # minutes at 100,000 nodes, and raised the peak RSS by 0.7 GB.
+            # exit.  Frozen, the cyclic collector no longer scans it: at 100,000 nodes that scan took about
+            # 1.5 minutes after the run and ~0.4 GiB (README, "Memory at 100,000 nodes").
             gc.freeze()
 
             if args.json == "-":

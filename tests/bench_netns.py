@@ -488,8 +488,6 @@ def bench_one(n: int, loss: int, args: argparse.Namespace) -> dict[str, Any]:
                            "gossip": args.gossip, "timeline": args.timeline, "settle_s": args.settle_s}
     try:
         lab.setup()
-        if lab.cleared:
-            print(f"removed what a killed lab left behind: {', '.join(lab.cleared)}", file=sys.stderr)
         for i in range(n):
             table = nf.DrillTable(lab.ns(i), lab.bridge_ip)
             table.loss_pct = loss

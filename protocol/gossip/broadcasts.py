@@ -104,11 +104,11 @@ class BroadcastQueue:
         out: list[GossipItem] = []
         used = 0
         for key, entry in ranked:
-            small = refs and entry.compact is not None
-            size = entry.csize if small else entry.size
+            compact = entry.compact if refs else None
+            size = entry.size if compact is None else entry.csize
             if used + size > budget:
                 continue
-            out.append(entry.compact if small and entry.compact is not None else entry.item)
+            out.append(entry.item if compact is None else compact)
             used += size
             entry.transmits += 1
             if entry.transmits >= limit:

@@ -157,8 +157,6 @@ class RealDrill(FaultActions):
     def _setup(self) -> None:
         sc = self.sc
         self.lab.setup()
-        if self.lab.cleared:
-            sys.stderr.write(f"removed what a killed lab left behind: {', '.join(self.lab.cleared)}\n")
         self.receiver = nf.AlertReceiver(self.lab.bridge_ip, self._on_alert)
         self.cluster = RealCluster(self.root, self.lab, self.n, self.regions, dict(sc.gossip), self.receiver.url)
         self.tables = [nf.DrillTable(self.lab.ns(i), self.lab.bridge_ip) for i in range(self.n)]

@@ -47,6 +47,10 @@ def test_overlay_intset_is_an_intset(trial: int) -> None:
         assert list(over) == list(plain) and len(over) == len(plain)
         assert [over.items[k] for k in range(len(over))] == list(plain.items)
         assert all((k in over) == (k in plain) for k in range(135))
+        bp = base._pos
+        differ = {k: p for k in range(135)
+                  if (p := over._pos(k)) != (bp[k] if k < len(bp) else -1)}
+        assert dict(over.moved()) == differ and over.moved_count() == len(differ)
     if len(plain):
         a, b = Entropy(random.Random(trial)), Entropy(random.Random(trial))
         assert [over.choice(a) for _ in range(20)] == [plain.choice(b) for _ in range(20)]

@@ -129,7 +129,7 @@ class _RankedRing:
         if type(mine) is not OverlayIntSet or table.base is None or table.me_index in mine:
             return None
         base_set = mine.base
-        if len(mine.pos) > 64 + len(base_set) // 16:
+        if mine.moved_count() > 64 + len(base_set) // 16:
             return None
         ids = table.ids
         got = _BASE_RINGS.get(id(base_set))
@@ -141,7 +141,8 @@ class _RankedRing:
         removed: list[str] = []
         added: list[str] = []
         me = table.me_index
-        for i, p in mine.pos.items():
+        moved = dict(mine.moved())
+        for i, p in moved.items():
             in_base = 0 <= i < len(bp) and bp[i] >= 0
             if p < 0:
                 if in_base and i != me:
@@ -150,7 +151,7 @@ class _RankedRing:
                 added.append(ids[i])
         if not (0 <= me < len(bp) and bp[me] >= 0):
             added.append(ids[me])  # the ring holds ourselves
-        elif me not in mine.pos:
+        elif me not in moved:
             return None  # (the base set lacks a discard of ourselves: not a table's overlay)
         removed.sort()
         added.sort()

@@ -8,7 +8,7 @@ snapshot of verified records and statuses (every member alive), and a ``MemberTa
 * ``OverlayColumn``: a list-like column (records, statuses, liveness codes) that reads through to the
   base where the node has no entry of its own; writing the base's own value back drops the entry.
 * ``OverlayIntSet``: an ``IntSet`` (O(1) add, discard, uniform choice, positional access) over the
-  base's set, its positions patched where members moved, left or joined.
+  base's set, its positions patched where members moved, left or joined (in one sorted int array).
 * ``DirectoryView`` / ``EntriesView``: the directory handed to enforcement and the member file, as
   the base's plus the overlay's differences (an ``Enforce`` carries the data, not an O(n) copy).
 
@@ -18,6 +18,8 @@ entries gives.  The daemon never adopts a base: it keeps its whole directory, as
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -89,6 +91,11 @@ class OverlayColumn(Generic[T]):
             yield (base[i] if i < nb else self.empty) if v is _MISSING else v
 
 
+_PATCH = 1 << 31  # an OverlayIntSet's key of a position's member: this bit | the position
+_LOW = 0xFFFFFFFF
+_NOTHING = array("Q")  # the differences of every set that has none (shared, never written)
+
+
 class _Items(Sequence[int]):
     """Positional access to an ``OverlayIntSet`` (what ``IntSet.items`` gives)."""
 
@@ -106,45 +113,88 @@ class _Items(Sequence[int]):
             p += s.m
         if not 0 <= p < s.m:
             raise IndexError(p)
-        v = s.patch.get(p)
+        v = s._get(_PATCH | p)
         return s.base.items[p] if v is None else v
 
 
 class OverlayIntSet:
-    """An ``IntSet`` over a shared base ``IntSet``: the same swap-remove positions, with the moved
-    positions and members kept in two small dicts."""
+    """An ``IntSet`` over a shared base ``IntSet``: the same swap-remove positions, with what differs
+    from the base (a member's position, -1 if absent; a position's member) in one sorted array of
+    packed ``key << 32 | value + 1`` (keys: the member index, or ``_PATCH`` | the position), looked
+    up by bisection: 8 bytes a difference, where two dicts and their int objects took about 100
+    (100,000 simulated nodes each hearing of 100 changed members: ~1 GB)."""
 
-    __slots__ = ("base", "patch", "pos", "m", "items")
+    __slots__ = ("base", "diff", "m", "items")
 
     def __init__(self, base: IntSet | None = None) -> None:
         self.base = base if base is not None else IntSet()
-        self.patch: dict[int, int] = {}  # position -> member, where it differs from the base
-        self.pos: dict[int, int] = {}  # member -> position (-1: absent), where it differs from the base
+        self.diff = _NOTHING
         self.m = len(self.base)
         self.items = _Items(self)
 
+    def _get(self, key: int) -> int | None:
+        d = self.diff
+        if not d:
+            return None
+        j = bisect_left(d, key << 32)
+        if j < len(d):
+            x = d[j]
+            if x >> 32 == key:
+                return (x & _LOW) - 1
+        return None
+
+    def _set(self, key: int, v: int) -> None:
+        d = self.diff
+        if d is _NOTHING:
+            d = self.diff = array("Q")
+        j = bisect_left(d, key << 32)
+        x = key << 32 | (v + 1)
+        if j < len(d) and d[j] >> 32 == key:
+            d[j] = x
+        else:
+            d.insert(j, x)
+
+    def _drop(self, key: int) -> None:
+        d = self.diff
+        if d:
+            j = bisect_left(d, key << 32)
+            if j < len(d) and d[j] >> 32 == key:
+                del d[j]
+
+    def moved(self) -> Iterator[tuple[int, int]]:
+        """(member, position or -1) of every member whose position differs from the base's."""
+        for x in self.diff:
+            k = x >> 32
+            if k >= _PATCH:
+                return
+            yield k, (x & _LOW) - 1
+
+    def moved_count(self) -> int:
+        """How many members' positions differ from the base's."""
+        return bisect_left(self.diff, _PATCH << 32)
+
     def _pos(self, i: int) -> int:
-        p = self.pos.get(i)
+        p = self._get(i)
         if p is not None:
             return p
         bp = self.base._pos
         return bp[i] if 0 <= i < len(bp) else -1
 
     def _at(self, p: int) -> int:
-        v = self.patch.get(p)
+        v = self._get(_PATCH | p)
         return self.base.items[p] if v is None else v
 
     def _put(self, p: int, i: int) -> None:
         base_items = self.base.items
         if p < len(base_items) and base_items[p] == i:
-            self.patch.pop(p, None)
+            self._drop(_PATCH | p)
         else:
-            self.patch[p] = i
+            self._set(_PATCH | p, i)
         bp = self.base._pos
         if 0 <= i < len(bp) and bp[i] == p:
-            self.pos.pop(i, None)
+            self._drop(i)
         else:
-            self.pos[i] = p
+            self._set(i, p)
 
     def add(self, i: int) -> None:
         if self._pos(i) < 0:
@@ -159,12 +209,12 @@ class OverlayIntSet:
         last = self._at(self.m)
         if p < self.m:
             self._put(p, last)
-        self.patch.pop(self.m, None)  # past the end: never read, rewritten by the next add
+        self._drop(_PATCH | self.m)  # past the end: never read, rewritten by the next add
         bp = self.base._pos
         if 0 <= i < len(bp) and bp[i] >= 0:
-            self.pos[i] = -1
+            self._set(i, -1)
         else:
-            self.pos.pop(i, None)
+            self._drop(i)
 
     def __contains__(self, i: object) -> bool:
         return isinstance(i, int) and self._pos(i) >= 0

@@ -167,11 +167,11 @@ class TrustedState:
         key = (data, self._chain.root_envelope)
         hit = self._verified.get(key) if self._verified is not None else None
         if hit is not None:  # the same bytes passed the same checks against the same root
-            env, pv, digest = hit
+            env, pv, digest, data = hit  # and the first copy of them is kept, not this one (one per node)
         else:
             env, pv, digest = self._check_policy_signed(data, root)
             if self._verified is not None:
-                self._verified[key] = (env, pv, digest)
+                self._verified[key] = (env, pv, digest, data)
         return self._check_policy_rules(data, pv, digest, root, now, allow_expired)
 
     def verified_claims(self, data: bytes) -> tuple[int, str, int] | None:

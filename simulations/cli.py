@@ -197,6 +197,12 @@ def _sweep(args: argparse.Namespace) -> int:
     return EXIT_VIOLATION if any(r["invariant_violations"] for r in rows) else 0
 
 
+def _straggler(x: dict[str, Any]) -> str:
+    why = (f" (joined at {x['joined_ms']} ms)" if "joined_ms" in x
+           else f" (restarted at {x['restarted_ms']} ms)" if "restarted_ms" in x else "")
+    return f"{x['node']} {x['region']} {x['ms']} ms{why}"
+
+
 def _summary(r: dict[str, Any]) -> str:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v} ms"
@@ -207,6 +213,9 @@ def _summary(r: dict[str, Any]) -> str:
         f"  converged {r['converged_fraction']:.4f}  t50 {ms(r['t50_ms'])}  t99 {ms(r['t99_ms'])}  "
         f"t100 {ms(r['t100_ms'])}  (Serf model {r['serf_model_ms']} ms, ratio {r['ratio_vs_serf_model']})",
     ]
+    slow = (r.get("versions") or [{}])[-1].get("slowest")
+    if slow:
+        lines.append("  slowest: " + ", ".join(_straggler(x) for x in slow))
     if r.get("mode") != "real":
         lines += [
             f"  bytes/node for the version {r['bytes_per_node']} (dissemination {r['dissemination_bytes_per_node']},"

@@ -121,6 +121,7 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
         tr = sorted(_delay(v, h, pub) for h in lr if h.idx in v.applied)
         by_region[name] = {"live": len(lr), "converged": len(tr),
                            "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
+    slow = sorted(((_delay(v, h, pub), h) for h in live if h.idx in v.applied), key=lambda x: (-x[0], x[1].idx))
     out.update(
         converged_fraction=round(frac, 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
         t100_ms=times[-1] if len(times) == len(live) else None,
@@ -128,7 +129,22 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
         messages_per_node=round((snap_end[1] - sp[1]) / n, 2),
         dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
         by_region=by_region,
+        slowest=[_straggler(sim, v, h, d, pub) for d, h in slow[:SLOWEST]],
     )
+    return out
+
+
+SLOWEST = 3  # the report names this many of each version's slowest nodes
+
+
+def _straggler(sim: ReportSim, v: Version, h: Host, delay: int, pub: int) -> dict[str, Any]:
+    """One of a version's slowest nodes: who, where, how long, and whether it joined or restarted
+    after the publish (a joiner counts from its join, see ``_delay``)."""
+    out: dict[str, Any] = {"node": h.node_id, "region": sim.regions[h.region], "ms": delay}
+    if h.joined_ms is not None and pub < h.joined_ms <= v.applied[h.idx]:
+        out["joined_ms"] = h.joined_ms
+    elif h.started_ms > pub:
+        out["restarted_ms"] = h.started_ms
     return out
 
 

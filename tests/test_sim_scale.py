@@ -239,3 +239,30 @@ def test_a_node_joining_after_a_publish_counts_from_its_join_not_from_the_publis
     assert first["t100_ms"] < late_join + min(v.applied[h.idx] - (h.joined_ms or 0) for h in joiners)
     for h in joiners:
         assert h.joined_ms is not None and v.applied[h.idx] >= h.joined_ms
+
+
+def test_the_report_names_each_versions_slowest_nodes_and_why() -> None:
+    """Each version lists its slowest nodes (the first is the one t100 measures), slowest first, and
+    says which joined or restarted after the publish; the summary prints them."""
+    from simulations.cli import _summary
+    from simulations.engine import run_scenario
+
+    report, sim = run_scenario(override(load("churn"), nodes=30))
+    last = report["versions"][-1]
+    slow = last["slowest"]
+    assert len(slow) == 3 and slow[0]["ms"] == last["t100_ms"]
+    assert [x["ms"] for x in slow] == sorted((x["ms"] for x in slow), reverse=True)
+    by_id = {h.node_id: h for h in sim.hosts}
+    pub = sim.versions[-1].published_at
+    assert pub is not None
+    for x in slow:
+        h = by_id[x["node"]]
+        assert sim.regions[h.region] == x["region"]
+        assert ("restarted_ms" in x) == (h.started_ms > pub and "joined_ms" not in x)
+    # the churn scenario's second crash wave restarts nodes after the last publish: they are the slowest
+    assert all("restarted_ms" in x for x in slow)
+    assert f"slowest: {slow[0]['node']} {slow[0]['region']} {slow[0]['ms']} ms (restarted at" in _summary(report)
+
+    report, _ = run_scenario(override(load("internet"), nodes=300))
+    firsts = report["versions"][0]["slowest"]
+    assert firsts[0]["ms"] == report["versions"][0]["t100_ms"]

@@ -57,6 +57,8 @@ class Version:
     applied: dict[int, int] = field(default_factory=dict)  # node index -> first ms with serial >= this
     snap_publish: list[int] | None = None
     snap_done: list[int] | None = None
+    kinds_publish: list[int] | None = None  # bytes received by message kind, at the publish
+    kinds_done: list[int] | None = None  # ... and when the version had reached every live node
     done_ms: int | None = None
     twin: bytes | None = None  # policy.equivocate: another policy signed with the same serial
     twin_hash: str | None = None

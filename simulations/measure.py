@@ -73,6 +73,7 @@ class Measurement:
 
     def published(self, v: Version) -> None:
         v.snap_publish = self.snapshot()
+        v.kinds_publish = list(self.kind_bytes)
         if v is self.sim.versions[0] and self.idle_kinds is not None:
             dt = max(1, self.sim.kernel.now - self.idle_snap_t) / 1000
             n = self.sim.n
@@ -122,6 +123,7 @@ class Measurement:
                     if all(x.idx in v.applied for x in sim.hosts[: sim.n] if up[x.idx] and not x.hostile):
                         v.done_ms = max(v.applied.values())
                         v.snap_done = self.snapshot()
+                        v.kinds_done = list(self.kind_bytes)
 
     def check_bound(self, _i: int, v: Version) -> None:
         """The Byzantine guarantee: every honest node up since the publish applied it in the bound."""

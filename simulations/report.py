@@ -104,7 +104,8 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
     out: dict[str, Any] = {"serial": v.serial, "publish_ms": v.publish_ms, "published_at_ms": pub}
     if pub is None or not live:
         out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
-                   messages_per_node=None, dissemination_bytes_per_node=None, by_region={})
+                   messages_per_node=None, dissemination_bytes_per_node=None, bytes_by_kind={},
+                   by_region={})
         return out
     times = sorted(_delay(v, h, pub) for h in live if h.idx in v.applied)
     frac = len(times) / len(live)
@@ -128,10 +129,21 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
         bytes_per_node=round((snap_end[0] - sp[0]) / n, 1),
         messages_per_node=round((snap_end[1] - sp[1]) / n, 2),
         dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
+        bytes_by_kind=_kinds(sim, v),
         by_region=by_region,
         slowest=[_straggler(sim, v, h, d, pub) for d, h in slow[:SLOWEST]],
     )
     return out
+
+
+def _kinds(sim: ReportSim, v: Version) -> dict[str, float]:
+    """Bytes received per node in the version's window (publish to every live node applied) by message
+    kind, largest first: what ``bytes_per_node`` is made of."""
+    m, n = sim.measure, sim.n
+    end = v.kinds_done if v.kinds_done is not None else m.kind_bytes
+    start = v.kinds_publish or [0] * len(end)
+    got = {KIND_NAMES[k]: round((end[k] - start[k]) / n, 1) for k in KIND_NAMES if end[k] != start[k]}
+    return dict(sorted(got.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 SLOWEST = 3  # the report names this many of each version's slowest nodes

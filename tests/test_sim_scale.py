@@ -266,3 +266,18 @@ def test_the_report_names_each_versions_slowest_nodes_and_why() -> None:
     report, _ = run_scenario(override(load("internet"), nodes=300))
     firsts = report["versions"][0]["slowest"]
     assert firsts[0]["ms"] == report["versions"][0]["t100_ms"]
+
+
+def test_each_versions_bytes_are_broken_down_by_message_kind() -> None:
+    """``bytes_by_kind`` adds up to ``bytes_per_node`` (the same window), its dissemination kinds to
+    ``dissemination_bytes_per_node``, largest first."""
+    from simulations.engine import run_scenario
+
+    report, _ = run_scenario(override(load("internet"), nodes=300))
+    for v in report["versions"]:
+        kinds = v["bytes_by_kind"]
+        assert abs(sum(kinds.values()) - v["bytes_per_node"]) < 0.1 * len(kinds) + 0.2
+        diss = sum(b for k, b in kinds.items() if k in ("announce", "policy_pull", "policy_push", "root_pull", "root_push"))
+        assert abs(diss - v["dissemination_bytes_per_node"]) < 0.1 * len(kinds) + 0.2
+        assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
+        assert kinds["policy_push"] >= report["policy_bytes"] * 0.9  # every node received the body about once

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from ..report import SERF_MODEL_MS
+from ..report import SERF_MODEL_MS, SLOWEST
 from ..scenario import Scenario
 from .checks import SAMPLE_MS, DrillChecks
 from .schedule import Episode, fault_windows
@@ -54,8 +54,8 @@ def version_stats(drill: RealDrill, serial: int, live: list[int]) -> dict[str, A
     pub = drill.published.get(serial)
     out: dict[str, Any] = {"serial": serial, "publish_ms": publish_ms, "published_at_ms": pub}
     empty: dict[str, Any] = dict(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
-                 messages_per_node=None, dissemination_bytes_per_node=None,
-                 by_region={})
+                 messages_per_node=None, dissemination_bytes_per_node=None, bytes_by_kind=None,
+                 by_region={}, slowest=[])
     if pub is None or not live:
         out.update(empty)
         return out
@@ -71,8 +71,28 @@ def version_stats(drill: RealDrill, serial: int, live: list[int]) -> dict[str, A
         lr = [i for i in live if i % len(drill.regions) == r]
         tr = sorted(at[i] - pub for i in lr if at[i] is not None)  # type: ignore[operator]
         by_region[name] = {"live": len(lr), "converged": len(tr), "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
+    slow = sorted(((t - pub, i) for i, t in at.items() if t is not None), key=lambda x: (-x[0], x[1]))
     out.update(empty, converged_fraction=round(len(times) / len(live), 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
-               t100_ms=times[-1] if len(times) == len(live) else None, by_region=by_region)
+               t100_ms=times[-1] if len(times) == len(live) else None, by_region=by_region,
+               slowest=[_straggler(drill, i, d, pub) for d, i in slow[:SLOWEST]])
+    return out
+
+
+def _straggler(drill: RealDrill, i: int, delay: int, pub: int) -> dict[str, Any]:
+    """One of a version's slowest daemons (as the simulator's report names them): a daemon seen down
+    after the publish and up again before it applied the version says when it came back."""
+    out: dict[str, Any] = {"node": drill.ids[i], "region": drill.regions[i % len(drill.regions)], "ms": delay}
+    was_down = False
+    for t, up, _s, _applied in drill.history[i]:
+        if t < pub:
+            continue
+        if t > pub + delay:
+            break
+        if not up:
+            was_down = True
+        elif was_down:
+            out["restarted_ms"] = t
+            break
     return out
 
 

@@ -63,6 +63,15 @@ class Proxy:
             self.servers.append(server)
 
     async def _handle(self, node: DemoNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(node, reader, writer)
+        except asyncio.CancelledError:
+            # The demo is shutting down (a connection accepted as the loop closes).  Return, do not
+            # re-raise: on Python 3.11 the server's done-callback calls task.exception(), which raises
+            # on a cancelled task and prints a traceback (fixed in 3.12).
+            writer.transport.abort()
+
+    async def _forward(self, node: DemoNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         src_ip = writer.get_extra_info("peername")[0]
         if self.blocked(src_ip, node.region):
             writer.close()
@@ -86,7 +95,8 @@ class Proxy:
         try:
             await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
         except asyncio.CancelledError:
-            pass  # the demo is shutting down
+            up_w.transport.abort()
+            raise
         finally:
             self.pipes.discard(entry)
 

@@ -4,6 +4,7 @@ region, with fault windows shaded."""
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import json
 import math
@@ -105,9 +106,10 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
     if pub is None or not live:
         out.update(converged_fraction=0.0, t50_ms=None, t99_ms=None, t100_ms=None, bytes_per_node=None,
                    messages_per_node=None, dissemination_bytes_per_node=None, bytes_by_kind={},
-                   by_region={})
+                   by_region={}, slowest=[])
         return out
-    times = sorted(_delay(v, h, pub) for h in live if h.idx in v.applied)
+    delay = {h.idx: _delay(v, h, pub) for h in live if h.idx in v.applied}
+    times = sorted(delay.values())
     frac = len(times) / len(live)
 
     def pct(p: float) -> int | None:
@@ -119,10 +121,10 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
     by_region = {}
     for r, name in enumerate(sim.regions):
         lr = [h for h in live if h.region == r]
-        tr = sorted(_delay(v, h, pub) for h in lr if h.idx in v.applied)
+        tr = sorted(delay[h.idx] for h in lr if h.idx in delay)
         by_region[name] = {"live": len(lr), "converged": len(tr),
                            "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
-    slow = sorted(((_delay(v, h, pub), h) for h in live if h.idx in v.applied), key=lambda x: (-x[0], x[1].idx))
+    slow = heapq.nsmallest(SLOWEST, ((d, sim.hosts[i]) for i, d in delay.items()), key=lambda x: (-x[0], x[1].idx))
     out.update(
         converged_fraction=round(frac, 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
         t100_ms=times[-1] if len(times) == len(live) else None,
@@ -131,7 +133,7 @@ def _version_stats(sim: ReportSim, v: Version, live: list[Host]) -> dict[str, An
         dissemination_bytes_per_node=round((snap_end[2] - sp[2]) / n, 1),
         bytes_by_kind=_kinds(sim, v),
         by_region=by_region,
-        slowest=[_straggler(sim, v, h, d, pub) for d, h in slow[:SLOWEST]],
+        slowest=[_straggler(sim, v, h, d, pub) for d, h in slow],
     )
     return out
 

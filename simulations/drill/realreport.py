@@ -9,6 +9,7 @@ sample (every ``SAMPLE_MS``) that shows it enforcing the version, so real times 
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Protocol
 
@@ -71,10 +72,10 @@ def version_stats(drill: RealDrill, serial: int, live: list[int]) -> dict[str, A
         lr = [i for i in live if i % len(drill.regions) == r]
         tr = sorted(at[i] - pub for i in lr if at[i] is not None)  # type: ignore[operator]
         by_region[name] = {"live": len(lr), "converged": len(tr), "t100_ms": tr[-1] if lr and len(tr) == len(lr) else None}
-    slow = sorted(((t - pub, i) for i, t in at.items() if t is not None), key=lambda x: (-x[0], x[1]))
+    slow = heapq.nsmallest(SLOWEST, ((t - pub, i) for i, t in at.items() if t is not None), key=lambda x: (-x[0], x[1]))
     out.update(empty, converged_fraction=round(len(times) / len(live), 6), t50_ms=pct(0.5), t99_ms=pct(0.99),
                t100_ms=times[-1] if len(times) == len(live) else None, by_region=by_region,
-               slowest=[_straggler(drill, i, d, pub) for d, i in slow[:SLOWEST]])
+               slowest=[_straggler(drill, i, d, pub) for d, i in slow])
     return out
 
 
